@@ -1,0 +1,123 @@
+"""Building blocks shared by the target decoder and the DFlash drafter: RMSNorm, the
+gated MLP, the rotary-embedding table, and the q/k/v/o projections of one attention
+layer (Llama / Qwen2 / Qwen3 naming so HF state dicts load unchanged)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import kernels
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 like HF
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, hidden: int, inter: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # down(silu(gate(x)) * up(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/D), with linear or llama3 scaling when configured."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv.float()
+    kind = scaling.get("rope_type", scaling.get("type"))
+    factor = float(scaling.get("factor", 1.0))
+    if kind == "linear":
+        return (inv / factor).float()
+    if kind == "llama3":
+        # Llama 3.1: keep high frequencies (wavelength < orig/high_ff), divide low ones
+        # (wavelength > orig/low_ff) by factor, interpolate smoothly in between.
+        low_ff = float(scaling.get("low_freq_factor", 1.0))
+        high_ff = float(scaling.get("high_freq_factor", 4.0))
+        orig = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelen = 2 * math.pi / inv
+        smooth = ((orig / wavelen) - low_ff) / (high_ff - low_ff)
+        scaled = torch.where(wavelen > orig / low_ff, inv / factor, inv)
+        mid = (wavelen <= orig / low_ff) & (wavelen >= orig / high_ff)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        return torch.where(mid, blended, scaled).float()
+    raise ValueError(f"unsupported rope scaling {kind!r}")
+
+
+class RotaryTable(nn.Module):
+    """cos/sin tables [max_pos, D] in the rotate_half layout (freqs repeated twice)."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None, max_pos: int):
+        super().__init__()
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self._build(max_pos)
+
+    def _build(self, max_pos: int, device=None):
+        inv = rope_inv_freq(self.head_dim, self.theta, self.scaling)
+        t = torch.arange(max_pos, dtype=torch.float32)
+        freqs = torch.outer(t, inv)                 # [P, D/2]
+        emb = torch.cat([freqs, freqs], dim=-1)     # [P, D]
+        dev = device if device is not None else (self.cos.device if hasattr(self, "cos") else None)
+        self.register_buffer("cos", emb.cos().to(dev), persistent=False)
+        self.register_buffer("sin", emb.sin().to(dev), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: any int shape -> cos, sin of shape positions.shape + [D]."""
+        need = int(positions.max().item()) + 1 if positions.numel() else 0
+        if need > self.cos.shape[0]:
+            self._build(max(need, 2 * self.cos.shape[0]), device=self.cos.device)
+        return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
+
+
+class AttentionProj(nn.Module):
+    """q/k/v/o projections (+ optional Qwen3 q_norm/k_norm) of one attention layer."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool,
+                 qk_norm: bool, eps: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        if qk_norm:
+            self.q_norm = RMSNorm(head_dim, eps)
+            self.k_norm = RMSNorm(head_dim, eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.scale = head_dim ** -0.5
+
+    def project_q(self, x, cos, sin):
+        """x [R, T, hidden], cos/sin [R, T, D] -> q [R, H, T, D] with RoPE."""
+        R, T, _ = x.shape
+        q = self.q_proj(x).view(R, T, self.heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        return kernels.apply_rope(q, cos[:, :, None], sin[:, :, None]).transpose(1, 2)
+
+    def project_kv(self, x, cos, sin):
+        """x [R, T, hidden] -> k, v [R, Hkv, T, D] (k normed + RoPE)."""
+        R, T, _ = x.shape
+        k = self.k_proj(x).view(R, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(R, T, self.kv_heads, self.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k = kernels.apply_rope(k, cos[:, :, None], sin[:, :, None])
+        return k.transpose(1, 2), v.transpose(1, 2)
