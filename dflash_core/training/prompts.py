@@ -143,7 +143,7 @@ def parse_sharegpt(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash"))
+    return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash-serve"))
 
 
 def load_sharegpt_prompts(

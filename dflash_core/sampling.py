@@ -1,0 +1,80 @@
+"""Sampling parameters and the logits -> probabilities warp.
+
+Every random draw in the engine is a uniform from the request's own `torch.Generator`
+(seeded per request), turned into tokens by inverse-CDF sampling
+(`kernels.sample_from_probs`). So a request's output depends only on its seed, not on
+what else shares the batch, and the acceptance kernels are pure functions of
+(p, q, drafts, uniforms).
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 0.0      # 0 = greedy
+    top_p: float = 1.0            # nucleus mass kept, (0, 1]
+    top_k: int = 0                # 0 = off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    ignore_eos: bool = False
+    speculative: bool = True      # False: verify 1 token per step (plain autoregressive)
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(msg)
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not 0.0 <= self.temperature <= 100.0:
+            bad(f"temperature must be a number in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    @classmethod
+    def from_kwargs(cls, **kw) -> "SamplingParams":
+        names = {f.name for f in fields(cls)}
+        unknown = set(kw) - names
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        return cls(**kw)
+
+    def make_generator(self) -> torch.Generator:
+        g = torch.Generator()
+        g.manual_seed(self.seed if self.seed is not None else random.getrandbits(63))
+        return g
+
+
+def warp_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """logits [N, V] -> the sampling distribution [N, V] (fp32, sums to 1).
+
+    p = softmax(logits / T), then keep the top_k largest (if top_k > 0), then the
+    smallest set of largest probabilities whose mass reaches top_p, renormalised. The
+    target and the drafter are warped the same way; losslessness is w.r.t. this p."""
+    logits = logits.float() / max(temperature, 1e-5)
+    V = logits.shape[-1]
+    if 0 < top_k < V:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # drop a token when the mass strictly before it already reaches top_p
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
