@@ -5,6 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
+# sleeping OpenMP waiters: spinning ones collapse when processes share the 2 cores
+export OMP_WAIT_POLICY ?= PASSIVE
 
 .PHONY: install serve test bench clean lint
 

@@ -1,0 +1,172 @@
+"""`dflash bench`: autoregressive vs DFlash decoding of the same prompts in one process.
+
+Both modes run through the same SpecEngine (autoregressive = `speculative=False`, one
+token verified per target forward), batch 1, interleaved prompt by prompt so that
+machine noise hits both alike. Optional extras:
+  --verify-cost   target forward cost of 1, 4, 8, 16 tokens against a 1-token step
+  --vs-hf         the engine's autoregressive decoding against transformers' generate
+Prints a table and, last, one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+BENCH_PROMPTS = [
+    "Explain how a hash table works and when it is a bad choice.",
+    "Write a short story about a robot who learns to paint.",
+    "Give me a step by step recipe for pancakes.",
+    "What are the main differences between Python lists and tuples?",
+    "Write a Python function that checks whether a string is a palindrome.",
+    "Summarise the causes of the French Revolution in a paragraph.",
+    "How do vaccines train the immune system?",
+    "Describe the water cycle for a ten year old.",
+]
+
+
+def _parser():
+    from .cli import _Parser, _positive_int
+    ap = _Parser(prog="dflash bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--drafter", default="default")
+    ap.add_argument("--num-prompts", type=_positive_int, default=4)
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    ap.add_argument("--block-size", type=_positive_int, default=16)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+    ap.add_argument("--verify-cost", action="store_true")
+    ap.add_argument("--vs-hf", action="store_true")
+    ap.add_argument("--repeats", type=_positive_int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    return ap
+
+
+def verify_cost(target, ctx_len: int = 128, sizes=(1, 4, 8, 16), reps: int = 7) -> dict:
+    """Median wall time of one target forward of T tokens (+ LM head) on a ctx_len cache."""
+    cache = target.new_cache(1, ctx_len + 32)
+    slots = torch.tensor([0])
+    V = target.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    target(torch.randint(0, V, (1, ctx_len), generator=g), cache, slots, torch.tensor([0]))
+    out = {}
+    for T in sizes:
+        x = torch.randint(0, V, (1, T), generator=g)
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            h, _ = target(x, cache, slots, torch.tensor([ctx_len]))
+            target.logits(h)
+            ts.append(time.perf_counter() - t0)
+        out[T] = statistics.median(ts[1:]) * 1000
+    return {"ctx_len": ctx_len, "ms": out, "relative_to_1": {T: out[T] / out[sizes[0]] for T in sizes}}
+
+
+def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, list[list[int]]]:
+    from transformers import AutoModelForCausalLM
+    from .models.loader import resolve_model_dir
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(target_spec)), dtype=torch.float32).eval()
+    n, secs, outs = 0, 0.0, []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids])
+            t0 = time.perf_counter()
+            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
+                               min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
+            secs += time.perf_counter() - t0
+            new = y[0, len(ids):].tolist()
+            outs.append(new)
+            n += len(new)
+    return n / secs, outs
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .api import build_engine
+    from .cli import CliError, encode_prompt
+    from .engine import EngineConfig
+    from .models.loader import ModelLoadError
+    from .sampling import SamplingParams
+
+    try:
+        base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
+                              ignore_eos=args.ignore_eos)
+    except ValueError as e:
+        raise CliError(f"dflash bench: {e}")
+    try:
+        engine, tok = build_engine(args.target, args.drafter, EngineConfig(
+            max_slots=1, max_seq_len=1024 + args.max_new_tokens, block_size=args.block_size), device=args.device)
+    except ModelLoadError as e:
+        print(f"dflash bench: {e}", file=sys.stderr)
+        return 1
+    texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
+    prompts = [encode_prompt(tok, t, chat=True) for t in texts]
+
+    # warm-up (first calls allocate)
+    engine.generate([prompts[0]], SamplingParams(max_new_tokens=4))
+    rows = []
+    agg = {"ar": [0, 0.0], "dflash": [0, 0.0]}
+    acc_lens = []
+    same = True
+    for rep in range(args.repeats):
+        for i, ids in enumerate(prompts):
+            res = {}
+            for mode in ("ar", "dflash"):
+                p = SamplingParams(**{**base.__dict__, "speculative": mode == "dflash"})
+                t0 = time.perf_counter()
+                [r] = engine.generate([ids], p)
+                dt = time.perf_counter() - t0
+                res[mode] = (r, dt)
+                agg[mode][0] += len(r.token_ids)
+                agg[mode][1] += dt
+            r_ar, r_df = res["ar"][0], res["dflash"][0]
+            if args.temperature == 0:
+                same &= r_ar.token_ids == r_df.token_ids
+            acc_lens.extend(r_df.stats.acceptance_lengths)
+            rows.append((i, len(ids), len(r_df.token_ids), len(r_ar.token_ids) / res["ar"][1],
+                         len(r_df.token_ids) / res["dflash"][1], r_df.stats.mean_acceptance_length))
+    print(f"{'prompt':>6} {'prompt_tok':>10} {'new_tok':>8} {'ar_tok/s':>9} {'dflash_tok/s':>12} {'tau':>6} {'speedup':>8}")
+    for i, pl, n, ar, df, tau in rows:
+        print(f"{i:>6} {pl:>10} {n:>8} {ar:>9.2f} {df:>12.2f} {tau:>6.2f} {df / ar:>7.2f}x")
+    ar_tps = agg["ar"][0] / agg["ar"][1]
+    df_tps = agg["dflash"][0] / agg["dflash"][1]
+    tau = sum(acc_lens) / max(len(acc_lens), 1)
+    print(f"{'all':>6} {'':>10} {agg['dflash'][0]:>8} {ar_tps:>9.2f} {df_tps:>12.2f} {tau:>6.2f} {df_tps / ar_tps:>7.2f}x")
+    summary = {"target": args.target, "drafter": args.drafter, "block_size": args.block_size,
+               "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+               "ar_tokens_per_s": round(ar_tps, 3), "dflash_tokens_per_s": round(df_tps, 3),
+               "acceptance_length": round(tau, 3), "speedup": round(df_tps / ar_tps, 3),
+               "greedy_outputs_identical": same if args.temperature == 0 else None,
+               "threads": torch.get_num_threads()}
+    if args.verify_cost:
+        vc = verify_cost(engine.target)
+        print("verify forward cost (ctx %d): " % vc["ctx_len"] + ", ".join(
+            f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()))
+        summary["verify_cost_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
+    if args.vs_hf:
+        hf_prompts = prompts[:min(2, len(prompts))]
+        n_eng, t_eng = 0, 0.0
+        for ids in hf_prompts:  # the engine's AR with a fixed token count, as HF below
+            t0 = time.perf_counter()
+            [r] = engine.generate([ids], SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True,
+                                                       speculative=False))
+            t_eng += time.perf_counter() - t0
+            n_eng += len(r.token_ids)
+        hf_tps, _ = hf_generate_tps(args.target, hf_prompts, args.max_new_tokens)
+        eng_tps = n_eng / t_eng
+        print(f"engine autoregressive {eng_tps:.2f} tok/s vs transformers generate {hf_tps:.2f} tok/s "
+              f"({eng_tps / hf_tps:.2f}x)")
+        summary.update(engine_ar_tokens_per_s=round(eng_tps, 3), hf_generate_tokens_per_s=round(hf_tps, 3))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,160 @@
+"""`dflash` command line: generate, bench, serve, data, train, eval.
+
+Bad input gives one clear line on stderr and exit code 2; load failures exit 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        raise CliError(f"{self.prog}: {message}")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def build_generate_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="dflash generate", description="Generate with DFlash speculative decoding.")
+    ap.add_argument("--prompt", required=True, help="prompt text")
+    ap.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--block-size", type=_positive_int, default=16, help="verified block size (1 = no speculation)")
+    ap.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding (the baseline)")
+    ap.add_argument("--target", default="default", help="default | HF folder | .gguf | hub id | tiny-random")
+    ap.add_argument("--drafter", default="default", help="default | drafter folder | random")
+    ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    return ap
+
+
+def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
+    if chat:
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True)
+        if hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _check_device(device: str) -> None:
+    import torch
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"device {device!r} requested but CUDA is not available")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise CliError(f"unknown device {device!r}: use cpu or cuda[:N]")
+
+
+def cmd_generate(argv) -> int:
+    args = build_generate_parser().parse_args(argv)
+    from .api import build_engine
+    from .engine import EngineConfig
+    from .models.loader import ModelLoadError
+    from .sampling import SamplingParams
+
+    try:
+        params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                                speculative=not args.no_draft)
+        cfg = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len, block_size=1 if args.no_draft else args.block_size)
+    except ValueError as e:
+        raise CliError(f"dflash generate: {e}")
+    if not args.prompt:
+        raise CliError("dflash generate: --prompt must not be empty")
+    _check_device(args.device)
+    try:
+        engine, tok = build_engine(args.target, None if args.no_draft else args.drafter, cfg, device=args.device)
+    except ModelLoadError as e:
+        print(f"dflash generate: {e}", file=sys.stderr)
+        return 1
+    ids = encode_prompt(tok, args.prompt, args.chat)
+    try:
+        t0 = time.perf_counter()
+        [res] = engine.generate([ids], params)
+        dt = time.perf_counter() - t0
+    except ValueError as e:
+        raise CliError(f"dflash generate: {e}")
+    text = tok.decode(res.token_ids, skip_special_tokens=True)
+    stats = {
+        "acceptance_length": round(res.stats.mean_acceptance_length, 4),
+        "num_draft_tokens": res.stats.num_draft_tokens,
+        "num_accepted_tokens": res.stats.num_accepted_tokens,
+        "num_steps": res.stats.num_steps,
+        "accepted_per_position": res.stats.accepted_per_position,
+        "tokens_per_s": round(len(res.token_ids) / dt, 3) if dt > 0 else None,
+        "elapsed_s": round(dt, 3),
+    }
+    if args.json:
+        print(json.dumps({"text": text, "token_ids": res.token_ids, "finish_reason": res.finish_reason,
+                          "num_prompt_tokens": len(ids), "stats": stats}))
+    else:
+        print(text)
+        print(f"[{len(res.token_ids)} tokens, {stats['tokens_per_s']} tok/s, "
+              f"acceptance length {stats['acceptance_length']}, finish {res.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+USAGE = """usage: dflash <command> [options]
+
+commands:
+  generate   generate text (DFlash speculative decoding, or --no-draft)
+  bench      autoregressive vs DFlash on the same prompts, one process
+  serve      start the OpenAI-compatible server (Ray Serve)
+  data       generate drafter training data with the target
+  train      train a drafter
+  eval       measure a drafter's acceptance length and speedup
+
+`dflash <command> --help` for options."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    try:
+        if cmd == "generate":
+            return cmd_generate(rest)
+        if cmd == "bench":
+            from .bench import main as bench_main
+            return bench_main(rest)
+        if cmd == "serve":
+            from service.cli import main as serve_main
+            return serve_main(rest)
+        if cmd in ("data", "train", "eval"):
+            import importlib
+            mod = {"data": "datagen", "train": "train", "eval": "evaluate"}[cmd]
+            return importlib.import_module(f"dflash_core.training.{mod}").main(rest)
+        raise CliError(f"dflash: unknown command {cmd!r} (try: generate, bench, serve, data, train, eval)")
+    except CliError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dflash: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
