@@ -1,0 +1,434 @@
+"""`dflash train`: train a DFlash drafter on the target's own responses.
+
+Contract
+- Data: shard folders written by `dflash data` (records {prompt_ids, response_ids,
+  [features]}). Records that carry the target's context features (datagen
+  --capture-layers) are used as stored; the others get them on the fly from one target
+  forward per batch (memoised in RAM). Shards that appear while training runs (datagen
+  still going) join at the next epoch; the shard list of the current epoch is part of
+  the checkpoint, so a resume sees exactly the same data.
+- Step: R sequences, N random anchors in each response, blocks [anchor, MASK...] at
+  absolute positions (blocks.py), one drafter forward over all N*B block tokens of a
+  row (each block sees context < anchor and itself, never another block), logits through
+  the frozen target LM head, loss = sum_k w_k CE_k / sum_k w_k with
+  w_k = exp(-(k-1)/gamma) on block positions k = 1..B-1.
+- Optimiser: AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`, gradient
+  clipping; bf16 autocast on CUDA, fp32 on CPU.
+- Output folder: `latest/` (the drafter in the public format + `trainer_state.pt`:
+  optimizer, scheduler, RNG, data position) rewritten every `--ckpt-every-s` seconds and
+  at the end; `snapshots/step_NNNNNN/` (drafter only, fp16, + `meta.json` with tokens
+  seen) every `--snapshot-every` steps; `log.jsonl` (loss, per-position accuracy,
+  teacher-forced acceptance length). Rerunning the same command resumes exactly: the
+  parameters after resuming equal those of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .blocks import (IGNORE, accepted_lengths, build_block_batch, default_gamma, loss_weights,
+                     sample_anchors, weighted_block_loss)
+
+
+@dataclass
+class TrainConfig:
+    data: list[str] = field(default_factory=lambda: ["data/train_f"])
+    out: str = "runs/drafter"
+    target: str = "default"
+    num_layers: int = 2
+    num_features: int = 3             # target layers fused (public rule), unless the data fixes them
+    block_size: int = 16
+    mask_token_id: int = 16           # <empty_output> in SmolLM2's vocabulary
+    gamma: float | None = None        # None: 7 for B 16, 4 for B 8
+    blocks_per_seq: int = 16          # N anchors per sequence
+    seqs_per_step: int = 4            # R rows per optimizer step
+    steps: int = 3000
+    lr: float = 8e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    ckpt_every_s: float = 180.0
+    snapshot_every: int = 250
+    log_every: int = 10
+    max_seq_len: int = 1024           # longer records are skipped
+
+    def __post_init__(self):
+        if not self.data:
+            raise ValueError("--data needs at least one shard folder")
+        for name in ("num_layers", "num_features", "blocks_per_seq", "seqs_per_step", "steps", "log_every",
+                     "snapshot_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.block_size < 2:
+            raise ValueError("--block-size must be >= 2")
+        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup-steps >= 0")
+
+    def identity(self) -> dict:
+        """Settings a resume must share with the run it continues."""
+        d = asdict(self)
+        for k in ("ckpt_every_s", "log_every", "snapshot_every", "steps"):
+            d.pop(k)
+        return d
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine from 1 to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def step_seed(seed: int, *parts) -> int:
+    h = hashlib.sha256("|".join(map(str, (seed,) + parts)).encode()).hexdigest()
+    return int(h[:15], 16)
+
+
+# ---- data ------------------------------------------------------------------------------
+class ShardData:
+    """Records of finished shards, loaded lazily and kept in RAM.
+    Record key = (folder index, shard name, index in shard)."""
+
+    def __init__(self, folders: list[str], max_seq_len: int):
+        self.folders = [Path(f) for f in folders]
+        self.max_seq_len = max_seq_len
+        self._shards: dict[tuple[int, str], list[dict]] = {}
+        for f in self.folders:
+            if not (f / "manifest.json").exists():
+                raise FileNotFoundError(f"{f} is not a `dflash data` folder (no manifest.json)")
+
+    def capture_layers(self) -> list[int] | None:
+        """The target layers stored with the records (None: no stored features)."""
+        layers = set()
+        for f in self.folders:
+            cfg = json.loads((f / "manifest.json").read_text())["config"]
+            layers.add(tuple(cfg.get("capture_layers") or ()))
+        if len(layers) != 1 or not next(iter(layers)):
+            return None
+        return list(next(iter(layers)))
+
+    def finished_shards(self) -> list[list]:
+        out = []
+        for i, f in enumerate(self.folders):
+            man = json.loads((f / "manifest.json").read_text())
+            out += [[i, name] for name in sorted(man["shards"]) if (f / name).exists()]
+        return out
+
+    def records(self, shards: list[list]) -> list[dict]:
+        recs = []
+        for i, name in shards:
+            key = (i, name)
+            if key not in self._shards:
+                rows = torch.load(self.folders[i] / name, weights_only=True)
+                for j, r in enumerate(rows):
+                    r["key"] = f"{i}/{name}/{j}"
+                self._shards[key] = rows
+            recs += [r for r in self._shards[key]
+                     if 2 <= len(r["response_ids"]) and len(r["prompt_ids"]) + len(r["response_ids"]) <= self.max_seq_len]
+        return recs
+
+
+def collate(recs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """-> tokens [R, C] right-padded with 0, seq_lens [R], resp_starts."""
+    seqs = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in recs]
+    C = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), C, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    return tokens, torch.tensor([len(s) for s in seqs]), [len(r["prompt_ids"]) for r in recs]
+
+
+class FeatureSource:
+    """Context features [R, C, K*hidden] for a batch: stored ones when the records carry
+    them, else one target forward (memoised per record, fp16 in RAM)."""
+
+    def __init__(self, target, layer_ids: list[int], stored_ok: bool):
+        self.target, self.layer_ids, self.stored_ok = target, list(layer_ids), stored_ok
+        self.memo: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, recs: list[dict], tokens: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        R, C = tokens.shape
+        KH = len(self.layer_ids) * self.target.config.hidden_size
+        out = torch.zeros(R, C, KH, dtype=torch.float32)
+        missing = [i for i, r in enumerate(recs)
+                   if not (self.stored_ok and "features" in r) and r["key"] not in self.memo]
+        if missing:
+            sub = tokens[missing].to(self.target.device)
+            cache = self.target.new_cache(len(missing), C)
+            _, feats = self.target(sub, cache, torch.arange(len(missing)), torch.zeros(len(missing), dtype=torch.int64),
+                                   capture_layers=self.layer_ids)
+            for j, i in enumerate(missing):
+                self.memo[recs[i]["key"]] = feats[j, :int(seq_lens[i]) - 1].to("cpu", torch.float16)
+        for i, r in enumerate(recs):
+            f = r["features"] if (self.stored_ok and "features" in r) else self.memo[r["key"]]
+            n = min(f.shape[0], C)
+            out[i, :n] = f[:n].float()
+        return out
+
+
+# ---- the training step -----------------------------------------------------------------
+def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: TrainConfig,
+               gen: torch.Generator, weights_k: torch.Tensor):
+    """One forward over all blocks of a batch.
+    -> (loss, stats {correct [R, N, B] bool, has_target [R, N, B] bool})."""
+    dev = drafter.fc.weight.device
+    B = cfg.block_size
+    anchors, valid = sample_anchors(seq_lens.tolist(), resp_starts, cfg.blocks_per_seq, gen)
+    bb = build_block_batch(tokens, seq_lens, anchors, valid, B, cfg.mask_token_id)
+    with torch.no_grad():
+        block_emb = target.embed(bb.block_ids.to(dev))                         # [R, T, hidden]
+    use_amp = dev.type == "cuda"
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+        hidden = drafter.forward_blocks(block_emb, bb.block_pos.to(dev), feats.to(dev),
+                                        bb.ctx_pos.to(dev), bb.attn_mask.to(dev))  # [R, T, hidden]
+        targets = bb.targets.to(dev)
+        sel = targets != IGNORE                                                 # [R, T]
+        logits = target.logits(hidden[sel])                                     # [M, V] fp32
+    w = weights_k.to(dev)[bb.block_k.to(dev)].expand_as(targets)[sel]          # [M]
+    loss = weighted_block_loss(logits, targets[sel], w)
+    R, T = targets.shape
+    correct = torch.zeros(R, T, dtype=torch.bool, device=dev)
+    correct[sel] = logits.argmax(-1) == targets[sel]
+    N = T // B
+    return loss, {"correct": correct.view(R, N, B).cpu(), "has_target": sel.view(R, N, B).cpu()}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, target, device="cpu"):
+        from ..drafter import DFlashDrafter
+        self.cfg, self.target, self.device = cfg, target, torch.device(device)
+        for p in target.parameters():
+            p.requires_grad_(False)
+        self.data = ShardData(cfg.data, cfg.max_seq_len)
+        stored = self.data.capture_layers()
+        layer_ids = stored if stored and len(stored) == cfg.num_features else None
+        self.drafter = DFlashDrafter.from_target(
+            target.config, num_layers=cfg.num_layers, block_size=cfg.block_size, mask_token_id=cfg.mask_token_id,
+            num_features=cfg.num_features, target_layer_ids=layer_ids, seed=cfg.seed).to(self.device).train()
+        self.drafter.check_target(target.config)
+        ids = self.drafter.config.target_layer_ids
+        self.features = FeatureSource(target, ids, stored_ok=(stored == ids))
+        decay = [p for n, p in self.drafter.named_parameters() if p.ndim >= 2]
+        no_decay = [p for n, p in self.drafter.named_parameters() if p.ndim < 2]
+        self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                      {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
+        self.weights_k = loss_weights(cfg.block_size, cfg.gamma)
+        self.out = Path(cfg.out)
+        # data position
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.epoch_shards: list[list] | None = None
+        self.tokens_seen = 0
+        self.pred_tokens = 0
+
+    # -- data order --------------------------------------------------------------------
+    def _epoch_records(self) -> list[dict]:
+        if self.epoch_shards is None:
+            self.epoch_shards = self.data.finished_shards()
+        recs = self.data.records(self.epoch_shards)
+        if len(recs) < self.cfg.seqs_per_step:
+            raise ValueError(f"only {len(recs)} usable records in {', '.join(self.cfg.data)}; "
+                             f"need at least --seqs-per-step {self.cfg.seqs_per_step}")
+        return recs
+
+    def next_batch(self) -> list[dict]:
+        R = self.cfg.seqs_per_step
+        while True:
+            recs = self._epoch_records()
+            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, "epoch", self.epoch))
+            perm = torch.randperm(len(recs), generator=g).tolist()
+            lo = self.batch_in_epoch * R
+            if lo + R <= len(perm):
+                self.batch_in_epoch += 1
+                return [recs[i] for i in perm[lo:lo + R]]
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self.epoch_shards = None  # pick up shards finished meanwhile
+
+    # -- checkpoints -------------------------------------------------------------------
+    def state(self) -> dict:
+        return {
+            "config": self.cfg.identity(), "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "epoch_shards": self.epoch_shards,
+            "tokens_seen": self.tokens_seen, "pred_tokens": self.pred_tokens,
+            "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def save(self) -> None:
+        tmp, latest, old = self.out / "latest.tmp", self.out / "latest", self.out / "latest.old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.drafter.save(tmp)
+        torch.save(self.state(), tmp / "trainer_state.pt")
+        shutil.rmtree(old, ignore_errors=True)
+        if latest.exists():
+            latest.rename(old)
+        tmp.rename(latest)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def snapshot(self) -> None:
+        d = self.out / "snapshots" / f"step_{self.step:06d}"
+        self.drafter.save(d, dtype=torch.float16)
+        (d / "meta.json").write_text(json.dumps({"step": self.step, "tokens_seen": self.tokens_seen,
+                                                 "pred_tokens": self.pred_tokens}))
+
+    def try_resume(self) -> bool:
+        from safetensors.torch import load_file
+        latest = self.out / "latest"
+        if not (latest / "trainer_state.pt").exists():
+            latest = self.out / "latest.old"  # crashed between the two renames
+            if not (latest / "trainer_state.pt").exists():
+                return False
+        st = torch.load(latest / "trainer_state.pt", weights_only=False)
+        if st["config"] != self.cfg.identity():
+            diff = sorted(k for k in st["config"] if st["config"].get(k) != self.cfg.identity().get(k))
+            raise ValueError(f"{self.out} holds a run with different settings ({', '.join(diff)}); "
+                             "use another --out or the same settings")
+        sd = load_file(str(latest / "model.safetensors"))
+        self.drafter.load_state_dict(sd, strict=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        torch.set_rng_state(st["torch_rng"])
+        for k in ("step", "epoch", "batch_in_epoch", "epoch_shards", "tokens_seen", "pred_tokens"):
+            setattr(self, k, st[k])
+        return True
+
+    # -- the loop ----------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        recs = self.next_batch()
+        tokens, seq_lens, resp_starts = collate(recs)
+        feats = self.features(recs, tokens, seq_lens)
+        gen = torch.Generator().manual_seed(step_seed(cfg.seed, "anchors", self.step))
+        loss, st = block_step(self.drafter, self.target, tokens, seq_lens, resp_starts, feats, cfg, gen,
+                              self.weights_k)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.step += 1
+        self.tokens_seen += int(seq_lens.sum())
+        self.pred_tokens += int(st["has_target"].sum())
+        return {"loss": float(loss.detach()), "grad_norm": float(gnorm), **st}
+
+    def run(self, steps: int | None = None, progress: bool = False, stop_at: int | None = None) -> dict:
+        """Train until `stop_at` (default cfg.steps). Checkpoints by time and at the end."""
+        from tqdm import tqdm
+        cfg = self.cfg
+        stop_at = cfg.steps if stop_at is None else stop_at
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+        log = open(self.out / "log.jsonl", "a")
+        B = cfg.block_size
+        acc = {"loss": 0.0, "n": 0, "correct": torch.zeros(B), "has": torch.zeros(B), "tau": 0.0, "blocks": 0}
+        bar = tqdm(total=stop_at, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True,
+                   desc="train")
+        last_ckpt = time.monotonic()
+        t0 = time.perf_counter()
+        last = {}
+        while self.step < stop_at:
+            r = self.train_step()
+            acc["loss"] += r["loss"]
+            acc["n"] += 1
+            acc["correct"] += (r["correct"] & r["has_target"]).sum((0, 1)).float()
+            acc["has"] += r["has_target"].sum((0, 1)).float()
+            tau = accepted_lengths(r["correct"], r["has_target"])
+            acc["tau"] += float(tau.sum())
+            acc["blocks"] += int((tau > 0).sum())
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == stop_at:
+                per_pos = (acc["correct"][1:] / acc["has"][1:].clamp(min=1)).tolist()
+                last = {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen,
+                        "pred_tokens": self.pred_tokens, "loss": round(acc["loss"] / acc["n"], 5),
+                        "tau_tf": round(acc["tau"] / max(acc["blocks"], 1), 4),
+                        "acc_k": [round(x, 4) for x in per_pos], "lr": self.sched.get_last_lr()[0],
+                        "grad_norm": round(r["grad_norm"], 4), "elapsed_s": round(time.perf_counter() - t0, 1)}
+                log.write(json.dumps(last) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{last['loss']:.3f}", tau_tf=f"{last['tau_tf']:.2f}", ep=self.epoch)
+                acc = {"loss": 0.0, "n": 0, "correct": torch.zeros(B), "has": torch.zeros(B), "tau": 0.0, "blocks": 0}
+            if self.step % cfg.snapshot_every == 0:
+                self.snapshot()
+            if time.monotonic() - last_ckpt >= cfg.ckpt_every_s:
+                self.save()
+                last_ckpt = time.monotonic()
+        self.save()
+        bar.close()
+        log.close()
+        return last
+
+
+# ---- CLI -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    ap = argparse.ArgumentParser(prog="dflash train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", nargs="+", default=d.data, help="shard folders from `dflash data`")
+    ap.add_argument("--out", default=d.out, help="run folder (rerun the same command to resume)")
+    ap.add_argument("--target", default=d.target)
+    for name in ("num_layers", "num_features", "block_size", "mask_token_id", "blocks_per_seq", "seqs_per_step",
+                 "steps", "warmup_steps", "seed", "snapshot_every", "log_every", "max_seq_len"):
+        ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "ckpt_every_s"):
+        ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    ap.add_argument("--gamma", type=float, default=None, help="loss decay (default 7 for B 16, 4 for B 8)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
+    ap.add_argument("--no-progress", action="store_true")
+    return ap
+
+
+class _ArgError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+
+    def error(msg):
+        raise _ArgError(msg)
+    ap.error = error
+    try:
+        a = ap.parse_args(argv)
+        fields = set(TrainConfig.__dataclass_fields__)
+        cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
+    except (_ArgError, ValueError) as e:
+        print(f"dflash train: error: {e}", file=sys.stderr)
+        return 2
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    from ..models.loader import load_target
+    try:
+        target = load_target(cfg.target, device=a.device)
+        trainer = Trainer(cfg, target, device=a.device)
+        resumed = trainer.try_resume()
+        if resumed:
+            print(f"resuming {cfg.out} at step {trainer.step}", file=sys.stderr)
+        last = trainer.run(progress=not a.no_progress, stop_at=a.stop_at)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"dflash train: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps({"out": cfg.out, "step": trainer.step, **{k: v for k, v in last.items() if k != "step"}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

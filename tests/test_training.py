@@ -1,0 +1,303 @@
+"""Drafter training on tiny random models: the block mask, the loss weights, learning,
+exact resume, and resumable data generation."""
+import json
+import math
+
+import pytest
+import torch
+
+from dflash_core.api import tiny_random_target
+from dflash_core.drafter import DFlashDrafter
+from dflash_core.training import datagen
+from dflash_core.training.blocks import (IGNORE, accepted_lengths, build_block_batch, default_gamma,
+                                         loss_weights, sample_anchors, weighted_block_loss)
+from dflash_core.training.prompts import Prompt
+from dflash_core.training.train import TrainConfig, Trainer, lr_factor
+
+VOCAB = 96
+MASK = 16
+
+
+def _target(seed=0):
+    return tiny_random_target(vocab_size=VOCAB, num_layers=4, seed=seed)
+
+
+def _drafter(target, block_size=4, seed=1):
+    d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=MASK,
+                                  num_features=2, seed=seed)
+    with torch.no_grad():  # a larger init so that every input visibly moves the output
+        for n, p in d.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.mul_(10)
+    return d
+
+
+def _block_logits(target, drafter, tokens, anchors, feats=None):
+    """Drafter logits [R, T, V] for blocks at `anchors` [R, N] of `tokens` [R, C]."""
+    R, C = tokens.shape
+    B = drafter.config.block_size
+    seq_lens = torch.full((R,), C)
+    bb = build_block_batch(tokens, seq_lens, anchors, torch.ones_like(anchors, dtype=torch.bool), B, MASK)
+    if feats is None:
+        cache = target.new_cache(R, C)
+        _, feats = target(tokens, cache, torch.arange(R), torch.zeros(R, dtype=torch.long),
+                          capture_layers=drafter.config.target_layer_ids)
+    with torch.no_grad():
+        h = drafter.forward_blocks(target.embed(bb.block_ids), bb.block_pos, feats, bb.ctx_pos, bb.attn_mask)
+        return target.logits(h), bb
+
+
+# ---- the block attention mask -----------------------------------------------------------
+def test_block_sees_only_its_context_and_itself():
+    torch.manual_seed(0)
+    target = _target()
+    drafter = _drafter(target)
+    B = drafter.config.block_size
+    tokens = torch.randint(17, VOCAB, (1, 30))
+    anchors = torch.tensor([[8, 20]])                    # block 0: 8..11, block 1: 20..23
+    base, _ = _block_logits(target, drafter, tokens, anchors)
+    blk0, blk1 = slice(0, B), slice(B, 2 * B)
+
+    def changed(pos):
+        t = tokens.clone()
+        t[0, pos] = (t[0, pos] + 1 - 17) % (VOCAB - 17) + 17
+        got, _ = _block_logits(target, drafter, t, anchors)
+        return [not torch.allclose(got[0, s], base[0, s], atol=1e-5) for s in (blk0, blk1)]
+
+    # the other block's anchor token: only that block moves
+    assert changed(20) == [False, True]
+    # tokens after block 0's anchor (inside / after its span, before block 1's anchor)
+    assert changed(9) == [False, True]
+    assert changed(15) == [False, True]
+    # the anchor itself is a block-0 input; a token before it is context for both
+    assert changed(8) == [True, True]
+    assert changed(3) == [True, True]
+    # after both anchors: nobody sees it
+    assert changed(25) == [False, False]
+
+
+def test_block_mask_shape_and_padding():
+    tokens = torch.arange(20)[None].repeat(2, 1)
+    seq_lens = torch.tensor([20, 12])
+    g = torch.Generator().manual_seed(0)
+    anchors, valid = sample_anchors([20, 12], [5, 9], 4, g)
+    assert valid[0].all() and valid[1].sum() == 2     # row 1 has anchors 9, 10 only
+    assert anchors[1, :2].tolist() == [9, 10]
+    bb = build_block_batch(tokens, seq_lens, anchors, valid, 4, MASK)
+    assert bb.attn_mask.shape == (2, 16, 20 + 16)
+    # context visible iff position < anchor
+    a = int(anchors[0, 0])
+    assert bb.attn_mask[0, 0, :20].tolist() == [c < a for c in range(20)]
+    # targets: k = 0 none, beyond the sequence none, padding blocks none
+    assert bb.targets[0, 0] == IGNORE and bb.targets[0, 1] == tokens[0, a + 1]
+    assert (bb.targets[1, 8:] == IGNORE).all()
+    # row 1 block at anchor 10: positions 10..13, sequence ends at 12 -> targets at k=1 only
+    assert bb.targets[1, 4:8].tolist() == [IGNORE, 11, IGNORE, IGNORE]
+    assert bb.block_ids[0, 1:4].tolist() == [MASK] * 3 and bb.block_ids[0, 0] == a
+
+
+# ---- the loss ----------------------------------------------------------------------------
+def test_loss_weights_values():
+    w = loss_weights(16)
+    assert w[0] == 0 and w[1] == 1
+    for k in range(1, 16):
+        assert math.isclose(float(w[k]), math.exp(-(k - 1) / 7), rel_tol=1e-6)
+    assert math.isclose(float(loss_weights(8)[3]), math.exp(-2 / 4), rel_tol=1e-6)
+    assert default_gamma(16) == 7 and default_gamma(8) == 4
+    assert torch.all(w[1:-1] > w[2:])
+
+
+def test_weighted_loss_is_normalised():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 11)
+    targets = torch.randint(0, 11, (5,))
+    ce = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    w = torch.tensor([1.0, 0.5, 0.25, 2.0, 0.0])
+    got = weighted_block_loss(logits, targets, w)
+    assert torch.allclose(got, (w * ce).sum() / w.sum())
+    # scale-free in the weights; a constant CE gives that CE whatever the weights
+    assert torch.allclose(weighted_block_loss(logits, targets, 3 * w), got)
+    flat = torch.zeros(5, 11)
+    assert torch.allclose(weighted_block_loss(flat, targets, w), torch.tensor(math.log(11)))
+
+
+def test_teacher_forced_acceptance_length():
+    correct = torch.tensor([[[False, True, True, False, True], [False, False, True, True, True]]])
+    has = torch.ones_like(correct)
+    has[0, 1, 3:] = False                            # block near the sequence end
+    assert accepted_lengths(correct, has).tolist() == [[3, 1]]
+
+
+def test_lr_schedule():
+    assert lr_factor(0, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(10, 10, 100, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 10, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(55, 10, 100, 0.1) == pytest.approx(0.55)
+
+
+# ---- training ----------------------------------------------------------------------------
+def _write_shards(folder, target, n_records=12, shard_size=4, with_features=False, layers=()):
+    """Records = the tiny target's own greedy continuations of random prompts."""
+    folder.mkdir(parents=True, exist_ok=True)
+    from dflash_core.sampling import SamplingParams
+    gen = datagen.FeatureCaptureGenerator(target, list(layers) or [0], max_slots=4, max_seq_len=64,
+                                          eos_token_ids=())
+    g = torch.Generator().manual_seed(0)
+    recs = []
+    for i in range(n_records):
+        prompt = torch.randint(17, VOCAB, (6,), generator=g).tolist()
+        gen.add_request(str(i), prompt, SamplingParams(max_new_tokens=20))
+        recs.append({"conv_id": f"c{i}", "prompt_ids": prompt, "response_ids": [], "sampled": False,
+                     "finish_reason": "length"})
+    while gen.has_unfinished_requests():
+        for o in gen.step():
+            recs[int(o.request_id)]["response_ids"] += o.new_token_ids
+            if o.finished and with_features:
+                recs[int(o.request_id)]["features"] = gen.features(o.request_id)
+    man = {"config": {"capture_layers": list(layers) if with_features else []}, "shards": {}}
+    for s in range(0, n_records, shard_size):
+        name = datagen.shard_name(s // shard_size)
+        torch.save(recs[s:s + shard_size], folder / name)
+        man["shards"][name] = {"num_records": len(recs[s:s + shard_size])}
+    (folder / "manifest.json").write_text(json.dumps(man))
+    return recs
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(data=[str(tmp_path / "data")], out=str(tmp_path / "run"), num_layers=1, num_features=2,
+                block_size=4, mask_token_id=MASK, blocks_per_seq=4, seqs_per_step=3, steps=8, lr=3e-3,
+                warmup_steps=2, ckpt_every_s=1e9, snapshot_every=1000, log_every=2)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_training_steps_lower_the_loss(tmp_path):
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=3, shard_size=3)
+    tr = Trainer(_cfg(tmp_path, steps=40, seqs_per_step=3, blocks_per_seq=8), target)
+    losses = [tr.train_step()["loss"] for _ in range(40)]
+    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5, losses
+    # the target stayed frozen and untouched by the optimiser
+    assert all(not p.requires_grad for p in target.parameters())
+    log_free = tr.drafter.state_dict()
+    assert set(k for k in log_free if not k.startswith("rotary")) == {
+        k for k in DFlashDrafter(tr.drafter.config).state_dict() if not k.startswith("rotary")}
+
+
+@pytest.mark.parametrize("stored", [False, True])
+def test_resume_equals_uninterrupted(tmp_path, stored):
+    target = _target()
+    layers = (1, 2)
+    _write_shards(tmp_path / "data", target, n_records=8, shard_size=3, with_features=stored, layers=layers)
+    cfg = _cfg(tmp_path, steps=7)
+    ref = Trainer(cfg, target)
+    assert ref.features.stored_ok == stored
+    if stored:
+        assert ref.drafter.config.target_layer_ids == list(layers)
+    ref.run(stop_at=7)                                   # crosses an epoch boundary (8 records / 3)
+    ref_params = {k: v.clone() for k, v in ref.drafter.state_dict().items()}
+
+    cfg2 = _cfg(tmp_path, steps=7, out=str(tmp_path / "run2"))
+    first = Trainer(cfg2, target)
+    first.run(stop_at=4)                                 # "interrupted" after step 4 (checkpointed)
+    del first
+    second = Trainer(cfg2, target)
+    assert second.try_resume() and second.step == 4
+    second.run()
+    assert second.step == 7 and second.tokens_seen == ref.tokens_seen
+    for k, v in second.drafter.state_dict().items():
+        assert torch.equal(v, ref_params[k]), k
+    # the checkpoint is a loadable public-format drafter
+    loaded = DFlashDrafter.load(tmp_path / "run2" / "latest")
+    assert torch.equal(loaded.fc.weight, ref_params["fc.weight"])
+    lines = (tmp_path / "run2" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [2, 4, 6, 7]
+    assert len(json.loads(lines[-1])["acc_k"]) == 3
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=4, shard_size=4)
+    Trainer(_cfg(tmp_path, steps=2), target).run()
+    other = Trainer(_cfg(tmp_path, steps=2, lr=1e-2), target)
+    with pytest.raises(ValueError, match="lr"):
+        other.try_resume()
+
+
+# ---- data generation ---------------------------------------------------------------------
+class _CharTokenizer:
+    """Chat template = fixed ids around the text's characters mapped into the tiny vocab."""
+
+    def apply_chat_template(self, msgs, add_generation_prompt=True, tokenize=True):
+        return [1] + [17 + ord(c) % (VOCAB - 17) for c in msgs[0]["content"]] + [2, 1]
+
+
+class _CountingGenerator(datagen.FeatureCaptureGenerator):
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.added = []
+
+    def add_request(self, request_id, prompt_ids, params):
+        self.added.append(request_id)
+        super().add_request(request_id, prompt_ids, params)
+
+
+def _prompts(n):
+    return [Prompt(f"id{i:03d}", f"prompt number {i} " + "x" * (i % 5), "train") for i in range(n)]
+
+
+def test_datagen_resume_skips_finished_shards(tmp_path):
+    target = _target()
+    cfg = datagen.DataConfig(out=str(tmp_path / "d"), num_prompts=4, shard_size=2, max_new_tokens=6,
+                             max_prompt_tokens=64, max_slots=3, sample_frac=0.5, capture_layers=(1, 3))
+    g1 = _CountingGenerator(target, [1, 3], 3, 80, eos_token_ids=())
+    s1 = datagen.generate_shards(cfg, g1, _CharTokenizer(), _prompts(10), progress=False)
+    assert s1["shards"] == 2 and s1["records"] == 4 and len(g1.added) == 4
+    first = datagen.load_shards(tmp_path / "d")
+    mtime = (tmp_path / "d" / "shard_00000.pt").stat().st_mtime_ns
+    # more prompts, same settings: only the new shard is generated
+    cfg2 = datagen.DataConfig(**{**cfg.__dict__, "num_prompts": 6})
+    g2 = _CountingGenerator(target, [1, 3], 3, 80, eos_token_ids=())
+    s2 = datagen.generate_shards(cfg2, g2, _CharTokenizer(), _prompts(10), progress=False)
+    assert s2["shards"] == 3 and len(g2.added) == 2
+    assert (tmp_path / "d" / "shard_00000.pt").stat().st_mtime_ns == mtime
+    recs = datagen.load_shards(tmp_path / "d")
+    assert [r["response_ids"] for r in recs[:4]] == [r["response_ids"] for r in first]
+    for r in recs:
+        L = len(r["prompt_ids"]) + len(r["response_ids"])
+        assert r["features"].shape == (L - 1, 2 * target.config.hidden_size)
+    # a changed setting is refused
+    cfg3 = datagen.DataConfig(**{**cfg.__dict__, "max_new_tokens": 7})
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        datagen.generate_shards(cfg3, g2, _CharTokenizer(), _prompts(10), progress=False)
+
+
+def test_capture_generator_matches_engine_and_full_forward():
+    """Greedy tokens equal the engine's autoregressive decoding; stored features equal one
+    full forward of the finished sequence."""
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.sampling import SamplingParams
+    target = _target()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(17, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
+    params = SamplingParams(max_new_tokens=12, speculative=False)
+    eng = SpecEngine(target, None, EngineConfig(max_slots=2, max_seq_len=64, block_size=1), eos_token_ids=(2,))
+    want = [r.token_ids for r in eng.generate(prompts, params)]
+    gen = datagen.FeatureCaptureGenerator(target, [0, 2], max_slots=3, max_seq_len=64, eos_token_ids=(2,))
+    got, feats = {}, {}
+    for i, p in enumerate(prompts):
+        gen.add_request(str(i), p, params)
+    while gen.has_unfinished_requests():
+        for o in gen.step():
+            got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.finished:
+                feats[o.request_id] = gen.features(o.request_id)
+    for i, p in enumerate(prompts):
+        resp = got[str(i)]
+        assert resp[:len(want[i])] == want[i]
+        seq = torch.tensor([p + resp])
+        cache = target.new_cache(1, 64)
+        _, full = target(seq, cache, torch.tensor([0]), torch.tensor([0]), capture_layers=[0, 2])
+        assert feats[str(i)].shape[0] == seq.shape[1] - 1
+        assert torch.allclose(feats[str(i)].float(), full[0, :-1], atol=2e-2, rtol=1e-2)
