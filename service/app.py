@@ -1,0 +1,309 @@
+"""The OpenAI-compatible HTTP app around one engine loop (no Ray needed).
+
+Contract: `Server(config, engine, tokenizer)` owns the engine loop and the metrics;
+`build_app(server)` returns a FastAPI app with
+  POST /v1/completions, POST /v1/chat/completions  (JSON or SSE with `"stream": true`)
+  GET  /v1/models, GET /health (503 when the engine loop is dead), GET /metrics.
+Every error is a JSON body `{"error": {"message", "type", "param", "code"}}` with a 4xx/5xx
+status; bad requests never reach the engine. The Ray Serve deployment
+(service/deployments.py) wraps exactly this app; tests and `dflash serve --runtime
+uvicorn` run it directly.
+
+Tokens: completions encode text prompts without special tokens (or take token ids);
+chat requests go through the tokenizer's chat template with the generation prompt.
+Generated text is `detokenize.decode_text` of the generated ids, cut before the first stop
+string. Extensions in the body: `speculative` (false: this request decodes without the
+drafter), `top_k`, `ignore_eos`, `return_token_ids` (choices carry `token_ids`).
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from dflash_core.sampling import SamplingParams
+
+from . import protocol as P
+from .config import ServiceConfig
+from .logs import log_event
+from .metrics import CONTENT_TYPE, ServiceMetrics
+from .scheduler import EngineLoop, Overloaded, StreamEvent, Unavailable
+
+log = logging.getLogger("dflash.http")
+
+MAX_BODY_BYTES = 8 << 20
+_DISCONNECT_POLL_S = 0.25
+
+
+class Server:
+    """Engine + tokenizer + loop + metrics of one replica."""
+
+    def __init__(self, config: ServiceConfig, engine, tokenizer, metrics: ServiceMetrics | None = None):
+        self.config = config
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.model_name = config.served_model_name
+        self.created = P.now_s()
+        self.metrics = metrics or ServiceMetrics(self.model_name, engine.config.max_slots)
+        self.loop = EngineLoop(engine, tokenizer, self.metrics, max_queue=config.max_queue,
+                               request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s)
+        self.vocab_size = engine.vocab_size
+
+    def start(self) -> "Server":
+        self.loop.start()
+        return self
+
+    def shutdown(self, grace_s: float | None = None) -> None:
+        self.loop.shutdown(self.config.shutdown_grace_s if grace_s is None else grace_s)
+
+    # ---- request -> engine inputs ------------------------------------------------------
+    def prompt_ids(self, req) -> list[int]:
+        tok = self.tokenizer
+        if isinstance(req, P.ChatCompletionRequest):
+            if not getattr(tok, "chat_template", None):
+                raise P.APIError(400, "this model has no chat template; use /v1/completions", param="messages")
+            msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                    for m in req.messages]
+            try:
+                ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            except Exception as e:  # template errors (e.g. role order) are the client's to fix
+                raise P.APIError(400, f"the chat template rejected these messages: {e}", param="messages")
+            if hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return [int(t) for t in ids]
+        prompt = req.prompt
+        if isinstance(prompt, str):
+            return list(tok(prompt, add_special_tokens=False)["input_ids"])
+        bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+        if bad:
+            raise P.APIError(400, f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                             param="prompt", code="invalid_value")
+        return list(prompt)
+
+    def sampling_params(self, req, num_prompt_tokens: int) -> SamplingParams:
+        cfg = self.config
+        max_tokens = req.max_tokens
+        if isinstance(req, P.ChatCompletionRequest) and req.max_completion_tokens is not None:
+            max_tokens = req.max_completion_tokens
+        param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+        if num_prompt_tokens == 0:
+            raise P.APIError(400, "the prompt is empty", param="prompt")
+        if num_prompt_tokens > cfg.max_prompt_tokens or num_prompt_tokens >= cfg.max_seq_len:
+            raise P.APIError(400, f"This model's maximum context length is {cfg.max_seq_len} tokens and prompts "
+                                  f"may have at most {cfg.max_prompt_tokens} tokens; your prompt has "
+                                  f"{num_prompt_tokens} tokens. Please shorten it.",
+                             param="messages" if isinstance(req, P.ChatCompletionRequest) else "prompt",
+                             code="context_length_exceeded")
+        room = cfg.max_seq_len - num_prompt_tokens
+        if max_tokens is None:
+            max_tokens = min(cfg.default_max_tokens, cfg.max_tokens_limit, room)
+        if max_tokens < 1:
+            raise P.APIError(400, f"'{param}' must be at least 1, got {max_tokens}", param=param,
+                             code="invalid_value")
+        if max_tokens > cfg.max_tokens_limit:
+            raise P.APIError(400, f"'{param}' = {max_tokens} is over this server's limit of "
+                                  f"{cfg.max_tokens_limit}", param=param, code="invalid_value")
+        if max_tokens > room:
+            raise P.APIError(400, f"This model's maximum context length is {cfg.max_seq_len} tokens. However, you "
+                                  f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+                                  f"prompt, {max_tokens} for the completion). Please reduce the prompt or "
+                                  f"'{param}'.", param=param, code="context_length_exceeded")
+        try:
+            return SamplingParams(max_new_tokens=int(max_tokens), temperature=float(req.temperature),
+                                  top_p=float(req.top_p), top_k=max(0, int(req.top_k)), seed=req.seed,
+                                  ignore_eos=req.ignore_eos, speculative=req.speculative)
+        except ValueError as e:
+            raise P.APIError(400, str(e), code="invalid_value") from None
+
+
+def _error_response(err: P.APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+
+def build_app(server: Server) -> FastAPI:
+    cfg = server.config
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        server.start()
+        log_event(log, "server.started", model=server.model_name, placement=cfg.placement,
+                  max_slots=server.engine.config.max_slots)
+        try:
+            yield
+        finally:
+            # running streams get the grace period to finish, then end with finish_reason "abort"
+            await asyncio.to_thread(server.shutdown)
+            log_event(log, "server.stopped", model=server.model_name)
+
+    app = FastAPI(title="dflash-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    # ---- middleware: auth, body size, request counts -----------------------------------
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        is_api = request.url.path.startswith("/v1/")
+        if is_api and cfg.api_key:
+            auth = request.headers.get("authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                server.metrics.on_http(401)
+                return _error_response(P.APIError(
+                    401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                    code="invalid_api_key"))
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            server.metrics.on_http(413)
+            return _error_response(P.APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large"))
+        response = await call_next(request)
+        if is_api:
+            server.metrics.on_http(response.status_code)
+        return response
+
+    @app.exception_handler(P.APIError)
+    async def _api_error(request: Request, exc: P.APIError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        msg = f"{request.method} {request.url.path}: {exc.detail}"
+        return JSONResponse(P.error_body(msg, kind), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return JSONResponse(P.error_body(f"internal server error: {type(exc).__name__}", "server_error"),
+                            status_code=500)
+
+    # ---- operational endpoints ---------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not server.loop.alive:
+            reason = server.loop.dead_reason or "not running"
+            return JSONResponse(P.error_body(f"engine loop is dead: {reason}", "server_error",
+                                             code="engine_dead"), status_code=503)
+        return {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return P.models_response(server.model_name, server.created)
+
+    # ---- generation ----------------------------------------------------------------------
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await _generate(request, P.CompletionRequest, "cmpl", "text_completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await _generate(request, P.ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
+
+    async def _generate(request: Request, model_cls, id_prefix: str, chunk_object: str):
+        req = P.parse_request(model_cls, await request.body())
+        if req.model != server.model_name:
+            raise P.APIError(404, f"The model '{req.model}' does not exist; this server serves "
+                                  f"'{server.model_name}' (GET /v1/models).", param="model",
+                             code="model_not_found")
+        prompt_ids = server.prompt_ids(req)
+        params = server.sampling_params(req, len(prompt_ids))
+        rid = P.new_id(id_prefix)
+        try:
+            stream = server.loop.submit(prompt_ids, params, req.stop_strings, request_id=rid)
+        except Overloaded as e:
+            raise P.APIError(429, str(e), type="rate_limit_error", code="server_overloaded",
+                             headers={"Retry-After": str(e.retry_after_s)})
+        except Unavailable as e:
+            raise P.APIError(503, str(e), type="server_error", code="unavailable",
+                             headers={"Retry-After": str(cfg.retry_after_s)})
+        log_event(log, "request.accepted", request_id=rid, prompt_tokens=len(prompt_ids),
+                  max_tokens=params.max_new_tokens, temperature=params.temperature, stream=req.stream,
+                  speculative=params.speculative)
+        created = P.now_s()
+        chat = isinstance(req, P.ChatCompletionRequest)
+        if req.stream:
+            return StreamingResponse(_sse(stream, req, rid, created, chat, chunk_object, len(prompt_ids)),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+        return await _collect(request, stream, req, rid, created, chat, len(prompt_ids))
+
+    def _finish_log(rid: str, ev: StreamEvent, t0: float) -> None:
+        stats = ev.stats or {}
+        log_event(log, "request.finished", request_id=rid, finish_reason=ev.finish_reason,
+                  completion_tokens=ev.num_generated_tokens, e2e_s=round(time.monotonic() - t0, 4),
+                  mean_acceptance_length=stats.get("mean_acceptance_length"))
+
+    async def _collect(request: Request, stream, req, rid, created, chat, num_prompt_tokens):
+        t0 = time.monotonic()
+        text, token_ids = [], []
+        while True:
+            ev = await stream.next_event(_DISCONNECT_POLL_S)
+            if ev is None:
+                if await request.is_disconnected():
+                    server.loop.abort(rid)
+                    log_event(log, "request.disconnected", request_id=rid)
+                    return Response(status_code=499)
+                continue
+            if ev.error:
+                status, message, code = ev.error
+                raise P.APIError(status, message, type="server_error" if status >= 500 else "invalid_request_error",
+                                 code=code)
+            text.append(ev.text)
+            token_ids.extend(ev.token_ids)
+            if ev.finished:
+                break
+        _finish_log(rid, ev, t0)
+        usage = P.usage_dict(num_prompt_tokens, ev.num_generated_tokens, ev.stats)
+        ids = token_ids if req.return_token_ids else None
+        pids = stream.prompt_token_ids if req.return_token_ids else None
+        build = P.chat_response if chat else P.completion_response
+        body = build(rid, created, server.model_name, "".join(text), ev.finish_reason, usage, ids, pids)
+        return JSONResponse(body, headers={"X-Request-Id": rid})
+
+    async def _sse(stream, req, rid, created, chat, chunk_object, num_prompt_tokens):
+        t0 = time.monotonic()
+        model = server.model_name
+        usage_null = req.include_usage
+        want_ids = req.return_token_ids
+        try:
+            if chat:
+                yield P.sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None,
+                                         [] if want_ids else None, usage_null))
+            async for ev in stream.events():
+                if ev.error:
+                    status, message, code = ev.error
+                    kind = "server_error" if status >= 500 else "invalid_request_error"
+                    yield P.sse(P.error_body(message, kind, code=code))
+                    break
+                if ev.text or (want_ids and ev.token_ids):
+                    ids = ev.token_ids if want_ids else None
+                    if chat:
+                        yield P.sse(P.chat_chunk(rid, created, model, {"content": ev.text}, None, ids, usage_null))
+                    else:
+                        yield P.sse(P.completion_chunk(rid, created, model, ev.text, None, ids, usage_null))
+                if ev.finished:
+                    if chat:
+                        yield P.sse(P.chat_chunk(rid, created, model, {}, ev.finish_reason,
+                                                 [] if want_ids else None, usage_null))
+                    else:
+                        yield P.sse(P.completion_chunk(rid, created, model, "", ev.finish_reason,
+                                                       [] if want_ids else None, usage_null))
+                    if req.include_usage:
+                        usage = P.usage_dict(num_prompt_tokens, ev.num_generated_tokens, ev.stats)
+                        yield P.sse(P.usage_chunk(rid, created, model, chunk_object, usage))
+                    _finish_log(rid, ev, t0)
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not stream.finished:   # the client went away (or the send failed): free the slot
+                server.loop.abort(rid)
+                log_event(log, "request.disconnected", request_id=rid)
+
+    return app

@@ -1,0 +1,127 @@
+"""Service configuration: one dataclass shared by the CLI, `deploy/serve.yaml` and tests.
+
+Unknown keys are rejected by name (`ServiceConfig.from_dict`), bad values raise
+`ValueError` with a message a user can act on.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+# Verified block size by number of running rows, measured on this project's 2-core CPU
+# reference machine (docs/BENCHMARKS.md, "Adaptive speculation schedule"): each pair is
+# (max_running, block_size); the first pair whose max_running >= running rows applies.
+# None as the schedule means "always block_size".
+DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1, 16), (2, 8), (4, 4), (1 << 30, 1))
+
+PLACEMENTS = ("colocated", "disaggregated")
+
+
+@dataclass
+class ServiceConfig:
+    # what to serve
+    target: str = "default"
+    drafter: str | None = "default"
+    served_model_name: str | None = None  # default: "dflash-<target name>"
+    device: str = "cpu"
+    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    placement: str = "colocated"
+    # engine
+    max_slots: int = 8
+    max_seq_len: int = 2048
+    block_size: int = 16
+    block_size_schedule: list[tuple[int, int]] | None = field(
+        default_factory=lambda: [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
+    )
+    max_prefill_tokens: int = 4096
+    # admission and limits
+    max_queue: int = 64  # waiting requests beyond the running slots; more get 429
+    retry_after_s: int = 1
+    request_timeout_s: float | None = 600.0
+    max_prompt_tokens: int | None = None  # default: max_seq_len - 1
+    max_tokens_limit: int | None = None  # cap on max_tokens; default: max_seq_len
+    default_max_tokens: int = 256  # chat requests that give no max_tokens
+    shutdown_grace_s: float = 30.0
+    # operations
+    api_key: str | None = None  # default: env DFLASH_API_KEY
+    log_level: str = "INFO"
+    # disaggregated transport
+    transport_backend: str = "auto"  # auto | gloo | nccl
+    transport_timeout_s: float = 60.0
+    # Ray Serve resources per deployment (the drafter deployment too, when disaggregated);
+    # num_gpus None: 0 on CPU, 1 colocated / 0.5 each disaggregated on CUDA
+    num_cpus: float = 0.5
+    num_gpus: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
+        for name in ("max_slots", "max_seq_len", "block_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {self.max_queue}")
+        if self.request_timeout_s is not None and self.request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
+        if self.transport_backend not in ("auto", "gloo", "nccl"):
+            raise ValueError(f"transport_backend must be auto, gloo or nccl, got {self.transport_backend!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
+            raise ValueError("num_cpus and num_gpus must be >= 0")
+        if self.num_gpus is None:
+            on_gpu = str(self.device).startswith("cuda")
+            self.num_gpus = (0.5 if self.placement == "disaggregated" else 1.0) if on_gpu else 0.0
+        if self.drafter in ("none", "None", ""):
+            self.drafter = None
+        if self.block_size_schedule is not None:
+            self.block_size_schedule = parse_schedule(self.block_size_schedule)
+        if self.max_prompt_tokens is None:
+            self.max_prompt_tokens = self.max_seq_len - 1
+        if not 1 <= self.max_prompt_tokens < self.max_seq_len:
+            raise ValueError(f"max_prompt_tokens must be in [1, max_seq_len), got {self.max_prompt_tokens}")
+        if self.max_tokens_limit is None:
+            self.max_tokens_limit = self.max_seq_len
+        if self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+        if self.api_key is None:
+            self.api_key = os.environ.get("DFLASH_API_KEY") or None
+        if self.served_model_name is None:
+            base = os.path.basename(str(self.target).rstrip("/")) or str(self.target)
+            self.served_model_name = f"dflash-{base}"
+
+    @classmethod
+    def from_dict(cls, args: dict | None) -> "ServiceConfig":
+        """Build from a plain dict (serve.yaml `args`); unknown keys raise ValueError by name."""
+        args = dict(args or {})
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(args) - names)
+        if unknown:
+            raise ValueError(f"unknown service option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        return cls(**args)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_schedule(value) -> list[tuple[int, int]] | None:
+    """Accept "1:16,2:8,4:4,inf:1", [[1, 16], ...] or None/"none" -> sorted [(max_running, block_size)]."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
+        return None
+    pairs = []
+    if isinstance(value, str):
+        for item in value.split(","):
+            if ":" not in item:
+                raise ValueError(f"block size schedule entry {item!r} must look like MAX_RUNNING:BLOCK_SIZE")
+            a, b = item.split(":", 1)
+            a = a.strip().lower()
+            pairs.append((1 << 30 if a in ("inf", "*") else int(a), int(b)))
+    else:
+        for item in value:
+            a, b = item
+            pairs.append((int(a), int(b)))
+    for a, b in pairs:
+        if a < 1 or b < 1:
+            raise ValueError(f"block size schedule entries must be positive, got {a}:{b}")
+    return sorted(pairs)

@@ -1,0 +1,111 @@
+"""Ray Serve application of the DFlash server.
+
+Import path (stable; used by deploy/serve.yaml, k8s/ and `dflash serve`):
+    service.deployments:build_app      build_app(args: dict) -> serve.Application
+`args` are ServiceConfig fields (service/config.py), e.g. {"target": "default",
+"drafter": "default", "placement": "colocated", "max_slots": 8}; unknown keys are an error.
+
+Placements (identical tokens; see service/transport.py):
+- colocated (default): one deployment `DFlashServer` = FastAPI ingress + scheduler + target
+  + drafter (LocalDraftBackend).
+- disaggregated: `DFlashServer` (ingress + scheduler + target, RemoteDraftBackend) and
+  `DFlashDrafter` (the drafter, LocalDraftBackend behind a DrafterServer), each with
+  fractional resources (`num_cpus`, `num_gpus`: 0.5 GPU each on CUDA). The ingress opens a
+  TCPStore, passes its address to the drafter through a Serve handle call (`join`), and
+  both join a two-rank torch.distributed group (gloo on CPU, NCCL on GPU). If the drafter
+  replica restarts, the next step fails, and the ingress rebuilds the group with the new
+  replica through the same handle.
+Metrics (/metrics), health (/health) and the OpenAI routes are all served by the ingress
+replica. One replica per deployment: scale out with more applications (or pods).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from .app import Server, build_app as build_fastapi_app
+from .config import ServiceConfig
+from .engines import build_colocated, build_drafter_server, build_remote_target
+from .logs import setup_logging
+from .transport import comm_backend
+
+log = logging.getLogger("dflash.deploy")
+
+
+@serve.deployment(name="DFlashDrafter", num_replicas=1, max_ongoing_requests=8, health_check_period_s=10)
+class DFlashDrafter:
+    """The drafter side of the disaggregated placement."""
+
+    def __init__(self, config: dict):
+        self.cfg = ServiceConfig.from_dict(config)
+        setup_logging(self.cfg.log_level)
+        self.server = build_drafter_server(self.cfg)
+
+    def drafter_config(self) -> dict:
+        return self.server.drafter.config.to_json()
+
+    async def join(self, host: str, port: int, backend: str, timeout_s: float) -> int:
+        # blocks until the target joined too: run it off the replica's event loop
+        return await asyncio.to_thread(self.server.join, host, port, backend, timeout_s)
+
+    def stats(self) -> dict:
+        return {"generation": self.server.generation, "num_steps": self.server.num_steps,
+                "serving": self.server.serving}
+
+
+@serve.deployment(name="DFlashServer", num_replicas=1, health_check_period_s=5, health_check_timeout_s=30)
+@serve.ingress()
+class DFlashServer:
+    """The ingress: OpenAI routes, scheduler, target (and the drafter when colocated)."""
+
+    async def __init__(self, config: dict, drafter: DeploymentHandle | None = None):
+        cfg = ServiceConfig.from_dict(config)
+        setup_logging(cfg.log_level)
+        self.backend = None
+        if cfg.placement == "disaggregated":
+            if drafter is None:
+                raise ValueError("the disaggregated placement needs a DFlashDrafter deployment")
+            drafter_config = await drafter.drafter_config.remote()
+            backend_name = comm_backend(cfg.device, cfg.transport_backend)
+
+            def request_join(host: str, port: int):
+                # called on the engine-loop thread (never on this replica's event loop)
+                response = drafter.join.remote(host, port, backend_name, cfg.transport_timeout_s)
+                return lambda: response.result(timeout_s=cfg.transport_timeout_s)
+
+            engine, tokenizer, self.backend = await asyncio.to_thread(build_remote_target, cfg, drafter_config,
+                                                                      request_join)
+            await asyncio.to_thread(self.backend.connect)
+        else:
+            engine, tokenizer = await asyncio.to_thread(build_colocated, cfg)
+        self.server = Server(cfg, engine, tokenizer)
+
+    def __serve_build_asgi_app__(self):
+        return build_fastapi_app(self.server)
+
+    def check_health(self) -> None:
+        loop = self.server.loop
+        if loop._thread is not None and not loop.alive:
+            raise RuntimeError(f"engine loop is dead: {loop.dead_reason}")
+
+
+def deployment_options(cfg: ServiceConfig) -> dict:
+    return {
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "max_ongoing_requests": cfg.max_slots + cfg.max_queue + 16,   # admission control is ours (429)
+        "graceful_shutdown_timeout_s": cfg.shutdown_grace_s + 5,
+    }
+
+
+def build_app(args: dict | None = None):
+    """Serve application builder: ServiceConfig fields in, bound application out."""
+    cfg = ServiceConfig.from_dict(dict(args or {}))
+    opts = deployment_options(cfg)
+    config = cfg.to_dict()
+    if cfg.placement == "disaggregated":
+        drafter = DFlashDrafter.options(ray_actor_options=opts["ray_actor_options"]).bind(config)
+        return DFlashServer.options(**opts).bind(config, drafter)
+    return DFlashServer.options(**opts).bind(config)

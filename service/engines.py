@@ -1,0 +1,74 @@
+"""Engines for the two placements, built from a ServiceConfig.
+
+- colocated: `build_colocated(cfg)` = dflash_core.api.build_engine (target + drafter in
+  this process, LocalDraftBackend);
+- disaggregated: `build_drafter_server(cfg)` on the drafter side (the drafter alone,
+  shaped by the target's config, no target weights), and `build_remote_target(cfg,
+  drafter_config, request_join)` on the target side (the target + a RemoteDraftBackend).
+Both load the drafter through `dflash_core.api.load_drafter`, so "default"/"random"/a
+folder mean the same thing in both placements.
+"""
+from __future__ import annotations
+
+import json
+import types
+
+import torch
+
+from dflash_core.api import build_engine, eos_ids_of, load_drafter, load_tokenizer, tiny_random_config, \
+    tiny_random_target
+from dflash_core.drafter import DrafterConfig
+from dflash_core.engine import EngineConfig, SpecEngine
+from dflash_core.models.config import ModelConfig
+from dflash_core.models.loader import load_target, resolve_model_dir
+
+from .config import ServiceConfig
+from .transport import DrafterServer, RemoteDraftBackend
+
+
+def torch_dtype(cfg: ServiceConfig) -> torch.dtype:
+    name = getattr(cfg, "dtype", "auto")
+    if name == "auto":
+        return torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def engine_config(cfg: ServiceConfig) -> EngineConfig:
+    return EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
+                        block_size_schedule=cfg.block_size_schedule,
+                        max_prefill_tokens=cfg.max_prefill_tokens)
+
+
+def build_colocated(cfg: ServiceConfig):
+    """-> (SpecEngine, tokenizer)"""
+    return build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
+                        dtype=torch_dtype(cfg))
+
+
+def target_model_config(target: str) -> ModelConfig:
+    """The target's architecture without loading its weights."""
+    if target == "tiny-random":
+        return tiny_random_config()
+    return ModelConfig.from_hf(json.loads((resolve_model_dir(target) / "config.json").read_text()))
+
+
+def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
+    if cfg.drafter is None or cfg.block_size < 2:
+        raise ValueError("the disaggregated placement needs a drafter and block_size >= 2")
+    stub = types.SimpleNamespace(config=target_model_config(cfg.target))
+    drafter = load_drafter(cfg.drafter, stub, cfg.target, cfg.block_size, cfg.device, torch_dtype(cfg))
+    # the same capacity as the colocated backend (dflash_core.api.build_engine)
+    return DrafterServer(drafter, cfg.max_slots, cfg.max_seq_len + drafter.config.block_size + 1)
+
+
+def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join):
+    """-> (SpecEngine, tokenizer, RemoteDraftBackend); the backend connects on first use
+    (or call `.connect()`)."""
+    dtype = torch_dtype(cfg)
+    model = tiny_random_target().to(cfg.device, dtype) if cfg.target == "tiny-random" else \
+        load_target(cfg.target, device=cfg.device, dtype=dtype)
+    tok = load_tokenizer(cfg.target)
+    backend = RemoteDraftBackend(DrafterConfig.from_json(drafter_config), request_join, device=cfg.device,
+                                 backend=cfg.transport_backend, timeout_s=cfg.transport_timeout_s)
+    engine = SpecEngine(model, backend, engine_config(cfg), eos_token_ids=eos_ids_of(cfg.target, tok))
+    return engine, tok, backend

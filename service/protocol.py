@@ -1,0 +1,323 @@
+"""OpenAI wire protocol: request/response models, request parsing, errors.
+
+Contract: `parse_request(Model, body_bytes)` returns a validated request or raises
+`APIError`, whose `.response()` is an OpenAI-shaped JSON error
+(`{"error": {"message", "type", "param", "code"}}`). Fields of the OpenAI API that this
+server does not implement (logprobs, n > 1, tools, ...) are rejected with a 400 that names
+the field, never silently ignored; fields unknown to the OpenAI API are rejected too.
+
+Extensions (request body): `speculative` (bool, default true: false decodes this request
+without the drafter), `top_k`, `ignore_eos`, `return_token_ids`. The usage object carries
+the request's speculative-decoding stats.
+"""
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 512
+
+
+class APIError(Exception):
+    """An error a client can act on, rendered in OpenAI's error shape."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+# --------------------------------------------------------------------------- requests
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = None
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=-1)  # extension; 0 or -1: off
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+    # extensions
+    speculative: bool = True
+    ignore_eos: bool = False
+    return_token_ids: bool = False
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else list(v)
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are supported, got {len(stops)}")
+        for s in stops:
+            if not s:
+                raise ValueError("stop strings must be non-empty")
+            if len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"stop strings must be at most {MAX_STOP_CHARS} characters")
+        return stops
+
+    @property
+    def stop_strings(self) -> list[str]:
+        return list(self.stop or [])
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported (batch prompts: send separate requests)")
+            v = v[0]
+        if isinstance(v, list) and not v:
+            raise ValueError("prompt must not be empty")
+        return v
+
+
+class ChatContentPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ChatContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    max_tokens: int | None = None
+
+
+# Fields of the OpenAI API this server does not implement, with the value(s) that mean
+# "not used" and are therefore accepted. Any other value -> 400 naming the field.
+UNSUPPORTED_FIELDS: dict[str, tuple] = {
+    "logprobs": (None, False),
+    "top_logprobs": (None, 0),
+    "echo": (None, False),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None,),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "store": (None, False),
+    "metadata": (None, {}),
+    "service_tier": (None, "auto", "default"),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+}
+
+
+def _is_off(value: Any, offs: tuple) -> bool:
+    """True when `value` is one of the "feature not used" values (same type: 0 is not False)."""
+    return any(type(value) is type(off) and value == off for off in offs)
+
+
+def parse_request(model_cls: type[_SamplingFields], body: bytes) -> _SamplingFields:
+    """JSON bytes -> validated request; raises APIError(400) naming the offending field."""
+    # 1) JSON
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise APIError(400, f"We could not parse the JSON body of your request ({e}). "
+                            "Send a JSON object with Content-Type: application/json.",
+                       code="invalid_json")
+    if not isinstance(data, dict):
+        raise APIError(400, f"The request body must be a JSON object, got {type(data).__name__}.",
+                       code="invalid_json")
+    # 2) OpenAI fields we do not implement: name them
+    for name, offs in UNSUPPORTED_FIELDS.items():
+        if name in data and not _is_off(data[name], offs):
+            raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(data[name])[:80]}); "
+                                "remove it from the request.", param=name, code="unsupported_parameter")
+        data.pop(name, None)
+    if "n" in data and data["n"] not in (None, 1):
+        raise APIError(400, f"'n' = {data['n']!r} is not supported: this server returns one choice per request "
+                            "(n = 1); send several requests instead.", param="n", code="unsupported_parameter")
+    data = {k: v for k, v in data.items() if v is not None or k in ("model",)}
+    known = set(model_cls.model_fields)
+    for name in data:
+        if name not in known:
+            raise APIError(400, f"Unrecognized request argument supplied: '{name}'.", param=name,
+                           code="unrecognized_parameter")
+    # 3) types and ranges
+    try:
+        return model_cls.model_validate(data)
+    except ValidationError as e:
+        raise validation_error_to_api(e.errors()) from None
+
+
+def validation_error_to_api(errors: list[dict]) -> APIError:
+    """Pydantic/FastAPI error list -> one APIError(400) naming the first bad field."""
+    if not errors:
+        return APIError(400, "Invalid request.")
+    first = errors[0]
+    loc = [str(x) for x in first.get("loc", ()) if x not in ("body",)]
+    # drop pydantic's union-branch markers like "str" / "list[int]"
+    loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool")]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    if first.get("type") == "missing":
+        message = f"Missing required parameter: '{param}'."
+    elif first.get("type") == "json_invalid":
+        message = "We could not parse the JSON body of your request. Send a JSON object."
+        param = None
+    else:
+        got = first.get("input")
+        got_s = json.dumps(got)[:80] if _jsonable(got) else repr(got)[:80]
+        message = f"Invalid value for '{param}': {msg} (got {got_s})." if param else f"Invalid request: {msg}."
+    extra = len(errors) - 1
+    if extra > 0:
+        message += f" ({extra} more problem{'s' if extra > 1 else ''} in this request.)"
+    return APIError(400, message, param=param, code="invalid_value" if first.get("type") != "missing"
+                    else "missing_required_parameter")
+
+
+def _jsonable(x) -> bool:
+    try:
+        json.dumps(x)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+# --------------------------------------------------------------------------- responses
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage_dict(num_prompt_tokens: int, num_generated_tokens: int, stats: dict | None) -> dict:
+    """OpenAI usage plus the request's speculative-decoding stats (extension fields)."""
+    stats = stats or {}
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_generated_tokens,
+        "total_tokens": num_prompt_tokens + num_generated_tokens,
+        "mean_acceptance_length": stats.get("mean_acceptance_length", 0.0),
+        "num_target_forwards": stats.get("num_steps", 0),
+        "num_drafts": stats.get("num_drafts", 0),
+        "num_draft_tokens": stats.get("num_draft_tokens", 0),
+        "num_accepted_tokens": stats.get("num_accepted_tokens", 0),
+        "accepted_per_position": list(stats.get("accepted_per_position", [])),
+    }
+
+
+def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                        usage: dict, token_ids: list[int] | None = None,
+                        prompt_token_ids: list[int] | None = None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+        choice["prompt_token_ids"] = prompt_token_ids
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage}
+
+
+def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                  usage: dict, token_ids: list[int] | None = None,
+                  prompt_token_ids: list[int] | None = None) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+              "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+        choice["prompt_token_ids"] = prompt_token_ids
+    return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+            "choices": [choice], "usage": usage}
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                     token_ids: list[int] | None = None, usage_null: bool = False) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    if usage_null:
+        chunk["usage"] = None
+    return chunk
+
+
+def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
+               token_ids: list[int] | None = None, usage_null: bool = False) -> dict:
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    if usage_null:
+        chunk["usage"] = None
+    return chunk
+
+
+def usage_chunk(rid: str, created: int, model: str, obj: str, usage: dict) -> dict:
+    return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}
+
+
+def models_response(model: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "dflash"}]}
+
+
+def sse(data: dict | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"))
+    return f"data: {payload}\n\n".encode()
