@@ -37,7 +37,8 @@ def build_target_layer_ids(num_target_layers: int, num_features: int) -> list[in
     Qwen3-8B (L=36, K=5) -> [1, 9, 17, 25, 33]."""
     if num_features == 1:
         return [num_target_layers // 2]
-    start, end = 1, num_target_layers - 3
+    start = min(1, num_target_layers - 1)
+    end = max(num_target_layers - 3, start)  # tiny targets: clamp into range
     return [int(round(start + i * (end - start) / (num_features - 1))) for i in range(num_features)]
 
 
