@@ -1,0 +1,156 @@
+"""`dflash serve`: start the OpenAI-compatible server.
+
+    dflash serve [--host 127.0.0.1] [--port 8000] [--target default] [--drafter default]
+                 [--placement colocated|disaggregated] [--max-slots 8] [--device cpu] ...
+
+Runtime `ray` (default): a local Ray instance on 127.0.0.1 (or RAY_ADDRESS) running the
+Serve application of service/deployments.py, exactly what `serve run deploy/serve.yaml`
+starts. Runtime `uvicorn`: the same FastAPI app in this process, no Ray (colocated only).
+Bad options print one line and exit 2; a model that does not load exits 1. SIGINT/SIGTERM
+shut down gracefully (running streams get `--shutdown-grace-s` to finish).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from .config import PLACEMENTS, ServiceConfig, parse_schedule
+
+
+class CliError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CliError(f"dflash serve: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = ServiceConfig.__dataclass_fields__
+    ap = _Parser(prog="dflash serve", description="OpenAI-compatible DFlash server (Ray Serve).")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--target", default="default", help="default | HF folder | .gguf | hub id | tiny-random")
+    ap.add_argument("--drafter", default="default", help="default | drafter folder | random | none")
+    ap.add_argument("--placement", choices=PLACEMENTS, default="colocated")
+    ap.add_argument("--runtime", choices=("ray", "uvicorn"), default="ray",
+                    help="ray: Ray Serve app (default); uvicorn: in-process, colocated only")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"))
+    ap.add_argument("--max-slots", type=int, default=d["max_slots"].default)
+    ap.add_argument("--max-seq-len", type=int, default=d["max_seq_len"].default)
+    ap.add_argument("--block-size", type=int, default=d["block_size"].default)
+    ap.add_argument("--block-size-schedule", default=None,
+                    help="MAX_RUNNING:BLOCK_SIZE pairs, e.g. '1:16,4:8,inf:1', or 'none' (always --block-size); "
+                         "default: the schedule measured for this project (docs/BENCHMARKS.md)")
+    ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)
+    ap.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default)
+    ap.add_argument("--max-tokens-limit", type=int, default=None)
+    ap.add_argument("--served-model-name", default=None)
+    ap.add_argument("--num-cpus", type=float, default=d["num_cpus"].default, help="per Serve deployment")
+    ap.add_argument("--num-gpus", type=float, default=None, help="per Serve deployment")
+    ap.add_argument("--shutdown-grace-s", type=float, default=d["shutdown_grace_s"].default)
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def config_from_args(a: argparse.Namespace) -> ServiceConfig:
+    kw = dict(target=a.target, drafter=None if a.drafter.lower() == "none" else a.drafter, placement=a.placement,
+              device=a.device, dtype=a.dtype, max_slots=a.max_slots, max_seq_len=a.max_seq_len,
+              block_size=a.block_size, max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
+              max_tokens_limit=a.max_tokens_limit, served_model_name=a.served_model_name, num_cpus=a.num_cpus,
+              num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level)
+    if a.block_size_schedule is not None:
+        kw["block_size_schedule"] = parse_schedule(a.block_size_schedule)
+    return ServiceConfig(**kw)
+
+
+def check_models(cfg: ServiceConfig) -> None:
+    """Fail fast, in this process, on model specs that cannot resolve."""
+    from dflash_core.models.loader import resolve_model_dir
+    if cfg.target != "tiny-random":
+        resolve_model_dir(cfg.target)
+    if cfg.drafter not in (None, "default", "random") and not Path(cfg.drafter).is_dir():
+        raise CliError(f"dflash serve: drafter {cfg.drafter!r} is not a folder, 'default', 'random' or 'none'")
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        stop.wait(1.0)
+
+
+def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import ray
+    from ray import serve
+
+    from .deployments import build_app
+    if not ray.is_initialized():
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+        else:
+            ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(cfg.to_dict()), name="dflash", route_prefix="/", blocking=False)
+        print(f"dflash serve: model {cfg.served_model_name!r} ({cfg.placement}) on http://{host}:{port}/v1 "
+              f"(Ctrl-C to stop)", flush=True)
+        _wait_for_signal()
+        print("dflash serve: shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def run_uvicorn(cfg: ServiceConfig, host: str, port: int) -> None:
+    import uvicorn
+
+    from .app import Server, build_app
+    from .engines import build_colocated
+    if cfg.placement != "colocated":
+        raise CliError("dflash serve: --runtime uvicorn supports --placement colocated only")
+    engine, tok = build_colocated(cfg)
+    app = build_app(Server(cfg, engine, tok))
+    print(f"dflash serve: model {cfg.served_model_name!r} on http://{host}:{port}/v1", flush=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=int(cfg.shutdown_grace_s))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .logs import setup_logging
+    try:
+        a = build_parser().parse_args(argv)
+        if not 0 < a.port < 65536:
+            raise CliError(f"dflash serve: --port must be in 1..65535, got {a.port}")
+        try:
+            cfg = config_from_args(a)
+        except ValueError as e:
+            raise CliError(f"dflash serve: {e}") from None
+        setup_logging(cfg.log_level)
+        try:
+            check_models(cfg)
+        except ValueError as e:   # ModelLoadError is a ValueError with a user-facing message
+            print(f"dflash serve: {e}", file=sys.stderr)
+            return 1
+        if a.runtime == "uvicorn":
+            run_uvicorn(cfg, a.host, a.port)
+        else:
+            run_ray(cfg, a.host, a.port)
+        return 0
+    except CliError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
