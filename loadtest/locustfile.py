@@ -19,7 +19,7 @@ Options (besides Locust's own): --api chat|completions, --speculative on|off,
 --max-tokens, --temperature, --model (default: the first id of GET /v1/models),
 --prompts-file (JSON written by loadtest/run.py) or --prompt-source sharegpt|builtin with
 --num-prompts/--prompt-seed, --token-ids on|off (ask for per-chunk token ids),
---records-out.
+--records-out. The API key, when the server wants one, comes from DFLASH_API_KEY.
 
     locust -f loadtest/locustfile.py --headless -u 4 -r 4 -t 60s --host http://127.0.0.1:8000 \\
         --speculative off --max-tokens 64
@@ -94,10 +94,16 @@ def _on_quitting(environment, **_kw) -> None:
         STATE["records"] = None
 
 
+def auth_headers() -> dict:
+    """Bearer key from DFLASH_API_KEY (the server's own variable), when set."""
+    key = os.environ.get("DFLASH_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def served_model(host: str) -> str:
     """The first model id the server lists (cached for the process)."""
     if STATE["model"] is None:
-        resp = requests.get(host.rstrip("/") + "/v1/models", timeout=30)
+        resp = requests.get(host.rstrip("/") + "/v1/models", timeout=30, headers=auth_headers())
         resp.raise_for_status()
         STATE["model"] = resp.json()["data"][0]["id"]
     return STATE["model"]
@@ -128,6 +134,7 @@ class OpenAIStreamUser(User):
 
     def on_start(self) -> None:
         self.session = requests.Session()
+        self.session.headers.update(auth_headers())
 
     def on_stop(self) -> None:
         self.session.close()

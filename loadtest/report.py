@@ -183,6 +183,11 @@ def render_markdown(report: dict) -> str:
         f"max_tokens {cfg.get('max_tokens')}, temperature {cfg.get('temperature')}, "
         f"{cfg.get('duration')} per run",
         f"- prompts: {cfg.get('num_prompts')} from {cfg.get('prompt_source')} (same order in every run)",
+    ]
+    if cfg.get("cpu_count") is not None:
+        lines.append(f"- client machine: {cfg['cpu_count']} CPUs, 1-min load average "
+                     f"{cfg.get('loadavg_1m_start')} at start, {cfg.get('loadavg_1m_end')} at end")
+    lines += [
         "",
         "| concurrency | speculation | completed (cut off, failed) | output tok/s | request tok/s p50 "
         "| TTFT p50 / p95 ms | ITL p50 / p95 ms | acceptance length |",

@@ -11,6 +11,8 @@ counter deltas belong to that run alone. It writes `report.json` and `report.md`
 --out (plus each run's Locust CSVs, log and per-request records) and prints the markdown
 and, last, one compact JSON line with the speedups.
 
+A server started with an API key: export DFLASH_API_KEY for this driver too.
+
 Errors a user can act on (no server, bad option) end the run with one line on stderr and
 exit status 2.
 """
@@ -100,8 +102,13 @@ def wait_healthy(host: str, timeout_s: float) -> None:
                      "start one with `make serve`")
 
 
+def auth_headers() -> dict:
+    key = os.environ.get("DFLASH_API_KEY")  # the Locust users read the same variable
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
 def served_model(host: str) -> str:
-    r = requests.get(host + "/v1/models", timeout=30)
+    r = requests.get(host + "/v1/models", timeout=30, headers=auth_headers())
     r.raise_for_status()
     return r.json()["data"][0]["id"]
 
@@ -130,7 +137,7 @@ def warmup(host: str, model: str, api: str, prompt: str, speculative: bool) -> N
     path = "/v1/chat/completions" if api == "chat" else "/v1/completions"
     body = {"model": model, "max_tokens": 8, "temperature": 0.0, "speculative": speculative}
     body.update({"messages": [{"role": "user", "content": prompt}]} if api == "chat" else {"prompt": prompt})
-    r = requests.post(host + path, json=body, timeout=600)
+    r = requests.post(host + path, json=body, timeout=600, headers=auth_headers())
     if r.status_code != 200:
         raise UsageError(f"warm-up request failed: HTTP {r.status_code}: {r.text[:200]}")
 
@@ -188,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 warmup(args.host, model, args.api, prompts[0], mode == "on")
         # 2) runs: each concurrency, each mode, same prompts
         runs = []
+        load_start = os.getloadavg()[0]
         for users in args.levels:
             for mode in args.mode_list:
                 run = run_one(args, users, mode, model, prompts_file, out_dir)
@@ -208,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         "temperature": args.temperature, "duration": args.duration, "concurrency": args.levels,
         "modes": args.mode_list, "prompt_source": source, "num_prompts": len(prompts),
         "cpu_count": os.cpu_count(),
+        # other work on the machine skews CPU-bound figures: record how busy it was
+        "loadavg_1m_start": round(load_start, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2),
     }
     report = build_report(config, runs)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
