@@ -301,3 +301,29 @@ def test_capture_generator_matches_engine_and_full_forward():
         _, full = target(seq, cache, torch.tensor([0]), torch.tensor([0]), capture_layers=[0, 2])
         assert feats[str(i)].shape[0] == seq.shape[1] - 1
         assert torch.allclose(feats[str(i)].float(), full[0, :-1], atol=2e-2, rtol=1e-2)
+
+
+# ---- evaluation --------------------------------------------------------------------------
+def test_evaluate_reports_tau_speedup_and_plot(tmp_path):
+    from dflash_core.drafter import LocalDraftBackend
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.training.evaluate import evaluate, write_plot
+    target = _target()
+    drafter = _drafter(target, block_size=4)
+    eng = SpecEngine(target, LocalDraftBackend(drafter, 1, 80), EngineConfig(max_slots=1, max_seq_len=64, block_size=4),
+                     eos_token_ids=())
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(17, VOCAB, (6,), generator=g).tolist() for _ in range(3)]
+    r = evaluate(eng, prompts, 0.0, 10)
+    assert r["greedy_outputs_equal"] == 3
+    assert 1.0 <= r["tau"] <= 4.0 and len(r["per_position_acceptance"]) == 3
+    assert r["spec_tokens"] == r["ar_tokens"] == 30 and r["speedup"] > 0
+    pp = r["per_position_acceptance"]
+    assert all(a >= b for a, b in zip(pp, pp[1:]))      # position k+1 accepted only after k
+    assert abs(r["tau"] - (1 + sum(pp))) < 1e-3          # tau = 1 + sum_k P(k accepted)
+    r1 = evaluate(eng, prompts, 1.0, 10, speedup=False)
+    assert "speedup" not in r1 and 1.0 <= r1["tau"] <= 4.0
+    log = tmp_path / "log.jsonl"
+    log.write_text(json.dumps({"tokens_seen": 10, "tau_tf": 1.5}) + "\n")
+    write_plot(tmp_path / "p.png", {"x@T0": r}, [{"tokens_seen": 10, "tau": 1.2}], log)
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,220 @@
+"""`dflash eval`: how good is a drafter, measured through the real engine.
+
+Contract
+- Prompts: the ShareGPT holdout (never trained on) and/or HumanEval (evaluation only),
+  chat template applied, first --num-prompts of each in a fixed order.
+- For each dataset and temperature: the same engine generates every prompt twice at
+  batch 1 (max_slots 1, requests one after another): speculatively (DFlash, block size
+  --block-size) and autoregressively (`speculative=False`: one target token per forward
+  through the same engine). Reported: tau = tokens emitted per target forward (mean
+  acceptance length, max B), per-position acceptance (share of steps in which draft
+  position k was accepted), tokens/s of both and the speedup = their ratio (wall clock,
+  prefill included). Greedy speculative output is checked to equal the autoregressive one.
+- --snapshots DIR: also tau (greedy, first --snapshot-prompts holdout prompts, batched)
+  for every `step_NNNNNN/` snapshot of a training run, against training tokens seen.
+- --plot PNG: tau vs training tokens (snapshots, and the teacher-forced tau of the run's
+  log.jsonl) and per-position acceptance per dataset/temperature.
+- Output: one JSON object (also written to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def load_eval_prompts(dataset: str, tokenizer, n: int, max_prompt_tokens: int) -> list[list[int]]:
+    from .datagen import chat_prompt_ids
+    from .prompts import load_humaneval_prompts, load_sharegpt_prompts
+    if dataset == "sharegpt":
+        pool = sorted((p for p in load_sharegpt_prompts() if p.split == "holdout"), key=lambda p: p.conv_id)
+    elif dataset == "humaneval":
+        pool = load_humaneval_prompts()
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}: use sharegpt or humaneval")
+    out = []
+    for p in pool:
+        ids = chat_prompt_ids(tokenizer, p.text)
+        if len(ids) <= max_prompt_tokens:
+            out.append(ids)
+            if len(out) == n:
+                break
+    return out
+
+
+def run_one(engine, prompts: list[list[int]], params) -> dict:
+    """Requests one after another (batch 1). -> tokens, seconds, stats, outputs."""
+    outs, n_tok, t_s = [], 0, 0.0
+    steps, acc_len_sum, per_pos = 0, 0, []
+    for ids in prompts:
+        t0 = time.perf_counter()
+        r = engine.generate([ids], params)[0]
+        t_s += time.perf_counter() - t0
+        outs.append(r.token_ids)
+        n_tok += len(r.token_ids)
+        st = r.stats
+        steps += len(st.acceptance_lengths)
+        acc_len_sum += sum(st.acceptance_lengths)
+        app = st.accepted_per_position
+        if len(per_pos) < len(app):
+            per_pos += [0] * (len(app) - len(per_pos))
+        for k, v in enumerate(app):
+            per_pos[k] += v
+    return {"tokens": n_tok, "seconds": t_s, "steps": steps, "tau": acc_len_sum / max(steps, 1),
+            "per_pos": [v / max(steps, 1) for v in per_pos], "outputs": outs}
+
+
+def evaluate(engine, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int = 0,
+             speedup: bool = True) -> dict:
+    from ..sampling import SamplingParams
+    spec_p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed if temperature > 0 else None, speculative=True)
+    spec = run_one(engine, prompts, spec_p)
+    res = {"temperature": temperature, "num_prompts": len(prompts), "tau": round(spec["tau"], 4),
+           "per_position_acceptance": [round(x, 4) for x in spec["per_pos"]],
+           "spec_tokens": spec["tokens"], "spec_tokens_per_s": round(spec["tokens"] / spec["seconds"], 2)}
+    if speedup:
+        ar_p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                              seed=seed if temperature > 0 else None, speculative=False)
+        ar = run_one(engine, prompts, ar_p)
+        res.update({"ar_tokens": ar["tokens"], "ar_tokens_per_s": round(ar["tokens"] / ar["seconds"], 2),
+                    "speedup": round((spec["tokens"] / spec["seconds"]) / (ar["tokens"] / ar["seconds"]), 3)})
+        if temperature == 0:
+            res["greedy_outputs_equal"] = sum(a == b for a, b in zip(spec["outputs"], ar["outputs"]))
+    return res
+
+
+def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], max_new_tokens: int,
+                   block_size: int, device: str) -> list[dict]:
+    """Greedy tau of every snapshot on the same prompts (batched: tau does not depend on it)."""
+    from ..api import build_engine
+    from ..engine import EngineConfig
+    from ..sampling import SamplingParams
+    rows = []
+    snaps = sorted(p for p in snap_dir.glob("step_*") if (p / "model.safetensors").exists())
+    for s in snaps:
+        meta = json.loads((s / "meta.json").read_text()) if (s / "meta.json").exists() else {}
+        engine, _ = build_engine(target=target_spec, drafter=str(s), device=device, tokenizer=False,
+                                 config=EngineConfig(max_slots=min(8, len(prompts)), block_size=block_size,
+                                                     max_seq_len=max(len(p) for p in prompts) + max_new_tokens + 8))
+        res = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+        lens = [x for r in res for x in r.stats.acceptance_lengths]
+        rows.append({"snapshot": s.name, "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
+                     "tau": round(sum(lens) / max(len(lens), 1), 4)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
+
+
+def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | None) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    if curve:
+        ax1.plot([c["tokens_seen"] for c in curve], [c["tau"] for c in curve], "o-", label="engine tau (greedy, holdout)")
+    if log_path is not None and log_path.exists():
+        rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
+        ax1.plot([r["tokens_seen"] for r in rows], [r["tau_tf"] for r in rows], alpha=0.5,
+                 label="teacher-forced tau (train batches)")
+    ax1.set_xlabel("training tokens seen")
+    ax1.set_ylabel("acceptance length tau")
+    ax1.set_title("tau vs training tokens")
+    ax1.grid(alpha=0.3)
+    ax1.legend(fontsize=8)
+    for key, r in results.items():
+        pp = r["per_position_acceptance"]
+        ax2.plot(range(1, len(pp) + 1), pp, "o-", label=f"{key} (tau {r['tau']:.2f})")
+    ax2.set_xlabel("draft position k")
+    ax2.set_ylabel("share of steps with position k accepted")
+    ax2.set_title("per-position acceptance")
+    ax2.set_ylim(0, 1)
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dflash eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--drafter", default="default", help="drafter folder (default: the shipped one)")
+    ap.add_argument("--datasets", nargs="+", default=["sharegpt", "humaneval"], choices=["sharegpt", "humaneval"])
+    ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
+    ap.add_argument("--num-prompts", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--max-prompt-tokens", type=int, default=256)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--no-speedup", action="store_true", help="tau only (skip the autoregressive runs)")
+    ap.add_argument("--snapshots", default=None, help="a run's snapshots/ folder: tau vs training tokens")
+    ap.add_argument("--snapshot-prompts", type=int, default=8)
+    ap.add_argument("--log", default=None, help="a run's log.jsonl (teacher-forced tau in the plot)")
+    ap.add_argument("--plot", default=None, help="PNG path")
+    ap.add_argument("--out", default=None, help="JSON path")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=0)
+    return ap
+
+
+class _ArgError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+
+    def error(msg):
+        raise _ArgError(msg)
+    ap.error = error
+    try:
+        a = ap.parse_args(argv)
+        if a.num_prompts < 1 or a.max_new_tokens < 1 or a.block_size < 2:
+            raise ValueError("--num-prompts and --max-new-tokens must be >= 1, --block-size >= 2")
+        if any(not 0 <= t <= 2 for t in a.temperatures):
+            raise ValueError("--temperatures must be in [0, 2]")
+    except (_ArgError, ValueError) as e:
+        print(f"dflash eval: error: {e}", file=sys.stderr)
+        return 2
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
+    from ..api import build_engine
+    from ..engine import EngineConfig
+    from ..models.loader import ModelLoadError
+    try:
+        engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device,
+                                   config=EngineConfig(max_slots=1, block_size=a.block_size,
+                                                       max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8))
+        results, prompt_sets = {}, {}
+        for ds in a.datasets:
+            prompt_sets[ds] = load_eval_prompts(ds, tok, a.num_prompts, a.max_prompt_tokens)
+            for t in a.temperatures:
+                key = f"{ds}@T{t:g}"
+                results[key] = evaluate(engine, prompt_sets[ds], t, a.max_new_tokens, a.seed, not a.no_speedup)
+                print(json.dumps({key: results[key]}), file=sys.stderr)
+        curve = []
+        if a.snapshots:
+            sp = prompt_sets.get("sharegpt") or load_eval_prompts("sharegpt", tok, a.snapshot_prompts,
+                                                                 a.max_prompt_tokens)
+            curve = snapshot_curve(Path(a.snapshots), a.target, sp[:a.snapshot_prompts], a.max_new_tokens,
+                                   a.block_size, a.device)
+        summary = {"target": a.target, "drafter": a.drafter, "block_size": a.block_size,
+                   "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
+        if a.plot:
+            write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None)
+    except (ValueError, FileNotFoundError, ModelLoadError) as e:
+        print(f"dflash eval: error: {e}", file=sys.stderr)
+        return 1
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
