@@ -119,7 +119,9 @@ class Server:
                                   top_p=float(req.top_p), top_k=max(0, int(req.top_k)), seed=req.seed,
                                   ignore_eos=req.ignore_eos, speculative=req.speculative)
         except ValueError as e:
-            raise P.APIError(400, str(e), code="invalid_value") from None
+            field = str(e).split(" ", 1)[0]
+            param = {"max_new_tokens": param}.get(field, field if field in type(req).model_fields else None)
+            raise P.APIError(400, str(e), param=param, code="invalid_value") from None
 
 
 def _error_response(err: P.APIError) -> JSONResponse:

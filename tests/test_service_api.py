@@ -1,0 +1,443 @@
+"""The HTTP service in-process (uvicorn on a thread, tiny random target + random drafter):
+outputs equal the engine offline, concurrency, errors, limits, disconnects, metrics."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dflash_core.api import build_engine, load_tokenizer
+from dflash_core.sampling import SamplingParams
+from service.config import ServiceConfig
+from service.detokenize import decode_text
+from service.engines import engine_config
+from service.local import LocalServer
+
+MODEL = "tiny"
+PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time in a land", "1, 2, 3, 4,",
+           "Hello, my name is", "The capital of France", "import numpy as np", "Q: why is the sky blue?\nA:"]
+
+
+def make_cfg(**kw) -> ServiceConfig:
+    base = dict(target="tiny-random", drafter="random", max_slots=8, max_seq_len=512, block_size=8,
+                block_size_schedule=None, served_model_name=MODEL, log_level="WARNING")
+    base.update(kw)
+    return ServiceConfig(**base)
+
+
+def make_engine(cfg: ServiceConfig):
+    engine, _ = build_engine(cfg.target, cfg.drafter, engine_config(cfg), tokenizer=False)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("tiny-random")
+
+
+@pytest.fixture(scope="module")
+def srv(tok):
+    cfg = make_cfg()
+    with LocalServer(cfg, make_engine(cfg), tok) as s:
+        yield s
+
+
+def start_server(tok, **kw) -> LocalServer:
+    cfg = make_cfg(**kw)
+    return LocalServer(cfg, make_engine(cfg), tok).start()
+
+
+def encode(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def chat_ids(tok, text):
+    ids = tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def offline(prompt_ids: list[int], **params):
+    """Solo run of a fresh engine with the server's engine config."""
+    res = make_engine(make_cfg()).generate([prompt_ids], SamplingParams(**params))[0]
+    return res.token_ids, res.finish_reason
+
+
+def sse(resp):
+    """Parsed SSE payloads of a streaming httpx response, '[DONE]' last."""
+    out = []
+    for line in resp.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def post(url, path, body, **kw):
+    return httpx.post(url + path, json=body, timeout=120, **kw)
+
+
+def stream_post(url, path, body):
+    with httpx.stream("POST", url + path, json=body, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        return sse(r)
+
+
+def collect_stream(events, chat: bool):
+    """-> text, token_ids, finish_reason, usage (if sent)"""
+    assert events[-1] == "[DONE]"
+    text, ids, finish, usage = "", [], None, None
+    for ev in events[:-1]:
+        if ev.get("usage"):
+            usage = ev["usage"]
+        for c in ev["choices"]:
+            text += (c["delta"].get("content") or "") if chat else c["text"]
+            ids += c.get("token_ids") or []
+            finish = c["finish_reason"] or finish
+    return text, ids, finish, usage
+
+
+def assert_openai_error(r, status: int, param: str | None = None):
+    assert r.status_code == status, (r.status_code, r.text)
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    return err
+
+
+# --------------------------------------------------------------------------- exactness
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_endpoints_equal_offline_engine(srv, tok, chat, stream):
+    prompt = PROMPTS[1]
+    ids = chat_ids(tok, prompt) if chat else encode(tok, prompt)
+    want, want_finish = offline(ids, max_new_tokens=40, temperature=0.0)
+    body = {"model": MODEL, "max_tokens": 40, "temperature": 0, "return_token_ids": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body.update({"messages": [{"role": "user", "content": prompt}]} if chat else {"prompt": prompt})
+    if stream:
+        text, got, finish, usage = collect_stream(stream_post(srv.url, path, body), chat)
+    else:
+        r = post(srv.url, path, body)
+        assert r.status_code == 200, r.text
+        j = r.json()
+        c = j["choices"][0]
+        text = c["message"]["content"] if chat else c["text"]
+        got, finish, usage = c["token_ids"], c["finish_reason"], j["usage"]
+    assert got == want
+    assert text == decode_text(tok, want)
+    assert finish == want_finish
+    assert usage["prompt_tokens"] == len(ids) and usage["completion_tokens"] == len(want)
+    assert usage["num_draft_tokens"] == 7 * usage["num_drafts"] > 0   # block 8: 7 drafts per verify
+    assert len(usage["accepted_per_position"]) == 7
+
+
+def test_seeded_sampling_and_speculation_off_equal_offline(srv, tok):
+    ids = encode(tok, PROMPTS[2])
+    want, _ = offline(ids, max_new_tokens=30, temperature=0.9, top_p=0.95, top_k=50, seed=11)
+    r = post(srv.url, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 30,
+                                           "temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 11,
+                                           "return_token_ids": True})
+    assert r.json()["choices"][0]["token_ids"] == want
+    # speculation off for one request: same greedy tokens, no drafts
+    want, _ = offline(ids, max_new_tokens=30)
+    r = post(srv.url, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 30, "temperature": 0,
+                                           "speculative": False, "return_token_ids": True})
+    j = r.json()
+    assert j["choices"][0]["token_ids"] == want
+    assert j["usage"]["num_draft_tokens"] == 0 and j["usage"]["num_drafts"] == 0
+    assert j["usage"]["mean_acceptance_length"] == 1.0
+
+
+def test_stop_strings_cut_text_streaming_and_not(srv, tok):
+    ids = encode(tok, PROMPTS[0])
+    want, _ = offline(ids, max_new_tokens=40, ignore_eos=True)
+    full = decode_text(tok, want)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    assert stop and stop in full
+    expected = full[:full.index(stop)]
+    body = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 40, "temperature": 0, "ignore_eos": True,
+            "stop": [stop, "\x00never"], "return_token_ids": True}
+    j = post(srv.url, "/v1/completions", body).json()
+    assert j["choices"][0]["text"] == expected
+    assert j["choices"][0]["finish_reason"] == "stop"
+    assert j["usage"]["completion_tokens"] < len(want)
+    text, got_ids, finish, _ = collect_stream(stream_post(srv.url, "/v1/completions", {**body, "stream": True}), False)
+    assert text == expected and finish == "stop"
+    assert got_ids == want[:len(got_ids)] and stop in decode_text(tok, got_ids)
+
+
+# --------------------------------------------------------------------------- concurrency
+
+def _stream_tokens(url, prompt, **extra):
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 32, "temperature": 0, "stream": True,
+            "return_token_ids": True, **extra}
+    _, ids, finish, _ = collect_stream(stream_post(url, "/v1/completions", body), False)
+    return ids, finish
+
+
+def test_eight_concurrent_streams_equal_solo(srv, tok):
+    solo = [offline(encode(tok, p), max_new_tokens=32)[0] for p in PROMPTS]
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda p: _stream_tokens(srv.url, p)[0], PROMPTS))
+    assert got == solo
+
+
+def test_mixed_greedy_and_sampled_batch(srv, tok):
+    kinds = [dict(temperature=0.0) if i % 2 == 0 else dict(temperature=0.8, top_p=0.9, seed=100 + i)
+             for i in range(8)]
+    solo = [offline(encode(tok, p), max_new_tokens=32, ignore_eos=True, **k)[0] for p, k in zip(PROMPTS, kinds)]
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda a: _stream_tokens(srv.url, a[0], ignore_eos=True, **a[1]), zip(PROMPTS, kinds)))
+    for i, (ids, finish) in enumerate(got):
+        assert finish == "length" and len(ids) == 32
+        if i % 2 == 0:   # greedy rows are exact whatever shares the batch
+            assert ids == solo[i]
+        else:            # sampled rows: valid tokens; the first comes from the seed alone
+            assert all(0 <= t < 49152 for t in ids)
+            assert ids[0] == solo[i][0]
+
+
+# --------------------------------------------------------------------------- bad input
+
+BAD = [
+    (b"{not json", 400, None),
+    (b"[1, 2]", 400, None),
+    ({"prompt": "hi"}, 400, "model"),
+    ({"model": MODEL}, 400, "prompt"),
+    ({"model": MODEL, "prompt": 5}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "temperature": 7}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 10 ** 12}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": list(range(600))}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "word " * 2000}, 400, "prompt"),
+    ({"model": MODEL, "prompt": [1, 2, 10 ** 7]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 512}, 400, "max_tokens"),   # prompt + 512 > 512
+    ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ({"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
+    ({"model": MODEL, "prompt": "hi", "seed": -3}, 400, "seed"),
+    ({"model": MODEL, "prompt": "hi", "stop": ["a"] * 9}, 400, "stop"),
+    ({"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "hi", "stream_options": {"include_usage": "yes"}}, 400, None),
+]
+
+BAD_CHAT = [
+    ({"model": MODEL}, 400, "messages"),
+    ({"model": MODEL, "messages": "hello"}, 400, "messages"),
+    ({"model": MODEL, "messages": []}, 400, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -5}, 400,
+     "max_completion_tokens"),
+]
+
+
+def test_bad_inputs_get_openai_errors_and_server_keeps_serving(srv):
+    for path, cases in (("/v1/completions", BAD), ("/v1/chat/completions", BAD_CHAT)):
+        for body, status, param in cases:
+            kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
+                else {"json": body}
+            r = httpx.post(srv.url + path, timeout=60, **kw)
+            assert_openai_error(r, status, param)
+            # streaming requests are validated before the stream starts
+            if isinstance(body, dict):
+                assert_openai_error(httpx.post(srv.url + path, json={**body, "stream": True}, timeout=60),
+                                    status, param)
+    assert_openai_error(httpx.get(srv.url + "/v1/nothing"), 404)
+    assert_openai_error(httpx.get(srv.url + "/v1/completions"), 405)
+    r = post(srv.url, "/v1/completions", {"model": MODEL, "prompt": "still alive", "max_tokens": 3})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def test_api_key(tok):
+    s = start_server(tok, api_key="sekrit", max_slots=2)
+    try:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+        err = assert_openai_error(post(s.url, "/v1/completions", body), 401)
+        assert err["code"] == "invalid_api_key"
+        assert_openai_error(post(s.url, "/v1/completions", body, headers={"Authorization": "Bearer nope"}), 401)
+        assert_openai_error(httpx.get(s.url + "/v1/models"), 401)
+        ok = post(s.url, "/v1/completions", body, headers={"Authorization": "Bearer sekrit"})
+        assert ok.status_code == 200
+        assert httpx.get(s.url + "/health").status_code == 200   # probes need no key
+    finally:
+        s.stop()
+
+
+# --------------------------------------------------------------------------- slots, queue, disconnect
+
+def _wait(pred, what: str, limit_s: float = 120.0):
+    """Hang guard only: polls a condition the server must reach."""
+    deadline = time.monotonic() + limit_s
+    while not pred():
+        assert time.monotonic() < deadline, f"never reached: {what}"
+        time.sleep(0.02)
+
+
+def test_disconnect_mid_stream_frees_the_slot(tok):
+    s = start_server(tok, max_slots=1, max_queue=0, max_seq_len=2048)
+    try:
+        long = {"model": MODEL, "prompt": "tell me everything", "max_tokens": 1500, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=long, timeout=60) as r:
+            lines = r.iter_lines()
+            got = [ln for ln in (next(lines) for _ in range(6)) if ln.startswith("data: ")]
+            assert len(got) >= 2
+            assert s.server.engine.num_running == 1
+        # the connection is closed: the slot is freed, the request ended as "abort"
+        _wait(lambda: s.server.engine.num_running == 0 and s.server.loop.num_in_flight == 0, "slot freed")
+        assert s.server.engine.num_free_slots == 1
+        metrics = httpx.get(s.url + "/metrics").text
+        assert 'dflash_request_finished_total{finish_reason="abort"} 1.0' in metrics
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "next", "max_tokens": 4})
+        assert r.status_code == 200
+    finally:
+        s.stop()
+
+
+def test_full_queue_gets_429_with_retry_after(tok):
+    s = start_server(tok, max_slots=1, max_queue=1, max_seq_len=2048, retry_after_s=3)
+    try:
+        long = {"model": MODEL, "prompt": "go on", "max_tokens": 1500, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        clients = [httpx.Client(timeout=60) for _ in range(2)]
+        streams = []
+        for c in clients:   # one runs, one waits
+            cm = c.stream("POST", s.url + "/v1/completions", json=long)
+            streams.append((cm, cm.__enter__()))
+        _wait(lambda: s.server.loop.num_in_flight == 2, "two requests in flight")
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "one more", "max_tokens": 2})
+        err = assert_openai_error(r, 429)
+        assert r.headers["retry-after"] == "3" and err["type"] == "rate_limit_error"
+        for cm, _ in streams:
+            cm.__exit__(None, None, None)
+        for c in clients:
+            c.close()
+        _wait(lambda: s.server.loop.num_in_flight == 0, "aborted")
+        assert post(s.url, "/v1/completions", {"model": MODEL, "prompt": "after", "max_tokens": 2}).status_code == 200
+    finally:
+        s.stop()
+
+
+def test_request_timeout(tok):
+    s = start_server(tok, max_slots=1, max_seq_len=4096, request_timeout_s=0.3)
+    try:
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 4000, "ignore_eos": True,
+                                            "temperature": 0})
+        assert assert_openai_error(r, 504)["code"] == "timeout"
+        _wait(lambda: s.server.engine.num_running == 0, "timed-out request freed")
+    finally:
+        s.stop()
+
+
+def test_health_fails_when_engine_loop_dies(tok):
+    s = start_server(tok, max_slots=2)
+    try:
+        engine = s.server.engine
+        real_step, calls = engine.step, []
+
+        def failing_step():   # fault injection: the 3rd step raises
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("injected failure")
+            return real_step()
+
+        engine.step = failing_step
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 50, "ignore_eos": True})
+        assert assert_openai_error(r, 500)["code"] == "engine_error"
+        h = httpx.get(s.url + "/health")
+        assert h.status_code == 503 and "injected failure" in h.json()["error"]["message"]
+        assert_openai_error(post(s.url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2}), 503)
+        assert "dflash_engine_alive 0.0" in httpx.get(s.url + "/metrics").text
+    finally:
+        s.stop()
+
+
+# --------------------------------------------------------------------------- metrics
+
+def _metric_values(text: str) -> dict:
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            key = smp.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items())) + "}"
+                              if smp.labels else "")
+            out[key] = smp.value
+    return out
+
+
+def test_metrics_counters_agree_with_usage(tok):
+    s = start_server(tok, max_slots=4, block_size=4)
+    try:
+        bodies = [{"model": MODEL, "prompt": p, "max_tokens": 12 + i, "temperature": 0 if i % 2 else 0.7,
+                   "seed": i, "speculative": i != 3} for i, p in enumerate(PROMPTS[:6])]
+        with ThreadPoolExecutor(4) as ex:
+            usages = list(ex.map(lambda b: post(s.url, "/v1/completions", b).json()["usage"], bodies))
+        chat = post(s.url, "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "hi"}],
+                                                     "max_tokens": 9, "stream": True,
+                                                     "stream_options": {"include_usage": True}})
+        usages.append([json.loads(ln[6:]) for ln in chat.text.splitlines()
+                       if ln.startswith("data: {") and '"usage":{' in ln][-1]["usage"])
+        m = _metric_values(httpx.get(s.url + "/metrics").text)
+        assert m["dflash_spec_decode_num_drafts_total"] == sum(u["num_drafts"] for u in usages) > 0
+        assert m["dflash_spec_decode_num_draft_tokens_total"] == sum(u["num_draft_tokens"] for u in usages)
+        assert m["dflash_spec_decode_num_accepted_tokens_total"] == sum(u["num_accepted_tokens"] for u in usages)
+        for k in range(3):
+            total = sum(u["accepted_per_position"][k] for u in usages if len(u["accepted_per_position"]) > k)
+            assert m.get(f"dflash_spec_decode_num_accepted_tokens_per_pos_total{{position={k}}}", 0.0) == total
+        assert m["dflash_generation_tokens_total"] == sum(u["completion_tokens"] for u in usages)
+        assert m["dflash_prompt_tokens_total"] == sum(u["prompt_tokens"] for u in usages)
+        assert m['dflash_requests_total{status=200}'] == len(usages)
+        assert m["dflash_time_to_first_token_seconds_count"] == len(usages)
+        assert m["dflash_e2e_request_latency_seconds_count"] == len(usages)
+        assert m["dflash_request_queue_time_seconds_count"] == len(usages)
+        assert m["dflash_inter_token_latency_seconds_count"] > 0
+        assert m["dflash_num_requests_running"] == 0 and m["dflash_slots_total"] == 4
+    finally:
+        s.stop()
+
+
+# --------------------------------------------------------------------------- the openai client
+
+def test_official_openai_client(srv, tok):
+    import openai
+    client = openai.OpenAI(base_url=srv.url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    want, _ = offline(encode(tok, PROMPTS[5]), max_new_tokens=20)
+    c = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=20, temperature=0)
+    assert c.choices[0].text == decode_text(tok, want)
+    assert c.usage.completion_tokens == len(want)
+    chat_want, _ = offline(chat_ids(tok, "Say hi"), max_new_tokens=20)
+    chunks = list(client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}],
+                                                 max_tokens=20, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == decode_text(tok, chat_want)
+    assert chunks[-1].usage.completion_tokens == len(chat_want)
+    assert chunks[-1].usage.model_extra["mean_acceptance_length"] >= 1.0
+    stream = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=20, temperature=0, stream=True)
+    assert "".join(ch.choices[0].text for ch in stream) == decode_text(tok, want)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=2)
+    assert "logprobs" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=4)
