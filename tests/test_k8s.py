@@ -1,0 +1,289 @@
+"""k8s/: manifests parse, the RayService validates against the KubeRay CRD schema, its Serve
+config names this repository's real application (the one deploy/serve.yaml runs), and the
+monitoring/dashboard refer to ports and metric names that exist."""
+from __future__ import annotations
+
+import copy
+import importlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+K8S = REPO / "k8s"
+# KubeRay's RayService CRD (ray.io_rayservices.yaml from the KubeRay release you deploy on)
+CRD = Path(os.environ.get("DFLASH_RAYSERVICE_CRD", "/work/shared/schemas/ray.io_rayservices.yaml"))
+
+
+def _docs(path: Path) -> list:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def _merge_patch(base, patch):
+    """RFC 7386 JSON merge patch (what kustomize applies for a CRD without a patch schema)."""
+    if not isinstance(patch, dict):
+        return copy.deepcopy(patch)
+    out = copy.deepcopy(base) if isinstance(base, dict) else {}
+    for k, v in patch.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = _merge_patch(out.get(k), v)
+    return out
+
+
+def _strict(schema):
+    """The CRD's structural schema with unknown fields rejected, as `kubectl apply
+    --validate=strict` does (the API server would silently prune them otherwise)."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+@pytest.fixture(scope="module")
+def rayservice_validator():
+    if not CRD.exists():
+        pytest.skip(f"KubeRay RayService CRD not found at {CRD} (set DFLASH_RAYSERVICE_CRD)")
+    crd = _docs(CRD)[0]
+    assert crd["spec"]["names"]["kind"] == "RayService"
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    schema = _strict(version["schema"]["openAPIV3Schema"])
+    return jsonschema.Draft7Validator(schema)
+
+
+def _errors(validator, doc) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def _rayservice() -> dict:
+    return _docs(K8S / "rayservice.yaml")[0]
+
+
+def _disaggregated() -> dict:
+    patch = _docs(K8S / "disaggregated" / "serve-config.yaml")[0]
+    return _merge_patch(_rayservice(), patch)
+
+
+def _serve_config(rs: dict) -> dict:
+    return yaml.safe_load(rs["spec"]["serveConfigV2"])
+
+
+# --------------------------------------------------------------------------- parsing
+
+def test_every_manifest_parses_and_names_its_kind():
+    files = sorted(K8S.rglob("*.yaml"))
+    assert {p.relative_to(K8S).as_posix() for p in files} >= {
+        "rayservice.yaml", "monitoring.yaml", "kustomization.yaml",
+        "disaggregated/kustomization.yaml", "disaggregated/serve-config.yaml"}
+    for path in files:
+        docs = _docs(path)
+        assert docs, path
+        for doc in docs:
+            assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), path
+    dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
+    assert dashboard["uid"] and dashboard["panels"]
+
+
+def test_kustomizations_reference_existing_files():
+    for kfile in (K8S / "kustomization.yaml", K8S / "disaggregated" / "kustomization.yaml"):
+        k = _docs(kfile)[0]
+        assert k["kind"] == "Kustomization"
+        for res in k.get("resources", []):
+            assert (kfile.parent / res).exists(), (kfile, res)
+        for patch in k.get("patches", []):
+            assert (kfile.parent / patch["path"]).exists(), (kfile, patch)
+        for gen in k.get("configMapGenerator", []):
+            for f in gen["files"]:
+                assert (kfile.parent / f).exists(), (kfile, f)
+
+
+# --------------------------------------------------------------------------- CRD schema
+
+@pytest.mark.parametrize("variant", ["colocated", "disaggregated"])
+def test_rayservice_validates_against_the_kuberay_crd(rayservice_validator, variant):
+    rs = _rayservice() if variant == "colocated" else _disaggregated()
+    assert rs["apiVersion"] == "ray.io/v1" and rs["kind"] == "RayService"
+    assert _errors(rayservice_validator, rs) == []
+
+
+def test_the_strict_schema_catches_mistakes(rayservice_validator):
+    """The validation above can fail: typos, wrong types and missing required fields."""
+    rs = _rayservice()
+    bad = copy.deepcopy(rs)
+    bad["spec"]["serveConfigv2"] = bad["spec"].pop("serveConfigV2")  # typo in a field name
+    assert any("serveConfigv2" in e for e in _errors(rayservice_validator, bad))
+    bad = copy.deepcopy(rs)
+    bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["replicas"] = "1"  # string, not int
+    assert any("replicas" in e for e in _errors(rayservice_validator, bad))
+    bad = copy.deepcopy(rs)
+    del bad["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["groupName"]
+    assert any("groupName" in e for e in _errors(rayservice_validator, bad))
+    bad = copy.deepcopy(rs)
+    bad["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
+    assert any("num-cpus" in e for e in _errors(rayservice_validator, bad))
+
+
+# --------------------------------------------------------------------------- Serve config
+
+def _deployment_names(app) -> set[str]:
+    """Deployment names of a bound Serve application (the ingress and its bound children)."""
+    from ray.serve.deployment import Application
+
+    names, todo = set(), [app]
+    while todo:
+        bound = todo.pop()._bound_deployment
+        names.add(bound.name)
+        todo += [a for a in list(bound.init_args) + list(bound.init_kwargs.values()) if isinstance(a, Application)]
+    return names
+
+
+@pytest.mark.parametrize("variant", ["colocated", "disaggregated"])
+def test_serve_config_builds_this_repos_application(variant):
+    from service.config import ServiceConfig
+
+    from ray.serve.schema import ServeDeploySchema
+
+    rs = _rayservice() if variant == "colocated" else _disaggregated()
+    cfg = _serve_config(rs)
+    ServeDeploySchema.model_validate(cfg)  # what KubeRay's PUT /api/serve/applications/ checks
+    assert cfg["http_options"]["port"] == 8000
+    (app,) = cfg["applications"]
+    module_name, _, attr = app["import_path"].partition(":")
+    builder = getattr(importlib.import_module(module_name), attr)
+    # the args are ServiceConfig fields (unknown keys raise) and describe this variant
+    service_cfg = ServiceConfig.from_dict(app["args"])
+    assert service_cfg.placement == variant and service_cfg.device == "cuda"
+    # the builder binds exactly the deployments the config lists (nothing is constructed)
+    listed = {d["name"] for d in app["deployments"]}
+    assert _deployment_names(builder(app["args"])) == listed
+    # the resources the config pins per deployment are the ones the args ask for
+    for d in app["deployments"]:
+        assert d["ray_actor_options"]["num_gpus"] == service_cfg.num_gpus
+        assert d["ray_actor_options"]["num_cpus"] == service_cfg.num_cpus
+    gpus_per_pod = float(rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
+                         ["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert sum(d["ray_actor_options"]["num_gpus"] * d.get("num_replicas", 1) for d in app["deployments"]) \
+        <= gpus_per_pod
+    if variant == "disaggregated":
+        assert [d["ray_actor_options"]["num_gpus"] for d in app["deployments"]] == [0.5, 0.5]
+
+
+def test_serve_config_matches_deploy_serve_yaml():
+    """Same application as the local Serve config: import path, route, the deployments its
+    args bind, and every option that does not depend on the device."""
+    local = yaml.safe_load((REPO / "deploy" / "serve.yaml").read_text())
+    ours = _serve_config(_rayservice())
+    by_name = {a["name"]: a for a in local["applications"]}
+    for app in ours["applications"]:
+        ref = by_name[app["name"]]
+        assert app["import_path"] == ref["import_path"]
+        assert app.get("route_prefix", "/") == ref.get("route_prefix", "/")
+        module_name, _, attr = ref["import_path"].partition(":")
+        builder = getattr(importlib.import_module(module_name), attr)
+        assert _deployment_names(builder(ref.get("args", {}))) == {d["name"] for d in app["deployments"]}
+        # GPU sizing is the RayService's own; everything else must agree
+        sizing = {"device", "dtype", "num_gpus", "num_cpus", "max_slots", "max_seq_len", "max_queue",
+                  "block_size_schedule", "log_level"}
+        shared = (set(app["args"]) | set(ref.get("args", {}))) - sizing
+        assert {k: app["args"].get(k) for k in shared} == {k: ref["args"].get(k) for k in shared}
+
+
+# --------------------------------------------------------------------------- pods, Service, monitoring
+
+def _worker_container(rs: dict) -> dict:
+    (group,) = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return group["template"]["spec"]["containers"][0]
+
+
+def test_every_container_has_http_probes():
+    """KubeRay injects `wget` exec probes where none are given; the image (deploy/Dockerfile,
+    python:3.11-slim) has no wget, so every Ray container spells out HTTP probes."""
+    rs = _rayservice()
+    groups = [rs["spec"]["rayClusterConfig"]["headGroupSpec"]] + rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    for group in groups:
+        for c in group["template"]["spec"]["containers"]:
+            for probe in ("readinessProbe", "livenessProbe"):
+                assert "httpGet" in c[probe], (c["name"], probe)
+
+
+def test_gpu_worker_resources_readiness_and_service_port():
+    rs = _rayservice()
+    c = _worker_container(rs)
+    res = c["resources"]
+    assert res["limits"]["nvidia.com/gpu"] == res["requests"]["nvidia.com/gpu"] == "1"
+    for key in ("cpu", "memory"):
+        assert res["requests"][key] and res["limits"][key]
+    probe = c["readinessProbe"]["httpGet"]
+    assert (probe["path"], probe["port"]) == ("/health", 8000)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports["serve"] == 8000
+    svc_ports = rs["spec"]["serveService"]["spec"]["ports"]
+    assert any(p["port"] == 8000 and p["targetPort"] == 8000 for p in svc_ports)
+    head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    # the image is set in one place (kustomization.yaml `images:`)
+    images = {d["name"] for d in _docs(K8S / "kustomization.yaml")[0]["images"]}
+    assert c["image"].split(":")[0] in images
+    assert head["template"]["spec"]["containers"][0]["image"] == c["image"]
+
+
+def test_pod_monitors_select_ray_pods_on_named_ports():
+    rs = _rayservice()
+    pod_labels = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
+    worker_ports = {p["name"] for p in _worker_container(rs)["ports"]}
+    head_ports = {p["name"] for p in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+                  ["containers"][0]["ports"]}
+    monitors = [d for d in _docs(K8S / "monitoring.yaml") if d["kind"] == "PodMonitor"]
+    assert monitors
+    app_monitor = next(m for m in monitors if any(e.get("path") == "/metrics" and e["port"] == "serve"
+                                                 for e in m["spec"]["podMetricsEndpoints"]))
+    # app metrics only from worker pods (the head's proxy would duplicate a worker's series)
+    assert app_monitor["spec"]["selector"]["matchLabels"]["ray.io/node-type"] == "worker"
+    for m in monitors:
+        sel = {k: v for k, v in m["spec"]["selector"]["matchLabels"].items() if not k.startswith("ray.io/")}
+        assert sel.items() <= pod_labels.items()
+        for ep in m["spec"]["podMetricsEndpoints"]:
+            assert ep["port"] in worker_ports
+            if "ray.io/node-type" not in m["spec"]["selector"]["matchLabels"]:
+                assert ep["port"] in head_ports
+
+
+def _service_metric_names() -> set[str]:
+    """Every sample name the service exports (service/metrics.py), histograms included."""
+    from loadtest.report import parse_metrics
+    from service.metrics import ServiceMetrics
+
+    m = ServiceMetrics("m", max_slots=2)
+    m.on_spec(1, 4, 2, [1, 1])
+    m.on_http(200)
+    m.on_finished("stop", 1.0, 3)
+    names = {name for name, _ in parse_metrics(m.render().decode())}
+    return names
+
+
+def test_dashboard_queries_use_metrics_the_service_exports():
+    exported = _service_metric_names()
+    dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {n for e in exprs for n in re.findall(r"\b(dflash_[a-z_]+)\b", e)}
+    assert used and used <= exported, used - exported
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for want in ("acceptance length", "tokens/s", "time to first token", "inter-token", "running / waiting"):
+        assert want in titles
+    # the acceptance length is 1 + accepted / drafts (tokens per target forward)
+    assert any("1 + " in e and "num_accepted_tokens_total" in e and "num_drafts_total" in e for e in exprs)
+    ids = [p["id"] for p in dashboard["panels"]]
+    assert len(ids) == len(set(ids))
