@@ -3,11 +3,8 @@ short real run of the Locust driver against the real service app (tiny random ta
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -171,37 +168,16 @@ def test_prompt_mix_is_deterministic_and_round_trips(tmp_path):
 
 # --------------------------------------------------------------------------- real run
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def tiny_server():
-    """The real service app (service/app.py) on a tiny random target, served by uvicorn."""
-    import uvicorn
-
-    from dflash_core.api import build_engine
-    from dflash_core.engine import EngineConfig
-    from service.app import Server, build_app
+    """The real service app (service/app.py) on a tiny random target, in this process."""
     from service.config import ServiceConfig
+    from service.local import LocalServer
 
     cfg = ServiceConfig(target="tiny-random", drafter="random", max_slots=4, max_seq_len=512, block_size=8,
                         block_size_schedule=None)
-    engine, tok = build_engine("tiny-random", drafter="random",
-                               config=EngineConfig(max_slots=4, max_seq_len=512, block_size=8))
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(Server(cfg, engine, tok)), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "uvicorn failed to start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", cfg.served_model_name
-    server.should_exit = True
-    thread.join(timeout=60)
+    with LocalServer(cfg) as srv:
+        yield srv.url, cfg.served_model_name
 
 
 def test_driver_runs_locust_on_and_off_against_the_real_service(tiny_server, tmp_path):
@@ -239,8 +215,10 @@ def test_driver_runs_locust_on_and_off_against_the_real_service(tiny_server, tmp
 
 
 def test_driver_reports_an_unreachable_server_in_one_line(tmp_path):
+    from service.local import free_port
+
     proc = subprocess.run(
-        [sys.executable, "-m", "loadtest.run", "--host", f"http://127.0.0.1:{_free_port()}",
+        [sys.executable, "-m", "loadtest.run", "--host", f"http://127.0.0.1:{free_port()}",
          "--server-timeout-s", "1", "--out", str(tmp_path)],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
