@@ -190,7 +190,12 @@ def build_app(server: Server) -> FastAPI:
             reason = server.loop.dead_reason or "not running"
             return JSONResponse(P.error_body(f"engine loop is dead: {reason}", "server_error",
                                              code="engine_dead"), status_code=503)
-        return {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight}
+        body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight}
+        backend = server.engine.draft_backend
+        if hasattr(backend, "num_connects"):   # disaggregated: the drafter link
+            body["drafter"] = {"connected": backend.connected, "num_connects": backend.num_connects,
+                               "num_failed_steps": backend.num_failed_steps}
+        return body
 
     @app.get("/metrics")
     async def metrics():

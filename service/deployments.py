@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -53,7 +54,7 @@ class DFlashDrafter:
 
     def stats(self) -> dict:
         return {"generation": self.server.generation, "num_steps": self.server.num_steps,
-                "serving": self.server.serving}
+                "serving": self.server.serving, "pid": os.getpid()}
 
 
 @serve.deployment(name="DFlashServer", num_replicas=1, health_check_period_s=5, health_check_timeout_s=30)

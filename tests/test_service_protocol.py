@@ -1,0 +1,112 @@
+"""Pieces of the service that need no engine: detokenization with stop strings, request
+parsing, configuration."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from dflash_core.api import load_tokenizer
+from service import protocol as P
+from service.config import ServiceConfig, parse_schedule
+from service.detokenize import IncrementalDetokenizer, decode_text
+
+TEXT = ("Héllo wörld! Here is some code:\n```python\ndef f(x):\n    return x ** 2  # 🤖 squares\n```\n"
+        "日本語のテキスト and more text, with   spaces.\t<|im_end|> trailing")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("default")
+
+
+def feed(tok, ids, stops=(), seed=0):
+    """Feed ids in random chunks; -> (released text, detokenizer)."""
+    rng = random.Random(seed)
+    d = IncrementalDetokenizer(tok, list(stops))
+    out, i = [], 0
+    while i < len(ids):
+        n = rng.randint(1, 4)
+        chunk = ids[i:i + n]
+        i += n
+        out.append(d.add(chunk, finished=i >= len(ids)))
+        if d.stopped:
+            break
+    return "".join(out), d
+
+
+def test_any_chunking_gives_the_full_decode(tok):
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    want = decode_text(tok, ids)
+    assert "🤖" in want and "日本語" in want and "<|im_end|>" not in want   # special tokens skipped
+    for seed in range(5):
+        text, d = feed(tok, ids, seed=seed)
+        assert text == want
+        assert d.num_tokens_used == len(ids)
+
+
+def test_random_token_ids_including_partial_utf8(tok):
+    rng = random.Random(1)
+    ids = [rng.randrange(tok.vocab_size) for _ in range(300)]
+    text, _ = feed(tok, ids, seed=3)
+    assert text == decode_text(tok, ids)
+
+
+@pytest.mark.parametrize("stop", ["return", "x ** 2", "```\n日本", "🤖", "more text"])
+def test_stop_string_cuts_before_first_occurrence(tok, stop):
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    full = decode_text(tok, ids)
+    for seed in range(3):
+        text, d = feed(tok, ids, stops=[stop, "never-there"], seed=seed)
+        assert d.stopped
+        assert text == full[:full.index(stop)]
+        # the tokens used are the shortest prefix whose text contains the stop string
+        used = d.num_tokens_used
+        assert stop in decode_text(tok, ids[:used]) and stop not in decode_text(tok, ids[:used - 1])
+
+
+def test_text_that_may_start_a_stop_string_is_held_back(tok):
+    d = IncrementalDetokenizer(tok, ["STOP!"])
+    ids = tok("abc ST", add_special_tokens=False)["input_ids"]
+    released = d.add(ids, finished=False)
+    assert released == "abc "          # "ST" could become "STOP!"
+    more = tok("OX", add_special_tokens=False)["input_ids"]
+    assert d.add(more, finished=True) == "STOX"   # finished: nothing to hold any more
+    assert not d.stopped
+
+
+def test_parse_request_types_and_unsupported_fields():
+    ok = P.parse_request(P.CompletionRequest, b'{"model": "m", "prompt": ["only one"], "stop": "x", "n": 1}')
+    assert ok.prompt == "only one" and ok.stop_strings == ["x"] and ok.max_tokens == 16
+    cases = {
+        b'{"model": "m", "prompt": "p", "max_tokens": "5"}': "max_tokens",
+        b'{"model": "m", "prompt": "p", "stream": "true"}': "stream",
+        b'{"model": "m", "prompt": "p", "logit_bias": {"1": 5}}': "logit_bias",
+        b'{"model": "m", "prompt": "p", "top_k": -2}': "top_k",
+        b'{"model": "m", "prompt": "p", "stop": [""]}': "stop",
+        b'{"model": "m", "prompt": []}': "prompt",
+    }
+    for body, param in cases.items():
+        with pytest.raises(P.APIError) as e:
+            P.parse_request(P.CompletionRequest, body)
+        assert e.value.status == 400 and e.value.param == param, (body, e.value.body())
+    # "off" values of unsupported features are accepted (clients send them by default)
+    r = P.parse_request(P.ChatCompletionRequest, b'{"model": "m", "messages": [{"role": "user", "content": '
+                                                  b'[{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],'
+                                                  b' "logprobs": false, "presence_penalty": 0, "tools": null}')
+    assert r.messages[0].text() == "ab"
+
+
+def test_config_from_dict_and_schedule():
+    cfg = ServiceConfig.from_dict({"target": "tiny-random", "max_seq_len": 128,
+                                   "block_size_schedule": "1:16, 4:8, inf:1"})
+    assert cfg.block_size_schedule == [(1, 16), (4, 8), (1 << 30, 1)]
+    assert cfg.max_prompt_tokens == 127 and cfg.max_tokens_limit == 128
+    assert ServiceConfig.from_dict(cfg.to_dict()) == cfg
+    assert parse_schedule("none") is None and parse_schedule([[2, 4], [1, 8]]) == [(1, 8), (2, 4)]
+    with pytest.raises(ValueError, match="unknown service option"):
+        ServiceConfig.from_dict({"max_slot": 3})
+    for bad in ({"placement": "remote"}, {"max_slots": 0}, {"block_size_schedule": "1-16"},
+                {"dtype": "int8"}, {"max_prompt_tokens": 5000}):
+        with pytest.raises(ValueError):
+            ServiceConfig(**bad)
