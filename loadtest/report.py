@@ -176,7 +176,7 @@ def _f(x, digits: int = 1) -> str:
 def render_markdown(report: dict) -> str:
     cfg = report["config"]
     lines = [
-        "## Load test",
+        "### Load test: speculation on vs off",
         "",
         f"- command: `{cfg.get('command', '')}`",
         f"- server: {cfg.get('host')} model `{cfg.get('model')}`, api {cfg.get('api')}, "
@@ -209,6 +209,13 @@ def render_markdown(report: dict) -> str:
             same_s = f"{same['identical']}/{same['compared']}" if same else "-"
             lines.append(f"| {row['concurrency']} | {_f(row['output_tokens_per_s_on'])} "
                          f"| {_f(row['output_tokens_per_s_off'])} | {_f(row['speedup'], 2)}x | {same_s} |")
+    per_pos = [(r["concurrency"], (r.get("server") or {}).get("acceptance_rate_per_position") or [])
+               for r in report["runs"] if r["mode"] == "on"]
+    per_pos = [(c, rates) for c, rates in per_pos if rates]
+    if per_pos:
+        lines += ["", "Share of drafts accepted at draft position k = 0, 1, ... (server counters):", ""]
+        for c, rates in per_pos:
+            lines.append(f"- concurrency {c}: " + " ".join(f"{x:.2f}" for x in rates))
     errors = sorted({e for r in report["runs"] for e in r["client"]["errors"]})
     if errors:
         lines += ["", "Errors seen: " + "; ".join(errors)]
