@@ -106,7 +106,7 @@ def build_engine(target: str = "default", drafter="default", config: EngineConfi
     """-> (SpecEngine, tokenizer). Raises ModelLoadError (user-facing message) on bad specs."""
     config = config or EngineConfig()
     if target == "tiny-random":
-        model = tiny_random_target().to(device, dtype)
+        model = tiny_random_target().to(device, dtype).pack_weights()
     else:
         model = load_target(target, device=device, dtype=dtype)
     tok = load_tokenizer(target) if tokenizer else None

@@ -35,6 +35,13 @@ def block_attention(
     R, H, T, D = q.shape
     Hkv = k_cache.shape[1]
     max_ctx = int(ctx_lens.max().item()) if R > 0 else 0
+    if R == 1 and (T == 1 or not causal):
+        # one row needing no mask (decode, or the drafter's bidirectional block): plain
+        # SDPA on a view of the slot; ~10% faster per decode step than the path below
+        s, n = int(slots[0]), int(ctx_lens[0])
+        k = torch.cat([k_cache[s, :, :n].to(q.dtype), k_block[0]], dim=1)[None]
+        v = torch.cat([v_cache[s, :, :n].to(q.dtype), v_block[0]], dim=1)[None]
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=H != Hkv)
     if 0 < T <= 32 and max_ctx > 0:
         return _block_attention_short(q, k_cache, v_cache, slots, ctx_lens, k_block, v_block, causal, scale, max_ctx)
     kc = k_cache[slots, :, :max_ctx]  # [R, Hkv, C, D]

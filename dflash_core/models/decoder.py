@@ -33,8 +33,7 @@ class DecoderLayer(nn.Module):
         # x: [R, T, hidden]; cos/sin: [R, T, D]; positions: [R, T]
         attn = self.self_attn
         h = self.input_layernorm(x)
-        q = attn.project_q(h, cos, sin)          # [R, H, T, D]
-        k, v = attn.project_kv(h, cos, sin)      # [R, Hkv, T, D]
+        q, k, v = attn.project_qkv(h, cos, sin)  # [R, H, T, D], [R, Hkv, T, D] x 2
         o = kernels.block_attention(q, k_cache, v_cache, slots, cache_lens, k, v, True, attn.scale)
         # append: cache[slot, :, pos] = k  (index [R,1] x [R,T] -> [R, T, Hkv, D])
         k_cache[slots[:, None], :, positions] = k.transpose(1, 2).to(k_cache.dtype)
@@ -99,6 +98,14 @@ class Decoder(nn.Module):
                 want[i] = x
         feats = torch.cat([want[l] for l in capture_layers], dim=-1) if capture_layers else None
         return self.norm(x), feats
+
+    def pack_weights(self) -> "Decoder":
+        """Pack q/k/v and gate/up weights per layer for inference (fewer, larger matmuls).
+        Call after moving the model to its device and dtype."""
+        for layer in self.layers:
+            layer.self_attn.pack()
+            layer.mlp.pack()
+        return self
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:
         """Load a HF-named state dict (`model.layers.N...`, `lm_head.weight`)."""

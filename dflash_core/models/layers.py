@@ -20,8 +20,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # y = x / sqrt(mean(x^2) + eps) * w, computed in fp32 like HF
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        if x.dtype == torch.float32:  # (F.rms_norm measured slower on CPU for decode shapes)
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
@@ -32,8 +32,23 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, inter, bias=False)
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
+    _gate_up = None  # packed [2*inter, hidden] weight once `pack()` ran (inference only)
+
+    def pack(self) -> None:
+        """Pack gate/up into one weight (one matmul per step instead of two); the two
+        parameters become views into it, so state_dict and in-place loads still work.
+        Inference only: the forward then bypasses the parameters (no gradients)."""
+        if self._gate_up is None:
+            w = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+            n = self.gate_proj.weight.shape[0]
+            self.gate_proj.weight.data, self.up_proj.weight.data = w[:n], w[n:]
+            self._gate_up = w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # down(silu(gate(x)) * up(x))
+        if self._gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -103,6 +118,38 @@ class AttentionProj(nn.Module):
         else:
             self.q_norm = self.k_norm = None
         self.scale = head_dim ** -0.5
+
+    _qkv_w = None  # packed q/k/v weight [(H+2Hkv)*D, hidden] (and bias) after `pack()`
+    _qkv_b = None
+
+    def pack(self) -> None:
+        """Pack q/k/v into one weight (see GatedMLP.pack); inference only."""
+        if self._qkv_w is not None:
+            return
+        lin = (self.q_proj, self.k_proj, self.v_proj)
+        w = torch.cat([l.weight.data for l in lin])
+        sizes = [l.weight.shape[0] for l in lin]
+        for l, part in zip(lin, w.split(sizes)):
+            l.weight.data = part
+        if self.q_proj.bias is not None:
+            b = torch.cat([l.bias.data for l in lin])
+            for l, part in zip(lin, b.split(sizes)):
+                l.bias.data = part
+            self._qkv_b = b
+        self._qkv_w = w
+
+    def project_qkv(self, x, cos, sin):
+        """x [R, T, hidden] -> q [R, H, T, D], k, v [R, Hkv, T, D] (RoPE on q, k)."""
+        if self._qkv_w is None or torch.is_grad_enabled():
+            return (self.project_q(x, cos, sin),) + self.project_kv(x, cos, sin)
+        R, T, _ = x.shape
+        H, Hkv, D = self.heads, self.kv_heads, self.head_dim
+        q, k, v = F.linear(x, self._qkv_w, self._qkv_b).split([H * D, Hkv * D, Hkv * D], dim=-1)
+        q, k, v = q.view(R, T, H, D), k.view(R, T, Hkv, D), v.view(R, T, Hkv, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        qk = kernels.apply_rope(torch.cat([q, k], dim=2), cos[:, :, None], sin[:, :, None])  # one RoPE pass
+        return qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)
 
     def project_q(self, x, cos, sin):
         """x [R, T, hidden], cos/sin [R, T, D] -> q [R, H, T, D] with RoPE."""

@@ -116,7 +116,7 @@ def load_target(spec: str = "default", device="cpu", dtype=torch.float32) -> Dec
     model.rotary._build(model.rotary.cos.shape[0], device="cpu")
     sd = read_state_dict(folder)
     model.load_hf_state_dict({k: v.to(dtype) for k, v in sd.items()})
-    return model.to(device=device, dtype=dtype).eval()
+    return model.to(device=device, dtype=dtype).eval().pack_weights()
 
 
 def load_tokenizer(spec: str = "default"):
