@@ -441,3 +441,24 @@ def test_official_openai_client(srv, tok):
     assert "logprobs" in str(e.value)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=4)
+
+
+def test_graceful_shutdown_ends_running_streams_cleanly(tok):
+    s = start_server(tok, max_slots=2, max_seq_len=2048)
+    try:
+        long = {"model": MODEL, "prompt": "a long story", "max_tokens": 1500, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", s.url + "/v1/completions", json=long, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            # shutdown with no grace: running streams end with finish_reason "abort" and [DONE]
+            stopper = threading.Thread(target=s.server.shutdown, args=(0.0,))
+            stopper.start()
+            rest = [ln for ln in lines if ln.startswith("data: ")]
+            stopper.join()
+        assert rest[-1] == "data: [DONE]"
+        assert json.loads(rest[-2][6:])["choices"][0]["finish_reason"] == "abort"
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert assert_openai_error(r, 503)["code"] == "unavailable"
+    finally:
+        s.stop()

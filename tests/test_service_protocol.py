@@ -110,3 +110,19 @@ def test_config_from_dict_and_schedule():
                 {"dtype": "int8"}, {"max_prompt_tokens": 5000}):
         with pytest.raises(ValueError):
             ServiceConfig(**bad)
+
+
+@pytest.mark.parametrize("argv, code, needle", [
+    (["--placement", "sideways"], 2, "placement"),
+    (["--max-slots", "0"], 2, "max_slots"),
+    (["--port", "70000"], 2, "port"),
+    (["--block-size-schedule", "1-16"], 2, "MAX_RUNNING:BLOCK_SIZE"),
+    (["--target", "/no/such/model"], 1, "unknown model"),
+    (["--drafter", "/no/such/drafter", "--target", "tiny-random"], 2, "drafter"),
+    (["--runtime", "uvicorn", "--placement", "disaggregated", "--target", "tiny-random"], 2, "colocated only"),
+])
+def test_cli_bad_options_one_line_and_exit_code(capsys, argv, code, needle):
+    from service.cli import main
+    assert main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and "Traceback" not in err

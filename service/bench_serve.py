@@ -1,0 +1,201 @@
+"""Serving benchmark: served tokens/s, TTFT and ITL through the HTTP API.
+
+    python -m service.bench_serve                      # concurrency 1,4,16 x speculation on/off
+    python -m service.bench_serve --sweep              # block sizes 1,4,8,16 x concurrency 1,2,4,8
+    python -m service.bench_serve --url http://host:8000 --model NAME   # an already running server
+
+Without --url each configuration gets its own server process (`python -m service.cli
+--runtime uvicorn`, colocated), so client threads never share the server's GIL. Requests
+are streaming chat completions over held-out ShareGPT prompts and HumanEval prompts
+(alternating), greedy, `max_tokens` fixed, `ignore_eos` so every request generates the same
+number of tokens. Speculation on/off is the per-request `"speculative"` switch, both
+measured against the same server in one run. Per level: tokens/s = completion tokens of all
+requests / wall time; TTFT = send -> first content chunk; ITL = gap between chunks divided
+by the tokens in the chunk (per token); means and p50/p90 over requests/tokens.
+Prints a table and, last, one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+
+from .local import free_port
+
+
+def bench_prompts(n: int, max_chars: int = 600) -> list[str]:
+    from dflash_core.training.prompts import load_humaneval_prompts, load_sharegpt_prompts
+    share = [p.text for p in load_sharegpt_prompts() if p.split == "holdout" and len(p.text) <= max_chars]
+    human = [p.text for p in load_humaneval_prompts() if len(p.text) <= max_chars]
+    out = []
+    for i in range(n):
+        src = share if i % 2 == 0 else human
+        out.append(src[(i // 2) % len(src)])
+    return out
+
+
+class ServerProcess:
+    def __init__(self, args: list[str], env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "service.cli", "--runtime", "uvicorn", "--port", str(self.port),
+               "--log-level", "WARNING"] + args
+        self.proc = subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True)
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("server did not become ready")
+
+    def model(self) -> str:
+        return httpx.get(self.url + "/v1/models").json()["data"][0]["id"]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def one_request(url: str, model: str, prompt: str, max_tokens: int, speculative: bool) -> dict:
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, "ignore_eos": True, "stream": True, "return_token_ids": True,
+            "speculative": speculative, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, last, itl, usage = None, None, [], None
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=3600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.read()[:300]}")
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            ev = json.loads(line[6:])
+            if ev.get("usage"):
+                usage = ev["usage"]
+            n = sum(len(c.get("token_ids") or []) for c in ev.get("choices", []))
+            if n == 0:
+                continue
+            now = time.perf_counter()
+            if first is None:
+                first = now
+            else:
+                itl.extend([(now - last) / n] * n)
+            last = now
+    return {"ttft_s": first - t0, "itl_s": itl, "e2e_s": time.perf_counter() - t0,
+            "tokens": usage["completion_tokens"], "tau": usage["mean_acceptance_length"]}
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+              speculative: bool) -> dict:
+    one_request(url, model, prompts[0], 4, speculative)   # warm-up
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as ex:
+        res = list(ex.map(lambda p: one_request(url, model, p, max_tokens, speculative), prompts))
+    wall = time.perf_counter() - t0
+    ttft = [r["ttft_s"] for r in res]
+    itl = [x for r in res for x in r["itl_s"]]
+    tokens = sum(r["tokens"] for r in res)
+    return {"concurrency": concurrency, "speculative": speculative, "requests": len(res), "tokens": tokens,
+            "wall_s": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "ttft_mean_ms": round(1000 * statistics.mean(ttft), 1), "ttft_p50_ms": round(1000 * _pct(ttft, 0.5), 1),
+            "ttft_p90_ms": round(1000 * _pct(ttft, 0.9), 1),
+            "itl_mean_ms": round(1000 * statistics.mean(itl), 2) if itl else None,
+            "itl_p50_ms": round(1000 * _pct(itl, 0.5), 2), "itl_p90_ms": round(1000 * _pct(itl, 0.9), 2),
+            "mean_acceptance_length": round(statistics.mean(r["tau"] for r in res), 3)}
+
+
+def requests_for(concurrency: int, per_client: int) -> int:
+    return max(4, concurrency * per_client)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m service.bench_serve", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--drafter", default="default")
+    ap.add_argument("--max-slots", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--per-client", type=int, default=2, help="requests per concurrent client")
+    ap.add_argument("--concurrency", default=None, help="comma list (default 1,4,16; sweep 1,2,4,8)")
+    ap.add_argument("--sweep", action="store_true", help="fixed block sizes (1,4,8,16) x concurrency")
+    ap.add_argument("--block-sizes", default="1,4,8,16")
+    ap.add_argument("--server-args", default="", help="extra `dflash serve` options")
+    ap.add_argument("--out", default=None, help="write the JSON result here too")
+    a = ap.parse_args(argv)
+    conc = [int(x) for x in (a.concurrency or ("1,2,4,8" if a.sweep else "1,4,16")).split(",")]
+    prompts = bench_prompts(max(requests_for(c, a.per_client) for c in conc))
+    base = ["--target", a.target, "--drafter", a.drafter, "--max-slots", str(a.max_slots)] + a.server_args.split()
+    rows = []
+    load0 = os.getloadavg()
+
+    def levels(url, model, spec_modes, extra):
+        for c in conc:
+            for spec in spec_modes:
+                r = run_level(url, model, prompts[:requests_for(c, a.per_client)], c, a.max_tokens, spec)
+                r.update(extra)
+                rows.append(r)
+                print(f"  {json.dumps(r)}", flush=True)
+
+    if a.sweep:
+        for b in [int(x) for x in a.block_sizes.split(",")]:
+            srv = ServerProcess(base + ["--block-size", str(b), "--block-size-schedule", "none"])
+            try:
+                srv.wait_ready()
+                print(f"block size {b}: {srv.url}", flush=True)
+                levels(srv.url, srv.model(), [b > 1], {"block_size": b})
+            finally:
+                srv.stop()
+    elif a.url:
+        levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {})
+    else:
+        srv = ServerProcess(base)
+        try:
+            srv.wait_ready()
+            levels(srv.url, srv.model(), [True, False], {})
+        finally:
+            srv.stop()
+
+    # table
+    print()
+    key = "block_size" if a.sweep else "speculative"
+    print(f"{'conc':>4} {key:>11} {'tok/s':>8} {'TTFT p50 ms':>11} {'TTFT p90 ms':>11} {'ITL p50 ms':>10} "
+          f"{'ITL mean ms':>11} {'tau':>6}")
+    for r in rows:
+        print(f"{r['concurrency']:>4} {str(r[key]):>11} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>11} "
+              f"{r['ttft_p90_ms']:>11} {r['itl_p50_ms']:>10} {r['itl_mean_ms']:>11} {r['mean_acceptance_length']:>6}")
+    result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
+              "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],
+              "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
