@@ -60,6 +60,11 @@ class DrafterConfig:
     rope_scaling: dict | None = None
     max_position_embeddings: int = 8192
     extra: dict = field(default_factory=dict, repr=False)
+    # Optional drafting vocabulary (this project's extension, stored beside the public
+    # files as draft_vocab.json): drafts are argmax/samples over these target tokens only,
+    # so the drafter's LM-head cost shrinks by V / len(draft_vocab). Lossless either way:
+    # the target verifies every draft, and under rejection sampling q is simply 0 outside.
+    draft_vocab: list[int] | None = field(default=None, repr=False)
 
     def __post_init__(self):
         if self.block_size < 2:
@@ -172,6 +177,8 @@ class DFlashDrafter(nn.Module):
         cfg["torch_dtype"] = str(dtype or self.fc.weight.dtype).replace("torch.", "")
         save_file(sd, str(folder / "model.safetensors.tmp"))
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+        if self.config.draft_vocab:
+            (folder / "draft_vocab.json").write_text(json.dumps(list(self.config.draft_vocab)))
         (folder / "model.safetensors.tmp").replace(folder / "model.safetensors")
 
     @classmethod
@@ -181,6 +188,8 @@ class DFlashDrafter(nn.Module):
         if not (folder / "config.json").exists():
             raise ValueError(f"drafter folder {folder} has no config.json")
         cfg = DrafterConfig.from_json(json.loads((folder / "config.json").read_text()))
+        if (folder / "draft_vocab.json").exists():
+            cfg.draft_vocab = [int(t) for t in json.loads((folder / "draft_vocab.json").read_text())]
         m = cls(cfg)
         sd = read_state_dict(folder)
         missing, unexpected = m.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
@@ -291,3 +300,14 @@ class LocalDraftBackend:
 
     def free(self, slot: int) -> None:
         self.cache.lens[slot] = 0
+
+
+def build_draft_vocab(token_lists, size: int, always: tuple[int, ...] = ()) -> list[int]:
+    """The `size` most frequent token ids in `token_lists` (e.g. the target's own
+    responses), plus `always` (EOS...), sorted. Ties break towards the smaller id."""
+    counts: dict[int, int] = {}
+    for toks in token_lists:
+        for t in toks:
+            counts[int(t)] = counts.get(int(t), 0) + 1
+    top = sorted(counts, key=lambda t: (-counts[t], t))[:size]
+    return sorted(set(top) | {int(t) for t in always})

@@ -166,6 +166,14 @@ class SpecEngine:
         else:
             self.mask_token_id, self.target_layer_ids, self.drafter_block_size = None, [], 1
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
+        # drafting vocabulary: the LM-head rows the drafts are chosen from (all if None)
+        vocab = getattr(getattr(draft_backend, "config", None), "draft_vocab", None)
+        self.draft_vocab = torch.tensor(sorted(set(vocab)), dtype=torch.int64) if vocab else None
+        if self.draft_vocab is not None:
+            if int(self.draft_vocab.max()) >= target.config.vocab_size or int(self.draft_vocab.min()) < 0:
+                raise ValueError("draft_vocab has ids outside the target vocabulary")
+            w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
+            self._draft_head = w.detach()[self.draft_vocab.to(w.device)].contiguous()   # [N, hidden]
         self.vocab_size = target.config.vocab_size
         self.capacity = self.config.max_seq_len + max(self.drafter_block_size, self.config.block_size) + 1
         self.cache = target.new_cache(self.config.max_slots, self.capacity)
@@ -400,17 +408,25 @@ class SpecEngine:
         block_emb = self.target.embed(ids.to(self.target.device))                 # [R, B, hidden]
         block_pos = start[:, None] + torch.arange(B)[None]                       # [R, B]
         hidden = self.draft_backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)
-        logits = self.target.logits(hidden[:, 1:b].to(self.target.device, self.target.dtype))  # [R, b-1, V]
-        tokens = logits.argmax(-1).cpu()
+        h = hidden[:, 1:b].to(self.target.device, self.target.dtype)
+        if self.draft_vocab is None:
+            logits = self.target.logits(h)                                       # [R, b-1, V]
+            tokens = logits.argmax(-1).cpu()
+        else:  # logits over the drafting vocabulary only: [R, b-1, N]
+            logits = torch.nn.functional.linear(h, self._draft_head).float()
+            tokens = self.draft_vocab[logits.argmax(-1).cpu()]
         probs = None
         if any(not s.params.greedy for s in rows):
-            probs = torch.zeros(R, b - 1, logits.shape[-1])
+            V = self.vocab_size
+            probs = torch.zeros(R, b - 1, V)
             for r, s in enumerate(rows):
                 if s.params.greedy:
                     continue
                 p = s.params
-                q = warp_probs(logits[r], p.temperature, p.top_k, p.top_p)          # [b-1, V]
-                probs[r] = q.cpu()
+                q = warp_probs(logits[r], p.temperature, p.top_k, p.top_p).cpu()    # [b-1, V or N]
+                if self.draft_vocab is not None:   # q is 0 outside the drafting vocabulary
+                    q = torch.zeros(b - 1, V).index_copy_(1, self.draft_vocab, q)
+                probs[r] = q
                 tokens[r] = kernels.sample_from_probs(q, self._uniforms([s], b - 1)[0])
         return tokens, probs
 

@@ -102,6 +102,12 @@ def test_public_format_loads_and_round_trips(tmp_path):
     from safetensors import safe_open
     with safe_open(str(tmp_path / "resaved" / "model.safetensors"), "pt") as f:
         assert set(f.keys()) == set(sd)
+    # the optional drafting vocabulary travels beside the public files
+    d.config.draft_vocab = [1, 5, 9]
+    d.save(tmp_path / "with-vocab")
+    assert DFlashDrafter.load(tmp_path / "with-vocab").config.draft_vocab == [1, 5, 9]
+    assert "draft_vocab" not in json.loads((tmp_path / "with-vocab" / "config.json").read_text())
+    d.config.draft_vocab = None
     # a bf16 save keeps the published dtype
     d.save(tmp_path / "bf16", dtype=torch.bfloat16)
     with safe_open(str(tmp_path / "bf16" / "model.safetensors"), "pt") as f:

@@ -17,12 +17,14 @@ from dflash_core.sampling import SamplingParams, warp_probs
 PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023))]
 
 
-def make_engine(target, block_size=8, drafter=True, max_slots=4, max_seq_len=160, schedule=None, seed=0, eos=()):
+def make_engine(target, block_size=8, drafter=True, max_slots=4, max_seq_len=160, schedule=None, seed=0, eos=(),
+                draft_vocab=None):
     cfg = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, block_size=block_size, block_size_schedule=schedule)
     backend = None
     if drafter:
         d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=3,
                                       num_features=2, seed=seed)
+        d.config.draft_vocab = draft_vocab
         backend = LocalDraftBackend(d, max_slots, max_seq_len + block_size + 1)
     return SpecEngine(target, backend, cfg, eos_token_ids=eos)
 
@@ -118,6 +120,18 @@ def test_every_acceptance_length_is_exact(target, block_size):
         assert o.stats.num_accepted_tokens == sum(o.stats.acceptance_lengths) - len(o.stats.acceptance_lengths)
         assert o.stats.accepted_per_position[0] >= o.stats.accepted_per_position[-1] > 0
     assert backend.violations == 0 and not backend.context  # context exact; all slots freed
+
+
+def test_greedy_with_a_drafting_vocabulary(target):
+    """Drafts restricted to a sub-vocabulary (half of it the reference's own tokens)."""
+    from dflash_core.drafter import build_draft_vocab
+    n = 30
+    ref = [naive_greedy(target, p, n) for p in PROMPTS]
+    vocab = build_draft_vocab([r[::2] for r in ref], size=40, always=(0,))
+    eng = make_engine(target, block_size=8, draft_vocab=vocab)
+    out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    assert [o.token_ids for o in out] == ref
+    assert eng.draft_vocab.numel() == len(vocab) <= 41
 
 
 def test_greedy_batch_mixes_speculative_and_plain_rows(target):
@@ -246,8 +260,9 @@ def sample_many(eng, prompt, n, length, **kw):
     return counts
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 4, 0.9)])
-def test_speculative_sampling_matches_target_distribution(temperature, top_k, top_p):
+@pytest.mark.parametrize("temperature,top_k,top_p,draft_vocab", [(1.0, 0, 1.0, None), (0.7, 4, 0.9, None),
+                                                                 (1.0, 0, 1.0, [0, 2, 3, 5])])
+def test_speculative_sampling_matches_target_distribution(temperature, top_k, top_p, draft_vocab):
     """3-token continuations on a 6-token vocabulary: the first token comes from the
     prefill, the next two from one speculative step (accept / residual / bonus paths).
     4000 samples; the test fails if the chi-square p-value < 0.001 (alpha = 0.1%)."""
@@ -258,7 +273,7 @@ def test_speculative_sampling_matches_target_distribution(temperature, top_k, to
     probs = exact_joint(target, prompt, length, temperature, top_k, top_p)
     assert abs(sum(probs.values()) - 1) < 1e-4
     assert sum(p >= 5 / n for p in probs.values()) >= 20  # many cells with real mass
-    eng = make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5)
+    eng = make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5, draft_vocab=draft_vocab)
     counts = sample_many(eng, prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p)
     p_value = chi_square_pvalue(counts, probs, n)
     assert p_value > 1e-3, p_value
@@ -267,7 +282,8 @@ def test_speculative_sampling_matches_target_distribution(temperature, top_k, to
     orig = kernels.rejection_accept
     try:
         kernels.rejection_accept = lambda d, tp, dp, ua, us: orig(d, tp, dp, torch.zeros_like(ua), us)
-        bad = sample_many(make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5),
+        bad = sample_many(make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5,
+                                      draft_vocab=draft_vocab),
                           prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p)
     finally:
         kernels.rejection_accept = orig
