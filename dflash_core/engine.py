@@ -366,10 +366,9 @@ class SpecEngine:
         # 4) verify: [anchor, d_1 .. d_{b-1}] at positions start .. start+b-1
         block = torch.cat([anchors[:, None], draft_tokens], 1)          # [R, b]
         capture = self.target_layer_ids if self.speculative else ()
-        hidden, feats = self.target(block, self.cache, slots, start, capture)
-        logits = self.target.logits(hidden)                            # [R, b, V]
+        hidden, feats = self.target(block, self.cache, slots, start, capture)   # [R, b, hidden]
         # 5) accept
-        accept_len, next_tok = self._accept(rows, logits, draft_tokens, draft_probs)
+        accept_len, next_tok = self._accept(rows, hidden, draft_tokens, draft_probs)
         result = []
         acc = accept_len.tolist()
         nxt = next_tok.tolist()
@@ -430,8 +429,30 @@ class SpecEngine:
                 tokens[r] = kernels.sample_from_probs(q, self._uniforms([s], b - 1)[0])
         return tokens, probs
 
-    def _accept(self, rows, logits, draft_tokens, draft_probs):
-        """logits [R, b, V] of the target at the block positions.
+    VERIFY_HEAD_CHUNK = 4
+
+    def _greedy_targets(self, hidden: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+        """Target argmax tokens [R, b] at the block positions, computing the LM head (the
+        V x hidden matmul, a large share of a CPU verify) chunk by chunk and only for rows
+        whose drafts so far all matched; positions after a row's first mismatch are
+        never read by greedy_accept and are left at -1."""
+        R, b, _ = hidden.shape
+        out = torch.full((R, b), -1, dtype=torch.int64)
+        rows = torch.arange(R)
+        lo = 0
+        while lo < b and rows.numel():
+            hi = min(b, lo + self.VERIFY_HEAD_CHUNK if lo == 0 else b)
+            tok = self.target.logits(hidden[rows.to(hidden.device), lo:hi]).argmax(-1).cpu()   # [r, hi-lo]
+            out[rows, lo:hi] = tok
+            if hi >= b:
+                break
+            # rows whose drafts d_1..d_hi all equal the target's tokens need more positions
+            ok = (draft_tokens[rows, :hi] == out[rows, :hi]).all(dim=1)
+            rows, lo = rows[ok], hi
+        return out
+
+    def _accept(self, rows, hidden, draft_tokens, draft_probs):
+        """hidden [R, b, hidden] of the target at the block positions (logits = LM head).
         Greedy rows: accept the longest prefix with d_k == argmax p_k, then emit argmax at
         the first mismatch (or the bonus after the last draft): exactly the target's greedy
         output. Sampling rows: rejection sampling (kernels.rejection_accept):
@@ -440,20 +461,22 @@ class SpecEngine:
             if all b-1 drafts pass emit the bonus x ~ p_b.
         Each emitted token is then distributed exactly as the target's p given the
         prefix (Leviathan et al. 2023, Thm. 1), whatever q is."""
-        R, b, V = logits.shape
-        logits = logits.cpu()
+        R, b, _ = hidden.shape
+        V = self.vocab_size
         greedy_rows = [r for r, s in enumerate(rows) if s.params.greedy]
         accept_len = torch.zeros(R, dtype=torch.int64)
         next_tok = torch.zeros(R, dtype=torch.int64)
         if greedy_rows:
             g = torch.tensor(greedy_rows)
-            a, n = kernels.greedy_accept(draft_tokens[g], logits[g].argmax(-1))
+            a, n = kernels.greedy_accept(draft_tokens[g], self._greedy_targets(hidden[g.to(hidden.device)],
+                                                                               draft_tokens[g]))
             accept_len[g], next_tok[g] = a, n
         for r, s in enumerate(rows):
             if s.params.greedy:
                 continue
             p = s.params
-            target_probs = warp_probs(logits[r], p.temperature, p.top_k, p.top_p)[None]  # [1, b, V]
+            logits = self.target.logits(hidden[r]).cpu()                                 # [b, V]
+            target_probs = warp_probs(logits, p.temperature, p.top_k, p.top_p)[None]     # [1, b, V]
             dp = draft_probs[r:r + 1] if b > 1 else torch.zeros(1, 0, V)
             u = self._uniforms([s], b)                                     # [1, b]
             a, n = kernels.rejection_accept(draft_tokens[r:r + 1], target_probs, dp, u[:, :b - 1], u[:, b - 1])
