@@ -8,7 +8,7 @@ PORT    ?= 8000
 # sleeping OpenMP waiters: spinning ones collapse when processes share the 2 cores
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: install serve test bench clean lint
+.PHONY: install serve test bench loadtest clean lint
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -30,7 +30,12 @@ test: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/dflash bench
+	$(BIN)/dflash bench --verify-cost --vs-hf
+
+# against a running server (make serve in another shell): speculation on vs off
+loadtest: $(STAMP)
+	$(BIN)/python -m loadtest.run --host http://$(HOST):$(PORT) --concurrency 1,4,16 --duration 60s \
+		--max-tokens 64 --out loadtest/results/latest
 
 clean:
 	rm -rf $(VENV) build *.egg-info
