@@ -128,6 +128,38 @@ def _error_response(err: P.APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+class _GuardMiddleware:
+    def __init__(self, app, server: Server):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            return await self.app(scope, receive, send)
+        cfg, metrics = self.server.config, self.server.metrics
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        err = None
+        if cfg.api_key:
+            auth = headers.get("authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
+                err = P.APIError(401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
+                                 code="invalid_api_key")
+        length = headers.get("content-length", "")
+        if err is None and length.isdigit() and int(length) > MAX_BODY_BYTES:
+            err = P.APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large")
+        if err is not None:
+            metrics.on_http(err.status)
+            return await _error_response(err)(scope, receive, send)
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                metrics.on_http(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, send_counted)
+
+
 def build_app(server: Server) -> FastAPI:
     cfg = server.config
 
@@ -146,26 +178,9 @@ def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="dflash-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
 
-    # ---- middleware: auth, body size, request counts -----------------------------------
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        is_api = request.url.path.startswith("/v1/")
-        if is_api and cfg.api_key:
-            auth = request.headers.get("authorization", "")
-            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not hmac.compare_digest(token.encode(), cfg.api_key.encode()):
-                server.metrics.on_http(401)
-                return _error_response(P.APIError(
-                    401, "Incorrect or missing API key. Send 'Authorization: Bearer <key>'.",
-                    code="invalid_api_key"))
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            server.metrics.on_http(413)
-            return _error_response(P.APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large"))
-        response = await call_next(request)
-        if is_api:
-            server.metrics.on_http(response.status_code)
-        return response
+    # auth, body size, request counts: a plain ASGI middleware (Starlette's BaseHTTPMiddleware
+    # would hide client disconnects from the handlers)
+    app.add_middleware(_GuardMiddleware, server=server)
 
     @app.exception_handler(P.APIError)
     async def _api_error(request: Request, exc: P.APIError):
@@ -251,22 +266,28 @@ def build_app(server: Server) -> FastAPI:
     async def _collect(request: Request, stream, req, rid, created, chat, num_prompt_tokens):
         t0 = time.monotonic()
         text, token_ids = [], []
-        while True:
-            ev = await stream.next_event(_DISCONNECT_POLL_S)
-            if ev is None:
-                if await request.is_disconnected():
-                    server.loop.abort(rid)
-                    log_event(log, "request.disconnected", request_id=rid)
-                    return Response(status_code=499)
-                continue
-            if ev.error:
-                status, message, code = ev.error
-                raise P.APIError(status, message, type="server_error" if status >= 500 else "invalid_request_error",
-                                 code=code)
-            text.append(ev.text)
-            token_ids.extend(ev.token_ids)
-            if ev.finished:
-                break
+        next_check = time.monotonic() + _DISCONNECT_POLL_S
+        try:
+            while True:
+                ev = await stream.next_event(_DISCONNECT_POLL_S)
+                if time.monotonic() >= next_check:   # events may arrive faster than the poll period
+                    next_check = time.monotonic() + _DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        log_event(log, "request.disconnected", request_id=rid)
+                        return Response(status_code=499)
+                if ev is None:
+                    continue
+                if ev.error:
+                    status, message, code = ev.error
+                    raise P.APIError(status, message, code=code,
+                                     type="server_error" if status >= 500 else "invalid_request_error")
+                text.append(ev.text)
+                token_ids.extend(ev.token_ids)
+                if ev.finished:
+                    break
+        finally:
+            if not stream.finished:   # disconnected or cancelled (Ray Serve cancels on disconnect)
+                server.loop.abort(rid)
         _finish_log(rid, ev, t0)
         usage = P.usage_dict(num_prompt_tokens, ev.num_generated_tokens, ev.stats)
         ids = token_ids if req.return_token_ids else None
