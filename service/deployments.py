@@ -12,7 +12,8 @@ Placements (identical tokens; see service/transport.py):
   `DFlashDrafter` (the drafter, LocalDraftBackend behind a DrafterServer), each with
   fractional resources (`num_cpus`, `num_gpus`: 0.5 GPU each on CUDA). The ingress opens a
   TCPStore, passes its address to the drafter through a Serve handle call (`join`), and
-  both join a two-rank torch.distributed group (gloo on CPU, NCCL on GPU). If the drafter
+  both join a two-rank torch.distributed group (gloo on CPU, NCCL between two GPUs; two
+  replicas on one GPU use gloo with host staging: NCCL refuses two ranks per GPU). If the drafter
   replica restarts, the next step fails, and the ingress rebuilds the group with the new
   replica through the same handle.
 Metrics (/metrics), health (/health) and the OpenAI routes are all served by the ingress
@@ -31,7 +32,7 @@ from .app import Server, build_app as build_fastapi_app
 from .config import ServiceConfig
 from .engines import build_colocated, build_drafter_server, build_remote_target
 from .logs import setup_logging
-from .transport import comm_backend
+from .transport import comm_backend, device_id
 
 log = logging.getLogger("dflash.deploy")
 
@@ -47,6 +48,9 @@ class DFlashDrafter:
 
     def drafter_config(self) -> dict:
         return self.server.drafter.config.to_json()
+
+    def device_id(self) -> str:
+        return device_id(self.cfg.device)
 
     async def join(self, host: str, port: int, backend: str, timeout_s: float) -> int:
         # blocks until the target joined too: run it off the replica's event loop
@@ -70,7 +74,7 @@ class DFlashServer:
             if drafter is None:
                 raise ValueError("the disaggregated placement needs a DFlashDrafter deployment")
             drafter_config = await drafter.drafter_config.remote()
-            backend_name = comm_backend(cfg.device, cfg.transport_backend)
+            backend_name = comm_backend(cfg.device, cfg.transport_backend, await drafter.device_id.remote())
 
             def request_join(host: str, port: int):
                 # called on the engine-loop thread (never on this replica's event loop)
@@ -78,7 +82,7 @@ class DFlashServer:
                 return lambda: response.result(timeout_s=cfg.transport_timeout_s)
 
             engine, tokenizer, self.backend = await asyncio.to_thread(build_remote_target, cfg, drafter_config,
-                                                                      request_join)
+                                                                      request_join, backend_name)
             await asyncio.to_thread(self.backend.connect)
         else:
             engine, tokenizer = await asyncio.to_thread(build_colocated, cfg)

@@ -61,7 +61,7 @@ def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
     return DrafterServer(drafter, cfg.max_slots, cfg.max_seq_len + drafter.config.block_size + 1)
 
 
-def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join):
+def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, backend: str | None = None):
     """-> (SpecEngine, tokenizer, RemoteDraftBackend); the backend connects on first use
     (or call `.connect()`)."""
     dtype = torch_dtype(cfg)
@@ -69,6 +69,6 @@ def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join):
         load_target(cfg.target, device=cfg.device, dtype=dtype)
     tok = load_tokenizer(cfg.target)
     backend = RemoteDraftBackend(DrafterConfig.from_json(drafter_config), request_join, device=cfg.device,
-                                 backend=cfg.transport_backend, timeout_s=cfg.transport_timeout_s)
+                                 backend=backend or cfg.transport_backend, timeout_s=cfg.transport_timeout_s)
     engine = SpecEngine(model, backend, engine_config(cfg), eos_token_ids=eos_ids_of(cfg.target, tok))
     return engine, tok, backend

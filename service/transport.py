@@ -46,10 +46,22 @@ WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GROUP_TIMEOUT = timedelta(days=7)
 
 
-def comm_backend(device: str, requested: str = "auto") -> str:
+def comm_backend(device: str, requested: str = "auto", peer_device_id: str | None = None) -> str:
+    """gloo on CPU; NCCL between two different GPUs. NCCL refuses two ranks on one GPU
+    (the fractional-GPU case), so a peer on this very GPU gets gloo with host staging."""
     if requested != "auto":
         return requested
-    return "nccl" if str(device).startswith("cuda") else "gloo"
+    if not str(device).startswith("cuda"):
+        return "gloo"
+    return "gloo" if peer_device_id is not None and peer_device_id == device_id(device) else "nccl"
+
+
+def device_id(device: str) -> str:
+    """A physical identity of the device ("cpu", or the GPU's UUID)."""
+    if not str(device).startswith("cuda"):
+        return "cpu"
+    dev = torch.device(device)
+    return str(torch.cuda.get_device_properties(dev.index if dev.index is not None else 0).uuid)
 
 
 def transport_host() -> str:
@@ -80,6 +92,8 @@ class RemoteDraftBackend:
 
     def __init__(self, config, request_join, device: str = "cpu", backend: str = "auto",
                  timeout_s: float = 60.0, retry_interval_s: float = 5.0, host: str | None = None):
+        """request_join(host, port) -> wait(): makes the drafter side call DrafterServer.join;
+        backend: "gloo" | "nccl" (resolve "auto" with comm_backend first)."""
         self.config = config
         self.request_join = request_join
         self.device = torch.device(device)
