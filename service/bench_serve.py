@@ -127,6 +127,26 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_to
             "mean_acceptance_length": round(statistics.mean(r["tau"] for r in res), 3)}
 
 
+def pick_schedule(rows: list[dict]) -> list[tuple[int, int]]:
+    """Sweep rows -> (max_running, block_size) pairs: at each measured concurrency the block
+    size with the most served tokens/s (ties: the smaller block); the last pair covers any
+    larger batch; adjacent equal block sizes merge."""
+    best: dict[int, tuple[float, int]] = {}
+    for r in rows:
+        c, b, tps = r["concurrency"], r["block_size"], r["tokens_per_s"]
+        if c not in best or tps > best[c][0] or (tps == best[c][0] and b < best[c][1]):
+            best[c] = (tps, b)
+    pairs = [(c, best[c][1]) for c in sorted(best)]
+    pairs[-1] = (1 << 30, pairs[-1][1])
+    merged: list[tuple[int, int]] = []
+    for c, b in pairs:
+        if merged and merged[-1][1] == b:
+            merged[-1] = (c, b)
+        else:
+            merged.append((c, b))
+    return merged
+
+
 def requests_for(concurrency: int, per_client: int) -> int:
     return max(4, concurrency * per_client)
 
@@ -190,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
+    if a.sweep:
+        result["schedule"] = pick_schedule(rows)
+        print("picked schedule (max_running:block_size): " +
+              ",".join(f"{'inf' if c >= 1 << 30 else c}:{b}" for c, b in result["schedule"]))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

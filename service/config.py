@@ -9,11 +9,15 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-# Verified block size by number of running rows, measured on this project's 2-core CPU
-# reference machine (docs/BENCHMARKS.md, "Adaptive speculation schedule"): each pair is
-# (max_running, block_size); the first pair whose max_running >= running rows applies.
-# None as the schedule means "always block_size".
-DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1, 16), (2, 8), (4, 4), (1 << 30, 1))
+# Verified block size by number of running rows: pairs (max_running, block_size); the first
+# pair whose max_running >= running rows applies; None means "always block_size".
+# Measured on the 2-core CPU reference machine with the default target and the drafter
+# available at the time (docs/BENCHMARKS.md, "Serving": `python -m service.bench_serve
+# --sweep` prints the pick): plain decoding served the most tokens/s at every batch size
+# there (a 16-token verify costs ~3 one-token steps on that CPU; the drafter reached
+# tau ~1.1, below the measured break-even tau of 1.4-3.0). Re-pick it for a better drafter
+# or a GPU with the same command; `--block-size-schedule` / serve.yaml overrides it.
+DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1 << 30, 1),)
 
 PLACEMENTS = ("colocated", "disaggregated")
 
