@@ -44,6 +44,7 @@ WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The group itself never times out an idle drafter waiting for the next step; the target
 # side bounds each reply wait with its own timeout instead.
 _GROUP_TIMEOUT = timedelta(days=7)
+_READY_KEY = "dflash/drafter_ready"
 
 
 def comm_backend(device: str, requested: str = "auto", peer_device_id: str | None = None) -> str:
@@ -122,6 +123,10 @@ class RemoteDraftBackend:
             store = dist.TCPStore(host, 0, world_size=2, is_master=True,
                                   timeout=timedelta(seconds=self.timeout_s), wait_for_workers=False)
             wait_joined = self.request_join(host, store.port)
+            # the drafter marks the store before joining the group: wait for that mark with a
+            # bounded timeout, so an absent drafter fails here instead of blocking the group
+            # rendezvous (which runs under the long group timeout)
+            store.wait([_READY_KEY], timedelta(seconds=self.timeout_s))
             dist.init_process_group(self.backend, store=store, rank=0, world_size=2, timeout=_GROUP_TIMEOUT)
             wait_joined()
             self._store = store
@@ -223,6 +228,7 @@ class DrafterServer:
             _close_group()
             store = dist.TCPStore(host, int(port), world_size=2, is_master=False,
                                   timeout=timedelta(seconds=timeout_s))
+            store.set(_READY_KEY, "1")
             dist.init_process_group(backend, store=store, rank=1, world_size=2, timeout=_GROUP_TIMEOUT)
             self.backend.cache.lens.zero_()
             comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
