@@ -429,19 +429,21 @@ class SpecEngine:
                 tokens[r] = kernels.sample_from_probs(q, self._uniforms([s], b - 1)[0])
         return tokens, probs
 
-    VERIFY_HEAD_CHUNK = 4
+    VERIFY_HEAD_FIRST = 1  # positions of the first LM-head chunk; each next chunk doubles
 
     def _greedy_targets(self, hidden: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
         """Target argmax tokens [R, b] at the block positions, computing the LM head (the
-        V x hidden matmul, a large share of a CPU verify) chunk by chunk and only for rows
-        whose drafts so far all matched; positions after a row's first mismatch are
-        never read by greedy_accept and are left at -1."""
+        V x hidden matmul, a large share of a CPU verify: its cost grows with the number of
+        positions) in chunks of 1, 2, 4, ... positions and only for rows whose drafts so
+        far all matched, so a row pays for at most about 2 x (accepted + 1) positions.
+        Positions after a row's first mismatch are never read by greedy_accept (-1)."""
         R, b, _ = hidden.shape
         out = torch.full((R, b), -1, dtype=torch.int64)
         rows = torch.arange(R)
-        lo = 0
+        lo, chunk = 0, self.VERIFY_HEAD_FIRST
         while lo < b and rows.numel():
-            hi = min(b, lo + self.VERIFY_HEAD_CHUNK if lo == 0 else b)
+            hi = min(b, lo + chunk)
+            chunk *= 2
             tok = self.target.logits(hidden[rows.to(hidden.device), lo:hi]).argmax(-1).cpu()   # [r, hi-lo]
             out[rows, lo:hi] = tok
             if hi >= b:
