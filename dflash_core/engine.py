@@ -343,6 +343,7 @@ class SpecEngine:
     def _sample_rows(self, rows: list[_Sequence], logits: torch.Tensor) -> torch.Tensor:
         """logits [R, V] -> one token per row: argmax for greedy rows, else inverse-CDF
         sample of the warped distribution with the row's own uniform."""
+        logits = logits.cpu()
         out = logits.argmax(-1)
         for r, s in enumerate(rows):
             if not s.params.greedy:
