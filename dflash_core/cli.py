@@ -134,6 +134,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
+    # one engine process owns the cores: spinning OpenMP waiters (must precede torch's
+    # import); the server's processes share the cores and keep sleeping ones
+    from .runtime import set_thread_policy
+    set_thread_policy(shared=cmd == "serve")
     try:
         if cmd == "generate":
             return cmd_generate(rest)

@@ -114,6 +114,7 @@ class RequestOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     stats: SpecStats
+    stop_token_id: int | None = None   # the EOS / stop id that finished it (never emitted)
 
 
 @dataclass
@@ -126,7 +127,7 @@ class GenerationResult:
 
 class _Sequence:
     __slots__ = ("request_id", "prompt", "params", "gen", "slot", "output", "last", "pending_feats",
-                 "pending_pos", "stats", "stop_ids", "finish_reason", "arrival_s")
+                 "pending_pos", "stats", "stop_ids", "finish_reason", "arrival_s", "stop_token_id")
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stop_ids: frozenset):
         self.request_id = request_id
@@ -141,6 +142,7 @@ class _Sequence:
         self.stats = SpecStats()
         self.stop_ids = stop_ids
         self.finish_reason: str | None = None
+        self.stop_token_id: int | None = None
         self.arrival_s = time.monotonic()
 
     @property
@@ -253,7 +255,7 @@ class SpecEngine:
 
     def _output(self, seq: _Sequence, new: list[int]) -> RequestOutput:
         return RequestOutput(seq.request_id, new, seq.finish_reason is not None, seq.finish_reason,
-                             len(seq.prompt), len(seq.output), seq.stats)
+                             len(seq.prompt), len(seq.output), seq.stats, seq.stop_token_id)
 
     # ---- the step ---------------------------------------------------------------------
     @torch.no_grad()
@@ -292,6 +294,7 @@ class SpecEngine:
         for t in tokens:
             if t in seq.stop_ids:
                 seq.finish_reason = "stop"
+                seq.stop_token_id = t
                 break
             new.append(t)
             seq.output.append(t)

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .prompts import Prompt, load_sharegpt_prompts
+from .shards import read_shard, write_shard
 
 
 @dataclass
@@ -47,6 +48,7 @@ class DataConfig:
     max_slots: int = 16
     seed: int = 0
     capture_layers: tuple[int, ...] = ()   # non-empty: also store these target layers' features
+    dtype: str = "float32"                 # the target's dtype (greedy tokens depend on it)
 
     def __post_init__(self):
         if self.split not in ("train", "holdout"):
@@ -57,6 +59,8 @@ class DataConfig:
             raise ValueError("--sample-frac must be in [0, 1]")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError("--dtype must resolve to float32 or bfloat16")
         if self.max_new_tokens < 1 or self.max_prompt_tokens < 1:
             raise ValueError("--max-new-tokens and --max-prompt-tokens must be >= 1")
 
@@ -130,8 +134,9 @@ class Manifest:
         tmp.replace(self.path)
 
 
-def shard_name(i: int) -> str:
-    return f"shard_{i:05d}.pt"
+def shard_name(i: int, with_features: bool = False) -> str:
+    """Token-only shards are compact `.npz` (shards.py); shards with features are `.pt`."""
+    return f"shard_{i:05d}.pt" if with_features else f"shard_{i:05d}.npz"
 
 
 def load_shards(path: str | Path) -> list[dict]:
@@ -140,7 +145,7 @@ def load_shards(path: str | Path) -> list[dict]:
     man = json.loads((path / "manifest.json").read_text())
     recs = []
     for name in sorted(man["shards"]):
-        recs.extend(torch.load(path / name, weights_only=True))
+        recs.extend(read_shard(path / name))
     return recs
 
 
@@ -155,13 +160,13 @@ def generate_shards(cfg: DataConfig, engine, tokenizer, prompts: list[Prompt], p
     manifest = Manifest(out, cfg)
     chosen = select_prompts(prompts, cfg, tokenizer)
     n_shards = (len(chosen) + cfg.shard_size - 1) // cfg.shard_size
-    pending_shards = [i for i in range(n_shards) if not manifest.done(shard_name(i))]
+    feats = bool(cfg.capture_layers)
+    pending_shards = [i for i in range(n_shards) if not manifest.done(shard_name(i, feats))]
     todo = [(i, j) for i in pending_shards
             for j in range(i * cfg.shard_size, min(len(chosen), (i + 1) * cfg.shard_size))]
     results: dict[int, dict] = {}
     left_in_shard = {i: min(len(chosen), (i + 1) * cfg.shard_size) - i * cfg.shard_size
                      for i in pending_shards}
-    eos = set(getattr(engine, "eos_token_ids", ()) or ())
     bar = tqdm(total=len(todo), unit="resp", disable=not progress, dynamic_ncols=True,
                desc=f"data[{cfg.split}]")
     t0 = time.perf_counter()
@@ -197,8 +202,9 @@ def generate_shards(cfg: DataConfig, engine, tokenizer, prompts: list[Prompt], p
             rec["finish_reason"] = o.finish_reason
             if cfg.capture_layers:
                 rec["features"] = engine.features(o.request_id)
-            if o.finish_reason == "stop" and eos and (not rec["response_ids"] or rec["response_ids"][-1] not in eos):
-                rec["response_ids"].append(min(eos))  # engine omitted the stop token
+            stop_id = getattr(o, "stop_token_id", None)
+            if o.finish_reason == "stop" and stop_id is not None:
+                rec["response_ids"].append(int(stop_id))  # the engine never emits the stop token
             del owner[o.request_id]
             bar.update(1)
             dt = time.perf_counter() - t0
@@ -208,10 +214,8 @@ def generate_shards(cfg: DataConfig, engine, tokenizer, prompts: list[Prompt], p
             if left_in_shard[shard_i] == 0:
                 lo = shard_i * cfg.shard_size
                 recs = [results.pop(k) for k in range(lo, min(len(chosen), lo + cfg.shard_size))]
-                name = shard_name(shard_i)
-                tmp = out / (name + ".tmp")
-                torch.save(recs, tmp)
-                os.replace(tmp, out / name)
+                name = shard_name(shard_i, feats)
+                write_shard(out / name, recs)
                 manifest.add(name, {
                     "num_records": len(recs),
                     "prompt_tokens": sum(len(r["prompt_ids"]) for r in recs),
@@ -360,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "these layers' outputs (the drafter's context features, fp16) with every record")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
     ap.add_argument("--prompt-cache", default=None, help="folder for the parsed-prompt cache")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -390,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     try:
         a = _parse(ap, argv)
-        cfg = DataConfig(target=a.target, out=a.out, split=a.split, num_prompts=a.num_prompts,
+        from ..runtime import dtype_name, resolve_dtype
+        cfg = DataConfig(dtype=dtype_name(resolve_dtype(a.dtype, a.device)),target=a.target, out=a.out, split=a.split, num_prompts=a.num_prompts,
                          shard_size=a.shard_size, max_prompt_tokens=a.max_prompt_tokens,
                          max_new_tokens=a.max_new_tokens, sample_frac=a.sample_frac,
                          temperature=a.temperature, max_slots=a.max_slots, seed=a.seed,
@@ -405,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         prompts = load_sharegpt_prompts(cache_dir=a.prompt_cache)
         if cfg.capture_layers:
             from ..models.loader import load_target, load_tokenizer
-            target = load_target(cfg.target, device=a.device)
+            target = load_target(cfg.target, device=a.device, dtype=getattr(torch, cfg.dtype))
             if max(cfg.capture_layers) >= target.config.num_layers:
                 raise ValueError(f"--capture-layers must be < {target.config.num_layers}")
             tokenizer = load_tokenizer(cfg.target)
@@ -417,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
             engine, tokenizer = build_engine(
                 target=cfg.target, drafter=None,
                 config=EngineConfig(max_slots=cfg.max_slots, block_size=1, max_seq_len=max_seq_len),
-                device=a.device)
+                device=a.device, dtype=getattr(torch, cfg.dtype))
         summary = generate_shards(cfg, engine, tokenizer, prompts, progress=not a.no_progress)
     except (ValueError, FileNotFoundError) as e:
         print(f"dflash data: error: {e}", file=sys.stderr)
