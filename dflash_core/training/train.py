@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .shards import read_shard
 from .blocks import (IGNORE, accepted_lengths, build_block_batch, default_gamma, loss_weights,
                      sample_anchors, weighted_block_loss)
 
@@ -63,6 +64,9 @@ class TrainConfig:
     snapshot_every: int = 100
     log_every: int = 10
     max_seq_len: int = 1024           # longer records are skipped
+    dtype: str = "auto"               # drafter compute: auto = bf16 autocast on CUDA and AMX/AVX512-BF16 CPUs
+    draft_vocab: int = 0              # > 0: loss and drafts over the N most frequent response tokens
+    init: str | None = None           # warm start: a drafter folder (same architecture) to begin from
 
     def __post_init__(self):
         if not self.data:
@@ -73,6 +77,10 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.block_size < 2:
             raise ValueError("--block-size must be >= 2")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("--dtype must be auto, float32 or bfloat16")
+        if self.draft_vocab < 0:
+            raise ValueError("--draft-vocab must be >= 0")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup-steps >= 0")
 
@@ -81,6 +89,9 @@ class TrainConfig:
         d = asdict(self)
         for k in ("ckpt_every_s", "log_every", "snapshot_every", "steps"):
             d.pop(k)
+        for k, default in (("dtype", "auto"), ("draft_vocab", 0), ("init", None)):
+            if d[k] == default:
+                d.pop(k)  # runs from before these options resume unchanged
         return d
 
 
@@ -132,7 +143,7 @@ class ShardData:
         for i, name in shards:
             key = (i, name)
             if key not in self._shards:
-                rows = torch.load(self.folders[i] / name, weights_only=True)
+                rows = read_shard(self.folders[i] / name)
                 for j, r in enumerate(rows):
                     r["key"] = f"{i}/{name}/{j}"
                 self._shards[key] = rows
@@ -182,8 +193,13 @@ class FeatureSource:
 
 # ---- the training step -----------------------------------------------------------------
 def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: TrainConfig,
-               gen: torch.Generator, weights_k: torch.Tensor):
+               gen: torch.Generator, weights_k: torch.Tensor, head=None, amp: bool = False):
     """One forward over all blocks of a batch.
+    head: None (logits over the full vocabulary through the target's LM head) or
+    (vocab_ids [N], head_weight [N, hidden], index_of [V] -> position in vocab_ids or -1):
+    logits over the drafting vocabulary only; targets outside it carry no loss and count
+    as wrong (the drafter can never propose them).
+    amp: bf16 autocast for the drafter and the head (CUDA, or CPUs with AMX/AVX512-BF16).
     -> (loss, stats {correct [R, N, B] bool, has_target [R, N, B] bool})."""
     dev = drafter.fc.weight.device
     B = cfg.block_size
@@ -191,18 +207,24 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
     bb = build_block_batch(tokens, seq_lens, anchors, valid, B, cfg.mask_token_id)
     with torch.no_grad():
         block_emb = target.embed(bb.block_ids.to(dev))                         # [R, T, hidden]
-    use_amp = dev.type == "cuda"
-    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
         hidden = drafter.forward_blocks(block_emb, bb.block_pos.to(dev), feats.to(dev),
                                         bb.ctx_pos.to(dev), bb.attn_mask.to(dev))  # [R, T, hidden]
         targets = bb.targets.to(dev)
         sel = targets != IGNORE                                                 # [R, T]
-        logits = target.logits(hidden[sel])                                     # [M, V] fp32
+        if head is None:
+            logits = target.logits(hidden[sel])                                 # [M, V] fp32
+            tgt = targets[sel]
+        else:
+            _, head_w, index_of = head
+            logits = torch.nn.functional.linear(hidden[sel], head_w.to(dev)).float()   # [M, N]
+            tgt = index_of.to(dev)[targets[sel]]                                # -1 outside the vocabulary
     w = weights_k.to(dev)[bb.block_k.to(dev)].expand_as(targets)[sel]          # [M]
-    loss = weighted_block_loss(logits, targets[sel], w)
+    in_vocab = tgt >= 0
+    loss = weighted_block_loss(logits[in_vocab], tgt[in_vocab], w[in_vocab])
     R, T = targets.shape
     correct = torch.zeros(R, T, dtype=torch.bool, device=dev)
-    correct[sel] = logits.argmax(-1) == targets[sel]
+    correct[sel] = (logits.argmax(-1) == tgt) & in_vocab
     N = T // B
     return loss, {"correct": correct.view(R, N, B).cpu(), "has_target": sel.view(R, N, B).cpu()}
 
@@ -220,12 +242,21 @@ class Trainer:
             target.config, num_layers=cfg.num_layers, block_size=cfg.block_size, mask_token_id=cfg.mask_token_id,
             num_features=cfg.num_features, target_layer_ids=layer_ids, seed=cfg.seed).to(self.device).train()
         self.drafter.check_target(target.config)
-        with torch.no_grad():
-            # the drafter's hidden goes through the target's LM head. With unit final-norm
-            # weights a random hidden gives logits of std ~6 on SmolLM2 (CE ~30-60 at
-            # step 0) and Adam needs thousands of steps to shrink the norm weights. Start
-            # at a quarter of the target's final norm: CE ~11 (uniform) at step 0.
-            self.drafter.norm.weight.copy_(0.25 * target.norm.weight.to(self.drafter.norm.weight))
+        from ..runtime import cpu_has_fast_bf16
+        self.amp = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and (
+            self.device.type == "cuda" or (self.device.type == "cpu" and cpu_has_fast_bf16())))
+        if cfg.init:
+            self._warm_start(cfg.init)
+        else:
+            with torch.no_grad():
+                # the drafter's hidden goes through the target's LM head. With unit final-norm
+                # weights a random hidden gives logits of std ~6 on SmolLM2 (CE ~30-60 at
+                # step 0) and Adam needs thousands of steps to shrink the norm weights. Start
+                # at a quarter of the target's final norm: CE ~11 (uniform) at step 0.
+                self.drafter.norm.weight.copy_(0.25 * target.norm.weight.to(self.drafter.norm.weight))
+        self.head = None
+        if cfg.draft_vocab:
+            self._build_head(cfg.draft_vocab)
         ids = self.drafter.config.target_layer_ids
         self.features = FeatureSource(target, ids, stored_ok=(stored == ids))
         decay = [p for n, p in self.drafter.named_parameters() if p.ndim >= 2]
@@ -243,6 +274,32 @@ class Trainer:
         self.epoch_shards: list[list] | None = None
         self.tokens_seen = 0
         self.pred_tokens = 0
+
+    def _warm_start(self, folder: str) -> None:
+        """Begin from a saved drafter (same layers, features, block size)."""
+        from ..api import DEFAULT_DRAFTER_DIR
+        from ..drafter import DFlashDrafter
+        src = DFlashDrafter.load(DEFAULT_DRAFTER_DIR if folder == "default" else folder)
+        a, b = src.config, self.drafter.config
+        for name in ("num_layers", "target_layer_ids", "block_size", "hidden_size", "mask_token_id"):
+            if getattr(a, name) != getattr(b, name):
+                raise ValueError(f"--init {folder}: its {name} is {getattr(a, name)}, this run's is "
+                                 f"{getattr(b, name)}; pass matching --num-layers/--num-features/--block-size")
+        with torch.no_grad():
+            self.drafter.load_state_dict(src.state_dict())
+
+    def _build_head(self, size: int) -> None:
+        """Drafting vocabulary from the finished shards' responses (+ EOS ids)."""
+        from ..drafter import build_draft_vocab
+        recs = self.data.records(self.data.finished_shards())
+        always = tuple(getattr(self.target.config, "eos_token_ids", ()) or ())
+        vocab = build_draft_vocab((r["response_ids"] for r in recs), size, always=always)
+        self.drafter.config.draft_vocab = vocab
+        ids = torch.tensor(vocab, dtype=torch.int64)
+        w = self.target.embed_tokens.weight if self.target.lm_head is None else self.target.lm_head.weight
+        index_of = torch.full((self.target.config.vocab_size,), -1, dtype=torch.int64)
+        index_of[ids] = torch.arange(len(vocab))
+        self.head = (ids, w.detach()[ids.to(w.device)].float().contiguous(), index_of)
 
     # -- data order --------------------------------------------------------------------
     def _epoch_records(self) -> list[dict]:
@@ -324,7 +381,7 @@ class Trainer:
         feats = self.features(recs, tokens, seq_lens)
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, "anchors", self.step))
         loss, st = block_step(self.drafter, self.target, tokens, seq_lens, resp_starts, feats, cfg, gen,
-                              self.weights_k)
+                              self.weights_k, head=self.head, amp=self.amp)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.grad_clip)
@@ -395,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "ckpt_every_s"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     ap.add_argument("--gamma", type=float, default=None, help="loss decay (default 7 for B 16, 4 for B 8)")
+    ap.add_argument("--dtype", default=d.dtype, help="drafter compute: auto (bf16 autocast where fast) | float32 | bfloat16")
+    ap.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
+                    help="N > 0: drafting vocabulary of the N most frequent response tokens (draft_vocab.json)")
+    ap.add_argument("--init", default=None, help="warm start from this drafter folder (e.g. the shipped one)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
@@ -423,7 +484,10 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     from ..models.loader import load_target
     try:
-        target = load_target(cfg.target, device=a.device)
+        from ..runtime import resolve_dtype
+        # the frozen target only supplies features and the LM head: bf16 where that is fast
+        tdtype = torch.float32 if cfg.dtype == "float32" else resolve_dtype(cfg.dtype, a.device)
+        target = load_target(cfg.target, device=a.device, dtype=tdtype)
         trainer = Trainer(cfg, target, device=a.device)
         resumed = trainer.try_resume()
         if resumed:
