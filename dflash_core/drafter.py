@@ -128,7 +128,7 @@ class DrafterLayer(nn.Module):
     def finish(self, x, o):
         """x [R, T, hidden] residual stream, o [R, H, T, D] attention output."""
         R, _, T, _ = o.shape
-        x = x + self.self_attn.o_proj(o.transpose(1, 2).reshape(R, T, -1))
+        x = x + self.self_attn.output(o.transpose(1, 2).reshape(R, T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

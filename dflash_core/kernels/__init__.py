@@ -52,6 +52,11 @@ def _use_triton(t: torch.Tensor) -> bool:
     return True
 
 
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether ops on tensors like `t` dispatch to the Triton kernels."""
+    return _use_triton(t)
+
+
 def block_attention(q, k_cache, v_cache, slots, ctx_lens, k_block, v_block, causal, scale):
     if _use_triton(q):
         return _triton("triton_attention").block_attention(q, k_cache, v_cache, slots, ctx_lens, k_block,

@@ -29,18 +29,77 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slots, cache_lens, positions):
+    def forward(self, x, cos, sin, k_cache, v_cache, slots, cache_lens, positions, plan=None):
         # x: [R, T, hidden]; cos/sin: [R, T, D]; positions: [R, T]
         attn = self.self_attn
         h = self.input_layernorm(x)
         q, k, v = attn.project_qkv(h, cos, sin)  # [R, H, T, D], [R, Hkv, T, D] x 2
-        o = kernels.block_attention(q, k_cache, v_cache, slots, cache_lens, k, v, True, attn.scale)
-        # append: cache[slot, :, pos] = k  (index [R,1] x [R,T] -> [R, T, Hkv, D])
-        k_cache[slots[:, None], :, positions] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[slots[:, None], :, positions] = v.transpose(1, 2).to(v_cache.dtype)
+        if plan is not None:   # write the block's K/V first, then attend over the cache
+            plan.write(k_cache, k)
+            plan.write(v_cache, v)
+            o = plan.attend(q, k_cache, v_cache, attn.scale)
+        else:
+            o = kernels.block_attention(q, k_cache, v_cache, slots, cache_lens, k, v, True, attn.scale)
+            # append: cache[slot, :, pos] = k  (index [R,1] x [R,T] -> [R, T, Hkv, D])
+            k_cache[slots[:, None], :, positions] = k.transpose(1, 2).to(k_cache.dtype)
+            v_cache[slots[:, None], :, positions] = v.transpose(1, 2).to(v_cache.dtype)
         R, _, T, _ = o.shape
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(R, T, -1))
+        x = x + attn.output(o.transpose(1, 2).reshape(R, T, -1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class CacheAttentionPlan:
+    """Everything about one forward's attention that does not depend on the layer,
+    computed once per forward instead of 30 times (the per-op overhead, not the
+    matmuls, dominates a small model's step on a CPU).
+
+    Row r's T new tokens sit at positions p_r = cache_lens[r] + t. Its K/V are written
+    into the cache first, then query t reads cache keys j <= cache_lens[r] + t: the
+    cached context plus the block causally, one mask for every layer
+    (mask[r, 0, t, j], None when no key needs masking: one row, one token). K/V are
+    read as views when the rows sit in consecutive slots (the usual case: slots are
+    handed out lowest first), else gathered. Used off CUDA; on CUDA the Triton
+    block-attention kernel reads cache and block separately."""
+
+    def __init__(self, slots: torch.Tensor, cache_lens: torch.Tensor, T: int):
+        # slots, cache_lens: [R] int64 on the host or the device
+        R = slots.shape[0]
+        lens = cache_lens.tolist()
+        self.T = T
+        self.slot_list = slots.tolist()
+        self.starts = lens
+        self.L = max(lens) + T                                     # keys to read per row
+        s0 = self.slot_list[0]
+        self.consecutive = self.slot_list == list(range(s0, s0 + R))
+        self.slots = slots
+        dev = slots.device
+        if R == 1 and T == 1:
+            self.mask = None
+        else:
+            j = torch.arange(self.L, device=dev)
+            lim = cache_lens.to(dev)[:, None] + torch.arange(T, device=dev)[None, :]   # [R, T]
+            self.mask = (j[None, None, :] <= lim[:, :, None])[:, None]                 # [R, 1, T, L]
+        # the write: slices for one row, else one index_put over [R, T] positions
+        self.pos = (cache_lens.to(dev)[:, None] + torch.arange(T, device=dev)[None, :]) if R > 1 else None
+
+    def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
+        """cache [S, Hkv, L, D] <- new [R, Hkv, T, D] at each row's positions."""
+        if self.pos is None:
+            s, p = self.slot_list[0], self.starts[0]
+            cache[s, :, p:p + self.T] = new[0]
+        else:
+            cache[self.slots[:, None], :, self.pos] = new.transpose(1, 2).to(cache.dtype)
+
+    def attend(self, q, k_cache, v_cache, scale) -> torch.Tensor:
+        """q [R, H, T, D] -> [R, H, T, D] over the rows' cached keys (block included)."""
+        R, L = q.shape[0], self.L
+        if self.consecutive:
+            s0 = self.slot_list[0]
+            k, v = k_cache[s0:s0 + R, :, :L], v_cache[s0:s0 + R, :, :L]
+        else:
+            k, v = k_cache[self.slots, :, :L], v_cache[self.slots, :, :L]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Decoder(nn.Module):
@@ -70,8 +129,12 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden] (final-normed) -> logits [..., V] in fp32."""
+        if self._head_fn is not None and not torch.is_grad_enabled():
+            return self._head_fn(hidden).float()
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
+
+    _head_fn = None  # prepacked LM head (bf16 CPU) after pack_weights()
 
     @torch.no_grad()
     def forward(
@@ -91,9 +154,10 @@ class Decoder(nn.Module):
             raise ValueError("sequence exceeds the KV cache capacity")
         x = self.embed_tokens(input_ids.to(dev))
         cos, sin = self.rotary(positions, x.dtype)
+        plan = None if kernels.uses_triton(x) else CacheAttentionPlan(slots, cache_lens, T)
         want = {lid: None for lid in capture_layers}
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, cache_lens, positions)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, cache_lens, positions, plan)
             if i in want:
                 want[i] = x
         feats = torch.cat([want[l] for l in capture_layers], dim=-1) if capture_layers else None
@@ -105,6 +169,8 @@ class Decoder(nn.Module):
         for layer in self.layers:
             layer.self_attn.pack()
             layer.mlp.pack()
+        from .layers import prepack_linear
+        self._head_fn = prepack_linear(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
         return self
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:

@@ -287,13 +287,16 @@ class Trainer:
                                  f"{getattr(b, name)}; pass matching --num-layers/--num-features/--block-size")
         with torch.no_grad():
             self.drafter.load_state_dict(src.state_dict())
+        self.init_vocab = src.config.draft_vocab
 
     def _build_head(self, size: int) -> None:
         """Drafting vocabulary from the finished shards' responses (+ EOS ids)."""
         from ..drafter import build_draft_vocab
-        recs = self.data.records(self.data.finished_shards())
-        always = tuple(getattr(self.target.config, "eos_token_ids", ()) or ())
-        vocab = build_draft_vocab((r["response_ids"] for r in recs), size, always=always)
+        vocab = getattr(self, "init_vocab", None)
+        if not vocab or len(vocab) < size:  # a warm start keeps its drafter's vocabulary
+            recs = self.data.records(self.data.finished_shards())
+            always = tuple(getattr(self.target.config, "eos_token_ids", ()) or ())
+            vocab = build_draft_vocab((r["response_ids"] for r in recs), size, always=always)
         self.drafter.config.draft_vocab = vocab
         ids = torch.tensor(vocab, dtype=torch.int64)
         w = self.target.embed_tokens.weight if self.target.lm_head is None else self.target.lm_head.weight
