@@ -5,7 +5,10 @@ token verified per target forward), batch 1, interleaved prompt by prompt so tha
 machine noise hits both alike. Optional extras:
   --verify-cost   target forward cost of 1, 4, 8, 16 tokens against a 1-token step
   --vs-hf         the engine's autoregressive decoding against transformers' generate
-Prints a table and, last, one JSON line.
+                  (same weights, same dtype)
+  --block-sizes   DFlash at several verified block sizes (e.g. 4,8,16) in the same run
+  --batch-sizes   batched autoregressive throughput at these row counts (e.g. 8,16)
+Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
 from __future__ import annotations
 
@@ -42,9 +45,34 @@ def _parser():
     ap.add_argument("--verify-cost", action="store_true")
     ap.add_argument("--vs-hf", action="store_true")
     ap.add_argument("--repeats", type=_positive_int, default=1)
+    ap.add_argument("--block-sizes", default="", help="comma-separated verified block sizes for DFlash (default: --block-size)")
+    ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
     return ap
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    from .cli import CliError
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"dflash bench: {flag} takes comma-separated positive integers, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise CliError(f"dflash bench: {flag} takes positive integers, got {text!r}")
+    return vals
+
+
+def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: int) -> float:
+    """Autoregressive tokens/s with `rows` sequences decoding together (fixed length)."""
+    from .sampling import SamplingParams
+    batch = [prompts[i % len(prompts)] for i in range(rows)]
+    p = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True, speculative=False)
+    t0 = time.perf_counter()
+    res = engine.generate(batch, p)
+    return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
 
 
 def verify_cost(target, ctx_len: int = 128, sizes=(1, 4, 8, 16), reps: int = 7) -> dict:
@@ -67,10 +95,11 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 4, 8, 16), reps: int = 7) 
     return {"ctx_len": ctx_len, "ms": out, "relative_to_1": {T: out[T] / out[sizes[0]] for T in sizes}}
 
 
-def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: int) -> tuple[float, list[list[int]]]:
+def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: int,
+                    dtype: torch.dtype = torch.float32) -> tuple[float, list[list[int]]]:
     from transformers import AutoModelForCausalLM
     from .models.loader import resolve_model_dir
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(target_spec)), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(target_spec)), dtype=dtype).eval()
     n, secs, outs = 0, 0.0, []
     with torch.no_grad():
         for ids in prompts:
@@ -89,6 +118,15 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    from .runtime import dtype_name, resolve_dtype
+    try:
+        dtype = resolve_dtype(args.dtype, args.device)
+    except ValueError as e:
+        from .cli import CliError
+        raise CliError(f"dflash bench: {e}")
+    block_sizes = _int_list(args.block_sizes, "--block-sizes") or [args.block_size]
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    out = sys.stderr if args.json else sys.stdout
     from .api import build_engine
     from .cli import CliError, encode_prompt
     from .engine import EngineConfig
@@ -102,7 +140,8 @@ def main(argv=None) -> int:
         raise CliError(f"dflash bench: {e}")
     try:
         engine, tok = build_engine(args.target, args.drafter, EngineConfig(
-            max_slots=1, max_seq_len=1024 + args.max_new_tokens, block_size=args.block_size), device=args.device)
+            max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes)),
+            device=args.device, dtype=dtype)
     except ModelLoadError as e:
         print(f"dflash bench: {e}", file=sys.stderr)
         return 1
@@ -111,11 +150,55 @@ def main(argv=None) -> int:
 
     # warm-up (first calls allocate)
     engine.generate([prompts[0]], SamplingParams(max_new_tokens=4))
+    summary = {"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype),
+               "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+               "threads": torch.get_num_threads()}
+    runs = {}
+    for b in block_sizes:
+        engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
+        runs[b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
+    first = runs[block_sizes[0]]
+    summary.update(block_size=block_sizes[0], **first)
+    if len(block_sizes) > 1:
+        summary["by_block_size"] = {str(b): r for b, r in runs.items()}
+    if args.verify_cost:
+        vc = verify_cost(engine.target)
+        print("verify forward cost (ctx %d): " % vc["ctx_len"] + ", ".join(
+            f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()), file=out)
+        summary["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
+        summary["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
+    if batch_sizes:
+        summary["batched_ar_tokens_per_s"] = {}
+        for rows in batch_sizes:
+            tps = batched_ar_tps(engine, prompts, rows, args.max_new_tokens)
+            print(f"batched autoregressive, {rows} rows: {tps:.1f} tok/s", file=out)
+            summary["batched_ar_tokens_per_s"][str(rows)] = round(tps, 2)
+    if args.vs_hf:
+        hf_prompts = prompts[:min(2, len(prompts))]
+        n_eng, t_eng = 0, 0.0
+        for ids in hf_prompts:  # the engine's AR with a fixed token count, as HF below
+            t0 = time.perf_counter()
+            [r] = engine.generate([ids], SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True,
+                                                       speculative=False))
+            t_eng += time.perf_counter() - t0
+            n_eng += len(r.token_ids)
+        hf_tps, _ = hf_generate_tps(args.target, hf_prompts, args.max_new_tokens, dtype)
+        eng_tps = n_eng / t_eng
+        print(f"engine autoregressive {eng_tps:.2f} tok/s vs transformers generate {hf_tps:.2f} tok/s "
+              f"({eng_tps / hf_tps:.2f}x, {dtype_name(dtype)})", file=out)
+        summary.update(engine_ar_tokens_per_s=round(eng_tps, 3), hf_generate_tokens_per_s=round(hf_tps, 3))
+    print(json.dumps(summary))
+    return 0
+
+
+def _ar_vs_dflash(engine, prompts, base, repeats: int, temperature: float, out) -> dict:
+    """Each prompt autoregressive then DFlash, back to back (noise hits both alike)."""
+    from .sampling import SamplingParams
     rows = []
     agg = {"ar": [0, 0.0], "dflash": [0, 0.0]}
     acc_lens = []
     same = True
-    for rep in range(args.repeats):
+    for rep in range(repeats):
         for i, ids in enumerate(prompts):
             res = {}
             for mode in ("ar", "dflash"):
@@ -127,45 +210,24 @@ def main(argv=None) -> int:
                 agg[mode][0] += len(r.token_ids)
                 agg[mode][1] += dt
             r_ar, r_df = res["ar"][0], res["dflash"][0]
-            if args.temperature == 0:
+            if temperature == 0:
                 same &= r_ar.token_ids == r_df.token_ids
             acc_lens.extend(r_df.stats.acceptance_lengths)
             rows.append((i, len(ids), len(r_df.token_ids), len(r_ar.token_ids) / res["ar"][1],
                          len(r_df.token_ids) / res["dflash"][1], r_df.stats.mean_acceptance_length))
-    print(f"{'prompt':>6} {'prompt_tok':>10} {'new_tok':>8} {'ar_tok/s':>9} {'dflash_tok/s':>12} {'tau':>6} {'speedup':>8}")
+    print(f"block size {engine.config.block_size}", file=out)
+    print(f"{'prompt':>6} {'prompt_tok':>10} {'new_tok':>8} {'ar_tok/s':>9} {'dflash_tok/s':>12} {'tau':>6} {'speedup':>8}",
+          file=out)
     for i, pl, n, ar, df, tau in rows:
-        print(f"{i:>6} {pl:>10} {n:>8} {ar:>9.2f} {df:>12.2f} {tau:>6.2f} {df / ar:>7.2f}x")
+        print(f"{i:>6} {pl:>10} {n:>8} {ar:>9.2f} {df:>12.2f} {tau:>6.2f} {df / ar:>7.2f}x", file=out)
     ar_tps = agg["ar"][0] / agg["ar"][1]
     df_tps = agg["dflash"][0] / agg["dflash"][1]
     tau = sum(acc_lens) / max(len(acc_lens), 1)
-    print(f"{'all':>6} {'':>10} {agg['dflash'][0]:>8} {ar_tps:>9.2f} {df_tps:>12.2f} {tau:>6.2f} {df_tps / ar_tps:>7.2f}x")
-    summary = {"target": args.target, "drafter": args.drafter, "block_size": args.block_size,
-               "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-               "ar_tokens_per_s": round(ar_tps, 3), "dflash_tokens_per_s": round(df_tps, 3),
-               "acceptance_length": round(tau, 3), "speedup": round(df_tps / ar_tps, 3),
-               "greedy_outputs_identical": same if args.temperature == 0 else None,
-               "threads": torch.get_num_threads()}
-    if args.verify_cost:
-        vc = verify_cost(engine.target)
-        print("verify forward cost (ctx %d): " % vc["ctx_len"] + ", ".join(
-            f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()))
-        summary["verify_cost_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
-    if args.vs_hf:
-        hf_prompts = prompts[:min(2, len(prompts))]
-        n_eng, t_eng = 0, 0.0
-        for ids in hf_prompts:  # the engine's AR with a fixed token count, as HF below
-            t0 = time.perf_counter()
-            [r] = engine.generate([ids], SamplingParams(max_new_tokens=args.max_new_tokens, ignore_eos=True,
-                                                       speculative=False))
-            t_eng += time.perf_counter() - t0
-            n_eng += len(r.token_ids)
-        hf_tps, _ = hf_generate_tps(args.target, hf_prompts, args.max_new_tokens)
-        eng_tps = n_eng / t_eng
-        print(f"engine autoregressive {eng_tps:.2f} tok/s vs transformers generate {hf_tps:.2f} tok/s "
-              f"({eng_tps / hf_tps:.2f}x)")
-        summary.update(engine_ar_tokens_per_s=round(eng_tps, 3), hf_generate_tokens_per_s=round(hf_tps, 3))
-    print(json.dumps(summary))
-    return 0
+    print(f"{'all':>6} {'':>10} {agg['dflash'][0]:>8} {ar_tps:>9.2f} {df_tps:>12.2f} {tau:>6.2f} {df_tps / ar_tps:>7.2f}x",
+          file=out)
+    return {"ar_tokens_per_s": round(ar_tps, 3), "dflash_tokens_per_s": round(df_tps, 3),
+            "acceptance_length": round(tau, 3), "speedup": round(df_tps / ar_tps, 3),
+            "greedy_outputs_identical": same if temperature == 0 else None}
 
 
 if __name__ == "__main__":

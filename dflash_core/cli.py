@@ -44,8 +44,19 @@ def build_generate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drafter", default="default", help="default | drafter folder | random")
     ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
+
+
+def resolve_dtype_arg(prog: str, name: str, device: str):
+    """--dtype -> torch.dtype, a bad name as one CLI line."""
+    from .runtime import resolve_dtype
+    try:
+        return resolve_dtype(name, device)
+    except ValueError as e:
+        raise CliError(f"{prog}: {e}") from None
 
 
 def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
@@ -83,8 +94,13 @@ def cmd_generate(argv) -> int:
     if not args.prompt:
         raise CliError("dflash generate: --prompt must not be empty")
     _check_device(args.device)
+    dtype = resolve_dtype_arg("dflash generate", args.dtype, args.device)
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
     try:
-        engine, tok = build_engine(args.target, None if args.no_draft else args.drafter, cfg, device=args.device)
+        engine, tok = build_engine(args.target, None if args.no_draft else args.drafter, cfg, device=args.device,
+                                   dtype=dtype)
     except ModelLoadError as e:
         print(f"dflash generate: {e}", file=sys.stderr)
         return 1

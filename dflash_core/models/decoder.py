@@ -61,10 +61,14 @@ class CacheAttentionPlan:
     gathering K/V every layer as long as the range is at most twice the rows), else
     gathered. Off CUDA only; on CUDA the Triton block-attention kernel runs instead.
 
-    Kernels: one row uses SDPA (no mask when it has one token); several rows use two
-    batched matmuls with GQA by grouping query heads (query head h = g*rep + i reads kv
-    head g) and an fp32 softmax: CPU SDPA with a per-row mask took ~4 ms per layer for
-    32 one-token rows, the grouped form a fraction of that."""
+    Kernel: two batched bf16/fp32 matmuls with GQA by grouping query heads (query head
+    h = g*rep + i reads kv head g) and an fp32 softmax. Chosen over CPU SDPA for two
+    measured reasons: (1) it is *length-invariant*: query t of a 16-token verify gets
+    bit-for-bit the numbers a 1-token step at that position gets (SDPA's blocked
+    kernel differed in 10 of 16 rows in bf16), and in bf16 such ulp differences flip
+    greedy argmaxes within ~100 tokens, so a speculative run would drift from the same
+    engine's autoregressive output; (2) SDPA with a per-row mask took ~4 ms per layer
+    for 32 one-token rows, the grouped form a fraction of that."""
 
     def __init__(self, slots: torch.Tensor, cache_lens: torch.Tensor, T: int, rep: int):
         # slots, cache_lens: [R] int64
@@ -83,9 +87,8 @@ class CacheAttentionPlan:
         self.index = (slots.to(dev) - lo) if self.in_range and not self.full else None   # [R] rows in the range
         # the write: slices for one row, else one index_put over [R, T] positions
         self.pos = (cache_lens.to(dev)[:, None] + torch.arange(T, device=dev)[None, :]) if R > 1 else None
-        if R == 1:
-            self.mask = None if T == 1 else (torch.arange(self.L, device=dev)[None, :]
-                                             <= lens[0] + torch.arange(T, device=dev)[:, None])[None, None]
+        if R == 1 and T == 1:
+            self.mask = None   # one token reads every key up to its own
             return
         # mask over the computed rows (the slot range, or the gathered rows): [N, 1, rep*T, L]
         n = self.span if self.index is not None else R
@@ -110,11 +113,6 @@ class CacheAttentionPlan:
         """q [R, H, T, D] -> [R, H, T, D] over the rows' cached keys (block included)."""
         R, H, T, D = q.shape
         L = self.L
-        if R == 1:
-            s = self.slot_list[0]
-            k, v = k_cache[s:s + 1, :, :L], v_cache[s:s + 1, :, :L]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self.mask, scale=scale,
-                                                  enable_gqa=H != k.shape[1])
         if self.in_range:
             k, v = k_cache[self.lo:self.lo + self.span, :, :L], v_cache[self.lo:self.lo + self.span, :, :L]
         else:
@@ -124,7 +122,8 @@ class CacheAttentionPlan:
         N, Hkv = k.shape[0], k.shape[1]
         qg = q.reshape(N, Hkv, self.rep * T, D)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale                 # [N, Hkv, rep*T, L]
-        scores = scores.masked_fill_(~self.mask, float("-inf"))
+        if self.mask is not None:
+            scores = scores.masked_fill_(~self.mask, float("-inf"))
         o = torch.matmul(torch.softmax(scores, -1).to(q.dtype), v).view(N, H, T, D)
         return o if self.index is None else o.index_select(0, self.index)
 

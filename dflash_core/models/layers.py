@@ -20,8 +20,9 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
     every call; for a decode step that reorder costs more than the matmul (576x3072:
     ~150 us -> ~60 us per call at 1 row, 576x49152 LM head ~4.2 -> ~1.6 ms, 2 threads).
     Only bf16 on CPU: there the packed product is bit-identical to `F.linear` (checked
-    here on a probe input), so autoregressive and speculative paths see the same numbers
-    as before. fp32 keeps `F.linear` (packed fp32 rounds differently, and fp32 output
+    here on a probe input), and row-invariant (see the padding below): a speculative
+    verify and the autoregressive step compute each token's numbers identically, which
+    is what keeps greedy DFlash equal to the engine's own bf16 decoding. fp32 keeps `F.linear` (packed fp32 rounds differently, and fp32 output
     must equal transformers' own)."""
     if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
         return None
@@ -36,8 +37,19 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
     except (AttributeError, RuntimeError):
         return None
 
+    n_out = w.shape[0]
+
     def linear(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+        # oneDNN picks a different kernel (other summation order) for a single row: pad
+        # one row to two, so a 1-token step computes each row bit-for-bit like a verify
+        # block or a batch does (measured: every M >= 2 agrees with M = 16, M = 1 does not)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if x2.shape[0] == 1:
+            y = torch.ops.mkldnn._linear_pointwise(torch.cat([x2, x2]), packed, b, "none", [], "")[:1]
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+        return y.view(*lead, n_out)
     return linear
 
 
