@@ -157,7 +157,7 @@ def _write_shards(folder, target, n_records=12, shard_size=4, with_features=Fals
                 recs[int(o.request_id)]["features"] = gen.features(o.request_id)
     man = {"config": {"capture_layers": list(layers) if with_features else []}, "shards": {}}
     for s in range(0, n_records, shard_size):
-        name = datagen.shard_name(s // shard_size)
+        name = datagen.shard_name(s // shard_size, with_features=True)  # torch.save format
         torch.save(recs[s:s + shard_size], folder / name)
         man["shards"][name] = {"num_records": len(recs[s:s + shard_size])}
     (folder / "manifest.json").write_text(json.dumps(man))
@@ -327,3 +327,29 @@ def test_evaluate_reports_tau_speedup_and_plot(tmp_path):
     log.write_text(json.dumps({"tokens_seen": 10, "tau_tf": 1.5}) + "\n")
     write_plot(tmp_path / "p.png", {"x@T0": r}, [{"tokens_seen": 10, "tau": 1.2}], log)
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_draft_vocab_training_and_warm_start(tmp_path):
+    """--draft-vocab: the loss runs over the N most frequent response tokens and the saved
+    drafter carries that vocabulary; --init: a new run starts from the saved weights."""
+    target = _target()
+    recs = _write_shards(tmp_path / "data", target, n_records=6, shard_size=3)
+    tr = Trainer(_cfg(tmp_path, steps=6, draft_vocab=24, dtype="float32"), target)
+    vocab = tr.drafter.config.draft_vocab
+    counts = {}
+    for r in recs:
+        for t in r["response_ids"]:
+            counts[t] = counts.get(t, 0) + 1
+    assert len(vocab) == min(24, len(counts)) and vocab == sorted(vocab)
+    assert min(counts[t] for t in vocab) >= max((c for t, c in counts.items() if t not in vocab), default=0)
+    losses = [tr.train_step()["loss"] for _ in range(6)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    tr.save()
+    saved = tmp_path / "run" / "latest"
+    assert json.loads((saved / "draft_vocab.json").read_text()) == vocab
+    tr2 = Trainer(_cfg(tmp_path, out=str(tmp_path / "run2"), draft_vocab=24, dtype="float32", init=str(saved)), target)
+    for (k, a), b in zip(tr.drafter.state_dict().items(), tr2.drafter.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert tr2.drafter.config.draft_vocab == vocab               # a warm start keeps its vocabulary
+    with pytest.raises(ValueError, match="num_layers"):
+        Trainer(_cfg(tmp_path, out=str(tmp_path / "run3"), num_layers=2, init=str(saved)), target)

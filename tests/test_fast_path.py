@@ -1,0 +1,147 @@
+"""The fast bf16 path: prepacked oneDNN linears, the per-forward attention plan, and the
+row/length invariance that keeps greedy DFlash equal to the engine's own bf16 decoding.
+Also: dtype resolution, compact data shards, warm-started training over a drafting
+vocabulary. Real computations on tiny random models (and the default model, slow)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dflash_core.api import tiny_random_target
+from dflash_core.drafter import DFlashDrafter, LocalDraftBackend
+from dflash_core.engine import EngineConfig, SpecEngine
+from dflash_core.models.kv_cache import KVCache
+from dflash_core.models.layers import prepack_linear
+from dflash_core.runtime import cpu_has_fast_bf16, resolve_dtype, set_thread_policy
+from dflash_core.sampling import SamplingParams
+
+DFLASH = str(__import__("pathlib").Path(sys.executable).parent / "dflash")
+PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023)), [40, 41] * 9]
+
+
+def _engine(target, block_size, drafter=True, max_slots=6):
+    cfg = EngineConfig(max_slots=max_slots, max_seq_len=200, block_size=block_size)
+    backend = None
+    if drafter:
+        d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=3,
+                                      num_features=2, seed=0).to(target.dtype)
+        backend = LocalDraftBackend(d, max_slots, 200 + block_size + 1)
+    return SpecEngine(target, backend, cfg)
+
+
+@pytest.fixture(scope="module")
+def bf16_target():
+    return tiny_random_target(vocab_size=2048, num_layers=3, seed=1).to(torch.bfloat16).pack_weights()
+
+
+def test_prepacked_linear_is_exact_and_row_invariant():
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(320, 96, generator=g) * 0.1).bfloat16()
+    fn = prepack_linear(w)
+    if fn is None:
+        pytest.skip("oneDNN prepacked linear not available in this torch build")
+    x = torch.randn(3, 16, 96, generator=g).bfloat16()
+    full = fn(x)
+    assert full.shape == (3, 16, 320)
+    assert torch.equal(full, F.linear(x, w))                      # same numbers as F.linear
+    for r in range(3):                                             # a row alone == inside the block
+        for t in range(16):
+            assert torch.equal(fn(x[r:r + 1, t:t + 1]), full[r:r + 1, t:t + 1])
+    assert prepack_linear(w.float()) is None                      # fp32 keeps F.linear
+
+
+def test_attention_plan_matches_reference_attention():
+    """The plan's write-then-attend equals the kernel-contract reference (fp32, several
+    rows of different lengths, non-consecutive slots, one row of one token)."""
+    from dflash_core.kernels import reference
+    from dflash_core.models.decoder import CacheAttentionPlan
+    g = torch.Generator().manual_seed(0)
+    S, Hkv, rep, D, cap = 6, 2, 3, 8, 40
+    for slots, lens, T in (([1, 4, 2], [5, 11, 0], 4), ([3], [7], 1), ([0, 1], [3, 9], 1), ([0, 5], [2, 6], 3)):
+        kc = torch.randn(S, Hkv, cap, D, generator=g)
+        vc = torch.randn(S, Hkv, cap, D, generator=g)
+        R = len(slots)
+        q = torch.randn(R, Hkv * rep, T, D, generator=g)
+        k = torch.randn(R, Hkv, T, D, generator=g)
+        v = torch.randn(R, Hkv, T, D, generator=g)
+        st, ln = torch.tensor(slots), torch.tensor(lens)
+        ref = reference.block_attention(q, kc, vc, st, ln, k, v, True, 0.3)
+        plan = CacheAttentionPlan(st, ln, T, rep)
+        kc2, vc2 = kc.clone(), vc.clone()
+        plan.write(kc2, k)
+        plan.write(vc2, v)
+        out = plan.attend(q, kc2, vc2, 0.3)
+        assert torch.allclose(out, ref, atol=1e-5), (slots, lens, T)
+        for r, (s, n) in enumerate(zip(slots, lens)):
+            assert torch.equal(kc2[s, :, n:n + T], k[r])            # the block was written in place
+
+
+def test_bf16_greedy_dflash_equals_bf16_autoregressive(bf16_target):
+    """Losslessness in bf16 is bitwise: verify blocks of any size and batches of any
+    size compute each token exactly as a one-token step does."""
+    n = 40
+    ar = _engine(bf16_target, 1, drafter=False)
+    ref = [o.token_ids for o in ar.generate(PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True))]
+    assert len({tuple(r) for r in ref}) == len(ref)
+    one_by_one = [ar.generate([p], SamplingParams(max_new_tokens=n, ignore_eos=True))[0].token_ids for p in PROMPTS]
+    assert one_by_one == ref                                      # batch-invariant
+    for b in (4, 16):
+        eng = _engine(bf16_target, b)
+        out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True))
+        assert [o.token_ids for o in out] == ref, b
+        assert sum(o.stats.num_draft_tokens for o in out) > 0
+
+
+def test_resolve_dtype_and_thread_policy(monkeypatch):
+    assert resolve_dtype("float32") == torch.float32
+    assert resolve_dtype("bf16") == torch.bfloat16
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
+    with pytest.raises(ValueError, match="unknown dtype"):
+        resolve_dtype("float8")
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert set_thread_policy(shared=True) == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")               # an explicit setting wins
+    assert set_thread_policy(shared=True) == "ACTIVE"
+
+
+def test_importing_the_core_sets_no_environment():
+    code = ("import os; before = dict(os.environ); import dflash_core, dflash_core.engine, dflash_core.api; "
+            "print(sorted(set(os.environ.items()) - set(before.items())))")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_compact_shards_roundtrip(tmp_path):
+    from dflash_core.training.shards import read_shard, write_shard
+    recs = [{"conv_id": "a_0", "prompt_ids": [1, 2, 49151], "response_ids": [7, 8, 2], "sampled": True,
+             "finish_reason": "stop"},
+            {"conv_id": "b_1", "prompt_ids": [5], "response_ids": [], "sampled": False, "finish_reason": "length"}]
+    write_shard(tmp_path / "shard_00000.npz", recs)
+    assert read_shard(tmp_path / "shard_00000.npz") == recs
+    assert not list(tmp_path.glob("*.tmp"))
+    with __import__("numpy").load(tmp_path / "shard_00000.npz") as z:
+        assert z["prompt_ids"].dtype.name == "uint16"
+
+
+def test_bench_json_reports_verify_cost_by_block_size():
+    out = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
+                          "--drafter", "random", "--num-prompts", "1", "--max-new-tokens", "8", "--verify-cost",
+                          "--block-sizes", "4,8", "--batch-sizes", "2", "--dtype", "bfloat16", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["dtype"] == "bfloat16"
+    assert set(summary["verify_ms"]) == {"1", "4", "8", "16"} and all(v > 0 for v in summary["verify_ms"].values())
+    assert set(summary["by_block_size"]) == {"4", "8"}
+    assert all(r["greedy_outputs_identical"] for r in summary["by_block_size"].values())
+    assert summary["batched_ar_tokens_per_s"]["2"] > 0
+    bad = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
+                          "--dtype", "fp8"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "dtype" in bad.stderr
