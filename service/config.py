@@ -29,7 +29,7 @@ class ServiceConfig:
     drafter: str | None = "default"
     served_model_name: str | None = None  # default: "dflash-<target name>"
     device: str = "cpu"
-    dtype: str = "auto"  # auto (float32 on CPU, bfloat16 on CUDA) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on CUDA and on AMX/AVX512-BF16 CPUs, else fp32) | float32 | bfloat16 | float16
     placement: str = "colocated"
     # engine
     max_slots: int = 8
@@ -57,6 +57,9 @@ class ServiceConfig:
     # num_gpus None: 0 on CPU, 1 colocated / 0.5 each disaggregated on CUDA
     num_cpus: float = 0.5
     num_gpus: float | None = None
+    # OpenMP waiters of each replica: passive (sleeping; replicas share cores with Ray's
+    # own processes) or active (spinning; faster when a replica owns its cores)
+    omp_wait_policy: str = "passive"
 
     def __post_init__(self) -> None:
         if self.placement not in PLACEMENTS:
@@ -72,6 +75,8 @@ class ServiceConfig:
             raise ValueError(f"transport_backend must be auto, gloo or nccl, got {self.transport_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.omp_wait_policy not in ("passive", "active"):
+            raise ValueError(f"omp_wait_policy must be passive or active, got {self.omp_wait_policy!r}")
         if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ValueError("num_cpus and num_gpus must be >= 0")
         if self.num_gpus is None:

@@ -99,7 +99,9 @@ class DFlashServer:
 
 def deployment_options(cfg: ServiceConfig) -> dict:
     return {
-        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
+                              # read when the replica's torch starts OpenMP: set per process
+                              "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": cfg.omp_wait_policy.upper()}}},
         "max_ongoing_requests": cfg.max_slots + cfg.max_queue + 16,   # admission control is ours (429)
         "graceful_shutdown_timeout_s": cfg.shutdown_grace_s + 5,
     }

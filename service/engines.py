@@ -27,10 +27,11 @@ from .transport import DrafterServer, RemoteDraftBackend
 
 
 def torch_dtype(cfg: ServiceConfig) -> torch.dtype:
+    from dflash_core.runtime import resolve_dtype
     name = getattr(cfg, "dtype", "auto")
-    if name == "auto":
-        return torch.bfloat16 if str(cfg.device).startswith("cuda") else torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    if name == "float16":
+        return torch.float16
+    return resolve_dtype(name, cfg.device)
 
 
 def engine_config(cfg: ServiceConfig) -> EngineConfig:
