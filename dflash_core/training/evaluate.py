@@ -89,7 +89,7 @@ def evaluate(engine, prompts: list[list[int]], temperature: float, max_new_token
 
 
 def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], max_new_tokens: int,
-                   block_size: int, device: str) -> list[dict]:
+                   block_size: int, device: str, dtype=torch.float32) -> list[dict]:
     """Greedy tau of every snapshot on the same prompts (batched: tau does not depend on it)."""
     from ..api import build_engine
     from ..engine import EngineConfig
@@ -98,7 +98,7 @@ def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], m
     snaps = sorted(p for p in snap_dir.glob("step_*") if (p / "model.safetensors").exists())
     for s in snaps:
         meta = json.loads((s / "meta.json").read_text()) if (s / "meta.json").exists() else {}
-        engine, _ = build_engine(target=target_spec, drafter=str(s), device=device, tokenizer=False,
+        engine, _ = build_engine(target=target_spec, drafter=str(s), device=device, tokenizer=False, dtype=dtype,
                                  config=EngineConfig(max_slots=min(8, len(prompts)), block_size=block_size,
                                                      max_seq_len=max(len(p) for p in prompts) + max_new_tokens + 8))
         res = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
     return ap
 
 
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError("--num-prompts and --max-new-tokens must be >= 1, --block-size >= 2")
         if any(not 0 <= t <= 2 for t in a.temperatures):
             raise ValueError("--temperatures must be in [0, 2]")
+        from ..runtime import resolve_dtype
+        dtype = resolve_dtype(a.dtype, a.device)
     except (_ArgError, ValueError) as e:
         print(f"dflash eval: error: {e}", file=sys.stderr)
         return 2
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import EngineConfig
     from ..models.loader import ModelLoadError
     try:
-        engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device,
+        engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device, dtype=dtype,
                                    config=EngineConfig(max_slots=1, block_size=a.block_size,
                                                        max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8))
         results, prompt_sets = {}, {}
@@ -201,8 +204,9 @@ def main(argv: list[str] | None = None) -> int:
             sp = prompt_sets.get("sharegpt") or load_eval_prompts("sharegpt", tok, a.snapshot_prompts,
                                                                  a.max_prompt_tokens)
             curve = snapshot_curve(Path(a.snapshots), a.target, sp[:a.snapshot_prompts], a.max_new_tokens,
-                                   a.block_size, a.device)
-        summary = {"target": a.target, "drafter": a.drafter, "block_size": a.block_size,
+                                   a.block_size, a.device, dtype)
+        from ..runtime import dtype_name
+        summary = {"target": a.target, "drafter": a.drafter, "block_size": a.block_size, "dtype": dtype_name(dtype),
                    "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
         if a.plot:
             write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None)
