@@ -85,7 +85,7 @@ def load_drafter(spec, target: Decoder, target_spec: str, block_size: int = 16, 
     if spec == "random":
         return DFlashDrafter.from_target(target.config, num_layers=1, block_size=max(block_size, 2),
                                          mask_token_id=DEFAULT_MASK_TOKEN_ID if target.config.vocab_size > 16 else 0,
-                                         num_features=min(3, target.config.num_layers)).to(device, dtype)
+                                         num_features=min(3, target.config.num_layers)).to(device, dtype).pack_weights()
     path = Path(spec)
     if not path.is_dir():
         raise ModelLoadError(f"drafter {spec!r} is not a folder (expected config.json + model.safetensors), "
@@ -98,7 +98,7 @@ def load_drafter(spec, target: Decoder, target_spec: str, block_size: int = 16, 
         drafter.check_target(target.config)
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
-    return drafter
+    return drafter.pack_weights()
 
 
 def build_engine(target: str = "default", drafter="default", config: EngineConfig | None = None,

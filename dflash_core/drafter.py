@@ -198,6 +198,14 @@ class DFlashDrafter(nn.Module):
             raise ValueError(f"drafter checkpoint {folder} does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
         return m.to(device=device, dtype=dtype).eval()
 
+    def pack_weights(self) -> "DFlashDrafter":
+        """Inference: packed q/k/v and gate/up weights, prepacked oneDNN linears on bf16
+        CPUs (see models/layers.py). Call after moving to the device and dtype."""
+        for layer in self.layers:
+            layer.self_attn.pack()
+            layer.mlp.pack()
+        return self
+
     def check_target(self, target_cfg: ModelConfig) -> None:
         c = self.config
         if c.hidden_size != target_cfg.hidden_size or c.num_target_layers != target_cfg.num_layers:
@@ -251,8 +259,7 @@ class DFlashDrafter(nn.Module):
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
-            q = a.project_q(h, cos, sin)
-            k, v = a.project_kv(h, cos, sin)
+            q, k, v = a.project_qkv(h, cos, sin)          # one packed matmul once pack() ran
             o = kernels.block_attention(q, cache.k[i], cache.v[i], slots, ctx_lens, k, v, False, a.scale)
             x = layer.finish(x, o)
         return self.norm(x)

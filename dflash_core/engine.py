@@ -176,6 +176,8 @@ class SpecEngine:
                 raise ValueError("draft_vocab has ids outside the target vocabulary")
             w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
             self._draft_head = w.detach()[self.draft_vocab.to(w.device)].contiguous()   # [N, hidden]
+            from .models.layers import prepack_linear
+            self._draft_head_fn = prepack_linear(self._draft_head)                     # bf16 CPU, else None
         self.vocab_size = target.config.vocab_size
         self.capacity = self.config.max_seq_len + max(self.drafter_block_size, self.config.block_size) + 1
         self.cache = target.new_cache(self.config.max_slots, self.capacity)
@@ -416,7 +418,8 @@ class SpecEngine:
             logits = self.target.logits(h)                                       # [R, b-1, V]
             tokens = logits.argmax(-1).cpu()
         else:  # logits over the drafting vocabulary only: [R, b-1, N]
-            logits = torch.nn.functional.linear(h, self._draft_head).float()
+            logits = (self._draft_head_fn(h) if self._draft_head_fn is not None
+                      else torch.nn.functional.linear(h, self._draft_head)).float()
             tokens = self.draft_vocab[logits.argmax(-1).cpu()]
         probs = None
         if any(not s.params.greedy for s in rows):
