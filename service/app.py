@@ -231,6 +231,8 @@ def build_app(server: Server) -> FastAPI:
 
     async def _generate(request: Request, model_cls, id_prefix: str, chunk_object: str):
         req = P.parse_request(model_cls, await request.body())
+        if req.model is None:
+            req.model = server.model_name
         if req.model != server.model_name:
             raise P.APIError(404, f"The model '{req.model}' does not exist; this server serves "
                                   f"'{server.model_name}' (GET /v1/models).", param="model",
