@@ -33,7 +33,7 @@ BENCH_PROMPTS = [
 
 
 def _parser():
-    from .cli import _Parser, _positive_int
+    from .clitools import _Parser, _positive_int
     ap = _Parser(prog="dflash bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--target", default="default")
     ap.add_argument("--drafter", default="default")
@@ -55,7 +55,7 @@ def _parser():
 
 
 def _int_list(text: str, flag: str) -> list[int]:
-    from .cli import CliError
+    from .clitools import CliError
     try:
         vals = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
@@ -122,13 +122,13 @@ def main(argv=None) -> int:
     try:
         dtype = resolve_dtype(args.dtype, args.device)
     except ValueError as e:
-        from .cli import CliError
+        from .clitools import CliError
         raise CliError(f"dflash bench: {e}")
     block_sizes = _int_list(args.block_sizes, "--block-sizes") or [args.block_size]
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
     out = sys.stderr if args.json else sys.stdout
     from .api import build_engine
-    from .cli import CliError, encode_prompt
+    from .clitools import CliError, encode_prompt
     from .engine import EngineConfig
     from .models.loader import ModelLoadError
     from .sampling import SamplingParams

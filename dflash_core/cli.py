@@ -1,32 +1,17 @@
-"""`dflash` command line: generate, bench, serve, data, train, eval.
+"""The core's command line: generate, bench, data, train, eval. The installed `dflash`
+command (service/entry.py) adds `serve` on top; the core never imports the server.
 
 Bad input gives one clear line on stderr and exit code 2; load failures exit 1.
 """
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401  (annotations)
 import json
 import sys
 import time
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, not the usage block
-        raise CliError(f"{self.prog}: {message}")
-
-
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
-    return v
+from .clitools import (CliError, _Parser, _check_device, _positive_int, encode_prompt,  # noqa: F401
+                       resolve_dtype_arg)
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -48,33 +33,6 @@ def build_generate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
-
-
-def resolve_dtype_arg(prog: str, name: str, device: str):
-    """--dtype -> torch.dtype, a bad name as one CLI line."""
-    from .runtime import resolve_dtype
-    try:
-        return resolve_dtype(name, device)
-    except ValueError as e:
-        raise CliError(f"{prog}: {e}") from None
-
-
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def _check_device(device: str) -> None:
-    import torch
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"device {device!r} requested but CUDA is not available")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise CliError(f"unknown device {device!r}: use cpu or cuda[:N]")
 
 
 def cmd_generate(argv) -> int:
@@ -161,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
             from .bench import main as bench_main
             return bench_main(rest)
         if cmd == "serve":
-            from service.cli import main as serve_main
-            return serve_main(rest)
+            raise CliError("dflash serve: the server lives in the `service` package; run the installed "
+                           "`dflash` command (service.entry) or `python -m service.cli`")
         if cmd in ("data", "train", "eval"):
             import importlib
             mod = {"data": "datagen", "train": "train", "eval": "evaluate"}[cmd]

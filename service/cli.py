@@ -21,8 +21,7 @@ from pathlib import Path
 from .config import PLACEMENTS, ServiceConfig, parse_schedule
 
 
-class CliError(Exception):
-    pass
+from dflash_core.clitools import CliError  # noqa: E402  (one error type for every command)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -64,15 +64,22 @@ def run_cli(*args):
                           timeout=300)
 
 
-def test_cli_generate_json():
-    r = run_cli("generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12", "--json")
+@pytest.mark.parametrize("dtype", ["float32", "auto"])
+def test_cli_generate_json(dtype):
+    """fp32 answers the question like transformers does (in bf16 the first token is a
+    near-tie: 'The' 25.33 vs 'L' 25.24 in fp32 logits, and bf16 rounding may pick
+    either); in every dtype DFlash equals --no-draft token for token."""
+    q = ("generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12", "--json",
+         "--dtype", dtype)
+    r = run_cli(*q)
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(obj) >= {"text", "token_ids", "stats"}
     assert {"acceptance_length", "num_draft_tokens", "num_accepted_tokens", "tokens_per_s"} <= set(obj["stats"])
-    assert 0 < len(obj["token_ids"]) <= 12 and "Paris" in obj["text"]
-    r2 = run_cli("generate", "--prompt", "What is the capital of France?", "--chat", "--max-new-tokens", "12",
-                 "--json", "--no-draft")
+    assert 0 < len(obj["token_ids"]) <= 12
+    if dtype == "float32":
+        assert "Paris" in obj["text"]
+    r2 = run_cli(*q, "--no-draft")
     assert json.loads(r2.stdout.strip().splitlines()[-1])["token_ids"] == obj["token_ids"]
 
 
