@@ -46,14 +46,23 @@ def load_eval_prompts(dataset: str, tokenizer, n: int, max_prompt_tokens: int) -
     return out
 
 
-def run_one(engine, prompts: list[list[int]], params) -> dict:
-    """Requests one after another (batch 1). -> tokens, seconds, stats, outputs."""
+def run_one(engine, prompts: list[list[int]], params, batch: int = 1) -> dict:
+    """Requests one after another (batch 1), or all at once over the engine's slots
+    (batch > 1: continuous batching; tau does not depend on it, tokens/s does).
+    -> tokens, seconds, stats, outputs."""
     outs, n_tok, t_s = [], 0, 0.0
     steps, acc_len_sum, per_pos = 0, 0, []
-    for ids in prompts:
+    if batch > 1:
         t0 = time.perf_counter()
-        r = engine.generate([ids], params)[0]
-        t_s += time.perf_counter() - t0
+        results = engine.generate(prompts, params)
+        t_s = time.perf_counter() - t0
+    else:
+        results = []
+        for ids in prompts:
+            t0 = time.perf_counter()
+            results.append(engine.generate([ids], params)[0])
+            t_s += time.perf_counter() - t0
+    for r in results:
         outs.append(r.token_ids)
         n_tok += len(r.token_ids)
         st = r.stats
@@ -69,18 +78,18 @@ def run_one(engine, prompts: list[list[int]], params) -> dict:
 
 
 def evaluate(engine, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int = 0,
-             speedup: bool = True) -> dict:
+             speedup: bool = True, batch: int = 1) -> dict:
     from ..sampling import SamplingParams
     spec_p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                             seed=seed if temperature > 0 else None, speculative=True)
-    spec = run_one(engine, prompts, spec_p)
-    res = {"temperature": temperature, "num_prompts": len(prompts), "tau": round(spec["tau"], 4),
+    spec = run_one(engine, prompts, spec_p, batch)
+    res = {"temperature": temperature, "num_prompts": len(prompts), "batch": batch, "tau": round(spec["tau"], 4),
            "per_position_acceptance": [round(x, 4) for x in spec["per_pos"]],
            "spec_tokens": spec["tokens"], "spec_tokens_per_s": round(spec["tokens"] / spec["seconds"], 2)}
     if speedup:
         ar_p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
                               seed=seed if temperature > 0 else None, speculative=False)
-        ar = run_one(engine, prompts, ar_p)
+        ar = run_one(engine, prompts, ar_p, batch)
         res.update({"ar_tokens": ar["tokens"], "ar_tokens_per_s": round(ar["tokens"] / ar["seconds"], 2),
                     "speedup": round((spec["tokens"] / spec["seconds"]) / (ar["tokens"] / ar["seconds"]), 3)})
         if temperature == 0:
@@ -150,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-speedup", action="store_true", help="tau only (skip the autoregressive runs)")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="requests decoded together (1: one after another, the speedup users see at batch 1)")
     ap.add_argument("--snapshots", default=None, help="a run's snapshots/ folder: tau vs training tokens")
     ap.add_argument("--snapshot-prompts", type=int, default=8)
     ap.add_argument("--log", default=None, help="a run's log.jsonl (teacher-forced tau in the plot)")
@@ -174,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.error = error
     try:
         a = ap.parse_args(argv)
-        if a.num_prompts < 1 or a.max_new_tokens < 1 or a.block_size < 2:
-            raise ValueError("--num-prompts and --max-new-tokens must be >= 1, --block-size >= 2")
+        if a.num_prompts < 1 or a.max_new_tokens < 1 or a.block_size < 2 or a.batch < 1:
+            raise ValueError("--num-prompts, --max-new-tokens and --batch must be >= 1, --block-size >= 2")
         if any(not 0 <= t <= 2 for t in a.temperatures):
             raise ValueError("--temperatures must be in [0, 2]")
         from ..runtime import resolve_dtype
@@ -190,14 +201,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.loader import ModelLoadError
     try:
         engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device, dtype=dtype,
-                                   config=EngineConfig(max_slots=1, block_size=a.block_size,
+                                   config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
                                                        max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8))
         results, prompt_sets = {}, {}
         for ds in a.datasets:
             prompt_sets[ds] = load_eval_prompts(ds, tok, a.num_prompts, a.max_prompt_tokens)
             for t in a.temperatures:
                 key = f"{ds}@T{t:g}"
-                results[key] = evaluate(engine, prompt_sets[ds], t, a.max_new_tokens, a.seed, not a.no_speedup)
+                results[key] = evaluate(engine, prompt_sets[ds], t, a.max_new_tokens, a.seed, not a.no_speedup,
+                                        a.batch)
                 print(json.dumps({key: results[key]}), file=sys.stderr)
         curve = []
         if a.snapshots:
