@@ -5,8 +5,8 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
-# sleeping OpenMP waiters: spinning ones collapse when processes share the 2 cores
-export OMP_WAIT_POLICY ?= PASSIVE
+# OpenMP waiters are chosen by each entry point (dflash_core/runtime.py): the CLI's
+# engine commands spin (one process owns the cores), the server and the tests sleep.
 
 .PHONY: install serve test bench loadtest clean lint
 
@@ -27,10 +27,10 @@ serve: $(STAMP)
 	RAY_AUTH_MODE=disabled $(BIN)/dflash serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests
+	OMP_WAIT_POLICY=PASSIVE RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/dflash bench --verify-cost --vs-hf
+	$(BIN)/dflash bench --verify-cost --vs-hf --block-sizes 4,8,16 --batch-sizes 8,16
 
 # against a running server (make serve in another shell): speculation on vs off
 loadtest: $(STAMP)
