@@ -51,6 +51,10 @@ def _parser():
     ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
+    ap.add_argument("--peers", action="store_true",
+                    help="instead: this engine vs transformers generate / prompt lookup / llama.cpp (bench_peers.py)")
+    ap.add_argument("--peer-prompts", type=_positive_int, default=20, help="--peers: prompts per set (ShareGPT holdout, HumanEval)")
+    ap.add_argument("--peers-plot", default=None, help="--peers: PNG bar chart path")
     return ap
 
 
@@ -148,6 +152,8 @@ def main(argv=None) -> int:
     texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
     prompts = [encode_prompt(tok, t, chat=True) for t in texts]
 
+    if args.peers:
+        return _peers(args, engine, tok, dtype, out)
     # warm-up (first calls allocate)
     engine.generate([prompts[0]], SamplingParams(max_new_tokens=4))
     summary = {"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype),
@@ -188,6 +194,21 @@ def main(argv=None) -> int:
               f"({eng_tps / hf_tps:.2f}x, {dtype_name(dtype)})", file=out)
         summary.update(engine_ar_tokens_per_s=round(eng_tps, 3), hf_generate_tokens_per_s=round(hf_tps, 3))
     print(json.dumps(summary))
+    return 0
+
+
+def _peers(args, engine, tok, dtype, out) -> int:
+    from .bench_peers import _prompt_sets, build_systems, run_peers, write_chart
+    from .runtime import dtype_name
+    systems, skipped = build_systems(args.target, engine, dtype, torch.get_num_threads())
+    for name, why in skipped.items():
+        print(f"skipped {name}: {why}", file=out)
+    summary = run_peers(systems, _prompt_sets(tok, args.peer_prompts), args.max_new_tokens, out)
+    if args.peers_plot:
+        write_chart(args.peers_plot, summary)
+    print(json.dumps({"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype),
+                      "block_size": engine.config.block_size, "max_new_tokens": args.max_new_tokens,
+                      "threads": torch.get_num_threads(), "results": summary, "skipped": skipped}))
     return 0
 
 

@@ -145,3 +145,21 @@ def test_bench_json_reports_verify_cost_by_block_size():
     bad = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
                           "--dtype", "fp8"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "dtype" in bad.stderr
+
+
+def test_peer_benchmark_runs_on_the_tiny_model(tmp_path):
+    out = subprocess.run([DFLASH, "bench", "--peers", "--target", "tiny-random", "--drafter", "random",
+                          "--peer-prompts", "1", "--max-new-tokens", "6", "--block-size", "4", "--json",
+                          "--peers-plot", str(tmp_path / "peers.png")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert set(s["results"]) == {"sharegpt", "humaneval"}
+    for ds in s["results"].values():
+        rows = ds["systems"]
+        assert set(rows) == {"engine-ar", "engine-dflash"}
+        assert rows["engine-ar"]["identical_to_engine_ar"] == 1 and rows["engine-ar"]["dflash_speedup_over_it"] > 0
+        assert rows["engine-dflash"]["identical_to_engine_ar"] == 1          # lossless
+    assert {"hf-fp32", "hf-bf16", "hf-lookup", "llama.cpp"} <= set(s["skipped"])
+    assert all(s["skipped"].values())                                        # each with its reason
+    assert (tmp_path / "peers.png").stat().st_size > 1000
