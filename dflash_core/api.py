@@ -101,16 +101,27 @@ def load_drafter(spec, target: Decoder, target_spec: str, block_size: int = 16, 
     return drafter.pack_weights()
 
 
-def build_engine(target: str = "default", drafter="default", config: EngineConfig | None = None,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=True):
-    """-> (SpecEngine, tokenizer). Raises ModelLoadError (user-facing message) on bad specs."""
-    config = config or EngineConfig()
+def load_target_model(target: str = "default", device="cpu", dtype=torch.float32) -> Decoder:
+    """The target Decoder, weights packed for inference: the one loader of every engine
+    (CLI, Python API, both server placements), so they compute the same numbers."""
     if target == "tiny-random":
-        model = tiny_random_target().to(device, dtype).pack_weights()
-    else:
-        model = load_target(target, device=device, dtype=dtype)
+        return tiny_random_target().to(device, dtype).pack_weights()
+    return load_target(target, device=device, dtype=dtype)
+
+
+def build_engine(target: str = "default", drafter="default", config: EngineConfig | None = None,
+                 device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=True, draft_backend=None):
+    """-> (SpecEngine, tokenizer). Raises ModelLoadError (user-facing message) on bad specs.
+
+    draft_backend: a ready DraftBackend (e.g. a remote drafter) used instead of loading
+    `drafter` in this process."""
+    config = config or EngineConfig()
+    model = load_target_model(target, device, dtype)
     tok = load_tokenizer(target) if tokenizer else None
-    d = load_drafter(drafter, model, target, config.block_size, device, dtype) if config.block_size > 1 else None
-    backend = LocalDraftBackend(d, config.max_slots, config.max_seq_len + d.config.block_size + 1) if d else None
+    if draft_backend is not None:
+        backend = draft_backend
+    else:
+        d = load_drafter(drafter, model, target, config.block_size, device, dtype) if config.block_size > 1 else None
+        backend = LocalDraftBackend(d, config.max_slots, config.max_seq_len + d.config.block_size + 1) if d else None
     engine = SpecEngine(model, backend, config, eos_token_ids=eos_ids_of(target, tok))
     return engine, tok

@@ -15,12 +15,11 @@ import types
 
 import torch
 
-from dflash_core.api import build_engine, eos_ids_of, load_drafter, load_tokenizer, tiny_random_config, \
-    tiny_random_target
+from dflash_core.api import build_engine, load_drafter, tiny_random_config
 from dflash_core.drafter import DrafterConfig
-from dflash_core.engine import EngineConfig, SpecEngine
+from dflash_core.engine import EngineConfig
 from dflash_core.models.config import ModelConfig
-from dflash_core.models.loader import load_target, resolve_model_dir
+from dflash_core.models.loader import resolve_model_dir
 
 from .config import ServiceConfig
 from .transport import DrafterServer, RemoteDraftBackend
@@ -64,12 +63,10 @@ def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
 
 def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, backend: str | None = None):
     """-> (SpecEngine, tokenizer, RemoteDraftBackend); the backend connects on first use
-    (or call `.connect()`)."""
-    dtype = torch_dtype(cfg)
-    model = tiny_random_target().to(cfg.device, dtype) if cfg.target == "tiny-random" else \
-        load_target(cfg.target, device=cfg.device, dtype=dtype)
-    tok = load_tokenizer(cfg.target)
-    backend = RemoteDraftBackend(DrafterConfig.from_json(drafter_config), request_join, device=cfg.device,
-                                 backend=backend or cfg.transport_backend, timeout_s=cfg.transport_timeout_s)
-    engine = SpecEngine(model, backend, engine_config(cfg), eos_token_ids=eos_ids_of(cfg.target, tok))
-    return engine, tok, backend
+    (or call `.connect()`). The target is built by the same function as the colocated
+    engine, so both placements compute the same numbers."""
+    remote = RemoteDraftBackend(DrafterConfig.from_json(drafter_config), request_join, device=cfg.device,
+                                backend=backend or cfg.transport_backend, timeout_s=cfg.transport_timeout_s)
+    engine, tok = build_engine(target=cfg.target, drafter=None, config=engine_config(cfg), device=cfg.device,
+                               dtype=torch_dtype(cfg), draft_backend=remote)
+    return engine, tok, remote

@@ -12,16 +12,17 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 ray = pytest.importorskip("ray")
 from ray import serve  # noqa: E402
 
-from dflash_core.api import build_engine, load_tokenizer  # noqa: E402
+from dflash_core.api import load_tokenizer  # noqa: E402
 from dflash_core.sampling import SamplingParams  # noqa: E402
 from service.config import ServiceConfig  # noqa: E402
 from service.deployments import build_app  # noqa: E402
 from service.detokenize import decode_text  # noqa: E402
-from service.engines import engine_config  # noqa: E402
+from service.engines import build_colocated, torch_dtype  # noqa: E402
 from service.local import free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,8 +50,7 @@ def tok():
 
 
 def offline(cfg_kw: dict, prompt_ids: list[int], **params) -> list[int]:
-    cfg = ServiceConfig(**cfg_kw)
-    engine, _ = build_engine(cfg.target, cfg.drafter, engine_config(cfg), tokenizer=False)
+    engine, _ = build_colocated(ServiceConfig(**cfg_kw))   # the served dtype (auto), one process
     return engine.generate([prompt_ids], SamplingParams(**params))[0].token_ids
 
 
@@ -119,14 +119,15 @@ def test_default_model_end_to_end_from_serve_yaml(serve_url):
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
     ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
     cfg = ServiceConfig(**{**args, "log_level": "WARNING"})
-    engine, _ = build_engine("default", "default", engine_config(cfg))
+    engine, _ = build_colocated(cfg)   # the same dtype as the replica (auto)
     want = engine.generate([ids], SamplingParams(max_new_tokens=20))[0].token_ids
 
     body = {"model": "smollm2", "messages": msgs, "max_tokens": 20, "temperature": 0, "return_token_ids": True}
     j = httpx.post(serve_url + "/v1/chat/completions", json=body, timeout=300).json()
     assert j["choices"][0]["token_ids"] == want
     assert j["choices"][0]["message"]["content"] == decode_text(tok, want)
-    assert "Paris" in j["choices"][0]["message"]["content"]
+    if torch_dtype(cfg) == torch.float32:   # bf16: a near-tie first token (tests/test_default_model.py)
+        assert "Paris" in j["choices"][0]["message"]["content"]
     with httpx.stream("POST", serve_url + "/v1/chat/completions", timeout=300,
                       json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
         events = [json.loads(ln[6:]) for ln in r.iter_lines() if ln.startswith("data: {")]
