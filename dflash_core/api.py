@@ -101,6 +101,33 @@ def load_drafter(spec, target: Decoder, target_spec: str, block_size: int = 16, 
     return drafter.pack_weights()
 
 
+def generation_defaults(target: str) -> dict:
+    """Sampling defaults a model's authors ship (generation_config.json in its folder):
+    temperature / top_p / top_k, only those present, {} for none or greedy-only configs
+    (do_sample false). Never fetches: a hub id that is not cached gives {}."""
+    if target == "tiny-random":
+        return {}
+    try:
+        folder = resolve_model_dir(target)
+    except Exception:  # noqa: BLE001  (defaults are optional; loading the model reports real errors)
+        return {}
+    path = Path(folder) / "generation_config.json"
+    if not path.exists():
+        return {}
+    try:
+        gc = json.loads(path.read_text())
+    except ValueError:
+        return {}
+    if gc.get("do_sample") is False:
+        return {"temperature": 0.0}
+    out = {}
+    for k, lo, hi in (("temperature", 0.0, 2.0), ("top_p", 1e-9, 1.0), ("top_k", -1, 1 << 30)):
+        v = gc.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi:
+            out[k] = int(v) if k == "top_k" else float(v)
+    return out
+
+
 def load_target_model(target: str = "default", device="cpu", dtype=torch.float32) -> Decoder:
     """The target Decoder, weights packed for inference: the one loader of every engine
     (CLI, Python API, both server placements), so they compute the same numbers."""

@@ -71,7 +71,7 @@ def cmd_generate(argv) -> int:
         raise CliError(f"dflash generate: {e}")
     text = tok.decode(res.token_ids, skip_special_tokens=True)
     stats = {
-        "acceptance_length": round(res.stats.mean_acceptance_length, 4),
+        "mean_acceptance_length": round(res.stats.mean_acceptance_length, 4),   # the API's name
         "num_draft_tokens": res.stats.num_draft_tokens,
         "num_accepted_tokens": res.stats.num_accepted_tokens,
         "num_steps": res.stats.num_steps,
@@ -85,7 +85,7 @@ def cmd_generate(argv) -> int:
     else:
         print(text)
         print(f"[{len(res.token_ids)} tokens, {stats['tokens_per_s']} tok/s, "
-              f"acceptance length {stats['acceptance_length']}, finish {res.finish_reason}]", file=sys.stderr)
+              f"mean acceptance length {stats['mean_acceptance_length']}, finish {res.finish_reason}]", file=sys.stderr)
     return 0
 
 

@@ -27,6 +27,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dflash_core.api import generation_defaults
 from dflash_core.sampling import SamplingParams
 
 from . import protocol as P
@@ -39,6 +40,9 @@ log = logging.getLogger("dflash.http")
 
 MAX_BODY_BYTES = 8 << 20
 _DISCONNECT_POLL_S = 0.25
+
+
+OPENAI_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
 class Server:
@@ -54,6 +58,10 @@ class Server:
         self.loop = EngineLoop(engine, tokenizer, self.metrics, max_queue=config.max_queue,
                                request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s)
         self.vocab_size = engine.vocab_size
+        self.sampling_defaults = dict(OPENAI_SAMPLING_DEFAULTS)
+        given = config.sampling_defaults if config.sampling_defaults is not None else \
+            generation_defaults(config.target)
+        self.sampling_defaults.update({k: v for k, v in given.items() if k in OPENAI_SAMPLING_DEFAULTS})
 
     def start(self) -> "Server":
         self.loop.start()
@@ -115,8 +123,12 @@ class Server:
                                   f"prompt, {max_tokens} for the completion). Please reduce the prompt or "
                                   f"'{param}'.", param=param, code="context_length_exceeded")
         try:
-            return SamplingParams(max_new_tokens=int(max_tokens), temperature=float(req.temperature),
-                                  top_p=float(req.top_p), top_k=max(0, int(req.top_k)), seed=req.seed,
+            d = self.sampling_defaults
+            temperature = d["temperature"] if req.temperature is None else req.temperature
+            top_p = d["top_p"] if req.top_p is None else req.top_p
+            top_k = d["top_k"] if req.top_k is None else req.top_k
+            return SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature),
+                                  top_p=float(top_p), top_k=max(0, int(top_k)), seed=req.seed,
                                   ignore_eos=req.ignore_eos, speculative=req.speculative)
         except ValueError as e:
             field = str(e).split(" ", 1)[0]

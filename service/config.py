@@ -46,6 +46,9 @@ class ServiceConfig:
     max_prompt_tokens: int | None = None  # default: max_seq_len - 1
     max_tokens_limit: int | None = None  # cap on max_tokens; default: max_seq_len
     default_max_tokens: int = 256  # chat requests that give no max_tokens
+    # sampling defaults for requests that leave temperature / top_p / top_k out (vLLM's
+    # convention): None = the model folder's generation_config.json, then OpenAI's 1.0 / 1.0 / off
+    sampling_defaults: dict | None = None
     shutdown_grace_s: float = 30.0
     # operations
     api_key: str | None = None  # default: env DFLASH_API_KEY
@@ -62,6 +65,10 @@ class ServiceConfig:
     omp_wait_policy: str = "passive"
 
     def __post_init__(self) -> None:
+        if self.sampling_defaults is not None:
+            bad = sorted(set(self.sampling_defaults) - {"temperature", "top_p", "top_k"})
+            if bad:
+                raise ValueError(f"sampling_defaults takes temperature, top_p, top_k; got {', '.join(bad)}")
         if self.placement not in PLACEMENTS:
             raise ValueError(f"placement must be one of {', '.join(PLACEMENTS)}, got {self.placement!r}")
         for name in ("max_slots", "max_seq_len", "block_size"):

@@ -58,9 +58,10 @@ class _SamplingFields(BaseModel):
 
     model: str | None = None   # omitted: the served model (as vLLM and SGLang do)
     max_tokens: int | None = None
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=-1)  # extension; 0 or -1: off
+    # None: the served model's defaults (generation_config.json), else 1.0 / 1.0 / off
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1: off
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False

@@ -75,7 +75,7 @@ def test_cli_generate_json(dtype):
     assert r.returncode == 0, r.stderr
     obj = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(obj) >= {"text", "token_ids", "stats"}
-    assert {"acceptance_length", "num_draft_tokens", "num_accepted_tokens", "tokens_per_s"} <= set(obj["stats"])
+    assert {"mean_acceptance_length", "num_draft_tokens", "num_accepted_tokens", "tokens_per_s"} <= set(obj["stats"])
     assert 0 < len(obj["token_ids"]) <= 12
     if dtype == "float32":
         assert "Paris" in obj["text"]

@@ -471,3 +471,37 @@ def test_graceful_shutdown_ends_running_streams_cleanly(tok):
         assert assert_openai_error(r, 503)["code"] == "unavailable"
     finally:
         s.stop()
+
+
+def test_omitted_sampling_fields_take_the_model_defaults(tok, tmp_path):
+    """A request that leaves temperature / top_p / top_k out gets the served model's
+    defaults (its generation_config.json; here set in the config); given fields win."""
+    ids = encode(tok, PROMPTS[2])
+    greedy, _ = offline(ids, max_new_tokens=16)
+    sampled, _ = offline(ids, max_new_tokens=16, temperature=0.8, top_k=50, seed=3)
+    assert sampled != greedy
+    s = start_server(tok, sampling_defaults={"temperature": 0.0})
+    try:
+        base = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 16, "return_token_ids": True}
+        r = post(s.url, "/v1/completions", base)
+        assert r.status_code == 200 and r.json()["choices"][0]["token_ids"] == greedy
+        r = post(s.url, "/v1/completions", {**base, "temperature": 0.8, "top_k": 50, "seed": 3})
+        assert r.json()["choices"][0]["token_ids"] == sampled
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="sampling_defaults"):
+        make_cfg(sampling_defaults={"repetition_penalty": 1.1})
+
+
+def test_generation_defaults_read_the_model_folder(tmp_path):
+    from dflash_core.api import generation_defaults
+    (tmp_path / "config.json").write_text("{}")
+    assert generation_defaults(str(tmp_path)) == {}
+    (tmp_path / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "max_new_tokens": 9}))
+    assert generation_defaults(str(tmp_path)) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert generation_defaults(str(tmp_path)) == {"temperature": 0.0}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 9.0, "top_p": "x"}))
+    assert generation_defaults(str(tmp_path)) == {}
+    assert generation_defaults("tiny-random") == {}

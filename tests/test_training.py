@@ -329,6 +329,22 @@ def test_evaluate_reports_tau_speedup_and_plot(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_curve_sittings_add_up(tmp_path):
+    """--prior-curve/--tokens-offset: an earlier sitting's points come first unchanged; this
+    run's snapshots follow with the earlier tokens added and their sitting label."""
+    from dflash_core.training.evaluate import extend_curve, write_plot
+    prior = {"snapshot_curve": [{"step": 100, "tokens_seen": 50, "tau": 1.1, "sitting": "1"},
+                                {"step": 200, "tokens_seen": 100, "tau": 1.2, "sitting": "1"}]}
+    now = [{"step": 500, "tokens_seen": 30, "tau": 1.3}, {"step": 1000, "tokens_seen": 60, "tau": 1.4}]
+    out = extend_curve(prior, now, tokens_offset=100, sitting="2")
+    assert [c["tokens_seen"] for c in out] == [50, 100, 130, 160]
+    assert [c.get("sitting") for c in out] == ["1", "1", "2", "2"]
+    assert [c["step"] for c in out] == [100, 200, 500, 1000] and now[0]["tokens_seen"] == 30   # inputs untouched
+    assert extend_curve(None, now) == now
+    write_plot(tmp_path / "c.png", {}, out, None)
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_draft_vocab_training_and_warm_start(tmp_path):
     """--draft-vocab: the loss runs over the N most frequent response tokens and the saved
     drafter carries that vocabulary; --init: a new run starts from the saved weights."""

@@ -12,6 +12,8 @@ Contract
   prefill included). Greedy speculative output is checked to equal the autoregressive one.
 - --snapshots DIR: also tau (greedy, first --snapshot-prompts holdout prompts, batched)
   for every `step_NNNNNN/` snapshot of a training run, against training tokens seen.
+  --prior-curve JSON --tokens-offset N --sitting LABEL: sittings add up; the curve of an
+  earlier eval comes first, this run's snapshots follow with N earlier tokens added.
 - --plot PNG: tau vs training tokens (snapshots, and the teacher-forced tau of the run's
   log.jsonl) and per-position acceptance per dataset/temperature.
 - Output: one JSON object (also written to --out).
@@ -118,13 +120,33 @@ def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], m
     return rows
 
 
+def extend_curve(prior: dict | None, curve: list[dict], tokens_offset: int = 0,
+                 sitting: str | None = None) -> list[dict]:
+    """Sittings add up: a previous eval's curve, then this run's snapshots with the earlier
+    sittings' training tokens added (each point keeps its own run's step)."""
+    out = [dict(c) for c in (prior or {}).get("snapshot_curve", [])]
+    for c in curve:
+        c = dict(c)
+        if c.get("tokens_seen") is not None:
+            c["tokens_seen"] = int(c["tokens_seen"]) + int(tokens_offset)
+        if sitting is not None:
+            c["sitting"] = sitting
+        out.append(c)
+    return out
+
+
 def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    if curve:
-        ax1.plot([c["tokens_seen"] for c in curve], [c["tau"] for c in curve], "o-", label="engine tau (greedy, holdout)")
+    groups: dict = {}
+    for c in curve:
+        if c.get("tokens_seen") is not None:
+            groups.setdefault(c.get("sitting"), []).append(c)
+    for label, pts in groups.items():
+        name = "engine tau (greedy, holdout)" + (f", sitting {label}" if label is not None else "")
+        ax1.plot([c["tokens_seen"] for c in pts], [c["tau"] for c in pts], "o-", label=name)
     if log_path is not None and log_path.exists():
         rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
         ax1.plot([r["tokens_seen"] for r in rows], [r["tau_tf"] for r in rows], alpha=0.5,
@@ -163,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests decoded together (1: one after another, the speedup users see at batch 1)")
     ap.add_argument("--snapshots", default=None, help="a run's snapshots/ folder: tau vs training tokens")
     ap.add_argument("--snapshot-prompts", type=int, default=8)
+    ap.add_argument("--prior-curve", default=None,
+                    help="a previous sitting's eval JSON: its snapshot curve comes first (sittings add up)")
+    ap.add_argument("--tokens-offset", type=int, default=0,
+                    help="training tokens of earlier sittings, added to this run's snapshots")
+    ap.add_argument("--sitting", default=None, help="label of this run's snapshots in the curve")
     ap.add_argument("--log", default=None, help="a run's log.jsonl (teacher-forced tau in the plot)")
     ap.add_argument("--plot", default=None, help="PNG path")
     ap.add_argument("--out", default=None, help="JSON path")
@@ -217,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                                                                  a.max_prompt_tokens)
             curve = snapshot_curve(Path(a.snapshots), a.target, sp[:a.snapshot_prompts], a.max_new_tokens,
                                    a.block_size, a.device, dtype)
+        curve = extend_curve(json.loads(Path(a.prior_curve).read_text()) if a.prior_curve else None, curve,
+                             a.tokens_offset, a.sitting)
         from ..runtime import dtype_name
         summary = {"target": a.target, "drafter": a.drafter, "block_size": a.block_size, "dtype": dtype_name(dtype),
                    "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
