@@ -1,6 +1,6 @@
 """The DFlash drafter: a small block-diffusion model conditioned on target features.
 
-Contract (see ../shared/DESIGN.md):
+Contract (the public z-lab DFlash drafter, reimplemented):
 - context features: the outputs of K target layers, concatenated per token [.., K*hidden],
   fused by `fc` (no bias) and `hidden_norm` (RMSNorm) into one hidden vector per token;
 - every drafter layer is a Qwen3-style decoder layer whose attention reads queries from

@@ -18,12 +18,15 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 K8S = REPO / "k8s"
-# KubeRay's RayService CRD (ray.io_rayservices.yaml from the KubeRay release you deploy on)
-CRD = Path(os.environ.get("DFLASH_RAYSERVICE_CRD", "/work/shared/schemas/ray.io_rayservices.yaml"))
+# KubeRay's RayService CRD (ray.io_rayservices.yaml of a KubeRay release, controller-gen
+# v0.16.5, gzipped in tests/schemas/; DFLASH_RAYSERVICE_CRD points at the one you deploy on)
+CRD = Path(os.environ.get("DFLASH_RAYSERVICE_CRD", Path(__file__).parent / "schemas" / "ray.io_rayservices.yaml.gz"))
 
 
 def _docs(path: Path) -> list:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    import gzip
+    text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+    return [d for d in yaml.safe_load_all(text) if d is not None]
 
 
 def _merge_patch(base, patch):
@@ -69,7 +72,7 @@ def _errors(validator, doc) -> list[str]:
 
 
 def _rayservice() -> dict:
-    return _docs(K8S / "rayservice.yaml")[0]
+    return _docs(K8S / "base" / "rayservice.yaml")[0]
 
 
 def _disaggregated() -> dict:
@@ -86,19 +89,21 @@ def _serve_config(rs: dict) -> dict:
 def test_every_manifest_parses_and_names_its_kind():
     files = sorted(K8S.rglob("*.yaml"))
     assert {p.relative_to(K8S).as_posix() for p in files} >= {
-        "rayservice.yaml", "monitoring.yaml", "kustomization.yaml",
+        "base/rayservice.yaml", "base/monitoring.yaml", "base/kustomization.yaml", "kustomization.yaml",
         "disaggregated/kustomization.yaml", "disaggregated/serve-config.yaml"}
     for path in files:
         docs = _docs(path)
         assert docs, path
         for doc in docs:
             assert isinstance(doc, dict) and doc.get("apiVersion") and doc.get("kind"), path
-    dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((K8S / "base" / "grafana-dashboard.json").read_text())
     assert dashboard["uid"] and dashboard["panels"]
 
 
 def test_kustomizations_reference_existing_files():
-    for kfile in (K8S / "kustomization.yaml", K8S / "disaggregated" / "kustomization.yaml"):
+    kfiles = sorted(K8S.rglob("kustomization.yaml"))
+    assert len(kfiles) == 3
+    for kfile in kfiles:
         k = _docs(kfile)[0]
         assert k["kind"] == "Kustomization"
         for res in k.get("resources", []):
@@ -108,6 +113,47 @@ def test_kustomizations_reference_existing_files():
         for gen in k.get("configMapGenerator", []):
             for f in gen["files"]:
                 assert (kfile.parent / f).exists(), (kfile, f)
+
+
+def test_no_kustomization_includes_a_folder_that_contains_it():
+    """kustomize refuses `resources: [../]` (a root containing a visited root): overlays
+    reference base/, never an ancestor folder."""
+    for kfile in K8S.rglob("kustomization.yaml"):
+        here = kfile.parent.resolve()
+        for res in _docs(kfile)[0].get("resources", []):
+            target = (kfile.parent / res).resolve()
+            assert target.is_file() or target not in here.parents and target != here, (kfile, res)
+
+
+def _kustomize_cmd() -> list[str] | None:
+    import shutil
+    if shutil.which("kustomize"):
+        return ["kustomize", "build"]
+    if shutil.which("kubectl"):
+        return ["kubectl", "kustomize"]
+    return None
+
+
+@pytest.mark.parametrize("overlay", ["", "disaggregated"])
+def test_real_kustomize_builds_every_kustomization(overlay):
+    """What `kubectl apply -k` would send: built by a real kustomize, the RayService equals
+    the manifests (and, for the overlay, the merge patch) these tests check."""
+    import subprocess
+    cmd = _kustomize_cmd()
+    if cmd is None:
+        pytest.skip("neither kustomize nor kubectl is on PATH (kubectl ships kustomize: `kubectl kustomize`)")
+    r = subprocess.run([*cmd, str(K8S / overlay)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+    kinds = sorted(d["kind"] for d in docs)
+    assert kinds.count("RayService") == 1 and "ConfigMap" in kinds, kinds
+    rs = next(d for d in docs if d["kind"] == "RayService")
+    want = _disaggregated() if overlay else _rayservice()
+    assert _serve_config(rs) == _serve_config(want)
+    assert rs["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dflash-serve"
+    images = {c["image"] for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+              for c in g["template"]["spec"]["containers"]}
+    assert images == {"dflash-serve:latest"}
 
 
 # --------------------------------------------------------------------------- CRD schema
@@ -235,7 +281,7 @@ def test_gpu_worker_resources_readiness_and_service_port():
     head = rs["spec"]["rayClusterConfig"]["headGroupSpec"]
     assert head["rayStartParams"]["num-cpus"] == "0"
     # the image is set in one place (kustomization.yaml `images:`)
-    images = {d["name"] for d in _docs(K8S / "kustomization.yaml")[0]["images"]}
+    images = {d["name"] for d in _docs(K8S / "base" / "kustomization.yaml")[0]["images"]}
     assert c["image"].split(":")[0] in images
     assert head["template"]["spec"]["containers"][0]["image"] == c["image"]
 
@@ -246,7 +292,7 @@ def test_pod_monitors_select_ray_pods_on_named_ports():
     worker_ports = {p["name"] for p in _worker_container(rs)["ports"]}
     head_ports = {p["name"] for p in rs["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
                   ["containers"][0]["ports"]}
-    monitors = [d for d in _docs(K8S / "monitoring.yaml") if d["kind"] == "PodMonitor"]
+    monitors = [d for d in _docs(K8S / "base" / "monitoring.yaml") if d["kind"] == "PodMonitor"]
     assert monitors
     app_monitor = next(m for m in monitors if any(e.get("path") == "/metrics" and e["port"] == "serve"
                                                  for e in m["spec"]["podMetricsEndpoints"]))
@@ -276,7 +322,7 @@ def _service_metric_names() -> set[str]:
 
 def test_dashboard_queries_use_metrics_the_service_exports():
     exported = _service_metric_names()
-    dashboard = json.loads((K8S / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((K8S / "base" / "grafana-dashboard.json").read_text())
     exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     used = {n for e in exprs for n in re.findall(r"\b(dflash_[a-z_]+)\b", e)}
     assert used and used <= exported, used - exported
