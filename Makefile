@@ -8,7 +8,7 @@ PORT    ?= 8000
 # OpenMP waiters are chosen by each entry point (dflash_core/runtime.py): the CLI's
 # engine commands spin (one process owns the cores), the server and the tests sleep.
 
-.PHONY: install serve test bench loadtest clean lint
+.PHONY: install serve test bench bench-peers llama-cpp loadtest clean lint
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -31,6 +31,14 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/dflash bench --verify-cost --vs-hf --block-sizes 4,8,16 --batch-sizes 8,16
+
+# this engine vs transformers generate / prompt lookup / llama.cpp (docs/BENCHMARKS.md)
+bench-peers: $(STAMP)
+	$(BIN)/dflash bench --peers --peer-prompts 20 --max-new-tokens 128 --block-size 4 --peers-plot docs/peers.png
+
+# optional: llama.cpp for bench-peers (compiles from source, ~9 min on one core)
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(BIN)/pip install llama-cpp-python==0.3.36
 
 # against a running server (make serve in another shell): speculation on vs off
 loadtest: $(STAMP)

@@ -61,9 +61,14 @@ class _HF:
 
 
 class _LlamaCpp:
-    def __init__(self, gguf: str, threads: int):
+    def __init__(self, gguf: str, threads: int, lookup: int = 0):
         from llama_cpp import Llama
-        self.llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, verbose=False, logits_all=False)
+        kw = {}
+        if lookup:   # llama.cpp's own prompt-lookup drafting (n-gram matches in the context)
+            from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+            kw["draft_model"] = LlamaPromptLookupDecoding(num_pred_tokens=lookup)
+        self.llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False,
+                         logits_all=bool(lookup), **kw)
 
     def generate(self, ids: list[int], n: int) -> list[int]:
         out = []
@@ -84,7 +89,7 @@ def build_systems(target: str, engine, dtype, threads: int) -> tuple[dict, dict]
     else:
         skipped["engine-dflash"] = "no drafter loaded"
     if target == "tiny-random":
-        for name in ("hf-fp32", "hf-bf16", "hf-lookup", "llama.cpp"):
+        for name in ("hf-fp32", "hf-bf16", "hf-lookup", "llama.cpp", "llama.cpp-lookup"):
             skipped[name] = "the tiny random model exists only inside this engine (no HF folder or GGUF)"
         return systems, skipped
     folder = str(resolve_model_dir(target))
@@ -96,11 +101,14 @@ def build_systems(target: str, engine, dtype, threads: int) -> tuple[dict, dict]
         if gguf is None:
             raise FileNotFoundError("the target is not a GGUF file")
         systems["llama.cpp"] = _LlamaCpp(gguf, threads)
+        systems["llama.cpp-lookup"] = _LlamaCpp(gguf, threads, lookup=10)
     except ImportError:
-        skipped["llama.cpp"] = ("llama-cpp-python is not installed: PyPI has only its source distribution, "
-                                "which compiles llama.cpp on install (pip install llama-cpp-python)")
+        for name in ("llama.cpp", "llama.cpp-lookup"):
+            skipped[name] = ("llama-cpp-python is not installed: PyPI has only its source distribution, which "
+                             "compiles llama.cpp on install (`make llama-cpp`, ~9 min on one core)")
     except Exception as e:  # noqa: BLE001  (a load failure is reported, not fatal)
-        skipped["llama.cpp"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        for name in ("llama.cpp", "llama.cpp-lookup"):
+            skipped.setdefault(name, f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     return systems, skipped
 
 

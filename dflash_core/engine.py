@@ -11,8 +11,10 @@ Invariants per running sequence (committed = prompt + generated tokens, n = len)
   target forward that the drafter has not seen); the anchor's features never exist yet.
 
 One step (`step()`):
-  1) admit waiting requests into free slots: one batched prefill of their prompts,
-     sample their first token (the anchor), queue the prompt features for the drafter;
+  1) prefill: up to max_prefill_tokens prompt tokens per step (next chunks of rows still
+     prefilling, then waiting requests admitted into free slots), batched; a row whose
+     prompt is complete samples its first token (the anchor); the prompt features are
+     queued for the drafter. Rows still prefilling skip steps 2-5;
   2) pick the verified block size b from the schedule (1 = plain autoregressive);
   3) draft: one drafter forward over all speculative rows, block [anchor, MASK x (B-1)]
      at positions n-1 .. n+B-2; draft tokens = drafter outputs 1..b-1 (argmax, or
@@ -45,7 +47,10 @@ class EngineConfig:
     # (max_running, block_size) pairs: the first whose max_running >= running rows picks
     # the verified block size of a step; None = always block_size.
     block_size_schedule: list[tuple[int, int]] | None = None
-    max_prefill_tokens: int = 4096
+    # prompt tokens prefilled per step, over all rows: a longer prompt is prefilled in
+    # chunks over several steps, interleaved with the decode steps of the running rows
+    # (the per-step stall stays bounded by this budget)
+    max_prefill_tokens: int = 512
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -127,7 +132,7 @@ class GenerationResult:
 
 class _Sequence:
     __slots__ = ("request_id", "prompt", "params", "gen", "slot", "output", "last", "pending_feats",
-                 "pending_pos", "stats", "stop_ids", "finish_reason", "arrival_s", "stop_token_id")
+                 "pending_pos", "stats", "stop_ids", "finish_reason", "arrival_s", "stop_token_id", "prefilled")
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stop_ids: frozenset):
         self.request_id = request_id
@@ -144,6 +149,11 @@ class _Sequence:
         self.finish_reason: str | None = None
         self.stop_token_id: int | None = None
         self.arrival_s = time.monotonic()
+        self.prefilled = 0                # prompt tokens in the target cache (chunked prefill)
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.prompt)
 
     @property
     def num_committed(self) -> int:
@@ -269,7 +279,7 @@ class SpecEngine:
             for seq, tok in self._prefill():
                 emitted[seq.request_id] = self._commit(seq, [tok])
             # 2-5) one speculative (or autoregressive) step over all running rows
-            live = [s for s in self.running.values() if s.finish_reason is None]
+            live = [s for s in self.running.values() if s.finish_reason is None and not s.prefilling]
             if live:
                 b_sched = self.config.block_size_for(len(self.running))
                 groups: dict[int, list[_Sequence]] = {}
@@ -307,39 +317,52 @@ class SpecEngine:
         return new
 
     def _prefill(self) -> list[tuple[_Sequence, int]]:
-        admitted: list[_Sequence] = []
+        """Prefill up to max_prefill_tokens prompt tokens: first the next chunks of rows
+        already prefilling (admission order), then new requests while slots and budget
+        last. Rows whose prompt is complete sample their first token (the anchor)."""
         budget = self.config.max_prefill_tokens
-        while self.waiting and self.cache.num_free > 0:
-            seq = self.waiting[0]
-            if admitted and len(seq.prompt) > budget:
-                break
-            self.waiting.popleft()
-            budget -= len(seq.prompt)
+        work: list[tuple[_Sequence, int, int]] = []          # (seq, start, n)
+        for seq in self.running.values():
+            if seq.prefilling and budget > 0:
+                n = min(len(seq.prompt) - seq.prefilled, budget)
+                work.append((seq, seq.prefilled, n))
+                budget -= n
+        while self.waiting and self.cache.num_free > 0 and budget > 0:
+            seq = self.waiting.popleft()
             seq.slot = self.cache.alloc()
             self.running[seq.request_id] = seq
-            admitted.append(seq)
-        if not admitted:
+            n = min(len(seq.prompt), budget)
+            work.append((seq, 0, n))
+            budget -= n
+        if not work:
             return []
-        R, T = len(admitted), max(len(s.prompt) for s in admitted)
-        ids = torch.zeros(R, T, dtype=torch.int64)
-        for r, s in enumerate(admitted):
-            ids[r, :len(s.prompt)] = torch.tensor(s.prompt)
-        slots = torch.tensor([s.slot for s in admitted])
-        lens = torch.tensor([len(s.prompt) for s in admitted])
-        hidden, feats = self.target(ids, self.cache, slots, torch.zeros(R, dtype=torch.int64),
-                                    self.target_layer_ids if self.speculative else ())
-        last = hidden[torch.arange(R), lens - 1]                         # [R, hidden]
-        logits = self.target.logits(last)                                 # [R, V]
-        first = self._sample_rows(admitted, logits)
-        out = []
-        for r, s in enumerate(admitted):
-            n = len(s.prompt)
-            self.cache.set_len(s.slot, n)          # prompt in cache; first token is the anchor
-            if feats is not None and s.params.speculative:
-                s.pending_feats.append(feats[r, :n])
-                s.pending_pos.append(torch.arange(n))
-            out.append((s, int(first[r])))
-        return out
+        T = max(n for _, _, n in work)
+        # one batched forward when every padded row fits in its slot, else row by row
+        batches = [work] if all(st + T <= self.capacity for _, st, _ in work) else [[w] for w in work]
+        done: list[tuple[_Sequence, torch.Tensor]] = []
+        for batch in batches:
+            R, T = len(batch), max(n for _, _, n in batch)
+            ids = torch.zeros(R, T, dtype=torch.int64)
+            for r, (s, st, n) in enumerate(batch):
+                ids[r, :n] = torch.tensor(s.prompt[st:st + n])
+            slots = torch.tensor([s.slot for s, _, _ in batch])
+            starts = torch.tensor([st for _, st, _ in batch], dtype=torch.int64)
+            hidden, feats = self.target(ids, self.cache, slots, starts,
+                                        self.target_layer_ids if self.speculative else ())
+            for r, (s, st, n) in enumerate(batch):
+                self.cache.set_len(s.slot, st + n)
+                s.prefilled = st + n
+                if feats is not None and s.params.speculative:
+                    s.pending_feats.append(feats[r, :n])
+                    s.pending_pos.append(torch.arange(st, st + n))
+                if not s.prefilling:   # the prompt is in the cache: its last position gives the anchor
+                    done.append((s, hidden[r, n - 1]))
+        if not done:
+            return []
+        rows = [s for s, _ in done]
+        logits = self.target.logits(torch.stack([h for _, h in done]))   # [R, V]
+        first = self._sample_rows(rows, logits)
+        return [(s, int(first[r])) for r, s in enumerate(rows)]
 
     def _uniforms(self, rows: list[_Sequence], n: int) -> torch.Tensor:
         """[R, n] uniforms, each row from its own generator (batch-independent)."""

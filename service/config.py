@@ -38,7 +38,7 @@ class ServiceConfig:
     block_size_schedule: list[tuple[int, int]] | None = field(
         default_factory=lambda: [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
     )
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 512  # prompt tokens prefilled per engine step (longer prompts: in chunks)
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429
     retry_after_s: int = 1

@@ -300,3 +300,42 @@ def test_same_seed_same_output_regardless_of_batch(target):
                                                     ignore_eos=True))
     assert c.token_ids != a.token_ids
     assert math.isfinite(a.stats.mean_acceptance_length)
+
+
+@pytest.mark.parametrize("speculative", [True, False])
+def test_chunked_prefill_is_exact_bounded_and_interleaved(target, speculative):
+    """A prompt longer than max_prefill_tokens is prefilled in chunks over several steps:
+    no step prefills more than the budget, rows already running emit a token every step
+    meanwhile, the long row emits nothing until its prompt is in, and every output equals
+    the target's own greedy continuation (the naive reference, no chunks)."""
+    budget = 16
+    long_prompt = [(7 * i + 3) % 2000 + 10 for i in range(70)]          # 70 tokens: 5 chunks
+    ref_long, ref_short = naive_greedy(target, long_prompt, 12), naive_greedy(target, PROMPTS[1], 30)
+    cfg = EngineConfig(max_slots=3, max_seq_len=160, block_size=8, max_prefill_tokens=budget)
+    backend = None
+    if speculative:
+        d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=8, mask_token_id=3, num_features=2)
+        backend = LocalDraftBackend(d, 3, 160 + 8 + 1)
+    eng = SpecEngine(target, backend, cfg)
+    p = SamplingParams(max_new_tokens=30, ignore_eos=True)
+    eng.add_request("short", PROMPTS[1], p)
+    got = {"short": [], "long": []}
+    for o in eng.step():                                                 # short is decoding now
+        got[o.request_id] += o.new_token_ids
+    eng.add_request("long", long_prompt, SamplingParams(max_new_tokens=12, ignore_eos=True))
+    long_seq = eng.waiting[0]
+    steps_until_anchor = 0
+    while eng.has_unfinished_requests():
+        before = long_seq.prefilled
+        outs = {o.request_id: o for o in eng.step()}
+        assert long_seq.prefilled - before <= budget
+        if long_seq.prefilling:
+            steps_until_anchor += 1
+            assert "long" not in outs or not outs["long"].new_token_ids
+            if len(got["short"]) < 30:
+                assert outs["short"].new_token_ids                          # decode went on meanwhile
+        for rid, o in outs.items():
+            got[rid] += o.new_token_ids
+    assert steps_until_anchor == math.ceil(len(long_prompt) / budget) - 1
+    assert got["long"] == ref_long and got["short"] == ref_short
+    assert eng.num_free_slots == 3
