@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .config import PLACEMENTS, ServiceConfig, parse_schedule
@@ -78,12 +79,68 @@ def check_models(cfg: ServiceConfig) -> None:
         raise CliError(f"dflash serve: drafter {cfg.drafter!r} is not a folder, 'default', 'random' or 'none'")
 
 
-def _wait_for_signal() -> None:
+def _stop_event() -> threading.Event:
+    """SIGINT/SIGTERM set the returned event (installed after ray.init, which installs its own)."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for(stop: threading.Event) -> None:
     while not stop.is_set():
         stop.wait(1.0)
+
+
+_SUPERVISED = "DFLASH_SERVE_SUPERVISED"
+
+
+def supervise(argv: list[str]) -> int:
+    """Run the Ray driver (and so the local Ray cluster it starts) in a session of its own.
+
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group, and Ray's
+    worker processes (the HTTP proxy, the replicas) would die of it mid-stream. Here only
+    this parent hears it and forwards one SIGTERM to the driver, which drains the
+    application in order (no new requests, running ones get shutdown_grace_s, the rest end
+    with finish_reason "abort" and [DONE]) and stops Ray. A second Ctrl-C kills it."""
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-m", "service.cli", *argv], start_new_session=True,
+                             env={**os.environ, _SUPERVISED: "1"})
+    hits = []
+
+    def forward(signum, _frame):
+        hits.append(signum)
+        try:
+            if len(hits) == 1:
+                child.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, forward)
+    while True:
+        try:
+            rc = child.wait()
+            break
+        except KeyboardInterrupt:   # pragma: no cover (handlers are installed)
+            continue
+    return rc if not hits or rc != -signal.SIGTERM else 0
+
+
+def drain(cfg: ServiceConfig) -> None:
+    """Before Serve tears down its proxy: the ingress stops accepting (503), gives running
+    requests shutdown_grace_s, then ends the rest with finish_reason "abort" and [DONE]
+    while the proxy is still there to deliver them."""
+    from ray import serve
+    try:
+        handle = serve.get_deployment_handle("DFlashServer", app_name="dflash")
+        handle.drain.remote(cfg.shutdown_grace_s).result(timeout_s=cfg.shutdown_grace_s + 60)
+        time.sleep(1.0)   # the proxy flushes the streams' last chunks
+    except Exception as e:  # noqa: BLE001  (shutting down regardless)
+        print(f"dflash serve: drain failed ({type(e).__name__}: {str(e)[:200]}); stopping anyway",
+              file=sys.stderr, flush=True)
 
 
 def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
@@ -97,13 +154,15 @@ def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
             ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
         else:
             ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=True)
+    stop = _stop_event()
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(cfg.to_dict()), name="dflash", route_prefix="/", blocking=False)
         print(f"dflash serve: model {cfg.served_model_name!r} ({cfg.placement}) on http://{host}:{port}/v1 "
               f"(Ctrl-C to stop)", flush=True)
-        _wait_for_signal()
+        _wait_for(stop)
         print("dflash serve: shutting down", flush=True)
+        drain(cfg)
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -141,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         if a.runtime == "uvicorn":
             run_uvicorn(cfg, a.host, a.port)
+        elif not os.environ.get("RAY_ADDRESS") and os.environ.get(_SUPERVISED) != "1":
+            return supervise(argv if argv is not None else sys.argv[1:])
         else:
             run_ray(cfg, a.host, a.port)
         return 0

@@ -91,6 +91,12 @@ class DFlashServer:
     def __serve_build_asgi_app__(self):
         return build_fastapi_app(self.server)
 
+    async def drain(self, grace_s: float) -> bool:
+        """Orderly stop (dflash serve on SIGINT/SIGTERM, before Serve removes its proxy):
+        no new requests (503), running ones get grace_s, the rest end with "abort"."""
+        await asyncio.to_thread(self.server.shutdown, grace_s)
+        return True
+
     def check_health(self) -> None:
         loop = self.server.loop
         if loop._thread is not None and not loop.alive:

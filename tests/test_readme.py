@@ -9,11 +9,13 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -81,6 +83,7 @@ def test_serve_then_curl_then_ctrl_c():
     port = free_port()
     assert "--port 8000" in serve and "127.0.0.1:8000" in curl
     serve, curl = serve.replace("--port 8000", f"--port {port}"), curl.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
+    interrupted = False
     proc = subprocess.Popen(["bash", "-c", "exec " + serve.strip()], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
@@ -100,9 +103,34 @@ def test_serve_then_curl_then_ctrl_c():
         assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
         assert '"chat.completion"' in r.stdout and "data: [DONE]" in r.stdout
         assert "dflash_spec_decode" in r.stdout
+        # Ctrl-C (SIGINT to the whole process group, as a terminal sends it) with a stream
+        # in flight: the stream still ends with a finish_reason and [DONE]
+        body = {"prompt": "Once upon a time", "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        events, first = [], threading.Event()
+
+        def stream():
+            with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=300) as resp:
+                for line in resp.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line[6:])
+                        first.set()
+            first.set()
+
+        t = threading.Thread(target=stream)
+        t.start()
+        assert first.wait(120)
+        os.killpg(proc.pid, signal.SIGINT)
+        interrupted = True
+        t.join(180)
+        assert not t.is_alive()
+        assert events and events[-1] == "[DONE]", events[-3:]
+        finish = [json.loads(e)["choices"][0].get("finish_reason") for e in events[:-1] if e.startswith("{")]
+        assert finish and finish[-1] in ("length", "abort"), events[-3:]
     finally:
         if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)          # what Ctrl-C sends
+            if not interrupted:
+                os.killpg(proc.pid, signal.SIGINT)      # what Ctrl-C sends
             try:
                 proc.wait(timeout=120)
             except subprocess.TimeoutExpired:
@@ -112,3 +140,4 @@ def test_serve_then_curl_then_ctrl_c():
     out = proc.stdout.read()
     assert proc.returncode == 0, out[-3000:]
     assert "shutting down" in out
+    assert "Traceback" not in out and "ActorDiedError" not in out, out[-3000:]
