@@ -216,7 +216,44 @@ def render_markdown(report: dict) -> str:
         lines += ["", "Share of drafts accepted at draft position k = 0, 1, ... (server counters):", ""]
         for c, rates in per_pos:
             lines.append(f"- concurrency {c}: " + " ".join(f"{x:.2f}" for x in rates))
+    idle = never_speculated(report)
+    if idle:
+        lines += ["", f"**Speculation never ran** in the 'on' runs at concurrency {', '.join(map(str, idle))} "
+                      "(no drafts in the server's counters: its block-size schedule chose plain decoding, or "
+                      "it serves without a drafter), so on and off compared the same decoding there."]
+    if report.get("plot"):
+        lines += ["", f"![tokens/s, TTFT and ITL on vs off]({report['plot']})"]
     errors = sorted({e for r in report["runs"] for e in r["client"]["errors"]})
     if errors:
         lines += ["", "Errors seen: " + "; ".join(errors)]
     return "\n".join(lines) + "\n"
+
+
+def never_speculated(report: dict) -> list[int]:
+    """Concurrency levels whose speculation-on run drafted nothing (server counters)."""
+    return sorted(r["concurrency"] for r in report["runs"] if r["mode"] == "on"
+                  and r.get("server") is not None and not (r["server"].get("num_drafts") or 0) > 0)
+
+
+def write_plot(report: dict, path) -> None:
+    """Output tokens/s, TTFT p50 and ITL p50 against concurrency, speculation on vs off."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = (("output_tokens_per_s", "output tokens/s"), ("ttft_ms_p50", "TTFT p50 (ms)"),
+              ("itl_ms_p50", "ITL p50 (ms)"))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, (key, label) in zip(axes, panels):
+        for mode, style in (("on", "o-"), ("off", "s--")):
+            pts = sorted((r["concurrency"], r["client"].get(key)) for r in report["runs"]
+                         if r["mode"] == mode and r["client"].get(key) is not None)
+            if pts:
+                ax.plot([c for c, _ in pts], [v for _, v in pts], style, label=f"speculation {mode}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (users)")
+        ax.set_title(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

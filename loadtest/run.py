@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 
 from loadtest.prompts import SOURCES, load_prompt_mix, write_prompts_file  # noqa: E402
 from loadtest.report import (build_report, outputs_by_prompt, parse_metrics, render_markdown,  # noqa: E402
-                             spec_decode_delta, summarize_run)
+                             spec_decode_delta, summarize_run, write_plot)
 from loadtest.stream import RequestRecord  # noqa: E402
 
 LOCUSTFILE = REPO / "loadtest" / "locustfile.py"
@@ -220,6 +220,11 @@ def main(argv: list[str] | None = None) -> int:
         "loadavg_1m_start": round(load_start, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2),
     }
     report = build_report(config, runs)
+    try:
+        write_plot(report, out_dir / "report.png")
+        report["plot"] = "report.png"
+    except ImportError as e:   # matplotlib is optional for the load test
+        print(f"no plot: {e}", file=sys.stderr)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     md = render_markdown(report)
     (out_dir / "report.md").write_text(md)

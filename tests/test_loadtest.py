@@ -14,7 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from loadtest.prompts import BUILTIN_PROMPTS, load_prompt_mix, read_prompts_file, write_prompts_file  # noqa: E402
 from loadtest.report import (build_report, compare_outputs, outputs_by_prompt, parse_metrics,  # noqa: E402
-                             render_markdown, spec_decode_delta, summarize_run)
+                             never_speculated, render_markdown, spec_decode_delta, summarize_run)
 from loadtest.stream import RequestRecord, SSEDecoder, StreamRecorder  # noqa: E402
 
 
@@ -136,6 +136,17 @@ def test_report_speedup_and_lossless_comparison():
     json.dumps(report)  # the report is plain JSON
 
 
+def test_report_says_when_speculation_never_ran():
+    recs = [_record("on", 0, 0.0, [0.1, 0.2], [1, 1], ids=[1, 2])]
+    runs = [{"concurrency": c, "mode": m, "client": summarize_run(recs), "server": {"num_drafts": n}}
+            for c, m, n in ((1, "on", 5), (4, "on", 0), (4, "off", 0))]
+    report = build_report({"command": "x"}, runs)
+    assert never_speculated(report) == [4]
+    assert "**Speculation never ran** in the 'on' runs at concurrency 4" in render_markdown(report)
+    report["runs"][1]["server"]["num_drafts"] = 3
+    assert never_speculated(report) == [] and "never ran" not in render_markdown(report)
+
+
 def test_metrics_delta_from_the_service_registry():
     """Scrapes of the service's own metrics registry before and after some verify steps."""
     from service.metrics import ServiceMetrics
@@ -210,7 +221,9 @@ def test_driver_runs_locust_on_and_off_against_the_real_service(tiny_server, tmp
         done = [r for r in recs if r.complete]
         assert done and all(sum(r.chunk_tokens) == r.usage["completion_tokens"] == len(r.token_ids) for r in done)
         assert all(r.mode == mode for r in recs)
-    assert "| 2 | on |" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "| 2 | on |" in md and "Speculation never ran" not in md
+    assert report["plot"] == "report.png" and (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert proc.stdout.strip().splitlines()[-1].startswith('{"speedup"')
 
 
