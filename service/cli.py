@@ -143,8 +143,15 @@ def drain(cfg: ServiceConfig) -> None:
               file=sys.stderr, flush=True)
 
 
+# Ray Serve's proxy must answer its ready check within 5 s by default: on a small machine
+# busy loading a model that can fail the whole start. Patient defaults (the env wins).
+RAY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
+
+
 def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    for k, v in RAY_PATIENCE.items():
+        os.environ.setdefault(k, v)   # read by Ray's processes, which inherit this environment
     import ray
     from ray import serve
 

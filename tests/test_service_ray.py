@@ -34,6 +34,9 @@ TINY = dict(target="tiny-random", drafter="random", max_slots=4, max_seq_len=256
 @pytest.fixture(scope="module")
 def serve_url():
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from service.cli import RAY_PATIENCE
+    for k, v in RAY_PATIENCE.items():      # a busy 2-core machine: the proxy may start slowly
+        os.environ.setdefault(k, v)
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1",
                                        "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}})
