@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 
 # Verified block size by number of running rows: pairs (max_running, block_size); the first
 # pair whose max_running >= running rows applies; None means "always block_size".
-# Measured on the 2-core CPU reference machine with the default target and the drafter
-# available at the time (docs/BENCHMARKS.md, "Serving": `python -m service.bench_serve
-# --sweep` prints the pick): plain decoding served the most tokens/s at every batch size
-# there (a 16-token verify costs ~3 one-token steps on that CPU; the drafter reached
-# tau ~1.1, below the measured break-even tau of 1.4-3.0). Re-pick it for a better drafter
-# or a GPU with the same command; `--block-size-schedule` / serve.yaml overrides it.
-DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1 << 30, 1),)
+# Measured on the 2-core CPU reference machine (bf16, the default target and the shipped
+# drafter, tau ~1.25-1.3 in serving): `python -m service.bench_serve --sweep --block-sizes
+# 1,4,8 --concurrency 1,2,4,8` (docs/BENCHMARKS.md, "Serving") served the most tokens/s
+# with block 4 at 1-2 running requests (22.3 vs 18.4 tok/s at 1) and with plain decoding
+# from 4 on (a verify of 4 rows x 4 tokens costs more than it saves at tau 1.3). Re-pick
+# it for a better drafter or a GPU with the same command; `--block-size-schedule` /
+# serve.yaml overrides it.
+DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (1 << 30, 1))
 
 PLACEMENTS = ("colocated", "disaggregated")
 
