@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 # drafter, tau ~1.25-1.3 in serving): `python -m service.bench_serve --sweep --block-sizes
 # 1,4,8 --concurrency 1,2,4,8` (docs/BENCHMARKS.md, "Serving") served the most tokens/s
 # with block 4 at 1-2 running requests (22.3 vs 18.4 tok/s at 1) and with plain decoding
-# from 4 on (a verify of 4 rows x 4 tokens costs more than it saves at tau 1.3). Re-pick
+# at 4 and 8, so from 3 on (a verify of 4 rows x 4 tokens costs more than it saves at tau 1.3). Re-pick
 # it for a better drafter or a GPU with the same command; `--block-size-schedule` /
 # serve.yaml overrides it.
 DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (1 << 30, 1))
