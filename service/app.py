@@ -72,6 +72,14 @@ class Server:
 
     # ---- request -> engine inputs ------------------------------------------------------
     def prompt_ids(self, req) -> list[int]:
+        try:
+            return self._prompt_ids(req)
+        except (UnicodeError, TypeError) as e:   # e.g. a lone surrogate ("\ud800") the tokenizer cannot take
+            param = "messages" if isinstance(req, P.ChatCompletionRequest) else "prompt"
+            raise P.APIError(400, f"the {param} is not valid Unicode text ({type(e).__name__}: {str(e)[:120]})",
+                             param=param, code="invalid_value") from None
+
+    def _prompt_ids(self, req) -> list[int]:
         tok = self.tokenizer
         if isinstance(req, P.ChatCompletionRequest):
             if not getattr(tok, "chat_template", None):

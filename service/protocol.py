@@ -177,8 +177,8 @@ def parse_request(model_cls: type[_SamplingFields], body: bytes) -> _SamplingFie
     # 1) JSON
     try:
         data = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise APIError(400, f"We could not parse the JSON body of your request ({e}). "
+    except (ValueError, RecursionError) as e:   # bad JSON, bad UTF-8, 4300+-digit ints, deep nesting
+        raise APIError(400, f"We could not parse the JSON body of your request ({str(e)[:200] or type(e).__name__}). "
                             "Send a JSON object with Content-Type: application/json.",
                        code="invalid_json")
     if not isinstance(data, dict):

@@ -212,6 +212,11 @@ def test_mixed_greedy_and_sampled_batch(srv, tok):
 BAD = [
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
+    # hostile bodies that gave 500 before: a 5,000-digit integer, JSON nested 2,000 deep,
+    # a lone surrogate in the prompt
+    (b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"1" * 5000 + b"}", 400, None),
+    (b'{"model": "tiny", "prompt": ' + b"[" * 2000 + b"]" * 2000 + b"}", 400, None),
+    (b'{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 3}', 400, "prompt"),
     ({"model": MODEL}, 400, "prompt"),
     ({"model": MODEL, "prompt": 5}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
