@@ -168,6 +168,14 @@ class _GuardMiddleware:
         length = headers.get("content-length", "")
         if err is None and length.isdigit() and int(length) > MAX_BODY_BYTES:
             err = P.APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large")
+        if err is None and scope.get("method") == "POST":
+            # read the body here, counting the bytes actually received (a chunked body has no
+            # Content-Length) and bounding the time a client may take to send it
+            body, err = await self._read_body(receive, cfg.body_read_timeout_s)
+            if body is None and err is None:
+                return                                   # the client left before sending its body
+            if err is None:
+                receive = _replay(body, receive)
         if err is not None:
             metrics.on_http(err.status)
             return await _error_response(err)(scope, receive, send)
@@ -178,6 +186,42 @@ class _GuardMiddleware:
             await send(message)
 
         await self.app(scope, receive, send_counted)
+
+    @staticmethod
+    async def _read_body(receive, timeout_s: float):
+        """-> (body, None) | (None, APIError) | (None, None) when the client disconnected."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        chunks, total = [], 0
+        while True:
+            try:
+                msg = await asyncio.wait_for(receive(), timeout=max(0.001, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return None, P.APIError(408, f"the request body did not arrive within {timeout_s:g} s",
+                                        code="request_timeout")
+            if msg["type"] == "http.disconnect":
+                return None, None
+            data = msg.get("body", b"")
+            total += len(data)
+            if total > MAX_BODY_BYTES:
+                return None, P.APIError(413, f"request body over {MAX_BODY_BYTES} bytes", code="too_large")
+            chunks.append(data)
+            if not msg.get("more_body", False):
+                return b"".join(chunks), None
+
+
+def _replay(body: bytes, receive):
+    """An ASGI receive that gives the already-read body once, then the client's own
+    messages (so handlers still see a disconnect)."""
+    sent = False
+
+    async def replayed():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+    return replayed
 
 
 def build_app(server: Server) -> FastAPI:

@@ -51,6 +51,7 @@ class ServiceConfig:
     # convention): None = the model folder's generation_config.json, then OpenAI's 1.0 / 1.0 / off
     sampling_defaults: dict | None = None
     shutdown_grace_s: float = 30.0
+    body_read_timeout_s: float = 30.0  # a client that has not sent its whole body by then gets 408
     # operations
     api_key: str | None = None  # default: env DFLASH_API_KEY
     log_level: str = "INFO"
@@ -66,6 +67,8 @@ class ServiceConfig:
     omp_wait_policy: str = "passive"
 
     def __post_init__(self) -> None:
+        if not self.body_read_timeout_s > 0:
+            raise ValueError(f"body_read_timeout_s must be > 0, got {self.body_read_timeout_s}")
         if self.sampling_defaults is not None:
             bad = sorted(set(self.sampling_defaults) - {"temperature", "top_p", "top_k"})
             if bad:

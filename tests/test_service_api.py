@@ -510,3 +510,40 @@ def test_generation_defaults_read_the_model_folder(tmp_path):
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 9.0, "top_p": "x"}))
     assert generation_defaults(str(tmp_path)) == {}
     assert generation_defaults("tiny-random") == {}
+
+
+def test_body_caps_count_received_bytes_and_time(tok):
+    """A chunked body (no Content-Length) over the cap gets 413 without being read to the
+    end; a client trickling its body gets 408 after body_read_timeout_s while other
+    requests are served meanwhile; both leave the server healthy."""
+    import socket
+
+    from service.app import MAX_BODY_BYTES
+    s = start_server(tok, body_read_timeout_s=1.0)
+    try:
+        def chunks():
+            piece = b"x" * (1 << 20)
+            yield b'{"model": "tiny", "prompt": "'
+            for _ in range(MAX_BODY_BYTES // len(piece) + 2):
+                yield piece
+            yield b'"}'
+        r = httpx.post(s.url + "/v1/completions", content=chunks(), headers={"content-type": "application/json"},
+                       timeout=60)
+        assert_openai_error(r, 413)
+        host, port = s.url.rsplit(":", 1)
+        slow = socket.create_connection((host.split("//")[1], int(port)))
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"model\": ")
+        t0 = time.monotonic()
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "meanwhile", "max_tokens": 3})
+        assert r.status_code == 200                                         # not held up by the slow client
+        slow.settimeout(30)
+        reply = slow.recv(4096).decode()
+        assert reply.startswith("HTTP/1.1 408") and '"request_timeout"' in reply, reply[:300]
+        assert 0.9 < time.monotonic() - t0 < 20
+        slow.close()
+        assert httpx.get(s.url + "/health").status_code == 200
+    finally:
+        s.stop()
+    with pytest.raises(ValueError, match="body_read_timeout_s"):
+        make_cfg(body_read_timeout_s=0)
