@@ -294,14 +294,18 @@ def build_app(server: Server) -> FastAPI:
         return await _generate(request, P.ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
 
     async def _generate(request: Request, model_cls, id_prefix: str, chunk_object: str):
-        req = P.parse_request(model_cls, await request.body())
+        body = await request.body()
+        req = await asyncio.to_thread(P.parse_request, model_cls, body) if len(body) > (64 << 10) else \
+            P.parse_request(model_cls, body)
         if req.model is None:
             req.model = server.model_name
         if req.model != server.model_name:
             raise P.APIError(404, f"The model '{req.model}' does not exist; this server serves "
                                   f"'{server.model_name}' (GET /v1/models).", param="model",
                              code="model_not_found")
-        prompt_ids = server.prompt_ids(req)
+        # tokenising / chat templating a large prompt takes a while: off the event loop, so
+        # other streams and /health go on meanwhile (the body is already capped in bytes)
+        prompt_ids = await asyncio.to_thread(server.prompt_ids, req)
         params = server.sampling_params(req, len(prompt_ids))
         rid = P.new_id(id_prefix)
         try:

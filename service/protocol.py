@@ -176,7 +176,7 @@ def parse_request(model_cls: type[_SamplingFields], body: bytes) -> _SamplingFie
     """JSON bytes -> validated request; raises APIError(400) naming the offending field."""
     # 1) JSON
     try:
-        data = json.loads(body)
+        data = json.loads(body)   # callers cap the body in bytes first (service/app.py)
     except (ValueError, RecursionError) as e:   # bad JSON, bad UTF-8, 4300+-digit ints, deep nesting
         raise APIError(400, f"We could not parse the JSON body of your request ({str(e)[:200] or type(e).__name__}). "
                             "Send a JSON object with Content-Type: application/json.",
