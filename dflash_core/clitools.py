@@ -10,8 +10,22 @@ class CliError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    """Every command's parser: one-line errors (CliError), and every option's default in
+    its --help line (options without a description get at least that)."""
+
     def error(self, message):  # one line, not the usage block
         raise CliError(f"{self.prog}: {message}")
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction,
+                                   argparse._HelpAction, argparse._VersionAction))
+        if action.option_strings and not flag and action.default is not argparse.SUPPRESS:
+            if not action.help:
+                action.help = "default: %(default)s"
+            elif "%(default)" not in action.help and action.default not in (None, ""):
+                action.help += " (default: %(default)s)"
+        return action
 
 
 def _positive_int(s: str) -> int:

@@ -152,7 +152,8 @@ def requests_for(concurrency: int, per_client: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m service.bench_serve", description=__doc__.split("\n\n")[0])
+    from dflash_core.clitools import _Parser
+    ap = _Parser(prog="python -m service.bench_serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     ap.add_argument("--model", default=None)
     ap.add_argument("--target", default="default")

@@ -23,9 +23,10 @@ from .config import PLACEMENTS, ServiceConfig, parse_schedule
 
 
 from dflash_core.clitools import CliError  # noqa: E402  (one error type for every command)
+from dflash_core.clitools import _Parser as _CoreParser  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
+class _Parser(_CoreParser):
     def error(self, message):
         raise CliError(f"dflash serve: {message}")
 

@@ -347,7 +347,8 @@ class FeatureCaptureGenerator:
 
 def build_parser() -> argparse.ArgumentParser:
     d = DataConfig()
-    ap = argparse.ArgumentParser(prog="dflash data", description=__doc__.split("\n\n")[0])
+    from ..clitools import _Parser
+    ap = _Parser(prog="dflash data", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default=d.target, help="target model (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--out", default=d.out, help="shard folder (resumable)")
     ap.add_argument("--split", default=d.split, choices=["train", "holdout"])

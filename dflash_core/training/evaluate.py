@@ -171,7 +171,8 @@ def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="dflash eval", description=__doc__.split("\n\n")[0])
+    from ..clitools import _Parser
+    ap = _Parser(prog="dflash eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="default")
     ap.add_argument("--drafter", default="default", help="drafter folder (default: the shipped one)")
     ap.add_argument("--datasets", nargs="+", default=["sharegpt", "humaneval"], choices=["sharegpt", "humaneval"])

@@ -43,7 +43,7 @@ from .blocks import (IGNORE, accepted_lengths, build_block_batch, default_gamma,
 
 @dataclass
 class TrainConfig:
-    data: list[str] = field(default_factory=lambda: ["data/train_f"])
+    data: list[str] = field(default_factory=lambda: ["data/sharegpt-smollm2-135m"])
     out: str = "runs/drafter"
     target: str = "default"
     num_layers: int = 1
@@ -445,7 +445,8 @@ class Trainer:
 # ---- CLI -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    ap = argparse.ArgumentParser(prog="dflash train", description=__doc__.split("\n\n")[0])
+    from ..clitools import _Parser
+    ap = _Parser(prog="dflash train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", default=d.data, help="shard folders from `dflash data`")
     ap.add_argument("--out", default=d.out, help="run folder (rerun the same command to resume)")
     ap.add_argument("--target", default=d.target)
