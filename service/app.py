@@ -210,6 +210,22 @@ class _GuardMiddleware:
                 return b"".join(chunks), None
 
 
+def _ray_request_id() -> str | None:
+    """Ray Serve's id of the current request (its access log and its x-request-id header)."""
+    try:
+        from ray.serve.context import _get_serve_request_context
+        return _get_serve_request_context().request_id or None
+    except Exception:  # noqa: BLE001  (not under Ray Serve)
+        return None
+
+
+def _id_header(rid: str) -> dict:
+    """Our request id (the response's `id`). Under Ray Serve the proxy already sends its own
+    x-request-id (logged beside ours as ray_request_id), so ours goes in X-DFlash-Request-Id
+    there; one x-request-id header either way."""
+    return {"X-DFlash-Request-Id": rid} if _ray_request_id() else {"X-Request-Id": rid}
+
+
 def _replay(body: bytes, receive):
     """An ASGI receive that gives the already-read body once, then the client's own
     messages (so handlers still see a disconnect)."""
@@ -316,7 +332,9 @@ def build_app(server: Server) -> FastAPI:
         except Unavailable as e:
             raise P.APIError(503, str(e), type="server_error", code="unavailable",
                              headers={"Retry-After": str(cfg.retry_after_s)})
-        log_event(log, "request.accepted", request_id=rid, prompt_tokens=len(prompt_ids),
+        ray_rid = _ray_request_id()
+        extra = {"ray_request_id": ray_rid} if ray_rid else {}
+        log_event(log, "request.accepted", request_id=rid, **extra, prompt_tokens=len(prompt_ids),
                   max_tokens=params.max_new_tokens, temperature=params.temperature, stream=req.stream,
                   speculative=params.speculative)
         created = P.now_s()
@@ -324,7 +342,7 @@ def build_app(server: Server) -> FastAPI:
         if req.stream:
             return StreamingResponse(_sse(stream, req, rid, created, chat, chunk_object, len(prompt_ids)),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Request-Id": rid})
+                                     headers={"Cache-Control": "no-cache", **_id_header(rid)})
         return await _collect(request, stream, req, rid, created, chat, len(prompt_ids))
 
     def _finish_log(rid: str, ev: StreamEvent, t0: float) -> None:
@@ -364,7 +382,7 @@ def build_app(server: Server) -> FastAPI:
         pids = stream.prompt_token_ids if req.return_token_ids else None
         build = P.chat_response if chat else P.completion_response
         body = build(rid, created, server.model_name, "".join(text), ev.finish_reason, usage, ids, pids)
-        return JSONResponse(body, headers={"X-Request-Id": rid})
+        return JSONResponse(body, headers=_id_header(rid))
 
     async def _sse(stream, req, rid, created, chat, chunk_object, num_prompt_tokens):
         t0 = time.monotonic()

@@ -270,6 +270,7 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(srv):
     assert_openai_error(httpx.get(srv.url + "/v1/completions"), 405)
     r = post(srv.url, "/v1/completions", {"model": MODEL, "prompt": "still alive", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+    assert r.headers.get_list("x-request-id") == [r.json()["id"]]     # one id header, the response's id
     # an omitted model means the served one (vLLM / SGLang convention); a wrong one stays 404
     r = post(srv.url, "/v1/completions", {"prompt": "no model named", "max_tokens": 3})
     assert r.status_code == 200 and r.json()["model"] == MODEL

@@ -126,7 +126,10 @@ def test_default_model_end_to_end_from_serve_yaml(serve_url):
     want = engine.generate([ids], SamplingParams(max_new_tokens=20))[0].token_ids
 
     body = {"model": "smollm2", "messages": msgs, "max_tokens": 20, "temperature": 0, "return_token_ids": True}
-    j = httpx.post(serve_url + "/v1/chat/completions", json=body, timeout=300).json()
+    r = httpx.post(serve_url + "/v1/chat/completions", json=body, timeout=300)
+    j = r.json()
+    # one x-request-id (Ray's proxy); the app's own id in X-DFlash-Request-Id = the body's id
+    assert len(r.headers.get_list("x-request-id")) == 1 and r.headers["x-dflash-request-id"] == j["id"]
     assert j["choices"][0]["token_ids"] == want
     assert j["choices"][0]["message"]["content"] == decode_text(tok, want)
     if torch_dtype(cfg) == torch.float32:   # bf16: a near-tie first token (tests/test_default_model.py)
