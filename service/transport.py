@@ -196,6 +196,9 @@ class RemoteDraftBackend:
         return out.to(block_emb.device)
 
 
+STALE_JOIN_TIMEOUT_S = 10.0
+
+
 class DrafterServer:
     """Drafter side (rank 1): a LocalDraftBackend served over the group, one step per message."""
 
@@ -226,8 +229,13 @@ class DrafterServer:
             old.join(timeout=min(5.0, timeout_s))   # its peer is gone: its recv fails soon
         with self._lock:
             _close_group()
+            # the target's store listens before it asks us to join: a live one answers at
+            # once. A join request that waited in the queue while this replica restarted may
+            # point at a store the target has given up on: fail fast, or such stale requests
+            # (each holding the lock for the full timeout) would keep every fresh one waiting
+            # longer than the target waits for it
             store = dist.TCPStore(host, int(port), world_size=2, is_master=False,
-                                  timeout=timedelta(seconds=timeout_s))
+                                  timeout=timedelta(seconds=min(timeout_s, STALE_JOIN_TIMEOUT_S)))
             store.set(_READY_KEY, "1")
             dist.init_process_group(backend, store=store, rank=1, world_size=2, timeout=_GROUP_TIMEOUT)
             self.backend.cache.lens.zero_()

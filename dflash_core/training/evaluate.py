@@ -135,7 +135,7 @@ def extend_curve(prior: dict | None, curve: list[dict], tokens_offset: int = 0,
     return out
 
 
-def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | None) -> None:
+def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | None, log_tokens_offset: int = 0) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -149,7 +149,7 @@ def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | No
         ax1.plot([c["tokens_seen"] for c in pts], [c["tau"] for c in pts], "o-", label=name)
     if log_path is not None and log_path.exists():
         rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
-        ax1.plot([r["tokens_seen"] for r in rows], [r["tau_tf"] for r in rows], alpha=0.5,
+        ax1.plot([r["tokens_seen"] + log_tokens_offset for r in rows], [r["tau_tf"] for r in rows], alpha=0.5,
                  label="teacher-forced tau (train batches)")
     ax1.set_xlabel("training tokens seen")
     ax1.set_ylabel("acceptance length tau")
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {"target": a.target, "drafter": a.drafter, "block_size": a.block_size, "dtype": dtype_name(dtype),
                    "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
         if a.plot:
-            write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None)
+            write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None, a.tokens_offset)
     except (ValueError, FileNotFoundError, ModelLoadError) as e:
         print(f"dflash eval: error: {e}", file=sys.stderr)
         return 1
