@@ -282,9 +282,11 @@ class SpecEngine:
             live = [s for s in self.running.values() if s.finish_reason is None and not s.prefilling]
             if live:
                 b_sched = self.config.block_size_for(len(self.running))
+                # a remote drafter that is out of reach: decode plainly until it is back
+                drafting = self.speculative and getattr(self.draft_backend, "available", True)
                 groups: dict[int, list[_Sequence]] = {}
                 for s in live:
-                    b = b_sched if (s.params.speculative and self.speculative) else 1
+                    b = b_sched if (s.params.speculative and drafting) else 1
                     b = max(1, min(b, self.drafter_block_size))
                     groups.setdefault(b, []).append(s)
                 for b, rows in sorted(groups.items()):

@@ -288,8 +288,11 @@ def build_app(server: Server) -> FastAPI:
         body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight}
         backend = server.engine.draft_backend
         if hasattr(backend, "num_connects"):   # disaggregated: the drafter link
-            body["drafter"] = {"connected": backend.connected, "num_connects": backend.num_connects,
-                               "num_failed_steps": backend.num_failed_steps}
+            body["drafter"] = {"connected": backend.connected, "state": backend.state,
+                               "num_connects": backend.num_connects, "num_failed_steps": backend.num_failed_steps,
+                               "last_error": backend.last_error}
+            if not backend.connected:   # serving, exact, without drafts: 200, not a failed probe
+                body["status"] = "degraded"
         return body
 
     @app.get("/metrics")

@@ -57,7 +57,8 @@ class ServiceConfig:
     log_level: str = "INFO"
     # disaggregated transport
     transport_backend: str = "auto"  # auto | gloo | nccl
-    transport_timeout_s: float = 60.0
+    transport_timeout_s: float = 60.0  # how long one (re)connect waits for the drafter to join
+    drafter_step_timeout_s: float = 5.0  # a step the drafter does not answer by then: decode plainly
     # Ray Serve resources per deployment (the drafter deployment too, when disaggregated);
     # num_gpus None: 0 on CPU, 1 colocated / 0.5 each disaggregated on CUDA
     num_cpus: float = 0.5
@@ -67,6 +68,8 @@ class ServiceConfig:
     omp_wait_policy: str = "passive"
 
     def __post_init__(self) -> None:
+        if not self.drafter_step_timeout_s > 0:
+            raise ValueError("drafter_step_timeout_s must be > 0")
         if not self.body_read_timeout_s > 0:
             raise ValueError(f"body_read_timeout_s must be > 0, got {self.body_read_timeout_s}")
         if self.sampling_defaults is not None:

@@ -66,7 +66,8 @@ def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, 
     (or call `.connect()`). The target is built by the same function as the colocated
     engine, so both placements compute the same numbers."""
     remote = RemoteDraftBackend(DrafterConfig.from_json(drafter_config), request_join, device=cfg.device,
-                                backend=backend or cfg.transport_backend, timeout_s=cfg.transport_timeout_s)
+                                backend=backend or cfg.transport_backend, timeout_s=cfg.transport_timeout_s,
+                                step_timeout_s=cfg.drafter_step_timeout_s)
     engine, tok = build_engine(target=cfg.target, drafter=None, config=engine_config(cfg), device=cfg.device,
                                dtype=torch_dtype(cfg), draft_backend=remote)
     return engine, tok, remote

@@ -61,6 +61,14 @@ class ServiceMetrics:
         self.slots_total = Gauge("dflash_slots_total", "Engine KV-cache slots", registry=r)
         self.block_size = Gauge("dflash_spec_decode_block_size", "Verified block size picked for the running batch",
                                 registry=r)
+        self.drafter_link_up = Gauge("dflash_drafter_link_up",
+                                     "Disaggregated placement: 1 while the remote drafter answers, 0 while "
+                                     "the target decodes without drafts (degraded); always 1 when colocated",
+                                     registry=r)
+        self.drafter_link_up.set(1)
+        self._drafter_failed_seen = 0
+        self.drafter_failed_steps = Counter("dflash_drafter_failed_steps",
+                                            "Draft steps the remote drafter did not answer", registry=r)
         self.engine_alive = Gauge("dflash_engine_alive", "1 while the engine loop runs", registry=r)
         self.slots_total.set(max_slots)
 
@@ -103,6 +111,13 @@ class ServiceMetrics:
         self.slots_in_use.set(slots_in_use)
         self.block_size.set(block_size)
         self.engine_alive.set(1 if alive else 0)
+
+    def on_drafter_link(self, up: bool, num_failed_steps: int) -> None:
+        self.drafter_link_up.set(1 if up else 0)
+        new = num_failed_steps - self._drafter_failed_seen
+        if new > 0:
+            self.drafter_failed_steps.inc(new)
+            self._drafter_failed_seen = num_failed_steps
 
     # ---- HTTP side -------------------------------------------------------------------
     def on_http(self, status: int) -> None:

@@ -237,6 +237,7 @@ class EngineLoop:
                     for out in outputs:
                         self._route(out)
                 self._report_state()
+                self._check_drafter()
         except Exception as e:  # the engine is in an unknown state: fail loudly, stop
             log.exception("engine loop died")
             self._dead = f"{type(e).__name__}: {e}"
@@ -375,6 +376,16 @@ class EngineLoop:
         for st in streams:
             if not st.finished:
                 self._finish_error(st, status, message, code)
+
+    def _check_drafter(self) -> None:
+        """Disaggregated: ping an idle drafter link (bounded by its step timeout) and export
+        its state; a lost drafter turns speculation off until one joins again."""
+        backend = self.engine.draft_backend
+        heartbeat = getattr(backend, "heartbeat", None)
+        if heartbeat is None:
+            return
+        up = heartbeat()
+        self.metrics.on_drafter_link(up, backend.num_failed_steps)
 
     def _report_state(self) -> None:
         e = self.engine

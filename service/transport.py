@@ -10,15 +10,18 @@ Contract
   the target side opens on a free port; the store address reaches the drafter through
   `request_join(host, port)`, a callable the caller supplies (a Ray Serve handle call, a
   Ray actor call, ...), which makes the drafter call `DrafterServer.join`.
-- Failure: if a send/receive fails (the drafter replica died or restarted), the target
-  side rebuilds the group through `request_join` and retries the step once. The new
-  drafter has lost the context of running requests, so their drafts get worse, but the
-  verify step keeps the output exact. If no drafter can be reached the backend returns
-  zero hidden states (drafts the verify rejects): decoding continues, exact and slower,
-  and reconnection is retried every `retry_interval_s`.
+- Failure: a step the drafter does not answer within `step_timeout_s` (it died, hung or
+  restarted) degrades the link at once: the engine decodes plainly (exact output, like
+  every path), `/health` says `degraded`, and a background thread asks for a drafter
+  through `request_join` every `retry_interval_s`; speculation resumes when one joined
+  (the new drafter has lost the context of running requests, so their drafts are worse
+  until they finish; the verify step keeps the output exact). An idle link is pinged
+  (`heartbeat`), so a drafter lost while nothing drafted is noticed too.
+- Each side holds its own two-rank process group object (not torch.distributed's global
+  default group): a group with a hung peer is aborted and dropped without waiting on it.
 
 Wire format of one step (rank 0 -> rank 1, three messages, then one reply):
-  header int64[8]   = [op, n_free, N, R, B, F, H, dtype code]
+  header int64[8]   = [op, n_free, N, R, B, F, H, dtype code]   (op PING: header only, reply int64[1])
   ints   int64[...] = [free slots (n_free) | ctx_slots (N) | ctx_positions (N) | slots (R) | block_positions (R*B)]
   floats dtype[...] = [ctx_features (N*F) | block_emb (R*B*H)]
   reply  dtype[R, B, H] = drafter hidden states (final norm applied)
@@ -38,7 +41,7 @@ import torch.distributed as dist
 
 log = logging.getLogger("dflash.transport")
 
-OP_DRAFT, OP_CLOSE = 1, 2
+OP_DRAFT, OP_CLOSE, OP_PING = 1, 2, 3
 HEADER_LEN = 8
 WIRE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # The group itself never times out an idle drafter waiting for the next step; the target
@@ -79,20 +82,47 @@ def transport_host() -> str:
     return "127.0.0.1"
 
 
-def _close_group() -> None:
-    if dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a half-broken group: nothing more to release
-            log.warning("destroying the process group failed", exc_info=True)
+def _new_group(backend: str, store, rank: int, host: str, timeout: timedelta):
+    """A two-rank process group of its own (not torch.distributed's global default group):
+    a hung peer's group can be aborted and dropped without touching the next one."""
+    if backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
+        return dist.ProcessGroupGloo(store, rank, 2, opts)
+    if backend == "nccl":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, 2, opts)
+    raise ValueError(f"unknown transport backend {backend!r} (gloo | nccl)")
+
+
+def _drop_group(pg) -> None:
+    """Abort a group whose peer may be hung: pending operations fail, sockets close (the
+    peer's next receive fails), nothing here waits on the peer."""
+    if pg is None:
+        return
+    try:
+        pg.abort()
+    except Exception:  # already broken: nothing more to release
+        log.debug("aborting the drafter group failed", exc_info=True)
 
 
 class RemoteDraftBackend:
     """Target side (rank 0). `config` is the drafter's DrafterConfig (block size, mask id,
-    target layer ids), fetched from the drafter side by the caller."""
+    target layer ids), fetched from the drafter side by the caller.
+
+    Link states: `connected` (drafts flow) or degraded (no drafter: the engine decodes
+    plainly, exact as ever). A step the drafter does not answer within `step_timeout_s`
+    (a hung or dead drafter) degrades the link at once; a background thread then asks
+    for a drafter every `retry_interval_s` (each try bounded by `timeout_s`) and the
+    engine speculates again as soon as one joined. `heartbeat()` (called by the server's
+    engine loop) pings an idle link, so a drafter that died while nothing drafted is
+    noticed within `heartbeat_s`."""
 
     def __init__(self, config, request_join, device: str = "cpu", backend: str = "auto",
-                 timeout_s: float = 60.0, retry_interval_s: float = 5.0, host: str | None = None):
+                 timeout_s: float = 60.0, retry_interval_s: float = 5.0, host: str | None = None,
+                 step_timeout_s: float = 5.0, heartbeat_s: float = 5.0):
         """request_join(host, port) -> wait(): makes the drafter side call DrafterServer.join;
         backend: "gloo" | "nccl" (resolve "auto" with comm_backend first)."""
         self.config = config
@@ -103,96 +133,175 @@ class RemoteDraftBackend:
             else torch.device("cpu")
         self.timeout_s = timeout_s
         self.retry_interval_s = retry_interval_s
+        self.step_timeout_s = step_timeout_s
+        self.heartbeat_s = heartbeat_s
         self.host = host
-        self.connected = False
         self.num_connects = 0
         self.num_failed_steps = 0
-        self._pending_free: list[int] = []
+        self.last_error: str | None = None
+        self._pg = None                 # the live group (None: degraded)
         self._store = None
-        self._last_attempt_s = -1e9
-        self._lock = threading.Lock()
+        self._pending_free: dict[int, None] = {}   # ordered set: at most one entry per slot
+        self._last_ok_s = time.monotonic()
+        self._closed = False
+        self._lock = threading.Lock()   # guards _pg swaps (engine thread vs reconnect thread)
+        self._connect_lock = threading.Lock()   # one connect at a time (held while waiting)
+        self._reconnector: threading.Thread | None = None
+
+    @property
+    def connected(self) -> bool:
+        return self._pg is not None
+
+    @property
+    def available(self) -> bool:
+        """Whether a draft step can run now (the engine decodes plainly while it cannot)."""
+        if self._pg is None:
+            self._ensure_reconnecting()
+        return self._pg is not None
+
+    @property
+    def state(self) -> str:
+        return "connected" if self._pg is not None else ("closed" if self._closed else "degraded")
 
     # ---- group lifecycle -------------------------------------------------------------
     def connect(self) -> None:
-        """(Re)build the group: open a store, ask the drafter to join, join as rank 0."""
-        with self._lock:
-            self._last_attempt_s = time.monotonic()
-            self.connected = False
-            _close_group()
+        """(Re)build the group: open a store, ask the drafter to join, join as rank 0.
+        Raises if no drafter joined within timeout_s. The engine keeps stepping meanwhile
+        (the slow part holds no lock the engine takes)."""
+        with self._connect_lock:
+            with self._lock:
+                self._drop()
             host = self.host or transport_host()
             store = dist.TCPStore(host, 0, world_size=2, is_master=True,
                                   timeout=timedelta(seconds=self.timeout_s), wait_for_workers=False)
             wait_joined = self.request_join(host, store.port)
             # the drafter marks the store before joining the group: wait for that mark with a
-            # bounded timeout, so an absent drafter fails here instead of blocking the group
-            # rendezvous (which runs under the long group timeout)
+            # bounded timeout, so an absent drafter fails here instead of in the rendezvous
             store.wait([_READY_KEY], timedelta(seconds=self.timeout_s))
-            dist.init_process_group(self.backend, store=store, rank=0, world_size=2, timeout=_GROUP_TIMEOUT)
-            wait_joined()
-            self._store = store
-            self._pending_free.clear()   # a (re)joined drafter starts with an empty cache
-            self.connected = True
-            self.num_connects += 1
+            # every operation of this group (the rendezvous with the already-ready drafter,
+            # then each step) waits at most step_timeout_s for the drafter
+            pg = _new_group(self.backend, store, 0, host, timedelta(seconds=self.step_timeout_s))
+            try:
+                wait_joined()
+            except BaseException:
+                _drop_group(pg)
+                raise
+            with self._lock:
+                if self._closed:
+                    _drop_group(pg)
+                    return
+                self._pending_free.clear()   # a (re)joined drafter starts with an empty cache
+                self._last_ok_s = time.monotonic()
+                self._store, self._pg = store, pg
+                self.num_connects += 1
+                self.last_error = None
             log.info("drafter group connected", extra={"backend": self.backend, "host": host,
                                                         "port": store.port, "generation": self.num_connects})
 
-    def close(self) -> None:
+    def _drop(self) -> None:
+        pg, self._pg = self._pg, None
+        _drop_group(pg)
+        self._store = None
+
+    def _degrade(self, error: Exception) -> None:
+        self.last_error = f"{type(error).__name__}: {str(error)[:200]}"
+        log.warning("drafter link degraded: decoding without drafts until a drafter joins",
+                    extra={"error": self.last_error})
         with self._lock:
-            if self.connected:
+            self._drop()
+        self._ensure_reconnecting()
+
+    def _ensure_reconnecting(self) -> None:
+        if self._closed or self._pg is not None:
+            return
+        with self._lock:   # never held for long (connect waits under _connect_lock)
+            if self._reconnector is not None and self._reconnector.is_alive():
+                return
+            self._reconnector = threading.Thread(target=self._reconnect_loop, name="dflash-drafter-reconnect",
+                                                 daemon=True)
+            self._reconnector.start()
+
+    def _reconnect_loop(self) -> None:
+        while not self._closed and self._pg is None:
+            try:
+                self.connect()
+                return
+            except Exception as e:
+                self.last_error = f"{type(e).__name__}: {str(e)[:200]}"
+                log.warning("cannot reach the drafter", extra={"error": self.last_error})
+            time.sleep(self.retry_interval_s)
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            if self._pg is not None:
                 try:
-                    dist.send(torch.tensor([OP_CLOSE] + [0] * (HEADER_LEN - 1), device=self.comm_device), 1)
+                    self._pg.send([torch.tensor([OP_CLOSE] + [0] * (HEADER_LEN - 1), device=self.comm_device)],
+                                  1, 0).wait()
                 except Exception:
                     pass
-            self.connected = False
-            _close_group()
+            self._drop()
+
+    def heartbeat(self) -> bool:
+        """Ping an idle link (engine thread, between steps): a drafter that died or hung
+        while nothing drafted degrades the link here instead of on the next draft."""
+        pg = self._pg
+        if pg is None:
+            self._ensure_reconnecting()
+            return False
+        if time.monotonic() - self._last_ok_s < self.heartbeat_s:
+            return True
+        try:
+            self._send(pg, torch.tensor([OP_PING] + [0] * (HEADER_LEN - 1), dtype=torch.int64))
+            pong = torch.empty(1, dtype=torch.int64, device=self.comm_device)
+            pg.recv([pong], 1, 0).wait()
+            self._last_ok_s = time.monotonic()
+            return True
+        except Exception as e:
+            self._degrade(e)
+            return False
 
     # ---- DraftBackend ----------------------------------------------------------------
     def free(self, slot: int) -> None:
-        self._pending_free.append(int(slot))
+        if self._pg is not None:      # a drafter that joins later starts empty anyway
+            self._pending_free[int(slot)] = None
 
     def draft(self, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions):
         # ctx_* [N], [N], [N, F]; slots [R]; block_emb [R, B, H]; block_positions [R, B] -> [R, B, H]
-        for attempt in range(2):
-            if not self.connected:
-                if attempt == 0 and time.monotonic() - self._last_attempt_s < self.retry_interval_s:
-                    break
-                try:
-                    self.connect()
-                except Exception as e:
-                    log.warning("cannot reach the drafter", extra={"error": f"{type(e).__name__}: {e}"})
-                    _close_group()
-                    break
+        pg = self._pg
+        if pg is not None:
             try:
-                return self._exchange(ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions)
+                return self._exchange(pg, ctx_slots, ctx_positions, ctx_features, slots, block_emb,
+                                      block_positions)
             except Exception as e:
-                log.warning("draft exchange failed; rebuilding the group",
-                            extra={"error": f"{type(e).__name__}: {str(e)[:200]}"})
-                self.connected = False
-                self._last_attempt_s = -1e9   # retry at once
-                _close_group()
+                self._degrade(e)
+        else:
+            self._ensure_reconnecting()
         # no drafter: zero hidden states give drafts the verify step rejects (output stays exact)
         self.num_failed_steps += 1
         return torch.zeros(block_emb.shape, dtype=block_emb.dtype, device=block_emb.device)
 
-    def _exchange(self, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions):
+    def _send(self, pg, t: torch.Tensor) -> None:
+        pg.send([t.to(self.comm_device).contiguous()], 1, 0).wait()
+
+    def _exchange(self, pg, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions):
         R, B, H = block_emb.shape
         N = int(ctx_slots.shape[0])
         F = int(ctx_features.shape[-1]) if N else 0
         dtype = block_emb.dtype
         cd = self.comm_device
-        free = torch.tensor(self._pending_free, dtype=torch.int64)
+        free = torch.tensor(list(self._pending_free), dtype=torch.int64)
         header = torch.tensor([OP_DRAFT, len(free), N, R, B, F, H, WIRE_DTYPES.index(dtype)], dtype=torch.int64)
         ints = torch.cat([free, ctx_slots.long().cpu(), ctx_positions.long().cpu(), slots.long().cpu(),
                           block_positions.long().cpu().reshape(-1)])
         floats = torch.cat([ctx_features.to(dtype).reshape(-1).to(cd), block_emb.reshape(-1).to(cd)])
-        dist.send(header.to(cd), 1)
-        dist.send(ints.to(cd), 1)
-        dist.send(floats.contiguous(), 1)
+        self._send(pg, header)
+        self._send(pg, ints)
+        self._send(pg, floats)
         out = torch.empty(R, B, H, dtype=dtype, device=cd)
-        work = dist.irecv(out, 1)
-        if not work.wait(timeout=timedelta(seconds=self.timeout_s)):
-            raise RuntimeError("no reply from the drafter")
+        pg.recv([out], 1, 0).wait()   # bounded by the group's timeout (step_timeout_s)
         self._pending_free.clear()
+        self._last_ok_s = time.monotonic()
         return out.to(block_emb.device)
 
 
@@ -211,6 +320,7 @@ class DrafterServer:
         self.device = drafter.fc.weight.device
         self.generation = 0
         self.num_steps = 0
+        self._pg = None
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
 
@@ -221,57 +331,60 @@ class DrafterServer:
     def join(self, host: str, port: int, backend: str = "gloo", timeout_s: float = 60.0) -> int:
         """Join the target's group as rank 1 (blocks until the group is formed), reset the
         context cache (a new target has new slots), serve steps on a thread. -> generation."""
-        with self._lock:   # from here on the old serving thread must not close the group
-            old = self._thread
+        with self._lock:
             self.generation += 1
             gen = self.generation
-        if old is not None and old.is_alive():
-            old.join(timeout=min(5.0, timeout_s))   # its peer is gone: its recv fails soon
-        with self._lock:
-            _close_group()
+            old, self._pg = self._pg, None
+            _drop_group(old)   # the old serving thread's receive fails: it ends
             # the target's store listens before it asks us to join: a live one answers at
-            # once. A join request that waited in the queue while this replica restarted may
-            # point at a store the target has given up on: fail fast, or such stale requests
-            # (each holding the lock for the full timeout) would keep every fresh one waiting
-            # longer than the target waits for it
+            # once. A join request that waited in the queue while this replica restarted (or
+            # was stopped) may point at a store the target has given up on: fail fast, or
+            # such stale requests (each holding the lock for the full timeout) would keep
+            # every fresh one waiting longer than the target waits for it
             store = dist.TCPStore(host, int(port), world_size=2, is_master=False,
                                   timeout=timedelta(seconds=min(timeout_s, STALE_JOIN_TIMEOUT_S)))
             store.set(_READY_KEY, "1")
-            dist.init_process_group(backend, store=store, rank=1, world_size=2, timeout=_GROUP_TIMEOUT)
+            # an idle drafter waits for the next step as long as it takes
+            pg = _new_group(backend, store, 1, host, _GROUP_TIMEOUT)
             self.backend.cache.lens.zero_()
             comm = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-            self._thread = threading.Thread(target=self._serve, args=(gen, comm), name="dflash-drafter-serve",
+            self._pg = pg
+            self._thread = threading.Thread(target=self._serve, args=(gen, pg, comm), name="dflash-drafter-serve",
                                             daemon=True)
             self._thread.start()
             log.info("joined the target's group", extra={"host": host, "port": port, "generation": gen})
             return gen
 
     @torch.no_grad()
-    def _serve(self, gen: int, comm: torch.device) -> None:
+    def _serve(self, gen: int, pg, comm: torch.device) -> None:
+        def recv(t):
+            pg.recv([t], 0, 0).wait()
+            return t
+
         try:
             while True:
-                header = torch.empty(HEADER_LEN, dtype=torch.int64, device=comm)
-                dist.recv(header, 0)
+                header = recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=comm))
                 op, n_free, N, R, B, F, H, code = header.tolist()
                 if op == OP_CLOSE:
                     return
+                if op == OP_PING:
+                    pg.send([torch.ones(1, dtype=torch.int64, device=comm)], 0, 0).wait()
+                    continue
                 dtype = WIRE_DTYPES[code]
-                ints = torch.empty(n_free + 2 * N + R + R * B, dtype=torch.int64, device=comm)
-                dist.recv(ints, 0)
-                floats = torch.empty(N * F + R * B * H, dtype=dtype, device=comm)
-                dist.recv(floats, 0)
-                ints = ints.cpu()
+                ints = recv(torch.empty(n_free + 2 * N + R + R * B, dtype=torch.int64, device=comm)).cpu()
+                floats = recv(torch.empty(N * F + R * B * H, dtype=dtype, device=comm))
                 free, ctx_slots, ctx_pos, slots, bpos = torch.split(ints, [n_free, N, N, R, R * B])
                 for s in free.tolist():
                     self.backend.free(s)
                 ctx_feats = floats[:N * F].reshape(N, F).to(self.device)
                 block_emb = floats[N * F:].reshape(R, B, H).to(self.device)
                 hidden = self.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, bpos.reshape(R, B))
-                dist.send(hidden.to(device=comm, dtype=dtype).contiguous(), 0)
+                pg.send([hidden.to(device=comm, dtype=dtype).contiguous()], 0, 0).wait()
                 self.num_steps += 1
         except Exception as e:   # the target went away or rebuilt the group
             log.info("drafter group closed", extra={"generation": gen, "reason": f"{type(e).__name__}: {str(e)[:120]}"})
         finally:
             with self._lock:
-                if self.generation == gen:
-                    _close_group()
+                if self._pg is pg:
+                    self._pg = None
+                    _drop_group(pg)

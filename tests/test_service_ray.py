@@ -28,7 +28,8 @@ from service.local import free_port  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["The quick brown fox", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,"]
 TINY = dict(target="tiny-random", drafter="random", max_slots=4, max_seq_len=256, block_size=8,
-            block_size_schedule=None, served_model_name="tiny", num_cpus=0.25, log_level="WARNING")
+            block_size_schedule=None, served_model_name="tiny", num_cpus=0.25, log_level="WARNING",
+            drafter_step_timeout_s=2.0)
 
 
 @pytest.fixture(scope="module")
@@ -81,14 +82,39 @@ def test_disaggregated_equals_colocated_and_survives_drafter_restart(serve_url, 
     stats = drafter.stats.remote().result()
     assert stats["serving"] and stats["num_steps"] > 0
     health = httpx.get(serve_url + "/health").json()
+    assert health["status"] == "ok"
     assert health["drafter"]["connected"] and health["drafter"]["num_connects"] == 1
 
-    # kill the drafter replica: Serve restarts it, the ingress rebuilds the group on the next step
+    # hang the drafter (SIGSTOP): the step times out (drafter_step_timeout_s), requests go on
+    # without drafts and stay exact, /health says degraded; after SIGCONT the ingress
+    # reconnects in the background and drafts flow again
+    os.kill(stats["pid"], signal.SIGSTOP)
+    try:
+        hung = complete(serve_url, PROMPTS[0])
+        assert hung["choices"][0]["token_ids"] == want[0]
+        health = httpx.get(serve_url + "/health").json()
+        assert health["status"] == "degraded" and health["drafter"]["state"] == "degraded"
+        assert health["drafter"]["num_failed_steps"] >= 1 and health["drafter"]["last_error"]
+        metrics = httpx.get(serve_url + "/metrics").text
+        assert "dflash_drafter_link_up 0.0" in metrics
+    finally:
+        os.kill(stats["pid"], signal.SIGCONT)
+    deadline = time.monotonic() + 120                            # hang guard for the reconnect
+    while not (h := httpx.get(serve_url + "/health").json())["drafter"]["connected"]:
+        assert time.monotonic() < deadline, f"the drafter link never came back: {h}"
+        time.sleep(0.5)
+    assert h["status"] == "ok" and h["drafter"]["num_connects"] == 2
+    steps = drafter.stats.remote().result()["num_steps"]
+    assert complete(serve_url, PROMPTS[1])["choices"][0]["token_ids"] == want[1]
+    assert drafter.stats.remote().result()["num_steps"] > steps  # the same replica drafts again
+
+    # kill the drafter replica: Serve restarts it, the ingress rebuilds the group in the background
+    n = h["drafter"]["num_connects"]
     os.kill(stats["pid"], signal.SIGKILL)
     again = complete(serve_url, PROMPTS[0])
     assert again["choices"][0]["token_ids"] == want[0]          # exact whatever the drafter state
     deadline = time.monotonic() + 180                            # hang guard for the restart
-    while httpx.get(serve_url + "/health").json()["drafter"]["num_connects"] < 2:
+    while httpx.get(serve_url + "/health").json()["drafter"]["num_connects"] <= n:
         assert time.monotonic() < deadline, "the group was never rebuilt"
         complete(serve_url, PROMPTS[1], max_tokens=4)
         time.sleep(1)

@@ -1,9 +1,13 @@
 """RemoteDraftBackend <-> DrafterServer over a real gloo group with a drafter process (no
 Ray): the remote backend returns exactly what the colocated LocalDraftBackend returns,
-through slot frees and reuse, and reconnects to a restarted drafter."""
+through slot frees and reuse; it degrades within its step timeout when the drafter dies
+or hangs, and reconnects in the background when a drafter is back."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import signal
+import time
 
 import torch
 
@@ -28,7 +32,10 @@ def drafter_process(requests, replies, num_threads):
         if msg is None:
             return
         host, port = msg
-        replies.put(server.join(host, port, "gloo", 30.0))
+        try:
+            replies.put((port, server.join(host, port, "gloo", 30.0)))
+        except Exception as e:   # a stale request (its target gave up): answer, go on
+            replies.put((port, e))
 
 
 class DrafterProc:
@@ -41,7 +48,30 @@ class DrafterProc:
 
     def request_join(self, host, port):
         self.requests.put((host, port))
-        return lambda: self.replies.get(timeout=60)
+
+        def wait():
+            while True:   # skip the answers to stale requests
+                got_port, result = self.replies.get(timeout=60)
+                if got_port == port:
+                    if isinstance(result, Exception):
+                        raise result
+                    return result
+        return wait
+
+
+def stop(pid: int) -> None:
+    """SIGSTOP, and wait until the kernel shows the process stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    wait_until(lambda: open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] in "Tt", 10,
+               "the drafter to stop")
+
+
+def wait_until(pred, timeout_s: float, what: str) -> float:
+    t0 = time.monotonic()
+    while not pred():
+        assert time.monotonic() - t0 < timeout_s, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - t0
 
 
 def step_inputs(gen, slots, lens, new_tokens, F, H):
@@ -60,7 +90,7 @@ def step_inputs(gen, slots, lens, new_tokens, F, H):
 
 
 def test_remote_backend_equals_local_through_frees_and_restart():
-    from service.transport import RemoteDraftBackend, _close_group
+    from service.transport import RemoteDraftBackend
     drafter = make_drafter()
     cfg = drafter.config
     F, H = len(cfg.target_layer_ids) * cfg.hidden_size, cfg.hidden_size
@@ -88,6 +118,7 @@ def test_remote_backend_equals_local_through_frees_and_restart():
         assert remote.num_connects == 1 and remote.num_failed_steps == 0
 
         # the drafter process dies: the step fails over to zeros (drafts the verify rejects)
+        # and the link reports itself degraded (the engine then decodes plainly)
         remote.timeout_s = 3.0          # how long a reconnect waits for a drafter to join
         proc.proc.kill()
         proc.proc.join()
@@ -95,21 +126,81 @@ def test_remote_backend_equals_local_through_frees_and_restart():
         local.draft(*args)
         out = remote.draft(*args)
         assert remote.num_failed_steps == 1 and torch.count_nonzero(out) == 0 and not remote.connected
+        assert remote.state == "degraded" and remote.last_error
 
-        # a new drafter process: the next step rebuilds the group; with a fresh cache on
+        # a new drafter process: the background reconnect joins it; with a fresh cache on
         # both sides (new sequences) the outputs are identical again
         proc = DrafterProc()
-        remote.timeout_s = 60.0
+        wait_until(lambda: remote.available, 60, "the reconnect to the new drafter")
         local = LocalDraftBackend(drafter, MAX_SLOTS, CAPACITY)
         lens = {s: 0 for s in range(MAX_SLOTS)}
         for slots, n in (([0, 2], 4), ([0, 1, 2], 3)):
             args = step_inputs(gen, slots, lens, n, F, H)
             assert torch.equal(remote.draft(*args), local.draft(*args))
-        assert remote.num_connects == 2 and remote.connected
+        assert remote.num_connects == 2 and remote.connected and remote.state == "connected"
     finally:
         remote.close()
         proc.requests.put(None)
         proc.proc.join(timeout=30)
         if proc.proc.is_alive():
             proc.proc.kill()
-        _close_group()
+
+
+def test_hung_drafter_degrades_within_the_step_timeout_and_comes_back():
+    """SIGSTOP the drafter: the step returns within the step timeout (not the 60 s connect
+    timeout), the link is degraded, the heartbeat of an idle link notices a hang too, and
+    after SIGCONT a background reconnect brings drafts back, equal to the local backend's."""
+    from service.transport import RemoteDraftBackend
+    drafter = make_drafter()
+    cfg = drafter.config
+    F, H = len(cfg.target_layer_ids) * cfg.hidden_size, cfg.hidden_size
+    proc = DrafterProc()
+    remote = RemoteDraftBackend(cfg, lambda h, p: proc.request_join(h, p), backend="gloo", timeout_s=3.0,
+                                retry_interval_s=0.2, host="127.0.0.1", step_timeout_s=1.0, heartbeat_s=0.0)
+    gen = torch.Generator().manual_seed(1)
+    lens = {s: 0 for s in range(MAX_SLOTS)}
+    try:
+        remote.connect()
+        local = LocalDraftBackend(drafter, MAX_SLOTS, CAPACITY)
+        args = step_inputs(gen, [0, 1], lens, 3, F, H)
+        assert torch.equal(remote.draft(*args), local.draft(*args))
+        assert remote.heartbeat()                              # an answering drafter: link up
+
+        stop(proc.proc.pid)                                    # hung, not dead: sockets stay open
+        args = step_inputs(gen, [0, 1], lens, 1, F, H)
+        t0 = time.monotonic()
+        out = remote.draft(*args)
+        took = time.monotonic() - t0
+        assert took < 1.0 + 2.0, f"a hung drafter held the step for {took:.1f} s"
+        assert torch.count_nonzero(out) == 0 and not remote.available and remote.state == "degraded"
+        assert remote.num_failed_steps == 1
+        for s in range(MAX_SLOTS):                              # frees while degraded do not pile up
+            remote.free(s)
+        assert not remote._pending_free
+
+        os.kill(proc.proc.pid, signal.SIGCONT)                 # back: reconnects in the background
+        wait_until(lambda: remote.available, 60, "the reconnect after SIGCONT")
+        assert remote.num_connects == 2
+        local = LocalDraftBackend(drafter, MAX_SLOTS, CAPACITY)   # the rejoined drafter starts empty
+        lens = {s: 0 for s in range(MAX_SLOTS)}
+        args = step_inputs(gen, [2], lens, 2, F, H)
+        assert torch.equal(remote.draft(*args), local.draft(*args))
+
+        # a hang while the link is idle: the heartbeat notices it within the step timeout
+        stop(proc.proc.pid)
+        t0 = time.monotonic()
+        assert remote.heartbeat() is False
+        assert time.monotonic() - t0 < 1.0 + 2.0 and remote.state == "degraded"
+        os.kill(proc.proc.pid, signal.SIGCONT)
+        wait_until(lambda: remote.available, 60, "the reconnect after the idle hang")
+        assert remote.num_connects == 3
+    finally:
+        try:
+            os.kill(proc.proc.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+        remote.close()
+        proc.requests.put(None)
+        proc.proc.join(timeout=30)
+        if proc.proc.is_alive():
+            proc.proc.kill()
