@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-seq-len", type=int, default=d["max_seq_len"].default)
     ap.add_argument("--block-size", type=int, default=d["block_size"].default)
     ap.add_argument("--block-size-schedule", default=None,
-                    help="MAX_RUNNING:BLOCK_SIZE pairs, e.g. '1:16,4:8,inf:1', or 'none' (always --block-size); "
-                         "default: the schedule measured for this project (docs/BENCHMARKS.md)")
+                    help="MAX_RUNNING:BLOCK_SIZE pairs, e.g. '1:16,4:8,inf:1', 'none' (always --block-size) or "
+                         "'auto' (default: block 4 at 1-2 running requests in bf16, plain decoding in fp32, "
+                         "as measured in docs/BENCHMARKS.md)")
     ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)
     ap.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default)
     ap.add_argument("--max-tokens-limit", type=int, default=None)
@@ -67,7 +68,8 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               max_tokens_limit=a.max_tokens_limit, served_model_name=a.served_model_name, num_cpus=a.num_cpus,
               num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level)
     if a.block_size_schedule is not None:
-        kw["block_size_schedule"] = parse_schedule(a.block_size_schedule)
+        kw["block_size_schedule"] = ("auto" if a.block_size_schedule.strip().lower() == "auto"
+                                     else parse_schedule(a.block_size_schedule))
     return ServiceConfig(**kw)
 
 

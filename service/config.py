@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 # it for a better drafter or a GPU with the same command; `--block-size-schedule` /
 # serve.yaml overrides it.
 DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (1 << 30, 1))
+# In fp32 on a CPU without fast bf16 (AVX2 only: docs/BENCHMARKS.md, "Hardware without
+# AMX") a verify of 4 tokens costs ~2x a one-token step, and DFlash at tau 1.3 ran at
+# 0.55-0.67x plain decoding at batch 1: the "auto" schedule decodes plainly there.
+FP32_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1 << 30, 1),)
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -36,9 +40,10 @@ class ServiceConfig:
     max_slots: int = 8
     max_seq_len: int = 2048
     block_size: int = 16
-    block_size_schedule: list[tuple[int, int]] | None = field(
-        default_factory=lambda: [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
-    )
+    # "auto": DEFAULT_BLOCK_SIZE_SCHEDULE where the engine runs in bf16/fp16 (AMX or
+    # AVX512-BF16 CPUs, GPUs), plain decoding (FP32_BLOCK_SIZE_SCHEDULE) in fp32, where a
+    # verify of 4 tokens costs too much for today's drafter; None: always block_size
+    block_size_schedule: list[tuple[int, int]] | str | None = "auto"
     max_prefill_tokens: int = 512  # prompt tokens prefilled per engine step (longer prompts: in chunks)
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429
@@ -98,7 +103,9 @@ class ServiceConfig:
             self.num_gpus = (0.5 if self.placement == "disaggregated" else 1.0) if on_gpu else 0.0
         if self.drafter in ("none", "None", ""):
             self.drafter = None
-        if self.block_size_schedule is not None:
+        if isinstance(self.block_size_schedule, str) and self.block_size_schedule.strip().lower() == "auto":
+            self.block_size_schedule = "auto"   # resolved where the engine runs (its CPU decides the dtype)
+        elif self.block_size_schedule is not None:
             self.block_size_schedule = parse_schedule(self.block_size_schedule)
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
@@ -124,8 +131,24 @@ class ServiceConfig:
             raise ValueError(f"unknown service option(s): {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         return cls(**args)
 
+    def resolved_block_size_schedule(self) -> list[tuple[int, int]] | None:
+        """The schedule the engine runs with ("auto" resolved on this machine)."""
+        if self.block_size_schedule == "auto":
+            return auto_schedule(self.dtype, self.device)
+        return self.block_size_schedule
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def auto_schedule(dtype: str, device: str) -> list[tuple[int, int]]:
+    """The default block-size schedule for the dtype the engine will run in."""
+    import torch
+
+    from dflash_core.runtime import resolve_dtype
+    if dtype == "float16" or resolve_dtype(dtype, device) != torch.float32:
+        return [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
+    return [tuple(p) for p in FP32_BLOCK_SIZE_SCHEDULE]
 
 
 def parse_schedule(value) -> list[tuple[int, int]] | None:

@@ -35,7 +35,7 @@ def torch_dtype(cfg: ServiceConfig) -> torch.dtype:
 
 def engine_config(cfg: ServiceConfig) -> EngineConfig:
     return EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
-                        block_size_schedule=cfg.block_size_schedule,
+                        block_size_schedule=cfg.resolved_block_size_schedule(),
                         max_prefill_tokens=cfg.max_prefill_tokens)
 
 

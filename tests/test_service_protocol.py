@@ -112,6 +112,25 @@ def test_config_from_dict_and_schedule():
             ServiceConfig(**bad)
 
 
+def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
+    """The default schedule speculates where it measured faster (bf16: AMX CPUs, GPUs) and
+    decodes plainly in fp32 (AVX2 CPUs); it is resolved where the engine runs."""
+    from service.config import DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE
+    from service.engines import engine_config
+    cfg = ServiceConfig(target="tiny-random")
+    assert cfg.block_size_schedule == "auto" and ServiceConfig.from_dict(cfg.to_dict()) == cfg
+    bf16 = ServiceConfig(target="tiny-random", dtype="bfloat16")
+    fp32 = ServiceConfig(target="tiny-random", dtype="float32")
+    assert bf16.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
+    assert fp32.resolved_block_size_schedule() == [tuple(p) for p in FP32_BLOCK_SIZE_SCHEDULE]
+    assert engine_config(bf16).block_size_for(1) == 4 and engine_config(bf16).block_size_for(3) == 1
+    assert engine_config(fp32).block_size_for(1) == 1
+    gpu = ServiceConfig(target="tiny-random", device="cuda")      # auto dtype on a GPU: bf16
+    assert gpu.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
+    explicit = ServiceConfig(target="tiny-random", dtype="float32", block_size_schedule="1:8,inf:1")
+    assert explicit.resolved_block_size_schedule() == [(1, 8), (1 << 30, 1)]
+
+
 @pytest.mark.parametrize("argv, code, needle", [
     (["--placement", "sideways"], 2, "placement"),
     (["--max-slots", "0"], 2, "max_slots"),
