@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml Makefile
 install: $(STAMP)
 
 serve: $(STAMP)
-	RAY_AUTH_MODE=disabled $(BIN)/dflash serve --host $(HOST) --port $(PORT)
+	$(BIN)/dflash serve --host $(HOST) --port $(PORT)
 
 test: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE RAY_AUTH_MODE=disabled $(BIN)/python -m pytest tests

@@ -98,6 +98,20 @@ def _wait_for(stop: threading.Event) -> None:
 _SUPERVISED = "DFLASH_SERVE_SUPERVISED"
 
 
+def ray_auth_env(environ=None) -> dict:
+    """Ray's control plane (GCS, raylet, workers, agents) listens on every interface, and
+    Ray 2.60 offers no setting to keep all of it on the loopback: a local `dflash serve`
+    therefore turns on Ray's token authentication with a fresh random token per run,
+    unless RAY_AUTH_MODE is set (RAY_AUTH_MODE=disabled opts out) or RAY_ADDRESS points at
+    an existing cluster (whose settings apply). An existing RAY_AUTH_TOKEN is kept, so
+    `ray status` and friends work with the same token. -> the variables to set."""
+    env = os.environ if environ is None else environ
+    if env.get("RAY_ADDRESS") or env.get("RAY_AUTH_MODE"):
+        return {}
+    import secrets
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": env.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
+
+
 def supervise(argv: list[str]) -> int:
     """Run the Ray driver (and so the local Ray cluster it starts) in a session of its own.
 
@@ -108,7 +122,7 @@ def supervise(argv: list[str]) -> int:
     with finish_reason "abort" and [DONE]) and stops Ray. A second Ctrl-C kills it."""
     import subprocess
     child = subprocess.Popen([sys.executable, "-m", "service.cli", *argv], start_new_session=True,
-                             env={**os.environ, _SUPERVISED: "1"})
+                             env={**os.environ, **ray_auth_env(), _SUPERVISED: "1"})
     hits = []
 
     def forward(signum, _frame):
@@ -152,7 +166,7 @@ RAY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_
 
 
 def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.update(ray_auth_env())   # read by ray.init and inherited by Ray's processes
     for k, v in RAY_PATIENCE.items():
         os.environ.setdefault(k, v)   # read by Ray's processes, which inherit this environment
     import ray
@@ -170,6 +184,9 @@ def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
         serve.run(build_app(cfg.to_dict()), name="dflash", route_prefix="/", blocking=False)
         print(f"dflash serve: model {cfg.served_model_name!r} ({cfg.placement}) on http://{host}:{port}/v1 "
               f"(Ctrl-C to stop)", flush=True)
+        if os.environ.get("RAY_AUTH_MODE") == "token" and not os.environ.get("RAY_ADDRESS"):
+            print("dflash serve: Ray's control plane requires this run's token (RAY_AUTH_TOKEN); "
+                  "RAY_AUTH_MODE=disabled turns that off", flush=True)
         _wait_for(stop)
         print("dflash serve: shutting down", flush=True)
         drain(cfg)

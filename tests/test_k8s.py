@@ -165,6 +165,13 @@ def test_rayservice_validates_against_the_kuberay_crd(rayservice_validator, vari
     assert _errors(rayservice_validator, rs) == []
 
 
+@pytest.mark.parametrize("variant", ["colocated", "disaggregated"])
+def test_ray_control_plane_requires_a_token(variant):
+    """Ray's GCS/raylet/dashboard listen on the pod IPs: KubeRay's token auth is on."""
+    rs = _rayservice() if variant == "colocated" else _disaggregated()
+    assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+
+
 def test_the_strict_schema_catches_mistakes(rayservice_validator):
     """The validation above can fail: typos, wrong types and missing required fields."""
     rs = _rayservice()

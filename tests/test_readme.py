@@ -43,6 +43,59 @@ def env() -> dict:
     return e
 
 
+def serve_env() -> dict:
+    """What a user's shell has: no Ray settings (the test suite's RAY_AUTH_MODE=disabled is
+    for its in-process Ray clusters), so `dflash serve` runs with its own defaults."""
+    return {k: v for k, v in env().items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
+
+
+def listeners(root_pid: int) -> list[tuple[str, int, str, int]]:
+    """(ip, port, process name, pid) of every listening TCP socket of a process tree and of
+    the sessions its processes run in (the supervised Ray driver has a session of its own)."""
+    import psutil
+    root = psutil.Process(root_pid)
+    sids = {os.getsid(q.pid) for q in [root, *root.children(recursive=True)]}
+    pids = set()
+    for q in psutil.process_iter():
+        try:
+            if os.getsid(q.pid) in sids:
+                pids.add(q.pid)
+        except (ProcessLookupError, PermissionError):
+            pass
+    out = []
+    for c in psutil.net_connections(kind="inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in pids:
+            try:
+                name = psutil.Process(c.pid).name()
+            except psutil.Error:
+                name = "?"
+            out.append((c.laddr.ip, c.laddr.port, name, c.pid))
+    return out
+
+
+def check_control_plane_needs_a_token(root_pid: int, http_port: int) -> None:
+    """The HTTP port listens on the loopback only (--host 127.0.0.1); Ray's GCS, which
+    listens on every interface, refuses a call without the run's token (and answers with
+    it: the refusal is about the token, not a broken call)."""
+    import grpc
+    import psutil
+    socks = listeners(root_pid)
+    assert {ip for ip, port, _, _ in socks if port == http_port} == {"127.0.0.1"}, socks
+    gcs = [(port, pid) for ip, port, name, pid in socks if name == "gcs_server"]
+    assert gcs, socks
+    gcs_env = psutil.Process(gcs[0][1]).environ()
+    assert gcs_env.get("RAY_AUTH_MODE") == "token"
+    token = gcs_env["RAY_AUTH_TOKEN"]
+    with grpc.insecure_channel(f"127.0.0.1:{gcs[0][0]}") as ch:
+        call = ch.unary_unary("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo",
+                              request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        for metadata in (None, [("authorization", "Bearer " + "0" * 64)]):
+            with pytest.raises(grpc.RpcError) as e:
+                call(b"", metadata=metadata, timeout=30)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert call(b"", metadata=[("authorization", "Bearer " + token)], timeout=30)
+
+
 def test_readme_blocks_are_classified():
     bs = blocks()
     assert len(bs) >= 5
@@ -84,7 +137,7 @@ def test_serve_then_curl_then_ctrl_c():
     assert "--port 8000" in serve and "127.0.0.1:8000" in curl
     serve, curl = serve.replace("--port 8000", f"--port {port}"), curl.replace("127.0.0.1:8000", f"127.0.0.1:{port}")
     interrupted = False
-    proc = subprocess.Popen(["bash", "-c", "exec " + serve.strip()], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(["bash", "-c", "exec " + serve.strip()], cwd=ROOT, env=serve_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
@@ -98,6 +151,7 @@ def test_serve_then_curl_then_ctrl_c():
             time.sleep(1)
         else:
             pytest.fail("the README's server did not become healthy in 300 s")
+        check_control_plane_needs_a_token(proc.pid, port)
         r = subprocess.run(["bash", "-e", "-c", curl], cwd=ROOT, env=env(), capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, (r.stdout[-1500:], r.stderr[-1500:])
