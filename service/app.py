@@ -304,11 +304,15 @@ def build_app(server: Server) -> FastAPI:
         return P.models_response(server.model_name, server.created)
 
     # ---- generation ----------------------------------------------------------------------
-    @app.post("/v1/completions")
+    # the handlers read the raw body (size and read-time limits, errors in OpenAI's shape),
+    # so the request models are documented here for /openapi.json and its clients
+    @app.post("/v1/completions", openapi_extra=P.openapi_body(P.CompletionRequest),
+              responses=P.OPENAPI_RESPONSES)
     async def completions(request: Request):
         return await _generate(request, P.CompletionRequest, "cmpl", "text_completion")
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=P.openapi_body(P.ChatCompletionRequest),
+              responses=P.OPENAPI_RESPONSES)
     async def chat_completions(request: Request):
         return await _generate(request, P.ChatCompletionRequest, "chatcmpl", "chat.completion.chunk")
 

@@ -44,6 +44,35 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def _inline_refs(node, defs: dict):
+    if isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inline_refs(defs[ref.split("/")[-1]], defs)
+        return {k: _inline_refs(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline_refs(v, defs) for v in node]
+    return node
+
+
+def openapi_body(model) -> dict:
+    """`openapi_extra` documenting a request model as the route's JSON body (refs inlined)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": _inline_refs(schema, defs)}}}}
+
+
+_ERROR_SCHEMA = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": {"type": "string"}, "type": {"type": "string"},
+    "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+OPENAPI_RESPONSES = {
+    code: {"description": what, "content": {"application/json": {"schema": _ERROR_SCHEMA}}}
+    for code, what in ((400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+                       (408, "body not received in time"), (413, "body too large"),
+                       (429, "too many requests (Retry-After)"), (503, "starting or shutting down"))}
+
+
 # --------------------------------------------------------------------------- requests
 
 class StreamOptions(BaseModel):

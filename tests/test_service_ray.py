@@ -58,6 +58,24 @@ def offline(cfg_kw: dict, prompt_ids: list[int], **params) -> list[int]:
     return engine.generate([prompt_ids], SamplingParams(**params))[0].token_ids
 
 
+def run_and_wait(url: str, app) -> None:
+    """serve.run returns once the replica is constructed; its model loads in the background,
+    and /health answers 503 "starting" until it is ready."""
+    serve.run(app, name="dflash", route_prefix="/")
+    seen = set()
+    deadline = time.monotonic() + 300                             # hang guard for the load
+    while True:
+        r = httpx.get(url + "/health", timeout=30)
+        seen.add((r.status_code, r.json().get("status")))
+        if r.status_code == 200:
+            break
+        assert r.status_code == 503 and r.json()["status"] == "starting", r.text
+        assert r.headers["retry-after"]
+        assert time.monotonic() < deadline, "the model never finished loading"
+        time.sleep(0.2)
+    assert seen <= {(503, "starting"), (200, "ok")}, seen
+
+
 def complete(url: str, prompt: str, **extra) -> dict:
     body = {"model": "tiny", "prompt": prompt, "max_tokens": 24, "temperature": 0, "return_token_ids": True, **extra}
     r = httpx.post(url + "/v1/completions", json=body, timeout=300)
@@ -66,7 +84,7 @@ def complete(url: str, prompt: str, **extra) -> dict:
 
 
 def test_disaggregated_equals_colocated_and_survives_drafter_restart(serve_url, tok):
-    serve.run(build_app({**TINY, "placement": "disaggregated"}), name="dflash", route_prefix="/")
+    run_and_wait(serve_url, build_app({**TINY, "placement": "disaggregated"}))
     want = [offline(TINY, tok(p, add_special_tokens=False)["input_ids"], max_new_tokens=24) for p in PROMPTS]
     # concurrent greedy requests: drafts travel over the gloo group each step
     with ThreadPoolExecutor(4) as ex:
@@ -142,7 +160,7 @@ def test_default_model_end_to_end_from_serve_yaml(serve_url):
     import yaml
     args = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())["applications"][0]["args"]
     args = {**args, "max_slots": 2, "max_seq_len": 512, "served_model_name": "smollm2"}
-    serve.run(build_app(args), name="dflash", route_prefix="/")
+    run_and_wait(serve_url, build_app(args))
     tok = load_tokenizer("default")
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
