@@ -68,6 +68,10 @@ class ServiceConfig:
     # num_gpus None: 0 on CPU, 1 colocated / 0.5 each disaggregated on CUDA
     num_cpus: float = 0.5
     num_gpus: float | None = None
+    # Ray custom resources per deployment, to pin each to nodes that offer them (e.g. the
+    # target on GPU nodes labelled {"target_node": 1}, the drafter on {"drafter_node": 1})
+    target_resources: dict | None = None
+    drafter_resources: dict | None = None
     # OpenMP waiters of each replica: passive (sleeping; replicas share cores with Ray's
     # own processes) or active (spinning; faster when a replica owns its cores)
     omp_wait_policy: str = "passive"
@@ -98,6 +102,11 @@ class ServiceConfig:
             raise ValueError(f"omp_wait_policy must be passive or active, got {self.omp_wait_policy!r}")
         if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ValueError("num_cpus and num_gpus must be >= 0")
+        for name in ("target_resources", "drafter_resources"):
+            res = getattr(self, name)
+            if res is not None and not (isinstance(res, dict) and all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and v >= 0 for k, v in res.items())):
+                raise ValueError(f"{name} must map resource names to amounts >= 0, got {res!r}")
         if self.num_gpus is None:
             on_gpu = str(self.device).startswith("cuda")
             self.num_gpus = (0.5 if self.placement == "disaggregated" else 1.0) if on_gpu else 0.0

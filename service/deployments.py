@@ -60,8 +60,10 @@ class DFlashDrafter:
         return await asyncio.to_thread(self.server.join, host, port, backend, timeout_s)
 
     def stats(self) -> dict:
+        import ray
         return {"generation": self.server.generation, "num_steps": self.server.num_steps,
-                "serving": self.server.serving, "pid": os.getpid()}
+                "serving": self.server.serving, "pid": os.getpid(),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
 
 @serve.deployment(name="DFlashServer", num_replicas=1, health_check_period_s=5, health_check_timeout_s=30)
@@ -114,6 +116,11 @@ class DFlashServer:
             await asyncio.to_thread(self.server.shutdown, grace_s)
         return True
 
+    def node_id(self) -> str:
+        """The Ray node this replica runs on."""
+        import ray
+        return ray.get_runtime_context().get_node_id()
+
     async def ready(self) -> bool:
         """Whether the model is loaded and the engine loop runs (raises if loading failed)."""
         if self.gate.error:
@@ -145,7 +152,12 @@ def build_app(args: dict | None = None):
     cfg = ServiceConfig.from_dict(dict(args or {}))
     opts = deployment_options(cfg)
     config = cfg.to_dict()
+    if cfg.target_resources:
+        opts["ray_actor_options"] = {**opts["ray_actor_options"], "resources": dict(cfg.target_resources)}
     if cfg.placement == "disaggregated":
-        drafter = DFlashDrafter.options(ray_actor_options=opts["ray_actor_options"]).bind(config)
+        drafter_actor = deployment_options(cfg)["ray_actor_options"]
+        if cfg.drafter_resources:
+            drafter_actor["resources"] = dict(cfg.drafter_resources)
+        drafter = DFlashDrafter.options(ray_actor_options=drafter_actor).bind(config)
         return DFlashServer.options(**opts).bind(config, drafter)
     return DFlashServer.options(**opts).bind(config)
