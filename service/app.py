@@ -45,6 +45,15 @@ _DISCONNECT_POLL_S = 0.25
 OPENAI_SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}
 
 
+def serve_replica_id() -> str | None:
+    """This Ray Serve replica's id (None outside Serve)."""
+    try:
+        from ray import serve
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001  (not in a Serve replica)
+        return None
+
+
 class Server:
     """Engine + tokenizer + loop + metrics of one replica."""
 
@@ -54,7 +63,8 @@ class Server:
         self.tokenizer = tokenizer
         self.model_name = config.served_model_name
         self.created = P.now_s()
-        self.metrics = metrics or ServiceMetrics(self.model_name, engine.config.max_slots)
+        self.metrics = metrics or ServiceMetrics(self.model_name, engine.config.max_slots,
+                                                 replica_id=serve_replica_id())
         self.loop = EngineLoop(engine, tokenizer, self.metrics, max_queue=config.max_queue,
                                request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s)
         self.vocab_size = engine.vocab_size
@@ -290,7 +300,8 @@ def build_app(server: Server) -> FastAPI:
         if hasattr(backend, "num_connects"):   # disaggregated: the drafter link
             body["drafter"] = {"connected": backend.connected, "state": backend.state,
                                "num_connects": backend.num_connects, "num_failed_steps": backend.num_failed_steps,
-                               "last_error": backend.last_error}
+                               "num_steps": backend.num_steps, "bytes_sent": backend.bytes_sent,
+                               "bytes_received": backend.bytes_received, "last_error": backend.last_error}
             if not backend.connected:   # serving, exact, without drafts: 200, not a failed probe
                 body["status"] = "degraded"
         return body

@@ -13,6 +13,7 @@ Their sums over requests equal the sums of the usage objects returned to clients
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 # Latency buckets in seconds: CPU steps are ~50-500 ms, GPU steps ~5-50 ms.
@@ -23,10 +24,28 @@ _E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
+class _WithLabels:
+    """A registry view whose every sample carries extra labels (the replica's id)."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]):
+        self.registry, self.labels = registry, labels
+
+    def collect(self):
+        for family in self.registry.collect():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for s in family.samples:
+                out.add_sample(s.name, {**s.labels, **self.labels}, s.value, s.timestamp, s.exemplar)
+            yield out
+
+
 class ServiceMetrics:
-    def __init__(self, model_name: str = "", max_slots: int = 0, registry: CollectorRegistry | None = None):
+    def __init__(self, model_name: str = "", max_slots: int = 0, registry: CollectorRegistry | None = None,
+                 replica_id: str | None = None):
+        """replica_id: added as the `replica` label to every sample (several Serve replicas
+        behind one proxy answer /metrics in turn; the label keeps their series apart)."""
         r = self.registry = registry or CollectorRegistry()
         self.model_name = model_name
+        self.replica_id = replica_id
         # speculative decoding
         self.num_drafts = Counter("dflash_spec_decode_num_drafts", "Target forwards that verified a drafted block",
                                   registry=r)
@@ -67,6 +86,10 @@ class ServiceMetrics:
                                      registry=r)
         self.drafter_link_up.set(1)
         self._drafter_failed_seen = 0
+        self.drafter_wire_bytes = Counter("dflash_drafter_wire_bytes",
+                                          "Disaggregated placement: bytes between target and drafter",
+                                          ["direction"], registry=r)
+        self._wire_seen = {"sent": 0, "received": 0}
         self.drafter_failed_steps = Counter("dflash_drafter_failed_steps",
                                             "Draft steps the remote drafter did not answer", registry=r)
         self.engine_alive = Gauge("dflash_engine_alive", "1 while the engine loop runs", registry=r)
@@ -112,8 +135,12 @@ class ServiceMetrics:
         self.block_size.set(block_size)
         self.engine_alive.set(1 if alive else 0)
 
-    def on_drafter_link(self, up: bool, num_failed_steps: int) -> None:
+    def on_drafter_link(self, up: bool, num_failed_steps: int, bytes_sent: int = 0, bytes_received: int = 0) -> None:
         self.drafter_link_up.set(1 if up else 0)
+        for direction, total in (("sent", bytes_sent), ("received", bytes_received)):
+            if total > self._wire_seen[direction]:
+                self.drafter_wire_bytes.labels(direction=direction).inc(total - self._wire_seen[direction])
+                self._wire_seen[direction] = total
         new = num_failed_steps - self._drafter_failed_seen
         if new > 0:
             self.drafter_failed_steps.inc(new)
@@ -124,4 +151,6 @@ class ServiceMetrics:
         self.requests.labels(status=str(status)).inc()
 
     def render(self) -> bytes:
+        if self.replica_id:
+            return generate_latest(_WithLabels(self.registry, {"replica": self.replica_id}))
         return generate_latest(self.registry)

@@ -385,7 +385,7 @@ class EngineLoop:
         if heartbeat is None:
             return
         up = heartbeat()
-        self.metrics.on_drafter_link(up, backend.num_failed_steps)
+        self.metrics.on_drafter_link(up, backend.num_failed_steps, backend.bytes_sent, backend.bytes_received)
 
     def _report_state(self) -> None:
         e = self.engine

@@ -138,6 +138,9 @@ class RemoteDraftBackend:
         self.host = host
         self.num_connects = 0
         self.num_failed_steps = 0
+        self.num_steps = 0          # draft exchanges that got a reply
+        self.bytes_sent = 0         # over the group, this side -> drafter (pings included)
+        self.bytes_received = 0
         self.last_error: str | None = None
         self._pg = None                 # the live group (None: degraded)
         self._store = None
@@ -255,6 +258,7 @@ class RemoteDraftBackend:
             self._send(pg, torch.tensor([OP_PING] + [0] * (HEADER_LEN - 1), dtype=torch.int64))
             pong = torch.empty(1, dtype=torch.int64, device=self.comm_device)
             pg.recv([pong], 1, 0).wait()
+            self.bytes_received += pong.numel() * pong.element_size()
             self._last_ok_s = time.monotonic()
             return True
         except Exception as e:
@@ -283,6 +287,7 @@ class RemoteDraftBackend:
 
     def _send(self, pg, t: torch.Tensor) -> None:
         pg.send([t.to(self.comm_device).contiguous()], 1, 0).wait()
+        self.bytes_sent += t.numel() * t.element_size()
 
     def _exchange(self, pg, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions):
         R, B, H = block_emb.shape
@@ -300,6 +305,8 @@ class RemoteDraftBackend:
         self._send(pg, floats)
         out = torch.empty(R, B, H, dtype=dtype, device=cd)
         pg.recv([out], 1, 0).wait()   # bounded by the group's timeout (step_timeout_s)
+        self.bytes_received += out.numel() * out.element_size()
+        self.num_steps += 1
         self._pending_free.clear()
         self._last_ok_s = time.monotonic()
         return out.to(block_emb.device)
@@ -388,3 +395,38 @@ class DrafterServer:
                 if self._pg is pg:
                     self._pg = None
                     _drop_group(pg)
+
+
+# ---- what goes over the wire ----------------------------------------------------------
+
+def step_wire_bytes(n_ctx: int, rows: int, block: int, feat_dim: int, hidden: int, elem: int = 2,
+                    n_free: int = 0) -> tuple[int, int]:
+    """Bytes of one draft step in the wire format above -> (target -> drafter, reply)."""
+    sent = HEADER_LEN * 8 + (n_free + 2 * n_ctx + rows + rows * block) * 8 + (n_ctx * feat_dim + rows * block * hidden) * elem
+    return sent, rows * block * hidden * elem
+
+
+def wire_table(tau: float = 1.3, elem: int = 2) -> str:
+    """Markdown: bytes per committed token and per step (one row) for the fused context
+    features sent today and for the drafter's own context K/V (the alternative), for the
+    shipped drafter's shapes and for the public Qwen3-8B DFlash drafter's."""
+    shapes = [  # name, target layers fused, target hidden, drafter layers, kv heads, head dim, block
+        ("shipped (SmolLM2-135M target, 1 drafter layer)", 3, 576, 1, 3, 64, 16),
+        ("Qwen3-8B DFlash (5 target layers of 4096, 5 drafter layers)", 5, 4096, 5, 8, 128, 16),
+    ]
+    out = ["| shapes | context per committed token: features / drafter K/V | one step, one row, at tau "
+           f"{tau}: features / K/V (sent + reply) | context share of a step (features) |", "|---|---|---|---|"]
+    for name, k, h, layers, kv, hd, block in shapes:
+        feat = k * h * elem
+        kvb = layers * 2 * kv * hd * elem
+        sent, reply = step_wire_bytes(0, 1, block, 0, h, elem)
+        base = sent + reply           # header, the block (ids, positions, embeddings), its reply
+        step_feat = base + tau * (feat + 16)   # + per token: its context vector, slot, position
+        step_kv = base + tau * (kvb + 16)
+        out.append(f"| {name} | {feat:,} B / {kvb:,} B ({feat / kvb:.1f}x fewer) | {step_feat:,.0f} B / "
+                   f"{step_kv:,.0f} B ({step_feat / step_kv:.2f}x fewer) | {tau * feat / step_feat:.0%} |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":   # python -m service.transport: the bytes table of docs/BENCHMARKS.md
+    print(wire_table())

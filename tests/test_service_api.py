@@ -590,3 +590,20 @@ def test_starting_gate_answers_503_until_the_model_is_loaded(tok):
         assert r.status_code == 503 and "no such model" in r.json()["error"]["message"]
 
     asyncio.run(run())
+
+
+def test_metrics_carry_the_replica_id():
+    """Several Serve replicas answer /metrics behind one proxy: every sample of a replica
+    carries its id (no label outside Serve)."""
+    from service.metrics import ServiceMetrics
+    m = ServiceMetrics(MODEL, 4, replica_id="r-1")
+    m.on_finished("length", 0.5, 3)
+    m.on_state(1, 0, 1, 4, True)
+    families = list(text_string_to_metric_families(m.render().decode()))
+    samples = [s for f in families for s in f.samples]
+    assert len(samples) > 20 and all(s.labels.get("replica") == "r-1" for s in samples)
+    assert any(s.name == "dflash_request_finished_total" and s.labels["finish_reason"] == "length" and s.value == 1
+               for s in samples)
+    plain = ServiceMetrics(MODEL, 4)
+    assert all("replica" not in s.labels for f in text_string_to_metric_families(plain.render().decode())
+               for s in f.samples)

@@ -100,7 +100,7 @@ def test_disaggregated_equals_colocated_and_survives_drafter_restart(serve_url, 
     stats = drafter.stats.remote().result()
     assert stats["serving"] and stats["num_steps"] > 0
     health = httpx.get(serve_url + "/health").json()
-    assert health["status"] == "ok"
+    assert health["status"] == "ok" and health["drafter"]["bytes_sent"] > 0 and health["drafter"]["num_steps"] > 0
     assert health["drafter"]["connected"] and health["drafter"]["num_connects"] == 1
 
     # hang the drafter (SIGSTOP): the step times out (drafter_step_timeout_s), requests go on
@@ -114,7 +114,8 @@ def test_disaggregated_equals_colocated_and_survives_drafter_restart(serve_url, 
         assert health["status"] == "degraded" and health["drafter"]["state"] == "degraded"
         assert health["drafter"]["num_failed_steps"] >= 1 and health["drafter"]["last_error"]
         metrics = httpx.get(serve_url + "/metrics").text
-        assert "dflash_drafter_link_up 0.0" in metrics
+        link = [ln for ln in metrics.splitlines() if ln.startswith("dflash_drafter_link_up{")]
+        assert len(link) == 1 and link[0].startswith('dflash_drafter_link_up{replica="') and link[0].endswith(" 0.0")
     finally:
         os.kill(stats["pid"], signal.SIGCONT)
     deadline = time.monotonic() + 120                            # hang guard for the reconnect

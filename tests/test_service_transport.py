@@ -90,7 +90,7 @@ def step_inputs(gen, slots, lens, new_tokens, F, H):
 
 
 def test_remote_backend_equals_local_through_frees_and_restart():
-    from service.transport import RemoteDraftBackend
+    from service.transport import RemoteDraftBackend, step_wire_bytes
     drafter = make_drafter()
     cfg = drafter.config
     F, H = len(cfg.target_layer_ids) * cfg.hidden_size, cfg.hidden_size
@@ -104,18 +104,25 @@ def test_remote_backend_equals_local_through_frees_and_restart():
         remote.connect()
         # steps over changing rows; slot 1 is freed and reused by a new sequence
         plan = [([0, 1], 5), ([0, 1, 2], 2), ([0, 2], 3), ("free", 1), ([1, 2], 6), ([0, 1, 2], 1)]
+        sent = received = frees = 0
         for item in plan:
             if item[0] == "free":
                 local.free(item[1])
                 remote.free(item[1])
                 lens[item[1]] = 0
+                frees += 1
                 continue
             args = step_inputs(gen, item[0], lens, item[1], F, H)
             want = local.draft(*args)
             got = remote.draft(*args)
             assert got.shape == want.shape == (len(item[0]), BLOCK, H)
             assert torch.equal(got, want)
+            s, r = step_wire_bytes(len(item[0]) * item[1], len(item[0]), BLOCK, F, H,
+                                   elem=args[4].element_size(), n_free=frees)
+            sent, received, frees = sent + s, received + r, 0
         assert remote.num_connects == 1 and remote.num_failed_steps == 0
+        # the byte counters (and docs/BENCHMARKS.md's table) follow the wire format exactly
+        assert (remote.bytes_sent, remote.bytes_received, remote.num_steps) == (sent, received, 5)
 
         # the drafter process dies: the step fails over to zeros (drafts the verify rejects)
         # and the link reports itself degraded (the engine then decodes plainly)
