@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -186,6 +187,8 @@ def test_default_model_end_to_end_from_serve_yaml(serve_url):
     assert text == decode_text(tok, want)
     usage = events[-1]["usage"]
     metrics = httpx.get(serve_url + "/metrics").text     # served by the ingress replica through the proxy
-    assert f"dflash_generation_tokens_total {float(2 * len(want))}" in metrics
-    assert f"dflash_spec_decode_num_draft_tokens_total {float(2 * usage['num_draft_tokens'])}" in metrics
+    replica = re.search(r'dflash_engine_alive\{replica="([^"]+)"\}', metrics).group(1)   # every sample carries it
+    assert f'dflash_generation_tokens_total{{replica="{replica}"}} {float(2 * len(want))}' in metrics
+    assert (f'dflash_spec_decode_num_draft_tokens_total{{replica="{replica}"}} '
+            f'{float(2 * usage["num_draft_tokens"])}') in metrics
     serve.delete("dflash")
