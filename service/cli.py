@@ -165,23 +165,6 @@ def drain(cfg: ServiceConfig) -> None:
 RAY_PATIENCE = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "30"}
 
 
-def _wait_until_loaded(stop: threading.Event) -> bool:
-    """Poll the ingress until its model is loaded; False if stopped first. A failed load
-    raises (the replica says why)."""
-    from ray import serve
-    handle = serve.get_deployment_handle("DFlashServer", app_name="dflash")
-    while not stop.is_set():
-        try:
-            if handle.ready.remote().result(timeout_s=30):
-                return True
-        except TimeoutError:
-            pass
-        except Exception as e:  # noqa: BLE001  (RayTaskError wraps the replica's RuntimeError)
-            raise CliError(f"dflash serve: {str(e).strip().splitlines()[-1][:300]}") from None
-        stop.wait(0.5)
-    return False
-
-
 def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
     os.environ.update(ray_auth_env())   # read by ray.init and inherited by Ray's processes
     for k, v in RAY_PATIENCE.items():
@@ -198,11 +181,9 @@ def run_ray(cfg: ServiceConfig, host: str, port: int) -> None:
     stop = _stop_event()
     try:
         serve.start(http_options={"host": host, "port": port})
+        print(f"dflash serve: loading {cfg.target!r} (http://{host}:{port} answers once it is loaded)",
+              flush=True)
         serve.run(build_app(cfg.to_dict()), name="dflash", route_prefix="/", blocking=False)
-        print(f"dflash serve: loading {cfg.target!r} on http://{host}:{port} (/health answers 503 "
-              f"\"starting\" until it is ready)", flush=True)
-        if not _wait_until_loaded(stop):
-            return
         print(f"dflash serve: model {cfg.served_model_name!r} ({cfg.placement}) on http://{host}:{port}/v1 "
               f"(Ctrl-C to stop)", flush=True)
         if os.environ.get("RAY_AUTH_MODE") == "token" and not os.environ.get("RAY_ADDRESS"):

@@ -72,6 +72,10 @@ class ServiceConfig:
     # target on GPU nodes labelled {"target_node": 1}, the drafter on {"drafter_node": 1})
     target_resources: dict | None = None
     drafter_resources: dict | None = None
+    # Serve autoscaling of the (colocated) DFlashServer deployment, e.g. {"min_replicas": 1,
+    # "max_replicas": 4}; target_ongoing_requests defaults to max_slots (a replica is
+    # "full" when its engine slots are); None: one replica
+    autoscaling: dict | None = None
     # OpenMP waiters of each replica: passive (sleeping; replicas share cores with Ray's
     # own processes) or active (spinning; faster when a replica owns its cores)
     omp_wait_policy: str = "passive"
@@ -102,6 +106,11 @@ class ServiceConfig:
             raise ValueError(f"omp_wait_policy must be passive or active, got {self.omp_wait_policy!r}")
         if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ValueError("num_cpus and num_gpus must be >= 0")
+        if self.autoscaling is not None:
+            self.autoscaling = autoscaling_config(self.autoscaling, self.max_slots)
+            if self.placement != "colocated":
+                raise ValueError("autoscaling is for the colocated placement (one target/drafter pair per "
+                                 "disaggregated application)")
         for name in ("target_resources", "drafter_resources"):
             res = getattr(self, name)
             if res is not None and not (isinstance(res, dict) and all(
@@ -148,6 +157,27 @@ class ServiceConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+AUTOSCALING_KEYS = {"min_replicas", "max_replicas", "initial_replicas", "target_ongoing_requests",
+                    "upscale_delay_s", "downscale_delay_s", "metrics_interval_s", "look_back_period_s"}
+
+
+def autoscaling_config(value: dict, max_slots: int) -> dict:
+    """Validate a Serve autoscaling_config; target_ongoing_requests defaults to max_slots."""
+    if not isinstance(value, dict):
+        raise ValueError(f"autoscaling must be a mapping like {{min_replicas: 1, max_replicas: 4}}, got {value!r}")
+    unknown = set(value) - AUTOSCALING_KEYS
+    if unknown:
+        raise ValueError(f"unknown autoscaling option(s): {', '.join(sorted(unknown))} "
+                         f"(known: {', '.join(sorted(AUTOSCALING_KEYS))})")
+    out = {"target_ongoing_requests": max_slots, **value}
+    lo, hi = out.get("min_replicas", 1), out.get("max_replicas", 1)
+    if not (isinstance(lo, int) and isinstance(hi, int) and 0 <= lo <= hi and hi >= 1):
+        raise ValueError(f"autoscaling needs 0 <= min_replicas <= max_replicas, max_replicas >= 1; got {lo}, {hi}")
+    if not out["target_ongoing_requests"] > 0:
+        raise ValueError("autoscaling target_ongoing_requests must be > 0")
+    return out
 
 
 def auto_schedule(dtype: str, device: str) -> list[tuple[int, int]]:

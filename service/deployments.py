@@ -17,9 +17,8 @@ Placements (identical tokens; see service/transport.py):
   replica restarts or hangs, the ingress decodes without drafts and rebuilds the group with
   the new replica through the same handle in the background (service/transport.py).
 Metrics (/metrics), health (/health) and the OpenAI routes are all served by the ingress
-replica. Its constructor returns at once and the model loads in the background: until it
-is ready /health answers 503 {"status": "starting"} and /v1/* 503 + Retry-After
-(service/starting.py); a failed load shows in /health and fails Serve's health check. One replica per deployment: scale out with more applications (or pods).
+replica. Its constructor loads the model: Serve routes to a replica only once that
+returned, so a replica added by autoscaling never answers before it can serve. One replica per deployment: scale out with more applications (or pods).
 """
 from __future__ import annotations
 
@@ -34,7 +33,6 @@ from .app import Server, build_app as build_fastapi_app
 from .config import ServiceConfig
 from .engines import build_colocated, build_drafter_server, build_remote_target
 from .logs import setup_logging
-from .starting import StartingGate
 from .transport import comm_backend, device_id
 
 log = logging.getLogger("dflash.deploy")
@@ -72,48 +70,37 @@ class DFlashServer:
     """The ingress: OpenAI routes, scheduler, target (and the drafter when colocated)."""
 
     async def __init__(self, config: dict, drafter: DeploymentHandle | None = None):
+        # Serve routes requests to a replica once this returns: load the model first, so a
+        # replica added by autoscaling or a rolling update never answers "not ready yet"
         cfg = ServiceConfig.from_dict(config)
         setup_logging(cfg.log_level)
         self.cfg = cfg
         self.backend = None
-        self.server = None
-        # routes open now (503 "starting"); the model loads in the background
-        self.gate = StartingGate(retry_after_s=5)
-        self._loading = asyncio.get_running_loop().create_task(self._load(cfg, drafter))
+        if cfg.placement == "disaggregated":
+            if drafter is None:
+                raise ValueError("the disaggregated placement needs a DFlashDrafter deployment")
+            drafter_config = await drafter.drafter_config.remote()
+            backend_name = comm_backend(cfg.device, cfg.transport_backend, await drafter.device_id.remote())
 
-    async def _load(self, cfg: ServiceConfig, drafter: DeploymentHandle | None) -> None:
-        try:
-            if cfg.placement == "disaggregated":
-                if drafter is None:
-                    raise ValueError("the disaggregated placement needs a DFlashDrafter deployment")
-                drafter_config = await drafter.drafter_config.remote()
-                backend_name = comm_backend(cfg.device, cfg.transport_backend, await drafter.device_id.remote())
+            def request_join(host: str, port: int):
+                # called off this replica's event loop (the engine loop or the reconnect thread)
+                response = drafter.join.remote(host, port, backend_name, cfg.transport_timeout_s)
+                return lambda: response.result(timeout_s=cfg.transport_timeout_s)
 
-                def request_join(host: str, port: int):
-                    # called off this replica's event loop (the engine loop or the reconnect thread)
-                    response = drafter.join.remote(host, port, backend_name, cfg.transport_timeout_s)
-                    return lambda: response.result(timeout_s=cfg.transport_timeout_s)
-
-                engine, tokenizer, self.backend = await asyncio.to_thread(build_remote_target, cfg, drafter_config,
-                                                                          request_join, backend_name)
-                await asyncio.to_thread(self.backend.connect)
-            else:
-                engine, tokenizer = await asyncio.to_thread(build_colocated, cfg)
-            server = Server(cfg, engine, tokenizer)
-            await self.gate.open(build_fastapi_app(server))
-            self.server = server
-        except Exception as e:  # shown by /health; check_health fails, so Serve replaces the replica
-            log.exception("loading the model failed")
-            self.gate.fail(f"{type(e).__name__}: {str(e)[:300]}")
+            engine, tokenizer, self.backend = await asyncio.to_thread(build_remote_target, cfg, drafter_config,
+                                                                      request_join, backend_name)
+            await asyncio.to_thread(self.backend.connect)
+        else:
+            engine, tokenizer = await asyncio.to_thread(build_colocated, cfg)
+        self.server = Server(cfg, engine, tokenizer)
 
     def __serve_build_asgi_app__(self):
-        return self.gate
+        return build_fastapi_app(self.server)
 
     async def drain(self, grace_s: float) -> bool:
         """Orderly stop (dflash serve on SIGINT/SIGTERM, before Serve removes its proxy):
         no new requests (503), running ones get grace_s, the rest end with "abort"."""
-        if self.server is not None:
-            await asyncio.to_thread(self.server.shutdown, grace_s)
+        await asyncio.to_thread(self.server.shutdown, grace_s)
         return True
 
     def node_id(self) -> str:
@@ -121,17 +108,7 @@ class DFlashServer:
         import ray
         return ray.get_runtime_context().get_node_id()
 
-    async def ready(self) -> bool:
-        """Whether the model is loaded and the engine loop runs (raises if loading failed)."""
-        if self.gate.error:
-            raise RuntimeError(f"loading the model failed: {self.gate.error}")
-        return self.server is not None
-
     def check_health(self) -> None:
-        if self.gate.error:
-            raise RuntimeError(f"loading the model failed: {self.gate.error}")
-        if self.server is None:
-            return   # still loading: healthy (/health answers 503 "starting")
         loop = self.server.loop
         if loop._thread is not None and not loop.alive:
             raise RuntimeError(f"engine loop is dead: {loop.dead_reason}")
@@ -154,6 +131,9 @@ def build_app(args: dict | None = None):
     config = cfg.to_dict()
     if cfg.target_resources:
         opts["ray_actor_options"] = {**opts["ray_actor_options"], "resources": dict(cfg.target_resources)}
+    if cfg.autoscaling:   # Serve scales the ingress deployment (colocated only)
+        opts["autoscaling_config"] = dict(cfg.autoscaling)
+        opts["num_replicas"] = "auto"
     if cfg.placement == "disaggregated":
         drafter_actor = deployment_options(cfg)["ray_actor_options"]
         if cfg.drafter_resources:

@@ -80,6 +80,16 @@ def _disaggregated() -> dict:
     return _merge_patch(_rayservice(), patch)
 
 
+def _autoscaling() -> dict:
+    patch = _docs(K8S / "autoscaling" / "serve-config.yaml")[0]
+    return _merge_patch(_rayservice(), patch)
+
+
+def _variant(name: str) -> dict:
+    return {"colocated": _rayservice, "": _rayservice, "disaggregated": _disaggregated,
+            "autoscaling": _autoscaling}[name]()
+
+
 def _serve_config(rs: dict) -> dict:
     return yaml.safe_load(rs["spec"]["serveConfigV2"])
 
@@ -90,7 +100,8 @@ def test_every_manifest_parses_and_names_its_kind():
     files = sorted(K8S.rglob("*.yaml"))
     assert {p.relative_to(K8S).as_posix() for p in files} >= {
         "base/rayservice.yaml", "base/monitoring.yaml", "base/kustomization.yaml", "kustomization.yaml",
-        "disaggregated/kustomization.yaml", "disaggregated/serve-config.yaml"}
+        "disaggregated/kustomization.yaml", "disaggregated/serve-config.yaml",
+        "autoscaling/kustomization.yaml", "autoscaling/serve-config.yaml"}
     for path in files:
         docs = _docs(path)
         assert docs, path
@@ -102,7 +113,7 @@ def test_every_manifest_parses_and_names_its_kind():
 
 def test_kustomizations_reference_existing_files():
     kfiles = sorted(K8S.rglob("kustomization.yaml"))
-    assert len(kfiles) == 3
+    assert len(kfiles) == 4   # k8s/, base/, disaggregated/, autoscaling/
     for kfile in kfiles:
         k = _docs(kfile)[0]
         assert k["kind"] == "Kustomization"
@@ -134,7 +145,7 @@ def _kustomize_cmd() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("overlay", ["", "disaggregated"])
+@pytest.mark.parametrize("overlay", ["", "disaggregated", "autoscaling"])
 def test_real_kustomize_builds_every_kustomization(overlay):
     """What `kubectl apply -k` would send: built by a real kustomize, the RayService equals
     the manifests (and, for the overlay, the merge patch) these tests check."""
@@ -148,7 +159,7 @@ def test_real_kustomize_builds_every_kustomization(overlay):
     kinds = sorted(d["kind"] for d in docs)
     assert kinds.count("RayService") == 1 and "ConfigMap" in kinds, kinds
     rs = next(d for d in docs if d["kind"] == "RayService")
-    want = _disaggregated() if overlay else _rayservice()
+    want = _variant(overlay)
     assert _serve_config(rs) == _serve_config(want)
     assert rs["metadata"]["labels"]["app.kubernetes.io/part-of"] == "dflash-serve"
     images = {c["image"] for g in rs["spec"]["rayClusterConfig"]["workerGroupSpecs"]
@@ -158,17 +169,17 @@ def test_real_kustomize_builds_every_kustomization(overlay):
 
 # --------------------------------------------------------------------------- CRD schema
 
-@pytest.mark.parametrize("variant", ["colocated", "disaggregated"])
+@pytest.mark.parametrize("variant", ["colocated", "disaggregated", "autoscaling"])
 def test_rayservice_validates_against_the_kuberay_crd(rayservice_validator, variant):
-    rs = _rayservice() if variant == "colocated" else _disaggregated()
+    rs = _variant(variant)
     assert rs["apiVersion"] == "ray.io/v1" and rs["kind"] == "RayService"
     assert _errors(rayservice_validator, rs) == []
 
 
-@pytest.mark.parametrize("variant", ["colocated", "disaggregated"])
+@pytest.mark.parametrize("variant", ["colocated", "disaggregated", "autoscaling"])
 def test_ray_control_plane_requires_a_token(variant):
     """Ray's GCS/raylet/dashboard listen on the pod IPs: KubeRay's token auth is on."""
-    rs = _rayservice() if variant == "colocated" else _disaggregated()
+    rs = _variant(variant)
     assert rs["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
 
 
@@ -340,3 +351,26 @@ def test_dashboard_queries_use_metrics_the_service_exports():
     assert any("1 + " in e and "num_accepted_tokens_total" in e and "num_drafts_total" in e for e in exprs)
     ids = [p["id"] for p in dashboard["panels"]]
     assert len(ids) == len(set(ids))
+
+
+def test_autoscaling_overlay_scales_replicas_and_pods_together():
+    """Serve autoscaling in the serve config (the app's args and the deployment entry say
+    the same), KubeRay's in-tree autoscaler on, max_replicas = the worker group's
+    maxReplicas (one GPU per replica, one GPU per pod), busy at max_slots ongoing requests."""
+    from service.config import ServiceConfig
+    from service.deployments import build_app
+    rs = _autoscaling()
+    assert rs["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    (app,) = _serve_config(rs)["applications"]
+    (dep,) = app["deployments"]
+    assert "num_replicas" not in dep
+    auto = dep["autoscaling_config"]
+    cfg = ServiceConfig.from_dict(app["args"])
+    assert cfg.autoscaling == auto and auto["target_ongoing_requests"] == cfg.max_slots
+    group = rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus = float(group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert auto["max_replicas"] * dep["ray_actor_options"]["num_gpus"] / gpus == group["maxReplicas"]
+    assert auto["min_replicas"] <= group["minReplicas"] + 1
+    built = build_app(app["args"])._bound_deployment._deployment_config.autoscaling_config
+    assert (built.min_replicas, built.max_replicas, built.target_ongoing_requests) == \
+        (auto["min_replicas"], auto["max_replicas"], auto["target_ongoing_requests"])

@@ -550,48 +550,6 @@ def test_body_caps_count_received_bytes_and_time(tok):
         make_cfg(body_read_timeout_s=0)
 
 
-def test_starting_gate_answers_503_until_the_model_is_loaded(tok):
-    """What a Ray Serve replica serves while its model loads (service/starting.py): /health
-    503 "starting", /v1/* 503 in OpenAI's error shape with Retry-After; once opened, the real
-    app (its lifespan started: the engine loop runs); closing it stops the loop; a failed
-    load says why."""
-    import asyncio
-
-    from service.app import Server, build_app
-    from service.starting import StartingGate
-
-    async def run():
-        gate = StartingGate(retry_after_s=3)
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=gate), base_url="http://gate")
-        r = await client.get("/health")
-        assert r.status_code == 503 and r.json() == {"status": "starting"} and r.headers["retry-after"] == "3"
-        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
-        r = await client.post("/v1/completions", json=body)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "starting"
-        assert set(r.json()["error"]) == {"message", "type", "param", "code"}
-
-        cfg = make_cfg()
-        server = Server(cfg, make_engine(cfg), tok)
-        await gate.open(build_app(server))
-        assert gate.ready and server.loop.alive
-        r = await client.get("/health")
-        assert r.status_code == 200 and r.json()["status"] == "ok"
-        r = await client.post("/v1/completions", json={**body, "return_token_ids": True})
-        assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 4
-        await gate.close()
-        assert not server.loop.alive
-
-        failed = StartingGate()
-        failed.fail("ModelLoadError: no such model")
-        fc = httpx.AsyncClient(transport=httpx.ASGITransport(app=failed), base_url="http://gate")
-        r = await fc.get("/health")
-        assert r.status_code == 503 and r.json() == {"status": "failed", "error": "ModelLoadError: no such model"}
-        r = await fc.post("/v1/completions", json=body)
-        assert r.status_code == 503 and "no such model" in r.json()["error"]["message"]
-
-    asyncio.run(run())
-
-
 def test_metrics_carry_the_replica_id():
     """Several Serve replicas answer /metrics behind one proxy: every sample of a replica
     carries its id (no label outside Serve)."""

@@ -1,4 +1,4 @@
-"""The disaggregated placement across two Ray nodes, simulated on this machine
+"""Two Ray nodes, simulated on this machine
 (ray.cluster_utils.Cluster: two raylets on 127.0.0.1, each with its own resources): the
 target deployment is pinned to the node offering `target_node`, the drafter to the one
 offering `drafter_node`; their torch.distributed group (gloo) spans the two nodes.
@@ -6,7 +6,8 @@ offering `drafter_node`; their torch.distributed group (gloo) spans the two node
 Tokens equal the colocated engine's (greedy and seeded sampling); when the drafter's node
 is removed mid-stream, the stream completes exactly (plain decoding meanwhile), and when a
 node offering `drafter_node` joins, Serve places a new drafter replica there and the target
-speculates with it again."""
+speculates with it again. Autoscaling: a burst takes the colocated deployment from one
+replica to two (one per node), both serve, and going back to one cuts no stream."""
 from __future__ import annotations
 
 import os
@@ -26,7 +27,7 @@ from service.local import free_port  # noqa: E402
 from test_service_ray import PROMPTS, TINY, complete, offline, run_and_wait  # noqa: E402
 
 MULTI = {**TINY, "placement": "disaggregated", "target_resources": {"target_node": 0.1},
-         "drafter_resources": {"drafter_node": 0.1}, "transport_timeout_s": 10.0, "drafter_step_timeout_s": 2.0}
+         "drafter_resources": {"drafter_node": 0.1}, "transport_timeout_s": 120.0, "drafter_step_timeout_s": 2.0}
 ENV = {"RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 
 
@@ -36,6 +37,9 @@ def cluster():
     from service.cli import RAY_PATIENCE
     for k, v in RAY_PATIENCE.items():
         os.environ.setdefault(k, v)
+    # one proxy (on the head) for both nodes: without this it prefers the replica on its own
+    # node while that one has room, and a second replica on the other node gets no traffic
+    os.environ["RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING"] = "0"
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"target_node": 1},
                                                       "include_dashboard": False,
                                                       "node_ip_address": "127.0.0.1"})
@@ -129,3 +133,77 @@ def test_target_and_drafter_on_two_nodes(cluster, tok):
     assert again["choices"][0]["token_ids"] == want[3] and again["usage"]["num_draft_tokens"] > 0
     assert drafter.stats.remote().result()["num_steps"] > 0
     serve.delete("dflash")
+
+
+def scrape_replicas(url: str, tries: int = 40) -> dict[str, float]:
+    """Generation tokens per replica id, from /metrics answered by the replicas in turn."""
+    from prometheus_client.parser import text_string_to_metric_families
+    seen: dict[str, float] = {}
+    for _ in range(tries):
+        text = httpx.get(url + "/metrics", timeout=30).text
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "dflash_generation_tokens_total":
+                    seen[s.labels["replica"]] = s.value
+    return seen
+
+
+def test_autoscaling_from_one_to_two_replicas_on_two_nodes(cluster, tok):
+    """A burst makes Serve add a replica (on the other node: each needs 0.6 of a node's one
+    CPU); both serve (per-replica metrics); when the burst is over Serve goes back to one,
+    and the streams in flight on the way down all end with a finish_reason and [DONE]."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+    cfg = {**TINY, "max_slots": 2, "num_cpus": 0.6, "drafter": "random",
+           "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1.0,
+                           "downscale_delay_s": 8.0, "metrics_interval_s": 0.5, "look_back_period_s": 2.0}}
+    run_and_wait(cluster[2], build_app(cfg))
+    url = cluster[2]
+    app = lambda: serve.status().applications["dflash"].deployments["DFlashServer"]   # noqa: E731
+
+    def stream(max_tokens: int) -> tuple[str | None, bool]:
+        body = {"model": "tiny", "prompt": PROMPTS[1], "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+        finish, done = None, False
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
+            assert r.status_code == 200, r.read()
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    finish = json.loads(line[6:])["choices"][0].get("finish_reason") or finish
+                elif line == "data: [DONE]":
+                    done = True
+        return finish, done
+
+    # 8 streams in flight at all times against 2 slots: Serve scales to 2 replicas, and both
+    # serve (their own metrics, told apart by the replica label, show tokens)
+    with ThreadPoolExecutor(8) as ex:
+        burst: list = []
+        deadline = time.monotonic() + 240                         # hang guard for the scale-up
+        per_replica: dict = {}
+        while app().replica_states.get("RUNNING", 0) < 2 or len(per_replica) < 2 or \
+                not all(v > 0 for v in per_replica.values()):
+            assert time.monotonic() < deadline, f"never served from two replicas: {app()} {per_replica}"
+            in_flight = sum(not f.done() for f in burst)
+            burst += [ex.submit(stream, 200) for _ in range(8 - in_flight)]
+            if app().replica_states.get("RUNNING", 0) == 2:
+                per_replica = scrape_replicas(url, tries=10)
+            time.sleep(0.5)
+        handle = serve.get_deployment_handle("DFlashServer", app_name="dflash")
+        nodes = {handle.node_id.remote().result() for _ in range(20)}   # while both still run
+        results = [f.result() for f in burst]
+    assert all(r == ("length", True) for r in results), results
+    assert len(per_replica) == 2, per_replica
+    assert len(nodes) == 2, nodes                                   # one replica per node
+
+    # quiet: back to one replica; streams in flight meanwhile all end properly
+    with ThreadPoolExecutor(2) as ex:
+        deadline = time.monotonic() + 180
+        slow = []
+        while app().replica_states.get("RUNNING", 0) > 1:
+            assert time.monotonic() < deadline, f"never scaled down: {app()}"
+            slow.append(ex.submit(stream, 120))
+            time.sleep(2.0)
+        results = [f.result() for f in slow]
+    assert results and all(r == ("length", True) for r in results), results
+    serve.delete("dflash")
+

@@ -145,3 +145,24 @@ def test_cli_bad_options_one_line_and_exit_code(capsys, argv, code, needle):
     assert main(argv) == code
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and "Traceback" not in err
+
+
+def test_autoscaling_option():
+    """Serve autoscaling of the ingress: target_ongoing_requests defaults to the slot count,
+    bad settings fail with their names, and the built application carries the config."""
+    from service.deployments import build_app
+    cfg = ServiceConfig(target="tiny-random", max_slots=6, autoscaling={"min_replicas": 1, "max_replicas": 3})
+    assert cfg.autoscaling == {"target_ongoing_requests": 6, "min_replicas": 1, "max_replicas": 3}
+    assert ServiceConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, needle in (({"max_replica": 3}, "unknown autoscaling option"), ({"min_replicas": 3, "max_replicas": 1},
+                        "min_replicas <= max_replicas"), ("lots", "mapping")):
+        with pytest.raises(ValueError, match=needle):
+            ServiceConfig(target="tiny-random", autoscaling=bad)
+    with pytest.raises(ValueError, match="colocated"):
+        ServiceConfig(target="tiny-random", placement="disaggregated", autoscaling={"max_replicas": 2})
+    app = build_app({"target": "tiny-random", "drafter": "random", "max_slots": 6,
+                     "autoscaling": {"min_replicas": 1, "max_replicas": 3}})
+    dep = app._bound_deployment
+    auto = dep._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.max_replicas, auto.target_ongoing_requests) == (1, 3, 6)
+    assert build_app({"target": "tiny-random"})._bound_deployment._deployment_config.autoscaling_config is None
