@@ -54,6 +54,15 @@ def serve_replica_id() -> str | None:
         return None
 
 
+def ray_node_id() -> str | None:
+    """The Ray node this process runs on (None outside Ray)."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
 class Server:
     """Engine + tokenizer + loop + metrics of one replica."""
 
@@ -65,6 +74,7 @@ class Server:
         self.created = P.now_s()
         self.metrics = metrics or ServiceMetrics(self.model_name, engine.config.max_slots,
                                                  replica_id=serve_replica_id())
+        self.node_id = ray_node_id()
         self.loop = EngineLoop(engine, tokenizer, self.metrics, max_queue=config.max_queue,
                                request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s)
         self.vocab_size = engine.vocab_size
@@ -296,6 +306,8 @@ def build_app(server: Server) -> FastAPI:
             return JSONResponse(P.error_body(f"engine loop is dead: {reason}", "server_error",
                                              code="engine_dead"), status_code=503)
         body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight}
+        if server.metrics.replica_id:   # under Ray Serve: which replica answered, on which node
+            body["replica"], body["node"] = server.metrics.replica_id, server.node_id
         backend = server.engine.draft_backend
         if hasattr(backend, "num_connects"):   # disaggregated: the drafter link
             body["drafter"] = {"connected": backend.connected, "state": backend.state,

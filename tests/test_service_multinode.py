@@ -188,12 +188,14 @@ def test_autoscaling_from_one_to_two_replicas_on_two_nodes(cluster, tok):
             if app().replica_states.get("RUNNING", 0) == 2:
                 per_replica = scrape_replicas(url, tries=10)
             time.sleep(0.5)
-        handle = serve.get_deployment_handle("DFlashServer", app_name="dflash")
-        nodes = {handle.node_id.remote().result() for _ in range(20)}   # while both still run
+        nodes = {}
+        while len(nodes) < 2 and time.monotonic() < deadline:       # /health names replica and node
+            h = httpx.get(url + "/health", timeout=30).json()
+            nodes[h["replica"]] = h["node"]
         results = [f.result() for f in burst]
     assert all(r == ("length", True) for r in results), results
     assert len(per_replica) == 2, per_replica
-    assert len(nodes) == 2, nodes                                   # one replica per node
+    assert set(nodes) == set(per_replica) and len(set(nodes.values())) == 2, nodes   # one replica per node
 
     # quiet: back to one replica; streams in flight meanwhile all end properly
     with ThreadPoolExecutor(2) as ex:
