@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import PLACEMENTS, ServiceConfig, parse_schedule
+from .config import PLACEMENTS, ServiceConfig
 
 
 from dflash_core.clitools import CliError  # noqa: E402  (one error type for every command)
@@ -67,9 +67,8 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               block_size=a.block_size, max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
               max_tokens_limit=a.max_tokens_limit, served_model_name=a.served_model_name, num_cpus=a.num_cpus,
               num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level)
-    if a.block_size_schedule is not None:
-        kw["block_size_schedule"] = ("auto" if a.block_size_schedule.strip().lower() == "auto"
-                                     else parse_schedule(a.block_size_schedule))
+    if a.block_size_schedule is not None:   # ServiceConfig parses it ("auto", "none", pairs)
+        kw["block_size_schedule"] = a.block_size_schedule
     return ServiceConfig(**kw)
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 # serve.yaml overrides it.
 DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (1 << 30, 1))
 # In fp32 on a CPU without fast bf16 (AVX2 only: docs/BENCHMARKS.md, "Hardware without
-# AMX") a verify of 4 tokens costs ~2x a one-token step, and DFlash at tau 1.3 ran at
-# 0.55-0.67x plain decoding at batch 1: the "auto" schedule decodes plainly there.
+# AMX") a verify of 4 tokens costs 1.9x a one-token step, and DFlash at tau 1.3 ran at
+# 0.70-0.73x plain decoding at batch 1: the "auto" schedule decodes plainly there.
 FP32_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1 << 30, 1),)
 
 PLACEMENTS = ("colocated", "disaggregated")

@@ -18,7 +18,8 @@ Placements (identical tokens; see service/transport.py):
   the new replica through the same handle in the background (service/transport.py).
 Metrics (/metrics), health (/health) and the OpenAI routes are all served by the ingress
 replica. Its constructor loads the model: Serve routes to a replica only once that
-returned, so a replica added by autoscaling never answers before it can serve. One replica per deployment: scale out with more applications (or pods).
+returned, so a replica added by autoscaling never answers before it can serve. One
+replica per deployment unless `autoscaling` is set (colocated only).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import os
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from .app import Server, build_app as build_fastapi_app
+from .app import Server, build_app as build_fastapi_app, ray_node_id
 from .config import ServiceConfig
 from .engines import build_colocated, build_drafter_server, build_remote_target
 from .logs import setup_logging
@@ -58,10 +59,8 @@ class DFlashDrafter:
         return await asyncio.to_thread(self.server.join, host, port, backend, timeout_s)
 
     def stats(self) -> dict:
-        import ray
         return {"generation": self.server.generation, "num_steps": self.server.num_steps,
-                "serving": self.server.serving, "pid": os.getpid(),
-                "node_id": ray.get_runtime_context().get_node_id()}
+                "serving": self.server.serving, "pid": os.getpid(), "node_id": ray_node_id()}
 
 
 @serve.deployment(name="DFlashServer", num_replicas=1, health_check_period_s=5, health_check_timeout_s=30)
@@ -74,7 +73,6 @@ class DFlashServer:
         # replica added by autoscaling or a rolling update never answers "not ready yet"
         cfg = ServiceConfig.from_dict(config)
         setup_logging(cfg.log_level)
-        self.cfg = cfg
         self.backend = None
         if cfg.placement == "disaggregated":
             if drafter is None:
@@ -105,8 +103,7 @@ class DFlashServer:
 
     def node_id(self) -> str:
         """The Ray node this replica runs on."""
-        import ray
-        return ray.get_runtime_context().get_node_id()
+        return self.server.node_id
 
     def check_health(self) -> None:
         loop = self.server.loop
@@ -129,15 +126,16 @@ def build_app(args: dict | None = None):
     cfg = ServiceConfig.from_dict(dict(args or {}))
     opts = deployment_options(cfg)
     config = cfg.to_dict()
-    if cfg.target_resources:
-        opts["ray_actor_options"] = {**opts["ray_actor_options"], "resources": dict(cfg.target_resources)}
+    actor = opts["ray_actor_options"]
+
+    def pinned(resources: dict | None) -> dict:   # Ray custom resources pin a deployment to nodes
+        return {**actor, "resources": dict(resources)} if resources else actor
+
+    opts["ray_actor_options"] = pinned(cfg.target_resources)
     if cfg.autoscaling:   # Serve scales the ingress deployment (colocated only)
         opts["autoscaling_config"] = dict(cfg.autoscaling)
         opts["num_replicas"] = "auto"
     if cfg.placement == "disaggregated":
-        drafter_actor = deployment_options(cfg)["ray_actor_options"]
-        if cfg.drafter_resources:
-            drafter_actor["resources"] = dict(cfg.drafter_resources)
-        drafter = DFlashDrafter.options(ray_actor_options=drafter_actor).bind(config)
+        drafter = DFlashDrafter.options(ray_actor_options=pinned(cfg.drafter_resources)).bind(config)
         return DFlashServer.options(**opts).bind(config, drafter)
     return DFlashServer.options(**opts).bind(config)

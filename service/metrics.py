@@ -85,11 +85,10 @@ class ServiceMetrics:
                                      "the target decodes without drafts (degraded); always 1 when colocated",
                                      registry=r)
         self.drafter_link_up.set(1)
-        self._drafter_failed_seen = 0
         self.drafter_wire_bytes = Counter("dflash_drafter_wire_bytes",
                                           "Disaggregated placement: bytes between target and drafter",
                                           ["direction"], registry=r)
-        self._wire_seen = {"sent": 0, "received": 0}
+        self._totals_seen: dict[str, float] = {}   # running totals reported so far (on_drafter_link)
         self.drafter_failed_steps = Counter("dflash_drafter_failed_steps",
                                             "Draft steps the remote drafter did not answer", registry=r)
         self.engine_alive = Gauge("dflash_engine_alive", "1 while the engine loop runs", registry=r)
@@ -136,15 +135,16 @@ class ServiceMetrics:
         self.engine_alive.set(1 if alive else 0)
 
     def on_drafter_link(self, up: bool, num_failed_steps: int, bytes_sent: int = 0, bytes_received: int = 0) -> None:
+        """The remote backend's running totals; counters advance by what is new."""
         self.drafter_link_up.set(1 if up else 0)
-        for direction, total in (("sent", bytes_sent), ("received", bytes_received)):
-            if total > self._wire_seen[direction]:
-                self.drafter_wire_bytes.labels(direction=direction).inc(total - self._wire_seen[direction])
-                self._wire_seen[direction] = total
-        new = num_failed_steps - self._drafter_failed_seen
-        if new > 0:
-            self.drafter_failed_steps.inc(new)
-            self._drafter_failed_seen = num_failed_steps
+        for key, counter, total in (("failed", self.drafter_failed_steps, num_failed_steps),
+                                    ("sent", self.drafter_wire_bytes.labels(direction="sent"), bytes_sent),
+                                    ("received", self.drafter_wire_bytes.labels(direction="received"),
+                                     bytes_received)):
+            new = total - self._totals_seen.get(key, 0)
+            if new > 0:
+                counter.inc(new)
+                self._totals_seen[key] = total
 
     # ---- HTTP side -------------------------------------------------------------------
     def on_http(self, status: int) -> None:

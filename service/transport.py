@@ -82,6 +82,11 @@ def transport_host() -> str:
     return "127.0.0.1"
 
 
+def _op_header(op: int) -> torch.Tensor:
+    """The header of a message without a body (PING, CLOSE)."""
+    return torch.tensor([op] + [0] * (HEADER_LEN - 1), dtype=torch.int64)
+
+
 def _new_group(backend: str, store, rank: int, host: str, timeout: timedelta):
     """A two-rank process group of its own (not torch.distributed's global default group):
     a hung peer's group can be aborted and dropped without touching the next one."""
@@ -143,7 +148,7 @@ class RemoteDraftBackend:
         self.bytes_received = 0
         self.last_error: str | None = None
         self._pg = None                 # the live group (None: degraded)
-        self._store = None
+        self._store = None             # the live group's rendezvous store, kept open with it
         self._pending_free: dict[int, None] = {}   # ordered set: at most one entry per slot
         self._last_ok_s = time.monotonic()
         self._closed = False
@@ -239,8 +244,7 @@ class RemoteDraftBackend:
         with self._lock:
             if self._pg is not None:
                 try:
-                    self._pg.send([torch.tensor([OP_CLOSE] + [0] * (HEADER_LEN - 1), device=self.comm_device)],
-                                  1, 0).wait()
+                    self._send(self._pg, _op_header(OP_CLOSE))
                 except Exception:
                     pass
             self._drop()
@@ -255,10 +259,8 @@ class RemoteDraftBackend:
         if time.monotonic() - self._last_ok_s < self.heartbeat_s:
             return True
         try:
-            self._send(pg, torch.tensor([OP_PING] + [0] * (HEADER_LEN - 1), dtype=torch.int64))
-            pong = torch.empty(1, dtype=torch.int64, device=self.comm_device)
-            pg.recv([pong], 1, 0).wait()
-            self.bytes_received += pong.numel() * pong.element_size()
+            self._send(pg, _op_header(OP_PING))
+            self._recv(pg, torch.empty(1, dtype=torch.int64, device=self.comm_device))
             self._last_ok_s = time.monotonic()
             return True
         except Exception as e:
@@ -289,6 +291,11 @@ class RemoteDraftBackend:
         pg.send([t.to(self.comm_device).contiguous()], 1, 0).wait()
         self.bytes_sent += t.numel() * t.element_size()
 
+    def _recv(self, pg, t: torch.Tensor) -> torch.Tensor:
+        pg.recv([t], 1, 0).wait()   # bounded by the group's timeout (step_timeout_s)
+        self.bytes_received += t.numel() * t.element_size()
+        return t
+
     def _exchange(self, pg, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions):
         R, B, H = block_emb.shape
         N = int(ctx_slots.shape[0])
@@ -303,9 +310,7 @@ class RemoteDraftBackend:
         self._send(pg, header)
         self._send(pg, ints)
         self._send(pg, floats)
-        out = torch.empty(R, B, H, dtype=dtype, device=cd)
-        pg.recv([out], 1, 0).wait()   # bounded by the group's timeout (step_timeout_s)
-        self.bytes_received += out.numel() * out.element_size()
+        out = self._recv(pg, torch.empty(R, B, H, dtype=dtype, device=cd))
         self.num_steps += 1
         self._pending_free.clear()
         self._last_ok_s = time.monotonic()
