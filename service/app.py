@@ -34,7 +34,7 @@ from . import protocol as P
 from .config import ServiceConfig
 from .logs import log_event
 from .metrics import CONTENT_TYPE, ServiceMetrics
-from .scheduler import EngineLoop, Overloaded, StreamEvent, Unavailable
+from .engine_loop import EngineLoop, Overloaded, StreamEvent, Unavailable
 
 log = logging.getLogger("dflash.http")
 

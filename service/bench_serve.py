@@ -28,6 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from dflash_core.engine import INF_RUNNING, format_block_size_schedule
+
 from .local import free_port
 
 
@@ -137,7 +139,7 @@ def pick_schedule(rows: list[dict]) -> list[tuple[int, int]]:
         if c not in best or tps > best[c][0] or (tps == best[c][0] and b < best[c][1]):
             best[c] = (tps, b)
     pairs = [(c, best[c][1]) for c in sorted(best)]
-    pairs[-1] = (1 << 30, pairs[-1][1])
+    pairs[-1] = (INF_RUNNING, pairs[-1][1])
     merged: list[tuple[int, int]] = []
     for c, b in pairs:
         if merged and merged[-1][1] == b:
@@ -214,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.sweep:
         result["schedule"] = pick_schedule(rows)
         print("picked schedule (max_running:block_size): " +
-              ",".join(f"{'inf' if c >= 1 << 30 else c}:{b}" for c, b in result["schedule"]))
+              format_block_size_schedule(result["schedule"]))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

@@ -9,20 +9,8 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-# Verified block size by number of running rows: pairs (max_running, block_size); the first
-# pair whose max_running >= running rows applies; None means "always block_size".
-# Measured on the 2-core CPU reference machine (bf16, the default target and the shipped
-# drafter, tau ~1.25-1.3 in serving): `python -m service.bench_serve --sweep --block-sizes
-# 1,4,8 --concurrency 1,2,4,8` (docs/BENCHMARKS.md, "Serving") served the most tokens/s
-# with block 4 at 1-2 running requests (22.3 vs 18.4 tok/s at 1) and with plain decoding
-# at 4 and 8, so from 3 on (a verify of 4 rows x 4 tokens costs more than it saves at tau 1.3). Re-pick
-# it for a better drafter or a GPU with the same command; `--block-size-schedule` /
-# serve.yaml overrides it.
-DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (1 << 30, 1))
-# In fp32 on a CPU without fast bf16 (AVX2 only: docs/BENCHMARKS.md, "Hardware without
-# AMX") a verify of 4 tokens costs 1.9x a one-token step, and DFlash at tau 1.3 ran at
-# 0.70-0.73x plain decoding at batch 1: the "auto" schedule decodes plainly there.
-FP32_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1 << 30, 1),)
+from dflash_core.engine import (DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE,  # noqa: F401
+                                auto_block_size_schedule, parse_block_size_schedule)
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -124,7 +112,7 @@ class ServiceConfig:
         if isinstance(self.block_size_schedule, str) and self.block_size_schedule.strip().lower() == "auto":
             self.block_size_schedule = "auto"   # resolved where the engine runs (its CPU decides the dtype)
         elif self.block_size_schedule is not None:
-            self.block_size_schedule = parse_schedule(self.block_size_schedule)
+            self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
         if not 1 <= self.max_prompt_tokens < self.max_seq_len:
@@ -152,7 +140,9 @@ class ServiceConfig:
     def resolved_block_size_schedule(self) -> list[tuple[int, int]] | None:
         """The schedule the engine runs with ("auto" resolved on this machine)."""
         if self.block_size_schedule == "auto":
-            return auto_schedule(self.dtype, self.device)
+            from dflash_core.runtime import resolve_dtype
+            return auto_block_size_schedule("bfloat16" if self.dtype == "float16"
+                                            else resolve_dtype(self.dtype, self.device))
         return self.block_size_schedule
 
     def to_dict(self) -> dict:
@@ -178,35 +168,3 @@ def autoscaling_config(value: dict, max_slots: int) -> dict:
     if not out["target_ongoing_requests"] > 0:
         raise ValueError("autoscaling target_ongoing_requests must be > 0")
     return out
-
-
-def auto_schedule(dtype: str, device: str) -> list[tuple[int, int]]:
-    """The default block-size schedule for the dtype the engine will run in."""
-    import torch
-
-    from dflash_core.runtime import resolve_dtype
-    if dtype == "float16" or resolve_dtype(dtype, device) != torch.float32:
-        return [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
-    return [tuple(p) for p in FP32_BLOCK_SIZE_SCHEDULE]
-
-
-def parse_schedule(value) -> list[tuple[int, int]] | None:
-    """Accept "1:16,2:8,4:4,inf:1", [[1, 16], ...] or None/"none" -> sorted [(max_running, block_size)]."""
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "off")):
-        return None
-    pairs = []
-    if isinstance(value, str):
-        for item in value.split(","):
-            if ":" not in item:
-                raise ValueError(f"block size schedule entry {item!r} must look like MAX_RUNNING:BLOCK_SIZE")
-            a, b = item.split(":", 1)
-            a = a.strip().lower()
-            pairs.append((1 << 30 if a in ("inf", "*") else int(a), int(b)))
-    else:
-        for item in value:
-            a, b = item
-            pairs.append((int(a), int(b)))
-    for a, b in pairs:
-        if a < 1 or b < 1:
-            raise ValueError(f"block size schedule entries must be positive, got {a}:{b}")
-    return sorted(pairs)

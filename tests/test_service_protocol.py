@@ -8,7 +8,8 @@ import pytest
 
 from dflash_core.api import load_tokenizer
 from service import protocol as P
-from service.config import ServiceConfig, parse_schedule
+from dflash_core.engine import INF_RUNNING, parse_block_size_schedule
+from service.config import ServiceConfig
 from service.detokenize import IncrementalDetokenizer, decode_text
 
 TEXT = ("Héllo wörld! Here is some code:\n```python\ndef f(x):\n    return x ** 2  # 🤖 squares\n```\n"
@@ -100,10 +101,10 @@ def test_parse_request_types_and_unsupported_fields():
 def test_config_from_dict_and_schedule():
     cfg = ServiceConfig.from_dict({"target": "tiny-random", "max_seq_len": 128,
                                    "block_size_schedule": "1:16, 4:8, inf:1"})
-    assert cfg.block_size_schedule == [(1, 16), (4, 8), (1 << 30, 1)]
+    assert cfg.block_size_schedule == [(1, 16), (4, 8), (INF_RUNNING, 1)]
     assert cfg.max_prompt_tokens == 127 and cfg.max_tokens_limit == 128
     assert ServiceConfig.from_dict(cfg.to_dict()) == cfg
-    assert parse_schedule("none") is None and parse_schedule([[2, 4], [1, 8]]) == [(1, 8), (2, 4)]
+    assert parse_block_size_schedule("none") is None and parse_block_size_schedule([[2, 4], [1, 8]]) == [(1, 8), (2, 4)]
     with pytest.raises(ValueError, match="unknown service option"):
         ServiceConfig.from_dict({"max_slot": 3})
     for bad in ({"placement": "remote"}, {"max_slots": 0}, {"block_size_schedule": "1-16"},
@@ -115,7 +116,7 @@ def test_config_from_dict_and_schedule():
 def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
     """The default schedule speculates where it measured faster (bf16: AMX CPUs, GPUs) and
     decodes plainly in fp32 (AVX2 CPUs); it is resolved where the engine runs."""
-    from service.config import DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE
+    from dflash_core.engine import DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE
     from service.engines import engine_config
     cfg = ServiceConfig(target="tiny-random")
     assert cfg.block_size_schedule == "auto" and ServiceConfig.from_dict(cfg.to_dict()) == cfg
@@ -128,7 +129,7 @@ def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
     gpu = ServiceConfig(target="tiny-random", device="cuda")      # auto dtype on a GPU: bf16
     assert gpu.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
     explicit = ServiceConfig(target="tiny-random", dtype="float32", block_size_schedule="1:8,inf:1")
-    assert explicit.resolved_block_size_schedule() == [(1, 8), (1 << 30, 1)]
+    assert explicit.resolved_block_size_schedule() == [(1, 8), (INF_RUNNING, 1)]
 
 
 @pytest.mark.parametrize("argv, code, needle", [

@@ -1,18 +1,21 @@
-"""Continuous batching around a SpecEngine: one engine-loop thread, asyncio streams out.
+"""The bridge between the engine thread and asyncio: one engine-loop thread, streams out.
+
+The engine owns the only waiting queue, slot admission and the block-size schedule
+(dflash_core/scheduler.py); this loop adds what a server needs around it: deadlines,
+detokenisation, stop strings, metrics, and handing events to the HTTP side.
 
 Contract
 - `EngineLoop.submit(...)` is called from the HTTP event loop. It never blocks: it
-  raises `Overloaded` when the running slots and the bounded waiting queue are full,
-  `Unavailable` while shutting down or after the engine died; otherwise the request is
-  queued and a `RequestStream` is returned whose `events()` yield `StreamEvent`s.
+  raises `Overloaded` when the running slots and `max_queue` waiting requests are taken,
+  `Unavailable` while shutting down or after the engine died; otherwise the request goes
+  to the loop thread and a `RequestStream` is returned whose `events()` yield
+  `StreamEvent`s.
 - Only the loop thread touches the engine. Between two `engine.step()` calls it
-  (1) applies submissions and aborts, (2) ends requests past their deadline,
-  (3) moves queued requests into the engine while it has free slots (FIFO), then runs
-  one step and routes each RequestOutput to its stream (detokenized, stop strings
-  applied: a stop string aborts the request in the engine at once, freeing its slot).
+  (1) hands submissions to `engine.add_request` and applies aborts, (2) ends requests
+  past their deadline, then runs one step and routes each RequestOutput to its stream
+  (detokenized, stop strings applied: a stop string aborts the request in the engine at
+  once, freeing its slot). Metrics add each output's per-step statistics.
 - An abort (client disconnect, timeout) frees the slot before the next step.
-- The verified block size per step follows `EngineConfig.block_size_schedule` inside
-  the engine (adaptive speculation); this loop only reports it.
 - If `engine.step()` raises, every stream gets an error event, the loop stops and
   `alive` turns False (so /health fails and the replica gets restarted).
 """
@@ -80,7 +83,6 @@ class RequestStream:
         self.finished = False
         self.num_drafts = 0
         self.last_stats = None       # the engine's SpecStats of this request (read on the loop thread only)
-        self._prev = (0, 0, 0, [])   # (num_steps, draft tokens, accepted tokens, per position) already counted
         self._aio_loop = aio_loop
         self._queue: asyncio.Queue[StreamEvent] | None = asyncio.Queue() if aio_loop else None
         self._events: list[StreamEvent] = []   # used when there is no asyncio loop (tests, tools)
@@ -132,8 +134,7 @@ class EngineLoop:
         self.capacity = engine.config.max_slots + max_queue
         self._cond = threading.Condition()
         self._commands: deque = deque()          # ("add", stream) | ("abort", request_id, reason)
-        self._queued: deque[RequestStream] = deque()   # accepted, not yet in the engine
-        self._streams: dict[str, RequestStream] = {}   # in the engine
+        self._streams: dict[str, RequestStream] = {}   # in the engine (waiting or running)
         self._in_flight = 0                      # submitted and not finished (guards capacity)
         self._accepting = True
         self._stop = False
@@ -209,7 +210,7 @@ class EngineLoop:
     # ---- the loop ----------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            self.metrics.on_state(0, 0, 0, self.engine.config.block_size_for(1), True)
+            self.metrics.on_state(0, 0, 0, self.engine.block_size(1), True)
             while True:
                 with self._cond:
                     if not self._commands and not self._stop and not self._has_work():
@@ -223,14 +224,12 @@ class EngineLoop:
                 # 1) submissions and aborts
                 for cmd in commands:
                     if cmd[0] == "add":
-                        self._queued.append(cmd[1])
+                        self._add(cmd[1])
                     else:
                         self._abort(cmd[1], cmd[2])
                 # 2) deadlines
                 self._expire()
-                # 3) admission
-                self._admit()
-                # 4) one engine step
+                # 3) one engine step
                 if self.engine.has_unfinished_requests():
                     outputs = self.engine.step()
                     self.num_steps += 1
@@ -245,38 +244,32 @@ class EngineLoop:
             self._fail_everything(500, f"internal engine error: {type(e).__name__}: {e}", "engine_error")
 
     def _has_work(self) -> bool:
-        return bool(self._queued or self.engine.has_unfinished_requests())
+        return self.engine.has_unfinished_requests()
 
-    def _admit(self) -> None:
-        free = self.engine.num_free_slots - self.engine.num_waiting
-        while self._queued and free > 0:
-            st = self._queued.popleft()
-            try:
-                self.engine.add_request(st.request_id, st.prompt_token_ids, st.params)
-            except ValueError as e:
-                self._finish_error(st, 400, str(e), "invalid_prompt")
-                continue
-            st.admitted_s = time.monotonic()
-            self._streams[st.request_id] = st
-            self.metrics.on_admitted(st.admitted_s - st.arrival_s, len(st.prompt_token_ids))
-            free -= 1
+    def _add(self, st: RequestStream) -> None:
+        try:
+            self.engine.add_request(st.request_id, st.prompt_token_ids, st.params)
+        except ValueError as e:
+            self._finish_error(st, 400, str(e), "invalid_prompt")
+            return
+        self._streams[st.request_id] = st
 
     def _route(self, out) -> None:
         st = self._streams.get(out.request_id)
         if st is None or st.finished:
             return
         now = time.monotonic()
-        # speculative stats: count what this output added (usage reports the same totals)
-        s = out.stats
-        steps0, drafted0, accepted0, per_pos0 = st._prev
-        d_drafted = s.num_draft_tokens - drafted0
-        if d_drafted > 0:
-            st.num_drafts += s.num_steps - steps0
-            self.metrics.on_spec(s.num_steps - steps0, d_drafted, s.num_accepted_tokens - accepted0,
-                                 [n - (per_pos0[k] if k < len(per_pos0) else 0)
-                                  for k, n in enumerate(s.accepted_per_position)])
-        st._prev = (s.num_steps, s.num_draft_tokens, s.num_accepted_tokens, list(s.accepted_per_position))
+        step, s = out.step, out.stats
+        if step.admitted:
+            st.admitted_s = now
+            self.metrics.on_admitted(now - st.arrival_s, len(st.prompt_token_ids))
+        if step.num_drafts:   # this step's speculative statistics (usage reports the totals)
+            st.num_drafts += step.num_drafts
+            self.metrics.on_spec(step.num_drafts, step.num_draft_tokens, step.num_accepted_tokens,
+                                 step.accepted_per_position)
         st.last_stats = s
+        if not out.new_token_ids and not out.finished:
+            return   # a prompt chunk prefilled: nothing to stream yet
         # text, stop strings
         used_before = st.detok.num_tokens_used
         text = st.detok.add(out.new_token_ids, out.finished)
@@ -315,12 +308,7 @@ class EngineLoop:
             self._in_flight -= 1
 
     def _abort(self, request_id: str, reason: str) -> None:
-        """Client went away or deadline: drop from the queue or free its slot now."""
-        for st in self._queued:
-            if st.request_id == request_id:
-                self._queued.remove(st)
-                self._finish_abort(st, reason)
-                return
+        """Client went away or deadline: drop it from the engine's queue or free its slot now."""
         st = self._streams.pop(request_id, None)
         if st is not None and not st.finished:
             self.engine.abort_request(request_id)
@@ -348,16 +336,13 @@ class EngineLoop:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        late = [st.request_id for st in itertools.chain(self._queued, self._streams.values())
+        late = [st.request_id for st in self._streams.values()
                 if st.deadline_s is not None and now > st.deadline_s]
         for rid in late:
             log.info("request timed out", extra={"request_id": rid})
             self._abort(rid, "timeout")
 
     def _abort_everything(self, message: str) -> None:
-        for st in list(self._queued):
-            self._finish_abort(st, "abort")
-        self._queued.clear()
         for rid in list(self._streams):
             self._abort(rid, "abort")
         with self._cond:
@@ -367,11 +352,10 @@ class EngineLoop:
             self._commands.clear()
 
     def _fail_everything(self, status: int, message: str, code: str) -> None:
-        streams = list(self._queued) + list(self._streams.values())
+        streams = list(self._streams.values())
         with self._cond:
             streams += [cmd[1] for cmd in self._commands if cmd[0] == "add"]
             self._commands.clear()
-        self._queued.clear()
         self._streams.clear()
         for st in streams:
             if not st.finished:
@@ -390,5 +374,4 @@ class EngineLoop:
     def _report_state(self) -> None:
         e = self.engine
         running = e.num_running
-        self.metrics.on_state(running, len(self._queued) + e.num_waiting, e.config.max_slots - e.num_free_slots,
-                              e.config.block_size_for(max(running, 1)) if e.speculative else 1, True)
+        self.metrics.on_state(running, e.num_waiting, e.config.max_slots - e.num_free_slots, e.block_size(), True)

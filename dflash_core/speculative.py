@@ -1,0 +1,193 @@
+"""DFlash speculative decoding as plain functions: draft, verify, accept.
+
+    drafts = draft(ctx, target, rows, ...)           one drafter forward over all rows
+    hidden, feats = verify(target, cache, ...)       one target forward of [anchor, d_1..d_{b-1}]
+    accept_len, next_tok = accept(target, rows, ...) how many drafts each row keeps, and the
+                                                     target's own token after them
+
+Acceptance (Leviathan et al. 2023, Thm. 1):
+- greedy rows keep the longest prefix with d_k == argmax p_k and then emit argmax at the
+  first mismatch (or the bonus token after the last draft): exactly the target's greedy
+  output;
+- sampling rows accept d_k with probability min(1, p_k(d_k) / q_k(d_k)); at the first
+  rejection they emit x ~ max(p_k - q_k, 0) / sum(max(p_k - q_k, 0)); if all b-1 drafts
+  pass they emit the bonus x ~ p_b. Each emitted token is then distributed exactly as the
+  target's p given the prefix, whatever the drafter's q is.
+Every random draw is a uniform from the row's own generator (`uniforms`), so a request's
+output depends on its seed only, not on what shares the batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import kernels
+from .models.decoder import Decoder
+from .sampling import warp_probs
+from .sequence import Sequence
+
+
+@dataclass
+class DraftContext:
+    """What drafting needs besides the target: the backend (local or remote drafter), its
+    mask token, the target layers it reads, its block, and the drafting vocabulary (the
+    LM-head rows drafts are chosen from; None = all)."""
+    backend: object
+    mask_token_id: int
+    target_layer_ids: list[int]
+    block_size: int
+    draft_vocab: torch.Tensor | None = None
+    draft_head: torch.Tensor | None = None     # [N, hidden] LM-head rows of draft_vocab
+    draft_head_fn: object = None               # prepacked bf16 linear of draft_head, or None
+
+    @classmethod
+    def of(cls, backend, target: Decoder) -> "DraftContext":
+        dc = backend.config
+        ctx = cls(backend, dc.mask_token_id, list(dc.target_layer_ids), dc.block_size)
+        vocab = getattr(dc, "draft_vocab", None)
+        if vocab:
+            ctx.draft_vocab = torch.tensor(sorted(set(vocab)), dtype=torch.int64)
+            if int(ctx.draft_vocab.max()) >= target.config.vocab_size or int(ctx.draft_vocab.min()) < 0:
+                raise ValueError("draft_vocab has ids outside the target vocabulary")
+            w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
+            ctx.draft_head = w.detach()[ctx.draft_vocab.to(w.device)].contiguous()
+            from .models.layers import prepack_linear
+            ctx.draft_head_fn = prepack_linear(ctx.draft_head)
+        return ctx
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits over the drafting vocabulary [..., N]."""
+        if self.draft_head_fn is not None:
+            return self.draft_head_fn(h).float()
+        return torch.nn.functional.linear(h, self.draft_head).float()
+
+
+def uniforms(rows: list[Sequence], n: int) -> torch.Tensor:
+    """[R, n] uniforms, each row from its own generator (batch-independent)."""
+    return torch.stack([torch.rand(n, generator=s.gen) for s in rows]) if n else torch.zeros(len(rows), 0)
+
+
+def sample_rows(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] -> one token per row: argmax for greedy rows, else an inverse-CDF
+    sample of the warped distribution with the row's own uniform."""
+    logits = logits.cpu()
+    out = logits.argmax(-1)
+    for r, s in enumerate(rows):
+        if not s.params.greedy:
+            p = s.params
+            probs = warp_probs(logits[r:r + 1], p.temperature, p.top_k, p.top_p)
+            out[r] = kernels.sample_from_probs(probs, uniforms([s], 1)[:, 0])[0]
+    return out
+
+
+def take_pending_context(rows: list[Sequence], feature_dim: int, dtype, device):
+    """The target features of committed tokens the drafter has not seen yet, for all rows:
+    (slots [N], positions [N], features [N, F]); the rows' pending lists are emptied."""
+    ctx_slots, ctx_pos, ctx_feats = [], [], []
+    for s in rows:
+        if s.pending_feats:
+            ctx_feats.extend(s.pending_feats)
+            ctx_pos.extend(s.pending_pos)
+            ctx_slots.extend(torch.full((len(p),), s.slot, dtype=torch.int64) for p in s.pending_pos)
+            s.pending_feats, s.pending_pos = [], []
+    if not ctx_feats:
+        empty = torch.zeros(0, dtype=torch.int64)
+        return empty, empty, torch.zeros(0, feature_dim, dtype=dtype, device=device)
+    return torch.cat(ctx_slots), torch.cat(ctx_pos), torch.cat(ctx_feats)
+
+
+def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch.Tensor, anchors: torch.Tensor,
+          start: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One drafter forward over the rows, block [anchor, MASK x (B-1)] at positions
+    start .. start+B-1 -> draft tokens [R, b-1] (argmax, or sampled from the drafter's
+    warped distribution q for sampling rows) and, when some row samples, q [R, b-1, V]."""
+    B, R = ctx.block_size, len(rows)
+    F = target.config.hidden_size * len(ctx.target_layer_ids)
+    ctx_slots, ctx_pos, ctx_feats = take_pending_context(rows, F, target.dtype, target.device)
+    ids = torch.full((R, B), ctx.mask_token_id, dtype=torch.int64)
+    ids[:, 0] = anchors
+    block_emb = target.embed(ids.to(target.device))                             # [R, B, hidden]
+    block_pos = start[:, None] + torch.arange(B)[None]                           # [R, B]
+    hidden = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)
+    h = hidden[:, 1:b].to(target.device, target.dtype)
+    if ctx.draft_vocab is None:
+        logits = target.logits(h)                                                # [R, b-1, V]
+        tokens = logits.argmax(-1).cpu()
+    else:
+        logits = ctx.head(h)                                                     # [R, b-1, N]
+        tokens = ctx.draft_vocab[logits.argmax(-1).cpu()]
+    probs = None
+    if any(not s.params.greedy for s in rows):
+        V = target.config.vocab_size
+        probs = torch.zeros(R, b - 1, V)
+        for r, s in enumerate(rows):
+            if s.params.greedy:
+                continue
+            p = s.params
+            q = warp_probs(logits[r], p.temperature, p.top_k, p.top_p).cpu()     # [b-1, V or N]
+            if ctx.draft_vocab is not None:   # q is 0 outside the drafting vocabulary
+                q = torch.zeros(b - 1, V).index_copy_(1, ctx.draft_vocab, q)
+            probs[r] = q
+            tokens[r] = kernels.sample_from_probs(q, uniforms([s], b - 1)[0])
+    return tokens, probs
+
+
+def verify(target: Decoder, cache, slots: torch.Tensor, anchors: torch.Tensor, draft_tokens: torch.Tensor,
+           start: torch.Tensor, capture_layers=()):
+    """One target forward of [anchor, d_1 .. d_{b-1}] at positions start .. start+b-1,
+    causally on each row's cache -> (hidden [R, b, hidden], captured features or None)."""
+    block = torch.cat([anchors[:, None], draft_tokens], 1)
+    return target(block, cache, slots, start, capture_layers)
+
+
+VERIFY_HEAD_FIRST = 1  # positions of the first LM-head chunk in greedy_targets; each next chunk doubles
+
+
+def greedy_targets(target: Decoder, hidden: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
+    """Target argmax tokens [R, b] at the block positions, computing the LM head (the
+    V x hidden matmul, a large share of a CPU verify whose cost grows with the number of
+    positions) in chunks of 1, 2, 4, ... positions and only for rows whose drafts so far
+    all matched, so a row pays for at most about 2 x (accepted + 1) positions. Positions
+    after a row's first mismatch are never read by greedy_accept (left -1)."""
+    R, b, _ = hidden.shape
+    out = torch.full((R, b), -1, dtype=torch.int64)
+    rows = torch.arange(R)
+    lo, chunk = 0, VERIFY_HEAD_FIRST
+    while lo < b and rows.numel():
+        hi = min(b, lo + chunk)
+        chunk *= 2
+        tok = target.logits(hidden[rows.to(hidden.device), lo:hi]).argmax(-1).cpu()   # [r, hi-lo]
+        out[rows, lo:hi] = tok
+        if hi >= b:
+            break
+        ok = (draft_tokens[rows, :hi] == out[rows, :hi]).all(dim=1)   # all drafts so far matched
+        rows, lo = rows[ok], hi
+    return out
+
+
+def accept(target: Decoder, rows: list[Sequence], hidden: torch.Tensor, draft_tokens: torch.Tensor,
+           draft_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """hidden [R, b, hidden] of the target at the block positions -> (accepted drafts [R],
+    the token each row emits after them [R]) by the rules in the module docstring."""
+    R, b, _ = hidden.shape
+    V = target.config.vocab_size
+    greedy_rows = [r for r, s in enumerate(rows) if s.params.greedy]
+    accept_len = torch.zeros(R, dtype=torch.int64)
+    next_tok = torch.zeros(R, dtype=torch.int64)
+    if greedy_rows:
+        g = torch.tensor(greedy_rows)
+        a, n = kernels.greedy_accept(draft_tokens[g], greedy_targets(target, hidden[g.to(hidden.device)],
+                                                                     draft_tokens[g]))
+        accept_len[g], next_tok[g] = a, n
+    for r, s in enumerate(rows):
+        if s.params.greedy:
+            continue
+        p = s.params
+        logits = target.logits(hidden[r]).cpu()                                      # [b, V]
+        target_probs = warp_probs(logits, p.temperature, p.top_k, p.top_p)[None]     # [1, b, V]
+        dp = draft_probs[r:r + 1] if b > 1 else torch.zeros(1, 0, V)
+        u = uniforms([s], b)                                                         # [1, b]
+        a, n = kernels.rejection_accept(draft_tokens[r:r + 1], target_probs, dp, u[:, :b - 1], u[:, b - 1])
+        accept_len[r], next_tok[r] = a[0], n[0]
+    return accept_len, next_tok
