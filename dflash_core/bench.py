@@ -33,10 +33,8 @@ BENCH_PROMPTS = [
 
 
 def _parser():
-    from .clitools import _Parser, _positive_int
+    from .clitools import _Parser, _positive_int, add_runtime_args
     ap = _Parser(prog="dflash bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", default="default")
-    ap.add_argument("--drafter", default="default")
     ap.add_argument("--num-prompts", type=_positive_int, default=4)
     ap.add_argument("--max-new-tokens", type=_positive_int, default=128)
     ap.add_argument("--block-size", type=_positive_int, default=16)
@@ -47,9 +45,7 @@ def _parser():
     ap.add_argument("--repeats", type=_positive_int, default=1)
     ap.add_argument("--block-sizes", default="", help="comma-separated verified block sizes for DFlash (default: --block-size)")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
     ap.add_argument("--peers", action="store_true",
                     help="instead: this engine vs transformers generate / prompt lookup / llama.cpp (bench_peers.py)")
@@ -102,8 +98,8 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 4, 8, 16), reps: int = 7) 
 def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: int,
                     dtype: torch.dtype = torch.float32) -> tuple[float, list[list[int]]]:
     from transformers import AutoModelForCausalLM
-    from .models.loader import resolve_model_dir
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(target_spec)), dtype=dtype).eval()
+    from .models.registry import resolve_model
+    model = AutoModelForCausalLM.from_pretrained(str(resolve_model(target_spec).folder), dtype=dtype).eval()
     n, secs, outs = 0, 0.0, []
     with torch.no_grad():
         for ids in prompts:
@@ -119,22 +115,17 @@ def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: 
 
 
 def main(argv=None) -> int:
+    from .clitools import apply_runtime_args
+    from .runtime import dtype_name
     args = _parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from .runtime import dtype_name, resolve_dtype
-    try:
-        dtype = resolve_dtype(args.dtype, args.device)
-    except ValueError as e:
-        from .clitools import CliError
-        raise CliError(f"dflash bench: {e}")
+    dtype = apply_runtime_args("dflash bench", args)
     block_sizes = _int_list(args.block_sizes, "--block-sizes") or [args.block_size]
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
     out = sys.stderr if args.json else sys.stdout
     from .api import build_engine
-    from .clitools import CliError, encode_prompt
+    from .chat import encode_prompt
+    from .clitools import CliError
     from .engine import EngineConfig
-    from .models.loader import ModelLoadError
     from .sampling import SamplingParams
 
     try:
@@ -142,13 +133,9 @@ def main(argv=None) -> int:
                               ignore_eos=args.ignore_eos)
     except ValueError as e:
         raise CliError(f"dflash bench: {e}")
-    try:
-        engine, tok = build_engine(args.target, args.drafter, EngineConfig(
-            max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes)),
-            device=args.device, dtype=dtype)
-    except ModelLoadError as e:
-        print(f"dflash bench: {e}", file=sys.stderr)
-        return 1
+    engine, tok = build_engine(args.target, args.drafter, EngineConfig(
+        max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes)),
+        device=args.device, dtype=dtype)
     texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
     prompts = [encode_prompt(tok, t, chat=True) for t in texts]
 
@@ -213,41 +200,23 @@ def _peers(args, engine, tok, dtype, out) -> int:
 
 
 def _ar_vs_dflash(engine, prompts, base, repeats: int, temperature: float, out) -> dict:
-    """Each prompt autoregressive then DFlash, back to back (noise hits both alike)."""
-    from .sampling import SamplingParams
-    rows = []
-    agg = {"ar": [0, 0.0], "dflash": [0, 0.0]}
-    acc_lens = []
-    same = True
-    for rep in range(repeats):
-        for i, ids in enumerate(prompts):
-            res = {}
-            for mode in ("ar", "dflash"):
-                p = SamplingParams(**{**base.__dict__, "speculative": mode == "dflash"})
-                t0 = time.perf_counter()
-                [r] = engine.generate([ids], p)
-                dt = time.perf_counter() - t0
-                res[mode] = (r, dt)
-                agg[mode][0] += len(r.token_ids)
-                agg[mode][1] += dt
-            r_ar, r_df = res["ar"][0], res["dflash"][0]
-            if temperature == 0:
-                same &= r_ar.token_ids == r_df.token_ids
-            acc_lens.extend(r_df.stats.acceptance_lengths)
-            rows.append((i, len(ids), len(r_df.token_ids), len(r_ar.token_ids) / res["ar"][1],
-                         len(r_df.token_ids) / res["dflash"][1], r_df.stats.mean_acceptance_length))
+    """Each prompt autoregressive then DFlash, back to back (speedup.run_modes)."""
+    from .speedup import run_modes
+    runs = run_modes(engine, prompts, base, repeats=repeats)
+    ar, df = runs["ar"], runs["dflash"]
     print(f"block size {engine.config.block_size}", file=out)
     print(f"{'prompt':>6} {'prompt_tok':>10} {'new_tok':>8} {'ar_tok/s':>9} {'dflash_tok/s':>12} {'tau':>6} {'speedup':>8}",
           file=out)
-    for i, pl, n, ar, df, tau in rows:
-        print(f"{i:>6} {pl:>10} {n:>8} {ar:>9.2f} {df:>12.2f} {tau:>6.2f} {df / ar:>7.2f}x", file=out)
-    ar_tps = agg["ar"][0] / agg["ar"][1]
-    df_tps = agg["dflash"][0] / agg["dflash"][1]
-    tau = sum(acc_lens) / max(len(acc_lens), 1)
-    print(f"{'all':>6} {'':>10} {agg['dflash'][0]:>8} {ar_tps:>9.2f} {df_tps:>12.2f} {tau:>6.2f} {df_tps / ar_tps:>7.2f}x",
-          file=out)
-    return {"ar_tokens_per_s": round(ar_tps, 3), "dflash_tokens_per_s": round(df_tps, 3),
-            "acceptance_length": round(tau, 3), "speedup": round(df_tps / ar_tps, 3),
+    for k, (r_ar, r_df) in enumerate(zip(ar.results, df.results)):
+        i = k % len(prompts)
+        ar_tps, df_tps = len(r_ar.token_ids) / ar.seconds[k], len(r_df.token_ids) / df.seconds[k]
+        print(f"{i:>6} {len(prompts[i]):>10} {len(r_df.token_ids):>8} {ar_tps:>9.2f} {df_tps:>12.2f} "
+              f"{r_df.stats.mean_acceptance_length:>6.2f} {df_tps / ar_tps:>7.2f}x", file=out)
+    print(f"{'all':>6} {'':>10} {df.tokens:>8} {ar.tokens_per_s:>9.2f} {df.tokens_per_s:>12.2f} {df.tau:>6.2f} "
+          f"{df.tokens_per_s / ar.tokens_per_s:>7.2f}x", file=out)
+    same = ar.outputs == df.outputs
+    return {"ar_tokens_per_s": round(ar.tokens_per_s, 3), "dflash_tokens_per_s": round(df.tokens_per_s, 3),
+            "acceptance_length": round(df.tau, 3), "speedup": round(df.tokens_per_s / ar.tokens_per_s, 3),
             "greedy_outputs_identical": same if temperature == 0 else None}
 
 

@@ -21,7 +21,7 @@ import torch
 
 
 def _prompt_sets(tok, n: int, max_prompt_tokens: int = 256) -> dict[str, list[list[int]]]:
-    from .training.evaluate import load_eval_prompts
+    from .datasets import load_eval_prompts
     return {ds: load_eval_prompts(ds, tok, n, max_prompt_tokens) for ds in ("sharegpt", "humaneval")}
 
 
@@ -82,17 +82,19 @@ class _LlamaCpp:
 
 def build_systems(target: str, engine, dtype, threads: int) -> tuple[dict, dict]:
     """-> ({name: system}, {name: reason it was skipped})."""
-    from .models.loader import default_gguf_path, resolve_model_dir
+    from .models.loader import default_gguf_path
+    from .models.registry import resolve_model
     systems, skipped = {"engine-ar": _Engine(engine, False)}, {}
     if engine.speculative:
         systems["engine-dflash"] = _Engine(engine, True)
     else:
         skipped["engine-dflash"] = "no drafter loaded"
-    if target == "tiny-random":
+    resolved = resolve_model(target)
+    if resolved.is_builtin:
         for name in ("hf-fp32", "hf-bf16", "hf-lookup", "llama.cpp", "llama.cpp-lookup"):
-            skipped[name] = "the tiny random model exists only inside this engine (no HF folder or GGUF)"
+            skipped[name] = f"the built-in model {target!r} exists only inside this engine (no HF folder or GGUF)"
         return systems, skipped
-    folder = str(resolve_model_dir(target))
+    folder = str(resolved.folder)
     systems["hf-fp32"] = _HF(folder, torch.float32)
     systems["hf-bf16"] = _HF(folder, torch.bfloat16)
     systems["hf-lookup"] = _HF(folder, torch.float32, lookup=10)

@@ -10,8 +10,8 @@ import json
 import sys
 import time
 
-from .clitools import (CliError, _Parser, _check_device, _positive_int, encode_prompt,  # noqa: F401
-                       resolve_dtype_arg)
+from .chat import encode_prompt
+from .clitools import CliError, _Parser, _positive_int, add_runtime_args, apply_runtime_args
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -25,12 +25,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--block-size", type=_positive_int, default=16, help="verified block size (1 = no speculation)")
     ap.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding (the baseline)")
-    ap.add_argument("--target", default="default", help="default | HF folder | .gguf | hub id | tiny-random")
-    ap.add_argument("--drafter", default="default", help="default | drafter folder | random")
     ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     return ap
 
@@ -39,7 +35,6 @@ def cmd_generate(argv) -> int:
     args = build_generate_parser().parse_args(argv)
     from .api import build_engine
     from .engine import EngineConfig
-    from .models.loader import ModelLoadError
     from .sampling import SamplingParams
 
     try:
@@ -51,17 +46,9 @@ def cmd_generate(argv) -> int:
         raise CliError(f"dflash generate: {e}")
     if not args.prompt:
         raise CliError("dflash generate: --prompt must not be empty")
-    _check_device(args.device)
-    dtype = resolve_dtype_arg("dflash generate", args.dtype, args.device)
-    if args.threads > 0:
-        import torch
-        torch.set_num_threads(args.threads)
-    try:
-        engine, tok = build_engine(args.target, None if args.no_draft else args.drafter, cfg, device=args.device,
-                                   dtype=dtype)
-    except ModelLoadError as e:
-        print(f"dflash generate: {e}", file=sys.stderr)
-        return 1
+    dtype = apply_runtime_args("dflash generate", args)
+    engine, tok = build_engine(args.target, None if args.no_draft else args.drafter, cfg, device=args.device,
+                               dtype=dtype)
     ids = encode_prompt(tok, args.prompt, args.chat)
     try:
         t0 = time.perf_counter()
@@ -102,6 +89,17 @@ commands:
 `dflash <command> --help` for options."""
 
 
+def _no_server(argv) -> int:
+    raise CliError("dflash serve: the server lives in the `service` package; run the installed "
+                   "`dflash` command (service.entry) or `python -m service.cli`")
+
+
+def _unknown(cmd: str):
+    def body(argv) -> int:
+        raise CliError(f"dflash: unknown command {cmd!r} (try: generate, bench, serve, data, train, eval)")
+    return body
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -112,23 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     # import); the server's processes share the cores and keep sleeping ones
     from .runtime import set_thread_policy
     set_thread_policy(shared=cmd == "serve")
+    from .clitools import run_command
     try:
         if cmd == "generate":
-            return cmd_generate(rest)
+            return run_command("dflash generate", cmd_generate, rest)
         if cmd == "bench":
             from .bench import main as bench_main
-            return bench_main(rest)
+            return run_command("dflash bench", bench_main, rest)
         if cmd == "serve":
-            raise CliError("dflash serve: the server lives in the `service` package; run the installed "
-                           "`dflash` command (service.entry) or `python -m service.cli`")
+            return run_command("dflash serve", _no_server, rest)
         if cmd in ("data", "train", "eval"):
             import importlib
             mod = {"data": "datagen", "train": "train", "eval": "evaluate"}[cmd]
-            return importlib.import_module(f"dflash_core.training.{mod}").main(rest)
-        raise CliError(f"dflash: unknown command {cmd!r} (try: generate, bench, serve, data, train, eval)")
-    except CliError as e:
-        print(str(e), file=sys.stderr)
-        return 2
+            return run_command(f"dflash {cmd}", importlib.import_module(f"dflash_core.training.{mod}").main, rest)
+        return run_command("dflash", _unknown(cmd), rest)
     except KeyboardInterrupt:
         print("dflash: interrupted", file=sys.stderr)
         return 130

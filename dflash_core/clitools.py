@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .chat import encode_prompt  # noqa: F401  (the CLI commands encode prompts through it)
+
 
 class CliError(Exception):
     """A user-facing error: printed as one line."""
@@ -38,22 +40,12 @@ def _positive_int(s: str) -> int:
     return v
 
 
-def encode_prompt(tokenizer, text: str, chat: bool) -> list[int]:
-    if chat:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                            tokenize=True)
-        if hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return list(ids)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def _check_device(device: str) -> None:
     import torch
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise CliError(f"device {device!r} requested but CUDA is not available")
     if not (device == "cpu" or device.startswith("cuda")):
         raise CliError(f"unknown device {device!r}: use cpu or cuda[:N]")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"device {device!r} requested but CUDA is not available")
 
 
 def resolve_dtype_arg(prog: str, name: str, device: str):
@@ -63,3 +55,56 @@ def resolve_dtype_arg(prog: str, name: str, device: str):
         return resolve_dtype(name, device)
     except ValueError as e:
         raise CliError(f"{prog}: {e}") from None
+
+
+TARGET_HELP = "default | HF folder | .gguf | hub id | tiny-random"
+DRAFTER_HELP = "default | drafter folder | random"
+DTYPE_HELP = "auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)"
+
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "default", drafter: str | None = None,
+                     device: str = "cpu", dtype: str | None = "auto") -> None:
+    """The flags every engine command shares: --target [--drafter] --device [--dtype] --threads."""
+    if target is not None:
+        ap.add_argument("--target", default=target, help=TARGET_HELP)
+    if drafter is not None:
+        ap.add_argument("--drafter", default=drafter, help=DRAFTER_HELP)
+    ap.add_argument("--device", default=device, help="cpu | cuda[:N]")
+    if dtype is not None:
+        ap.add_argument("--dtype", default=dtype, help=DTYPE_HELP)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+
+
+def apply_runtime_args(prog: str, args: argparse.Namespace):
+    """Check --device, set --threads, resolve --dtype (when the parser has it) -> torch.dtype
+    or None; bad values raise CliError (one line)."""
+    _check_device(args.device)
+    if args.threads < 0:
+        raise CliError(f"{prog}: --threads must be >= 0, got {args.threads}")
+    if args.threads > 0:
+        import torch
+        torch.set_num_threads(args.threads)
+    return resolve_dtype_arg(prog, args.dtype, args.device) if hasattr(args, "dtype") else None
+
+
+def run_command(prog: str, body, argv) -> int:
+    """Run a command's body(argv) with the shared error contract: bad input (CliError,
+    or ValueError raised before loading) -> one line on stderr, exit 2; a model or data
+    that does not load (ModelLoadError, FileNotFoundError) -> one line, exit 1."""
+    import sys
+
+    from .models.loader import ModelLoadError
+    try:
+        return body(argv)
+    except CliError as e:
+        msg = str(e)
+        print(msg if msg.startswith(prog) else f"{prog}: {msg}", file=sys.stderr)
+        return 2
+    except (ModelLoadError, FileNotFoundError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1

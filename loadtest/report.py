@@ -13,7 +13,8 @@ Definitions:
   the first request sent to the last byte received. With N users this is the server's
   aggregate decode throughput at concurrency N.
 - request tokens/s: output tokens / end-to-end time of each completed request.
-- TTFT, ITL: see loadtest/stream.py. Percentiles are linear-interpolated (numpy).
+- TTFT, ITL: see loadtest/stream.py. Percentiles: dflash_core.stats.percentile (linear
+  interpolation, as in every benchmark of the project).
 - acceptance length (server): 1 + accepted draft tokens / drafts, from the counter
   deltas; a draft is one verify of one request's block, so this is the mean number of
   tokens emitted per target forward (the paper's tau). Prefill tokens are not counted.
@@ -21,10 +22,10 @@ Definitions:
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import numpy as np
 
+from dflash_core.stats import percentile  # noqa: F401  (re-exported for the report tests)
 from loadtest.stream import RequestRecord
 
 # Counter names of the service's /metrics (service/metrics.py); the sample names carry
@@ -33,11 +34,6 @@ DRAFTS = "dflash_spec_decode_num_drafts_total"
 DRAFT_TOKENS = "dflash_spec_decode_num_draft_tokens_total"
 ACCEPTED = "dflash_spec_decode_num_accepted_tokens_total"
 ACCEPTED_PER_POS = "dflash_spec_decode_num_accepted_tokens_per_pos_total"
-
-
-def percentile(values: Iterable[float], q: float) -> float | None:
-    vals = [float(v) for v in values]
-    return float(np.percentile(vals, q)) if vals else None
 
 
 def summarize_run(records: list[RequestRecord]) -> dict:

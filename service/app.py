@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dflash_core.api import generation_defaults
+from dflash_core.chat import encode_chat
 from dflash_core.sampling import SamplingParams
 
 from . import protocol as P
@@ -107,12 +108,9 @@ class Server:
             msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in req.messages]
             try:
-                ids = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+                return encode_chat(tok, msgs)
             except Exception as e:  # template errors (e.g. role order) are the client's to fix
                 raise P.APIError(400, f"the chat template rejected these messages: {e}", param="messages")
-            if hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return [int(t) for t in ids]
         prompt = req.prompt
         if isinstance(prompt, str):
             return list(tok(prompt, add_special_tokens=False)["input_ids"])

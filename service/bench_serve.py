@@ -29,14 +29,14 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 
 from dflash_core.engine import INF_RUNNING, format_block_size_schedule
+from dflash_core.stats import percentile
 
 from .local import free_port
 
 
 def bench_prompts(n: int, max_chars: int = 600) -> list[str]:
-    from dflash_core.training.prompts import load_humaneval_prompts, load_sharegpt_prompts
-    share = [p.text for p in load_sharegpt_prompts() if p.split == "holdout" and len(p.text) <= max_chars]
-    human = [p.text for p in load_humaneval_prompts() if len(p.text) <= max_chars]
+    from dflash_core.datasets import holdout_texts, humaneval_texts
+    share, human = holdout_texts(max_chars), humaneval_texts(max_chars)
     out = []
     for i in range(n):
         src = share if i % 2 == 0 else human
@@ -106,8 +106,9 @@ def one_request(url: str, model: str, prompt: str, max_tokens: int, speculative:
 
 
 def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+    """The project's percentile (dflash_core.stats), q in [0, 1]."""
+    v = percentile(xs, 100 * q)
+    return float("nan") if v is None else v
 
 
 def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,

@@ -22,13 +22,7 @@ from pathlib import Path
 from .config import PLACEMENTS, ServiceConfig
 
 
-from dflash_core.clitools import CliError  # noqa: E402  (one error type for every command)
-from dflash_core.clitools import _Parser as _CoreParser  # noqa: E402
-
-
-class _Parser(_CoreParser):
-    def error(self, message):
-        raise CliError(f"dflash serve: {message}")
+from dflash_core.clitools import CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,9 +68,8 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
 
 def check_models(cfg: ServiceConfig) -> None:
     """Fail fast, in this process, on model specs that cannot resolve."""
-    from dflash_core.models.loader import resolve_model_dir
-    if cfg.target != "tiny-random":
-        resolve_model_dir(cfg.target)
+    from dflash_core.models.registry import resolve_model
+    resolve_model(cfg.target)
     if cfg.drafter not in (None, "default", "random") and not Path(cfg.drafter).is_dir():
         raise CliError(f"dflash serve: drafter {cfg.drafter!r} is not a folder, 'default', 'random' or 'none'")
 

@@ -10,16 +10,12 @@ folder mean the same thing in both placements.
 """
 from __future__ import annotations
 
-import json
-import types
-
 import torch
 
-from dflash_core.api import build_engine, load_drafter, tiny_random_config
+from dflash_core.api import build_engine, load_drafter
 from dflash_core.drafter import DrafterConfig
 from dflash_core.engine import EngineConfig
-from dflash_core.models.config import ModelConfig
-from dflash_core.models.loader import resolve_model_dir
+from dflash_core.models.registry import resolve_model
 
 from .config import ServiceConfig
 from .transport import DrafterServer, RemoteDraftBackend
@@ -45,18 +41,12 @@ def build_colocated(cfg: ServiceConfig):
                         dtype=torch_dtype(cfg))
 
 
-def target_model_config(target: str) -> ModelConfig:
-    """The target's architecture without loading its weights."""
-    if target == "tiny-random":
-        return tiny_random_config()
-    return ModelConfig.from_hf(json.loads((resolve_model_dir(target) / "config.json").read_text()))
-
-
 def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
     if cfg.drafter is None or cfg.block_size < 2:
         raise ValueError("the disaggregated placement needs a drafter and block_size >= 2")
-    stub = types.SimpleNamespace(config=target_model_config(cfg.target))
-    drafter = load_drafter(cfg.drafter, stub, cfg.target, cfg.block_size, cfg.device, torch_dtype(cfg))
+    # shaped by the target's architecture; the target's weights are never loaded here
+    drafter = load_drafter(cfg.drafter, resolve_model(cfg.target).config, cfg.target, cfg.block_size, cfg.device,
+                           torch_dtype(cfg))
     # the same capacity as the colocated backend (dflash_core.api.build_engine)
     return DrafterServer(drafter, cfg.max_slots, cfg.max_seq_len + drafter.config.block_size + 1)
 

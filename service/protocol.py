@@ -318,26 +318,27 @@ def chat_response(rid: str, created: int, model: str, text: str, finish_reason: 
             "choices": [choice], "usage": usage}
 
 
-def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                     token_ids: list[int] | None = None, usage_null: bool = False) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def _chunk(obj: str, content: dict, rid: str, created: int, model: str, finish_reason: str | None,
+           token_ids: list[int] | None, usage_null: bool) -> dict:
+    """One streamed chunk with one choice (`content`: its text or delta)."""
+    choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
-    chunk = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+    chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
     if usage_null:
         chunk["usage"] = None
     return chunk
+
+
+def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
+                     token_ids: list[int] | None = None, usage_null: bool = False) -> dict:
+    return _chunk("text_completion", {"text": text}, rid, created, model, finish_reason, token_ids, usage_null)
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
                token_ids: list[int] | None = None, usage_null: bool = False) -> dict:
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-    if token_ids is not None:
-        choice["token_ids"] = token_ids
-    chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-    if usage_null:
-        chunk["usage"] = None
-    return chunk
+    return _chunk("chat.completion.chunk", {"delta": delta}, rid, created, model, finish_reason, token_ids,
+                  usage_null)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: dict) -> dict:

@@ -156,6 +156,48 @@ def test_block_size_schedule_follows_running_rows(target):
     assert solo.token_ids == ref[0] and solo.stats.num_draft_tokens == 7 * solo.stats.num_steps
 
 
+def test_each_output_carries_its_step_and_the_block_size_it_ran(target):
+    """The per-step statistics of a request's outputs add up to its cumulative stats; the
+    block size each row ran is the schedule's for the running rows, clamped to the
+    drafter's block (schedule 1:16 with a block-4 drafter runs 4), 1 for a request that
+    asked for plain decoding; a request is admitted exactly once and prefills its whole
+    prompt; the engine's block_size() reports what the next step would run."""
+    n = 20
+    eng = make_engine(target, block_size=4, schedule=[(1, 16), (100, 1)])
+    assert eng.block_size(1) == 4 and eng.block_size(2) == 1      # the drafter clamp, in one place
+    params = [SamplingParams(max_new_tokens=n, ignore_eos=True), SamplingParams(max_new_tokens=n, ignore_eos=True,
+                                                                                  speculative=False)]
+    for solo in (True, False):
+        rids = ["a"] if solo else ["a", "b"]
+        for rid, p in zip(rids, params):
+            eng.add_request(rid, PROMPTS[3] if rid == "a" else PROMPTS[1], p)
+        outs = {rid: [] for rid in rids}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                outs[o.request_id].append(o)
+        for rid in rids:
+            os_ = outs[rid]
+            final = os_[-1].stats
+            assert os_[-1].finished and sum(len(o.new_token_ids) for o in os_) == n
+            assert sum(o.step.num_draft_tokens for o in os_) == final.num_draft_tokens
+            assert sum(o.step.num_accepted_tokens for o in os_) == final.num_accepted_tokens
+            assert sum(1 for o in os_ if o.step.block_size) == final.num_steps      # one verify per decode step
+            assert 3 * sum(o.step.num_drafts for o in os_) == final.num_draft_tokens   # blocks of 4: 3 drafts each
+            per_pos = [0] * len(final.accepted_per_position)
+            for o in os_:
+                for k, v in enumerate(o.step.accepted_per_position):
+                    per_pos[k] += v
+            assert per_pos == final.accepted_per_position
+            assert sum(o.step.admitted for o in os_) == 1 and os_[0].step.admitted
+            assert sum(o.step.prefill_tokens for o in os_) == len(PROMPTS[3] if rid == "a" else PROMPTS[1])
+            ran = {o.step.block_size for o in os_ if o.step.block_size}
+            if rid == "b":
+                assert ran == {1} and final.num_draft_tokens == 0
+            else:
+                assert ran == ({4} if solo else {1})
+                assert all(o.step.num_draft_tokens == o.step.block_size - 1 for o in os_ if o.step.block_size)
+
+
 def test_stop_tokens_and_max_tokens(target):
     n = 40
     ref = naive_greedy(target, PROMPTS[1], n)

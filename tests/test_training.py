@@ -8,10 +8,11 @@ import torch
 
 from dflash_core.api import tiny_random_target
 from dflash_core.drafter import DFlashDrafter
+from dflash_core.engine import EngineConfig, SpecEngine
 from dflash_core.training import datagen
 from dflash_core.training.blocks import (IGNORE, accepted_lengths, build_block_batch, default_gamma,
                                          loss_weights, sample_anchors, weighted_block_loss)
-from dflash_core.training.prompts import Prompt
+from dflash_core.datasets import Prompt
 from dflash_core.training.train import TrainConfig, Trainer, lr_factor
 
 VOCAB = 96
@@ -141,8 +142,9 @@ def _write_shards(folder, target, n_records=12, shard_size=4, with_features=Fals
     """Records = the tiny target's own greedy continuations of random prompts."""
     folder.mkdir(parents=True, exist_ok=True)
     from dflash_core.sampling import SamplingParams
-    gen = datagen.FeatureCaptureGenerator(target, list(layers) or [0], max_slots=4, max_seq_len=64,
-                                          eos_token_ids=())
+    from dflash_core.engine import EngineConfig, SpecEngine
+    gen = SpecEngine(target, None, EngineConfig(max_slots=4, max_seq_len=64, block_size=1,
+                                                capture_layers=tuple(layers) or (0,)))
     g = torch.Generator().manual_seed(0)
     recs = []
     for i in range(n_records):
@@ -153,8 +155,10 @@ def _write_shards(folder, target, n_records=12, shard_size=4, with_features=Fals
     while gen.has_unfinished_requests():
         for o in gen.step():
             recs[int(o.request_id)]["response_ids"] += o.new_token_ids
+            if with_features and o.features is not None:
+                recs[int(o.request_id)].setdefault("chunks", []).append(o.features.to(torch.float16))
             if o.finished and with_features:
-                recs[int(o.request_id)]["features"] = gen.features(o.request_id)
+                recs[int(o.request_id)]["features"] = torch.cat(recs[int(o.request_id)].pop("chunks"))
     man = {"config": {"capture_layers": list(layers) if with_features else []}, "shards": {}}
     for s in range(0, n_records, shard_size):
         name = datagen.shard_name(s // shard_size, with_features=True)  # torch.save format
@@ -233,9 +237,12 @@ class _CharTokenizer:
         return [1] + [17 + ord(c) % (VOCAB - 17) for c in msgs[0]["content"]] + [2, 1]
 
 
-class _CountingGenerator(datagen.FeatureCaptureGenerator):
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
+class _CountingEngine(SpecEngine):
+    """The engine as `dflash data` builds it (plain decoding, feature capture), counting requests."""
+
+    def __init__(self, target, layers, max_slots, max_seq_len):
+        super().__init__(target, None, EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, block_size=1,
+                                                    capture_layers=tuple(layers)))
         self.added = []
 
     def add_request(self, request_id, prompt_ids, params):
@@ -251,14 +258,14 @@ def test_datagen_resume_skips_finished_shards(tmp_path):
     target = _target()
     cfg = datagen.DataConfig(out=str(tmp_path / "d"), num_prompts=4, shard_size=2, max_new_tokens=6,
                              max_prompt_tokens=64, max_slots=3, sample_frac=0.5, capture_layers=(1, 3))
-    g1 = _CountingGenerator(target, [1, 3], 3, 80, eos_token_ids=())
+    g1 = _CountingEngine(target, [1, 3], 3, 80)
     s1 = datagen.generate_shards(cfg, g1, _CharTokenizer(), _prompts(10), progress=False)
     assert s1["shards"] == 2 and s1["records"] == 4 and len(g1.added) == 4
     first = datagen.load_shards(tmp_path / "d")
     mtime = (tmp_path / "d" / "shard_00000.pt").stat().st_mtime_ns
     # more prompts, same settings: only the new shard is generated
     cfg2 = datagen.DataConfig(**{**cfg.__dict__, "num_prompts": 6})
-    g2 = _CountingGenerator(target, [1, 3], 3, 80, eos_token_ids=())
+    g2 = _CountingEngine(target, [1, 3], 3, 80)
     s2 = datagen.generate_shards(cfg2, g2, _CharTokenizer(), _prompts(10), progress=False)
     assert s2["shards"] == 3 and len(g2.added) == 2
     assert (tmp_path / "d" / "shard_00000.pt").stat().st_mtime_ns == mtime
@@ -273,34 +280,42 @@ def test_datagen_resume_skips_finished_shards(tmp_path):
         datagen.generate_shards(cfg3, g2, _CharTokenizer(), _prompts(10), progress=False)
 
 
-def test_capture_generator_matches_engine_and_full_forward():
-    """Greedy tokens equal the engine's autoregressive decoding; stored features equal one
-    full forward of the finished sequence."""
-    from dflash_core.engine import EngineConfig, SpecEngine
+def test_feature_capture_through_the_engine_matches_decoding_and_full_forward():
+    """`dflash data` generates through the engine: with feature capture on, greedy tokens
+    equal the engine's autoregressive decoding without it, the stop token is the engine's
+    EOS, and the captured features of every position read equal one full forward of the
+    finished sequence."""
     from dflash_core.sampling import SamplingParams
     target = _target()
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(17, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 3, 7)]
     params = SamplingParams(max_new_tokens=12, speculative=False)
     eng = SpecEngine(target, None, EngineConfig(max_slots=2, max_seq_len=64, block_size=1), eos_token_ids=(2,))
-    want = [r.token_ids for r in eng.generate(prompts, params)]
-    gen = datagen.FeatureCaptureGenerator(target, [0, 2], max_slots=3, max_seq_len=64, eos_token_ids=(2,))
-    got, feats = {}, {}
+    want = eng.generate(prompts, params)
+    gen = SpecEngine(target, None, EngineConfig(max_slots=3, max_seq_len=64, block_size=1, capture_layers=(0, 2)),
+                     eos_token_ids=(2,))
+    got, feats, stop = {}, {}, {}
     for i, p in enumerate(prompts):
         gen.add_request(str(i), p, params)
     while gen.has_unfinished_requests():
         for o in gen.step():
             got.setdefault(o.request_id, []).extend(o.new_token_ids)
+            if o.features is not None:
+                assert o.features.shape[0] == o.feature_positions.shape[0]
+                feats.setdefault(o.request_id, []).append(o.features)
             if o.finished:
-                feats[o.request_id] = gen.features(o.request_id)
+                stop[o.request_id] = o.stop_token_id
     for i, p in enumerate(prompts):
-        resp = got[str(i)]
-        assert resp[:len(want[i])] == want[i]
+        assert got[str(i)] == want[i].token_ids and stop[str(i)] == want[i].stop_token_id
+        resp = got[str(i)] + ([stop[str(i)]] if stop[str(i)] is not None else [])
         seq = torch.tensor([p + resp])
         cache = target.new_cache(1, 64)
         _, full = target(seq, cache, torch.tensor([0]), torch.tensor([0]), capture_layers=[0, 2])
-        assert feats[str(i)].shape[0] == seq.shape[1] - 1
-        assert torch.allclose(feats[str(i)].float(), full[0, :-1], atol=2e-2, rtol=1e-2)
+        f = torch.cat(feats[str(i)])
+        assert f.shape[0] == seq.shape[1] - 1
+        assert torch.allclose(f.float(), full[0, :-1], atol=2e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="capture_layers"):
+        SpecEngine(target, None, EngineConfig(block_size=1, capture_layers=(target.config.num_layers,)))
 
 
 # ---- evaluation --------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Prompt parsing: truncated tail dropped, dedupe, deterministic disjoint split."""
 import json
 
-from dflash_core.training.prompts import (
+from dflash_core.datasets import (
     conversation_base_id,
     iter_json_array,
     load_humaneval_prompts,

@@ -11,6 +11,18 @@ from dataclasses import dataclass, field
 SUPPORTED_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
 
+def hf_shape(d: dict) -> dict:
+    """The transformer shape fields of a HF config.json (targets and drafters alike):
+    hidden/intermediate sizes, layers, heads, KV heads, head dim, norm eps, RoPE theta."""
+    heads = d["num_attention_heads"]
+    rope = d.get("rope_parameters") or {}
+    return dict(
+        hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))))
+
+
 @dataclass
 class ModelConfig:
     family: str = "llama"
@@ -46,26 +58,17 @@ class ModelConfig:
     def from_hf(cls, d: dict) -> "ModelConfig":
         family = d.get("model_type", "llama")
         rope = d.get("rope_parameters") or {}
-        theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         scaling = d.get("rope_scaling")
         if rope and rope.get("rope_type", "default") != "default":
             scaling = dict(rope)
         if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
             scaling = None
-        heads = d["num_attention_heads"]
         eos = d.get("eos_token_id")
         eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         return cls(
             family=family,
             vocab_size=d["vocab_size"],
-            hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"],
-            num_layers=d["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=d.get("num_key_value_heads") or heads,
-            head_dim=d.get("head_dim") or d["hidden_size"] // heads,
-            rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
+            **hf_shape(d),
             rope_scaling=scaling,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", family != "qwen2")),

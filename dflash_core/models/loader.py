@@ -117,8 +117,3 @@ def load_target(spec: str = "default", device="cpu", dtype=torch.float32) -> Dec
     sd = read_state_dict(folder)
     model.load_hf_state_dict({k: v.to(dtype) for k, v in sd.items()})
     return model.to(device=device, dtype=dtype).eval().pack_weights()
-
-
-def load_tokenizer(spec: str = "default"):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(resolve_model_dir(spec)))

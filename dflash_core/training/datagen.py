@@ -1,13 +1,15 @@
 """`dflash data`: the target writes its own responses to ShareGPT prompts.
 
 Contract
-- Input: the train split of `prompts.load_sharegpt_prompts()` (optionally also a small
+- Input: the train split of `datasets.load_sharegpt_prompts()` (optionally also a small
   holdout set for validation, written to separate shards and never trained on).
 - Each prompt gets the target's chat template (generation prompt appended); prompts
   longer than --max-prompt-tokens are skipped (never truncated: a cut prompt is not a
   real request).
 - Responses come from the project's SpecEngine in plain autoregressive mode (no
-  drafter), continuously batched over --max-slots rows. A deterministic share
+  drafter), continuously batched over --max-slots rows; the engine's EOS set ends them.
+  With --capture-layers the engine also returns those target layers' outputs for every
+  position it reads (`EngineConfig.capture_layers`), stored fp16 with each record. A deterministic share
   (--sample-frac) is sampled at --temperature with a per-prompt seed; the rest greedy.
 - Output: `<out>/shard_00000.pt`, ... each a list of dicts
   {conv_id, prompt_ids, response_ids, sampled, finish_reason}; response_ids include the
@@ -25,12 +27,12 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass
-from types import SimpleNamespace
 from pathlib import Path
 
 import torch
 
-from .prompts import Prompt, load_sharegpt_prompts
+from ..chat import encode_prompt
+from ..datasets import Prompt, load_sharegpt_prompts
 from .shards import read_shard, write_shard
 
 
@@ -87,15 +89,6 @@ def is_sampled(conv_id: str, seed: int, frac: float) -> bool:
     return _hash_unit("sampled", conv_id, seed) < frac
 
 
-def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """The target's chat template with one user turn and the generation prompt."""
-    ids = tokenizer.apply_chat_template(
-        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):  # BatchEncoding in newer transformers
-        ids = ids["input_ids"]
-    return list(ids)
-
-
 def select_prompts(prompts: list[Prompt], cfg: DataConfig, tokenizer) -> list[tuple[Prompt, list[int]]]:
     """The split's prompts in a seeded order, tokenized, over-long ones skipped, first
     num_prompts kept. Deterministic, so shard k always holds the same prompts."""
@@ -103,7 +96,7 @@ def select_prompts(prompts: list[Prompt], cfg: DataConfig, tokenizer) -> list[tu
     random.Random(cfg.seed).shuffle(pool)
     out = []
     for p in pool:
-        ids = chat_prompt_ids(tokenizer, p.text)
+        ids = encode_prompt(tokenizer, p.text, chat=True)
         if len(ids) <= cfg.max_prompt_tokens:
             out.append((p, ids))
             if len(out) == cfg.num_prompts:
@@ -161,6 +154,10 @@ def generate_shards(cfg: DataConfig, engine, tokenizer, prompts: list[Prompt], p
     chosen = select_prompts(prompts, cfg, tokenizer)
     n_shards = (len(chosen) + cfg.shard_size - 1) // cfg.shard_size
     feats = bool(cfg.capture_layers)
+    if feats and tuple(engine.config.capture_layers) != tuple(cfg.capture_layers):
+        raise ValueError(f"the engine captures layers {list(engine.config.capture_layers)}, the data settings ask "
+                         f"for {list(cfg.capture_layers)}")
+    captured: dict[str, list[torch.Tensor]] = {}
     pending_shards = [i for i in range(n_shards) if not manifest.done(shard_name(i, feats))]
     todo = [(i, j) for i in pending_shards
             for j in range(i * cfg.shard_size, min(len(chosen), (i + 1) * cfg.shard_size))]
@@ -197,14 +194,15 @@ def generate_shards(cfg: DataConfig, engine, tokenizer, prompts: list[Prompt], p
             rec = results[j]
             rec["response_ids"].extend(o.new_token_ids)
             gen_tokens += len(o.new_token_ids)
+            if feats and o.features is not None:
+                captured.setdefault(o.request_id, []).append(o.features.to("cpu", torch.float16))
             if not o.finished:
                 continue
             rec["finish_reason"] = o.finish_reason
-            if cfg.capture_layers:
-                rec["features"] = engine.features(o.request_id)
-            stop_id = getattr(o, "stop_token_id", None)
-            if o.finish_reason == "stop" and stop_id is not None:
-                rec["response_ids"].append(int(stop_id))  # the engine never emits the stop token
+            if feats:   # every position read: prompt + response without its last token
+                rec["features"] = torch.cat(captured.pop(o.request_id))
+            if o.finish_reason == "stop" and o.stop_token_id is not None:
+                rec["response_ids"].append(int(o.stop_token_id))  # the engine never emits the stop token
             del owner[o.request_id]
             bar.update(1)
             dt = time.perf_counter() - t0
@@ -235,121 +233,10 @@ def generate_shards(cfg: DataConfig, engine, tokenizer, prompts: list[Prompt], p
     }
 
 
-class FeatureCaptureGenerator:
-    """Plain autoregressive decoding on the target `Decoder` that also records the
-    target's context features (outputs of `layer_ids`) of every token it reads, so a
-    drafter can be trained without a second target pass over the data.
-
-    It speaks the subset of the SpecEngine interface that `generate_shards` uses
-    (add_request / step / has_unfinished_requests / num_running / num_waiting /
-    eos_token_ids) and produces the same greedy tokens as the engine's block-size-1 mode.
-    Continuous batching: each step prefills newly admitted prompts (right-padded, one
-    forward), then decodes one token for every running row (one forward).
-    `features(request_id)` -> [L-1, K*hidden] (fp16) for the finished sequence
-    prompt + response of length L: the last token is never read, so it has none."""
-
-    def __init__(self, target, layer_ids: list[int], max_slots: int, max_seq_len: int,
-                 eos_token_ids=(), feature_dtype=torch.float16):
-        self.target = target
-        self.layer_ids = list(layer_ids)
-        self.cache = target.new_cache(max_slots, max_seq_len)
-        self.max_seq_len = max_seq_len
-        self.eos_token_ids = tuple(eos_token_ids)
-        self.feature_dtype = feature_dtype
-        self.waiting: list = []
-        self.rows: dict[int, dict] = {}          # slot -> request state
-        self.finished_features: dict[str, torch.Tensor] = {}
-
-    @property
-    def num_running(self) -> int:
-        return len(self.rows)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.rows)
-
-    def add_request(self, request_id: str, prompt_ids: list[int], params) -> None:
-        if len(prompt_ids) + params.max_new_tokens > self.max_seq_len:
-            raise ValueError("prompt + max_new_tokens exceeds max_seq_len")
-        self.waiting.append((request_id, list(prompt_ids), params))
-
-    def features(self, request_id: str) -> torch.Tensor:
-        return self.finished_features.pop(request_id)
-
-    def _pick(self, row: dict, logits: torch.Tensor) -> int:
-        p = row["params"]
-        if p.temperature == 0.0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / p.temperature, -1)
-        return int(torch.multinomial(probs, 1, generator=row["gen"]))
-
-    def _emit(self, slot: int, tok: int, outs: list) -> None:
-        row = self.rows[slot]
-        row["out"].append(tok)
-        n = len(row["out"])
-        stop = tok in self.eos_token_ids and not row["params"].ignore_eos
-        reason = "stop" if stop else ("length" if n >= row["params"].max_new_tokens else None)
-        outs.append(SimpleNamespace(request_id=row["rid"], new_token_ids=[tok], finished=reason is not None,
-                                    finish_reason=reason))
-        if reason is not None:
-            self.finished_features[row["rid"]] = torch.cat(row["feats"], 0)
-            self.cache.free(slot)
-            del self.rows[slot]
-
-    @torch.no_grad()
-    def step(self) -> list:
-        outs: list = []
-        dev = self.target.device
-        # 1) admit + prefill new prompts (right-padded to a common length)
-        new = []
-        while self.waiting and self.cache.num_free:
-            rid, ids, params = self.waiting.pop(0)
-            slot = self.cache.alloc()
-            gen = None
-            if params.temperature > 0:
-                gen = torch.Generator().manual_seed(int(params.seed or 0))
-            self.rows[slot] = {"rid": rid, "params": params, "gen": gen, "out": [], "feats": [],
-                               "len": len(ids), "last": None}
-            new.append((slot, ids))
-        if new:
-            T = max(len(ids) for _, ids in new)
-            inp = torch.zeros(len(new), T, dtype=torch.int64)
-            for r, (_, ids) in enumerate(new):
-                inp[r, :len(ids)] = torch.tensor(ids)
-            slots = torch.tensor([s for s, _ in new])
-            hidden, feats = self.target(inp, self.cache, slots, torch.zeros(len(new), dtype=torch.int64),
-                                        capture_layers=self.layer_ids)
-            last = torch.tensor([len(ids) - 1 for _, ids in new])
-            logits = self.target.logits(hidden[torch.arange(len(new)), last])      # [R, V]
-            for r, (slot, ids) in enumerate(new):
-                self.cache.set_len(slot, len(ids))
-                self.rows[slot]["feats"].append(feats[r, :len(ids)].to("cpu", self.feature_dtype))
-                self._emit(slot, self._pick(self.rows[slot], logits[r]), outs)
-            return outs
-        # 2) one decode step for every running row
-        slots = sorted(self.rows)
-        if not slots:
-            return outs
-        inp = torch.tensor([[self.rows[s]["out"][-1]] for s in slots])
-        st = torch.tensor(slots)
-        lens = self.cache.lens[st].clone()
-        hidden, feats = self.target(inp, self.cache, st, lens, capture_layers=self.layer_ids)
-        logits = self.target.logits(hidden[:, 0])                                  # [R, V]
-        for r, slot in enumerate(slots):
-            self.cache.set_len(slot, int(lens[r]) + 1)
-            self.rows[slot]["feats"].append(feats[r].to("cpu", self.feature_dtype))
-            self._emit(slot, self._pick(self.rows[slot], logits[r]), outs)
-        return outs
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = DataConfig()
-    from ..clitools import _Parser
+    from ..clitools import _Parser, add_runtime_args, default_device
     ap = _Parser(prog="dflash data", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default=d.target, help="target model (default: embedded SmolLM2-135M-Instruct)")
     ap.add_argument("--out", default=d.out, help="shard folder (resumable)")
     ap.add_argument("--split", default=d.split, choices=["train", "holdout"])
     ap.add_argument("--num-prompts", type=int, default=d.num_prompts)
@@ -361,11 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-slots", type=int, default=d.max_slots)
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--capture-layers", default="",
-                    help="comma-separated target layer ids: generate on the target decoder directly and store "
-                         "these layers' outputs (the drafter's context features, fp16) with every record")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
+                    help="comma-separated target layer ids: store these layers' outputs (the drafter's context "
+                         "features, fp16) with every record")
+    add_runtime_args(ap, target=d.target, device=default_device())
     ap.add_argument("--prompt-cache", default=None, help="folder for the parsed-prompt cache")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -381,57 +266,37 @@ def _parse_layers(text: str) -> tuple[int, ...]:
     return ids
 
 
-class _ArgError(Exception):
-    pass
-
-
-def _parse(ap: argparse.ArgumentParser, argv):
-    def error(msg):
-        raise _ArgError(msg)
-    ap.error = error  # one clear line instead of usage + exit 2 from inside argparse
-    return ap.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
+    from ..clitools import CliError, apply_runtime_args
+    from ..runtime import dtype_name
+    a = build_parser().parse_args(argv)
+    dtype = apply_runtime_args("dflash data", a)
     try:
-        a = _parse(ap, argv)
-        from ..runtime import dtype_name, resolve_dtype
-        cfg = DataConfig(dtype=dtype_name(resolve_dtype(a.dtype, a.device)),target=a.target, out=a.out, split=a.split, num_prompts=a.num_prompts,
+        cfg = DataConfig(dtype=dtype_name(dtype), target=a.target, out=a.out, split=a.split, num_prompts=a.num_prompts,
                          shard_size=a.shard_size, max_prompt_tokens=a.max_prompt_tokens,
                          max_new_tokens=a.max_new_tokens, sample_frac=a.sample_frac,
                          temperature=a.temperature, max_slots=a.max_slots, seed=a.seed,
                          capture_layers=_parse_layers(a.capture_layers))
-    except (_ArgError, ValueError) as e:
-        print(f"dflash data: error: {e}", file=sys.stderr)
-        return 2
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+    except ValueError as e:
+        raise CliError(f"dflash data: {e}") from None
     max_seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens + 8
     try:
         prompts = load_sharegpt_prompts(cache_dir=a.prompt_cache)
-        if cfg.capture_layers:
-            from ..models.loader import load_target, load_tokenizer
-            target = load_target(cfg.target, device=a.device, dtype=getattr(torch, cfg.dtype))
-            if max(cfg.capture_layers) >= target.config.num_layers:
-                raise ValueError(f"--capture-layers must be < {target.config.num_layers}")
-            tokenizer = load_tokenizer(cfg.target)
-            engine = FeatureCaptureGenerator(target, list(cfg.capture_layers), cfg.max_slots, max_seq_len,
-                                             target.config.eos_token_ids)
-        else:
-            from ..api import build_engine
-            from ..engine import EngineConfig
-            engine, tokenizer = build_engine(
-                target=cfg.target, drafter=None,
-                config=EngineConfig(max_slots=cfg.max_slots, block_size=1, max_seq_len=max_seq_len),
-                device=a.device, dtype=getattr(torch, cfg.dtype))
+        from ..api import build_engine
+        from ..engine import EngineConfig
+        engine, tokenizer = build_engine(
+            target=cfg.target, drafter=None,
+            config=EngineConfig(max_slots=cfg.max_slots, block_size=1, max_seq_len=max_seq_len,
+                                capture_layers=cfg.capture_layers),
+            device=a.device, dtype=getattr(torch, cfg.dtype))
         summary = generate_shards(cfg, engine, tokenizer, prompts, progress=not a.no_progress)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dflash data: error: {e}", file=sys.stderr)
+    except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
+        print(f"dflash data: {e}", file=sys.stderr)
         return 1
     print(json.dumps(summary))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..clitools import run_command
+    sys.exit(run_command("dflash data", main, None))

@@ -28,74 +28,28 @@ from pathlib import Path
 
 import torch
 
-
-def load_eval_prompts(dataset: str, tokenizer, n: int, max_prompt_tokens: int) -> list[list[int]]:
-    from .datagen import chat_prompt_ids
-    from .prompts import load_humaneval_prompts, load_sharegpt_prompts
-    if dataset == "sharegpt":
-        pool = sorted((p for p in load_sharegpt_prompts() if p.split == "holdout"), key=lambda p: p.conv_id)
-    elif dataset == "humaneval":
-        pool = load_humaneval_prompts()
-    else:
-        raise ValueError(f"unknown dataset {dataset!r}: use sharegpt or humaneval")
-    out = []
-    for p in pool:
-        ids = chat_prompt_ids(tokenizer, p.text)
-        if len(ids) <= max_prompt_tokens:
-            out.append(ids)
-            if len(out) == n:
-                break
-    return out
-
-
-def run_one(engine, prompts: list[list[int]], params, batch: int = 1) -> dict:
-    """Requests one after another (batch 1), or all at once over the engine's slots
-    (batch > 1: continuous batching; tau does not depend on it, tokens/s does).
-    -> tokens, seconds, stats, outputs."""
-    outs, n_tok, t_s = [], 0, 0.0
-    steps, acc_len_sum, per_pos = 0, 0, []
-    if batch > 1:
-        t0 = time.perf_counter()
-        results = engine.generate(prompts, params)
-        t_s = time.perf_counter() - t0
-    else:
-        results = []
-        for ids in prompts:
-            t0 = time.perf_counter()
-            results.append(engine.generate([ids], params)[0])
-            t_s += time.perf_counter() - t0
-    for r in results:
-        outs.append(r.token_ids)
-        n_tok += len(r.token_ids)
-        st = r.stats
-        steps += len(st.acceptance_lengths)
-        acc_len_sum += sum(st.acceptance_lengths)
-        app = st.accepted_per_position
-        if len(per_pos) < len(app):
-            per_pos += [0] * (len(app) - len(per_pos))
-        for k, v in enumerate(app):
-            per_pos[k] += v
-    return {"tokens": n_tok, "seconds": t_s, "steps": steps, "tau": acc_len_sum / max(steps, 1),
-            "per_pos": [v / max(steps, 1) for v in per_pos], "outputs": outs}
+from ..datasets import load_eval_prompts
 
 
 def evaluate(engine, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int = 0,
              speedup: bool = True, batch: int = 1) -> dict:
+    """tau and per-position acceptance of DFlash on the prompts; with speedup, also plain
+    decoding on the same engine (speedup.run_modes: the one engine benchmark)."""
     from ..sampling import SamplingParams
-    spec_p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                            seed=seed if temperature > 0 else None, speculative=True)
-    spec = run_one(engine, prompts, spec_p, batch)
-    res = {"temperature": temperature, "num_prompts": len(prompts), "batch": batch, "tau": round(spec["tau"], 4),
-           "per_position_acceptance": [round(x, 4) for x in spec["per_pos"]],
-           "spec_tokens": spec["tokens"], "spec_tokens_per_s": round(spec["tokens"] / spec["seconds"], 2)}
+    from ..speedup import run_modes
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
+                            seed=seed if temperature > 0 else None)
+    runs = run_modes(engine, prompts, params, ("dflash", "ar") if speedup else ("dflash",), batch)
+    spec = runs["dflash"]
+    res = {"temperature": temperature, "num_prompts": len(prompts), "batch": batch, "tau": round(spec.tau, 4),
+           "per_position_acceptance": [round(x, 4) for x in spec.per_position_acceptance],
+           "spec_tokens": spec.tokens, "spec_tokens_per_s": round(spec.tokens_per_s, 2)}
     if speedup:
-        ar_p = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature,
-                              seed=seed if temperature > 0 else None, speculative=False)
-        ar = run_one(engine, prompts, ar_p, batch)
-        res.update({"ar_tokens": ar["tokens"], "ar_tokens_per_s": round(ar["tokens"] / ar["seconds"], 2),
-                    "speedup": round((spec["tokens"] / spec["seconds"]) / (ar["tokens"] / ar["seconds"]), 3)})
+        ar = runs["ar"]
+        res.update({"ar_tokens": ar.tokens, "ar_tokens_per_s": round(ar.tokens_per_s, 2),
+                    "speedup": round(spec.tokens_per_s / ar.tokens_per_s, 3)})
         if temperature == 0:
-            res["greedy_outputs_equal"] = sum(a == b for a, b in zip(spec["outputs"], ar["outputs"]))
+            res["greedy_outputs_equal"] = sum(a == b for a, b in zip(spec.outputs, ar.outputs))
     return res
 
 
@@ -171,10 +125,9 @@ def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | No
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..clitools import _Parser
+    from ..clitools import _Parser, add_runtime_args, default_device
     ap = _Parser(prog="dflash eval", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--target", default="default")
-    ap.add_argument("--drafter", default="default", help="drafter folder (default: the shipped one)")
+    add_runtime_args(ap, drafter="default", device=default_device())
     ap.add_argument("--datasets", nargs="+", default=["sharegpt", "humaneval"], choices=["sharegpt", "humaneval"])
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     ap.add_argument("--num-prompts", type=int, default=20)
@@ -195,38 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", default=None, help="PNG path")
     ap.add_argument("--out", default=None, help="JSON path")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)")
     return ap
 
 
-class _ArgError(Exception):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-
-    def error(msg):
-        raise _ArgError(msg)
-    ap.error = error
-    try:
-        a = ap.parse_args(argv)
-        if a.num_prompts < 1 or a.max_new_tokens < 1 or a.block_size < 2 or a.batch < 1:
-            raise ValueError("--num-prompts, --max-new-tokens and --batch must be >= 1, --block-size >= 2")
-        if any(not 0 <= t <= 2 for t in a.temperatures):
-            raise ValueError("--temperatures must be in [0, 2]")
-        from ..runtime import resolve_dtype
-        dtype = resolve_dtype(a.dtype, a.device)
-    except (_ArgError, ValueError) as e:
-        print(f"dflash eval: error: {e}", file=sys.stderr)
-        return 2
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
+    from ..clitools import CliError, apply_runtime_args
+    a = build_parser().parse_args(argv)
+    if a.num_prompts < 1 or a.max_new_tokens < 1 or a.block_size < 2 or a.batch < 1:
+        raise CliError("dflash eval: --num-prompts, --max-new-tokens and --batch must be >= 1, --block-size >= 2")
+    if any(not 0 <= t <= 2 for t in a.temperatures):
+        raise CliError("dflash eval: --temperatures must be in [0, 2]")
+    dtype = apply_runtime_args("dflash eval", a)
     from ..api import build_engine
     from ..engine import EngineConfig
-    from ..models.loader import ModelLoadError
     try:
         engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device, dtype=dtype,
                                    config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
@@ -252,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
                    "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
         if a.plot:
             write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None, a.tokens_offset)
-    except (ValueError, FileNotFoundError, ModelLoadError) as e:
-        print(f"dflash eval: error: {e}", file=sys.stderr)
+    except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
+        print(f"dflash eval: {e}", file=sys.stderr)
         return 1
     if a.out:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
@@ -263,4 +197,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..clitools import run_command
+    sys.exit(run_command("dflash eval", main, None))

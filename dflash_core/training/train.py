@@ -445,11 +445,10 @@ class Trainer:
 # ---- CLI -------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    from ..clitools import _Parser
+    from ..clitools import _Parser, add_runtime_args, default_device
     ap = _Parser(prog="dflash train", description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", nargs="+", default=d.data, help="shard folders from `dflash data`")
     ap.add_argument("--out", default=d.out, help="run folder (rerun the same command to resume)")
-    ap.add_argument("--target", default=d.target)
     for name in ("num_layers", "num_features", "block_size", "mask_token_id", "blocks_per_seq", "seqs_per_step",
                  "steps", "warmup_steps", "seed", "snapshot_every", "log_every", "max_seq_len"):
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
@@ -460,49 +459,40 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
                     help="N > 0: drafting vocabulary of the N most frequent response tokens (draft_vocab.json)")
     ap.add_argument("--init", default=None, help="warm start from this drafter folder (e.g. the shipped one)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    # the target's flags; --dtype above is the drafter's compute
+    add_runtime_args(ap, target=d.target, device=default_device(), dtype=None)
     ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
 
-class _ArgError(Exception):
-    pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = build_parser()
-
-    def error(msg):
-        raise _ArgError(msg)
-    ap.error = error
+    from ..clitools import CliError, apply_runtime_args
+    a = build_parser().parse_args(argv)
+    apply_runtime_args("dflash train", a)
     try:
-        a = ap.parse_args(argv)
         fields = set(TrainConfig.__dataclass_fields__)
         cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
-    except (_ArgError, ValueError) as e:
-        print(f"dflash train: error: {e}", file=sys.stderr)
-        return 2
-    if a.threads > 0:
-        torch.set_num_threads(a.threads)
-    from ..models.loader import load_target
+    except ValueError as e:
+        raise CliError(f"dflash train: {e}") from None
+    from ..models.registry import resolve_model
     try:
         from ..runtime import resolve_dtype
         # the frozen target only supplies features and the LM head: bf16 where that is fast
         tdtype = torch.float32 if cfg.dtype == "float32" else resolve_dtype(cfg.dtype, a.device)
-        target = load_target(cfg.target, device=a.device, dtype=tdtype)
+        target = resolve_model(cfg.target).load(device=a.device, dtype=tdtype)
         trainer = Trainer(cfg, target, device=a.device)
         resumed = trainer.try_resume()
         if resumed:
             print(f"resuming {cfg.out} at step {trainer.step}", file=sys.stderr)
         last = trainer.run(progress=not a.no_progress, stop_at=a.stop_at)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"dflash train: error: {e}", file=sys.stderr)
+    except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
+        print(f"dflash train: {e}", file=sys.stderr)
         return 1
     print(json.dumps({"out": cfg.out, "step": trainer.step, **{k: v for k, v in last.items() if k != "step"}}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..clitools import run_command
+    sys.exit(run_command("dflash train", main, None))

@@ -19,7 +19,6 @@ import gzip
 import hashlib
 import importlib.util
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -143,7 +142,8 @@ def parse_sharegpt(
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash-serve"))
+    from .models.loader import cache_root
+    return cache_root()
 
 
 def load_sharegpt_prompts(
@@ -183,4 +183,37 @@ def load_humaneval_prompts(path: str | Path | None = None) -> list[Prompt]:
             text = ("Complete the following Python function.\n\n```python\n"
                     f"{task['prompt']}```")
             out.append(Prompt(task["task_id"], text, "eval"))
+    return out
+
+
+def holdout_texts(max_chars: int | None = None) -> list[str]:
+    """The ShareGPT holdout prompts' texts (sorted by conversation id), at most max_chars long."""
+    pool = sorted((p for p in load_sharegpt_prompts() if p.split == "holdout"), key=lambda p: p.conv_id)
+    return [p.text for p in pool if max_chars is None or len(p.text) <= max_chars]
+
+
+def humaneval_texts(max_chars: int | None = None) -> list[str]:
+    return [p.text for p in load_humaneval_prompts() if max_chars is None or len(p.text) <= max_chars]
+
+
+EVAL_DATASETS = ("sharegpt", "humaneval")
+
+
+def load_eval_prompts(dataset: str, tokenizer, n: int, max_prompt_tokens: int) -> list[list[int]]:
+    """The first n prompts of an evaluation set (the ShareGPT holdout or HumanEval) through
+    the target's chat template, over-long ones skipped (never cut)."""
+    from .chat import encode_prompt
+    if dataset == "sharegpt":
+        texts = holdout_texts()
+    elif dataset == "humaneval":
+        texts = humaneval_texts()
+    else:
+        raise ValueError(f"unknown dataset {dataset!r}: use {' or '.join(EVAL_DATASETS)}")
+    out = []
+    for text in texts:
+        ids = encode_prompt(tokenizer, text, chat=True)
+        if len(ids) <= max_prompt_tokens:
+            out.append(ids)
+            if len(out) == n:
+                break
     return out
