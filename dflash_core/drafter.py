@@ -223,20 +223,63 @@ class DFlashDrafter(nn.Module):
         """Append committed tokens' context K/V. slots/positions [N], features [N, K*hidden]."""
         if features.shape[0] == 0:
             return
+        self.write_context(cache, slots, positions, self.context_kv(features))
+
+    @property
+    def context_kv_dim(self) -> int:
+        """Values per context token of `context_kv`: layers x (k, v) x KV heads x head dim."""
+        c = self.config
+        return c.num_layers * 2 * c.num_kv_heads * c.head_dim
+
+    # the weights `context_kv` reads: all a target needs to stream K/V instead of features
+    CONTEXT_KV_KEYS = ("fc.", "hidden_norm.", ".self_attn.k_proj.", ".self_attn.v_proj.")
+
+    @torch.no_grad()
+    def context_kv(self, features: torch.Tensor) -> torch.Tensor:
+        """[N, K*hidden] target features -> [N, layers, 2, KV heads, head dim]: each layer's
+        context keys and values before k_norm and RoPE (what `write_context` stores)."""
+        fused = self.fuse(features.to(self.fc.weight.device))   # [N, hidden]
+        N = fused.shape[0]
+        kv = [torch.stack([a.k_proj(fused).view(N, a.kv_heads, a.head_dim),
+                           a.v_proj(fused).view(N, a.kv_heads, a.head_dim)], 1)
+              for a in (layer.self_attn for layer in self.layers)]
+        return torch.stack(kv, 1)
+
+    @torch.no_grad()
+    def write_context(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor, kv: torch.Tensor) -> None:
+        """Store context K/V [N, layers, 2, KV heads, head dim] (from `context_kv`, here or on
+        the target's side of a disaggregated pair) at slots/positions [N]: k_norm and RoPE
+        applied to the keys by the context-KV kernel."""
+        if kv.shape[0] == 0:
+            return
         dev = self.fc.weight.device
         slots, positions = slots.to(dev), positions.to(dev)
-        fused = self.fuse(features.to(dev))                       # [N, hidden]
-        cos, sin = self.rotary(positions, fused.dtype)            # [N, D]
-        N = fused.shape[0]
+        kv = kv.to(dev, self.fc.weight.dtype)
+        cos, sin = self.rotary(positions, kv.dtype)               # [N, D]
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
-            k = a.k_proj(fused).view(N, a.kv_heads, a.head_dim)
-            v = a.v_proj(fused).view(N, a.kv_heads, a.head_dim)
-            kernels.write_context_kv(k, v, a.k_norm.weight, a.k_norm.eps, cos, sin,
+            kernels.write_context_kv(kv[:, i, 0], kv[:, i, 1], a.k_norm.weight, a.k_norm.eps, cos, sin,
                                      cache.k[i], cache.v[i], slots, positions)
         # context is contiguous per slot: the new length is the last position + 1
         end = torch.zeros_like(cache.lens).scatter_reduce(0, slots.cpu(), positions.cpu() + 1, reduce="amax")
         cache.lens.copy_(torch.maximum(cache.lens, end))
+
+    def context_state(self) -> dict[str, torch.Tensor]:
+        """The weights `context_kv` reads (CPU copies), for a target that streams K/V."""
+        return {k: v.detach().cpu().clone() for k, v in self.state_dict().items()
+                if k.startswith(self.CONTEXT_KV_KEYS[:2]) or any(x in k for x in self.CONTEXT_KV_KEYS[2:])}
+
+    @classmethod
+    def context_only(cls, config: DrafterConfig, state: dict[str, torch.Tensor], device="cpu",
+                     dtype=torch.float32) -> "DFlashDrafter":
+        """A drafter whose `context_kv` equals the one `state` (context_state()) came from;
+        its other weights are never read."""
+        m = cls(config)
+        unknown = [k for k in state if k not in m.state_dict()]
+        if unknown:
+            raise ValueError(f"context weights do not fit this drafter config: {unknown[:4]}")
+        m.load_state_dict(state, strict=False)
+        return m.to(device=device, dtype=dtype).eval().pack_weights()
 
     @torch.no_grad()
     def forward_cached(self, cache: KVCache, slots: torch.Tensor, block_emb: torch.Tensor,
@@ -294,8 +337,13 @@ class LocalDraftBackend:
     def config(self) -> DrafterConfig:
         return self.drafter.config
 
-    def draft(self, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions):
-        self.drafter.append_context(self.cache, ctx_slots, ctx_positions, ctx_features)
+    def draft(self, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions, ctx_kv=None):
+        """ctx_kv: the context's K/V already projected (`DFlashDrafter.context_kv`, e.g. by a
+        disaggregated target) instead of ctx_features."""
+        if ctx_kv is not None:
+            self.drafter.write_context(self.cache, ctx_slots, ctx_positions, ctx_kv)
+        else:
+            self.drafter.append_context(self.cache, ctx_slots, ctx_positions, ctx_features)
         return self.drafter.forward_cached(self.cache, slots, block_emb, block_positions)
 
     def free(self, slot: int) -> None:

@@ -51,6 +51,10 @@ class DFlashDrafter:
     def drafter_config(self) -> dict:
         return self.server.drafter.config.to_json()
 
+    def context_state(self) -> dict:
+        """The drafter's context weights: the target streams K/V with them (transport_context "kv")."""
+        return self.server.context_state()
+
     def device_id(self) -> str:
         return device_id(self.cfg.device)
 
@@ -78,6 +82,7 @@ class DFlashServer:
             if drafter is None:
                 raise ValueError("the disaggregated placement needs a DFlashDrafter deployment")
             drafter_config = await drafter.drafter_config.remote()
+            context_state = await drafter.context_state.remote() if cfg.transport_context == "kv" else None
             backend_name = comm_backend(cfg.device, cfg.transport_backend, await drafter.device_id.remote())
 
             def request_join(host: str, port: int):
@@ -86,7 +91,7 @@ class DFlashServer:
                 return lambda: response.result(timeout_s=cfg.transport_timeout_s)
 
             engine, tokenizer, self.backend = await asyncio.to_thread(build_remote_target, cfg, drafter_config,
-                                                                      request_join, backend_name)
+                                                                      request_join, backend_name, context_state)
             await asyncio.to_thread(self.backend.connect)
         else:
             engine, tokenizer = await asyncio.to_thread(build_colocated, cfg)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from dflash_core.api import build_engine, load_drafter
-from dflash_core.drafter import DrafterConfig
+from dflash_core.drafter import DFlashDrafter, DrafterConfig
 from dflash_core.engine import EngineConfig
 from dflash_core.models.registry import resolve_model
 
@@ -51,13 +51,19 @@ def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
     return DrafterServer(drafter, cfg.max_slots, cfg.max_seq_len + drafter.config.block_size + 1)
 
 
-def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, backend: str | None = None):
+def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, backend: str | None = None,
+                        context_state: dict | None = None):
     """-> (SpecEngine, tokenizer, RemoteDraftBackend); the backend connects on first use
     (or call `.connect()`). The target is built by the same function as the colocated
-    engine, so both placements compute the same numbers."""
-    remote = RemoteDraftBackend(DrafterConfig.from_json(drafter_config), request_join, device=cfg.device,
+    engine, so both placements compute the same numbers. context_state: the drafter's
+    context weights (`DrafterServer.context_state()`): the context then goes over the wire
+    as the drafter's own K/V (fewer bytes per token) instead of target features."""
+    dcfg = DrafterConfig.from_json(drafter_config)
+    context_drafter = (DFlashDrafter.context_only(dcfg, context_state, cfg.device, torch_dtype(cfg))
+                       if context_state is not None else None)
+    remote = RemoteDraftBackend(dcfg, request_join, device=cfg.device,
                                 backend=backend or cfg.transport_backend, timeout_s=cfg.transport_timeout_s,
-                                step_timeout_s=cfg.drafter_step_timeout_s)
+                                step_timeout_s=cfg.drafter_step_timeout_s, context_drafter=context_drafter)
     engine, tok = build_engine(target=cfg.target, drafter=None, config=engine_config(cfg), device=cfg.device,
                                dtype=torch_dtype(cfg), draft_backend=remote)
     return engine, tok, remote

@@ -182,3 +182,32 @@ def test_config_errors():
     with pytest.raises(ValueError, match="block_size"):
         DrafterConfig(hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4,
                       vocab_size=10, num_target_layers=4, target_layer_ids=[1], mask_token_id=0, block_size=1)
+
+
+def test_context_kv_from_the_context_weights_alone():
+    """What a disaggregated target streams: the drafter's context K/V computed from its
+    context weights alone (fc, hidden norm, k/v projections) equal the full drafter's, and
+    writing them fills the cache exactly as appending the features does."""
+    from dflash_core.api import tiny_random_config
+    for dtype in (torch.float32, torch.bfloat16):
+        d = DFlashDrafter.from_target(tiny_random_config(), num_layers=2, block_size=8, mask_token_id=3,
+                                      num_features=3, seed=3).to(dtype=dtype).pack_weights()
+        c = d.config
+        state = d.context_state()
+        assert 0 < sum(v.numel() for v in state.values()) < sum(p.numel() for p in d.parameters())
+        ctx = DFlashDrafter.context_only(c, state, dtype=dtype)
+        g = torch.Generator().manual_seed(0)
+        feats = torch.randn(7, len(c.target_layer_ids) * c.hidden_size, generator=g).to(dtype)
+        kv = ctx.context_kv(feats)
+        assert kv.shape == (7, c.num_layers, 2, c.num_kv_heads, c.head_dim)
+        assert kv.shape[1:].numel() == d.context_kv_dim
+        assert torch.equal(kv, d.context_kv(feats))
+        slots, pos = torch.tensor([0, 0, 0, 1, 1, 1, 1]), torch.tensor([0, 1, 2, 0, 1, 2, 3])
+        a, b = d.new_cache(2, 16), d.new_cache(2, 16)
+        d.append_context(a, slots, pos, feats)
+        d.write_context(b, slots, pos, kv)
+        assert torch.equal(a.lens, b.lens) and a.lens.tolist() == [3, 4]
+        for i in range(c.num_layers):
+            assert torch.equal(a.k[i], b.k[i]) and torch.equal(a.v[i], b.v[i])
+        with pytest.raises(ValueError, match="do not fit"):
+            DFlashDrafter.context_only(c, {"nope.weight": torch.zeros(1)})

@@ -9,6 +9,7 @@ import os
 import signal
 import time
 
+import pytest
 import torch
 
 from dflash_core.api import tiny_random_config
@@ -89,15 +90,22 @@ def step_inputs(gen, slots, lens, new_tokens, F, H):
             torch.tensor(slots, dtype=torch.int64), block_emb, block_pos)
 
 
-def test_remote_backend_equals_local_through_frees_and_restart():
+@pytest.mark.parametrize("context", ["kv", "features"])
+def test_remote_backend_equals_local_through_frees_and_restart(context):
+    """Both wire formats of the context (the drafter's K/V computed on the target side, or
+    the target's fused features) give exactly the colocated drafts; K/V are fewer bytes."""
     from service.transport import RemoteDraftBackend, step_wire_bytes
     drafter = make_drafter()
     cfg = drafter.config
     F, H = len(cfg.target_layer_ids) * cfg.hidden_size, cfg.hidden_size
     local = LocalDraftBackend(drafter, MAX_SLOTS, CAPACITY)
     proc = DrafterProc()
+    context_drafter = DFlashDrafter.context_only(cfg, drafter.context_state()) if context == "kv" else None
+    wire_F = drafter.context_kv_dim if context == "kv" else F
+    if context == "kv":
+        assert wire_F * 3 == F    # 64 vs 192 values per token for these tiny shapes (shipped: 384 vs 1728)
     remote = RemoteDraftBackend(cfg, lambda h, p: proc.request_join(h, p), backend="gloo", timeout_s=60.0,
-                                retry_interval_s=0.0, host="127.0.0.1")
+                                retry_interval_s=0.0, host="127.0.0.1", context_drafter=context_drafter)
     gen = torch.Generator().manual_seed(0)
     lens = {s: 0 for s in range(MAX_SLOTS)}
     try:
@@ -117,7 +125,7 @@ def test_remote_backend_equals_local_through_frees_and_restart():
             got = remote.draft(*args)
             assert got.shape == want.shape == (len(item[0]), BLOCK, H)
             assert torch.equal(got, want)
-            s, r = step_wire_bytes(len(item[0]) * item[1], len(item[0]), BLOCK, F, H,
+            s, r = step_wire_bytes(len(item[0]) * item[1], len(item[0]), BLOCK, wire_F, H,
                                    elem=args[4].element_size(), n_free=frees)
             sent, received, frees = sent + s, received + r, 0
         assert remote.num_connects == 1 and remote.num_failed_steps == 0
