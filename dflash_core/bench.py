@@ -42,6 +42,10 @@ def _parser():
     ap.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
     ap.add_argument("--verify-cost", action="store_true")
     ap.add_argument("--vs-hf", action="store_true")
+    ap.add_argument("--int8", action="store_true",
+                    help="also time weight-only int8 linears against the target's own, on its layer shapes")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the target forward eager vs torch.compile (inductor), with compile times")
     ap.add_argument("--repeats", type=_positive_int, default=1)
     ap.add_argument("--block-sizes", default="", help="comma-separated verified block sizes for DFlash (default: --block-size)")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
@@ -93,6 +97,85 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 4, 8, 16), reps: int = 7) 
             ts.append(time.perf_counter() - t0)
         out[T] = statistics.median(ts[1:]) * 1000
     return {"ctx_len": ctx_len, "ms": out, "relative_to_1": {T: out[T] / out[sizes[0]] for T in sizes}}
+
+
+def compile_cost(target, ctx_len: int = 128, sizes=(1, 4, 16), reps: int = 9) -> dict:
+    """A T-token target forward + LM head on a ctx_len cache, eager and under
+    `torch.compile` (inductor, static shapes), timed alternately in one run; the first
+    compiled call of each shape is reported as its compile time."""
+    import torch._dynamo
+    cache = target.new_cache(1, ctx_len + 32)
+    slots, start = torch.tensor([0]), torch.tensor([ctx_len])
+    V = target.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    target(torch.randint(0, V, (1, ctx_len), generator=g), cache, slots, torch.tensor([0]))
+
+    def step(x):
+        h, _ = target(x, cache, slots, start)
+        return target.logits(h)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, dynamic=False)
+    out = {}
+    for T in sizes:
+        x = torch.randint(0, V, (1, T), generator=g)
+        t0 = time.perf_counter()
+        first = compiled(x)
+        compile_s = time.perf_counter() - t0
+        same = bool(torch.equal(first.argmax(-1), step(x).argmax(-1)))
+        eager, comp = [], []
+        for _ in range(reps):
+            for fn, ts in ((step, eager), (compiled, comp)):
+                t0 = time.perf_counter()
+                fn(x)
+                ts.append(time.perf_counter() - t0)
+        e, c = statistics.median(eager) * 1000, statistics.median(comp) * 1000
+        out[T] = {"eager_ms": round(e, 2), "compiled_ms": round(c, 2), "speedup": round(e / c, 3),
+                  "compile_s": round(compile_s, 1), "same_argmax": same}
+    return {"ctx_len": ctx_len, "by_tokens": out}
+
+
+def int8_linear_cost(target, rows=(1, 4, 16), reps: int = 30) -> dict:
+    """Weight-only int8 (per-output-channel scales, `aten._weight_int8pack_mm`) against
+    the target's own linears (its dtype, prepacked where it does that) on the target's
+    layer shapes, timed alternately in one run; error = max relative deviation."""
+    op = getattr(torch.ops.aten, "_weight_int8pack_mm", None)
+    if op is None:
+        return {"available": False}
+    layer = target.layers[0]
+    shapes = {"q/k/v (packed)": layer.self_attn._qkv_w if getattr(layer.self_attn, "_qkv_w", None) is not None
+              else layer.self_attn.q_proj.weight,
+              "o_proj": layer.self_attn.o_proj.weight, "down_proj": layer.mlp.down_proj.weight}
+    head = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
+    shapes["LM head"] = head
+    g = torch.Generator().manual_seed(0)
+    out = {"available": True, "dtype": str(target.dtype).replace("torch.", ""), "by_shape": {}}
+    for name, w in shapes.items():
+        w = w.detach()
+        scales = (w.float().abs().amax(1) / 127.0).clamp_min(1e-8)
+        wq = (w.float() / scales[:, None]).round().clamp(-128, 127).to(torch.int8).contiguous()
+        res = {}
+        for R in rows:
+            x = torch.randn(R, w.shape[1], generator=g).to(target.dtype)
+            ref = torch.nn.functional.linear(x, w)
+            try:
+                q = op(x, wq, scales.to(x.dtype))
+            except RuntimeError as e:   # dtype / shape combinations the CPU kernel lacks
+                res[R] = {"error": str(e).splitlines()[0][:120]}
+                continue
+            err = float(((q.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6)))
+            base, quant = [], []
+            for _ in range(reps):
+                for fn, ts in ((lambda: torch.nn.functional.linear(x, w), base), (lambda: op(x, wq, scales.to(x.dtype)),
+                                                                                  quant)):
+                    t0 = time.perf_counter()
+                    fn()
+                    ts.append(time.perf_counter() - t0)
+            b_ms, q_ms = statistics.median(base) * 1000, statistics.median(quant) * 1000
+            res[R] = {"linear_ms": round(b_ms, 3), "int8_ms": round(q_ms, 3), "speedup": round(b_ms / q_ms, 2),
+                      "max_rel_err": round(err, 4)}
+        out["by_shape"][f"{name} {tuple(w.shape)}"] = res
+    return out
 
 
 def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: int,
@@ -160,6 +243,19 @@ def main(argv=None) -> int:
             f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()), file=out)
         summary["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
         summary["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
+    if args.int8:
+        ic = int8_linear_cost(engine.target)
+        for shape, res in ic.get("by_shape", {}).items():
+            print(f"int8 weight-only, {shape}: " + ", ".join(
+                f"{R} rows {r['linear_ms']} -> {r['int8_ms']} ms ({r['speedup']}x, err {r['max_rel_err']})"
+                if "error" not in r else f"{R} rows: {r['error']}" for R, r in res.items()), file=out)
+        summary["int8"] = ic
+    if args.compile:
+        cc = compile_cost(engine.target)
+        for T, r in cc["by_tokens"].items():
+            print(f"torch.compile, {T}-token forward: eager {r['eager_ms']} ms, compiled {r['compiled_ms']} ms "
+                  f"({r['speedup']}x), compile {r['compile_s']} s, same argmax {r['same_argmax']}", file=out)
+        summary["compile"] = cc
     if batch_sizes:
         summary["batched_ar_tokens_per_s"] = {}
         for rows in batch_sizes:

@@ -352,33 +352,35 @@ class SpecEngine:
         if not done:
             return []
         rows = [s for s, _ in done]
-        first = spec.sample_rows(rows, self.target.logits(torch.stack([h for _, h in done])))
-        return [(s, int(first[r])) for r, s in enumerate(rows)]
+        first = spec.sample_rows(rows, self.target.logits(torch.stack([h for _, h in done]))).tolist()
+        return list(zip(rows, first))
 
     def _decode(self, rows: list[Sequence], b: int, emitted) -> list[list[int]]:
         """One draft + verify + accept over `rows` with verified block size b; returns the
         tokens each row commits (accepted drafts + the target's own next token)."""
-        R = len(rows)
+        R, dev = len(rows), self.target.device
+        starts = [s.num_committed - 1 for s in rows]                  # anchor positions
         slots = torch.tensor([s.slot for s in rows])
         anchors = torch.tensor([s.last for s in rows])
-        start = torch.tensor([s.num_committed - 1 for s in rows])     # anchor positions
-        draft_tokens, draft_probs = torch.zeros(R, b - 1, dtype=torch.int64), None
+        start = torch.tensor(starts)
+        draft_tokens, draft_probs = torch.zeros(R, b - 1, dtype=torch.int64, device=dev), None
         if b > 1:
             draft_tokens, draft_probs = spec.draft(self.drafting, self.target, rows, slots, anchors, start, b)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture())
         accept_len, next_tok = spec.accept(self.target, rows, hidden, draft_tokens, draft_probs)
-        acc, nxt, dt = accept_len.tolist(), next_tok.tolist(), draft_tokens.tolist()
+        # the one read of this group's results: [accepted, next token, drafts...] per row
+        packed = torch.cat([accept_len[:, None], next_tok[:, None], draft_tokens], 1).tolist()
         result = []
         for r, s in enumerate(rows):
-            n = acc[r]
+            n, nxt, dt = packed[r][0], packed[r][1], packed[r][2:]
             s.stats.record(b - 1, n)
             s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = b, b - 1, n
             # committed grows by n+1; the cache keeps anchor + accepted drafts
-            st = int(start[r])
+            st = starts[r]
             self.cache.set_len(s.slot, st + 1 + n)
             self._keep_features(s, feats[r, :n + 1] if feats is not None else None, torch.arange(st, st + n + 1),
                                 emitted)
-            result.append(dt[r][:n] + [nxt[r]])
+            result.append(dt[:n] + [nxt])
         return result
 
     # ---- offline convenience ---------------------------------------------------------

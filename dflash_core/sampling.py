@@ -63,18 +63,51 @@ def warp_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
     p = softmax(logits / T), then keep the top_k largest (if top_k > 0), then the
     smallest set of largest probabilities whose mass reaches top_p, renormalised. The
-    target and the drafter are warped the same way; losslessness is w.r.t. this p."""
-    logits = logits.float() / max(temperature, 1e-5)
-    V = logits.shape[-1]
-    if 0 < top_k < V:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
+    target and the drafter are warped the same way; losslessness is w.r.t. this p.
+    One set of parameters for all rows (`warp_probs_rows`: one per row)."""
+    return warp_probs_rows(logits, RowParams.of([(temperature, top_k, top_p)] * logits.shape[0], logits.device))
+
+
+@dataclass
+class RowParams:
+    """Per-row warp parameters as tensors on the model's device, and whether any row uses
+    top_k / top_p (known on the host, so warping never asks the device)."""
+    temperature: torch.Tensor   # [R] float32, > 0
+    top_k: torch.Tensor         # [R] int64, 0 = off
+    top_p: torch.Tensor         # [R] float32
+    any_top_k: bool
+    any_top_p: bool
+
+    @classmethod
+    def of(cls, params, device) -> "RowParams":
+        """[SamplingParams] or [(temperature, top_k, top_p)] -> RowParams."""
+        t = [(p.temperature, p.top_k, p.top_p) if isinstance(p, SamplingParams) else p for p in params]
+        return cls(torch.tensor([max(float(x[0]), 1e-5) for x in t], dtype=torch.float32, device=device),
+                   torch.tensor([int(x[1]) for x in t], dtype=torch.int64, device=device),
+                   torch.tensor([float(x[2]) for x in t], dtype=torch.float32, device=device),
+                   any(x[1] > 0 for x in t), any(x[2] < 1.0 for x in t))
+
+
+def warp_probs_rows(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
+    """logits [R, V] or [R, n, V], row r warped with its own temperature, top_k and top_p
+    (`warp_probs`' rule) -> [.., V] distributions, on the logits' device with no host
+    round trip: one call for all sampling rows of a step."""
+    x = logits.float()
+    squeeze = x.dim() == 2
+    if squeeze:
+        x = x[:, None]
+    R, n, V = x.shape
+    x = x / rp.temperature.view(R, 1, 1)
+    if rp.any_top_k:
+        k = rp.top_k.view(R, 1, 1)
+        kth = x.sort(dim=-1, descending=True).values.gather(-1, (k.clamp(1, V) - 1).expand(R, n, 1))
+        x = x.masked_fill((k > 0) & (k < V) & (x < kth), float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if rp.any_top_p:
+        top_p = rp.top_p.view(R, 1, 1)
         sorted_p, idx = probs.sort(dim=-1, descending=True)
         # drop a token when the mass strictly before it already reaches top_p
         drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, idx, sorted_p)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+        kept = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
+        probs = torch.where(top_p < 1.0, kept / kept.sum(-1, keepdim=True), probs)
+    return probs[:, 0] if squeeze else probs

@@ -15,6 +15,11 @@ Acceptance (Leviathan et al. 2023, Thm. 1):
   target's p given the prefix, whatever the drafter's q is.
 Every random draw is a uniform from the row's own generator (`uniforms`), so a request's
 output depends on its seed only, not on what shares the batch.
+
+Device-resident: drafts, target tokens, probabilities and acceptance stay on the
+model's device (the Triton acceptance kernels run there on CUDA); sampling rows are
+warped and accepted in one batched call each, so a step's host round trips do not grow
+with the number of rows (the engine reads one packed result per block-size group).
 """
 from __future__ import annotations
 
@@ -24,7 +29,7 @@ import torch
 
 from . import kernels
 from .models.decoder import Decoder
-from .sampling import warp_probs
+from .sampling import RowParams, warp_probs_rows
 from .sequence import Sequence
 
 
@@ -47,11 +52,12 @@ class DraftContext:
         ctx = cls(backend, dc.mask_token_id, list(dc.target_layer_ids), dc.block_size)
         vocab = getattr(dc, "draft_vocab", None)
         if vocab:
-            ctx.draft_vocab = torch.tensor(sorted(set(vocab)), dtype=torch.int64)
-            if int(ctx.draft_vocab.max()) >= target.config.vocab_size or int(ctx.draft_vocab.min()) < 0:
+            ids = sorted(set(int(t) for t in vocab))
+            if ids[-1] >= target.config.vocab_size or ids[0] < 0:
                 raise ValueError("draft_vocab has ids outside the target vocabulary")
+            ctx.draft_vocab = torch.tensor(ids, dtype=torch.int64, device=target.device)
             w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
-            ctx.draft_head = w.detach()[ctx.draft_vocab.to(w.device)].contiguous()
+            ctx.draft_head = w.detach()[ctx.draft_vocab].contiguous()
             from .models.layers import prepack_linear
             ctx.draft_head_fn = prepack_linear(ctx.draft_head)
         return ctx
@@ -63,21 +69,27 @@ class DraftContext:
         return torch.nn.functional.linear(h, self.draft_head).float()
 
 
-def uniforms(rows: list[Sequence], n: int) -> torch.Tensor:
-    """[R, n] uniforms, each row from its own generator (batch-independent)."""
-    return torch.stack([torch.rand(n, generator=s.gen) for s in rows]) if n else torch.zeros(len(rows), 0)
+def uniforms(rows: list[Sequence], n: int, device="cpu") -> torch.Tensor:
+    """[R, n] uniforms, each row from its own generator (batch-independent), drawn on
+    the host and moved to `device` in one copy."""
+    u = torch.stack([torch.rand(n, generator=s.gen) for s in rows]) if n else torch.zeros(len(rows), 0)
+    return u.to(device)
+
+
+def _sampling_rows(rows: list[Sequence]) -> list[int]:
+    return [r for r, s in enumerate(rows) if not s.params.greedy]
 
 
 def sample_rows(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
-    """logits [R, V] -> one token per row: argmax for greedy rows, else an inverse-CDF
-    sample of the warped distribution with the row's own uniform."""
-    logits = logits.cpu()
+    """logits [R, V] -> one token per row, on the logits' device: argmax for greedy rows,
+    else an inverse-CDF sample of the row's warped distribution with its own uniform."""
     out = logits.argmax(-1)
-    for r, s in enumerate(rows):
-        if not s.params.greedy:
-            p = s.params
-            probs = warp_probs(logits[r:r + 1], p.temperature, p.top_k, p.top_p)
-            out[r] = kernels.sample_from_probs(probs, uniforms([s], 1)[:, 0])[0]
+    samp = _sampling_rows(rows)
+    if samp:
+        idx = torch.tensor(samp, device=logits.device)
+        srows = [rows[r] for r in samp]
+        probs = warp_probs_rows(logits[idx], RowParams.of([s.params for s in srows], logits.device))
+        out[idx] = kernels.sample_from_probs(probs, uniforms(srows, 1, logits.device)[:, 0])
     return out
 
 
@@ -100,44 +112,43 @@ def take_pending_context(rows: list[Sequence], feature_dim: int, dtype, device):
 def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch.Tensor, anchors: torch.Tensor,
           start: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One drafter forward over the rows, block [anchor, MASK x (B-1)] at positions
-    start .. start+B-1 -> draft tokens [R, b-1] (argmax, or sampled from the drafter's
-    warped distribution q for sampling rows) and, when some row samples, q [R, b-1, V]."""
-    B, R = ctx.block_size, len(rows)
+    start .. start+B-1 -> draft tokens [R, b-1] on the target's device (argmax, or
+    sampled from the drafter's warped distribution q for sampling rows) and, when some
+    row samples, q [Rs, b-1, V] of the sampling rows (in row order), else None."""
+    B, R, dev = ctx.block_size, len(rows), target.device
     F = target.config.hidden_size * len(ctx.target_layer_ids)
-    ctx_slots, ctx_pos, ctx_feats = take_pending_context(rows, F, target.dtype, target.device)
+    ctx_slots, ctx_pos, ctx_feats = take_pending_context(rows, F, target.dtype, dev)
     ids = torch.full((R, B), ctx.mask_token_id, dtype=torch.int64)
     ids[:, 0] = anchors
-    block_emb = target.embed(ids.to(target.device))                             # [R, B, hidden]
+    block_emb = target.embed(ids.to(dev))                                        # [R, B, hidden]
     block_pos = start[:, None] + torch.arange(B)[None]                           # [R, B]
     hidden = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)
-    h = hidden[:, 1:b].to(target.device, target.dtype)
+    h = hidden[:, 1:b].to(dev, target.dtype)
     if ctx.draft_vocab is None:
         logits = target.logits(h)                                                # [R, b-1, V]
-        tokens = logits.argmax(-1).cpu()
+        tokens = logits.argmax(-1)
     else:
         logits = ctx.head(h)                                                     # [R, b-1, N]
-        tokens = ctx.draft_vocab[logits.argmax(-1).cpu()]
-    probs = None
-    if any(not s.params.greedy for s in rows):
-        V = target.config.vocab_size
-        probs = torch.zeros(R, b - 1, V)
-        for r, s in enumerate(rows):
-            if s.params.greedy:
-                continue
-            p = s.params
-            q = warp_probs(logits[r], p.temperature, p.top_k, p.top_p).cpu()     # [b-1, V or N]
-            if ctx.draft_vocab is not None:   # q is 0 outside the drafting vocabulary
-                q = torch.zeros(b - 1, V).index_copy_(1, ctx.draft_vocab, q)
-            probs[r] = q
-            tokens[r] = kernels.sample_from_probs(q, uniforms([s], b - 1)[0])
-    return tokens, probs
+        tokens = ctx.draft_vocab[logits.argmax(-1)]
+    samp = _sampling_rows(rows)
+    if not samp:
+        return tokens, None
+    V = target.config.vocab_size
+    idx = torch.tensor(samp, device=dev)
+    srows = [rows[r] for r in samp]
+    q = warp_probs_rows(logits[idx], RowParams.of([s.params for s in srows], dev))   # [Rs, b-1, V or N]
+    if ctx.draft_vocab is not None:   # q is 0 outside the drafting vocabulary
+        q = torch.zeros(len(samp), b - 1, V, device=dev).index_copy_(2, ctx.draft_vocab, q)
+    u = uniforms(srows, b - 1, dev)                                              # [Rs, b-1]
+    tokens[idx] = kernels.sample_from_probs(q.reshape(-1, V), u.reshape(-1)).view(len(samp), b - 1)
+    return tokens, q
 
 
 def verify(target: Decoder, cache, slots: torch.Tensor, anchors: torch.Tensor, draft_tokens: torch.Tensor,
            start: torch.Tensor, capture_layers=()):
     """One target forward of [anchor, d_1 .. d_{b-1}] at positions start .. start+b-1,
     causally on each row's cache -> (hidden [R, b, hidden], captured features or None)."""
-    block = torch.cat([anchors[:, None], draft_tokens], 1)
+    block = torch.cat([anchors[:, None].to(draft_tokens.device), draft_tokens], 1)
     return target(block, cache, slots, start, capture_layers)
 
 
@@ -149,16 +160,18 @@ def greedy_targets(target: Decoder, hidden: torch.Tensor, draft_tokens: torch.Te
     V x hidden matmul, a large share of a CPU verify whose cost grows with the number of
     positions) in chunks of 1, 2, 4, ... positions and only for rows whose drafts so far
     all matched, so a row pays for at most about 2 x (accepted + 1) positions. Positions
-    after a row's first mismatch are never read by greedy_accept (left -1)."""
+    after a row's first mismatch are never read by greedy_accept (left -1). Stays on the
+    device; picking the rows that go on costs one sync per chunk (<= log2(b) per step,
+    whatever the number of rows)."""
     R, b, _ = hidden.shape
-    out = torch.full((R, b), -1, dtype=torch.int64)
-    rows = torch.arange(R)
+    dev = hidden.device
+    out = torch.full((R, b), -1, dtype=torch.int64, device=dev)
+    rows = torch.arange(R, device=dev)
     lo, chunk = 0, VERIFY_HEAD_FIRST
     while lo < b and rows.numel():
         hi = min(b, lo + chunk)
         chunk *= 2
-        tok = target.logits(hidden[rows.to(hidden.device), lo:hi]).argmax(-1).cpu()   # [r, hi-lo]
-        out[rows, lo:hi] = tok
+        out[rows, lo:hi] = target.logits(hidden[rows, lo:hi]).argmax(-1)       # [r, hi-lo]
         if hi >= b:
             break
         ok = (draft_tokens[rows, :hi] == out[rows, :hi]).all(dim=1)   # all drafts so far matched
@@ -169,25 +182,26 @@ def greedy_targets(target: Decoder, hidden: torch.Tensor, draft_tokens: torch.Te
 def accept(target: Decoder, rows: list[Sequence], hidden: torch.Tensor, draft_tokens: torch.Tensor,
            draft_probs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """hidden [R, b, hidden] of the target at the block positions -> (accepted drafts [R],
-    the token each row emits after them [R]) by the rules in the module docstring."""
+    the token each row emits after them [R]) on the device, by the rules in the module
+    docstring: one greedy_accept over the greedy rows, one rejection_accept over the
+    sampling rows (draft_probs: theirs, in row order)."""
     R, b, _ = hidden.shape
+    dev = hidden.device
     V = target.config.vocab_size
-    greedy_rows = [r for r, s in enumerate(rows) if s.params.greedy]
-    accept_len = torch.zeros(R, dtype=torch.int64)
-    next_tok = torch.zeros(R, dtype=torch.int64)
-    if greedy_rows:
-        g = torch.tensor(greedy_rows)
-        a, n = kernels.greedy_accept(draft_tokens[g], greedy_targets(target, hidden[g.to(hidden.device)],
-                                                                     draft_tokens[g]))
+    accept_len = torch.zeros(R, dtype=torch.int64, device=dev)
+    next_tok = torch.zeros(R, dtype=torch.int64, device=dev)
+    samp = _sampling_rows(rows)
+    greedy = [r for r, s in enumerate(rows) if s.params.greedy]
+    if greedy:
+        g = torch.tensor(greedy, device=dev)
+        a, n = kernels.greedy_accept(draft_tokens[g], greedy_targets(target, hidden[g], draft_tokens[g]))
         accept_len[g], next_tok[g] = a, n
-    for r, s in enumerate(rows):
-        if s.params.greedy:
-            continue
-        p = s.params
-        logits = target.logits(hidden[r]).cpu()                                      # [b, V]
-        target_probs = warp_probs(logits, p.temperature, p.top_k, p.top_p)[None]     # [1, b, V]
-        dp = draft_probs[r:r + 1] if b > 1 else torch.zeros(1, 0, V)
-        u = uniforms([s], b)                                                         # [1, b]
-        a, n = kernels.rejection_accept(draft_tokens[r:r + 1], target_probs, dp, u[:, :b - 1], u[:, b - 1])
-        accept_len[r], next_tok[r] = a[0], n[0]
+    if samp:
+        idx = torch.tensor(samp, device=dev)
+        srows = [rows[r] for r in samp]
+        target_probs = warp_probs_rows(target.logits(hidden[idx]), RowParams.of([s.params for s in srows], dev))
+        dp = draft_probs if b > 1 else torch.zeros(len(samp), 0, V, device=dev)
+        u = uniforms(srows, b, dev)                                                  # [Rs, b]
+        a, n = kernels.rejection_accept(draft_tokens[idx], target_probs, dp, u[:, :b - 1], u[:, b - 1])
+        accept_len[idx], next_tok[idx] = a, n
     return accept_len, next_tok

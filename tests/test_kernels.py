@@ -142,7 +142,9 @@ def test_dispatch_setting():
 
 def test_engine_identical_with_triton_kernels():
     """The whole engine (verify, drafting, context writes, acceptance) on Triton kernels
-    gives the same greedy tokens as on the reference path."""
+    gives the same greedy tokens as on the reference path, and the same seeded samples:
+    the engine hands the acceptance kernels the device tensors they launch on (greedy and
+    rejection acceptance, one call each per step)."""
     from dflash_core.api import tiny_random_target
     from dflash_core.drafter import DFlashDrafter, LocalDraftBackend
     from dflash_core.engine import EngineConfig, SpecEngine
@@ -161,7 +163,13 @@ def test_engine_identical_with_triton_kernels():
                                                                                block_size=8))
             res = eng.generate(prompts, SamplingParams(max_new_tokens=10, ignore_eos=True))
             outs[backend] = [r.token_ids for r in res]
+            mixed = [SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=0.8, seed=3),
+                     SamplingParams(max_new_tokens=10, ignore_eos=True),
+                     SamplingParams(max_new_tokens=10, ignore_eos=True, temperature=1.0, top_p=0.9, seed=4)]
+            outs[backend + "-sampled"] = [r.token_ids for r in eng.generate(prompts, mixed)]
     finally:
         kernels.set_backend(old)
     assert outs["torch"] == outs["triton"]
     assert all(len(o) == 10 for o in outs["torch"])
+    assert outs["torch-sampled"] == outs["triton-sampled"]
+    assert outs["torch-sampled"][1] == outs["torch"][1]                  # the greedy row beside sampling ones
