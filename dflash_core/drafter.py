@@ -19,7 +19,7 @@ Checkpoints use the public z-lab format: `config.json` (a Qwen3 config + `block_
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from dflash_core.engine import (DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE,  # noqa: F401
                                 auto_block_size_schedule, parse_block_size_schedule)

@@ -27,7 +27,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .shards import read_shard
-from .blocks import (IGNORE, accepted_lengths, build_block_batch, default_gamma, loss_weights,
+from .blocks import (IGNORE, accepted_lengths, build_block_batch, loss_weights,
                      sample_anchors, weighted_block_loss)
 
 
