@@ -93,9 +93,10 @@ def apply_runtime_args(prog: str, args: argparse.Namespace):
 
 
 def run_command(prog: str, body, argv) -> int:
-    """Run a command's body(argv) with the shared error contract: bad input (CliError,
-    or ValueError raised before loading) -> one line on stderr, exit 2; a model or data
-    that does not load (ModelLoadError, FileNotFoundError) -> one line, exit 1."""
+    """Run a command's body(argv) with the shared error contract: bad input (CliError:
+    commands turn their argument ValueErrors into it) -> one line on stderr, exit 2; a
+    model or data that does not load (ModelLoadError, FileNotFoundError) -> one line,
+    exit 1."""
     import sys
 
     from .models.loader import ModelLoadError

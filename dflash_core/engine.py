@@ -275,22 +275,17 @@ class SpecEngine:
     def _run(self, plan: StepPlan) -> dict[str, tuple[Sequence, list[int], list]]:
         """-> request id -> (seq, tokens to emit, captured feature chunks [(positions, features)])"""
         emitted: dict[str, tuple[Sequence, list[int], list]] = {}
-        for seq in plan.admitted:
-            seq.step = StepStats(admitted=True)
-        for seq, _, _ in plan.prefill:
-            if not seq.step.admitted:
-                seq.step = StepStats()
-            emitted[seq.request_id] = (seq, [], [])
+        admitted = {id(s) for s in plan.admitted}
+        for seq in [s for s, _, _ in plan.prefill] + [s for rows in plan.decode.values() for s in rows]:
+            if seq.request_id not in emitted:   # every row of the plan reports this step
+                seq.step = StepStats(admitted=id(seq) in admitted)
+                emitted[seq.request_id] = (seq, [], [])
         for seq, tok in self._prefill(plan.prefill, emitted):
             emitted[seq.request_id][1].extend(seq.commit([tok]))
         for b, rows in plan.decode.items():
             rows = [s for s in rows if not s.finished]   # a first token may have ended a row
             if not rows:
                 continue
-            for s in rows:
-                if s.request_id not in emitted:
-                    s.step = StepStats()
-                    emitted[s.request_id] = (s, [], [])
             for seq, toks in zip(rows, self._decode(rows, b, emitted)):
                 emitted[seq.request_id][1].extend(seq.commit(toks))
         return emitted

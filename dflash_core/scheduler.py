@@ -26,9 +26,6 @@ class StepPlan:
     decode: dict[int, list[Sequence]] = field(default_factory=dict)          # block size -> rows
     admitted: list[Sequence] = field(default_factory=list)
 
-    def __bool__(self) -> bool:
-        return bool(self.prefill or self.decode)
-
 
 class Scheduler:
     def __init__(self, config, cache: KVCache, max_block_size: int):
@@ -38,10 +35,6 @@ class Scheduler:
         self.max_block_size = max_block_size
         self.waiting: deque[Sequence] = deque()
         self.running: dict[str, Sequence] = {}
-
-    @property
-    def num_free_slots(self) -> int:
-        return self.cache.num_free
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
