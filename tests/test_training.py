@@ -229,6 +229,80 @@ def test_resume_refuses_other_settings(tmp_path):
         other.try_resume()
 
 
+def test_feature_cache_matches_target_features_and_resumes_exactly(tmp_path):
+    """The on-disk feature cache holds what a target forward gives (fp16), later runs read it
+    instead of recomputing, a resumed run with it equals an uninterrupted one, and a cache
+    built for other settings is refused."""
+    from dflash_core.training.features import FeatureCache
+    from dflash_core.training.train import collate
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=8, shard_size=3)
+    cache_dir = tmp_path / "fc"
+    cfg = _cfg(tmp_path, steps=7)
+    plain = Trainer(cfg, target)
+    cached = Trainer(cfg, target, feature_cache=str(cache_dir))
+    filled = cached.fill_cache()
+    assert filled["shards"] == 3 and filled["computed"] == 3
+    assert cached.fill_cache()["computed"] == 0                       # nothing recomputed
+    recs = plain.next_batch()
+    tokens, seq_lens, _ = collate(recs)
+    ref = plain.features(recs, tokens, seq_lens)
+    got = cached.features(recs, tokens, seq_lens)
+    assert got.abs().sum() > 0
+    torch.testing.assert_close(got, ref, rtol=2e-3, atol=2e-3)
+    # positions past each sequence's last context position stay zero, as without the cache
+    for i, n in enumerate(seq_lens.tolist()):
+        assert torch.count_nonzero(got[i, n - 1:]) == 0
+
+    # reading never calls the target again
+    calls = []
+    orig = FeatureCache.compute
+    FeatureCache.compute = lambda self, *a, **k: calls.append(a) or orig(self, *a, **k)
+    try:
+        ref_run = Trainer(cfg, target, feature_cache=str(cache_dir))
+        ref_run.run(stop_at=7)
+        params = {k: v.clone() for k, v in ref_run.drafter.state_dict().items()}
+        cfg2 = _cfg(tmp_path, steps=7, out=str(tmp_path / "run2"))
+        Trainer(cfg2, target, feature_cache=str(cache_dir)).run(stop_at=4)
+        second = Trainer(cfg2, target, feature_cache=str(cache_dir))
+        assert second.try_resume() and second.step == 4
+        second.run()
+    finally:
+        FeatureCache.compute = orig
+    assert calls == []
+    for k, v in second.drafter.state_dict().items():
+        assert torch.equal(v, params[k]), k
+
+    other = _cfg(tmp_path, num_features=1, out=str(tmp_path / "run3"))
+    with pytest.raises(ValueError, match="layer_ids"):
+        Trainer(other, target, feature_cache=str(cache_dir))
+
+
+def test_warm_start_grows_layers_without_changing_the_output(tmp_path):
+    """--init from a 1-layer drafter into a 2-layer run: the new layer's residual branches
+    start at zero, so the grown drafter's block logits equal the saved one's at step 0,
+    and training then moves the new layer."""
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=6, shard_size=3)
+    small = _drafter(target)
+    small.save(tmp_path / "small")
+    grown = Trainer(_cfg(tmp_path, num_layers=2, init=str(tmp_path / "small"), steps=6), target)
+    assert grown.drafter.config.num_layers == 2
+    tokens = torch.randint(17, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    anchors = torch.tensor([[5, 12], [7, 15]])
+    want, _ = _block_logits(target, DFlashDrafter.load(tmp_path / "small"), tokens, anchors)
+    got, _ = _block_logits(target, grown.drafter.eval(), tokens, anchors)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    before = grown.drafter.layers[1].mlp.down_proj.weight.clone()
+    grown.drafter.train()
+    grown.run()
+    assert grown.drafter.layers[1].mlp.down_proj.weight.abs().sum() > 0 and not torch.equal(
+        grown.drafter.layers[1].mlp.down_proj.weight, before)
+    with pytest.raises(ValueError, match="add layers, not drop"):
+        Trainer(_cfg(tmp_path, num_layers=1, init=str(tmp_path / "run" / "latest"), out=str(tmp_path / "r4")),
+                target)
+
+
 # ---- data generation ---------------------------------------------------------------------
 class _CharTokenizer:
     """Chat template = fixed ids around the text's characters mapped into the tiny vocab."""

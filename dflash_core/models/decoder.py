@@ -170,8 +170,11 @@ class Decoder(nn.Module):
         slots: torch.Tensor,        # [R] int64
         cache_lens: torch.Tensor,   # [R] int64, valid cached positions per row (= start position)
         capture_layers: list[int] | tuple[int, ...] = (),
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """-> hidden [R, T, hidden] (final norm applied), features [R, T, K*hidden] or None."""
+        features_only: bool = False,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """-> hidden [R, T, hidden] (final norm applied), features [R, T, K*hidden] or None.
+        features_only: stop after the last captured layer and return (None, features) (the
+        layers above it and their cache entries are not computed: drafter training data)."""
         R, T = input_ids.shape
         dev = self.device
         slots, cache_lens = slots.to(dev), cache_lens.to(dev)
@@ -183,12 +186,15 @@ class Decoder(nn.Module):
         plan = None if kernels.uses_triton(x) else CacheAttentionPlan(
             slots, cache_lens, T, self.config.num_heads // self.config.num_kv_heads)
         want = {lid: None for lid in capture_layers}
-        for i, layer in enumerate(self.layers):
+        if features_only and not capture_layers:
+            raise ValueError("features_only needs capture_layers")
+        last = max(capture_layers) if features_only else len(self.layers) - 1
+        for i, layer in enumerate(self.layers[:last + 1]):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, cache_lens, positions, plan)
             if i in want:
                 want[i] = x
         feats = torch.cat([want[l] for l in capture_layers], dim=-1) if capture_layers else None
-        return self.norm(x), feats
+        return (None if features_only else self.norm(x)), feats
 
     def pack_weights(self) -> "Decoder":
         """Pack q/k/v and gate/up weights per layer for inference (fewer, larger matmuls).

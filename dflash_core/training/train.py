@@ -137,16 +137,20 @@ class ShardData:
             out += [[i, name] for name in sorted(man["shards"]) if (f / name).exists()]
         return out
 
+    def shard_records(self, i: int, name: str) -> list[dict]:
+        """Every record of one shard (unfiltered), each with its key, shard and index."""
+        key = (i, name)
+        if key not in self._shards:
+            rows = read_shard(self.folders[i] / name)
+            for j, r in enumerate(rows):
+                r["key"], r["shard"], r["index"] = f"{i}/{name}/{j}", (i, name), j
+            self._shards[key] = rows
+        return self._shards[key]
+
     def records(self, shards: list[list]) -> list[dict]:
         recs = []
         for i, name in shards:
-            key = (i, name)
-            if key not in self._shards:
-                rows = read_shard(self.folders[i] / name)
-                for j, r in enumerate(rows):
-                    r["key"] = f"{i}/{name}/{j}"
-                self._shards[key] = rows
-            recs += [r for r in self._shards[key]
+            recs += [r for r in self.shard_records(i, name)
                      if 2 <= len(r["response_ids"]) and len(r["prompt_ids"]) + len(r["response_ids"]) <= self.max_seq_len]
         return recs
 
@@ -163,30 +167,45 @@ def collate(recs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
 
 class FeatureSource:
     """Context features [R, C, K*hidden] for a batch: stored ones when the records carry
-    them, else one target forward (memoised per record, fp16 in RAM)."""
+    them; else from a feature cache on disk when one is given (features.py: computed a
+    whole shard at a time, kept across runs); else one target forward (memoised per
+    record, fp16 in RAM)."""
 
-    def __init__(self, target, layer_ids: list[int], stored_ok: bool):
+    def __init__(self, target, layer_ids: list[int], stored_ok: bool, cache=None, data: "ShardData | None" = None):
         self.target, self.layer_ids, self.stored_ok = target, list(layer_ids), stored_ok
+        self.cache, self.data = cache, data
         self.memo: dict[str, torch.Tensor] = {}
+        if cache is not None and data is None:
+            raise ValueError("a feature cache needs the ShardData its records come from")
+
+    def _cached(self, r: dict) -> torch.Tensor:
+        i, name = r["shard"]
+        return self.cache.record(self.data.folders[i], name, self.data.shard_records(i, name), r["index"])
 
     @torch.no_grad()
     def __call__(self, recs: list[dict], tokens: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         R, C = tokens.shape
         KH = len(self.layer_ids) * self.target.config.hidden_size
         out = torch.zeros(R, C, KH, dtype=torch.float32)
+        if self.cache is not None:
+            for i, r in enumerate(recs):
+                if not (self.stored_ok and "features" in r):
+                    self.memo[r["key"]] = self._cached(r)   # a view of the memory-mapped file
         missing = [i for i, r in enumerate(recs)
                    if not (self.stored_ok and "features" in r) and r["key"] not in self.memo]
         if missing:
             sub = tokens[missing].to(self.target.device)
             cache = self.target.new_cache(len(missing), C)
             _, feats = self.target(sub, cache, torch.arange(len(missing)), torch.zeros(len(missing), dtype=torch.int64),
-                                   capture_layers=self.layer_ids)
+                                   capture_layers=self.layer_ids, features_only=True)
             for j, i in enumerate(missing):
                 self.memo[recs[i]["key"]] = feats[j, :int(seq_lens[i]) - 1].to("cpu", torch.float16)
         for i, r in enumerate(recs):
             f = r["features"] if (self.stored_ok and "features" in r) else self.memo[r["key"]]
             n = min(f.shape[0], C)
             out[i, :n] = f[:n].float()
+            if self.cache is not None:
+                self.memo.pop(r["key"], None)  # the page cache keeps the file, not this process
         return out
 
 
@@ -229,7 +248,7 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, target, device="cpu"):
+    def __init__(self, cfg: TrainConfig, target, device="cpu", feature_cache: str | None = None):
         from ..drafter import DFlashDrafter
         self.cfg, self.target, self.device = cfg, target, torch.device(device)
         for p in target.parameters():
@@ -257,7 +276,11 @@ class Trainer:
         if cfg.draft_vocab:
             self._build_head(cfg.draft_vocab)
         ids = self.drafter.config.target_layer_ids
-        self.features = FeatureSource(target, ids, stored_ok=(stored == ids))
+        cache = None
+        if feature_cache and stored != ids:
+            from .features import FeatureCache
+            cache = FeatureCache(feature_cache, target, cfg.target, ids)
+        self.features = FeatureSource(target, ids, stored_ok=(stored == ids), cache=cache, data=self.data)
         decay = [p for n, p in self.drafter.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.drafter.named_parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -275,17 +298,28 @@ class Trainer:
         self.pred_tokens = 0
 
     def _warm_start(self, folder: str) -> None:
-        """Begin from a saved drafter (same layers, features, block size)."""
+        """Begin from a saved drafter (same features, block size; as many or fewer layers).
+        A drafter grown by extra layers computes exactly what the saved one did at step 0:
+        each new layer sits on top with its output projections (attention o_proj, MLP
+        down_proj) zeroed, so its residual branches start at 0 and are learnt from there."""
         from ..api import DEFAULT_DRAFTER_DIR
         from ..drafter import DFlashDrafter
         src = DFlashDrafter.load(DEFAULT_DRAFTER_DIR if folder == "default" else folder)
         a, b = src.config, self.drafter.config
-        for name in ("num_layers", "target_layer_ids", "block_size", "hidden_size", "mask_token_id"):
+        for name in ("target_layer_ids", "block_size", "hidden_size", "mask_token_id"):
             if getattr(a, name) != getattr(b, name):
                 raise ValueError(f"--init {folder}: its {name} is {getattr(a, name)}, this run's is "
-                                 f"{getattr(b, name)}; pass matching --num-layers/--num-features/--block-size")
+                                 f"{getattr(b, name)}; pass matching --num-features/--block-size")
+        if a.num_layers > b.num_layers:
+            raise ValueError(f"--init {folder}: it has {a.num_layers} layers, this run {b.num_layers}; "
+                             "a warm start can add layers, not drop them")
         with torch.no_grad():
-            self.drafter.load_state_dict(src.state_dict())
+            missing, unexpected = self.drafter.load_state_dict(src.state_dict(), strict=False)
+            grown = {f"layers.{i}." for i in range(a.num_layers, b.num_layers)}
+            assert not unexpected and all(any(k.startswith(g) for g in grown) for k in missing), (missing, unexpected)
+            for layer in self.drafter.layers[a.num_layers:]:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
         self.init_vocab = src.config.draft_vocab
 
     def _build_head(self, size: int) -> None:
@@ -375,6 +409,22 @@ class Trainer:
             setattr(self, k, st[k])
         return True
 
+    def fill_cache(self, progress: bool = False) -> dict:
+        """Compute the feature cache of every finished shard (those missing or stale)."""
+        from tqdm import tqdm
+        cache = self.features.cache
+        if cache is None:
+            raise ValueError("--fill-cache needs --feature-cache (and data without stored features)")
+        shards = self.data.finished_shards()
+        done = computed = 0
+        for i, name in tqdm(shards, unit="shard", disable=not progress, dynamic_ncols=True, desc="features"):
+            recs = self.data.shard_records(i, name)
+            if not cache.has(self.data.folders[i], name, recs):
+                cache.compute(self.data.folders[i], name, recs)
+                computed += 1
+            done += 1
+        return {"feature_cache": str(cache.root), "shards": done, "computed": computed}
+
     # -- the loop ----------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -460,6 +510,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--init", default=None, help="warm start from this drafter folder (e.g. the shipped one)")
     # the target's flags; --dtype above is the drafter's compute
     add_runtime_args(ap, target=d.target, device=default_device(), dtype=None)
+    ap.add_argument("--feature-cache", default=None,
+                    help="folder keeping the target's context features on disk (first epoch computes, "
+                         "later epochs, resumes and parallel runs read them)")
+    ap.add_argument("--fill-cache", action="store_true",
+                    help="only compute the --feature-cache for every finished shard, then exit")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
     ap.add_argument("--no-progress", action="store_true")
     return ap
@@ -480,7 +535,10 @@ def main(argv: list[str] | None = None) -> int:
         # the frozen target only supplies features and the LM head: bf16 where that is fast
         tdtype = torch.float32 if cfg.dtype == "float32" else resolve_dtype(cfg.dtype, a.device)
         target = resolve_model(cfg.target).load(device=a.device, dtype=tdtype)
-        trainer = Trainer(cfg, target, device=a.device)
+        trainer = Trainer(cfg, target, device=a.device, feature_cache=a.feature_cache)
+        if a.fill_cache:
+            print(json.dumps(trainer.fill_cache(progress=not a.no_progress)))
+            return 0
         resumed = trainer.try_resume()
         if resumed:
             print(f"resuming {cfg.out} at step {trainer.step}", file=sys.stderr)

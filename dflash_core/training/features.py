@@ -1,0 +1,116 @@
+"""Context features of the training records, computed once by the frozen target and kept on disk.
+
+On a CPU the target's forward over a batch's sequences is most of a training step
+(SmolLM2-135M, 4 sequences of ~400 tokens, 1 thread: ~3.6 s of a ~4.2 s step); the
+drafter's own forward and backward are the rest. A feature cache stores those features
+(fp16, one file per data shard) so that only the first pass over the data pays for them:
+later epochs, resumed runs and the runs of a sweep read them back.
+
+Layout: `<root>/meta.json` (target, layer ids, hidden size: a cache built for other
+settings is refused) and, per data folder, `<folder name>-<hash of its path>/<shard>.feat.npy`
+(fp16 [sum of (sequence length - 1)], K*hidden]) + `<shard>.lens.npy` (int32 per record).
+A shard whose records no longer match the stored lengths (data regenerated) is recomputed.
+Files are written to a temporary name and renamed, so parallel writers (a `--fill-cache`
+process beside a training run) never leave a torn file. The cache is derived data: it is
+not committed (7 GB for the shipped data set) and can be deleted at any time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class FeatureCache:
+    def __init__(self, root: str | Path, target, target_name: str, layer_ids: list[int], rows: int = 8):
+        self.root = Path(root)
+        self.target, self.layer_ids, self.rows = target, list(layer_ids), rows
+        self.meta = {"target": str(target_name), "layer_ids": self.layer_ids,
+                     "hidden": int(target.config.hidden_size), "num_layers": int(target.config.num_layers)}
+        self.root.mkdir(parents=True, exist_ok=True)
+        meta_path = self.root / "meta.json"
+        if meta_path.exists():
+            have = json.loads(meta_path.read_text())
+            if have != self.meta:
+                diff = sorted(k for k in self.meta if have.get(k) != self.meta[k])
+                raise ValueError(f"feature cache {self.root} was built for other settings ({', '.join(diff)}); "
+                                 "use another --feature-cache folder")
+        else:
+            tmp = meta_path.with_name(f"meta.json.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.meta))
+            os.replace(tmp, meta_path)
+        self._open: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+
+    def _base(self, folder: Path, shard: str) -> Path:
+        folder = Path(folder)
+        h = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
+        return self.root / f"{folder.name}-{h}" / Path(shard).name.split(".")[0]
+
+    @staticmethod
+    def _lens(records: list[dict]) -> np.ndarray:
+        return np.array([len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in records], dtype=np.int32)
+
+    def has(self, folder: Path, shard: str, records: list[dict]) -> bool:
+        base = self._base(folder, shard)
+        lens_path = base.with_name(base.name + ".lens.npy")
+        return lens_path.exists() and np.array_equal(np.load(lens_path), self._lens(records))
+
+    def shard(self, folder: Path, shard: str, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """-> (features fp16 [N, K*hidden] memory-mapped, offsets int64 [R+1]) for all records
+        of a shard, computing and storing them first when missing or stale."""
+        key = (str(folder), shard)
+        if key in self._open:
+            return self._open[key]
+        if not self.has(folder, shard, records):
+            self.compute(folder, shard, records)
+        base = self._base(folder, shard)
+        feats = np.load(base.with_name(base.name + ".feat.npy"), mmap_mode="r")
+        lens = np.load(base.with_name(base.name + ".lens.npy"))
+        offs = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+        self._open[key] = (feats, offs)
+        return feats, offs
+
+    @torch.no_grad()
+    def compute(self, folder: Path, shard: str, records: list[dict]) -> None:
+        """One target forward per group of similar-length records (little padding); only the
+        layers up to the last captured one run."""
+        lens = self._lens(records)
+        KH = len(self.layer_ids) * self.target.config.hidden_size
+        out = np.zeros((int(lens.sum()), KH), dtype=np.float16)
+        offs = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+        order = sorted(range(len(records)), key=lambda i: -int(lens[i]))
+        for g in range(0, len(order), self.rows):
+            idx = order[g:g + self.rows]
+            seqs = [list(records[i]["prompt_ids"]) + list(records[i]["response_ids"]) for i in idx]
+            C = max(len(s) for s in seqs)
+            tokens = torch.zeros(len(seqs), C, dtype=torch.int64)
+            for j, s in enumerate(seqs):
+                tokens[j, :len(s)] = torch.tensor(s)
+            cache = self.target.new_cache(len(seqs), C)
+            _, feats = self.target(tokens, cache, torch.arange(len(seqs)), torch.zeros(len(seqs), dtype=torch.int64),
+                                   capture_layers=self.layer_ids, features_only=True)
+            feats = feats.to("cpu", torch.float16).numpy()
+            if not np.isfinite(feats).all():
+                raise ValueError(f"{folder}/{shard}: the target's features overflow float16; "
+                                 "train without --feature-cache")
+            for j, i in enumerate(idx):
+                out[offs[i]:offs[i + 1]] = feats[j, :lens[i]]
+        base = self._base(folder, shard)
+        base.parent.mkdir(parents=True, exist_ok=True)
+        tag = f"{os.getpid()}.tmp.npy"
+        for suffix, arr in ((".feat.npy", out), (".lens.npy", lens)):
+            tmp = base.with_name(base.name + suffix.replace(".npy", "") + "." + tag)
+            np.save(tmp, arr)
+        # features first: a reader checks the lengths file, which then names complete features
+        for suffix in (".feat.npy", ".lens.npy"):
+            os.replace(base.with_name(base.name + suffix.replace(".npy", "") + "." + tag),
+                       base.with_name(base.name + suffix))
+
+    def record(self, folder: Path, shard: str, records: list[dict], index: int) -> torch.Tensor:
+        """Features of one record: fp16 [sequence length - 1, K*hidden]."""
+        feats, offs = self.shard(folder, shard, records)
+        return torch.from_numpy(np.array(feats[offs[index]:offs[index + 1]]))
