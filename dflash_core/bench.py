@@ -79,7 +79,7 @@ def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: 
     return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
 
 
-def verify_cost(target, ctx_len: int = 128, sizes=(1, 4, 8, 16), reps: int = 7) -> dict:
+def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int = 7) -> dict:
     """Median wall time of one target forward of T tokens (+ LM head) on a ctx_len cache."""
     cache = target.new_cache(1, ctx_len + 32)
     slots = torch.tensor([0])
@@ -180,20 +180,17 @@ def int8_linear_cost(target, rows=(1, 4, 16), reps: int = 30) -> dict:
 
 def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: int,
                     dtype: torch.dtype = torch.float32) -> tuple[float, list[list[int]]]:
-    from transformers import AutoModelForCausalLM
+    """transformers' greedy `generate` on the prompts one after another -> (tokens/s, outputs)."""
+    from .bench_peers import HFGenerate
     from .models.registry import resolve_model
-    model = AutoModelForCausalLM.from_pretrained(str(resolve_model(target_spec).folder), dtype=dtype).eval()
+    model = HFGenerate(str(resolve_model(target_spec).folder), dtype)
     n, secs, outs = 0, 0.0, []
-    with torch.no_grad():
-        for ids in prompts:
-            x = torch.tensor([ids])
-            t0 = time.perf_counter()
-            y = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
-                               min_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0)
-            secs += time.perf_counter() - t0
-            new = y[0, len(ids):].tolist()
-            outs.append(new)
-            n += len(new)
+    for ids in prompts:
+        t0 = time.perf_counter()
+        new = model.generate(ids, max_new_tokens)
+        secs += time.perf_counter() - t0
+        outs.append(new)
+        n += len(new)
     return n / secs, outs
 
 

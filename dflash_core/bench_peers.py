@@ -45,7 +45,9 @@ class _Engine:
         return r.token_ids
 
 
-class _HF:
+class HFGenerate:
+    """transformers' greedy `generate` (optionally with its prompt-lookup drafting), exactly n new tokens."""
+
     def __init__(self, folder: str, dtype, lookup: int = 0):
         from transformers import AutoModelForCausalLM
         self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
@@ -95,9 +97,9 @@ def build_systems(target: str, engine, dtype, threads: int) -> tuple[dict, dict]
             skipped[name] = f"the built-in model {target!r} exists only inside this engine (no HF folder or GGUF)"
         return systems, skipped
     folder = str(resolved.folder)
-    systems["hf-fp32"] = _HF(folder, torch.float32)
-    systems["hf-bf16"] = _HF(folder, torch.bfloat16)
-    systems["hf-lookup"] = _HF(folder, torch.float32, lookup=10)
+    systems["hf-fp32"] = HFGenerate(folder, torch.float32)
+    systems["hf-bf16"] = HFGenerate(folder, torch.bfloat16)
+    systems["hf-lookup"] = HFGenerate(folder, torch.float32, lookup=10)
     try:
         gguf = str(default_gguf_path()) if target == "default" else (target if target.endswith(".gguf") else None)
         if gguf is None:

@@ -77,7 +77,6 @@ class RequestStream:
         self.detok = detokenizer
         self.deadline_s = deadline_s
         self.arrival_s = time.monotonic()
-        self.admitted_s: float | None = None
         self.first_token_s: float | None = None
         self.last_output_s: float | None = None
         self.finished = False
@@ -261,7 +260,6 @@ class EngineLoop:
         now = time.monotonic()
         step, s = out.step, out.stats
         if step.admitted:
-            st.admitted_s = now
             self.metrics.on_admitted(now - st.arrival_s, len(st.prompt_token_ids))
         if step.num_drafts:   # this step's speculative statistics (usage reports the totals)
             st.num_drafts += step.num_drafts

@@ -4,7 +4,8 @@ Contract
 - Data: shard folders written by `dflash data` (records {prompt_ids, response_ids,
   [features]}). Records that carry the target's context features (datagen
   --capture-layers) are used as stored; the others get them on the fly from one target
-  forward per batch (memoised in RAM). Shards that appear while training runs (datagen
+  forward per batch (memoised in RAM), or, with --feature-cache DIR, from a cache on disk
+  that the first pass fills a shard at a time (features.py; --fill-cache fills it alone). Shards that appear while training runs (datagen
   still going) join at the next epoch; the shard list of the current epoch is part of
   the checkpoint, so a resume sees exactly the same data.
 - Step: R sequences, N random anchors in each response, blocks [anchor, MASK...] at
@@ -187,12 +188,10 @@ class FeatureSource:
         R, C = tokens.shape
         KH = len(self.layer_ids) * self.target.config.hidden_size
         out = torch.zeros(R, C, KH, dtype=torch.float32)
-        if self.cache is not None:
-            for i, r in enumerate(recs):
-                if not (self.stored_ok and "features" in r):
-                    self.memo[r["key"]] = self._cached(r)   # a view of the memory-mapped file
-        missing = [i for i, r in enumerate(recs)
-                   if not (self.stored_ok and "features" in r) and r["key"] not in self.memo]
+
+        def own(r):  # features this source supplies (not stored with the record)
+            return not (self.stored_ok and "features" in r)
+        missing = [i for i, r in enumerate(recs) if own(r) and self.cache is None and r["key"] not in self.memo]
         if missing:
             sub = tokens[missing].to(self.target.device)
             cache = self.target.new_cache(len(missing), C)
@@ -201,11 +200,14 @@ class FeatureSource:
             for j, i in enumerate(missing):
                 self.memo[recs[i]["key"]] = feats[j, :int(seq_lens[i]) - 1].to("cpu", torch.float16)
         for i, r in enumerate(recs):
-            f = r["features"] if (self.stored_ok and "features" in r) else self.memo[r["key"]]
+            if not own(r):
+                f = r["features"]
+            elif self.cache is not None:
+                f = self._cached(r)   # read from the memory-mapped file (the page cache keeps it)
+            else:
+                f = self.memo[r["key"]]
             n = min(f.shape[0], C)
             out[i, :n] = f[:n].float()
-            if self.cache is not None:
-                self.memo.pop(r["key"], None)  # the page cache keeps the file, not this process
         return out
 
 
@@ -316,7 +318,9 @@ class Trainer:
         with torch.no_grad():
             missing, unexpected = self.drafter.load_state_dict(src.state_dict(), strict=False)
             grown = {f"layers.{i}." for i in range(a.num_layers, b.num_layers)}
-            assert not unexpected and all(any(k.startswith(g) for g in grown) for k in missing), (missing, unexpected)
+            if unexpected or not all(any(k.startswith(g) for g in grown) for k in missing):
+                raise ValueError(f"--init {folder} does not fit this drafter (missing {missing[:4]}, "
+                                 f"unexpected {unexpected[:4]})")
             for layer in self.drafter.layers[a.num_layers:]:
                 layer.self_attn.o_proj.weight.zero_()
                 layer.mlp.down_proj.weight.zero_()
@@ -524,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     from ..clitools import CliError, apply_runtime_args
     a = build_parser().parse_args(argv)
     apply_runtime_args("dflash train", a)
+    if a.fill_cache and not a.feature_cache:
+        raise CliError("dflash train: --fill-cache needs --feature-cache DIR")
     try:
         fields = set(TrainConfig.__dataclass_fields__)
         cfg = TrainConfig(**{k: v for k, v in vars(a).items() if k in fields})
