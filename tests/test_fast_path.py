@@ -55,6 +55,24 @@ def test_prepacked_linear_is_exact_and_row_invariant():
     assert prepack_linear(w.float()) is None                      # fp32 keeps F.linear
 
 
+@pytest.mark.parametrize("missing", ["_gate_up_fn", "_down_fn"])
+def test_packed_mlp_falls_back_per_linear(missing):
+    """A CPU can prepack one MLP weight shape exactly and not another (the probe decides per
+    weight); the packed MLP then uses F.linear for that one linear alone and computes what
+    the unpacked MLP does."""
+    from dflash_core.models.layers import GatedMLP
+    torch.manual_seed(0)
+    mlp = GatedMLP(64, 160).bfloat16()
+    x = torch.randn(2, 5, 64).bfloat16()
+    with torch.no_grad():
+        want = mlp.down_proj(F.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+    mlp.pack()
+    setattr(mlp, missing, None)
+    with torch.no_grad():
+        got = mlp(x)
+    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
 def test_attention_plan_matches_reference_attention():
     """The plan's write-then-attend equals the kernel-contract reference (fp32, several
     rows of different lengths, non-consecutive slots, one row of one token)."""

@@ -456,5 +456,9 @@ def test_draft_vocab_training_and_warm_start(tmp_path):
     for (k, a), b in zip(tr.drafter.state_dict().items(), tr2.drafter.state_dict().values()):
         assert torch.equal(a, b), k
     assert tr2.drafter.config.draft_vocab == vocab               # a warm start keeps its vocabulary
-    with pytest.raises(ValueError, match="num_layers"):
-        Trainer(_cfg(tmp_path, out=str(tmp_path / "run3"), num_layers=2, init=str(saved)), target)
+    # a warm start refuses a drafter it cannot continue: other context features or block
+    # size (more layers are grown: test_warm_start_grows_layers_without_changing_the_output)
+    with pytest.raises(ValueError, match="target_layer_ids"):
+        Trainer(_cfg(tmp_path, out=str(tmp_path / "run3"), num_features=1, init=str(saved)), target)
+    with pytest.raises(ValueError, match="block_size"):
+        Trainer(_cfg(tmp_path, out=str(tmp_path / "run4"), block_size=8, init=str(saved)), target)

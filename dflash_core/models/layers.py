@@ -91,11 +91,12 @@ class GatedMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # down(silu(gate(x)) * up(x))
         if self._gate_up is not None and not torch.is_grad_enabled():
-            if self._gate_up_fn is not None:
-                gate, up = self._gate_up_fn(x).chunk(2, dim=-1)
-                return self._down_fn(F.silu(gate) * up)
-            gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            # each prepacked linear exists only where its probe was exact (per weight shape:
+            # a CPU may pack gate/up and not down), so each falls back on its own
+            gu = self._gate_up_fn(x) if self._gate_up_fn is not None else F.linear(x, self._gate_up)
+            gate, up = gu.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+            return self._down_fn(h) if self._down_fn is not None else self.down_proj(h)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
