@@ -185,9 +185,9 @@ class Decoder(nn.Module):
         cos, sin = self.rotary(positions, x.dtype)
         plan = None if kernels.uses_triton(x) else CacheAttentionPlan(
             slots, cache_lens, T, self.config.num_heads // self.config.num_kv_heads)
-        want = {lid: None for lid in capture_layers}
         if features_only and not capture_layers:
             raise ValueError("features_only needs capture_layers")
+        want = {lid: None for lid in capture_layers}
         last = max(capture_layers) if features_only else len(self.layers) - 1
         for i, layer in enumerate(self.layers[:last + 1]):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, cache_lens, positions, plan)

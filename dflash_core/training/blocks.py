@@ -138,3 +138,12 @@ def accepted_lengths(correct: torch.Tensor, has_target: torch.Tensor) -> torch.T
     n = run.sum(-1)
     return torch.where(has_target[:, :, 1:].any(-1), n + 1, torch.zeros_like(n))
 
+
+def collate(recs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """-> tokens [R, C] right-padded with 0, seq_lens [R], resp_starts."""
+    seqs = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in recs]
+    C = max(len(s) for s in seqs)
+    tokens = torch.zeros(len(seqs), C, dtype=torch.int64)
+    for i, s in enumerate(seqs):
+        tokens[i, :len(s)] = torch.tensor(s)
+    return tokens, torch.tensor([len(s) for s in seqs]), [len(r["prompt_ids"]) for r in recs]

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .blocks import collate
+
 
 class FeatureCache:
     def __init__(self, root: str | Path, target, target_name: str, layer_ids: list[int], rows: int = 8):
@@ -45,72 +47,76 @@ class FeatureCache:
             os.replace(tmp, meta_path)
         self._open: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
 
-    def _base(self, folder: Path, shard: str) -> Path:
+    def _path(self, folder: Path, shard: str, kind: str, tmp: bool = False) -> Path:
+        """<root>/<folder name>-<hash of its path>/<shard stem>.<kind>.npy ("feat" | "lens")."""
         folder = Path(folder)
         h = hashlib.sha1(str(folder.resolve()).encode()).hexdigest()[:8]
-        return self.root / f"{folder.name}-{h}" / Path(shard).name.split(".")[0]
+        stem = Path(shard).name.split(".")[0]
+        return self.root / f"{folder.name}-{h}" / (f"{stem}.{kind}.{os.getpid()}.tmp.npy" if tmp
+                                                   else f"{stem}.{kind}.npy")
 
     @staticmethod
     def _lens(records: list[dict]) -> np.ndarray:
         return np.array([len(r["prompt_ids"]) + len(r["response_ids"]) - 1 for r in records], dtype=np.int32)
 
-    def has(self, folder: Path, shard: str, records: list[dict]) -> bool:
-        base = self._base(folder, shard)
-        lens_path = base.with_name(base.name + ".lens.npy")
-        return lens_path.exists() and np.array_equal(np.load(lens_path), self._lens(records))
+    @staticmethod
+    def _offsets(lens: np.ndarray) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+
+    def ensure(self, folder: Path, shard: str, records: list[dict]) -> bool:
+        """Compute and store the shard's features unless they are stored for exactly these
+        records (same lengths). -> whether they were computed."""
+        lens_path = self._path(folder, shard, "lens")
+        if lens_path.exists() and np.array_equal(np.load(lens_path), self._lens(records)):
+            return False
+        self.compute(folder, shard, records)
+        return True
 
     def shard(self, folder: Path, shard: str, records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """-> (features fp16 [N, K*hidden] memory-mapped, offsets int64 [R+1]) for all records
         of a shard, computing and storing them first when missing or stale."""
         key = (str(folder), shard)
-        if key in self._open:
-            return self._open[key]
-        if not self.has(folder, shard, records):
-            self.compute(folder, shard, records)
-        base = self._base(folder, shard)
-        feats = np.load(base.with_name(base.name + ".feat.npy"), mmap_mode="r")
-        lens = np.load(base.with_name(base.name + ".lens.npy"))
-        offs = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
-        self._open[key] = (feats, offs)
-        return feats, offs
+        if key not in self._open:
+            self.ensure(folder, shard, records)
+            feats = np.load(self._path(folder, shard, "feat"), mmap_mode="r")
+            self._open[key] = (feats, self._offsets(self._lens(records)))
+        return self._open[key]
 
-    @torch.no_grad()
     def compute(self, folder: Path, shard: str, records: list[dict]) -> None:
-        """One target forward per group of similar-length records (little padding); only the
-        layers up to the last captured one run."""
+        """One target forward per group of similar-length records (little padding)."""
         lens = self._lens(records)
         KH = len(self.layer_ids) * self.target.config.hidden_size
         out = np.zeros((int(lens.sum()), KH), dtype=np.float16)
-        offs = np.concatenate([[0], np.cumsum(lens, dtype=np.int64)])
+        offs = self._offsets(lens)
         order = sorted(range(len(records)), key=lambda i: -int(lens[i]))
         for g in range(0, len(order), self.rows):
             idx = order[g:g + self.rows]
-            seqs = [list(records[i]["prompt_ids"]) + list(records[i]["response_ids"]) for i in idx]
-            C = max(len(s) for s in seqs)
-            tokens = torch.zeros(len(seqs), C, dtype=torch.int64)
-            for j, s in enumerate(seqs):
-                tokens[j, :len(s)] = torch.tensor(s)
-            cache = self.target.new_cache(len(seqs), C)
-            _, feats = self.target(tokens, cache, torch.arange(len(seqs)), torch.zeros(len(seqs), dtype=torch.int64),
-                                   capture_layers=self.layer_ids, features_only=True)
-            feats = feats.to("cpu", torch.float16).numpy()
+            tokens, _, _ = collate([records[i] for i in idx])
+            feats = target_features(self.target, tokens, self.layer_ids).to("cpu", torch.float16).numpy()
             if not np.isfinite(feats).all():
                 raise ValueError(f"{folder}/{shard}: the target's features overflow float16; "
                                  "train without --feature-cache")
             for j, i in enumerate(idx):
                 out[offs[i]:offs[i + 1]] = feats[j, :lens[i]]
-        base = self._base(folder, shard)
-        base.parent.mkdir(parents=True, exist_ok=True)
-        tag = f"{os.getpid()}.tmp.npy"
-        for suffix, arr in ((".feat.npy", out), (".lens.npy", lens)):
-            tmp = base.with_name(base.name + suffix.replace(".npy", "") + "." + tag)
-            np.save(tmp, arr)
+        self._path(folder, shard, "feat").parent.mkdir(parents=True, exist_ok=True)
+        for kind, arr in (("feat", out), ("lens", lens)):
+            np.save(self._path(folder, shard, kind, tmp=True), arr)
         # features first: a reader checks the lengths file, which then names complete features
-        for suffix in (".feat.npy", ".lens.npy"):
-            os.replace(base.with_name(base.name + suffix.replace(".npy", "") + "." + tag),
-                       base.with_name(base.name + suffix))
+        for kind in ("feat", "lens"):
+            os.replace(self._path(folder, shard, kind, tmp=True), self._path(folder, shard, kind))
 
     def record(self, folder: Path, shard: str, records: list[dict], index: int) -> torch.Tensor:
         """Features of one record: fp16 [sequence length - 1, K*hidden]."""
         feats, offs = self.shard(folder, shard, records)
         return torch.from_numpy(np.array(feats[offs[index]:offs[index + 1]]))
+
+
+@torch.no_grad()
+def target_features(target, tokens: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
+    """Captured features [R, C, K*hidden] of right-padded token rows [R, C] (each row from
+    position 0, in a fresh cache); only the layers up to the last captured one run."""
+    R, C = tokens.shape
+    cache = target.new_cache(R, C)
+    _, feats = target(tokens.to(target.device), cache, torch.arange(R), torch.zeros(R, dtype=torch.int64),
+                      capture_layers=layer_ids, features_only=True)
+    return feats

@@ -37,8 +37,9 @@ from pathlib import Path
 import torch
 
 from .shards import read_shard
-from .blocks import (IGNORE, accepted_lengths, build_block_batch, loss_weights,
+from .blocks import (IGNORE, accepted_lengths, build_block_batch, collate, loss_weights,
                      sample_anchors, weighted_block_loss)
+from .features import FeatureCache, target_features
 
 
 @dataclass
@@ -156,16 +157,6 @@ class ShardData:
         return recs
 
 
-def collate(recs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """-> tokens [R, C] right-padded with 0, seq_lens [R], resp_starts."""
-    seqs = [list(r["prompt_ids"]) + list(r["response_ids"]) for r in recs]
-    C = max(len(s) for s in seqs)
-    tokens = torch.zeros(len(seqs), C, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        tokens[i, :len(s)] = torch.tensor(s)
-    return tokens, torch.tensor([len(s) for s in seqs]), [len(r["prompt_ids"]) for r in recs]
-
-
 class FeatureSource:
     """Context features [R, C, K*hidden] for a batch: stored ones when the records carry
     them; else from a feature cache on disk when one is given (features.py: computed a
@@ -193,10 +184,7 @@ class FeatureSource:
             return not (self.stored_ok and "features" in r)
         missing = [i for i, r in enumerate(recs) if own(r) and self.cache is None and r["key"] not in self.memo]
         if missing:
-            sub = tokens[missing].to(self.target.device)
-            cache = self.target.new_cache(len(missing), C)
-            _, feats = self.target(sub, cache, torch.arange(len(missing)), torch.zeros(len(missing), dtype=torch.int64),
-                                   capture_layers=self.layer_ids, features_only=True)
+            feats = target_features(self.target, tokens[missing], self.layer_ids)
             for j, i in enumerate(missing):
                 self.memo[recs[i]["key"]] = feats[j, :int(seq_lens[i]) - 1].to("cpu", torch.float16)
         for i, r in enumerate(recs):
@@ -280,7 +268,6 @@ class Trainer:
         ids = self.drafter.config.target_layer_ids
         cache = None
         if feature_cache and stored != ids:
-            from .features import FeatureCache
             cache = FeatureCache(feature_cache, target, cfg.target, ids)
         self.features = FeatureSource(target, ids, stored_ok=(stored == ids), cache=cache, data=self.data)
         decay = [p for n, p in self.drafter.named_parameters() if p.ndim >= 2]
@@ -420,14 +407,10 @@ class Trainer:
         if cache is None:
             raise ValueError("--fill-cache needs --feature-cache (and data without stored features)")
         shards = self.data.finished_shards()
-        done = computed = 0
-        for i, name in tqdm(shards, unit="shard", disable=not progress, dynamic_ncols=True, desc="features"):
-            recs = self.data.shard_records(i, name)
-            if not cache.has(self.data.folders[i], name, recs):
-                cache.compute(self.data.folders[i], name, recs)
-                computed += 1
-            done += 1
-        return {"feature_cache": str(cache.root), "shards": done, "computed": computed}
+        computed = sum(cache.ensure(self.data.folders[i], name, self.data.shard_records(i, name))
+                       for i, name in tqdm(shards, unit="shard", disable=not progress, dynamic_ncols=True,
+                                           desc="features"))
+        return {"feature_cache": str(cache.root), "shards": len(shards), "computed": computed}
 
     # -- the loop ----------------------------------------------------------------------
     def train_step(self) -> dict:
