@@ -12,7 +12,7 @@ settings is refused) and, per data folder, `<folder name>-<hash of its path>/<sh
 A shard whose records no longer match the stored lengths (data regenerated) is recomputed.
 Files are written to a temporary name and renamed, so parallel writers (a `--fill-cache`
 process beside a training run) never leave a torn file. The cache is derived data: it is
-not committed (7 GB for the shipped data set) and can be deleted at any time.
+not committed (6.5 GB for the shipped data set) and can be deleted at any time.
 """
 from __future__ import annotations
 
