@@ -113,32 +113,69 @@ def first_human_turn(record: dict) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def human_turns(record: dict) -> list[str]:
+    """Every user message of a record, in order (non-string values skipped)."""
+    out = []
+    for turn in record.get("conversations") or []:
+        if isinstance(turn, dict) and turn.get("from") == "human" and isinstance(turn.get("value"), str):
+            out.append(turn["value"])
+    return out
+
+
+TURNS = ("first", "later")
+
+
 def parse_sharegpt(
     text: str,
     min_chars: int = MIN_PROMPT_CHARS,
     max_chars: int = MAX_PROMPT_CHARS,
     holdout_permille: int = HOLDOUT_PERMILLE,
+    turns: str = "first",
 ) -> list[Prompt]:
-    """Records -> first human turns, deduplicated (on whitespace-normalised text; the
-    first occurrence wins), length-filtered by characters, split by hashed id."""
+    """Records -> prompts, deduplicated (on whitespace-normalised text; the first
+    occurrence wins), length-filtered by characters, split by hashed id.
+
+    turns="first": each conversation's opening user message (conv_id = the record id).
+    turns="later": every other user message of every record, each as a standalone prompt
+    (conv_id "<record id>/<k>", k its place among the record's user messages); none
+    repeats any opening message of either split (so the two sets never overlap and no
+    holdout prompt enters training), and each keeps its conversation's split."""
+    if turns not in TURNS:
+        raise ValueError(f"turns must be one of {TURNS}, got {turns!r}")
+    records = [r for r in iter_json_array(text) if isinstance(r, dict)]
+
+    def norm(t: str) -> str:
+        return " ".join(t.split()).lower()
+
+    def keep(t: str) -> bool:
+        return min_chars <= len(t) <= max_chars
+
     seen: set[str] = set()
-    out: list[Prompt] = []
-    for record in iter_json_array(text):
-        if not isinstance(record, dict):
-            continue
+    firsts: list[Prompt] = []
+    for record in records:
         turn = first_human_turn(record)
         if turn is None:
             continue
         turn = turn.strip()
-        if not (min_chars <= len(turn) <= max_chars):
+        if not keep(turn) or norm(turn) in seen:
             continue
-        key = " ".join(turn.split()).lower()
-        if key in seen:
-            continue
-        seen.add(key)
-        conv_id = str(record.get("id", len(out)))
-        out.append(Prompt(conv_id, turn, split_of(conv_id, holdout_permille)))
-    return out
+        seen.add(norm(turn))
+        conv_id = str(record.get("id", len(firsts)))
+        firsts.append(Prompt(conv_id, turn, split_of(conv_id, holdout_permille)))
+    if turns == "first":
+        return firsts
+    later: list[Prompt] = []
+    for n, record in enumerate(records):
+        rid = str(record.get("id", f"record{n}"))
+        msgs = human_turns(record)
+        start = 1 if first_human_turn(record) is not None else 0
+        for k in range(start, len(msgs)):
+            turn = msgs[k].strip()
+            if not keep(turn) or norm(turn) in seen:
+                continue
+            seen.add(norm(turn))
+            later.append(Prompt(f"{rid}/{k}", turn, split_of(rid, holdout_permille)))
+    return later
 
 
 def default_cache_dir() -> Path:
@@ -149,20 +186,22 @@ def default_cache_dir() -> Path:
 def load_sharegpt_prompts(
     cache_dir: str | Path | None = None,
     path: str | Path | None = None,
+    turns: str = "first",
 ) -> list[Prompt]:
-    """All filtered ShareGPT prompts with their split (cached as JSON in cache_dir)."""
+    """All filtered ShareGPT prompts with their split (cached as JSON in cache_dir);
+    `turns` as in parse_sharegpt."""
     src = Path(path) if path is not None else sharegpt_path()
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     stat = src.stat()
     tag = (f"v{CACHE_VERSION}-{stat.st_size}-{MIN_PROMPT_CHARS}-{MAX_PROMPT_CHARS}"
-           f"-{HOLDOUT_PERMILLE}")
+           f"-{HOLDOUT_PERMILLE}" + ("" if turns == "first" else f"-{turns}"))
     cache = cache_dir / f"sharegpt_prompts-{tag}.json"
     if cache.exists():
         rows = json.loads(cache.read_text(encoding="utf-8"))
         return [Prompt(**r) for r in rows]
-    prompts = parse_sharegpt(src.read_text(encoding="utf-8"))
+    prompts = parse_sharegpt(src.read_text(encoding="utf-8"), turns=turns)
     n_holdout = sum(p.split == "holdout" for p in prompts)
-    if n_holdout < MIN_HOLDOUT:
+    if turns == "first" and n_holdout < MIN_HOLDOUT:
         raise RuntimeError(f"holdout has {n_holdout} prompts, need >= {MIN_HOLDOUT}")
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_suffix(".tmp")

@@ -456,9 +456,17 @@ def test_draft_vocab_training_and_warm_start(tmp_path):
     for (k, a), b in zip(tr.drafter.state_dict().items(), tr2.drafter.state_dict().values()):
         assert torch.equal(a, b), k
     assert tr2.drafter.config.draft_vocab == vocab               # a warm start keeps its vocabulary
-    # a warm start refuses a drafter it cannot continue: other context features or block
-    # size (more layers are grown: test_warm_start_grows_layers_without_changing_the_output)
+    # a warm start refuses a drafter it cannot continue: other context features (more
+    # layers are grown: test_warm_start_grows_layers_without_changing_the_output)
     with pytest.raises(ValueError, match="target_layer_ids"):
         Trainer(_cfg(tmp_path, out=str(tmp_path / "run3"), num_features=1, init=str(saved)), target)
-    with pytest.raises(ValueError, match="block_size"):
-        Trainer(_cfg(tmp_path, out=str(tmp_path / "run4"), block_size=8, init=str(saved)), target)
+    # another block size continues from the same weights (none depends on it) and trains
+    # and saves at the new size
+    tr4 = Trainer(_cfg(tmp_path, out=str(tmp_path / "run4"), block_size=8, draft_vocab=24, dtype="float32",
+                       init=str(saved)), target)
+    assert tr.drafter.config.block_size == 4 and tr4.drafter.config.block_size == 8
+    for (k, a), b in zip(tr.drafter.state_dict().items(), tr4.drafter.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert torch.isfinite(torch.tensor(tr4.train_step()["loss"]))
+    tr4.save()
+    assert json.loads((tmp_path / "run4" / "latest" / "config.json").read_text())["block_size"] == 8

@@ -1,6 +1,8 @@
 """Prompt parsing: truncated tail dropped, dedupe, deterministic disjoint split."""
 import json
 
+import pytest
+
 from dflash_core.datasets import (
     conversation_base_id,
     iter_json_array,
@@ -74,3 +76,43 @@ def test_humaneval_prompts():
     assert prompts[0].conv_id == "HumanEval/0"
     assert "def has_close_elements" in prompts[0].text
     assert all(p.split == "eval" for p in prompts)
+
+
+def test_parse_sharegpt_later_turns_standalone_disjoint_and_split_by_conversation():
+    def chat(cid, *turns):
+        return {"id": cid, "conversations": [{"from": who, "value": t} for who, t in turns]}
+
+    recs = [
+        chat("a_0", ("human", "How do I sort a list in Python?"), ("gpt", "sorted()"),
+             ("human", "And in reverse order, please?"), ("gpt", "reverse=True"),
+             ("human", "hi")),                                              # too short
+        chat("a_1", ("gpt", "continued answer"), ("human", "Now explain the key argument.")),
+        chat("b_0", ("human", "Write a haiku about the sea."), ("gpt", "..."),
+             ("human", "how do I sort a list in python?"),                  # repeats a_0's opening
+             ("human", "and in reverse ORDER, please?")),                   # repeats a later turn
+        chat("c_0", ("human", "Tell me a joke about cats."), ("gpt", "..."),
+             ("human", "Write a haiku about the sea.")),                    # repeats b_0's opening
+    ]
+    text = json.dumps(recs)
+    firsts = parse_sharegpt(text)
+    later = parse_sharegpt(text, turns="later")
+    assert [p.conv_id for p in firsts] == ["a_0", "b_0", "c_0"]
+    assert [(p.conv_id, p.text) for p in later] == [("a_0/1", "And in reverse order, please?"),
+                                                    ("a_1/0", "Now explain the key argument.")]
+    # no later turn repeats an opening message, and each keeps its conversation's split
+    assert not {p.text.lower() for p in later} & {p.text.lower() for p in firsts}
+    assert [p.split for p in later] == [split_of("a_0"), split_of("a_1")]
+    assert split_of("a_0") == split_of("a_1")
+    with pytest.raises(ValueError, match="turns"):
+        parse_sharegpt(text, turns="all")
+
+
+def test_data_turns_setting_keeps_old_folders_and_refuses_a_mix(tmp_path):
+    from dflash_core.training.datagen import DataConfig, Manifest
+    first = DataConfig(out=str(tmp_path))
+    assert "turns" not in first.identity()       # folders written before --turns still resume
+    Manifest(tmp_path, first).add("shard_00000.npz", {"num_records": 1})
+    with pytest.raises(ValueError, match="turns"):
+        Manifest(tmp_path, DataConfig(out=str(tmp_path), turns="later"))
+    with pytest.raises(ValueError, match="turns"):
+        DataConfig(turns="every")

@@ -1,7 +1,8 @@
 """`dflash data`: the target writes its own responses to ShareGPT prompts.
 
 Contract
-- Input: the train split of `datasets.load_sharegpt_prompts()` (optionally also a small
+- Input: the train split of `datasets.load_sharegpt_prompts()` (--turns first: opening
+  user messages; --turns later: every other user message as a standalone prompt) (optionally also a small
   holdout set for validation, written to separate shards and never trained on).
 - Each prompt gets the target's chat template (generation prompt appended); prompts
   longer than --max-prompt-tokens are skipped (never truncated: a cut prompt is not a
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 
 from ..chat import encode_prompt
-from ..datasets import Prompt, load_sharegpt_prompts
+from ..datasets import TURNS, Prompt, load_sharegpt_prompts
 from .shards import read_shard, write_shard
 
 
@@ -50,6 +51,7 @@ class DataConfig:
     seed: int = 0
     capture_layers: tuple[int, ...] = ()   # non-empty: also store these target layers' features
     dtype: str = "float32"                 # the target's dtype (greedy tokens depend on it)
+    turns: str = "first"                   # "first": opening user messages; "later": the other ones
 
     def __post_init__(self):
         if self.split not in ("train", "holdout"):
@@ -60,6 +62,8 @@ class DataConfig:
             raise ValueError("--sample-frac must be in [0, 1]")
         if self.temperature <= 0:
             raise ValueError("--temperature must be > 0")
+        if self.turns not in TURNS:
+            raise ValueError(f"--turns must be one of {', '.join(TURNS)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError("--dtype must resolve to float32 or bfloat16")
         if self.max_new_tokens < 1 or self.max_prompt_tokens < 1:
@@ -71,6 +75,8 @@ class DataConfig:
         for k in ("out", "max_slots", "num_prompts"):
             d.pop(k)  # batching does not change greedy tokens; more prompts = more shards
         d["capture_layers"] = list(self.capture_layers)  # as it reads back from JSON
+        if self.turns == "first":
+            d.pop("turns")  # folders written before --turns existed hold opening messages
         return d
 
 
@@ -246,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=d.temperature)
     ap.add_argument("--max-slots", type=int, default=d.max_slots)
     ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--turns", default=d.turns, choices=list(TURNS),
+                    help="first: each conversation's opening user message; later: every other user message, "
+                         "standalone (never one that opens a conversation of either split)")
     ap.add_argument("--capture-layers", default="",
                     help="comma-separated target layer ids: store these layers' outputs (the drafter's context "
                          "features, fp16) with every record")
@@ -274,13 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = DataConfig(dtype=dtype_name(dtype), target=a.target, out=a.out, split=a.split, num_prompts=a.num_prompts,
                          shard_size=a.shard_size, max_prompt_tokens=a.max_prompt_tokens,
                          max_new_tokens=a.max_new_tokens, sample_frac=a.sample_frac,
-                         temperature=a.temperature, max_slots=a.max_slots, seed=a.seed,
+                         temperature=a.temperature, max_slots=a.max_slots, seed=a.seed, turns=a.turns,
                          capture_layers=_parse_layers(a.capture_layers))
     except ValueError as e:
         raise CliError(f"dflash data: {e}") from None
     max_seq_len = cfg.max_prompt_tokens + cfg.max_new_tokens + 8
     try:
-        prompts = load_sharegpt_prompts(cache_dir=a.prompt_cache)
+        prompts = load_sharegpt_prompts(cache_dir=a.prompt_cache, turns=cfg.turns)
         from ..api import build_engine
         from ..engine import EngineConfig
         engine, tokenizer = build_engine(

@@ -287,7 +287,9 @@ class Trainer:
         self.pred_tokens = 0
 
     def _warm_start(self, folder: str) -> None:
-        """Begin from a saved drafter (same features, block size; as many or fewer layers).
+        """Begin from a saved drafter (same context features; as many or fewer layers; any
+        block size: no weight depends on it, so a drafter trained on blocks of 16 can go on
+        learning on blocks of 8 and is then saved with block_size 8).
         A drafter grown by extra layers computes exactly what the saved one did at step 0:
         each new layer sits on top with its output projections (attention o_proj, MLP
         down_proj) zeroed, so its residual branches start at 0 and are learnt from there."""
@@ -295,10 +297,10 @@ class Trainer:
         from ..drafter import DFlashDrafter
         src = DFlashDrafter.load(DEFAULT_DRAFTER_DIR if folder == "default" else folder)
         a, b = src.config, self.drafter.config
-        for name in ("target_layer_ids", "block_size", "hidden_size", "mask_token_id"):
+        for name in ("target_layer_ids", "hidden_size", "mask_token_id"):
             if getattr(a, name) != getattr(b, name):
                 raise ValueError(f"--init {folder}: its {name} is {getattr(a, name)}, this run's is "
-                                 f"{getattr(b, name)}; pass matching --num-features/--block-size")
+                                 f"{getattr(b, name)}; pass matching --num-features/--mask-token-id")
         if a.num_layers > b.num_layers:
             raise ValueError(f"--init {folder}: it has {a.num_layers} layers, this run {b.num_layers}; "
                              "a warm start can add layers, not drop them")
