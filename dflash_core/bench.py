@@ -8,11 +8,14 @@ machine noise hits both alike. Optional extras:
                   (same weights, same dtype)
   --block-sizes   DFlash at several verified block sizes (e.g. 4,8,16) in the same run
   --batch-sizes   batched autoregressive throughput at these row counts (e.g. 8,16)
+  --prepack-ab    every measurement above also with the prepacked linears turned off
+                  (plain F.linear), each pair back to back in this run
 Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -46,6 +49,8 @@ def _parser():
                     help="also time weight-only int8 linears against the target's own, on its layer shapes")
     ap.add_argument("--compile", action="store_true",
                     help="also time the target forward eager vs torch.compile (inductor), with compile times")
+    ap.add_argument("--prepack-ab", action="store_true",
+                    help="also measure everything with the prepacked (oneDNN) linears off, back to back")
     ap.add_argument("--repeats", type=_positive_int, default=1)
     ap.add_argument("--block-sizes", default="", help="comma-separated verified block sizes for DFlash (default: --block-size)")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
@@ -67,6 +72,34 @@ def _int_list(text: str, flag: str) -> list[int]:
     if any(v < 1 for v in vals):
         raise CliError(f"dflash bench: {flag} takes positive integers, got {text!r}")
     return vals
+
+
+PACKED_ATTRS = ("_qkv_fn", "_o_fn", "_gate_up_fn", "_down_fn", "_head_fn")
+
+
+@contextlib.contextmanager
+def prepacked_off(engine):
+    """Within: the target's and the local drafter's prepacked linears (models.layers.
+    prepack_linear) are off, so every linear runs as plain F.linear; restored after."""
+    models = [engine.target]
+    backend = getattr(engine.drafting, "backend", None)
+    if getattr(backend, "drafter", None) is not None:
+        models.append(backend.drafter)
+    saved = []
+    for m in models:
+        for mod in m.modules():
+            for name in PACKED_ATTRS:
+                if getattr(mod, name, None) is not None:
+                    saved.append((mod, name, getattr(mod, name)))
+                    setattr(mod, name, None)
+    if engine.drafting is not None and engine.drafting.draft_head_fn is not None:
+        saved.append((engine.drafting, "draft_head_fn", engine.drafting.draft_head_fn))
+        engine.drafting.draft_head_fn = None
+    try:
+        yield len(saved)
+    finally:
+        for obj, name, fn in saved:
+            setattr(obj, name, fn)
 
 
 def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: int) -> float:
@@ -226,20 +259,30 @@ def main(argv=None) -> int:
     summary = {"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype),
                "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "threads": torch.get_num_threads()}
-    runs = {}
+    runs, runs_off, n_packed = {}, {}, 0
     for b in block_sizes:
         engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
         runs[b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
+        if args.prepack_ab:
+            with prepacked_off(engine) as n_packed:
+                print(f"({n_packed} prepacked linears off)", file=out)
+                runs_off[b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
+    if args.prepack_ab:
+        summary["prepacked_off"] = {"num_linears": n_packed, "by_block_size": {str(b): r for b, r in runs_off.items()}}
     first = runs[block_sizes[0]]
     summary.update(block_size=block_sizes[0], **first)
     if len(block_sizes) > 1:
         summary["by_block_size"] = {str(b): r for b, r in runs.items()}
     if args.verify_cost:
-        vc = verify_cost(engine.target)
-        print("verify forward cost (ctx %d): " % vc["ctx_len"] + ", ".join(
-            f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()), file=out)
-        summary["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
-        summary["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
+        for off in ([False, True] if args.prepack_ab else [False]):
+            with (prepacked_off(engine) if off else contextlib.nullcontext()):
+                vc = verify_cost(engine.target)
+            print(("prepacked linears off, " if off else "") + "verify forward cost (ctx %d): " % vc["ctx_len"] +
+                  ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
+                  file=out)
+            dest = summary["prepacked_off"] if off else summary
+            dest["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
+            dest["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
     if args.int8:
         ic = int8_linear_cost(engine.target)
         for shape, res in ic.get("by_shape", {}).items():
@@ -256,9 +299,13 @@ def main(argv=None) -> int:
     if batch_sizes:
         summary["batched_ar_tokens_per_s"] = {}
         for rows in batch_sizes:
-            tps = batched_ar_tps(engine, prompts, rows, args.max_new_tokens)
-            print(f"batched autoregressive, {rows} rows: {tps:.1f} tok/s", file=out)
-            summary["batched_ar_tokens_per_s"][str(rows)] = round(tps, 2)
+            for off in ([False, True] if args.prepack_ab else [False]):
+                with (prepacked_off(engine) if off else contextlib.nullcontext()):
+                    tps = batched_ar_tps(engine, prompts, rows, args.max_new_tokens)
+                print(f"{'prepacked linears off, ' if off else ''}batched autoregressive, {rows} rows: "
+                      f"{tps:.1f} tok/s", file=out)
+                dest = summary["prepacked_off"] if off else summary
+                dest.setdefault("batched_ar_tokens_per_s", {})[str(rows)] = round(tps, 2)
     if args.vs_hf:
         hf_prompts = prompts[:min(2, len(prompts))]
         n_eng, t_eng = 0, 0.0

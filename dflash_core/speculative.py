@@ -44,7 +44,7 @@ class DraftContext:
     block_size: int
     draft_vocab: torch.Tensor | None = None
     draft_head: torch.Tensor | None = None     # [N, hidden] LM-head rows of draft_vocab
-    draft_head_fn: object = None               # prepacked bf16 linear of draft_head, or None
+    draft_head_fn: object = None               # prepacked linear of draft_head (CPU), or None
 
     @classmethod
     def of(cls, backend, target: Decoder) -> "DraftContext":

@@ -52,7 +52,27 @@ def test_prepacked_linear_is_exact_and_row_invariant():
     for r in range(3):                                             # a row alone == inside the block
         for t in range(16):
             assert torch.equal(fn(x[r:r + 1, t:t + 1]), full[r:r + 1, t:t + 1])
-    assert prepack_linear(w.float()) is None                      # fp32 keeps F.linear
+
+
+def test_fp32_prepacked_linear_keeps_small_inputs_exact():
+    """fp32: inputs of fewer than FP32_PACKED_MIN_ROWS rows (the one-token decode step)
+    are F.linear bit for bit, so fp32 decoding still equals transformers'; larger ones
+    (verify blocks, batches) take the packed product, equal up to summation order."""
+    from dflash_core.models.layers import FP32_PACKED_MIN_ROWS
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(320, 96, generator=g) * 0.1, torch.randn(320, generator=g)
+    fn = prepack_linear(w, b)
+    if fn is None:
+        pytest.skip("oneDNN prepacked linear not available in this torch build")
+    for shape in [(1, 1, 96), (1, FP32_PACKED_MIN_ROWS - 1, 96), (FP32_PACKED_MIN_ROWS - 1, 96)]:
+        x = torch.randn(*shape, generator=g)
+        assert torch.equal(fn(x), F.linear(x, w, b)), shape
+    for shape in [(1, FP32_PACKED_MIN_ROWS, 96), (3, 16, 96), (40, 96)]:
+        x = torch.randn(*shape, generator=g)
+        got = fn(x)
+        assert got.shape == shape[:-1] + (320,)
+        torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert prepack_linear(w.half()) is None                       # other dtypes keep F.linear
 
 
 @pytest.mark.parametrize("missing", ["_gate_up_fn", "_down_fn"])
@@ -163,6 +183,38 @@ def test_bench_json_reports_verify_cost_by_block_size():
     bad = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
                           "--dtype", "fp8"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "dtype" in bad.stderr
+
+
+def test_bench_prepack_ab_reports_both_and_restores_the_packed_linears():
+    out = subprocess.run([DFLASH, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "1",
+                          "--max-new-tokens", "8", "--verify-cost", "--block-sizes", "4", "--batch-sizes", "4",
+                          "--dtype", "float32", "--prepack-ab", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    off = s["prepacked_off"]
+    assert off["num_linears"] > 0
+    assert set(off["verify_ms"]) == set(s["verify_ms"]) and all(v > 0 for v in off["verify_ms"].values())
+    assert off["batched_ar_tokens_per_s"]["4"] > 0 and s["batched_ar_tokens_per_s"]["4"] > 0
+    on4, off4 = s["by_block_size"]["4"] if "by_block_size" in s else s, off["by_block_size"]["4"]
+    assert on4["greedy_outputs_identical"] and off4["greedy_outputs_identical"]
+
+    from dflash_core.api import build_engine
+    from dflash_core.bench import prepacked_off
+    from dflash_core.engine import EngineConfig
+    engine, _ = build_engine("tiny-random", "random", EngineConfig(max_slots=1, max_seq_len=64, block_size=4),
+                             tokenizer=False)
+    mlp = engine.target.layers[0].mlp
+    before = (mlp._gate_up_fn, engine.target._head_fn)
+    assert all(f is not None for f in before)
+    x = torch.randn(1, 6, engine.target.config.hidden_size)
+    with torch.no_grad():
+        packed = mlp(x)
+        with prepacked_off(engine) as n:
+            assert n > 0 and mlp._gate_up_fn is None and engine.target._head_fn is None
+            plain = mlp(x)
+    assert (mlp._gate_up_fn, engine.target._head_fn) == before
+    torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
 def test_peer_benchmark_runs_on_the_tiny_model(tmp_path):

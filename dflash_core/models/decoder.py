@@ -160,7 +160,7 @@ class Decoder(nn.Module):
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
 
-    _head_fn = None  # prepacked LM head (bf16 CPU) after pack_weights()
+    _head_fn = None  # prepacked LM head (CPU) after pack_weights()
 
     @torch.no_grad()
     def forward(

@@ -12,32 +12,61 @@ import torch.nn.functional as F
 from .. import kernels
 
 
+# fp32 on CPU: below this many rows `F.linear` (MKL) is already at its one-row cost and
+# packing would only change the numbers; from here on MKL's sgemm repacks the weight on
+# every call and costs 2-4x a row, where the prepacked oneDNN product stays within ~1.5x
+# (1 thread, AVX512F Xeon without AVX512-BF16: 576x1536 at 4 / 8 rows 301 / 507 us ->
+# 228 / 310 us; the 576x49152 LM head 29.0 / 49.3 ms -> 11.9 / 14.9 ms).
+FP32_PACKED_MIN_ROWS = 4
+
+
 def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Inference-only linear with its weight reordered once for oneDNN, or None where
-    that is not available or not exact.
+    that is not available or not exact enough.
 
-    `F.linear` on a bf16 CPU tensor reorders the weight into oneDNN's blocked layout on
-    every call; for a decode step that reorder costs more than the matmul (576x3072:
-    ~150 us -> ~60 us per call at 1 row, 576x49152 LM head ~4.2 -> ~1.6 ms, 2 threads).
-    Only bf16 on CPU: there the packed product is bit-identical to `F.linear` (checked
-    here on a probe input), and row-invariant (see the padding below): a speculative
-    verify and the autoregressive step compute each token's numbers identically, which
-    is what keeps greedy DFlash equal to the engine's own bf16 decoding. fp32 keeps `F.linear` (packed fp32 rounds differently, and fp32 output
-    must equal transformers' own)."""
-    if weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+    bf16 on CPU: `F.linear` reorders the weight into oneDNN's blocked layout on every
+    call; for a decode step that reorder costs more than the matmul (576x3072: ~150 us ->
+    ~60 us per call at 1 row, 576x49152 LM head ~4.2 -> ~1.6 ms, 2 threads). The packed
+    product is bit-identical to `F.linear` (checked here on a probe input) and
+    row-invariant (see the padding below): a speculative verify and the autoregressive
+    step compute each token's numbers identically, which is what keeps greedy DFlash
+    equal to the engine's own bf16 decoding.
+
+    fp32 on CPU: inputs of fewer than FP32_PACKED_MIN_ROWS rows keep `F.linear` bit for
+    bit (the one-row decode step, so fp32 greedy output still equals transformers'
+    own); larger inputs (a verify block, a batch of rows, the drafter's block) take the
+    packed product, which differs from `F.linear` by summation order only (a probe
+    checks ~1e-6 relative). `F.linear` itself is not row-invariant in fp32 (a row alone
+    and inside a block round differently), so fp32 greedy DFlash equals fp32 decoding
+    wherever the target's top two logits are not within rounding of each other, as before."""
+    if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return None
     try:
         w = weight.detach().contiguous()
         packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         b = None if bias is None else bias.detach().contiguous()
-        probe = torch.linspace(-1, 1, 2 * w.shape[1], dtype=torch.bfloat16).view(1, 2, w.shape[1])
+        rows = 2 if w.dtype == torch.bfloat16 else FP32_PACKED_MIN_ROWS
+        probe = torch.linspace(-1, 1, rows * w.shape[1], dtype=w.dtype).view(1, rows, w.shape[1])
         got = torch.ops.mkldnn._linear_pointwise(probe, packed, b, "none", [], "")
-        if not torch.equal(got, F.linear(probe, w, b)):
+        want = F.linear(probe, w, b)
+        if w.dtype == torch.bfloat16:
+            if not torch.equal(got, want):
+                return None
+        elif not torch.allclose(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()) + 1e-30):
             return None
     except (AttributeError, RuntimeError):
         return None
 
     n_out = w.shape[0]
+
+    if w.dtype == torch.float32:
+        def linear_fp32(x: torch.Tensor) -> torch.Tensor:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] < FP32_PACKED_MIN_ROWS:
+                return F.linear(x, w, b)
+            return torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "").view(*lead, n_out)
+        return linear_fp32
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         # oneDNN picks a different kernel (other summation order) for a single row: pad
@@ -74,7 +103,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     _gate_up = None  # packed [2*inter, hidden] weight once `pack()` ran (inference only)
-    _gate_up_fn = _down_fn = None  # prepacked oneDNN linears (bf16 CPU), see prepack_linear
+    _gate_up_fn = _down_fn = None  # prepacked oneDNN linears (CPU), see prepack_linear
 
     def pack(self) -> None:
         """Pack gate/up into one weight (one matmul per step instead of two); the two
@@ -169,7 +198,7 @@ class AttentionProj(nn.Module):
 
     _qkv_w = None  # packed q/k/v weight [(H+2Hkv)*D, hidden] (and bias) after `pack()`
     _qkv_b = None
-    _qkv_fn = _o_fn = None  # prepacked oneDNN linears (bf16 CPU), see prepack_linear
+    _qkv_fn = _o_fn = None  # prepacked oneDNN linears (CPU), see prepack_linear
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """o_proj, prepacked when possible (inference)."""
