@@ -23,7 +23,7 @@ from .models.registry import (TINY_VOCAB, ResolvedModel, resolve_model, tiny_ran
                               tiny_random_target)
 
 ASSETS = Path(__file__).parent / "assets"
-DEFAULT_DRAFTER_DIR = ASSETS / "drafter-smollm2-135m-b16"
+DEFAULT_DRAFTER_DIR = ASSETS / "drafter-smollm2-135m"
 DEFAULT_MASK_TOKEN_ID = 16  # SmolLM2 `<empty_output>`: an unused special token
 
 

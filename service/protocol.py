@@ -90,7 +90,7 @@ class _SamplingFields(BaseModel):
     # None: the served model's defaults (generation_config.json), else 1.0 / 1.0 / off
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # extension; 0 or -1: off
+    top_k: int | None = Field(None, ge=-1, lt=2**63)  # extension; 0 or -1: off
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     stream: bool = False

@@ -250,9 +250,15 @@ def test_bad_requests_are_rejected(target):
     eng.add_request("a", [1, 2], SamplingParams(max_new_tokens=3))
     with pytest.raises(ValueError, match="duplicate"):
         eng.add_request("a", [1, 2], SamplingParams(max_new_tokens=3))
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(seed=-1)):
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(seed=-1),
+                dict(top_k=2**63), dict(top_k=2**64), dict(seed=2**63)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
+    # the largest accepted top_k goes through a sampled step (it found the engine loop's
+    # int64 overflow through the HTTP fuzz test once)
+    eng.add_request("k", [1, 2], SamplingParams(max_new_tokens=2, temperature=1.0, top_k=2**63 - 1, seed=0))
+    while eng.has_unfinished_requests():
+        eng.step()
     with pytest.raises(ValueError, match="unknown"):
         SamplingParams.from_kwargs(max_new_tokens=3, temprature=1.0)
 

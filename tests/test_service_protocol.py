@@ -84,6 +84,7 @@ def test_parse_request_types_and_unsupported_fields():
         b'{"model": "m", "prompt": "p", "stream": "true"}': "stream",
         b'{"model": "m", "prompt": "p", "logit_bias": {"1": 5}}': "logit_bias",
         b'{"model": "m", "prompt": "p", "top_k": -2}': "top_k",
+        b'{"model": "m", "prompt": "p", "top_k": 18446744073709551616}': "top_k",
         b'{"model": "m", "prompt": "p", "stop": [""]}': "stop",
         b'{"model": "m", "prompt": []}': "prompt",
     }
