@@ -260,6 +260,7 @@ def main(argv=None) -> int:
                "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "threads": torch.get_num_threads()}
     runs, runs_off, n_packed = {}, {}, 0
+    packed_modes = [False, True] if args.prepack_ab else [False]   # True: prepacked linears off
     for b in block_sizes:
         engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
         runs[b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
@@ -274,7 +275,7 @@ def main(argv=None) -> int:
     if len(block_sizes) > 1:
         summary["by_block_size"] = {str(b): r for b, r in runs.items()}
     if args.verify_cost:
-        for off in ([False, True] if args.prepack_ab else [False]):
+        for off in packed_modes:
             with (prepacked_off(engine) if off else contextlib.nullcontext()):
                 vc = verify_cost(engine.target)
             print(("prepacked linears off, " if off else "") + "verify forward cost (ctx %d): " % vc["ctx_len"] +
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
     if batch_sizes:
         summary["batched_ar_tokens_per_s"] = {}
         for rows in batch_sizes:
-            for off in ([False, True] if args.prepack_ab else [False]):
+            for off in packed_modes:
                 with (prepacked_off(engine) if off else contextlib.nullcontext()):
                     tps = batched_ar_tps(engine, prompts, rows, args.max_new_tokens)
                 print(f"{'prepacked linears off, ' if off else ''}batched autoregressive, {rows} rows: "
