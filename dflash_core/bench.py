@@ -74,27 +74,24 @@ def _int_list(text: str, flag: str) -> list[int]:
     return vals
 
 
-PACKED_ATTRS = ("_qkv_fn", "_o_fn", "_gate_up_fn", "_down_fn", "_head_fn")
-
-
 @contextlib.contextmanager
 def prepacked_off(engine):
     """Within: the target's and the local drafter's prepacked linears (models.layers.
-    prepack_linear) are off, so every linear runs as plain F.linear; restored after."""
-    models = [engine.target]
+    prepack_linear, found by their mark wherever a module or the drafting context keeps
+    one) are off, so every linear runs as plain F.linear; restored after."""
+    from .models.layers import is_prepacked
+    owners = list(engine.target.modules())
     backend = getattr(engine.drafting, "backend", None)
     if getattr(backend, "drafter", None) is not None:
-        models.append(backend.drafter)
+        owners += list(backend.drafter.modules())
+    if engine.drafting is not None:
+        owners.append(engine.drafting)
     saved = []
-    for m in models:
-        for mod in m.modules():
-            for name in PACKED_ATTRS:
-                if getattr(mod, name, None) is not None:
-                    saved.append((mod, name, getattr(mod, name)))
-                    setattr(mod, name, None)
-    if engine.drafting is not None and engine.drafting.draft_head_fn is not None:
-        saved.append((engine.drafting, "draft_head_fn", engine.drafting.draft_head_fn))
-        engine.drafting.draft_head_fn = None
+    for obj in owners:
+        for name, fn in list(vars(obj).items()):
+            if is_prepacked(fn):
+                saved.append((obj, name, fn))
+                setattr(obj, name, None)
     try:
         yield len(saved)
     finally:

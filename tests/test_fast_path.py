@@ -202,18 +202,28 @@ def test_bench_prepack_ab_reports_both_and_restores_the_packed_linears():
     from dflash_core.api import build_engine
     from dflash_core.bench import prepacked_off
     from dflash_core.engine import EngineConfig
+    from dflash_core.models.layers import is_prepacked
     engine, _ = build_engine("tiny-random", "random", EngineConfig(max_slots=1, max_seq_len=64, block_size=4),
                              tokenizer=False)
     mlp = engine.target.layers[0].mlp
     before = (mlp._gate_up_fn, engine.target._head_fn)
     assert all(f is not None for f in before)
+    owners = [*engine.target.modules(), *engine.draft_backend.drafter.modules(), engine.drafting]
+
+    def packed_now():
+        return sum(is_prepacked(v) for o in owners for v in vars(o).values())
+    n_packed = packed_now()
+    # every attention (qkv, o) and MLP (gate_up, down) of the target, its LM head, the
+    # drafter's own layers and the draft head
+    assert n_packed >= 4 * engine.target.config.num_layers + 1
     x = torch.randn(1, 6, engine.target.config.hidden_size)
     with torch.no_grad():
         packed = mlp(x)
         with prepacked_off(engine) as n:
-            assert n > 0 and mlp._gate_up_fn is None and engine.target._head_fn is None
+            assert n == n_packed and mlp._gate_up_fn is None and engine.target._head_fn is None
+            assert packed_now() == 0
             plain = mlp(x)
-    assert (mlp._gate_up_fn, engine.target._head_fn) == before
+    assert (mlp._gate_up_fn, engine.target._head_fn) == before and packed_now() == n_packed
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 

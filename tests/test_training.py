@@ -418,6 +418,24 @@ def test_evaluate_reports_tau_speedup_and_plot(tmp_path):
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_command_reports_the_block_it_verifies(tmp_path, capsys):
+    """`dflash eval --block-size 16` with a block-4 drafter verifies blocks of 4 (the engine
+    caps the request at the drafter's block): the JSON says so, and keeps the request."""
+    from dflash_core.api import build_engine
+    from dflash_core.engine import EngineConfig
+    from dflash_core.training.evaluate import main as eval_main
+    engine, _ = build_engine("tiny-random", "random", EngineConfig(max_slots=1, max_seq_len=64, block_size=4))
+    engine.draft_backend.drafter.save(tmp_path / "d4")
+    out = tmp_path / "e.json"
+    assert eval_main(["--target", "tiny-random", "--drafter", str(tmp_path / "d4"), "--datasets", "humaneval",
+                      "--temperatures", "0", "--num-prompts", "2", "--max-new-tokens", "6", "--no-speedup",
+                      "--block-size", "16", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["block_size"] == 4 and summary["requested_block_size"] == 16
+    r = summary["results"]["humaneval@T0"]
+    assert len(r["per_position_acceptance"]) == 3 and 1.0 <= r["tau"] <= 4.0
+
+
 def test_curve_sittings_add_up(tmp_path):
     """--prior-curve/--tokens-offset: an earlier sitting's points come first unchanged; this
     run's snapshots follow with the earlier tokens added and their sitting label."""

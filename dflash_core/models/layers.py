@@ -20,6 +20,12 @@ from .. import kernels
 FP32_PACKED_MIN_ROWS = 4
 
 
+def is_prepacked(obj) -> bool:
+    """Whether obj is a linear returned by prepack_linear (bench.prepacked_off finds them
+    by this mark, wherever a model keeps them)."""
+    return callable(obj) and getattr(obj, "prepacked", False) is True
+
+
 def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
     """Inference-only linear with its weight reordered once for oneDNN, or None where
     that is not available or not exact enough.
@@ -66,6 +72,7 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
             if x2.shape[0] < FP32_PACKED_MIN_ROWS:
                 return F.linear(x, w, b)
             return torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "").view(*lead, n_out)
+        linear_fp32.prepacked = True
         return linear_fp32
 
     def linear(x: torch.Tensor) -> torch.Tensor:
@@ -79,6 +86,7 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
         else:
             y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
         return y.view(*lead, n_out)
+    linear.prepacked = True
     return linear
 
 

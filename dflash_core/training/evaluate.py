@@ -181,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
         curve = extend_curve(json.loads(Path(a.prior_curve).read_text()) if a.prior_curve else None, curve,
                              a.tokens_offset, a.sitting)
         from ..runtime import dtype_name
-        summary = {"target": a.target, "drafter": a.drafter, "block_size": a.block_size, "dtype": dtype_name(dtype),
+        # the block actually verified: the engine caps --block-size at the drafter's own block
+        summary = {"target": a.target, "drafter": a.drafter, "block_size": engine.block_size(a.batch),
+                   "requested_block_size": a.block_size, "dtype": dtype_name(dtype),
                    "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
         if a.plot:
             write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None, a.tokens_offset)
