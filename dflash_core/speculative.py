@@ -152,22 +152,27 @@ def verify(target: Decoder, cache, slots: torch.Tensor, anchors: torch.Tensor, d
     return target(block, cache, slots, start, capture_layers)
 
 
-VERIFY_HEAD_FIRST = 1  # positions of the first LM-head chunk in greedy_targets; each next chunk doubles
+# LM-head rows computed in one call at about the cost of one row: the first chunk of
+# greedy_targets covers this many (rows x positions), at least one position. fp32 on CPU:
+# F.linear below models.layers.FP32_PACKED_MIN_ROWS (= 4) rows costs what one row costs
+# (the 576x49152 head: 10.7 ms at 1-3 rows, 1 thread); bf16 (AMX, packed): 16 rows ~1.1x
+# one. A block of 2 or 3 then pays one head call a step instead of 1 + P(first draft kept).
+VERIFY_HEAD_FIRST_ROWS = 3
 
 
 def greedy_targets(target: Decoder, hidden: torch.Tensor, draft_tokens: torch.Tensor) -> torch.Tensor:
     """Target argmax tokens [R, b] at the block positions, computing the LM head (the
     V x hidden matmul, a large share of a CPU verify whose cost grows with the number of
-    positions) in chunks of 1, 2, 4, ... positions and only for rows whose drafts so far
-    all matched, so a row pays for at most about 2 x (accepted + 1) positions. Positions
-    after a row's first mismatch are never read by greedy_accept (left -1). Stays on the
-    device; picking the rows that go on costs one sync per chunk (<= log2(b) per step,
-    whatever the number of rows)."""
+    positions) in chunks of c, 2c, 4c, ... positions (c = VERIFY_HEAD_FIRST_ROWS // R, at
+    least 1) and only for rows whose drafts so far all matched, so a row pays for at most
+    about 2 x (accepted + c) positions. Positions after a row's first mismatch may be
+    left -1: greedy_accept never reads them. Stays on the device; picking the rows that
+    go on costs one sync per chunk (<= log2(b) per step, whatever the number of rows)."""
     R, b, _ = hidden.shape
     dev = hidden.device
     out = torch.full((R, b), -1, dtype=torch.int64, device=dev)
     rows = torch.arange(R, device=dev)
-    lo, chunk = 0, VERIFY_HEAD_FIRST
+    lo, chunk = 0, max(1, VERIFY_HEAD_FIRST_ROWS // max(R, 1))
     while lo < b and rows.numel():
         hi = min(b, lo + chunk)
         chunk *= 2

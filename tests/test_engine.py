@@ -393,6 +393,35 @@ def test_chunked_prefill_is_exact_bounded_and_interleaved(target, speculative):
 SYNC_METHODS = ("tolist", "item", "cpu", "numpy", "__int__", "__float__", "__bool__", "__index__")
 
 
+@pytest.mark.parametrize("R,b", [(1, 2), (1, 3), (1, 8), (2, 4), (4, 16)])
+def test_greedy_targets_match_the_full_head_where_acceptance_reads(target, monkeypatch, R, b):
+    """The chunked LM head of a greedy verify gives the target's argmax at every position up
+    to each row's first mismatch (all that greedy_accept reads), whatever the chunking; a
+    block whose rows x positions fit VERIFY_HEAD_FIRST_ROWS takes one head call."""
+    from dflash_core import kernels, speculative
+    g = torch.Generator().manual_seed(R * 100 + b)
+    hidden = torch.randn(R, b, target.config.hidden_size, generator=g)
+    full = target.logits(hidden).argmax(-1)                        # [R, b]
+    drafts = full[:, :b - 1].clone()
+    for r in range(R):                                             # row r keeps r (mod b) drafts
+        k = r % b
+        if k < b - 1:
+            drafts[r, k] = (drafts[r, k] + 1) % target.config.vocab_size
+    calls = []
+    real = target.logits
+    monkeypatch.setattr(target, "logits", lambda h: calls.append(h.shape[:-1].numel()) or real(h))
+    got = speculative.greedy_targets(target, hidden, drafts)
+    for r in range(R):
+        upto = min(r % b, b - 1) + 1                               # positions greedy_accept reads
+        assert torch.equal(got[r, :upto], full[r, :upto]), (r, got[r], full[r])
+    assert [a.tolist() for a in kernels.greedy_accept(drafts, got)] == \
+        [a.tolist() for a in kernels.greedy_accept(drafts, full)]
+    if R * b <= speculative.VERIFY_HEAD_FIRST_ROWS:
+        assert calls == [R * b]
+    else:
+        assert len(calls) >= 1 and sum(calls) <= 2 * R * b
+
+
 class _SyncCounter:
     """Counts calls of the tensor methods that read a value back to the host (on CUDA each
     one waits for the device). On CPU they are cheap, but a call is a call: the count is
@@ -417,7 +446,7 @@ def test_host_round_trips_per_step_do_not_grow_with_rows(target, monkeypatch, mi
     per-row loops over the vocabulary are gone. (The greedy LM head picks the rows that go
     on once per chunk, <= log2(b) times a step; one chunk here, so the count is exact.)"""
     from dflash_core import speculative
-    monkeypatch.setattr(speculative, "VERIFY_HEAD_FIRST", 8)
+    monkeypatch.setattr(speculative, "VERIFY_HEAD_FIRST_ROWS", 64)   # one chunk: 4 rows x 8 positions
     sampled = [SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=0.9, top_p=0.9, seed=1),
                SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=1.2, top_k=50, seed=2)]
     greedy = SamplingParams(max_new_tokens=30, ignore_eos=True)
