@@ -152,11 +152,12 @@ def verify(target: Decoder, cache, slots: torch.Tensor, anchors: torch.Tensor, d
     return target(block, cache, slots, start, capture_layers)
 
 
-# LM-head rows computed in one call at about the cost of one row: the first chunk of
-# greedy_targets covers this many (rows x positions), at least one position. fp32 on CPU:
-# F.linear below models.layers.FP32_PACKED_MIN_ROWS (= 4) rows costs what one row costs
-# (the 576x49152 head: 10.7 ms at 1-3 rows, 1 thread); bf16 (AMX, packed): 16 rows ~1.1x
-# one. A block of 2 or 3 then pays one head call a step instead of 1 + P(first draft kept).
+# LM-head rows computed in one call at little more than the cost of one row: the first
+# chunk of greedy_targets covers this many (rows x positions), at least one position.
+# fp32 on CPU, the default target's 576x49152 head, 2 threads: 5.6 / 6.5 / 6.6 / 6.1 ms
+# for 1 / 2 / 3 / 4 rows (4+ rows prepacked), so a block of 2 or 3 pays ~1.17 rows in one
+# call where chunks of 1, 2, .. paid 1 + P(first draft kept) ~1.37 (tau 1.5); bf16 (AMX,
+# packed): 16 rows ~1.1x one. A/B end to end: within the noise of 4 prompts (BENCHMARKS).
 VERIFY_HEAD_FIRST_ROWS = 3
 
 
