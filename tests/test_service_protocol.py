@@ -115,8 +115,9 @@ def test_config_from_dict_and_schedule():
 
 
 def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
-    """The default schedule speculates where it measured faster (bf16: AMX CPUs, GPUs) and
-    decodes plainly in fp32 (AVX2 CPUs); it is resolved where the engine runs."""
+    """The default schedule speculates where it measured faster (bf16: AMX CPUs, GPUs: block
+    4 at 1-2 running; fp32: block 2 at 1-2 running) and decodes plainly beyond; it is
+    resolved where the engine runs."""
     from dflash_core.engine import DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE
     from service.engines import engine_config
     cfg = ServiceConfig(target="tiny-random")
@@ -126,7 +127,7 @@ def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
     assert bf16.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
     assert fp32.resolved_block_size_schedule() == [tuple(p) for p in FP32_BLOCK_SIZE_SCHEDULE]
     assert engine_config(bf16).block_size_for(1) == 4 and engine_config(bf16).block_size_for(3) == 1
-    assert engine_config(fp32).block_size_for(1) == 1
+    assert engine_config(fp32).block_size_for(1) == 2 and engine_config(fp32).block_size_for(3) == 1
     gpu = ServiceConfig(target="tiny-random", device="cuda")      # auto dtype on a GPU: bf16
     assert gpu.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
     explicit = ServiceConfig(target="tiny-random", dtype="float32", block_size_schedule="1:8,inf:1")
