@@ -72,12 +72,18 @@ def generation_defaults(target: str) -> dict:
 
 
 def build_engine(target: str = "default", drafter="default", config: EngineConfig | None = None,
-                 device: str = "cpu", dtype: torch.dtype = torch.float32, tokenizer=True, draft_backend=None):
+                 device: str = "cpu", dtype: torch.dtype | str = torch.float32, tokenizer=True, draft_backend=None):
     """-> (SpecEngine, tokenizer). Raises ModelLoadError (user-facing message) on bad specs.
+
+    dtype: a torch.dtype or its name as the commands take it ("auto", "float32",
+    "bfloat16"; "auto" resolves for `device` as `--dtype auto` does); another name raises
+    ValueError.
 
     draft_backend: a ready DraftBackend (e.g. a remote drafter) used instead of loading
     `drafter` in this process: the server builds both placements through this function."""
     config = config or EngineConfig()
+    from .runtime import resolve_dtype
+    dtype = resolve_dtype(dtype, device)
     resolved = resolve_model(target)
     model = resolved.load(device, dtype)
     tok = resolved.tokenizer if tokenizer else None

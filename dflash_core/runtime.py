@@ -6,12 +6,25 @@ entry point (CLI command, server replica), never at import.
   16-row bf16 linear for ~1.1x the cost of one row, where fp32 costs 2.6-3.4x), fp32
   elsewhere.
 - `set_thread_policy(shared)`: OpenMP waiters. A process that owns the cores (one engine,
-  a CLI run) wants spinning waiters (`ACTIVE`: a 2-thread decode step is ~1.5x faster);
-  processes that share cores (several Ray workers, a test suite next to a server) want
-  sleeping ones (`PASSIVE`): a spinning waiter next to another busy process made a 64x64
-  matmul take 15 ms instead of 0.01 ms. The policy is read when torch starts its OpenMP
-  pool, so entry points call this before the first parallel op; an explicit
-  OMP_WAIT_POLICY in the environment always wins.
+  a CLI run) wants spinning waiters (`ACTIVE`: a 2-thread decode step is ~1.5x faster
+  than with sleeping ones). A process that shares them (a server replica beside Ray's own
+  processes) keeps the OpenMP runtime's default: libgomp spins briefly, then sleeps, so
+  it decodes about as fast as ACTIVE (greedy, 2 threads: 19-21 vs 17-22 tok/s) and an
+  idle replica uses no CPU (ACTIVE: one core spinning). `PASSIVE` (sleep at once) costs a
+  wake-up per parallel region: ~2x slower decoding, measured; the test suite still sets it
+  (several processes on 2 cores, speed irrelevant): a spinning waiter next to another busy
+  process made a 64x64 matmul take 15 ms instead of 0.01 ms. The policy is read when
+  torch starts its OpenMP pool, so entry points call this before the first parallel op;
+  an explicit OMP_WAIT_POLICY in the environment always wins.
+- `on_fresh_thread(fn, ...)`: one OpenMP master thread per process. libgomp keeps a worker
+  pool per thread that ever ran a parallel region, for as long as that thread lives; once
+  the threads it manages outnumber the CPUs, every waiter uses the short "throttled" spin
+  count (libgomp's do_spin) instead of the normal one, nearly as if PASSIVE, and each
+  parallel region pays futex wake-ups. A server that
+  loads its model on one thread (the main thread, a Ray replica's constructor, an executor
+  thread) and steps the engine on another ran a decode step at ~0.6x (measured, 2 cores:
+  a grouped-attention bmm 40 -> ~290 us; greedy decoding 18-19 -> 11-12 tok/s). Loading on
+  a thread that then exits frees its pool, so the engine thread is the only master.
 """
 from __future__ import annotations
 
@@ -63,7 +76,28 @@ def dtype_name(dtype) -> str:
 
 
 def set_thread_policy(shared: bool) -> str:
-    """Pick OpenMP waiting (see the module docstring); returns the policy in force."""
-    policy = "PASSIVE" if shared else "ACTIVE"
-    os.environ.setdefault("OMP_WAIT_POLICY", policy)
-    return os.environ["OMP_WAIT_POLICY"]
+    """Pick OpenMP waiting (see the module docstring); returns the policy in force
+    ("default": OMP_WAIT_POLICY unset, the OpenMP runtime's own spin-then-sleep)."""
+    if not shared:
+        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
+    return os.environ.get("OMP_WAIT_POLICY", "default")
+
+
+def on_fresh_thread(fn, *args, **kwargs):
+    """Run fn(*args, **kwargs) on a new thread that exits when it returns; -> its result
+    (its exception re-raised here). For the torch work done before a long-lived engine
+    thread takes over (loading, packing, warm-up): see the module docstring."""
+    import threading
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001  (re-raised in the caller)
+            box["error"] = e
+    th = threading.Thread(target=run, name="dflash-load", daemon=True)
+    th.start()
+    th.join()
+    if "error" in box:
+        raise box["error"]
+    return box["value"]

@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--served-model-name", default=None)
     ap.add_argument("--num-cpus", type=float, default=d["num_cpus"].default, help="per Serve deployment")
     ap.add_argument("--num-gpus", type=float, default=None, help="per Serve deployment")
+    ap.add_argument("--threads", type=int, default=d["threads"].default,
+                    help="torch CPU threads per replica (0: every CPU the replica may run on)")
+    ap.add_argument("--omp-wait-policy", choices=("auto", "passive", "active"), default=d["omp_wait_policy"].default,
+                    help="OpenMP waiters per Ray replica (auto: the OpenMP runtime's spin-then-sleep; "
+                         "--runtime uvicorn reads OMP_WAIT_POLICY from the environment)")
     ap.add_argument("--shutdown-grace-s", type=float, default=d["shutdown_grace_s"].default)
     ap.add_argument("--log-level", default="INFO")
     return ap
@@ -60,7 +65,8 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               device=a.device, dtype=a.dtype, max_slots=a.max_slots, max_seq_len=a.max_seq_len,
               block_size=a.block_size, max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
               max_tokens_limit=a.max_tokens_limit, served_model_name=a.served_model_name, num_cpus=a.num_cpus,
-              num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level)
+              num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
+              threads=a.threads, omp_wait_policy=a.omp_wait_policy)
     if a.block_size_schedule is not None:   # ServiceConfig parses it ("auto", "none", pairs)
         kw["block_size_schedule"] = a.block_size_schedule
     return ServiceConfig(**kw)
@@ -193,9 +199,11 @@ def run_uvicorn(cfg: ServiceConfig, host: str, port: int) -> None:
     import uvicorn
 
     from .app import Server, build_app
-    from .engines import build_colocated
+    from .engines import apply_threads, build_colocated
     if cfg.placement != "colocated":
         raise CliError("dflash serve: --runtime uvicorn supports --placement colocated only")
+    if cfg.threads:
+        apply_threads(cfg)
     engine, tok = build_colocated(cfg)
     app = build_app(Server(cfg, engine, tok))
     print(f"dflash serve: model {cfg.served_model_name!r} on http://{host}:{port}/v1", flush=True)

@@ -69,9 +69,15 @@ class ServiceConfig:
     # "max_replicas": 4}; target_ongoing_requests defaults to max_slots (a replica is
     # "full" when its engine slots are); None: one replica
     autoscaling: dict | None = None
-    # OpenMP waiters of each replica: passive (sleeping; replicas share cores with Ray's
-    # own processes) or active (spinning; faster when a replica owns its cores)
-    omp_wait_policy: str = "passive"
+    # OpenMP waiters of each replica: auto (the OpenMP runtime's default: libgomp spins
+    # briefly, then sleeps; idle replicas use no CPU), passive (sleep at once: every
+    # parallel region pays a wake-up; measured ~2x slower decoding on 2 cores) or active
+    # (spin forever: a replica that owns its cores; an idle one keeps a core busy)
+    omp_wait_policy: str = "auto"
+    # torch CPU threads of each replica process; 0: every CPU the process may run on
+    # (torch's own default; Ray would otherwise give a replica floor(num_cpus) threads,
+    # i.e. 1 for the default 0.5). Set it when several replicas share a node's cores.
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if not self.drafter_step_timeout_s > 0:
@@ -97,8 +103,10 @@ class ServiceConfig:
             raise ValueError(f"transport_backend must be auto, gloo or nccl, got {self.transport_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.omp_wait_policy not in ("passive", "active"):
-            raise ValueError(f"omp_wait_policy must be passive or active, got {self.omp_wait_policy!r}")
+        if self.omp_wait_policy not in ("auto", "passive", "active"):
+            raise ValueError(f"omp_wait_policy must be auto, passive or active, got {self.omp_wait_policy!r}")
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ValueError(f"threads must be an integer >= 0 (0: every CPU of the process), got {self.threads!r}")
         if self.num_cpus < 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ValueError("num_cpus and num_gpus must be >= 0")
         if self.autoscaling is not None:

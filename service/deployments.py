@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 
 from .app import Server, build_app as build_fastapi_app, ray_node_id
 from .config import ServiceConfig
-from .engines import build_colocated, build_drafter_server, build_remote_target
+from .engines import apply_threads, build_colocated, build_drafter_server, build_remote_target
 from .logs import setup_logging
 from .transport import comm_backend, device_id
 
@@ -46,6 +46,7 @@ class DFlashDrafter:
     def __init__(self, config: dict):
         self.cfg = ServiceConfig.from_dict(config)
         setup_logging(self.cfg.log_level)
+        apply_threads(self.cfg)
         self.server = build_drafter_server(self.cfg)
 
     def drafter_config(self) -> dict:
@@ -77,6 +78,7 @@ class DFlashServer:
         # replica added by autoscaling or a rolling update never answers "not ready yet"
         cfg = ServiceConfig.from_dict(config)
         setup_logging(cfg.log_level)
+        apply_threads(cfg)
         self.backend = None
         if cfg.placement == "disaggregated":
             if drafter is None:
@@ -117,10 +119,12 @@ class DFlashServer:
 
 
 def deployment_options(cfg: ServiceConfig) -> dict:
+    # OMP_WAIT_POLICY is read when the replica's torch starts OpenMP: set per process
+    # ("auto": left to the OpenMP runtime, or to what the Ray workers inherit)
+    env = {} if cfg.omp_wait_policy == "auto" else {"OMP_WAIT_POLICY": cfg.omp_wait_policy.upper()}
     return {
         "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus,
-                              # read when the replica's torch starts OpenMP: set per process
-                              "runtime_env": {"env_vars": {"OMP_WAIT_POLICY": cfg.omp_wait_policy.upper()}}},
+                              "runtime_env": {"env_vars": env}},
         "max_ongoing_requests": cfg.max_slots + cfg.max_queue + 16,   # admission control is ours (429)
         "graceful_shutdown_timeout_s": cfg.shutdown_grace_s + 5,
     }

@@ -7,8 +7,14 @@
   drafter_config, request_join)` on the target side (the target + a RemoteDraftBackend).
 Both load the drafter through `dflash_core.api.load_drafter`, so "default"/"random"/a
 folder mean the same thing in both placements.
+Each builder loads on a thread that exits when it is done (`dflash_core.runtime.
+on_fresh_thread`): the engine loop thread (or the drafter's serve thread) is then the only
+thread of the process with an OpenMP pool, which keeps libgomp's waiters spinning
+between a step's parallel regions instead of sleeping (~1.6x faster decoding, 2 cores).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -16,6 +22,7 @@ from dflash_core.api import build_engine, load_drafter
 from dflash_core.drafter import DFlashDrafter, DrafterConfig
 from dflash_core.engine import EngineConfig
 from dflash_core.models.registry import resolve_model
+from dflash_core.runtime import on_fresh_thread
 
 from .config import ServiceConfig
 from .transport import DrafterServer, RemoteDraftBackend
@@ -29,6 +36,21 @@ def torch_dtype(cfg: ServiceConfig) -> torch.dtype:
     return resolve_dtype(name, cfg.device)
 
 
+def apply_threads(cfg: ServiceConfig) -> int:
+    """torch's CPU threads for this replica process -> the count now in force:
+    cfg.threads, or with 0 every CPU the process may run on (torch's own default outside
+    Ray; Ray sets OMP_NUM_THREADS = floor(num_cpus) >= 1 in its workers, so a replica with
+    the default num_cpus 0.5 would decode on one thread). Call before loading the model."""
+    n = cfg.threads
+    if n == 0:
+        try:
+            n = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            n = os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
 def engine_config(cfg: ServiceConfig) -> EngineConfig:
     return EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
                         block_size_schedule=cfg.resolved_block_size_schedule(),
@@ -37,11 +59,15 @@ def engine_config(cfg: ServiceConfig) -> EngineConfig:
 
 def build_colocated(cfg: ServiceConfig):
     """-> (SpecEngine, tokenizer)"""
-    return build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
-                        dtype=torch_dtype(cfg))
+    return on_fresh_thread(build_engine, target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg),
+                           device=cfg.device, dtype=torch_dtype(cfg))
 
 
 def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
+    return on_fresh_thread(_build_drafter_server, cfg)
+
+
+def _build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
     if cfg.drafter is None or cfg.block_size < 2:
         raise ValueError("the disaggregated placement needs a drafter and block_size >= 2")
     # shaped by the target's architecture; the target's weights are never loaded here
@@ -58,6 +84,11 @@ def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, 
     engine, so both placements compute the same numbers. context_state: the drafter's
     context weights (`DrafterServer.context_state()`): the context then goes over the wire
     as the drafter's own K/V (fewer bytes per token) instead of target features."""
+    return on_fresh_thread(_build_remote_target, cfg, drafter_config, request_join, backend, context_state)
+
+
+def _build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, backend: str | None = None,
+                         context_state: dict | None = None):
     dcfg = DrafterConfig.from_json(drafter_config)
     context_drafter = (DFlashDrafter.context_only(dcfg, context_state, cfg.device, torch_dtype(cfg))
                        if context_state is not None else None)

@@ -5,6 +5,7 @@ vocabulary. Real computations on tiny random models (and the default model, slow
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -142,10 +143,82 @@ def test_resolve_dtype_and_thread_policy(monkeypatch):
     assert resolve_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     with pytest.raises(ValueError, match="unknown dtype"):
         resolve_dtype("float8")
+    # the Python API takes the names the commands take
+    from dflash_core.api import build_engine
+    from dflash_core.engine import EngineConfig
+    cfg = EngineConfig(max_slots=1, max_seq_len=32, block_size=1)
+    for name, want in (("float32", torch.float32), ("bfloat16", torch.bfloat16), ("auto", resolve_dtype("auto"))):
+        engine, _ = build_engine("tiny-random", None, cfg, dtype=name, tokenizer=False)
+        assert engine.target.dtype == want, name
+    with pytest.raises(ValueError, match="unknown dtype"):
+        build_engine("tiny-random", None, cfg, dtype="float8", tokenizer=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert set_thread_policy(shared=True) == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")               # an explicit setting wins
-    assert set_thread_policy(shared=True) == "ACTIVE"
+    # a process sharing its cores keeps the OpenMP runtime's spin-then-sleep (unset)
+    assert set_thread_policy(shared=True) == "default" and "OMP_WAIT_POLICY" not in os.environ
+    assert set_thread_policy(shared=False) == "ACTIVE" == os.environ["OMP_WAIT_POLICY"]
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")              # an explicit setting wins
+    assert set_thread_policy(shared=True) == "PASSIVE" and set_thread_policy(shared=False) == "PASSIVE"
+
+
+def test_on_fresh_thread_runs_on_a_thread_that_is_gone_after():
+    """The server loads its model on a thread that exits (dflash_core/runtime.py: one OpenMP
+    master per process): every builder of service/engines.py goes through it."""
+    import threading
+    from dflash_core.runtime import on_fresh_thread
+    seen = []
+
+    def work(a, b=0):
+        seen.append(threading.current_thread())
+        return a + b
+    assert on_fresh_thread(work, 2, b=3) == 5
+    assert seen[0] is not threading.current_thread() and not seen[0].is_alive()
+
+    def fail():
+        raise ValueError("bad model")
+    with pytest.raises(ValueError, match="bad model"):
+        on_fresh_thread(fail)
+
+    from service import engines
+    from service.config import ServiceConfig
+    built = []
+
+    def recording(fn):
+        def wrapped(*a, **kw):
+            built.append(threading.current_thread())
+            return fn(*a, **kw)
+        return wrapped
+    cfg = ServiceConfig(target="tiny-random", drafter="random", max_slots=1, max_seq_len=64, block_size=4)
+    real_engine, real_drafter = engines.build_engine, engines.load_drafter
+    try:
+        engines.build_engine, engines.load_drafter = recording(real_engine), recording(real_drafter)
+        engine, _ = engines.build_colocated(cfg)
+        engines.build_remote_target(cfg, engine.draft_backend.drafter.config.to_json(), lambda h, p: None,
+                                    backend="gloo")
+        assert engines.build_drafter_server(cfg).drafter is not None
+    finally:
+        engines.build_engine, engines.load_drafter = real_engine, real_drafter
+    assert len(built) == 3 and all(t is not threading.current_thread() and not t.is_alive() for t in built)
+
+
+def test_replica_threads_and_wait_policy(monkeypatch):
+    """Ray gives a replica floor(num_cpus) >= 1 OpenMP threads; `threads` sets them (0: every
+    CPU the process may run on), `omp_wait_policy` auto leaves OMP_WAIT_POLICY alone."""
+    from service.config import ServiceConfig
+    from service.deployments import deployment_options
+    from service.engines import apply_threads
+    before = torch.get_num_threads()
+    try:
+        assert apply_threads(ServiceConfig(threads=1)) == 1
+        assert apply_threads(ServiceConfig()) == len(os.sched_getaffinity(0))
+    finally:
+        torch.set_num_threads(before)
+    assert deployment_options(ServiceConfig())["ray_actor_options"]["runtime_env"]["env_vars"] == {}
+    for policy in ("passive", "active"):
+        env = deployment_options(ServiceConfig(omp_wait_policy=policy))["ray_actor_options"]["runtime_env"]
+        assert env["env_vars"] == {"OMP_WAIT_POLICY": policy.upper()}
+    for bad in ({"threads": -1}, {"threads": 1.5}, {"threads": True}, {"omp_wait_policy": "spin"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            ServiceConfig(**bad)
 
 
 def test_importing_the_core_sets_no_environment():

@@ -237,6 +237,8 @@ def test_serve_config_builds_this_repos_application(variant):
     for d in app["deployments"]:
         assert d["ray_actor_options"]["num_gpus"] == service_cfg.num_gpus
         assert d["ray_actor_options"]["num_cpus"] == service_cfg.num_cpus
+        # torch threads per replica = the CPUs it reserves (0 would take every CPU of the node)
+        assert service_cfg.threads == d["ray_actor_options"]["num_cpus"]
     gpus_per_pod = float(rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["spec"]
                          ["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert sum(d["ray_actor_options"]["num_gpus"] * d.get("num_replicas", 1) for d in app["deployments"]) \
@@ -259,7 +261,7 @@ def test_serve_config_matches_deploy_serve_yaml():
         builder = getattr(importlib.import_module(module_name), attr)
         assert _deployment_names(builder(ref.get("args", {}))) == {d["name"] for d in app["deployments"]}
         # GPU sizing is the RayService's own; everything else must agree
-        sizing = {"device", "dtype", "num_gpus", "num_cpus", "max_slots", "max_seq_len", "max_queue",
+        sizing = {"device", "dtype", "num_gpus", "num_cpus", "threads", "max_slots", "max_seq_len", "max_queue",
                   "block_size_schedule", "log_level"}
         shared = (set(app["args"]) | set(ref.get("args", {}))) - sizing
         assert {k: app["args"].get(k) for k in shared} == {k: ref["args"].get(k) for k in shared}

@@ -474,6 +474,25 @@ def test_draft_vocab_training_and_warm_start(tmp_path):
     for (k, a), b in zip(tr.drafter.state_dict().items(), tr2.drafter.state_dict().values()):
         assert torch.equal(a, b), k
     assert tr2.drafter.config.draft_vocab == vocab               # a warm start keeps its vocabulary
+    # ... unless asked to choose it again from this run's data: same weights, the N most
+    # frequent tokens of the data it now sees (here other shards: the first two records)
+    more = tmp_path / "data2"
+    _write_shards(more, target, n_records=2, shard_size=2)
+    recs2 = datagen.load_shards(more)
+    tr2b = Trainer(_cfg(tmp_path, data=[str(more)], out=str(tmp_path / "run2b"), draft_vocab=5, dtype="float32",
+                        init=str(saved), rebuild_draft_vocab=True), target)
+    for (k, a), b in zip(tr.drafter.state_dict().items(), tr2b.drafter.state_dict().values()):
+        assert torch.equal(a, b), k
+    counts2 = {}
+    for r in recs2:
+        for t in r["response_ids"]:
+            counts2[t] = counts2.get(t, 0) + 1
+    eos = set(getattr(target.config, "eos_token_ids", ()) or ())
+    want = sorted(set(sorted(counts2, key=lambda t: (-counts2[t], t))[:5]) | eos)
+    assert tr2b.drafter.config.draft_vocab == want != vocab
+    assert tr2b.head[1].shape[0] == len(want)
+    with pytest.raises(ValueError, match="rebuild-draft-vocab"):
+        TrainConfig(data=[str(more)], init=None, draft_vocab=5, rebuild_draft_vocab=True)
     # a warm start refuses a drafter it cannot continue: other context features (more
     # layers are grown: test_warm_start_grows_layers_without_changing_the_output)
     with pytest.raises(ValueError, match="target_layer_ids"):

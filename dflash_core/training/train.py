@@ -68,6 +68,7 @@ class TrainConfig:
     dtype: str = "auto"               # drafter compute: auto = bf16 autocast on CUDA and AMX/AVX512-BF16 CPUs
     draft_vocab: int = 0              # > 0: loss and drafts over the N most frequent response tokens
     init: str | None = None           # warm start: a drafter folder (same architecture) to begin from
+    rebuild_draft_vocab: bool = False # warm start: rebuild the drafting vocabulary from this run's data
 
     def __post_init__(self):
         if not self.data:
@@ -82,6 +83,8 @@ class TrainConfig:
             raise ValueError("--dtype must be auto, float32 or bfloat16")
         if self.draft_vocab < 0:
             raise ValueError("--draft-vocab must be >= 0")
+        if self.rebuild_draft_vocab and not (self.init and self.draft_vocab):
+            raise ValueError("--rebuild-draft-vocab goes with --init and --draft-vocab N")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup-steps >= 0")
 
@@ -90,7 +93,8 @@ class TrainConfig:
         d = asdict(self)
         for k in ("ckpt_every_s", "log_every", "snapshot_every", "steps"):
             d.pop(k)
-        for k, default in (("dtype", "auto"), ("draft_vocab", 0), ("init", None)):
+        for k, default in (("dtype", "auto"), ("draft_vocab", 0), ("init", None),
+                           ("rebuild_draft_vocab", False)):
             if d[k] == default:
                 d.pop(k)  # runs from before these options resume unchanged
         return d
@@ -316,10 +320,13 @@ class Trainer:
         self.init_vocab = src.config.draft_vocab
 
     def _build_head(self, size: int) -> None:
-        """Drafting vocabulary from the finished shards' responses (+ EOS ids)."""
+        """Drafting vocabulary from the finished shards' responses (+ EOS ids). A warm start
+        keeps its drafter's vocabulary unless --rebuild-draft-vocab: no weight depends on
+        it (the head is the target's LM-head rows of the vocabulary), so data that has grown
+        since it was built can choose the N most frequent tokens again."""
         from ..drafter import build_draft_vocab
-        vocab = getattr(self, "init_vocab", None)
-        if not vocab or len(vocab) < size:  # a warm start keeps its drafter's vocabulary
+        vocab = None if self.cfg.rebuild_draft_vocab else getattr(self, "init_vocab", None)
+        if not vocab or len(vocab) < size:
             recs = self.data.records(self.data.finished_shards())
             always = tuple(getattr(self.target.config, "eos_token_ids", ()) or ())
             vocab = build_draft_vocab((r["response_ids"] for r in recs), size, always=always)
@@ -497,6 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
                     help="N > 0: drafting vocabulary of the N most frequent response tokens (draft_vocab.json)")
     ap.add_argument("--init", default=None, help="warm start from this drafter folder (e.g. the shipped one)")
+    ap.add_argument("--rebuild-draft-vocab", action="store_true",
+                    help="with --init: choose the --draft-vocab N tokens again from this run's data "
+                         "(by default a warm start keeps its drafter's vocabulary)")
     # the target's flags; --dtype above is the drafter's compute
     add_runtime_args(ap, target=d.target, device=default_device(), dtype=None)
     ap.add_argument("--feature-cache", default=None,
