@@ -34,11 +34,12 @@ class SamplingParams:
             bad(f"temperature must be a number in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_p, (int, float)) or not 0.0 < self.top_p <= 1.0:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k < 2**63:
-            # (a top_k past int64 used to reach the engine loop and stop it for every request)
+        def int64_ok(v) -> bool:   # (a top_k past int64 once reached the engine loop and stopped it)
+            return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+        if not int64_ok(self.top_k):
             bad(f"top_k must be a non-negative integer below 2**63, got {self.top_k!r}")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
-            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        if self.seed is not None and not int64_ok(self.seed):   # as the HTTP API: true is not a seed
+            bad(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
     @property

@@ -251,7 +251,8 @@ def test_bad_requests_are_rejected(target):
     with pytest.raises(ValueError, match="duplicate"):
         eng.add_request("a", [1, 2], SamplingParams(max_new_tokens=3))
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(seed=-1),
-                dict(top_k=2**63), dict(top_k=2**64), dict(seed=2**63)):
+                dict(top_k=2**63), dict(top_k=2**64), dict(seed=2**63), dict(seed=True), dict(top_k=True),
+                dict(seed=1.0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     # the largest accepted top_k goes through a sampled step (it found the engine loop's
