@@ -220,6 +220,39 @@ def test_resume_equals_uninterrupted(tmp_path, stored):
     assert len(json.loads(lines[-1])["acc_k"]) == 3
 
 
+def test_a_signal_stops_training_after_the_step_with_a_checkpoint(tmp_path):
+    """SIGINT/SIGTERM: the step in flight finishes, a checkpoint is written at it, and a
+    resumed run ends where an uninterrupted one does (a killed run would go back to its last
+    timed checkpoint)."""
+    import os
+    import signal
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=8, shard_size=3)
+    ref = Trainer(_cfg(tmp_path, steps=6), target)
+    ref.run()
+    handler = signal.getsignal(signal.SIGINT)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        cfg = _cfg(tmp_path, steps=6, out=str(tmp_path / f"run-{int(sig)}"))
+        first = Trainer(cfg, target)
+        real = first.train_step
+
+        def step_then_signal():
+            r = real()
+            if first.step == 3:
+                os.kill(os.getpid(), sig)
+            return r
+        first.train_step = step_then_signal
+        first.run()
+        assert first.step == 3
+        assert signal.getsignal(signal.SIGINT) is handler          # the caller's handlers are back
+        second = Trainer(cfg, target)
+        assert second.try_resume() and second.step == 3
+        second.run()
+        assert second.step == 6
+        for k, v in second.drafter.state_dict().items():
+            assert torch.equal(v, ref.drafter.state_dict()[k]), k
+
+
 def test_resume_refuses_other_settings(tmp_path):
     target = _target()
     _write_shards(tmp_path / "data", target, n_records=4, shard_size=4)

@@ -441,7 +441,30 @@ class Trainer:
         return {"loss": float(loss.detach()), "grad_norm": float(gnorm), **st}
 
     def run(self, progress: bool = False, stop_at: int | None = None) -> dict:
-        """Train until `stop_at` (default cfg.steps). Checkpoints by time and at the end."""
+        """Train until `stop_at` (default cfg.steps). Checkpoints by time and at the end.
+        SIGINT / SIGTERM (on the main thread) stop it after the step in flight, with a
+        checkpoint at that step, so rerunning the command resumes exactly there; a second
+        signal stops at once (back to the last checkpoint)."""
+        import signal
+        import threading
+        stop = []
+        restore = {}
+        if threading.current_thread() is threading.main_thread():
+            def on_signal(signum, frame):
+                if stop:   # a second signal: give up on the clean stop
+                    raise KeyboardInterrupt
+                stop.append(signum)
+                print(f"dflash train: stopping after step {self.step + 1} (signal {signum}; again to stop now)",
+                      file=sys.stderr, flush=True)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                restore[sig] = signal.signal(sig, on_signal)
+        try:
+            return self._run(progress, stop_at, stop)
+        finally:
+            for sig, handler in restore.items():
+                signal.signal(sig, handler)
+
+    def _run(self, progress: bool, stop_at: int | None, stop: list) -> dict:
         from tqdm import tqdm
         cfg = self.cfg
         stop_at = cfg.steps if stop_at is None else stop_at
@@ -455,7 +478,7 @@ class Trainer:
         last_ckpt = time.monotonic()
         t0 = time.perf_counter()
         last = {}
-        while self.step < stop_at:
+        while self.step < stop_at and not stop:
             r = self.train_step()
             acc["loss"] += r["loss"]
             acc["n"] += 1
@@ -465,7 +488,7 @@ class Trainer:
             acc["tau"] += float(tau.sum())
             acc["blocks"] += int((tau > 0).sum())
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == stop_at:
+            if self.step % cfg.log_every == 0 or self.step == stop_at or stop:
                 per_pos = (acc["correct"][1:] / acc["has"][1:].clamp(min=1)).tolist()
                 last = {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen,
                         "pred_tokens": self.pred_tokens, "loss": round(acc["loss"] / acc["n"], 5),
