@@ -6,7 +6,8 @@ STAMP   := $(VENV)/.installed
 HOST    ?= 127.0.0.1
 PORT    ?= 8000
 # OpenMP waiters are chosen by each entry point (dflash_core/runtime.py): the CLI's
-# engine commands spin (one process owns the cores), the server and the tests sleep.
+# engine commands spin (one process owns the cores), the server keeps OpenMP's own
+# spin-then-sleep, the tests sleep (PASSIVE: several processes share 2 cores).
 
 .PHONY: install serve test bench bench-peers llama-cpp loadtest clean lint
 
