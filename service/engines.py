@@ -14,6 +14,7 @@ between a step's parallel regions instead of sleeping (~1.6x faster decoding, 2 
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -57,17 +58,23 @@ def engine_config(cfg: ServiceConfig) -> EngineConfig:
                         max_prefill_tokens=cfg.max_prefill_tokens)
 
 
+def _loads_on_fresh_thread(builder):
+    """The builder runs on a thread that exits when it returns (module docstring)."""
+    @functools.wraps(builder)
+    def wrapped(*args, **kwargs):
+        return on_fresh_thread(builder, *args, **kwargs)
+    return wrapped
+
+
+@_loads_on_fresh_thread
 def build_colocated(cfg: ServiceConfig):
     """-> (SpecEngine, tokenizer)"""
-    return on_fresh_thread(build_engine, target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg),
-                           device=cfg.device, dtype=torch_dtype(cfg))
+    return build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
+                        dtype=torch_dtype(cfg))
 
 
+@_loads_on_fresh_thread
 def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
-    return on_fresh_thread(_build_drafter_server, cfg)
-
-
-def _build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
     if cfg.drafter is None or cfg.block_size < 2:
         raise ValueError("the disaggregated placement needs a drafter and block_size >= 2")
     # shaped by the target's architecture; the target's weights are never loaded here
@@ -77,6 +84,7 @@ def _build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
     return DrafterServer(drafter, cfg.max_slots, cfg.max_seq_len + drafter.config.block_size + 1)
 
 
+@_loads_on_fresh_thread
 def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, backend: str | None = None,
                         context_state: dict | None = None):
     """-> (SpecEngine, tokenizer, RemoteDraftBackend); the backend connects on first use
@@ -84,11 +92,6 @@ def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, 
     engine, so both placements compute the same numbers. context_state: the drafter's
     context weights (`DrafterServer.context_state()`): the context then goes over the wire
     as the drafter's own K/V (fewer bytes per token) instead of target features."""
-    return on_fresh_thread(_build_remote_target, cfg, drafter_config, request_join, backend, context_state)
-
-
-def _build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, backend: str | None = None,
-                         context_state: dict | None = None):
     dcfg = DrafterConfig.from_json(drafter_config)
     context_drafter = (DFlashDrafter.context_only(dcfg, context_state, cfg.device, torch_dtype(cfg))
                        if context_state is not None else None)
