@@ -31,12 +31,14 @@ Invariants per running sequence (committed = prompt + generated tokens, n = len)
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
+from . import runtime
 from . import speculative as spec
 from .models.decoder import Decoder
 from .sampling import SamplingParams
@@ -46,6 +48,8 @@ from .sequence import GenerationResult, RequestOutput, Sequence, SpecStats, Step
 __all__ = ["EngineConfig", "SpecEngine", "RequestOutput", "GenerationResult", "SpecStats", "StepStats",
            "INF_RUNNING", "parse_block_size_schedule", "format_block_size_schedule", "auto_block_size_schedule",
            "DEFAULT_BLOCK_SIZE_SCHEDULE", "FP32_BLOCK_SIZE_SCHEDULE"]
+
+log = logging.getLogger("dflash.engine")
 
 # "any number of running rows" in a block-size schedule ("inf" in its text form)
 INF_RUNNING = 1 << 30
@@ -173,6 +177,7 @@ class SpecEngine:
         self._ids: set[str] = set()
         self._aborted: list[RequestOutput] = []
         self._lock = threading.RLock()
+        self._built_on: threading.Thread | None = threading.current_thread()   # checked on the first step
 
     # ---- state -----------------------------------------------------------------------
     @property
@@ -270,6 +275,11 @@ class SpecEngine:
     @torch.no_grad()
     def step(self) -> list[RequestOutput]:
         with self._lock:
+            if self._built_on is not None:
+                warning = runtime.second_master_warning(self._built_on, self.target.device)
+                self._built_on = None
+                if warning:
+                    log.warning(warning)
             outputs, self._aborted = self._aborted, []
             plan = self.scheduler.schedule(self.can_draft)
             emitted = self._run(plan)

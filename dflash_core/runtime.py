@@ -25,6 +25,9 @@ entry point (CLI command, server replica), never at import.
   thread) and steps the engine on another ran a decode step at ~0.6x (measured, 2 cores:
   a grouped-attention bmm 40 -> ~290 us; greedy decoding 18-19 -> 11-12 tok/s). Loading on
   a thread that then exits frees its pool, so the engine thread is the only master.
+- `second_master_warning(built_on, device)`: the engine calls it on its first step; it
+  returns a one-line warning when a CPU engine is stepped on a thread other than the one
+  that built it while that thread is still alive (the case above), else None.
 """
 from __future__ import annotations
 
@@ -81,6 +84,23 @@ def set_thread_policy(shared: bool) -> str:
     if not shared:
         os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE")
     return os.environ.get("OMP_WAIT_POLICY", "default")
+
+
+def second_master_warning(built_on, device="cpu") -> str | None:
+    """-> a warning when stepping on this thread makes a second live OpenMP master (see the
+    module docstring): CPU device, more than one torch thread, and `built_on` (the thread
+    that built the engine) is another thread that is still alive. Otherwise None."""
+    import threading
+
+    import torch
+    here = threading.current_thread()
+    if str(device).split(":")[0] != "cpu" or torch.get_num_threads() < 2:
+        return None
+    if built_on is None or built_on is here or not built_on.is_alive():
+        return None
+    return (f"engine built on thread {built_on.name!r} (still alive) is stepped on thread {here.name!r}: "
+            "two OpenMP worker pools on the same CPUs slow every step (~0.6x measured on 2 cores); "
+            "build it with dflash_core.runtime.on_fresh_thread, or step it on the thread that built it")
 
 
 def on_fresh_thread(fn, *args, **kwargs):

@@ -200,6 +200,53 @@ def test_on_fresh_thread_runs_on_a_thread_that_is_gone_after():
     assert len(built) == 3 and all(t is not threading.current_thread() and not t.is_alive() for t in built)
 
 
+def test_engine_warns_once_when_stepped_beside_the_live_thread_that_built_it(monkeypatch, caplog):
+    """A CPU engine stepped on another thread while its building thread lives makes two
+    OpenMP masters (runtime.py): the first step logs one warning; built on a thread that
+    has exited (on_fresh_thread), or stepped where it was built, it logs nothing."""
+    import logging
+    import threading
+    from dflash_core import runtime
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    target = tiny_random_target(vocab_size=512, num_layers=2, seed=3)
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+
+    def run_on_other_thread(engine):
+        def go():
+            engine.add_request("r", [5, 6, 7], params)
+            while engine.has_unfinished_requests():
+                engine.step()
+        th = threading.Thread(target=go, name="stepper")
+        th.start()
+        th.join()
+
+    def warnings():
+        return [r.getMessage() for r in caplog.records if r.name == "dflash.engine" and r.levelno == logging.WARNING]
+    with caplog.at_level(logging.WARNING, logger="dflash.engine"):
+        run_on_other_thread(_engine(target, 4, drafter=False))   # built here (alive), stepped there
+        assert len(warnings()) == 1
+        msg = warnings()[0]
+        assert "MainThread" in msg and "stepper" in msg and "on_fresh_thread" in msg
+        caplog.clear()
+        run_on_other_thread(runtime.on_fresh_thread(_engine, target, 4, drafter=False))
+        assert warnings() == []
+        engine = _engine(target, 4, drafter=False)
+        assert engine.generate([[5, 6, 7]], params)[0].token_ids and warnings() == []
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)   # one thread: no pool, nothing to warn about
+    alive = threading.Event()
+    holder = threading.Thread(target=alive.wait, name="holder")
+    holder.start()
+    try:
+        assert runtime.second_master_warning(holder, "cpu") is None
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+        assert "holder" in runtime.second_master_warning(holder, "cpu")
+        assert runtime.second_master_warning(holder, "cuda:0") is None
+    finally:
+        alive.set()
+        holder.join()
+    assert runtime.second_master_warning(holder, "cpu") is None   # its thread has exited
+
+
 def test_replica_threads_and_wait_policy(monkeypatch):
     """Ray gives a replica floor(num_cpus) >= 1 OpenMP threads; `threads` sets them (0: every
     CPU the process may run on), `omp_wait_policy` auto leaves OMP_WAIT_POLICY alone."""
