@@ -2,6 +2,7 @@
 
     python -m service.bench_serve                      # concurrency 1,4,16 x speculation on/off
     python -m service.bench_serve --sweep              # block sizes 1,4,8,16 x concurrency 1,2,4,8
+    python -m service.bench_serve --sweep --block-sizes 1,2,3 --per-client 8 --reps 2   # -> a schedule
     python -m service.bench_serve --url http://host:8000 --model NAME   # an already running server
 
 Without --url each configuration gets its own server process (`python -m service.cli
@@ -128,16 +129,33 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_to
             "mean_acceptance_length": round(statistics.mean(r["tau"] for r in res), 3)}
 
 
-def pick_schedule(rows: list[dict]) -> list[tuple[int, int]]:
-    """Sweep rows -> (max_running, block_size) pairs: at each measured concurrency the block
-    size with the most served tokens/s (ties: the smaller block); the last pair covers any
-    larger batch; adjacent equal block sizes merge."""
-    best: dict[int, tuple[float, int]] = {}
+def pick_schedule(rows: list[dict], min_gain: float = 0.03) -> list[tuple[int, int]]:
+    """Sweep rows -> (max_running, block_size) pairs. Per measured concurrency: the mean
+    served tokens/s of each block size over its rows (repeated levels average), then the
+    fastest block size, but speculation (block > 1) only where it beats plain decoding
+    (block 1, when measured) by more than `min_gain` (a 3% margin: one level's run-to-run
+    noise); ties go to the smaller block. Then the block size never grows with concurrency
+    (a verify's cost grows with the rows batched, so a speculative pick above a plain one is
+    noise): each concurrency takes at most the pick of the one below it. The last pair
+    covers any larger batch; adjacent equal block sizes merge."""
+    if min_gain < 0:
+        raise ValueError("min_gain must be >= 0")
+    sums: dict[tuple[int, int], list[float]] = {}
     for r in rows:
-        c, b, tps = r["concurrency"], r["block_size"], r["tokens_per_s"]
-        if c not in best or tps > best[c][0] or (tps == best[c][0] and b < best[c][1]):
-            best[c] = (tps, b)
-    pairs = [(c, best[c][1]) for c in sorted(best)]
+        sums.setdefault((r["concurrency"], r["block_size"]), []).append(float(r["tokens_per_s"]))
+    if not sums:
+        raise ValueError("no sweep rows to pick a schedule from")
+    mean = {k: sum(v) / len(v) for k, v in sums.items()}
+    pairs: list[tuple[int, int]] = []
+    for c in sorted({c for c, _ in mean}):
+        sizes = sorted(b for cc, b in mean if cc == c)
+        best = max(sizes, key=lambda b: (mean[c, b], -b))
+        plain = mean.get((c, 1))
+        if best > 1 and plain is not None and mean[c, best] <= plain * (1 + min_gain):
+            best = 1
+        if pairs and best > pairs[-1][1]:
+            best = pairs[-1][1]
+        pairs.append((c, best))
     pairs[-1] = (INF_RUNNING, pairs[-1][1])
     merged: list[tuple[int, int]] = []
     for c, b in pairs:
@@ -165,10 +183,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", default=None, help="comma list (default 1,4,16; sweep 1,2,4,8)")
     ap.add_argument("--sweep", action="store_true", help="fixed block sizes (1,4,8,16) x concurrency")
     ap.add_argument("--block-sizes", default="1,4,8,16")
+    ap.add_argument("--reps", type=int, default=1,
+                    help="sweep: run every block size this many times, alternating (a fresh server each)")
+    ap.add_argument("--min-gain", type=float, default=0.03,
+                    help="sweep: speculate at a concurrency only where it beats block 1 by more than this")
     ap.add_argument("--server-args", default="", help="extra `dflash serve` options")
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     a = ap.parse_args(argv)
-    conc = [int(x) for x in (a.concurrency or ("1,2,4,8" if a.sweep else "1,4,16")).split(",")]
+    if a.reps < 1 or a.per_client < 1 or a.max_tokens < 1:
+        ap.error("--reps, --per-client and --max-tokens must be >= 1")
+    if a.min_gain < 0:
+        ap.error("--min-gain must be >= 0")
+    try:
+        conc = [int(x) for x in (a.concurrency or ("1,2,4,8" if a.sweep else "1,4,16")).split(",")]
+        sizes = [int(x) for x in a.block_sizes.split(",")]
+    except ValueError:
+        ap.error("--concurrency and --block-sizes take comma lists of integers")
+    if min(conc) < 1 or min(sizes) < 1:
+        ap.error("--concurrency and --block-sizes must be >= 1")
     prompts = bench_prompts(max(requests_for(c, a.per_client) for c in conc))
     base = ["--target", a.target, "--drafter", a.drafter, "--max-slots", str(a.max_slots)] + a.server_args.split()
     rows = []
@@ -183,14 +215,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {json.dumps(r)}", flush=True)
 
     if a.sweep:
-        for b in [int(x) for x in a.block_sizes.split(",")]:
-            srv = ServerProcess(base + ["--block-size", str(b), "--block-size-schedule", "none"])
-            try:
-                srv.wait_ready()
-                print(f"block size {b}: {srv.url}", flush=True)
-                levels(srv.url, srv.model(), [b > 1], {"block_size": b})
-            finally:
-                srv.stop()
+        for rep in range(a.reps):
+            for b in sizes:
+                srv = ServerProcess(base + ["--block-size", str(b), "--block-size-schedule", "none"])
+                try:
+                    srv.wait_ready()
+                    print(f"block size {b}, rep {rep + 1}/{a.reps}: {srv.url}", flush=True)
+                    levels(srv.url, srv.model(), [b > 1], {"block_size": b, "rep": rep + 1})
+                finally:
+                    srv.stop()
     elif a.url:
         levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {})
     else:
@@ -213,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
     if a.sweep:
-        result["schedule"] = pick_schedule(rows)
+        result["schedule"] = pick_schedule(rows, a.min_gain)
+        result["min_gain"] = a.min_gain
         print("picked schedule (max_running:block_size): " +
               format_block_size_schedule(result["schedule"]))
     if a.out:
@@ -223,5 +257,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _entry(argv: list[str] | None = None) -> int:
+    """Bad options: one line on stderr, exit status 2."""
+    from dflash_core.clitools import CliError
+    try:
+        return main(argv)
+    except CliError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_entry())

@@ -134,6 +134,50 @@ def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
     assert explicit.resolved_block_size_schedule() == [(1, 8), (INF_RUNNING, 1)]
 
 
+def test_sweep_picks_a_schedule_that_only_speculates_where_it_clearly_pays():
+    """service.bench_serve.pick_schedule: mean tokens/s per (concurrency, block) over
+    repeated rows; speculation only above plain decoding by more than min_gain; the block
+    size never grows with concurrency; the last pair covers any batch."""
+    from service.bench_serve import pick_schedule
+
+    def rows(table, rep=1):
+        return [{"concurrency": c, "block_size": b, "tokens_per_s": t, "rep": rep}
+                for c, by_b in table.items() for b, t in by_b.items()]
+    # last session's noisy fp32 sweep: 1:3, 2:1, 4:3 by the fastest cell alone
+    noisy = {1: {1: 17.75, 2: 19.33, 3: 22.74}, 2: {1: 32.05, 2: 30.37, 3: 29.95}, 4: {1: 36.79, 2: 46.74, 3: 49.31}}
+    assert pick_schedule(rows(noisy), min_gain=0.03) == [(1, 3), (INF_RUNNING, 1)]
+    # within the margin speculation loses to plain decoding; margin 0 takes the faster cell
+    close = {1: {1: 20.0, 2: 20.5}, 4: {1: 40.0, 2: 39.0}}
+    assert pick_schedule(rows(close), min_gain=0.03) == [(INF_RUNNING, 1)]
+    assert pick_schedule(rows(close), min_gain=0.0) == [(1, 2), (INF_RUNNING, 1)]
+    # monotone: larger blocks than below are capped, equal neighbours merge
+    rising = {1: {1: 10.0, 2: 14.0, 4: 13.0}, 2: {1: 18.0, 4: 30.0}, 8: {1: 50.0, 2: 60.0}}
+    assert pick_schedule(rows(rising)) == [(INF_RUNNING, 2)]
+    # repeated rows average: one lucky rep does not decide
+    reps = rows({1: {1: 20.0, 2: 30.0}}, 1) + rows({1: {1: 20.0, 2: 10.0}}, 2)
+    assert pick_schedule(reps) == [(INF_RUNNING, 1)]
+    assert pick_schedule(rows({1: {1: 20.0, 2: 30.0}}) + rows({1: {1: 20.0, 2: 22.0}}, 2)) == [(INF_RUNNING, 2)]
+    # ties go to the smaller block; without a block-1 row the fastest block stands
+    assert pick_schedule(rows({1: {2: 25.0, 4: 25.0}, 3: {2: 20.0, 4: 30.0}})) == [(INF_RUNNING, 2)]
+    with pytest.raises(ValueError, match="no sweep rows"):
+        pick_schedule([])
+    with pytest.raises(ValueError, match="min_gain"):
+        pick_schedule(rows(close), min_gain=-0.1)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--sweep", "--reps", "0"], "--reps"),
+    (["--min-gain", "-1"], "--min-gain"),
+    (["--concurrency", "1,x"], "comma lists of integers"),
+    (["--sweep", "--block-sizes", "0,2"], "must be >= 1"),
+])
+def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
+    from service.bench_serve import _entry
+    assert _entry(argv) == 2   # refused before any server starts
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err and err.startswith("python -m service.bench_serve:")
+
+
 @pytest.mark.parametrize("argv, code, needle", [
     (["--placement", "sideways"], 2, "placement"),
     (["--max-slots", "0"], 2, "max_slots"),
