@@ -136,7 +136,8 @@ def pick_schedule(rows: list[dict], min_gain: float = 0.03) -> list[tuple[int, i
     (block 1, when measured) by more than `min_gain` (a 3% margin: one level's run-to-run
     noise); ties go to the smaller block. Then the block size never grows with concurrency
     (a verify's cost grows with the rows batched, so a speculative pick above a plain one is
-    noise): each concurrency takes at most the pick of the one below it. The last pair
+    noise): each concurrency chooses among the block sizes up to the pick of the one below
+it (none measured there: block 1). The last pair
     covers any larger batch; adjacent equal block sizes merge."""
     if min_gain < 0:
         raise ValueError("min_gain must be >= 0")
@@ -148,13 +149,12 @@ def pick_schedule(rows: list[dict], min_gain: float = 0.03) -> list[tuple[int, i
     mean = {k: sum(v) / len(v) for k, v in sums.items()}
     pairs: list[tuple[int, int]] = []
     for c in sorted({c for c, _ in mean}):
-        sizes = sorted(b for cc, b in mean if cc == c)
-        best = max(sizes, key=lambda b: (mean[c, b], -b))
+        cap = pairs[-1][1] if pairs else None
+        sizes = [b for cc, b in mean if cc == c and (cap is None or b <= cap)]
+        best = max(sizes, key=lambda b: (mean[c, b], -b)) if sizes else 1
         plain = mean.get((c, 1))
         if best > 1 and plain is not None and mean[c, best] <= plain * (1 + min_gain):
             best = 1
-        if pairs and best > pairs[-1][1]:
-            best = pairs[-1][1]
         pairs.append((c, best))
     pairs[-1] = (INF_RUNNING, pairs[-1][1])
     merged: list[tuple[int, int]] = []

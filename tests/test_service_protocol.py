@@ -150,9 +150,12 @@ def test_sweep_picks_a_schedule_that_only_speculates_where_it_clearly_pays():
     close = {1: {1: 20.0, 2: 20.5}, 4: {1: 40.0, 2: 39.0}}
     assert pick_schedule(rows(close), min_gain=0.03) == [(INF_RUNNING, 1)]
     assert pick_schedule(rows(close), min_gain=0.0) == [(1, 2), (INF_RUNNING, 1)]
-    # monotone: larger blocks than below are capped, equal neighbours merge
+    # monotone: only block sizes up to the pick below compete (block 4 at 2 running may
+    # not follow block 2 at 1, and block 2 was not measured there); equal neighbours merge
     rising = {1: {1: 10.0, 2: 14.0, 4: 13.0}, 2: {1: 18.0, 4: 30.0}, 8: {1: 50.0, 2: 60.0}}
-    assert pick_schedule(rows(rising)) == [(INF_RUNNING, 2)]
+    assert pick_schedule(rows(rising)) == [(1, 2), (INF_RUNNING, 1)]
+    steady = {1: {1: 10.0, 2: 14.0, 4: 13.0}, 2: {1: 18.0, 2: 24.0, 4: 30.0}, 8: {1: 50.0, 2: 60.0}}
+    assert pick_schedule(rows(steady)) == [(INF_RUNNING, 2)]
     # repeated rows average: one lucky rep does not decide
     reps = rows({1: {1: 20.0, 2: 30.0}}, 1) + rows({1: {1: 20.0, 2: 10.0}}, 2)
     assert pick_schedule(reps) == [(INF_RUNNING, 1)]
