@@ -127,7 +127,8 @@ def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
     assert bf16.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
     assert fp32.resolved_block_size_schedule() == [tuple(p) for p in FP32_BLOCK_SIZE_SCHEDULE]
     assert engine_config(bf16).block_size_for(1) == 4 and engine_config(bf16).block_size_for(3) == 1
-    assert engine_config(fp32).block_size_for(1) == 2 and engine_config(fp32).block_size_for(3) == 1
+    assert engine_config(fp32).block_size_for(1) == 3 and engine_config(fp32).block_size_for(2) == 3
+    assert engine_config(fp32).block_size_for(3) == 1
     gpu = ServiceConfig(target="tiny-random", device="cuda")      # auto dtype on a GPU: bf16
     assert gpu.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
     explicit = ServiceConfig(target="tiny-random", dtype="float32", block_size_schedule="1:8,inf:1")
