@@ -63,17 +63,6 @@ def _parser():
     return ap
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    from .clitools import CliError
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CliError(f"dflash bench: {flag} takes comma-separated positive integers, got {text!r}") from None
-    if any(v < 1 for v in vals):
-        raise CliError(f"dflash bench: {flag} takes positive integers, got {text!r}")
-    return vals
-
-
 @contextlib.contextmanager
 def prepacked_off(engine):
     """Within: the target's and the local drafter's prepacked linears (models.layers.
@@ -225,12 +214,12 @@ def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: 
 
 
 def main(argv=None) -> int:
-    from .clitools import apply_runtime_args
+    from .clitools import apply_runtime_args, int_list
     from .runtime import dtype_name
     args = _parser().parse_args(argv)
     dtype = apply_runtime_args("dflash bench", args)
-    block_sizes = _int_list(args.block_sizes, "--block-sizes") or [args.block_size]
-    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    block_sizes = int_list(args.block_sizes, "--block-sizes", "dflash bench") or [args.block_size]
+    batch_sizes = int_list(args.batch_sizes, "--batch-sizes", "dflash bench")
     out = sys.stderr if args.json else sys.stdout
     from .api import build_engine
     from .chat import encode_prompt

@@ -40,6 +40,18 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def int_list(text: str, flag: str, prog: str) -> list[int]:
+    """A comma-separated list of positive integers (empty items skipped; "" -> []), or a
+    one-line CliError naming the command and the option."""
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{prog}: {flag} takes comma-separated positive integers, got {text!r}") from None
+    if any(v < 1 for v in vals):
+        raise CliError(f"{prog}: {flag} takes positive integers, got {text!r}")
+    return vals
+
+
 def _check_device(device: str) -> None:
     import torch
     if not (device == "cpu" or device.startswith("cuda")):

@@ -137,8 +137,8 @@ def pick_schedule(rows: list[dict], min_gain: float = 0.03) -> list[tuple[int, i
     noise); ties go to the smaller block. Then the block size never grows with concurrency
     (a verify's cost grows with the rows batched, so a speculative pick above a plain one is
     noise): each concurrency chooses among the block sizes up to the pick of the one below
-it (none measured there: block 1). The last pair
-    covers any larger batch; adjacent equal block sizes merge."""
+    it (none measured there: block 1). The last pair covers any larger batch; adjacent
+    equal block sizes merge."""
     if min_gain < 0:
         raise ValueError("min_gain must be >= 0")
     sums: dict[tuple[int, int], list[float]] = {}
@@ -171,7 +171,7 @@ def requests_for(concurrency: int, per_client: int) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dflash_core.clitools import _Parser
+    from dflash_core.clitools import _Parser, int_list
     ap = _Parser(prog="python -m service.bench_serve", description=__doc__.split("\n\n")[0])
     ap.add_argument("--url", default=None, help="benchmark a running server instead of starting one")
     ap.add_argument("--model", default=None)
@@ -194,13 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--reps, --per-client and --max-tokens must be >= 1")
     if a.min_gain < 0:
         ap.error("--min-gain must be >= 0")
-    try:
-        conc = [int(x) for x in (a.concurrency or ("1,2,4,8" if a.sweep else "1,4,16")).split(",")]
-        sizes = [int(x) for x in a.block_sizes.split(",")]
-    except ValueError:
-        ap.error("--concurrency and --block-sizes take comma lists of integers")
-    if min(conc) < 1 or min(sizes) < 1:
-        ap.error("--concurrency and --block-sizes must be >= 1")
+    conc = int_list(a.concurrency or ("1,2,4,8" if a.sweep else "1,4,16"), "--concurrency", ap.prog)
+    sizes = int_list(a.block_sizes, "--block-sizes", ap.prog)
+    if not conc or not sizes:
+        ap.error("--concurrency and --block-sizes need at least one value")
     prompts = bench_prompts(max(requests_for(c, a.per_client) for c in conc))
     base = ["--target", a.target, "--drafter", a.drafter, "--max-slots", str(a.max_slots)] + a.server_args.split()
     rows = []
@@ -257,15 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _entry(argv: list[str] | None = None) -> int:
-    """Bad options: one line on stderr, exit status 2."""
-    from dflash_core.clitools import CliError
-    try:
-        return main(argv)
-    except CliError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(_entry())
+    from dflash_core.clitools import run_command
+    sys.exit(run_command("python -m service.bench_serve", main, None))

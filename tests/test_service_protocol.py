@@ -172,12 +172,14 @@ def test_sweep_picks_a_schedule_that_only_speculates_where_it_clearly_pays():
 @pytest.mark.parametrize("argv, needle", [
     (["--sweep", "--reps", "0"], "--reps"),
     (["--min-gain", "-1"], "--min-gain"),
-    (["--concurrency", "1,x"], "comma lists of integers"),
-    (["--sweep", "--block-sizes", "0,2"], "must be >= 1"),
+    (["--concurrency", "1,x"], "--concurrency takes comma-separated positive integers"),
+    (["--sweep", "--block-sizes", "0,2"], "--block-sizes takes positive integers"),
+    (["--concurrency", ","], "need at least one value"),
 ])
 def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
-    from service.bench_serve import _entry
-    assert _entry(argv) == 2   # refused before any server starts
+    from dflash_core.clitools import run_command
+    from service.bench_serve import main
+    assert run_command("python -m service.bench_serve", main, argv) == 2   # refused before any server starts
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and err.startswith("python -m service.bench_serve:")
 
