@@ -28,6 +28,15 @@ entry point (CLI command, server replica), never at import.
 - `second_master_warning(built_on, device)`: the engine calls it on its first step; it
   returns a one-line warning when a CPU engine is stepped on a thread other than the one
   that built it while that thread is still alive (the case above), else None.
+- `retain_freed_memory()`: glibc's malloc keeps freed memory for reuse instead of handing
+  it back to the kernel. By default blocks of 128 KiB-32 MiB and more come from mmap (or
+  are trimmed off a heap) and are returned when freed, so a loop that allocates the same
+  large tensors every iteration page-faults them in again each time. A drafter training
+  step allocates several [~900, 8192] fp32 tensors (~29 MiB: draft-head logits, their
+  softmax and gradients); in a profile those zero-fills took 100-360 ms each where they
+  faulted. `dflash train` calls it (measured ~8% per step; docs/BENCHMARKS.md); the
+  engine's step did not change with it (its large buffers are allocated once), so the
+  server does not.
 """
 from __future__ import annotations
 
@@ -101,6 +110,25 @@ def second_master_warning(built_on, device="cpu") -> str | None:
     return (f"engine built on thread {built_on.name!r} (still alive) is stepped on thread {here.name!r}: "
             "two OpenMP worker pools on the same CPUs slow every step (~0.6x measured on 2 cores); "
             "build it with dflash_core.runtime.on_fresh_thread, or step it on the thread that built it")
+
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4      # glibc mallopt parameters (malloc.h)
+
+
+def retain_freed_memory() -> bool:
+    """glibc only: serve every allocation from the heap (no mmap) and never trim the heap
+    below 1 GiB of free space, so freed large blocks are reused without new page faults
+    (see the module docstring). The process keeps its peak footprint. -> True if set,
+    False where the C library is not glibc (nothing changes there)."""
+    import ctypes
+    import platform
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
 
 
 def on_fresh_thread(fn, *args, **kwargs):

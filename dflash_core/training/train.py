@@ -538,6 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fill-cache", action="store_true",
                     help="only compute the --feature-cache for every finished shard, then exit")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
+    ap.add_argument("--no-retain-memory", action="store_true",
+                    help="leave glibc's malloc at its defaults (by default freed memory is kept for reuse: "
+                         "~8%% faster steps on CPU, measured; dflash_core.runtime.retain_freed_memory)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -546,6 +549,9 @@ def main(argv: list[str] | None = None) -> int:
     from ..clitools import CliError, apply_runtime_args
     a = build_parser().parse_args(argv)
     apply_runtime_args("dflash train", a)
+    if not a.no_retain_memory:
+        from ..runtime import retain_freed_memory
+        retain_freed_memory()
     if a.fill_cache and not a.feature_cache:
         raise CliError("dflash train: --fill-cache needs --feature-cache DIR")
     try:
