@@ -29,14 +29,14 @@ entry point (CLI command, server replica), never at import.
   returns a one-line warning when a CPU engine is stepped on a thread other than the one
   that built it while that thread is still alive (the case above), else None.
 - `retain_freed_memory()`: glibc's malloc keeps freed memory for reuse instead of handing
-  it back to the kernel. By default blocks of 128 KiB-32 MiB and more come from mmap (or
-  are trimmed off a heap) and are returned when freed, so a loop that allocates the same
-  large tensors every iteration page-faults them in again each time. A drafter training
-  step allocates several [~900, 8192] fp32 tensors (~29 MiB: draft-head logits, their
-  softmax and gradients); in a profile those zero-fills took 100-360 ms each where they
-  faulted. `dflash train` calls it (measured ~8% per step; docs/BENCHMARKS.md); the
-  engine's step did not change with it (its large buffers are allocated once), so the
-  server does not.
+  it back to the kernel. By default large blocks (from 128 KiB; the threshold adapts up to
+  32 MiB) come from mmap, or are trimmed off the heap, and go back when freed, so a loop
+  that allocates the same large tensors every iteration faults their pages in again each
+  time. A drafter training step allocates several [~900, 8192] fp32 tensors (~28 MiB:
+  draft-head logits, their softmax and gradients): 9-27k minor page faults per step,
+  ~60 with this set. `dflash train` calls it (~6% faster steps at 2 threads, measured;
+  docs/BENCHMARKS.md); the engine's step did not change with it (its large buffers are
+  allocated once), so the server does not.
 """
 from __future__ import annotations
 

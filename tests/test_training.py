@@ -568,7 +568,7 @@ def test_retained_memory_stays_in_the_heap():
     """The training loop allocates the same ~28 MiB tensors every step. glibc's defaults
     serve such a block from mmap (or trim it off the heap) and hand it back on free, so the
     next step faults its pages in again; retain_freed_memory() keeps it in the heap
-    (dflash train calls it: ~12% faster steps at 2 threads, docs/BENCHMARKS.md)."""
+    (dflash train calls it: ~6% faster steps at 2 threads, docs/BENCHMARKS.md)."""
     import subprocess
     import sys
     size = 900 * 8192 * 4

@@ -540,7 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
     ap.add_argument("--no-retain-memory", action="store_true",
                     help="leave glibc's malloc at its defaults (by default freed memory is kept for reuse: "
-                         "~8%% faster steps on CPU, measured; dflash_core.runtime.retain_freed_memory)")
+                         "~6%% faster steps on CPU, measured; dflash_core.runtime.retain_freed_memory)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
