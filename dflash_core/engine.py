@@ -286,28 +286,38 @@ class SpecEngine:
             emitted = self._run(plan)
             return outputs + self._postprocess(emitted)
 
-    def _run(self, plan: StepPlan) -> dict[str, tuple[Sequence, list[int], list]]:
-        """-> request id -> (seq, tokens to emit, captured feature chunks [(positions, features)])"""
-        emitted: dict[str, tuple[Sequence, list[int], list]] = {}
+    def _run(self, plan: StepPlan) -> dict[str, tuple[Sequence, list[int], list, list]]:
+        """-> request id -> (seq, tokens to emit, captured feature chunks [(positions, features)],
+        their logprob entries (when the request asks for them))"""
+        emitted: dict[str, tuple[Sequence, list[int], list, list]] = {}
         admitted = {id(s) for s in plan.admitted}
         for seq in [s for s, _, _ in plan.prefill] + [s for rows in plan.decode.values() for s in rows]:
             if seq.request_id not in emitted:   # every row of the plan reports this step
                 seq.step = StepStats(admitted=id(seq) in admitted)
-                emitted[seq.request_id] = (seq, [], [])
-        for seq, tok in self._prefill(plan.prefill, emitted):
-            emitted[seq.request_id][1].extend(seq.commit([tok]))
+                emitted[seq.request_id] = (seq, [], [], [])
+        for seq, tok, lps in self._prefill(plan.prefill, emitted):
+            self._commit(seq, [tok], lps, emitted)
         for b, rows in plan.decode.items():
             rows = [s for s in rows if not s.finished]   # a first token may have ended a row
             if not rows:
                 continue
-            for seq, toks in zip(rows, self._decode(rows, b, emitted)):
-                emitted[seq.request_id][1].extend(seq.commit(toks))
+            for seq, (toks, lps) in zip(rows, self._decode(rows, b, emitted)):
+                self._commit(seq, toks, lps, emitted)
         return emitted
+
+    @staticmethod
+    def _commit(seq: Sequence, toks: list[int], lps, emitted) -> None:
+        """Commit a row's tokens; what it emits (a prefix: a stop id or max tokens cut the
+        rest) goes to this step's output, with the matching logprob entries."""
+        new = seq.commit(toks)
+        emitted[seq.request_id][1].extend(new)
+        if lps is not None:
+            emitted[seq.request_id][3].extend(lps[:len(new)])
 
     def _postprocess(self, emitted) -> list[RequestOutput]:
         outputs = []
-        for rid, (seq, new, captured) in emitted.items():
-            out = seq.output_of_step(new)
+        for rid, (seq, new, captured, lps) in emitted.items():
+            out = seq.output_of_step(new, lps)
             if captured:
                 out.feature_positions = torch.cat([p for p, _ in captured])
                 out.features = torch.cat([f for _, f in captured])
@@ -333,10 +343,10 @@ class SpecEngine:
         if self.config.capture_layers:
             emitted[seq.request_id][2].append((positions, feats[:, F:]))
 
-    def _prefill(self, work: list[tuple[Sequence, int, int]], emitted) -> list[tuple[Sequence, int]]:
+    def _prefill(self, work: list[tuple[Sequence, int, int]], emitted) -> list[tuple[Sequence, int, list | None]]:
         """Prefill the planned prompt chunks (one batched forward when every padded row
         fits in its slot, else row by row); rows whose prompt is complete sample their
-        first token (the anchor)."""
+        first token (the anchor) -> (row, token, its logprob entry or None)."""
         if not work:
             return []
         T = max(n for _, _, n in work)
@@ -361,12 +371,16 @@ class SpecEngine:
         if not done:
             return []
         rows = [s for s, _ in done]
-        first = spec.sample_rows(rows, self.target.logits(torch.stack([h for _, h in done]))).tolist()
-        return list(zip(rows, first))
+        logits = self.target.logits(torch.stack([h for _, h in done]))
+        first_t = spec.sample_rows(rows, logits)
+        lps = spec.token_logprobs(rows, lambda idx: logits[idx, None], first_t[:, None])
+        first = first_t.tolist()
+        return [(s, t, lps.get(r)) for r, (s, t) in enumerate(zip(rows, first))]
 
-    def _decode(self, rows: list[Sequence], b: int, emitted) -> list[list[int]]:
+    def _decode(self, rows: list[Sequence], b: int, emitted) -> list[tuple[list[int], list | None]]:
         """One draft + verify + accept over `rows` with verified block size b; returns the
-        tokens each row commits (accepted drafts + the target's own next token)."""
+        tokens each row commits (accepted drafts + the target's own next token), with
+        their logprob entries for rows that ask (else None)."""
         R, dev = len(rows), self.target.device
         starts = [s.num_committed - 1 for s in rows]                  # anchor positions
         slots = torch.tensor([s.slot for s in rows])
@@ -377,6 +391,10 @@ class SpecEngine:
             draft_tokens, draft_probs = spec.draft(self.drafting, self.target, rows, slots, anchors, start, b)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture())
         accept_len, next_tok = spec.accept(self.target, rows, hidden, draft_tokens, draft_probs)
+        # block position j commits draft j while j < accepted, then the target's next token
+        committed = torch.where(torch.arange(b, device=dev)[None, :] < accept_len[:, None],
+                                torch.cat([draft_tokens, next_tok[:, None]], 1), next_tok[:, None])
+        lps = spec.token_logprobs(rows, lambda idx: self.target.logits(hidden[idx]), committed)
         # the one read of this group's results: [accepted, next token, drafts...] per row
         packed = torch.cat([accept_len[:, None], next_tok[:, None], draft_tokens], 1).tolist()
         result = []
@@ -389,7 +407,7 @@ class SpecEngine:
             self.cache.set_len(s.slot, st + 1 + n)
             self._keep_features(s, feats[r, :n + 1] if feats is not None else None, torch.arange(st, st + n + 1),
                                 emitted)
-            result.append(dt[:n] + [nxt])
+            result.append((dt[:n] + [nxt], lps[r][:n + 1] if r in lps else None))
         return result
 
     # ---- offline convenience ---------------------------------------------------------
@@ -403,12 +421,15 @@ class SpecEngine:
         for rid, prompt, p in zip(rids, prompts, plist):
             self.add_request(rid, prompt, p)
         tokens = {rid: [] for rid in rids}
+        lps = {rid: [] if p.logprobs is not None else None for rid, p in zip(rids, plist)}
         done: dict[str, RequestOutput] = {}
         while len(done) < len(rids):
             for o in self.step():
                 if o.request_id in tokens:
                     tokens[o.request_id].extend(o.new_token_ids)
+                    if o.logprobs is not None:
+                        lps[o.request_id].extend(o.logprobs)
                     if o.finished:
                         done[o.request_id] = o
         return [GenerationResult(tokens[r], done[r].finish_reason, done[r].num_prompt_tokens, done[r].stats,
-                                 done[r].stop_token_id) for r in rids]
+                                 done[r].stop_token_id, lps[r]) for r in rids]

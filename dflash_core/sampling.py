@@ -14,6 +14,11 @@ from dataclasses import dataclass, field, fields
 import torch
 
 
+# Most alternatives per token a request may ask for (as vLLM's default max_logprobs and
+# OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
+
+
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
@@ -24,6 +29,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
     speculative: bool = True      # False: verify 1 token per step (plain autoregressive)
+    logprobs: int | None = None   # None = off; k = each emitted token's log-probability and the k most
+                                  # likely alternatives (0 <= k <= MAX_LOGPROBS), see speculative.token_logprobs
 
     def __post_init__(self):
         def bad(msg):
@@ -40,6 +47,9 @@ class SamplingParams:
             bad(f"top_k must be a non-negative integer below 2**63, got {self.top_k!r}")
         if self.seed is not None and not int64_ok(self.seed):   # as the HTTP API: true is not a seed
             bad(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
+                                              and 0 <= self.logprobs <= MAX_LOGPROBS):
+            bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
     @property

@@ -6,7 +6,7 @@
   tokens prefilled, admitted or not): the server adds these to its counters as they
   come, instead of diffing cumulative totals.
 - `SpecStats`: the cumulative statistics of a request (what usage reports).
-- `RequestOutput`: one row's result of one `step()`.
+- `RequestOutput`: one row's result of one `step()` (with `TokenLogprob`s when asked for).
 """
 from __future__ import annotations
 
@@ -72,6 +72,16 @@ class SpecStats:
 
 
 @dataclass
+class TokenLogprob:
+    """One emitted token's log-probability under the target's own distribution (its raw
+    logits: before temperature, top_k and top_p), and the `logprobs` most likely tokens
+    at that position, most likely first, as (token id, log-probability)."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class RequestOutput:
     request_id: str
     new_token_ids: list[int]
@@ -86,6 +96,8 @@ class RequestOutput:
     # positions committed this step, [n, K*hidden], positions in `feature_positions`
     features: torch.Tensor | None = None
     feature_positions: torch.Tensor | None = None
+    # SamplingParams.logprobs set: one entry per token of new_token_ids, else None
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -95,6 +107,7 @@ class GenerationResult:
     num_prompt_tokens: int
     stats: SpecStats
     stop_token_id: int | None = None
+    logprobs: list[TokenLogprob] | None = None   # one per token_ids entry when asked for
 
 
 class Sequence:
@@ -150,6 +163,9 @@ class Sequence:
             self.last = tokens[-1]
         return new
 
-    def output_of_step(self, new: list[int]) -> RequestOutput:
-        return RequestOutput(self.request_id, new, self.finished, self.finish_reason, len(self.prompt),
-                             len(self.output), self.stats, self.stop_token_id, self.step)
+    def output_of_step(self, new: list[int], logprobs: list[TokenLogprob] | None = None) -> RequestOutput:
+        out = RequestOutput(self.request_id, new, self.finished, self.finish_reason, len(self.prompt),
+                            len(self.output), self.stats, self.stop_token_id, self.step)
+        if self.params.logprobs is not None:
+            out.logprobs = list(logprobs or [])
+        return out

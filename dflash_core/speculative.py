@@ -30,7 +30,7 @@ import torch
 from . import kernels
 from .models.decoder import Decoder
 from .sampling import RowParams, warp_probs_rows
-from .sequence import Sequence
+from .sequence import Sequence, TokenLogprob
 
 
 @dataclass
@@ -211,3 +211,32 @@ def accept(target: Decoder, rows: list[Sequence], hidden: torch.Tensor, draft_to
         a, n = kernels.rejection_accept(draft_tokens[idx], target_probs, dp, u[:, :b - 1], u[:, b - 1])
         accept_len[idx], next_tok[idx] = a, n
     return accept_len, next_tok
+
+
+def token_logprobs(rows: list[Sequence], logits_of, chosen: torch.Tensor) -> dict[int, list[TokenLogprob]]:
+    """Log-probabilities for the rows that ask for them (`params.logprobs` set):
+    row index -> one TokenLogprob per position of `chosen` [R, P] (the token committed
+    there), from the target's raw distribution log_softmax(logits) (before temperature,
+    top_k, top_p: what vLLM reports by default), with the row's k most likely tokens.
+    logits_of(idx) -> logits [len(idx), P, V] of those rows only, so rows that do not ask
+    pay no LM head. One read back to the host for all rows (none when no row asks)."""
+    want = [r for r, s in enumerate(rows) if s.params.logprobs is not None]
+    if not want:
+        return {}
+    dev = chosen.device
+    idx = torch.tensor(want, device=dev)
+    logp = torch.log_softmax(logits_of(idx).float(), dim=-1)                      # [Rl, P, V]
+    ch = chosen[idx]                                                              # [Rl, P]
+    parts = [ch.double()[..., None], logp.gather(-1, ch[..., None]).double()]
+    k_max = max(rows[r].params.logprobs for r in want)
+    if k_max:
+        top_v, top_i = logp.topk(min(k_max, logp.shape[-1]), dim=-1)
+        parts += [top_v.double(), top_i.double()]                                 # ids < 2**53: exact
+    packed = torch.cat(parts, -1).tolist()                                        # [Rl, P, 2 + 2k]
+    out: dict[int, list[TokenLogprob]] = {}
+    for r, row in zip(want, packed):
+        k = rows[r].params.logprobs
+        kk = (len(row[0]) - 2) // 2
+        out[r] = [TokenLogprob(int(v[0]), v[1], [(int(v[2 + kk + j]), v[2 + j]) for j in range(min(k, kk))])
+                  for v in row]
+    return out

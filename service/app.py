@@ -33,6 +33,7 @@ from dflash_core.sampling import SamplingParams
 
 from . import protocol as P
 from .config import ServiceConfig
+from .detokenize import TokenStrings
 from .logs import log_event
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .engine_loop import EngineLoop, Overloaded, StreamEvent, Unavailable
@@ -79,6 +80,7 @@ class Server:
         self.loop = EngineLoop(engine, tokenizer, self.metrics, max_queue=config.max_queue,
                                request_timeout_s=config.request_timeout_s, retry_after_s=config.retry_after_s)
         self.vocab_size = engine.vocab_size
+        self.token_strings = TokenStrings(tokenizer)   # token text + bytes for logprobs
         self.sampling_defaults = dict(OPENAI_SAMPLING_DEFAULTS)
         given = config.sampling_defaults if config.sampling_defaults is not None else \
             generation_defaults(config.target)
@@ -155,7 +157,8 @@ class Server:
             top_k = d["top_k"] if req.top_k is None else req.top_k
             return SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature),
                                   top_p=float(top_p), top_k=max(0, int(top_k)), seed=req.seed,
-                                  ignore_eos=req.ignore_eos, speculative=req.speculative)
+                                  ignore_eos=req.ignore_eos, speculative=req.speculative,
+                                  logprobs=req.logprobs_k)
         except ValueError as e:
             field = str(e).split(" ", 1)[0]
             param = {"max_new_tokens": param}.get(field, field if field in type(req).model_fields else None)
@@ -381,7 +384,7 @@ def build_app(server: Server) -> FastAPI:
 
     async def _collect(request: Request, stream, req, rid, created, chat, num_prompt_tokens):
         t0 = time.monotonic()
-        text, token_ids = [], []
+        text, token_ids, logprobs = [], [], []
         next_check = time.monotonic() + _DISCONNECT_POLL_S
         try:
             while True:
@@ -399,6 +402,7 @@ def build_app(server: Server) -> FastAPI:
                                      type="server_error" if status >= 500 else "invalid_request_error")
                 text.append(ev.text)
                 token_ids.extend(ev.token_ids)
+                logprobs.extend(ev.logprobs or [])
                 if ev.finished:
                     break
         finally:
@@ -409,14 +413,25 @@ def build_app(server: Server) -> FastAPI:
         ids = token_ids if req.return_token_ids else None
         pids = stream.prompt_token_ids if req.return_token_ids else None
         build = P.chat_response if chat else P.completion_response
-        body = build(rid, created, server.model_name, "".join(text), ev.finish_reason, usage, ids, pids)
+        lp = _logprobs_body(req, chat, logprobs, 0)
+        body = build(rid, created, server.model_name, "".join(text), ev.finish_reason, usage, ids, pids, lp)
         return JSONResponse(body, headers=_id_header(rid))
+
+    def _logprobs_body(req, chat, entries, text_offset) -> dict | None:
+        k = req.logprobs_k
+        if k is None:
+            return None
+        if chat:
+            return P.logprobs_chat(entries, server.token_strings)
+        return P.logprobs_completion(entries, server.token_strings, text_offset, k)
 
     async def _sse(stream, req, rid, created, chat, chunk_object, num_prompt_tokens):
         t0 = time.monotonic()
         model = server.model_name
         usage_null = req.include_usage
         want_ids = req.return_token_ids
+        want_lp = req.logprobs_k is not None
+        offset = 0   # characters of the tokens reported so far (completions' text_offset)
         try:
             if chat:
                 yield P.sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None,
@@ -427,12 +442,16 @@ def build_app(server: Server) -> FastAPI:
                     kind = "server_error" if status >= 500 else "invalid_request_error"
                     yield P.sse(P.error_body(message, kind, code=code))
                     break
-                if ev.text or (want_ids and ev.token_ids):
+                if ev.text or ((want_ids or want_lp) and ev.token_ids):
                     ids = ev.token_ids if want_ids else None
+                    lp = _logprobs_body(req, chat, ev.logprobs or [], offset) if want_lp else None
+                    if lp is not None and not chat:
+                        offset += sum(len(t) for t in lp["tokens"])
                     if chat:
-                        yield P.sse(P.chat_chunk(rid, created, model, {"content": ev.text}, None, ids, usage_null))
+                        yield P.sse(P.chat_chunk(rid, created, model, {"content": ev.text}, None, ids, usage_null,
+                                                 lp))
                     else:
-                        yield P.sse(P.completion_chunk(rid, created, model, ev.text, None, ids, usage_null))
+                        yield P.sse(P.completion_chunk(rid, created, model, ev.text, None, ids, usage_null, lp))
                 if ev.finished:
                     if chat:
                         yield P.sse(P.chat_chunk(rid, created, model, {}, ev.finish_reason,

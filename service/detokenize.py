@@ -94,3 +94,49 @@ class IncrementalDetokenizer:
                     best = k
                     break
         return best
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE (GPT-2 style) spells every byte as one printable character: bytes
+    that are printable Latin-1 stand for themselves, the other 68 are shifted to U+0100..
+    in byte order. -> character -> byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+    shifted = [b for b in range(256) if b not in keep]
+    table = {chr(b): b for b in keep}
+    table.update({chr(256 + i): b for i, b in enumerate(shifted)})
+    return table
+
+
+class TokenStrings:
+    """token id -> (its text, its UTF-8 bytes), for log-probability reports. A token may
+    hold part of a multi-byte character: its bytes are exact, its text shows U+FFFD there.
+    Byte-level BPE pieces are mapped back to their bytes; SentencePiece pieces ("▁the",
+    "<0x0A>") too; anything else falls back to decoding the one token. Cached per id."""
+
+    _ALPHABET = _byte_level_alphabet()
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            raw = self._bytes(token_id)
+            hit = self._cache[token_id] = (raw.decode("utf-8", errors="replace"), raw)
+        return hit
+
+    def _bytes(self, token_id: int) -> bytes:
+        piece = self.tokenizer.convert_ids_to_tokens(int(token_id))
+        if isinstance(piece, str) and piece:
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return bytes([int(piece[3:5], 16)])
+                except ValueError:
+                    pass
+            if "\u2581" in piece:
+                return piece.replace("\u2581", " ").encode("utf-8")
+            if all(c in self._ALPHABET for c in piece):
+                return bytes(self._ALPHABET[c] for c in piece)
+        return self.tokenizer.decode([int(token_id)], skip_special_tokens=False,
+                                     clean_up_tokenization_spaces=False).encode("utf-8")

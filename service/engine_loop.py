@@ -61,6 +61,7 @@ class StreamEvent:
     num_generated_tokens: int = 0        # tokens returned so far (up to a stop string)
     stats: dict | None = None            # cumulative SpecStats.to_dict() + num_drafts
     error: tuple[int, str, str] | None = None  # (http status, message, code)
+    logprobs: list | None = None         # TokenLogprob per token of token_ids (when the request asks)
 
 
 class RequestStream:
@@ -82,6 +83,7 @@ class RequestStream:
         self.finished = False
         self.num_drafts = 0
         self.last_stats = None       # the engine's SpecStats of this request (read on the loop thread only)
+        self.logprobs: list = []     # TokenLogprob per token the detokenizer took (params.logprobs set)
         self._aio_loop = aio_loop
         self._queue: asyncio.Queue[StreamEvent] | None = asyncio.Queue() if aio_loop else None
         self._events: list[StreamEvent] = []   # used when there is no asyncio loop (tests, tools)
@@ -272,6 +274,8 @@ class EngineLoop:
         used_before = st.detok.num_tokens_used
         text = st.detok.add(out.new_token_ids, out.finished)
         new_ids = st.detok.token_ids[used_before:st.detok.num_tokens_used]
+        if out.logprobs is not None:   # aligned with detok.token_ids (both take every emitted token)
+            st.logprobs.extend(out.logprobs)
         finished, reason = out.finished, out.finish_reason
         if st.detok.stopped and not out.finished:
             self.engine.abort_request(st.request_id)   # frees the slot before the next step
@@ -288,7 +292,9 @@ class EngineLoop:
         st.last_output_s = now
         ev = StreamEvent(text=text, token_ids=new_ids, finished=finished, finish_reason=reason,
                          num_prompt_tokens=out.num_prompt_tokens, num_generated_tokens=st.detok.num_tokens_used,
-                         stats=self._stats_dict(st, s) if finished else None)
+                         stats=self._stats_dict(st, s) if finished else None,
+                         logprobs=st.logprobs[used_before:st.detok.num_tokens_used]
+                         if st.params.logprobs is not None else None)
         if finished:
             self._streams.pop(st.request_id, None)
             self._done(st, reason, now)

@@ -3,8 +3,13 @@
 Contract: `parse_request(Model, body_bytes)` returns a validated request or raises
 `APIError`, whose `.response()` is an OpenAI-shaped JSON error
 (`{"error": {"message", "type", "param", "code"}}`). Fields of the OpenAI API that this
-server does not implement (logprobs, n > 1, tools, ...) are rejected with a 400 that names
+server does not implement (n > 1, penalties, tools, ...) are rejected with a 400 that names
 the field, never silently ignored; fields unknown to the OpenAI API are rejected too.
+
+Log-probabilities: `logprobs` (completions: an integer k, the alternatives per token;
+chat: true, with `top_logprobs` k) returns each generated token's log-probability under
+the target's raw distribution (before temperature / top_p / top_k) and its k most likely
+alternatives, k <= MAX_LOGPROBS, in OpenAI's shapes (`logprobs_chat`, `logprobs_completion`).
 
 Extensions (request body): `speculative` (bool, default true: false decodes this request
 without the drafter), `top_k`, `ignore_eos`, `return_token_ids`. The usage object carries
@@ -17,7 +22,9 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dflash_core.sampling import MAX_LOGPROBS
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 512
@@ -125,10 +132,25 @@ class _SamplingFields(BaseModel):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @property
+    def logprobs_k(self) -> int | None:
+        """None: no log-probabilities; k: each token's and its k most likely alternatives."""
+        return None
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @field_validator("logprobs", mode="before")
+    @classmethod
+    def _logprobs_off(cls, v):
+        return None if v is False else v   # clients send false for "off"
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -166,13 +188,24 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
     max_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:   # (an APIError passes pydantic unchanged)
+            raise APIError(400, f"'top_logprobs' = {self.top_logprobs} needs 'logprobs': true.",
+                           param="top_logprobs", code="invalid_value")
+        return self
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 # Fields of the OpenAI API this server does not implement, with the value(s) that mean
 # "not used" and are therefore accepted. Any other value -> 400 naming the field.
 UNSUPPORTED_FIELDS: dict[str, tuple] = {
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
@@ -295,10 +328,35 @@ def usage_dict(num_prompt_tokens: int, num_generated_tokens: int, stats: dict | 
     }
 
 
+def logprobs_chat(entries: list, token_str) -> dict:
+    """TokenLogprob entries -> a chat choice's `logprobs` ({"content": [...], "refusal": None});
+    token_str(id) -> (text, utf-8 bytes) of one token."""
+    def one(tid: int, lp: float) -> dict:
+        text, raw = token_str(tid)
+        return {"token": text, "logprob": lp, "bytes": list(raw)}
+    return {"content": [{**one(e.token_id, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]}
+                        for e in entries],
+            "refusal": None}
+
+
+def logprobs_completion(entries: list, token_str, text_offset: int, k: int) -> dict:
+    """TokenLogprob entries -> a completion choice's `logprobs` (tokens, token_logprobs,
+    top_logprobs (None when k = 0), text_offset: each token's character offset in the
+    completion, counting from text_offset, the characters of the tokens before these)."""
+    tokens, offsets = [], []
+    for e in entries:
+        offsets.append(text_offset)
+        tokens.append(token_str(e.token_id)[0])
+        text_offset += len(tokens[-1])
+    return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{token_str(t)[0]: lp for t, lp in e.top} for e in entries] if k else None,
+            "text_offset": offsets}
+
+
 def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
                         usage: dict, token_ids: list[int] | None = None,
-                        prompt_token_ids: list[int] | None = None) -> dict:
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+                        prompt_token_ids: list[int] | None = None, logprobs: dict | None = None) -> dict:
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
         choice["prompt_token_ids"] = prompt_token_ids
@@ -308,8 +366,8 @@ def completion_response(rid: str, created: int, model: str, text: str, finish_re
 
 def chat_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
                   usage: dict, token_ids: list[int] | None = None,
-                  prompt_token_ids: list[int] | None = None) -> dict:
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                  prompt_token_ids: list[int] | None = None, logprobs: dict | None = None) -> dict:
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
               "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
@@ -319,9 +377,9 @@ def chat_response(rid: str, created: int, model: str, text: str, finish_reason: 
 
 
 def _chunk(obj: str, content: dict, rid: str, created: int, model: str, finish_reason: str | None,
-           token_ids: list[int] | None, usage_null: bool) -> dict:
+           token_ids: list[int] | None, usage_null: bool, logprobs: dict | None = None) -> dict:
     """One streamed chunk with one choice (`content`: its text or delta)."""
-    choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
@@ -331,14 +389,16 @@ def _chunk(obj: str, content: dict, rid: str, created: int, model: str, finish_r
 
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
-                     token_ids: list[int] | None = None, usage_null: bool = False) -> dict:
-    return _chunk("text_completion", {"text": text}, rid, created, model, finish_reason, token_ids, usage_null)
+                     token_ids: list[int] | None = None, usage_null: bool = False,
+                     logprobs: dict | None = None) -> dict:
+    return _chunk("text_completion", {"text": text}, rid, created, model, finish_reason, token_ids, usage_null,
+                  logprobs)
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
-               token_ids: list[int] | None = None, usage_null: bool = False) -> dict:
+               token_ids: list[int] | None = None, usage_null: bool = False, logprobs: dict | None = None) -> dict:
     return _chunk("chat.completion.chunk", {"delta": delta}, rid, created, model, finish_reason, token_ids,
-                  usage_null)
+                  usage_null, logprobs)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: dict) -> dict:

@@ -239,6 +239,60 @@ def test_more_requests_than_slots_and_abort(target):
     assert eng.abort_request("r0")
 
 
+def reference_logprobs(target, prompt, tokens):
+    """log_softmax of the target's raw logits at every generated position, from one
+    from-scratch forward over prompt + tokens: [len(tokens), V]."""
+    seq = list(prompt) + list(tokens)
+    cache = target.new_cache(1, len(seq) + 1)
+    h, _ = target(torch.tensor([seq]), cache, torch.tensor([0]), torch.tensor([0]))
+    return torch.log_softmax(target.logits(h[0]).float(), -1)[len(prompt) - 1:len(seq) - 1]
+
+
+def test_logprobs_are_the_targets_own(target):
+    """Each emitted token's logprob is the target's raw log-probability at its position
+    (from-scratch reference), with the k most likely tokens in order; speculative rows
+    report what autoregressive rows report; a stop token or max tokens cut entries and
+    tokens alike; sampling rows get raw (not temperature-warped) values; rows that do not
+    ask get None."""
+    n, k = 30, 4
+    ref = [naive_greedy(target, p, n) for p in PROMPTS]
+    stop = ref[1][12]
+    runs = {}
+    for b in (8, 1):
+        eng = make_engine(target, block_size=b, drafter=b > 1, eos=(stop,))
+        params = [SamplingParams(max_new_tokens=n, logprobs=k, ignore_eos=i != 1) for i in range(3)] + \
+                 [SamplingParams(max_new_tokens=n, ignore_eos=True)]
+        out = eng.generate(PROMPTS, params)
+        assert out[3].logprobs is None and out[3].token_ids == ref[3]
+        assert out[1].finish_reason == "stop" and out[1].token_ids == ref[1][:ref[1].index(stop)]
+        for p, o, want in zip(PROMPTS, out[:3], ref):
+            assert o.token_ids == want[:len(o.token_ids)] and len(o.logprobs) == len(o.token_ids) > 0
+            lp = reference_logprobs(target, p, o.token_ids)
+            top_v, top_i = lp.topk(k, -1)
+            for j, (tok, e) in enumerate(zip(o.token_ids, o.logprobs)):
+                assert e.token_id == tok and abs(e.logprob - lp[j, tok].item()) < 1e-4
+                assert [t for t, _ in e.top] == top_i[j].tolist() and e.top[0][0] == tok   # greedy: top 1
+                assert max(abs(v - w) for (_, v), w in zip(e.top, top_v[j].tolist())) < 1e-4
+        runs[b] = out
+        assert eng.num_free_slots == 4
+    assert runs[8][0].stats.num_accepted_tokens >= 0 and runs[8][0].stats.num_draft_tokens > 0
+    for spec_o, ar_o in zip(runs[8][:3], runs[1][:3]):
+        assert spec_o.token_ids == ar_o.token_ids
+        assert max(abs(a.logprob - c.logprob) for a, c in zip(spec_o.logprobs, ar_o.logprobs)) < 1e-4
+    # sampling: raw log-probabilities, not those of the warped distribution it sampled from
+    eng = make_engine(target, block_size=8)
+    [o] = eng.generate([PROMPTS[2]], SamplingParams(max_new_tokens=n, ignore_eos=True, temperature=0.5, top_k=5,
+                                                    seed=3, logprobs=5))
+    lp = reference_logprobs(target, PROMPTS[2], o.token_ids)
+    warped = torch.log_softmax(lp / 0.5, -1)
+    for j, (tok, e) in enumerate(zip(o.token_ids, o.logprobs)):
+        assert e.token_id == tok and abs(e.logprob - lp[j, tok].item()) < 1e-4
+        assert tok in [t for t, _ in e.top]                    # top_k 5 sampled among the 5 most likely
+    assert max(abs(e.logprob - warped[j, e.token_id].item()) for j, e in enumerate(o.logprobs)) > 0.1
+    [o] = eng.generate([PROMPTS[2]], SamplingParams(max_new_tokens=3, logprobs=0, ignore_eos=True))
+    assert [e.top for e in o.logprobs] == [[], [], []]
+
+
 def test_bad_requests_are_rejected(target):
     eng = make_engine(target, max_seq_len=64)
     with pytest.raises(ValueError, match="empty"):
@@ -252,7 +306,7 @@ def test_bad_requests_are_rejected(target):
         eng.add_request("a", [1, 2], SamplingParams(max_new_tokens=3))
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(seed=-1),
                 dict(top_k=2**63), dict(top_k=2**64), dict(seed=2**63), dict(seed=True), dict(top_k=True),
-                dict(seed=1.0)):
+                dict(seed=1.0), dict(logprobs=-1), dict(logprobs=21), dict(logprobs=True), dict(logprobs=2.0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     # the largest accepted top_k goes through a sampled step (it found the engine loop's
@@ -439,10 +493,11 @@ class _SyncCounter:
             monkeypatch.setattr(torch.Tensor, name, counted)
 
 
-@pytest.mark.parametrize("mixed", [False, True])
+@pytest.mark.parametrize("mixed", [False, True, "logprobs"])
 def test_host_round_trips_per_step_do_not_grow_with_rows(target, monkeypatch, mixed):
     """One decode step over 2 rows and over 4 rows (all greedy; or sampling rows with
-    top-k / top-p beside greedy ones) reads the same number of values back to the host:
+    top-k / top-p beside greedy ones; or rows asking for logprobs beside rows that do
+    not) reads the same number of values back to the host:
     drafts, target tokens, probabilities and acceptance stay on the model's device, the
     per-row loops over the vocabulary are gone. (The greedy LM head picks the rows that go
     on once per chunk, <= log2(b) times a step; one chunk here, so the count is exact.)"""
@@ -463,7 +518,11 @@ def test_host_round_trips_per_step_do_not_grow_with_rows(target, monkeypatch, mi
         assert len(outs) == len(params) and all(o.step.block_size == 8 for o in outs)
         return counter.n
 
-    if mixed:
+    if mixed == "logprobs":
+        lp = [SamplingParams(max_new_tokens=30, ignore_eos=True, logprobs=2),
+              SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=0.9, seed=4, logprobs=0)]
+        two, four = one_step([lp[0], greedy]), one_step([lp[0], greedy, lp[1], greedy])
+    elif mixed:
         two, four = one_step([sampled[0], greedy]), one_step([sampled[0], greedy, sampled[1], greedy])
     else:
         two, four = one_step([greedy] * 2), one_step([greedy] * 4)

@@ -176,6 +176,61 @@ def test_stop_strings_cut_text_streaming_and_not(srv, tok):
     assert got_ids == want[:len(got_ids)] and stop in decode_text(tok, got_ids)
 
 
+def _offline_logprobs(prompt_ids, k, **params):
+    res = make_engine(make_cfg()).generate([prompt_ids], SamplingParams(logprobs=k, **params))[0]
+    return res.token_ids, res.logprobs
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_logprobs_equal_the_engine_streamed_or_not(srv, tok, chat):
+    """logprobs over HTTP are the engine's own (same tokens, same values, same
+    alternatives), in OpenAI's shapes; a stream carries each token's entry once, in order
+    (concatenated: the non-streamed body); a stop string cuts entries with the tokens."""
+    prompt, k = PROMPTS[1], 3
+    ids = chat_ids(tok, prompt) if chat else encode(tok, prompt)
+    want, lps = _offline_logprobs(ids, k, max_new_tokens=24, ignore_eos=True)
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    body = {"model": MODEL, "max_tokens": 24, "temperature": 0, "ignore_eos": True, "return_token_ids": True}
+    body.update({"messages": [{"role": "user", "content": prompt}], "logprobs": True, "top_logprobs": k} if chat
+                else {"prompt": prompt, "logprobs": k})
+    c = post(srv.url, path, body).json()["choices"][0]
+    assert c["token_ids"] == want
+    strings = [decode_text(tok, [t]) for t in want]
+    if chat:
+        got = c["logprobs"]["content"]
+        assert [e["logprob"] for e in got] == pytest.approx([e.logprob for e in lps], abs=1e-5)
+        assert [[a["logprob"] for a in e["top_logprobs"]] for e in got] == \
+            [pytest.approx([v for _, v in e.top], abs=1e-5) for e in lps]
+        assert [e["token"] for e in got] == strings and [e["top_logprobs"][0]["token"] for e in got] == strings
+        assert b"".join(bytes(e["bytes"]) for e in got).decode() == c["message"]["content"]
+    else:
+        got = c["logprobs"]
+        assert got["tokens"] == strings and "".join(got["tokens"]) == c["text"]
+        assert got["token_logprobs"] == pytest.approx([e.logprob for e in lps], abs=1e-5)
+        assert [sorted(d.values(), reverse=True) for d in got["top_logprobs"]] == \
+            [pytest.approx([v for _, v in e.top], abs=1e-5) for e in lps]
+        assert got["text_offset"] == [len("".join(strings[:i])) for i in range(len(strings))]
+    # streamed: the chunks' entries, concatenated, are the body's
+    chunks = [x for x in sse(httpx.post(srv.url + path, json={**body, "stream": True}, timeout=60)) if x != "[DONE]"]
+    parts = [ch["choices"][0]["logprobs"] for ch in chunks if ch["choices"] and ch["choices"][0]["logprobs"]]
+    assert len(parts) > 1
+    if chat:
+        assert [e for p in parts for e in p["content"]] == got
+    else:
+        assert {key: [v for p in parts for v in p[key]] for key in got} == got
+    # a stop string: entries end with the tokens that produced the text
+    full = decode_text(tok, want)
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    j = post(srv.url, path, {**body, "stop": [stop]}).json()
+    c = j["choices"][0]
+    n = j["usage"]["completion_tokens"]
+    assert c["finish_reason"] == "stop" and 0 < n < len(want) and len(c["token_ids"]) == n
+    assert len(c["logprobs"]["content"] if chat else c["logprobs"]["tokens"]) == n
+    # not asked: null, as before
+    plain = {key: v for key, v in body.items() if key not in ("logprobs", "top_logprobs")}
+    assert post(srv.url, path, plain).json()["choices"][0]["logprobs"] is None
+
+
 # --------------------------------------------------------------------------- concurrency
 
 def _stream_tokens(url, prompt, **extra):
@@ -231,7 +286,10 @@ BAD = [
     ({"model": MODEL, "prompt": [1, 2, 10 ** 7]}, 400, "prompt"),
     ({"model": MODEL, "prompt": "hi", "max_tokens": 512}, 400, "max_tokens"),   # prompt + 512 > 512
     ({"model": "gpt-4", "prompt": "hi"}, 404, "model"),
-    ({"model": MODEL, "prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),   # a chat field
     ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
@@ -249,7 +307,10 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": []}, 400, "messages"),
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
-    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400,
+     "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -5}, 400,
      "max_completion_tokens"),
 ]
@@ -452,8 +513,17 @@ def test_official_openai_client(srv, tok):
     stream = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=20, temperature=0, stream=True)
     assert "".join(ch.choices[0].text for ch in stream) == decode_text(tok, want)
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=2)
+        client.completions.create(model=MODEL, prompt="x", max_tokens=4, logprobs=21)
     assert "logprobs" in str(e.value)
+    # logprobs parse into the client's own types
+    c = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=20, temperature=0, logprobs=2)
+    assert c.choices[0].text == decode_text(tok, want) and len(c.choices[0].logprobs.token_logprobs) == len(want)
+    assert all(len(d) == 2 for d in c.choices[0].logprobs.top_logprobs)
+    ch = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=20,
+                                        temperature=0, logprobs=True, top_logprobs=3)
+    content = ch.choices[0].logprobs.content
+    assert len(content) == len(chat_want) and all(len(t.top_logprobs) == 3 for t in content)
+    assert b"".join(bytes(t.bytes) for t in content).decode() == decode_text(tok, chat_want)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x", max_tokens=4)
 
