@@ -391,10 +391,12 @@ class SpecEngine:
             draft_tokens, draft_probs = spec.draft(self.drafting, self.target, rows, slots, anchors, start, b)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture())
         accept_len, next_tok = spec.accept(self.target, rows, hidden, draft_tokens, draft_probs)
-        # block position j commits draft j while j < accepted, then the target's next token
-        committed = torch.where(torch.arange(b, device=dev)[None, :] < accept_len[:, None],
-                                torch.cat([draft_tokens, next_tok[:, None]], 1), next_tok[:, None])
-        lps = spec.token_logprobs(rows, lambda idx: self.target.logits(hidden[idx]), committed)
+        lps = {}
+        if any(s.params.logprobs is not None for s in rows):
+            # block position j commits draft j while j < accepted, then the target's next token
+            committed = torch.where(torch.arange(b, device=dev)[None, :] < accept_len[:, None],
+                                    torch.cat([draft_tokens, next_tok[:, None]], 1), next_tok[:, None])
+            lps = spec.token_logprobs(rows, lambda idx: self.target.logits(hidden[idx]), committed)
         # the one read of this group's results: [accepted, next token, drafts...] per row
         packed = torch.cat([accept_len[:, None], next_tok[:, None], draft_tokens], 1).tolist()
         result = []

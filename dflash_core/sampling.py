@@ -17,6 +17,7 @@ import torch
 # Most alternatives per token a request may ask for (as vLLM's default max_logprobs and
 # OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
+MAX_REPETITION_PENALTY = 10.0
 
 
 @dataclass
@@ -31,6 +32,12 @@ class SamplingParams:
     speculative: bool = True      # False: verify 1 token per step (plain autoregressive)
     logprobs: int | None = None   # None = off; k = each emitted token's log-probability and the k most
                                   # likely alternatives (0 <= k <= MAX_LOGPROBS), see speculative.token_logprobs
+    # penalties on the target's logits (`apply_penalties`): OpenAI's presence / frequency
+    # over the generated tokens, and the multiplicative repetition penalty (HF / vLLM) over
+    # prompt and generated tokens. 0 / 0 / 1 = off.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self):
         def bad(msg):
@@ -50,11 +57,22 @@ class SamplingParams:
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
                                               and 0 <= self.logprobs <= MAX_LOGPROBS):
             bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
+                bad(f"{name} must be a number in [-2, 2], got {v!r}")
+        rp = self.repetition_penalty
+        if not isinstance(rp, (int, float)) or isinstance(rp, bool) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
+            bad(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], got {rp!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @classmethod
     def from_kwargs(cls, **kw) -> "SamplingParams":
@@ -123,3 +141,39 @@ def warp_probs_rows(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
         kept = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
         probs = torch.where(top_p < 1.0, kept / kept.sum(-1, keepdim=True), probs)
     return probs[:, 0] if squeeze else probs
+
+
+def apply_penalties(logits: torch.Tensor, rows, drafts: torch.Tensor | None = None) -> torch.Tensor:
+    """Penalised logits [R, P, V] of R rows at P consecutive positions (a verified block:
+    position j picks the token after the row's generated tokens and drafts[:, :j]).
+
+    Per row, with c[t] = how often t occurs in the generated tokens before the position
+    (the committed output, then the block's drafts before it):
+      1. repetition_penalty rp (HF / vLLM): for every t in the prompt or with c[t] > 0,
+         logit > 0 -> logit / rp, else logit * rp;
+      2. presence / frequency (OpenAI): logit[t] -= frequency * c[t] + presence * (c[t] > 0).
+    rows: objects with .params (SamplingParams), .prompt and .output (token ids);
+    drafts [R, P-1] on the logits' device. The counts are built on the host from the rows'
+    tokens and copied over once: no value is read back from the device."""
+    R, P, V = logits.shape
+    dev = logits.device
+    base = torch.zeros(R, V, dtype=torch.float32)
+    for r, s in enumerate(rows):
+        if s.output:
+            base[r] = torch.bincount(torch.tensor(s.output, dtype=torch.int64), minlength=V)[:V].float()
+    counts = base.to(dev)[:, None, :].repeat(1, P, 1)                            # [R, P, V]
+    if P > 1:
+        onehot = torch.zeros(R, P - 1, V, dtype=torch.float32, device=dev).scatter_(2, drafts[:, :P - 1, None], 1.0)
+        counts[:, 1:] += onehot.cumsum(1)
+    x = logits.float()
+    rep = [float(s.params.repetition_penalty) for s in rows]
+    if any(v != 1.0 for v in rep):
+        in_prompt = torch.zeros(R, V, dtype=torch.bool)
+        for r, s in enumerate(rows):
+            in_prompt[r, torch.tensor(s.prompt, dtype=torch.int64)] = True
+        seen = (counts > 0) | in_prompt.to(dev)[:, None, :]
+        rp = torch.tensor(rep, dtype=torch.float32, device=dev).view(R, 1, 1)
+        x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
+    freq = torch.tensor([float(s.params.frequency_penalty) for s in rows], dtype=torch.float32, device=dev)
+    pres = torch.tensor([float(s.params.presence_penalty) for s in rows], dtype=torch.float32, device=dev)
+    return x - freq.view(R, 1, 1) * counts - pres.view(R, 1, 1) * (counts > 0).float()

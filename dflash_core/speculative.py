@@ -9,6 +9,9 @@ Acceptance (Leviathan et al. 2023, Thm. 1):
 - greedy rows keep the longest prefix with d_k == argmax p_k and then emit argmax at the
   first mismatch (or the bonus token after the last draft): exactly the target's greedy
   output;
+- p_k is the target's distribution after the row's penalties (presence / frequency /
+  repetition), counted at each block position over the generated tokens and the drafts
+  before it: exactly what autoregressive decoding would have applied there;
 - sampling rows accept d_k with probability min(1, p_k(d_k) / q_k(d_k)); at the first
   rejection they emit x ~ max(p_k - q_k, 0) / sum(max(p_k - q_k, 0)); if all b-1 drafts
   pass they emit the bonus x ~ p_b. Each emitted token is then distributed exactly as the
@@ -29,7 +32,7 @@ import torch
 
 from . import kernels
 from .models.decoder import Decoder
-from .sampling import RowParams, warp_probs_rows
+from .sampling import RowParams, apply_penalties, warp_probs_rows
 from .sequence import Sequence, TokenLogprob
 
 
@@ -80,9 +83,23 @@ def _sampling_rows(rows: list[Sequence]) -> list[int]:
     return [r for r, s in enumerate(rows) if not s.params.greedy]
 
 
+def penalize(rows: list[Sequence], logits: torch.Tensor, drafts: torch.Tensor | None = None) -> torch.Tensor:
+    """logits [R, P, V] of these rows at the block positions -> the same with each
+    penalised row's penalties applied (`apply_penalties`); unchanged when no row has any."""
+    pen = [r for r, s in enumerate(rows) if s.params.penalized]
+    if not pen:
+        return logits
+    out = logits.float().clone()
+    idx = torch.tensor(pen, device=logits.device)
+    out[idx] = apply_penalties(out[idx], [rows[r] for r in pen], None if drafts is None else drafts[idx])
+    return out
+
+
 def sample_rows(rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
     """logits [R, V] -> one token per row, on the logits' device: argmax for greedy rows,
-    else an inverse-CDF sample of the row's warped distribution with its own uniform."""
+    else an inverse-CDF sample of the row's warped distribution with its own uniform
+    (penalties applied first, for rows that have them)."""
+    logits = penalize(rows, logits[:, None])[:, 0]
     out = logits.argmax(-1)
     samp = _sampling_rows(rows)
     if samp:
@@ -197,15 +214,22 @@ def accept(target: Decoder, rows: list[Sequence], hidden: torch.Tensor, draft_to
     accept_len = torch.zeros(R, dtype=torch.int64, device=dev)
     next_tok = torch.zeros(R, dtype=torch.int64, device=dev)
     samp = _sampling_rows(rows)
-    greedy = [r for r, s in enumerate(rows) if s.params.greedy]
+    greedy = [r for r, s in enumerate(rows) if s.params.greedy and not s.params.penalized]
     if greedy:
         g = torch.tensor(greedy, device=dev)
         a, n = kernels.greedy_accept(draft_tokens[g], greedy_targets(target, hidden[g], draft_tokens[g]))
         accept_len[g], next_tok[g] = a, n
+    greedy_pen = [r for r, s in enumerate(rows) if s.params.greedy and s.params.penalized]
+    if greedy_pen:   # the penalties depend on the drafts before each position: the full head
+        g = torch.tensor(greedy_pen, device=dev)
+        logits = penalize([rows[r] for r in greedy_pen], target.logits(hidden[g]), draft_tokens[g])
+        a, n = kernels.greedy_accept(draft_tokens[g], logits.argmax(-1))
+        accept_len[g], next_tok[g] = a, n
     if samp:
         idx = torch.tensor(samp, device=dev)
         srows = [rows[r] for r in samp]
-        target_probs = warp_probs_rows(target.logits(hidden[idx]), RowParams.of([s.params for s in srows], dev))
+        logits = penalize(srows, target.logits(hidden[idx]), draft_tokens[idx])
+        target_probs = warp_probs_rows(logits, RowParams.of([s.params for s in srows], dev))
         dp = draft_probs if b > 1 else torch.zeros(len(samp), 0, V, device=dev)
         u = uniforms(srows, b, dev)                                                  # [Rs, b]
         a, n = kernels.rejection_accept(draft_tokens[idx], target_probs, dp, u[:, :b - 1], u[:, b - 1])

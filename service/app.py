@@ -158,7 +158,11 @@ class Server:
             return SamplingParams(max_new_tokens=int(max_tokens), temperature=float(temperature),
                                   top_p=float(top_p), top_k=max(0, int(top_k)), seed=req.seed,
                                   ignore_eos=req.ignore_eos, speculative=req.speculative,
-                                  logprobs=req.logprobs_k)
+                                  logprobs=req.logprobs_k,
+                                  presence_penalty=float(req.presence_penalty or 0.0),
+                                  frequency_penalty=float(req.frequency_penalty or 0.0),
+                                  repetition_penalty=float(1.0 if req.repetition_penalty is None
+                                                           else req.repetition_penalty))
         except ValueError as e:
             field = str(e).split(" ", 1)[0]
             param = {"max_new_tokens": param}.get(field, field if field in type(req).model_fields else None)

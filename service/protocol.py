@@ -3,7 +3,7 @@
 Contract: `parse_request(Model, body_bytes)` returns a validated request or raises
 `APIError`, whose `.response()` is an OpenAI-shaped JSON error
 (`{"error": {"message", "type", "param", "code"}}`). Fields of the OpenAI API that this
-server does not implement (n > 1, penalties, tools, ...) are rejected with a 400 that names
+server does not implement (n > 1, logit_bias, tools, ...) are rejected with a 400 that names
 the field, never silently ignored; fields unknown to the OpenAI API are rejected too.
 
 Log-probabilities: `logprobs` (completions: an integer k, the alternatives per token;
@@ -12,7 +12,7 @@ the target's raw distribution (before temperature / top_p / top_k) and its k mos
 alternatives, k <= MAX_LOGPROBS, in OpenAI's shapes (`logprobs_chat`, `logprobs_completion`).
 
 Extensions (request body): `speculative` (bool, default true: false decodes this request
-without the drafter), `top_k`, `ignore_eos`, `return_token_ids`. The usage object carries
+without the drafter), `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids`. The usage object carries
 the request's speculative-decoding stats.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dflash_core.sampling import MAX_LOGPROBS
+from dflash_core.sampling import MAX_LOGPROBS, MAX_REPETITION_PENALTY
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 512
@@ -99,6 +99,9 @@ class _SamplingFields(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, lt=2**63)  # extension; 0 or -1: off
     seed: int | None = Field(None, ge=0, lt=2**63)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)  # extension (vLLM's)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -210,8 +213,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "suffix": (None, ""),
     "best_of": (None, 1),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),

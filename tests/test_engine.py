@@ -15,6 +15,7 @@ from dflash_core.engine import EngineConfig, SpecEngine
 from dflash_core.sampling import SamplingParams, warp_probs
 
 PROMPTS = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023))]
+PENALTIES = dict(presence_penalty=0.6, frequency_penalty=0.4, repetition_penalty=1.5)
 
 
 def make_engine(target, block_size=8, drafter=True, max_slots=4, max_seq_len=160, schedule=None, seed=0, eos=(),
@@ -293,6 +294,50 @@ def test_logprobs_are_the_targets_own(target):
     assert [e.top for e in o.logprobs] == [[], [], []]
 
 
+def naive_greedy_penalized(target, prompt, n, **pen):
+    seq = list(prompt)
+    for _ in range(n):
+        cache = target.new_cache(1, len(seq) + 1)
+        h, _ = target(torch.tensor([seq]), cache, torch.tensor([0]), torch.tensor([0]))
+        seq.append(int(penalized_reference(target.logits(h[0, -1]), prompt, seq[len(prompt):], **pen).argmax()))
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("pen", [dict(presence_penalty=1.5), dict(frequency_penalty=0.7),
+                                 dict(repetition_penalty=1.8), PENALTIES, dict(frequency_penalty=-0.5)])
+def test_greedy_with_penalties_equals_the_penalized_target(target, monkeypatch, pen):
+    """Penalties count the generated tokens before each verified position, drafts included:
+    greedy DFlash with drafts that are right for m = 0..b-1 positions then wrong (every
+    acceptance length) equals the penalised target decoded token by token from scratch,
+    and so does autoregressive decoding; the penalties change the output."""
+    from dflash_core import speculative
+    n, b = 40, 6
+    ref = [naive_greedy_penalized(target, p, n, **pen) for p in PROMPTS]
+    assert ref != [naive_greedy(target, p, n) for p in PROMPTS]
+    V = target.config.vocab_size
+    cycle = {}
+
+    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb):
+        out = torch.zeros(len(rows), bb - 1, dtype=torch.int64)
+        for r, s in enumerate(rows):
+            want = ref[PROMPTS.index(s.prompt)] + [0] * bb
+            k = len(s.output)                       # the drafts continue after the anchor
+            m = next(cycle.setdefault(s.request_id, itertools.cycle(range(bb))))
+            for j in range(bb - 1):
+                out[r, j] = want[k + j] if j < m else (want[k + j] + 1) % V
+        return out, None
+
+    monkeypatch.setattr(speculative, "draft", oracle_draft)
+    eng = make_engine(target, block_size=b)
+    out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True, **pen))
+    assert [o.token_ids for o in out] == ref
+    assert set(out[3].stats.acceptance_lengths[:-1]) == set(range(1, b + 1))
+    ar = make_engine(target, block_size=1, drafter=False)
+    assert [o.token_ids for o in ar.generate(PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True,
+                                                                       **pen))] == ref
+    assert eng.num_free_slots == 4
+
+
 def test_bad_requests_are_rejected(target):
     eng = make_engine(target, max_seq_len=64)
     with pytest.raises(ValueError, match="empty"):
@@ -306,7 +351,9 @@ def test_bad_requests_are_rejected(target):
         eng.add_request("a", [1, 2], SamplingParams(max_new_tokens=3))
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(seed=-1),
                 dict(top_k=2**63), dict(top_k=2**64), dict(seed=2**63), dict(seed=True), dict(top_k=True),
-                dict(seed=1.0), dict(logprobs=-1), dict(logprobs=21), dict(logprobs=True), dict(logprobs=2.0)):
+                dict(seed=1.0), dict(logprobs=-1), dict(logprobs=21), dict(logprobs=True), dict(logprobs=2.0),
+                dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(presence_penalty=True),
+                dict(repetition_penalty=0), dict(repetition_penalty=11), dict(repetition_penalty="1")):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     # the largest accepted top_k goes through a sampled step (it found the engine loop's
@@ -319,9 +366,24 @@ def test_bad_requests_are_rejected(target):
 
 
 # ---- sampling -------------------------------------------------------------------------
+def penalized_reference(logits, prompt, generated, presence_penalty=0.0, frequency_penalty=0.0,
+                        repetition_penalty=1.0):
+    """The penalty rules written out token by token (the test's own reference): logits [V]
+    of the position after `generated`."""
+    x = logits.float().clone()
+    for t in set(prompt) | set(generated):
+        if repetition_penalty != 1.0:
+            x[t] = x[t] / repetition_penalty if x[t] > 0 else x[t] * repetition_penalty
+    for t in set(generated):
+        c = generated.count(t)
+        x[t] -= frequency_penalty * c + presence_penalty
+    return x
+
+
 @torch.no_grad()
-def exact_joint(target, prompt, length, temperature, top_k, top_p):
-    """Exact probability of every continuation of `length` tokens under the warped target."""
+def exact_joint(target, prompt, length, temperature, top_k, top_p, pen=None):
+    """Exact probability of every continuation of `length` tokens under the warped target
+    (after the penalties `pen`, when given)."""
     V = target.config.vocab_size
     probs = {}
     for seq in itertools.product(range(V), repeat=length):
@@ -330,7 +392,10 @@ def exact_joint(target, prompt, length, temperature, top_k, top_p):
             ids = prompt + list(seq[:i])
             cache = target.new_cache(1, len(ids) + 1)
             h, _ = target(torch.tensor([ids]), cache, torch.tensor([0]), torch.tensor([0]))
-            dist = warp_probs(target.logits(h[:, -1]), temperature, top_k, top_p)[0]
+            logits = target.logits(h[:, -1])
+            if pen:
+                logits = penalized_reference(logits[0], prompt, list(seq[:i]), **pen)[None]
+            dist = warp_probs(logits, temperature, top_k, top_p)[0]
             p *= float(dist[seq[i]])
             if p == 0:
                 break
@@ -363,23 +428,28 @@ def sample_many(eng, prompt, n, length, **kw):
     return counts
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p,draft_vocab", [(1.0, 0, 1.0, None), (0.7, 4, 0.9, None),
-                                                                 (1.0, 0, 1.0, [0, 2, 3, 5])])
-def test_speculative_sampling_matches_target_distribution(temperature, top_k, top_p, draft_vocab):
+@pytest.mark.parametrize("temperature,top_k,top_p,draft_vocab,pen", [(1.0, 0, 1.0, None, None),
+                                                                     (0.7, 4, 0.9, None, None),
+                                                                     (1.0, 0, 1.0, [0, 2, 3, 5], None),
+                                                                     (1.0, 0, 1.0, None, PENALTIES)])
+def test_speculative_sampling_matches_target_distribution(temperature, top_k, top_p, draft_vocab, pen):
     """3-token continuations on a 6-token vocabulary: the first token comes from the
     prefill, the next two from one speculative step (accept / residual / bonus paths).
-    4000 samples; the test fails if the chi-square p-value < 0.001 (alpha = 0.1%)."""
+    4000 samples; the test fails if the chi-square p-value < 0.001 (alpha = 0.1%).
+    With penalties the reference applies them token by token (penalized_reference)."""
     target = tiny_random_target(vocab_size=6, num_layers=2, seed=3)
     with torch.no_grad():
         target.lm_head.weight.mul_(0.15)  # a spread-out distribution over the 6 tokens
     prompt, length, n = [1, 4, 2], 3, 4000
-    probs = exact_joint(target, prompt, length, temperature, top_k, top_p)
+    probs = exact_joint(target, prompt, length, temperature, top_k, top_p, pen)
     assert abs(sum(probs.values()) - 1) < 1e-4
     assert sum(p >= 5 / n for p in probs.values()) >= 20  # many cells with real mass
     eng = make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5, draft_vocab=draft_vocab)
-    counts = sample_many(eng, prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p)
+    counts = sample_many(eng, prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p, **(pen or {}))
     p_value = chi_square_pvalue(counts, probs, n)
     assert p_value > 1e-3, p_value
+    if pen:   # power: the same samples do not fit the distribution without penalties
+        assert chi_square_pvalue(counts, exact_joint(target, prompt, length, temperature, top_k, top_p), n) < 1e-3
     # power check: accepting every draft (sampling from the drafter q) is detected
     from dflash_core import kernels
     orig = kernels.rejection_accept
@@ -387,7 +457,7 @@ def test_speculative_sampling_matches_target_distribution(temperature, top_k, to
         kernels.rejection_accept = lambda d, tp, dp, ua, us: orig(d, tp, dp, torch.zeros_like(ua), us)
         bad = sample_many(make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5,
                                       draft_vocab=draft_vocab),
-                          prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p)
+                          prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p, **(pen or {}))
     finally:
         kernels.rejection_accept = orig
     assert chi_square_pvalue(bad, probs, n) < 1e-3

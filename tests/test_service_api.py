@@ -158,6 +158,22 @@ def test_seeded_sampling_and_speculation_off_equal_offline(srv, tok):
     assert j["usage"]["mean_acceptance_length"] == 1.0
 
 
+def test_penalties_equal_offline(srv, tok):
+    """presence / frequency / repetition penalties reach the engine: greedy and seeded
+    sampling over HTTP equal the offline engine with the same penalties, speculative and
+    not, and differ from the unpenalised output."""
+    ids = encode(tok, PROMPTS[3])   # its unpenalised continuation repeats a 4-token run
+    pen = dict(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
+    plain, _ = offline(ids, max_new_tokens=30, ignore_eos=True)
+    for extra in (dict(temperature=0.0), dict(temperature=0.9, seed=5)):
+        for speculative in (True, False):   # (a seed's samples differ with and without drafts)
+            want, _ = offline(ids, max_new_tokens=30, ignore_eos=True, speculative=speculative, **pen, **extra)
+            body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 30, "ignore_eos": True,
+                    "return_token_ids": True, "speculative": speculative, **pen, **extra}
+            assert post(srv.url, "/v1/completions", body).json()["choices"][0]["token_ids"] == want, extra
+            assert want != plain
+
+
 def test_stop_strings_cut_text_streaming_and_not(srv, tok):
     ids = encode(tok, PROMPTS[0])
     want, _ = offline(ids, max_new_tokens=40, ignore_eos=True)
@@ -293,7 +309,10 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
-    ({"model": MODEL, "prompt": "hi", "frequency_penalty": 0.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": -2.01}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "hi", "presence_penalty": "high"}, 400, "presence_penalty"),
+    ({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ({"model": MODEL, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
     ({"model": MODEL, "prompt": "hi", "seed": -3}, 400, "seed"),
     ({"model": MODEL, "prompt": "hi", "stop": ["a"] * 9}, 400, "stop"),
