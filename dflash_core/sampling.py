@@ -18,6 +18,7 @@ import torch
 # OpenAI's top_logprobs limit).
 MAX_LOGPROBS = 20
 MAX_REPETITION_PENALTY = 10.0
+MAX_LOGIT_BIAS = 300   # tokens per request (OpenAI's limit)
 
 
 @dataclass
@@ -38,6 +39,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the target's
+    # logits after the penalties (a dict is accepted and stored as sorted pairs)
+    logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
 
     def __post_init__(self):
         def bad(msg):
@@ -64,6 +68,19 @@ class SamplingParams:
         rp = self.repetition_penalty
         if not isinstance(rp, (int, float)) or isinstance(rp, bool) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
             bad(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], got {rp!r}")
+        lb = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        try:
+            lb = sorted((t, b) for t, b in lb)
+        except (TypeError, ValueError):
+            bad(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+        if len(lb) > MAX_LOGIT_BIAS:
+            bad(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(lb)}")
+        for t, b in lb:
+            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+                bad(f"logit_bias keys must be non-negative token ids, got {t!r}")
+            if not isinstance(b, (int, float)) or isinstance(b, bool) or not -100.0 <= b <= 100.0:
+                bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
+        self.logit_bias = tuple((int(t), float(b)) for t, b in lb)
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
     @property
@@ -72,7 +89,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+        """Whether apply_penalties changes this row's logits (penalties or a logit bias)."""
+        return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+                or bool(self.logit_bias))
 
     @classmethod
     def from_kwargs(cls, **kw) -> "SamplingParams":
@@ -151,7 +170,8 @@ def apply_penalties(logits: torch.Tensor, rows, drafts: torch.Tensor | None = No
     (the committed output, then the block's drafts before it):
       1. repetition_penalty rp (HF / vLLM): for every t in the prompt or with c[t] > 0,
          logit > 0 -> logit / rp, else logit * rp;
-      2. presence / frequency (OpenAI): logit[t] -= frequency * c[t] + presence * (c[t] > 0).
+      2. presence / frequency (OpenAI): logit[t] -= frequency * c[t] + presence * (c[t] > 0);
+      3. logit_bias (OpenAI): logit[t] += bias[t].
     rows: objects with .params (SamplingParams), .prompt and .output (token ids);
     drafts [R, P-1] on the logits' device. The counts are built on the host from the rows'
     tokens and copied over once: no value is read back from the device."""
@@ -176,4 +196,11 @@ def apply_penalties(logits: torch.Tensor, rows, drafts: torch.Tensor | None = No
         x = torch.where(seen, torch.where(x > 0, x / rp, x * rp), x)
     freq = torch.tensor([float(s.params.frequency_penalty) for s in rows], dtype=torch.float32, device=dev)
     pres = torch.tensor([float(s.params.presence_penalty) for s in rows], dtype=torch.float32, device=dev)
-    return x - freq.view(R, 1, 1) * counts - pres.view(R, 1, 1) * (counts > 0).float()
+    x = x - freq.view(R, 1, 1) * counts - pres.view(R, 1, 1) * (counts > 0).float()
+    if any(s.params.logit_bias for s in rows):
+        bias = torch.zeros(R, V, dtype=torch.float32)
+        for r, s in enumerate(rows):
+            for t, b in s.params.logit_bias:
+                bias[r, t] = b
+        x = x + bias.to(dev)[:, None, :]
+    return x

@@ -150,6 +150,11 @@ class Server:
                                   f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
                                   f"prompt, {max_tokens} for the completion). Please reduce the prompt or "
                                   f"'{param}'.", param=param, code="context_length_exceeded")
+        bias = req.logit_bias or {}
+        bad = [t for t in bias if t >= self.vocab_size]
+        if bad:
+            raise P.APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                             param="logit_bias", code="invalid_value")
         try:
             d = self.sampling_defaults
             temperature = d["temperature"] if req.temperature is None else req.temperature
@@ -162,7 +167,8 @@ class Server:
                                   presence_penalty=float(req.presence_penalty or 0.0),
                                   frequency_penalty=float(req.frequency_penalty or 0.0),
                                   repetition_penalty=float(1.0 if req.repetition_penalty is None
-                                                           else req.repetition_penalty))
+                                                           else req.repetition_penalty),
+                                  logit_bias=bias)
         except ValueError as e:
             field = str(e).split(" ", 1)[0]
             param = {"max_new_tokens": param}.get(field, field if field in type(req).model_fields else None)

@@ -3,7 +3,7 @@
 Contract: `parse_request(Model, body_bytes)` returns a validated request or raises
 `APIError`, whose `.response()` is an OpenAI-shaped JSON error
 (`{"error": {"message", "type", "param", "code"}}`). Fields of the OpenAI API that this
-server does not implement (n > 1, logit_bias, tools, ...) are rejected with a 400 that names
+server does not implement (n > 1, echo, tools, ...) are rejected with a 400 that names
 the field, never silently ignored; fields unknown to the OpenAI API are rejected too.
 
 Log-probabilities: `logprobs` (completions: an integer k, the alternatives per token;
@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dflash_core.sampling import MAX_LOGPROBS, MAX_REPETITION_PENALTY
+from dflash_core.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY
 
 MAX_STOP_STRINGS = 8
 MAX_STOP_CHARS = 512
@@ -102,6 +102,23 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)  # extension (vLLM's)
+    logit_bias: dict[str, Any] | None = None   # token id (as a string) -> bias in [-100, 100]
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _check_logit_bias(cls, v):
+        if not v:
+            return None
+        if len(v) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(v)}")
+        out = {}
+        for key, bias in v.items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids (decimal strings), got {key!r}")
+            if not isinstance(bias, (int, float)) or isinstance(bias, bool) or not -100.0 <= bias <= 100.0:
+                raise ValueError(f"biases must be numbers in [-100, 100], got {json.dumps(bias)[:40]} for token {key}")
+            out[int(key)] = float(bias)
+        return out
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -212,7 +229,6 @@ UNSUPPORTED_FIELDS: dict[str, tuple] = {
     "echo": (None, False),
     "suffix": (None, ""),
     "best_of": (None, 1),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "functions": (None, []),

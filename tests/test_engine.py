@@ -304,14 +304,19 @@ def naive_greedy_penalized(target, prompt, n, **pen):
 
 
 @pytest.mark.parametrize("pen", [dict(presence_penalty=1.5), dict(frequency_penalty=0.7),
-                                 dict(repetition_penalty=1.8), PENALTIES, dict(frequency_penalty=-0.5)])
+                                 dict(repetition_penalty=1.8), PENALTIES, dict(frequency_penalty=-0.5),
+                                 "logit_bias"])
 def test_greedy_with_penalties_equals_the_penalized_target(target, monkeypatch, pen):
     """Penalties count the generated tokens before each verified position, drafts included:
     greedy DFlash with drafts that are right for m = 0..b-1 positions then wrong (every
     acceptance length) equals the penalised target decoded token by token from scratch,
-    and so does autoregressive decoding; the penalties change the output."""
+    and so does autoregressive decoding; the penalties change the output. (logit_bias:
+    one token of the unbiased output banned, another raised.)"""
     from dflash_core import speculative
     n, b = 40, 6
+    if pen == "logit_bias":
+        plain = naive_greedy(target, PROMPTS[0], n)
+        pen = dict(logit_bias={plain[2]: -100.0, plain[9]: 3.0})
     ref = [naive_greedy_penalized(target, p, n, **pen) for p in PROMPTS]
     assert ref != [naive_greedy(target, p, n) for p in PROMPTS]
     V = target.config.vocab_size
@@ -344,6 +349,8 @@ def test_bad_requests_are_rejected(target):
         eng.add_request("a", [], SamplingParams())
     with pytest.raises(ValueError, match="vocabulary"):
         eng.add_request("a", [1, 99999], SamplingParams())
+    with pytest.raises(ValueError, match="logit_bias token id 99999"):
+        eng.add_request("a", [1], SamplingParams(logit_bias={99999: 1.0}))
     with pytest.raises(ValueError, match="context limit"):
         eng.add_request("a", [1] * 60, SamplingParams(max_new_tokens=10))
     eng.add_request("a", [1, 2], SamplingParams(max_new_tokens=3))
@@ -353,7 +360,9 @@ def test_bad_requests_are_rejected(target):
                 dict(top_k=2**63), dict(top_k=2**64), dict(seed=2**63), dict(seed=True), dict(top_k=True),
                 dict(seed=1.0), dict(logprobs=-1), dict(logprobs=21), dict(logprobs=True), dict(logprobs=2.0),
                 dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(presence_penalty=True),
-                dict(repetition_penalty=0), dict(repetition_penalty=11), dict(repetition_penalty="1")):
+                dict(repetition_penalty=0), dict(repetition_penalty=11), dict(repetition_penalty="1"),
+                dict(logit_bias={5: 101}), dict(logit_bias={-1: 1}), dict(logit_bias={"5": 1}),
+                dict(logit_bias={5: True}), dict(logit_bias=5), dict(logit_bias={t: 1 for t in range(301)})):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     # the largest accepted top_k goes through a sampled step (it found the engine loop's
@@ -367,7 +376,7 @@ def test_bad_requests_are_rejected(target):
 
 # ---- sampling -------------------------------------------------------------------------
 def penalized_reference(logits, prompt, generated, presence_penalty=0.0, frequency_penalty=0.0,
-                        repetition_penalty=1.0):
+                        repetition_penalty=1.0, logit_bias=None):
     """The penalty rules written out token by token (the test's own reference): logits [V]
     of the position after `generated`."""
     x = logits.float().clone()
@@ -377,6 +386,8 @@ def penalized_reference(logits, prompt, generated, presence_penalty=0.0, frequen
     for t in set(generated):
         c = generated.count(t)
         x[t] -= frequency_penalty * c + presence_penalty
+    for t, b in (logit_bias or {}).items():
+        x[t] += b
     return x
 
 
@@ -431,7 +442,9 @@ def sample_many(eng, prompt, n, length, **kw):
 @pytest.mark.parametrize("temperature,top_k,top_p,draft_vocab,pen", [(1.0, 0, 1.0, None, None),
                                                                      (0.7, 4, 0.9, None, None),
                                                                      (1.0, 0, 1.0, [0, 2, 3, 5], None),
-                                                                     (1.0, 0, 1.0, None, PENALTIES)])
+                                                                     (1.0, 0, 1.0, None, PENALTIES),
+                                                                     (0.8, 0, 1.0, None,
+                                                                      dict(logit_bias={0: 1.5, 3: -1.0}))])
 def test_speculative_sampling_matches_target_distribution(temperature, top_k, top_p, draft_vocab, pen):
     """3-token continuations on a 6-token vocabulary: the first token comes from the
     prefill, the next two from one speculative step (accept / residual / bonus paths).

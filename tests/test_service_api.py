@@ -159,9 +159,9 @@ def test_seeded_sampling_and_speculation_off_equal_offline(srv, tok):
 
 
 def test_penalties_equal_offline(srv, tok):
-    """presence / frequency / repetition penalties reach the engine: greedy and seeded
-    sampling over HTTP equal the offline engine with the same penalties, speculative and
-    not, and differ from the unpenalised output."""
+    """presence / frequency / repetition penalties and logit_bias reach the engine: greedy
+    and seeded sampling over HTTP equal the offline engine with the same settings,
+    speculative and not, and differ from the unpenalised output."""
     ids = encode(tok, PROMPTS[3])   # its unpenalised continuation repeats a 4-token run
     pen = dict(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
     plain, _ = offline(ids, max_new_tokens=30, ignore_eos=True)
@@ -172,6 +172,12 @@ def test_penalties_equal_offline(srv, tok):
                     "return_token_ids": True, "speculative": speculative, **pen, **extra}
             assert post(srv.url, "/v1/completions", body).json()["choices"][0]["token_ids"] == want, extra
             assert want != plain
+    # logit_bias: a token of the unbiased output banned (keys are token ids as strings)
+    want, _ = offline(ids, max_new_tokens=30, ignore_eos=True, logit_bias={plain[1]: -100.0})
+    body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 30, "ignore_eos": True, "temperature": 0,
+            "return_token_ids": True, "logit_bias": {str(plain[1]): -100}}
+    got = post(srv.url, "/v1/completions", body).json()["choices"][0]["token_ids"]
+    assert got == want and plain[1] not in got and want != plain
 
 
 def test_stop_strings_cut_text_streaming_and_not(srv, tok):
@@ -313,6 +319,11 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "presence_penalty": -2.01}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": "high"}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"hello": 1}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": "up"}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "logit_bias": [5, 1]}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
     ({"model": MODEL, "prompt": "hi", "seed": -3}, 400, "seed"),
     ({"model": MODEL, "prompt": "hi", "stop": ["a"] * 9}, 400, "stop"),

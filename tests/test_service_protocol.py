@@ -82,7 +82,8 @@ def test_parse_request_types_and_unsupported_fields():
     cases = {
         b'{"model": "m", "prompt": "p", "max_tokens": "5"}': "max_tokens",
         b'{"model": "m", "prompt": "p", "stream": "true"}': "stream",
-        b'{"model": "m", "prompt": "p", "logit_bias": {"1": 5}}': "logit_bias",
+        b'{"model": "m", "prompt": "p", "logit_bias": {"1": 500}}': "logit_bias",
+        b'{"model": "m", "prompt": "p", "logit_bias": {"x1": 5}}': "logit_bias",
         b'{"model": "m", "prompt": "p", "top_k": -2}': "top_k",
         b'{"model": "m", "prompt": "p", "top_k": 18446744073709551616}': "top_k",
         b'{"model": "m", "prompt": "p", "stop": [""]}': "stop",
