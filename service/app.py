@@ -18,6 +18,7 @@ drafter), `top_k`, `ignore_eos`, `return_token_ids` (choices carry `token_ids`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import time
@@ -365,66 +366,85 @@ def build_app(server: Server) -> FastAPI:
         prompt_ids = await asyncio.to_thread(server.prompt_ids, req)
         params = server.sampling_params(req, len(prompt_ids))
         rid = P.new_id(id_prefix)
+        streams = []   # one per choice (n): choice i is the engine request rid (n = 1) or rid-i
         try:
-            stream = server.loop.submit(prompt_ids, params, req.stop_strings, request_id=rid)
-        except Overloaded as e:
-            raise P.APIError(429, str(e), type="rate_limit_error", code="server_overloaded",
-                             headers={"Retry-After": str(e.retry_after_s)})
-        except Unavailable as e:
+            for i in range(req.n):
+                p_i = params if i == 0 or params.seed is None else \
+                    dataclasses.replace(params, seed=(params.seed + i) % 2**63)   # n distinct seeded samples
+                streams.append(server.loop.submit(prompt_ids, p_i, req.stop_strings,
+                                                  request_id=rid if req.n == 1 else f"{rid}-{i}"))
+        except (Overloaded, Unavailable) as e:
+            for st in streams:   # all n choices or none
+                server.loop.abort(st.request_id)
+            if isinstance(e, Overloaded):
+                raise P.APIError(429, str(e), type="rate_limit_error", code="server_overloaded",
+                                 headers={"Retry-After": str(e.retry_after_s)})
             raise P.APIError(503, str(e), type="server_error", code="unavailable",
                              headers={"Retry-After": str(cfg.retry_after_s)})
         ray_rid = _ray_request_id()
         extra = {"ray_request_id": ray_rid} if ray_rid else {}
         log_event(log, "request.accepted", request_id=rid, **extra, prompt_tokens=len(prompt_ids),
                   max_tokens=params.max_new_tokens, temperature=params.temperature, stream=req.stream,
-                  speculative=params.speculative)
+                  speculative=params.speculative, n=req.n)
         created = P.now_s()
         chat = isinstance(req, P.ChatCompletionRequest)
         if req.stream:
-            return StreamingResponse(_sse(stream, req, rid, created, chat, chunk_object, len(prompt_ids)),
+            return StreamingResponse(_sse(streams, req, rid, created, chat, chunk_object, len(prompt_ids)),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **_id_header(rid)})
-        return await _collect(request, stream, req, rid, created, chat, len(prompt_ids))
+        return await _collect(request, streams, req, rid, created, chat, len(prompt_ids))
 
-    def _finish_log(rid: str, ev: StreamEvent, t0: float) -> None:
-        stats = ev.stats or {}
-        log_event(log, "request.finished", request_id=rid, finish_reason=ev.finish_reason,
-                  completion_tokens=ev.num_generated_tokens, e2e_s=round(time.monotonic() - t0, 4),
+    def _finish_log(rid: str, events: list[StreamEvent], t0: float) -> None:
+        stats = P.merge_stats([ev.stats for ev in events])
+        log_event(log, "request.finished", request_id=rid, finish_reason=events[0].finish_reason,
+                  completion_tokens=sum(ev.num_generated_tokens for ev in events),
+                  e2e_s=round(time.monotonic() - t0, 4),
                   mean_acceptance_length=stats.get("mean_acceptance_length"))
 
-    async def _collect(request: Request, stream, req, rid, created, chat, num_prompt_tokens):
+    def _usage(events: list[StreamEvent], num_prompt_tokens: int) -> dict:
+        return P.usage_dict(num_prompt_tokens, sum(ev.num_generated_tokens for ev in events),
+                            P.merge_stats([ev.stats for ev in events]))
+
+    async def _collect(request: Request, streams, req, rid, created, chat, num_prompt_tokens):
         t0 = time.monotonic()
-        text, token_ids, logprobs = [], [], []
+        n = len(streams)
+        text, token_ids, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        last: list[StreamEvent | None] = [None] * n
         next_check = time.monotonic() + _DISCONNECT_POLL_S
         try:
-            while True:
-                ev = await stream.next_event(_DISCONNECT_POLL_S)
-                if time.monotonic() >= next_check:   # events may arrive faster than the poll period
-                    next_check = time.monotonic() + _DISCONNECT_POLL_S
-                    if await request.is_disconnected():
-                        log_event(log, "request.disconnected", request_id=rid)
-                        return Response(status_code=499)
-                if ev is None:
-                    continue
-                if ev.error:
-                    status, message, code = ev.error
-                    raise P.APIError(status, message, code=code,
-                                     type="server_error" if status >= 500 else "invalid_request_error")
-                text.append(ev.text)
-                token_ids.extend(ev.token_ids)
-                logprobs.extend(ev.logprobs or [])
-                if ev.finished:
-                    break
+            for i, stream in enumerate(streams):   # the choices run side by side in the engine
+                while True:
+                    ev = await stream.next_event(_DISCONNECT_POLL_S)
+                    if time.monotonic() >= next_check:   # events may arrive faster than the poll period
+                        next_check = time.monotonic() + _DISCONNECT_POLL_S
+                        if await request.is_disconnected():
+                            log_event(log, "request.disconnected", request_id=rid)
+                            return Response(status_code=499)
+                    if ev is None:
+                        continue
+                    if ev.error:
+                        status, message, code = ev.error
+                        raise P.APIError(status, message, code=code,
+                                         type="server_error" if status >= 500 else "invalid_request_error")
+                    text[i].append(ev.text)
+                    token_ids[i].extend(ev.token_ids)
+                    logprobs[i].extend(ev.logprobs or [])
+                    if ev.finished:
+                        last[i] = ev
+                        break
         finally:
-            if not stream.finished:   # disconnected or cancelled (Ray Serve cancels on disconnect)
-                server.loop.abort(rid)
-        _finish_log(rid, ev, t0)
-        usage = P.usage_dict(num_prompt_tokens, ev.num_generated_tokens, ev.stats)
-        ids = token_ids if req.return_token_ids else None
-        pids = stream.prompt_token_ids if req.return_token_ids else None
+            for stream in streams:
+                if not stream.finished:   # disconnected or cancelled (Ray Serve cancels on disconnect)
+                    server.loop.abort(stream.request_id)
+        _finish_log(rid, last, t0)
         build = P.chat_response if chat else P.completion_response
-        lp = _logprobs_body(req, chat, logprobs, 0)
-        body = build(rid, created, server.model_name, "".join(text), ev.finish_reason, usage, ids, pids, lp)
+        pids = streams[0].prompt_token_ids if req.return_token_ids else None
+        bodies = [build(rid, created, server.model_name, "".join(text[i]), last[i].finish_reason, None,
+                        token_ids[i] if req.return_token_ids else None, pids,
+                        _logprobs_body(req, chat, logprobs[i], 0)) for i in range(n)]
+        body = bodies[0]
+        body["choices"] = [{**b["choices"][0], "index": i} for i, b in enumerate(bodies)]
+        body["usage"] = _usage(last, num_prompt_tokens)
         return JSONResponse(body, headers=_id_header(rid))
 
     def _logprobs_body(req, chat, entries, text_offset) -> dict | None:
@@ -435,18 +455,44 @@ def build_app(server: Server) -> FastAPI:
             return P.logprobs_chat(entries, server.token_strings)
         return P.logprobs_completion(entries, server.token_strings, text_offset, k)
 
-    async def _sse(stream, req, rid, created, chat, chunk_object, num_prompt_tokens):
+    async def _merged(streams):
+        """(choice index, event) of all streams as they come, each stream's until its last."""
+        if len(streams) == 1:
+            async for ev in streams[0].events():
+                yield 0, ev
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, stream):
+            async for ev in stream.events():
+                await queue.put((i, ev))
+        tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
+        try:
+            for _ in range(len(streams)):
+                while True:
+                    i, ev = await queue.get()
+                    yield i, ev
+                    if ev.finished or ev.error:
+                        break
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _sse(streams, req, rid, created, chat, chunk_object, num_prompt_tokens):
         t0 = time.monotonic()
         model = server.model_name
         usage_null = req.include_usage
         want_ids = req.return_token_ids
         want_lp = req.logprobs_k is not None
-        offset = 0   # characters of the tokens reported so far (completions' text_offset)
+        n = len(streams)
+        offset = [0] * n   # characters of the tokens reported so far per choice (completions' text_offset)
+        last: list[StreamEvent | None] = [None] * n
         try:
             if chat:
-                yield P.sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None,
-                                         [] if want_ids else None, usage_null))
-            async for ev in stream.events():
+                for i in range(n):
+                    yield P.sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None,
+                                             [] if want_ids else None, usage_null, index=i))
+            async for i, ev in _merged(streams):
                 if ev.error:
                     status, message, code = ev.error
                     kind = "server_error" if status >= 500 else "invalid_request_error"
@@ -454,29 +500,34 @@ def build_app(server: Server) -> FastAPI:
                     break
                 if ev.text or ((want_ids or want_lp) and ev.token_ids):
                     ids = ev.token_ids if want_ids else None
-                    lp = _logprobs_body(req, chat, ev.logprobs or [], offset) if want_lp else None
+                    lp = _logprobs_body(req, chat, ev.logprobs or [], offset[i]) if want_lp else None
                     if lp is not None and not chat:
-                        offset += sum(len(t) for t in lp["tokens"])
+                        offset[i] += sum(len(t) for t in lp["tokens"])
                     if chat:
                         yield P.sse(P.chat_chunk(rid, created, model, {"content": ev.text}, None, ids, usage_null,
-                                                 lp))
+                                                 lp, index=i))
                     else:
-                        yield P.sse(P.completion_chunk(rid, created, model, ev.text, None, ids, usage_null, lp))
+                        yield P.sse(P.completion_chunk(rid, created, model, ev.text, None, ids, usage_null, lp,
+                                                       index=i))
                 if ev.finished:
+                    last[i] = ev
                     if chat:
                         yield P.sse(P.chat_chunk(rid, created, model, {}, ev.finish_reason,
-                                                 [] if want_ids else None, usage_null))
+                                                 [] if want_ids else None, usage_null, index=i))
                     else:
                         yield P.sse(P.completion_chunk(rid, created, model, "", ev.finish_reason,
-                                                       [] if want_ids else None, usage_null))
-                    if req.include_usage:
-                        usage = P.usage_dict(num_prompt_tokens, ev.num_generated_tokens, ev.stats)
-                        yield P.sse(P.usage_chunk(rid, created, model, chunk_object, usage))
-                    _finish_log(rid, ev, t0)
+                                                       [] if want_ids else None, usage_null, index=i))
+                    if all(last):
+                        if req.include_usage:
+                            yield P.sse(P.usage_chunk(rid, created, model, chunk_object,
+                                                      _usage(last, num_prompt_tokens)))
+                        _finish_log(rid, last, t0)
             yield b"data: [DONE]\n\n"
         finally:
-            if not stream.finished:   # the client went away (or the send failed): free the slot
-                server.loop.abort(rid)
+            gone = [st for st in streams if not st.finished]
+            for st in gone:   # the client went away (or the send failed, or a choice failed): free the slots
+                server.loop.abort(st.request_id)
+            if gone:
                 log_event(log, "request.disconnected", request_id=rid)
 
     return app

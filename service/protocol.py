@@ -3,7 +3,7 @@
 Contract: `parse_request(Model, body_bytes)` returns a validated request or raises
 `APIError`, whose `.response()` is an OpenAI-shaped JSON error
 (`{"error": {"message", "type", "param", "code"}}`). Fields of the OpenAI API that this
-server does not implement (n > 1, echo, tools, ...) are rejected with a 400 that names
+server does not implement (best_of, echo, tools, ...) are rejected with a 400 that names
 the field, never silently ignored; fields unknown to the OpenAI API are rejected too.
 
 Log-probabilities: `logprobs` (completions: an integer k, the alternatives per token;
@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dflash_core.sampling import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_REPETITION_PENALTY
 
 MAX_STOP_STRINGS = 8
+MAX_CHOICES = 16   # n per request (each choice takes a slot or a queue place)
 MAX_STOP_CHARS = 512
 
 
@@ -122,7 +123,7 @@ class _SamplingFields(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)   # choices: n engine requests side by side (seeds seed, seed+1, ..)
     user: str | None = None
     # extensions
     speculative: bool = True
@@ -269,9 +270,6 @@ def parse_request(model_cls: type[_SamplingFields], body: bytes) -> _SamplingFie
             raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(data[name])[:80]}); "
                                 "remove it from the request.", param=name, code="unsupported_parameter")
         data.pop(name, None)
-    if "n" in data and data["n"] not in (None, 1):
-        raise APIError(400, f"'n' = {data['n']!r} is not supported: this server returns one choice per request "
-                            "(n = 1); send several requests instead.", param="n", code="unsupported_parameter")
     data = {k: v for k, v in data.items() if v is not None or k in ("model",)}
     known = set(model_cls.model_fields)
     for name in data:
@@ -370,6 +368,23 @@ def logprobs_completion(entries: list, token_str, text_offset: int, k: int) -> d
             "text_offset": offsets}
 
 
+def merge_stats(stats: list[dict | None]) -> dict:
+    """The speculative statistics of a request's choices (SpecStats.to_dict() + num_drafts
+    each) as one: counts summed, acceptance length averaged over all target forwards."""
+    stats = [s for s in stats if s]
+    if len(stats) <= 1:
+        return dict(stats[0]) if stats else {}
+    out = {key: sum(s.get(key, 0) for s in stats)
+           for key in ("num_steps", "num_draft_tokens", "num_accepted_tokens", "num_drafts")}
+    steps = out["num_steps"]
+    out["mean_acceptance_length"] = round(sum(s.get("mean_acceptance_length", 0.0) * s.get("num_steps", 0)
+                                              for s in stats) / steps, 4) if steps else 0.0
+    width = max(len(s.get("accepted_per_position", [])) for s in stats)
+    out["accepted_per_position"] = [sum(s["accepted_per_position"][k] for s in stats
+                                        if k < len(s.get("accepted_per_position", []))) for k in range(width)]
+    return out
+
+
 def completion_response(rid: str, created: int, model: str, text: str, finish_reason: str | None,
                         usage: dict, token_ids: list[int] | None = None,
                         prompt_token_ids: list[int] | None = None, logprobs: dict | None = None) -> dict:
@@ -394,9 +409,9 @@ def chat_response(rid: str, created: int, model: str, text: str, finish_reason: 
 
 
 def _chunk(obj: str, content: dict, rid: str, created: int, model: str, finish_reason: str | None,
-           token_ids: list[int] | None, usage_null: bool, logprobs: dict | None = None) -> dict:
+           token_ids: list[int] | None, usage_null: bool, logprobs: dict | None = None, index: int = 0) -> dict:
     """One streamed chunk with one choice (`content`: its text or delta)."""
-    choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish_reason}
+    choice = {"index": index, **content, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     chunk = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
@@ -407,15 +422,16 @@ def _chunk(obj: str, content: dict, rid: str, created: int, model: str, finish_r
 
 def completion_chunk(rid: str, created: int, model: str, text: str, finish_reason: str | None,
                      token_ids: list[int] | None = None, usage_null: bool = False,
-                     logprobs: dict | None = None) -> dict:
+                     logprobs: dict | None = None, index: int = 0) -> dict:
     return _chunk("text_completion", {"text": text}, rid, created, model, finish_reason, token_ids, usage_null,
-                  logprobs)
+                  logprobs, index)
 
 
 def chat_chunk(rid: str, created: int, model: str, delta: dict, finish_reason: str | None,
-               token_ids: list[int] | None = None, usage_null: bool = False, logprobs: dict | None = None) -> dict:
+               token_ids: list[int] | None = None, usage_null: bool = False, logprobs: dict | None = None,
+               index: int = 0) -> dict:
     return _chunk("chat.completion.chunk", {"delta": delta}, rid, created, model, finish_reason, token_ids,
-                  usage_null, logprobs)
+                  usage_null, logprobs, index)
 
 
 def usage_chunk(rid: str, created: int, model: str, obj: str, usage: dict) -> dict:

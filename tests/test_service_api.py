@@ -253,6 +253,57 @@ def test_logprobs_equal_the_engine_streamed_or_not(srv, tok, chat):
     assert post(srv.url, path, plain).json()["choices"][0]["logprobs"] is None
 
 
+def test_n_choices_equal_separate_requests(srv, tok):
+    """n choices run side by side: greedy ones equal the offline output each, seeded ones
+    use seeds seed, seed+1, ... (each equal to that offline run); streamed chunks carry
+    their choice index, each choice ends with its own finish chunk, usage adds up."""
+    ids = encode(tok, PROMPTS[6])
+    greedy, _ = offline(ids, max_new_tokens=12)
+    j = post(srv.url, "/v1/completions", {"model": MODEL, "prompt": PROMPTS[6], "max_tokens": 12, "temperature": 0,
+                                           "n": 3, "return_token_ids": True}).json()
+    assert [c["index"] for c in j["choices"]] == [0, 1, 2]
+    assert [c["token_ids"] for c in j["choices"]] == [greedy] * 3
+    assert j["usage"]["completion_tokens"] == 3 * len(greedy) and j["usage"]["prompt_tokens"] == len(ids)
+    assert j["usage"]["num_drafts"] == j["usage"]["num_target_forwards"] > 0   # the three choices' forwards
+    assert j["usage"]["mean_acceptance_length"] >= 1.0
+    want = [offline(ids, max_new_tokens=12, ignore_eos=True, temperature=1.0, seed=7 + i)[0] for i in range(3)]
+    assert len({tuple(w) for w in want}) == 3
+    body = {"model": MODEL, "prompt": PROMPTS[6], "max_tokens": 12, "temperature": 1.0, "seed": 7, "n": 3,
+            "ignore_eos": True, "return_token_ids": True}
+    assert [c["token_ids"] for c in post(srv.url, "/v1/completions", body).json()["choices"]] == want
+    # chat, streamed
+    cids = chat_ids(tok, PROMPTS[6])
+    want = [offline(cids, max_new_tokens=12, ignore_eos=True, temperature=1.0, seed=7 + i)[0] for i in range(2)]
+    body = {"model": MODEL, "messages": [{"role": "user", "content": PROMPTS[6]}], "max_tokens": 12,
+            "temperature": 1.0, "seed": 7, "n": 2, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}, "return_token_ids": True}
+    chunks = [x for x in sse(httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=60)) if x != "[DONE]"]
+    got, finish, roles = {0: [], 1: []}, {}, []
+    for ch in chunks:
+        for c in ch["choices"]:
+            got[c["index"]].extend(c.get("token_ids") or [])
+            if c["delta"].get("role"):
+                roles.append(c["index"])
+            if c["finish_reason"]:
+                finish[c["index"]] = c["finish_reason"]
+    assert [got[0], got[1]] == want and finish == {0: "length", 1: "length"} and sorted(roles) == [0, 1]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 24
+
+
+def test_n_choices_are_admitted_all_or_none(tok):
+    """n choices beyond what the server can hold get one 429 and leave nothing behind."""
+    s = start_server(tok, max_slots=1, max_queue=1)
+    try:
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, "n": 3})
+        assert_openai_error(r, 429)
+        _wait(lambda: s.server.loop.num_in_flight == 0, "nothing left in flight")
+        r = post(s.url, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 4, "n": 2})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 2
+        assert s.server.engine.num_free_slots == 1
+    finally:
+        s.stop()
+
+
 # --------------------------------------------------------------------------- concurrency
 
 def _stream_tokens(url, prompt, **extra):
@@ -312,7 +363,8 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "top_logprobs": 2}, 400, "top_logprobs"),   # a chat field
-    ({"model": MODEL, "prompt": "hi", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+    ({"model": MODEL, "prompt": "hi", "n": 17}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
     ({"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
     ({"model": MODEL, "prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
