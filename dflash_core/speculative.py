@@ -9,9 +9,9 @@ Acceptance (Leviathan et al. 2023, Thm. 1):
 - greedy rows keep the longest prefix with d_k == argmax p_k and then emit argmax at the
   first mismatch (or the bonus token after the last draft): exactly the target's greedy
   output;
-- p_k is the target's distribution after the row's penalties (presence / frequency /
-  repetition), counted at each block position over the generated tokens and the drafts
-  before it: exactly what autoregressive decoding would have applied there;
+- p_k is the target's distribution after the row's penalties and logit bias
+  (`sampling.apply_penalties`), the counts taken at each block position over the
+  generated tokens and the drafts before it: what autoregressive decoding applies there;
 - sampling rows accept d_k with probability min(1, p_k(d_k) / q_k(d_k)); at the first
   rejection they emit x ~ max(p_k - q_k, 0) / sum(max(p_k - q_k, 0)); if all b-1 drafts
   pass they emit the bonus x ~ p_b. Each emitted token is then distributed exactly as the
