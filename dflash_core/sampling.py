@@ -42,6 +42,9 @@ class SamplingParams:
     # OpenAI's logit_bias: (token id, bias in [-100, 100]) pairs added to the target's
     # logits after the penalties (a dict is accepted and stored as sorted pairs)
     logit_bias: tuple[tuple[int, float], ...] = field(default_factory=tuple)
+    # vLLM's min_tokens: the stop ids (EOS, stop_token_ids) cannot end the output before
+    # this many tokens (their logits are -inf at those positions)
+    min_tokens: int = 0
 
     def __post_init__(self):
         def bad(msg):
@@ -81,6 +84,9 @@ class SamplingParams:
             if not isinstance(b, (int, float)) or isinstance(b, bool) or not -100.0 <= b <= 100.0:
                 bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
         self.logit_bias = tuple((int(t), float(b)) for t, b in lb)
+        if not int64_ok(self.min_tokens) or self.min_tokens > self.max_new_tokens:
+            bad(f"min_tokens must be an integer in [0, max_new_tokens = {self.max_new_tokens}], "
+                f"got {self.min_tokens!r}")
         self.stop_token_ids = tuple(int(t) for t in self.stop_token_ids)
 
     @property
@@ -89,9 +95,9 @@ class SamplingParams:
 
     @property
     def penalized(self) -> bool:
-        """Whether apply_penalties changes this row's logits (penalties or a logit bias)."""
+        """Whether apply_penalties changes this row's logits (penalties, a logit bias, min_tokens)."""
         return (self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
-                or bool(self.logit_bias))
+                or bool(self.logit_bias) or self.min_tokens > 0)
 
     @classmethod
     def from_kwargs(cls, **kw) -> "SamplingParams":
@@ -171,8 +177,11 @@ def apply_penalties(logits: torch.Tensor, rows, drafts: torch.Tensor | None = No
       1. repetition_penalty rp (HF / vLLM): for every t in the prompt or with c[t] > 0,
          logit > 0 -> logit / rp, else logit * rp;
       2. presence / frequency (OpenAI): logit[t] -= frequency * c[t] + presence * (c[t] > 0);
-      3. logit_bias (OpenAI): logit[t] += bias[t].
-    rows: objects with .params (SamplingParams), .prompt and .output (token ids);
+      3. logit_bias (OpenAI): logit[t] += bias[t];
+      4. min_tokens (vLLM): the row's stop ids get -inf while fewer than min_tokens tokens
+         precede the position.
+    rows: objects with .params (SamplingParams), .prompt and .output (token ids) and
+    .stop_ids (for min_tokens);
     drafts [R, P-1] on the logits' device. The counts are built on the host from the rows'
     tokens and copied over once: no value is read back from the device."""
     R, P, V = logits.shape
@@ -203,4 +212,11 @@ def apply_penalties(logits: torch.Tensor, rows, drafts: torch.Tensor | None = No
             for t, b in s.params.logit_bias:
                 bias[r, t] = b
         x = x + bias.to(dev)[:, None, :]
+    early = [(r, s.params.min_tokens - len(s.output)) for r, s in enumerate(rows)
+             if s.params.min_tokens > len(s.output) and getattr(s, "stop_ids", None)]
+    if early:   # position j follows len(output) + j generated tokens
+        ban = torch.zeros(R, P, V, dtype=torch.bool)
+        for r, first_free in early:
+            ban[r, :first_free, torch.tensor(sorted(rows[r].stop_ids), dtype=torch.int64)] = True
+        x = x.masked_fill(ban.to(dev), float("-inf"))
     return x

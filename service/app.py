@@ -152,10 +152,12 @@ class Server:
                                   f"prompt, {max_tokens} for the completion). Please reduce the prompt or "
                                   f"'{param}'.", param=param, code="context_length_exceeded")
         bias = req.logit_bias or {}
-        bad = [t for t in bias if t >= self.vocab_size]
-        if bad:
-            raise P.APIError(400, f"logit_bias token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
-                             param="logit_bias", code="invalid_value")
+        stop_ids = req.stop_token_ids or []
+        for name, ids in (("logit_bias", list(bias)), ("stop_token_ids", stop_ids)):
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise P.APIError(400, f"{name} token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                                 param=name, code="invalid_value")
         try:
             d = self.sampling_defaults
             temperature = d["temperature"] if req.temperature is None else req.temperature
@@ -169,7 +171,8 @@ class Server:
                                   frequency_penalty=float(req.frequency_penalty or 0.0),
                                   repetition_penalty=float(1.0 if req.repetition_penalty is None
                                                            else req.repetition_penalty),
-                                  logit_bias=bias)
+                                  logit_bias=bias, min_tokens=int(req.min_tokens or 0),
+                                  stop_token_ids=tuple(stop_ids))
         except ValueError as e:
             field = str(e).split(" ", 1)[0]
             param = {"max_new_tokens": param}.get(field, field if field in type(req).model_fields else None)

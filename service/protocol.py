@@ -12,7 +12,8 @@ the target's raw distribution (before temperature / top_p / top_k) and its k mos
 alternatives, k <= MAX_LOGPROBS, in OpenAI's shapes (`logprobs_chat`, `logprobs_completion`).
 
 Extensions (request body): `speculative` (bool, default true: false decodes this request
-without the drafter), `top_k`, `repetition_penalty`, `ignore_eos`, `return_token_ids`. The usage object carries
+without the drafter), `top_k`, `repetition_penalty`, `min_tokens`, `stop_token_ids`,
+`ignore_eos`, `return_token_ids`. The usage object carries
 the request's speculative-decoding stats.
 """
 from __future__ import annotations
@@ -104,6 +105,8 @@ class _SamplingFields(BaseModel):
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=MAX_REPETITION_PENALTY)  # extension (vLLM's)
     logit_bias: dict[str, Any] | None = None   # token id (as a string) -> bias in [-100, 100]
+    min_tokens: int | None = Field(None, ge=0)                        # extension (vLLM's)
+    stop_token_ids: list[int] | None = Field(None, max_length=64)     # extension (vLLM's)
 
     @field_validator("logit_bias")
     @classmethod

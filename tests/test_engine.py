@@ -343,6 +343,53 @@ def test_greedy_with_penalties_equals_the_penalized_target(target, monkeypatch, 
     assert eng.num_free_slots == 4
 
 
+def test_min_tokens_hold_the_stop_ids_back_at_every_acceptance_length(target, monkeypatch):
+    """min_tokens: the stop ids cannot end the output before min_tokens tokens, counted per
+    verified position (drafts before it included): greedy DFlash with drafts right for
+    m = 0..b-1 positions then wrong equals a token-by-token reference, and so does
+    autoregressive decoding; without min_tokens the output ends early."""
+    from dflash_core import speculative
+    n, b, m_min = 40, 6, 17
+    plain = naive_greedy(target, PROMPTS[1], n)
+    stop = plain[4]
+    first = plain.index(stop)
+    assert first < m_min
+
+    seq = list(PROMPTS[1])                                  # the reference, token by token
+    for i in range(n):
+        cache = target.new_cache(1, len(seq) + 1)
+        h, _ = target(torch.tensor([seq]), cache, torch.tensor([0]), torch.tensor([0]))
+        logits = target.logits(h[0, -1]).clone()
+        if i < m_min:
+            logits[stop] = float("-inf")
+        seq.append(int(logits.argmax()))
+        if seq[-1] == stop:
+            break
+    ref = seq[len(PROMPTS[1]):]
+    ref = ref[:-1] if ref[-1] == stop else ref
+    assert len(ref) >= m_min and ref[:first] == plain[:first]
+    V = target.config.vocab_size
+    cycle = itertools.cycle(range(b))
+
+    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb):
+        out = torch.zeros(len(rows), bb - 1, dtype=torch.int64)
+        want = ref + [stop] + [0] * bb
+        k, m = len(rows[0].output), next(cycle)
+        for j in range(bb - 1):
+            out[0, j] = want[k + j] if j < m else (want[k + j] + 1) % V
+        return out, None
+
+    monkeypatch.setattr(speculative, "draft", oracle_draft)
+    for eng in (make_engine(target, block_size=b, eos=(stop,)), make_engine(target, block_size=1, drafter=False,
+                                                                             eos=(stop,))):
+        [o] = eng.generate([PROMPTS[1]], SamplingParams(max_new_tokens=n, min_tokens=m_min))
+        assert o.token_ids == ref and o.finish_reason == ("stop" if len(ref) < n else "length")
+        if eng.speculative:   # the drafts crossed the min_tokens boundary at several acceptance lengths
+            assert len(set(o.stats.acceptance_lengths)) >= 4, o.stats.acceptance_lengths
+        [o] = eng.generate([PROMPTS[1]], SamplingParams(max_new_tokens=n))
+        assert o.token_ids == plain[:first] and o.finish_reason == "stop"
+
+
 def test_bad_requests_are_rejected(target):
     eng = make_engine(target, max_seq_len=64)
     with pytest.raises(ValueError, match="empty"):
@@ -362,7 +409,8 @@ def test_bad_requests_are_rejected(target):
                 dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(presence_penalty=True),
                 dict(repetition_penalty=0), dict(repetition_penalty=11), dict(repetition_penalty="1"),
                 dict(logit_bias={5: 101}), dict(logit_bias={-1: 1}), dict(logit_bias={"5": 1}),
-                dict(logit_bias={5: True}), dict(logit_bias=5), dict(logit_bias={t: 1 for t in range(301)})):
+                dict(logit_bias={5: True}), dict(logit_bias=5), dict(logit_bias={t: 1 for t in range(301)}),
+                dict(min_tokens=-1), dict(min_tokens=200), dict(min_tokens=2.0)):
         with pytest.raises(ValueError):
             SamplingParams(**bad)
     # the largest accepted top_k goes through a sampled step (it found the engine loop's

@@ -159,9 +159,9 @@ def test_seeded_sampling_and_speculation_off_equal_offline(srv, tok):
 
 
 def test_penalties_equal_offline(srv, tok):
-    """presence / frequency / repetition penalties and logit_bias reach the engine: greedy
-    and seeded sampling over HTTP equal the offline engine with the same settings,
-    speculative and not, and differ from the unpenalised output."""
+    """presence / frequency / repetition penalties, logit_bias, stop_token_ids and
+    min_tokens reach the engine: greedy and seeded sampling over HTTP equal the offline
+    engine with the same settings, speculative and not, and differ from the plain output."""
     ids = encode(tok, PROMPTS[3])   # its unpenalised continuation repeats a 4-token run
     pen = dict(presence_penalty=1.5, frequency_penalty=0.5, repetition_penalty=1.3)
     plain, _ = offline(ids, max_new_tokens=30, ignore_eos=True)
@@ -178,6 +178,15 @@ def test_penalties_equal_offline(srv, tok):
             "return_token_ids": True, "logit_bias": {str(plain[1]): -100}}
     got = post(srv.url, "/v1/completions", body).json()["choices"][0]["token_ids"]
     assert got == want and plain[1] not in got and want != plain
+    # stop_token_ids end the output at a token; min_tokens holds them back for that many tokens
+    stop = plain[6]
+    body = {"model": MODEL, "prompt": PROMPTS[3], "max_tokens": 30, "temperature": 0, "return_token_ids": True,
+            "stop_token_ids": [stop]}
+    c = post(srv.url, "/v1/completions", body).json()["choices"][0]
+    assert c["token_ids"] == plain[:plain.index(stop)] and c["finish_reason"] == "stop"
+    want, _ = offline(ids, max_new_tokens=30, stop_token_ids=(stop,), min_tokens=12)
+    c = post(srv.url, "/v1/completions", {**body, "min_tokens": 12}).json()["choices"][0]
+    assert c["token_ids"] == want and len(want) >= 12 and want != plain[:plain.index(stop)]
 
 
 def test_stop_strings_cut_text_streaming_and_not(srv, tok):
@@ -376,6 +385,10 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"5": "up"}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": {"99999999": 1}}, 400, "logit_bias"),
     ({"model": MODEL, "prompt": "hi", "logit_bias": [5, 1]}, 400, "logit_bias"),
+    ({"model": MODEL, "prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": [99999999]}, 400, "stop_token_ids"),
+    ({"model": MODEL, "prompt": "hi", "stop_token_ids": ["a"]}, 400, "stop_token_ids.0"),
     ({"model": MODEL, "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
     ({"model": MODEL, "prompt": "hi", "seed": -3}, 400, "seed"),
     ({"model": MODEL, "prompt": "hi", "stop": ["a"] * 9}, 400, "stop"),
