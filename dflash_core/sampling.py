@@ -57,19 +57,21 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         def int64_ok(v) -> bool:   # (a top_k past int64 once reached the engine loop and stopped it)
             return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**63
+
+        def number(v) -> bool:     # an int or a float, not a bool
+            return isinstance(v, (int, float)) and not isinstance(v, bool)
         if not int64_ok(self.top_k):
             bad(f"top_k must be a non-negative integer below 2**63, got {self.top_k!r}")
         if self.seed is not None and not int64_ok(self.seed):   # as the HTTP API: true is not a seed
             bad(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
-        if self.logprobs is not None and not (isinstance(self.logprobs, int) and not isinstance(self.logprobs, bool)
-                                              and 0 <= self.logprobs <= MAX_LOGPROBS):
+        if self.logprobs is not None and not (int64_ok(self.logprobs) and self.logprobs <= MAX_LOGPROBS):
             bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or isinstance(v, bool) or not -2.0 <= v <= 2.0:
+            if not number(v) or not -2.0 <= v <= 2.0:
                 bad(f"{name} must be a number in [-2, 2], got {v!r}")
         rp = self.repetition_penalty
-        if not isinstance(rp, (int, float)) or isinstance(rp, bool) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
+        if not number(rp) or not 0.0 < rp <= MAX_REPETITION_PENALTY:
             bad(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], got {rp!r}")
         lb = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
         try:
@@ -79,9 +81,9 @@ class SamplingParams:
         if len(lb) > MAX_LOGIT_BIAS:
             bad(f"logit_bias may hold at most {MAX_LOGIT_BIAS} tokens, got {len(lb)}")
         for t, b in lb:
-            if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            if not int64_ok(t):
                 bad(f"logit_bias keys must be non-negative token ids, got {t!r}")
-            if not isinstance(b, (int, float)) or isinstance(b, bool) or not -100.0 <= b <= 100.0:
+            if not number(b) or not -100.0 <= b <= 100.0:
                 bad(f"logit_bias values must be numbers in [-100, 100], got {b!r} for token {t}")
         self.logit_bias = tuple((int(t), float(b)) for t, b in lb)
         if not int64_ok(self.min_tokens) or self.min_tokens > self.max_new_tokens:
@@ -209,8 +211,9 @@ def apply_penalties(logits: torch.Tensor, rows, drafts: torch.Tensor | None = No
     if any(s.params.logit_bias for s in rows):
         bias = torch.zeros(R, V, dtype=torch.float32)
         for r, s in enumerate(rows):
-            for t, b in s.params.logit_bias:
-                bias[r, t] = b
+            if s.params.logit_bias:
+                ids, vals = zip(*s.params.logit_bias)
+                bias[r, torch.tensor(ids)] = torch.tensor(vals, dtype=torch.float32)
         x = x + bias.to(dev)[:, None, :]
     early = [(r, s.params.min_tokens - len(s.output)) for r, s in enumerate(rows)
              if s.params.min_tokens > len(s.output) and getattr(s, "stop_ids", None)]

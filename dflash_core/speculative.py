@@ -252,15 +252,13 @@ def token_logprobs(rows: list[Sequence], logits_of, chosen: torch.Tensor) -> dic
     logp = torch.log_softmax(logits_of(idx).float(), dim=-1)                      # [Rl, P, V]
     ch = chosen[idx]                                                              # [Rl, P]
     parts = [ch.double()[..., None], logp.gather(-1, ch[..., None]).double()]
-    k_max = max(rows[r].params.logprobs for r in want)
-    if k_max:
-        top_v, top_i = logp.topk(min(k_max, logp.shape[-1]), dim=-1)
+    kk = min(max(rows[r].params.logprobs for r in want), logp.shape[-1])          # alternatives computed
+    if kk:
+        top_v, top_i = logp.topk(kk, dim=-1)
         parts += [top_v.double(), top_i.double()]                                 # ids < 2**53: exact
-    packed = torch.cat(parts, -1).tolist()                                        # [Rl, P, 2 + 2k]
+    packed = torch.cat(parts, -1).tolist()                                        # [Rl, P, 2 + 2kk]
     out: dict[int, list[TokenLogprob]] = {}
     for r, row in zip(want, packed):
-        k = rows[r].params.logprobs
-        kk = (len(row[0]) - 2) // 2
-        out[r] = [TokenLogprob(int(v[0]), v[1], [(int(v[2 + kk + j]), v[2 + j]) for j in range(min(k, kk))])
-                  for v in row]
+        k = min(rows[r].params.logprobs, kk)
+        out[r] = [TokenLogprob(int(v[0]), v[1], [(int(v[2 + kk + j]), v[2 + j]) for j in range(k)]) for v in row]
     return out

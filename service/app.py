@@ -460,10 +460,6 @@ def build_app(server: Server) -> FastAPI:
 
     async def _merged(streams):
         """(choice index, event) of all streams as they come, each stream's until its last."""
-        if len(streams) == 1:
-            async for ev in streams[0].events():
-                yield 0, ev
-            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i, stream):
@@ -471,12 +467,11 @@ def build_app(server: Server) -> FastAPI:
                 await queue.put((i, ev))
         tasks = [asyncio.create_task(pump(i, st)) for i, st in enumerate(streams)]
         try:
-            for _ in range(len(streams)):
-                while True:
-                    i, ev = await queue.get()
-                    yield i, ev
-                    if ev.finished or ev.error:
-                        break
+            ended = 0
+            while ended < len(streams):
+                i, ev = await queue.get()
+                yield i, ev
+                ended += bool(ev.finished or ev.error)
         finally:
             for t in tasks:
                 t.cancel()
