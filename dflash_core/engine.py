@@ -369,6 +369,8 @@ class SpecEngine:
                 s.step.prefill_tokens += n
                 self._keep_features(s, feats[r, :n] if feats is not None else None, torch.arange(st, st + n),
                                     emitted)
+                if s.prompt_lps is not None:
+                    self._prompt_logprobs(s, hidden[r], st, n)
                 if not s.prefilling:   # the prompt is in the cache: its last position gives the anchor
                     done.append((s, hidden[r, n - 1]))
         if not done:
@@ -379,6 +381,19 @@ class SpecEngine:
         lps = spec.token_logprobs(rows, lambda idx: logits[idx, None], first_t[:, None])
         first = first_t.tolist()
         return [(s, t, lps.get(r)) for r, (s, t) in enumerate(zip(rows, first))]
+
+    PROMPT_LOGPROBS_CHUNK = 256   # prompt positions per LM-head pass (bounds the [P, vocab] logits)
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor, st: int, n: int) -> None:
+        """The entries of the prompt tokens this chunk's positions predict: position st + j
+        (hidden[j]) gives prompt token st + j + 1, up to the prompt's last token."""
+        m = min(n, len(seq.prompt) - st - 1)
+        for a in range(0, m, self.PROMPT_LOGPROBS_CHUNK):
+            e = min(m, a + self.PROMPT_LOGPROBS_CHUNK)
+            chosen = torch.tensor([seq.prompt[st + a + 1:st + e + 1]], device=hidden.device)
+            lps = spec.token_logprobs([seq], lambda idx: self.target.logits(hidden[None, a:e]), chosen,
+                                      k_of=lambda s: s.params.prompt_logprobs)
+            seq.prompt_lps.extend(lps[0])
 
     def _decode(self, rows: list[Sequence], b: int, emitted) -> list[tuple[list[int], list | None]]:
         """One draft + verify + accept over `rows` with verified block size b; returns the
@@ -427,6 +442,7 @@ class SpecEngine:
             self.add_request(rid, prompt, p)
         tokens = {rid: [] for rid in rids}
         lps = {rid: [] if p.logprobs is not None else None for rid, p in zip(rids, plist)}
+        plps = {rid: None for rid in rids}
         done: dict[str, RequestOutput] = {}
         while len(done) < len(rids):
             for o in self.step():
@@ -434,7 +450,9 @@ class SpecEngine:
                     tokens[o.request_id].extend(o.new_token_ids)
                     if o.logprobs is not None:
                         lps[o.request_id].extend(o.logprobs)
+                    if o.prompt_logprobs is not None:
+                        plps[o.request_id] = o.prompt_logprobs
                     if o.finished:
                         done[o.request_id] = o
         return [GenerationResult(tokens[r], done[r].finish_reason, done[r].num_prompt_tokens, done[r].stats,
-                                 done[r].stop_token_id, lps[r]) for r in rids]
+                                 done[r].stop_token_id, lps[r], plps[r]) for r in rids]

@@ -33,6 +33,8 @@ class SamplingParams:
     speculative: bool = True      # False: verify 1 token per step (plain autoregressive)
     logprobs: int | None = None   # None = off; k = each emitted token's log-probability and the k most
                                   # likely alternatives (0 <= k <= MAX_LOGPROBS), see speculative.token_logprobs
+    prompt_logprobs: int | None = None   # vLLM's: the same for each prompt token after the first (what
+                                         # OpenAI completions' echo + logprobs returns), computed in prefill
     # penalties on the target's logits (`apply_penalties`): OpenAI's presence / frequency
     # over the generated tokens, and the multiplicative repetition penalty (HF / vLLM) over
     # prompt and generated tokens. 0 / 0 / 1 = off.
@@ -66,6 +68,9 @@ class SamplingParams:
             bad(f"seed must be a non-negative integer below 2**63, got {self.seed!r}")
         if self.logprobs is not None and not (int64_ok(self.logprobs) and self.logprobs <= MAX_LOGPROBS):
             bad(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        if self.prompt_logprobs is not None and not (int64_ok(self.prompt_logprobs)
+                                                     and self.prompt_logprobs <= MAX_LOGPROBS):
+            bad(f"prompt_logprobs must be None or an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not number(v) or not -2.0 <= v <= 2.0:

@@ -98,6 +98,9 @@ class RequestOutput:
     feature_positions: torch.Tensor | None = None
     # SamplingParams.logprobs set: one entry per token of new_token_ids, else None
     logprobs: list[TokenLogprob] | None = None
+    # SamplingParams.prompt_logprobs set: one entry per prompt token after the first, in the
+    # output of the step that finished the prompt's prefill (its first token), else None
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -108,12 +111,13 @@ class GenerationResult:
     stats: SpecStats
     stop_token_id: int | None = None
     logprobs: list[TokenLogprob] | None = None   # one per token_ids entry when asked for
+    prompt_logprobs: list[TokenLogprob] | None = None   # one per prompt token after the first, when asked for
 
 
 class Sequence:
     __slots__ = ("request_id", "prompt", "params", "gen", "slot", "output", "last", "pending_feats",
                  "pending_pos", "stats", "stop_ids", "finish_reason", "arrival_s", "stop_token_id", "prefilled",
-                 "step")
+                 "step", "prompt_lps")
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stop_ids: frozenset):
         self.request_id = request_id
@@ -132,6 +136,8 @@ class Sequence:
         self.arrival_s = time.monotonic()
         self.prefilled = 0                # prompt tokens in the target cache (chunked prefill)
         self.step = StepStats()           # what the current step did for this row
+        # params.prompt_logprobs: entries of the prompt tokens prefilled so far (None once reported)
+        self.prompt_lps: list[TokenLogprob] | None = [] if params.prompt_logprobs is not None else None
 
     @property
     def prefilling(self) -> bool:
@@ -168,4 +174,6 @@ class Sequence:
                             len(self.output), self.stats, self.stop_token_id, self.step)
         if self.params.logprobs is not None:
             out.logprobs = list(logprobs or [])
+        if self.prompt_lps is not None and not self.prefilling and (new or self.finished):
+            out.prompt_logprobs, self.prompt_lps = self.prompt_lps, None   # reported once, with the first token
         return out

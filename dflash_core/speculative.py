@@ -237,14 +237,17 @@ def accept(target: Decoder, rows: list[Sequence], hidden: torch.Tensor, draft_to
     return accept_len, next_tok
 
 
-def token_logprobs(rows: list[Sequence], logits_of, chosen: torch.Tensor) -> dict[int, list[TokenLogprob]]:
+def token_logprobs(rows: list[Sequence], logits_of, chosen: torch.Tensor,
+                   k_of=lambda s: s.params.logprobs) -> dict[int, list[TokenLogprob]]:
     """Log-probabilities for the rows that ask for them (`params.logprobs` set):
     row index -> one TokenLogprob per position of `chosen` [R, P] (the token committed
     there), from the target's raw distribution log_softmax(logits) (before temperature,
     top_k, top_p: what vLLM reports by default), with the row's k most likely tokens.
     logits_of(idx) -> logits [len(idx), P, V] of those rows only, so rows that do not ask
-    pay no LM head. One read back to the host for all rows (none when no row asks)."""
-    want = [r for r, s in enumerate(rows) if s.params.logprobs is not None]
+    pay no LM head. One read back to the host for all rows (none when no row asks).
+    k_of(row) -> its k, or None for a row that does not ask (default: params.logprobs;
+    prefill passes params.prompt_logprobs)."""
+    want = [r for r, s in enumerate(rows) if k_of(s) is not None]
     if not want:
         return {}
     dev = chosen.device
@@ -252,13 +255,13 @@ def token_logprobs(rows: list[Sequence], logits_of, chosen: torch.Tensor) -> dic
     logp = torch.log_softmax(logits_of(idx).float(), dim=-1)                      # [Rl, P, V]
     ch = chosen[idx]                                                              # [Rl, P]
     parts = [ch.double()[..., None], logp.gather(-1, ch[..., None]).double()]
-    kk = min(max(rows[r].params.logprobs for r in want), logp.shape[-1])          # alternatives computed
+    kk = min(max(k_of(rows[r]) for r in want), logp.shape[-1])                    # alternatives computed
     if kk:
         top_v, top_i = logp.topk(kk, dim=-1)
         parts += [top_v.double(), top_i.double()]                                 # ids < 2**53: exact
     packed = torch.cat(parts, -1).tolist()                                        # [Rl, P, 2 + 2kk]
     out: dict[int, list[TokenLogprob]] = {}
     for r, row in zip(want, packed):
-        k = min(rows[r].params.logprobs, kk)
+        k = min(k_of(rows[r]), kk)
         out[r] = [TokenLogprob(int(v[0]), v[1], [(int(v[2 + kk + j]), v[2 + j]) for j in range(k)]) for v in row]
     return out

@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dflash_core.api import generation_defaults
 from dflash_core.chat import encode_chat
 from dflash_core.sampling import SamplingParams
+from dflash_core.sequence import TokenLogprob
 
 from . import protocol as P
 from .config import ServiceConfig
@@ -140,9 +141,12 @@ class Server:
         room = cfg.max_seq_len - num_prompt_tokens
         if max_tokens is None:
             max_tokens = min(cfg.default_max_tokens, cfg.max_tokens_limit, room)
+        score_only = max_tokens == 0 and getattr(req, "echo", False)   # echo + max_tokens 0: the prompt's
+        if score_only:                                                   # logprobs alone (one token run, dropped)
+            max_tokens = 1
         if max_tokens < 1:
-            raise P.APIError(400, f"'{param}' must be at least 1, got {max_tokens}", param=param,
-                             code="invalid_value")
+            raise P.APIError(400, f"'{param}' must be at least 1 (0 only with 'echo'), got {max_tokens}",
+                             param=param, code="invalid_value")
         if max_tokens > cfg.max_tokens_limit:
             raise P.APIError(400, f"'{param}' = {max_tokens} is over this server's limit of "
                                   f"{cfg.max_tokens_limit}", param=param, code="invalid_value")
@@ -167,6 +171,7 @@ class Server:
                                   top_p=float(top_p), top_k=max(0, int(top_k)), seed=req.seed,
                                   ignore_eos=req.ignore_eos, speculative=req.speculative,
                                   logprobs=req.logprobs_k,
+                                  prompt_logprobs=req.logprobs_k if getattr(req, "echo", False) else None,
                                   presence_penalty=float(req.presence_penalty or 0.0),
                                   frequency_penalty=float(req.frequency_penalty or 0.0),
                                   repetition_penalty=float(1.0 if req.repetition_penalty is None
@@ -368,6 +373,7 @@ def build_app(server: Server) -> FastAPI:
         # other streams and /health go on meanwhile (the body is already capped in bytes)
         prompt_ids = await asyncio.to_thread(server.prompt_ids, req)
         params = server.sampling_params(req, len(prompt_ids))
+        score_only = getattr(req, "echo", False) and req.max_tokens == 0
         rid = P.new_id(id_prefix)
         streams = []   # one per choice (n): choice i is the engine request rid (n = 1) or rid-i
         try:
@@ -391,11 +397,26 @@ def build_app(server: Server) -> FastAPI:
                   speculative=params.speculative, n=req.n)
         created = P.now_s()
         chat = isinstance(req, P.ChatCompletionRequest)
+        echo = None
+        if getattr(req, "echo", False):   # the prompt as sent (token ids: their text)
+            echo = req.prompt if isinstance(req.prompt, str) else \
+                await asyncio.to_thread(server.tokenizer.decode, prompt_ids)
         if req.stream:
-            return StreamingResponse(_sse(streams, req, rid, created, chat, chunk_object, len(prompt_ids)),
+            return StreamingResponse(_sse(streams, req, rid, created, chat, chunk_object, prompt_ids, echo,
+                                          score_only),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **_id_header(rid)})
-        return await _collect(request, streams, req, rid, created, chat, len(prompt_ids))
+        return await _collect(request, streams, req, rid, created, chat, prompt_ids, echo, score_only)
+
+    def _scored(ev: StreamEvent) -> StreamEvent:
+        """echo + max_tokens 0: the prompt alone; the one token the engine ran is dropped."""
+        return dataclasses.replace(ev, text="", token_ids=[], logprobs=[], num_generated_tokens=0,
+                                   finish_reason="length" if ev.finished else None)
+
+    def _echoed(prompt_ids, ev: StreamEvent) -> list:
+        """An echoed prompt's logprob entries: its first token (nothing predicts it: None),
+        then the engine's entry for each later prompt token."""
+        return [TokenLogprob(prompt_ids[0], None, None)] + list(ev.prompt_logprobs or [])
 
     def _finish_log(rid: str, events: list[StreamEvent], t0: float) -> None:
         stats = P.merge_stats([ev.stats for ev in events])
@@ -408,10 +429,12 @@ def build_app(server: Server) -> FastAPI:
         return P.usage_dict(num_prompt_tokens, sum(ev.num_generated_tokens for ev in events),
                             P.merge_stats([ev.stats for ev in events]))
 
-    async def _collect(request: Request, streams, req, rid, created, chat, num_prompt_tokens):
+    async def _collect(request: Request, streams, req, rid, created, chat, prompt_ids, echo, score_only):
         t0 = time.monotonic()
-        n = len(streams)
+        n, num_prompt_tokens = len(streams), len(prompt_ids)
         text, token_ids, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
+        if echo is not None:
+            text = [[echo] for _ in range(n)]
         last: list[StreamEvent | None] = [None] * n
         next_check = time.monotonic() + _DISCONNECT_POLL_S
         try:
@@ -429,8 +452,12 @@ def build_app(server: Server) -> FastAPI:
                         status, message, code = ev.error
                         raise P.APIError(status, message, code=code,
                                          type="server_error" if status >= 500 else "invalid_request_error")
+                    if score_only:
+                        ev = _scored(ev)
                     text[i].append(ev.text)
                     token_ids[i].extend(ev.token_ids)
+                    if echo is not None and ev.prompt_logprobs is not None:
+                        logprobs[i] = _echoed(prompt_ids, ev) + logprobs[i]
                     logprobs[i].extend(ev.logprobs or [])
                     if ev.finished:
                         last[i] = ev
@@ -476,13 +503,14 @@ def build_app(server: Server) -> FastAPI:
             for t in tasks:
                 t.cancel()
 
-    async def _sse(streams, req, rid, created, chat, chunk_object, num_prompt_tokens):
+    async def _sse(streams, req, rid, created, chat, chunk_object, prompt_ids, echo, score_only):
         t0 = time.monotonic()
         model = server.model_name
         usage_null = req.include_usage
         want_ids = req.return_token_ids
         want_lp = req.logprobs_k is not None
-        n = len(streams)
+        n, num_prompt_tokens = len(streams), len(prompt_ids)
+        echo_due = [echo is not None] * n   # the echoed prompt goes with a choice's first chunk
         offset = [0] * n   # characters of the tokens reported so far per choice (completions' text_offset)
         last: list[StreamEvent | None] = [None] * n
         try:
@@ -496,17 +524,22 @@ def build_app(server: Server) -> FastAPI:
                     kind = "server_error" if status >= 500 else "invalid_request_error"
                     yield P.sse(P.error_body(message, kind, code=code))
                     break
-                if ev.text or ((want_ids or want_lp) and ev.token_ids):
+                if score_only:
+                    ev = _scored(ev)
+                head, head_lp = "", []
+                if echo_due[i]:
+                    head, head_lp, echo_due[i] = echo, (_echoed(prompt_ids, ev) if want_lp else []), False
+                if head or ev.text or ((want_ids or want_lp) and ev.token_ids):
                     ids = ev.token_ids if want_ids else None
-                    lp = _logprobs_body(req, chat, ev.logprobs or [], offset[i]) if want_lp else None
+                    lp = _logprobs_body(req, chat, head_lp + (ev.logprobs or []), offset[i]) if want_lp else None
                     if lp is not None and not chat:
                         offset[i] += sum(len(t) for t in lp["tokens"])
                     if chat:
                         yield P.sse(P.chat_chunk(rid, created, model, {"content": ev.text}, None, ids, usage_null,
                                                  lp, index=i))
                     else:
-                        yield P.sse(P.completion_chunk(rid, created, model, ev.text, None, ids, usage_null, lp,
-                                                       index=i))
+                        yield P.sse(P.completion_chunk(rid, created, model, head + ev.text, None, ids, usage_null,
+                                                       lp, index=i))
                 if ev.finished:
                     last[i] = ev
                     if chat:

@@ -62,6 +62,8 @@ class StreamEvent:
     stats: dict | None = None            # cumulative SpecStats.to_dict() + num_drafts
     error: tuple[int, str, str] | None = None  # (http status, message, code)
     logprobs: list | None = None         # TokenLogprob per token of token_ids (when the request asks)
+    prompt_logprobs: list | None = None  # TokenLogprob per prompt token after the first (params.prompt_logprobs),
+                                         # in the request's first event with tokens (or its final one)
 
 
 class RequestStream:
@@ -294,7 +296,8 @@ class EngineLoop:
                          num_prompt_tokens=out.num_prompt_tokens, num_generated_tokens=st.detok.num_tokens_used,
                          stats=self._stats_dict(st, s) if finished else None,
                          logprobs=st.logprobs[used_before:st.detok.num_tokens_used]
-                         if st.params.logprobs is not None else None)
+                         if st.params.logprobs is not None else None,
+                         prompt_logprobs=out.prompt_logprobs)
         if finished:
             self._streams.pop(st.request_id, None)
             self._done(st, reason, now)

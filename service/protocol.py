@@ -3,8 +3,13 @@
 Contract: `parse_request(Model, body_bytes)` returns a validated request or raises
 `APIError`, whose `.response()` is an OpenAI-shaped JSON error
 (`{"error": {"message", "type", "param", "code"}}`). Fields of the OpenAI API that this
-server does not implement (best_of, echo, tools, ...) are rejected with a 400 that names
+server does not implement (best_of, suffix, tools, ...) are rejected with a 400 that names
 the field, never silently ignored; fields unknown to the OpenAI API are rejected too.
+
+Echo (completions): `echo: true` puts the prompt before the completion in the text, and,
+with `logprobs`, its tokens before the completion's in the log-probabilities (the first
+prompt token with None: nothing predicts it), as OpenAI did and evaluation harnesses use
+for log-likelihoods; streamed, the prompt comes with a choice's first chunk.
 
 Log-probabilities: `logprobs` (completions: an integer k, the alternatives per token;
 chat: true, with `top_logprobs` k) returns each generated token's log-probability under
@@ -166,6 +171,7 @@ class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = 16  # OpenAI's default for completions
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False           # the prompt comes first in the text (and in logprobs, when asked)
 
     @field_validator("logprobs", mode="before")
     @classmethod
@@ -269,6 +275,8 @@ def parse_request(model_cls: type[_SamplingFields], body: bytes) -> _SamplingFie
                        code="invalid_json")
     # 2) OpenAI fields we do not implement: name them
     for name, offs in UNSUPPORTED_FIELDS.items():
+        if name in model_cls.model_fields:   # implemented for this endpoint (echo: completions)
+            continue
         if name in data and not _is_off(data[name], offs):
             raise APIError(400, f"'{name}' is not supported by this server (got {json.dumps(data[name])[:80]}); "
                                 "remove it from the request.", param=name, code="unsupported_parameter")
@@ -360,14 +368,17 @@ def logprobs_chat(entries: list, token_str) -> dict:
 def logprobs_completion(entries: list, token_str, text_offset: int, k: int) -> dict:
     """TokenLogprob entries -> a completion choice's `logprobs` (tokens, token_logprobs,
     top_logprobs (None when k = 0), text_offset: each token's character offset in the
-    completion, counting from text_offset, the characters of the tokens before these)."""
+    completion, counting from text_offset, the characters of the tokens before these).
+    An entry whose logprob is None (an echoed prompt's first token: nothing predicts it)
+    gets None for its logprob and its alternatives, as OpenAI's echo does."""
     tokens, offsets = [], []
     for e in entries:
         offsets.append(text_offset)
         tokens.append(token_str(e.token_id)[0])
         text_offset += len(tokens[-1])
     return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{token_str(t)[0]: lp for t, lp in e.top} for e in entries] if k else None,
+            "top_logprobs": [None if e.top is None else {token_str(t)[0]: lp for t, lp in e.top}
+                             for e in entries] if k else None,
             "text_offset": offsets}
 
 

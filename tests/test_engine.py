@@ -294,6 +294,52 @@ def test_logprobs_are_the_targets_own(target):
     assert [e.top for e in o.logprobs] == [[], [], []]
 
 
+def test_prompt_logprobs_are_the_targets_own(target, monkeypatch):
+    """prompt_logprobs: one entry per prompt token after the first, the target's raw
+    log-probability of that token given the tokens before it (from-scratch reference) with
+    the k most likely in order; reported once, with the first token; the same whether the
+    prompt is prefilled in one piece or in chunks over several steps beside other rows,
+    speculative or not; rows that do not ask get None."""
+    long = [(7 * i + 3) % 2000 for i in range(40)]
+    prompts = [long, PROMPTS[1], PROMPTS[2], PROMPTS[3]]
+    k = 3
+    want = []
+    for p in prompts:
+        cache = target.new_cache(1, len(p) + 1)
+        h, _ = target(torch.tensor([p]), cache, torch.tensor([0]), torch.tensor([0]))
+        want.append(torch.log_softmax(target.logits(h[0]).float(), -1)[:-1])   # position j predicts p[j + 1]
+    monkeypatch.setattr(SpecEngine, "PROMPT_LOGPROBS_CHUNK", 5)   # several LM-head passes per chunk
+    for b, max_prefill in ((8, 512), (8, 9), (1, 4)):
+        eng = make_engine(target, block_size=b, drafter=b > 1)
+        eng.config.max_prefill_tokens = max_prefill
+        params = [SamplingParams(max_new_tokens=6, prompt_logprobs=k, ignore_eos=True)] * 3 + \
+                 [SamplingParams(max_new_tokens=6, ignore_eos=True)]
+        rids = [f"p{i}" for i in range(4)]
+        for rid, p, sp in zip(rids, prompts, params):
+            eng.add_request(rid, p, sp)
+        got, reports = {}, {rid: 0 for rid in rids}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                if o.prompt_logprobs is not None:
+                    reports[o.request_id] += 1
+                    assert o.new_token_ids          # with the first token
+                    got[o.request_id] = o.prompt_logprobs
+        assert reports == {"p0": 1, "p1": 1, "p2": 1, "p3": 0}
+        for i in range(3):
+            p, lp = prompts[i], want[i]
+            entries = got[rids[i]]
+            assert [e.token_id for e in entries] == p[1:]        # [9] alone: no entry
+            top_v, top_i = lp.topk(k, -1)
+            for j, e in enumerate(entries):
+                assert abs(e.logprob - lp[j, p[j + 1]].item()) < 1e-4
+                assert [t for t, _ in e.top] == top_i[j].tolist()
+                assert max(abs(v - w) for (_, v), w in zip(e.top, top_v[j].tolist())) < 1e-4
+        assert eng.num_free_slots == 4
+    [r] = make_engine(target).generate([long], SamplingParams(max_new_tokens=2, prompt_logprobs=0, ignore_eos=True))
+    assert len(r.prompt_logprobs) == len(long) - 1 and all(e.top == [] for e in r.prompt_logprobs)
+    assert make_engine(target).generate([long], SamplingParams(max_new_tokens=2))[0].prompt_logprobs is None
+
+
 def naive_greedy_penalized(target, prompt, n, **pen):
     seq = list(prompt)
     for _ in range(n):
@@ -406,6 +452,7 @@ def test_bad_requests_are_rejected(target):
     for bad in (dict(max_new_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(seed=-1),
                 dict(top_k=2**63), dict(top_k=2**64), dict(seed=2**63), dict(seed=True), dict(top_k=True),
                 dict(seed=1.0), dict(logprobs=-1), dict(logprobs=21), dict(logprobs=True), dict(logprobs=2.0),
+                dict(prompt_logprobs=-1), dict(prompt_logprobs=21), dict(prompt_logprobs=True),
                 dict(presence_penalty=2.5), dict(frequency_penalty=-3), dict(presence_penalty=True),
                 dict(repetition_penalty=0), dict(repetition_penalty=11), dict(repetition_penalty="1"),
                 dict(logit_bias={5: 101}), dict(logit_bias={-1: 1}), dict(logit_bias={"5": 1}),

@@ -55,14 +55,16 @@ def test_prepacked_linear_is_exact_and_row_invariant():
             assert torch.equal(fn(x[r:r + 1, t:t + 1]), full[r:r + 1, t:t + 1])
 
 
-def test_fp32_prepacked_linear_keeps_small_inputs_exact():
+@pytest.mark.parametrize("mm_max_elements", [1 << 20, 0], ids=["mm", "packed"])
+def test_fp32_prepacked_linear_keeps_small_inputs_exact(mm_max_elements):
     """fp32: inputs of fewer than FP32_PACKED_MIN_ROWS rows (the one-token decode step)
     are F.linear bit for bit, so fp32 decoding still equals transformers'; larger ones
-    (verify blocks, batches) take the packed product, equal up to summation order."""
+    (verify blocks, batches) take the packed product, or torch.mm against a transposed
+    copy for a small weight, equal up to summation order."""
     from dflash_core.models.layers import FP32_PACKED_MIN_ROWS
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(320, 96, generator=g) * 0.1, torch.randn(320, generator=g)
-    fn = prepack_linear(w, b)
+    fn = prepack_linear(w, b, mm_max_elements=mm_max_elements)
     if fn is None:
         pytest.skip("oneDNN prepacked linear not available in this torch build")
     for shape in [(1, 1, 96), (1, FP32_PACKED_MIN_ROWS - 1, 96), (FP32_PACKED_MIN_ROWS - 1, 96)]:
@@ -74,6 +76,9 @@ def test_fp32_prepacked_linear_keeps_small_inputs_exact():
         assert got.shape == shape[:-1] + (320,)
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert prepack_linear(w.half()) is None                       # other dtypes keep F.linear
+    x = torch.randn(5, 96, generator=g)                            # and without a bias
+    torch.testing.assert_close(prepack_linear(w, mm_max_elements=mm_max_elements)(x), F.linear(x, w),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("missing", ["_gate_up_fn", "_down_fn"])

@@ -262,6 +262,62 @@ def test_logprobs_equal_the_engine_streamed_or_not(srv, tok, chat):
     assert post(srv.url, path, plain).json()["choices"][0]["logprobs"] is None
 
 
+def test_echo_returns_the_prompt_and_its_logprobs(srv, tok):
+    """Completions' echo: the text starts with the prompt; with logprobs, the entries of
+    the prompt's tokens (the first None, the rest the engine's prompt_logprobs: the target's
+    own values) come before the completion's; streamed chunks concatenate to the body;
+    max_tokens 0 returns the prompt alone (what scoring clients send); a token-id prompt
+    echoes its text; every choice of n echoes."""
+    prompt, k = PROMPTS[0], 2
+    ids = encode(tok, prompt)
+    res = make_engine(make_cfg()).generate([ids], SamplingParams(max_new_tokens=8, ignore_eos=True, logprobs=k,
+                                                                 prompt_logprobs=k))[0]
+    want, plps = res.token_ids, res.prompt_logprobs
+    assert len(plps) == len(ids) - 1 > 0
+    strings = [decode_text(tok, [t]) for t in ids + want]
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True,
+            "echo": True, "logprobs": k, "return_token_ids": True}
+    j = post(srv.url, "/v1/completions", body).json()
+    c = j["choices"][0]
+    assert c["token_ids"] == want and c["text"] == prompt + decode_text(tok, want)
+    lp = c["logprobs"]
+    assert lp["tokens"] == strings
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:len(ids)] == pytest.approx([e.logprob for e in plps], abs=1e-5)
+    assert lp["token_logprobs"][len(ids):] == pytest.approx([e.logprob for e in res.logprobs], abs=1e-5)
+    assert [sorted(d.values(), reverse=True) for d in lp["top_logprobs"][1:len(ids)]] == \
+        [pytest.approx([v for _, v in e.top], abs=1e-5) for e in plps]
+    assert lp["text_offset"] == [len("".join(strings[:i])) for i in range(len(strings))]
+    assert j["usage"]["prompt_tokens"] == len(ids) and j["usage"]["completion_tokens"] == len(want)
+    chunks = [x for x in sse(httpx.post(srv.url + "/v1/completions", json={**body, "stream": True}, timeout=60))
+              if x != "[DONE]"]
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == c["text"]
+    assert chunks[0]["choices"][0]["text"].startswith(prompt)
+    parts = [ch["choices"][0]["logprobs"] for ch in chunks if ch["choices"][0]["logprobs"]]
+    assert {key: [v for p in parts for v in p[key]] for key in lp} == lp
+    # without logprobs: the text alone
+    c = post(srv.url, "/v1/completions", {**body, "logprobs": None}).json()["choices"][0]
+    assert c["text"] == prompt + decode_text(tok, want) and c["logprobs"] is None
+    # max_tokens 0: the prompt and its log-probabilities, no completion
+    for stream in (False, True):
+        b0 = {**body, "max_tokens": 0, "stream": stream}
+        if stream:
+            chunks = [x for x in sse(httpx.post(srv.url + "/v1/completions", json=b0, timeout=60)) if x != "[DONE]"]
+            text = "".join(ch["choices"][0]["text"] for ch in chunks)
+            parts = [ch["choices"][0]["logprobs"] for ch in chunks if ch["choices"][0]["logprobs"]]
+            got = {key: [v for p in parts for v in p[key]] for key in lp}
+            finish = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            j0 = post(srv.url, "/v1/completions", b0).json()
+            text, got, finish = j0["choices"][0]["text"], j0["choices"][0]["logprobs"], j0["choices"][0]["finish_reason"]
+            assert j0["usage"]["completion_tokens"] == 0 and j0["choices"][0]["token_ids"] == []
+        assert text == prompt and finish == "length"
+        assert got["tokens"] == strings[:len(ids)] and got["token_logprobs"] == lp["token_logprobs"][:len(ids)]
+    # token ids in: their text echoed; n choices: each echoes
+    j = post(srv.url, "/v1/completions", {**body, "prompt": ids, "logprobs": None, "n": 2}).json()
+    assert [ch["text"] for ch in j["choices"]] == [decode_text(tok, ids) + decode_text(tok, want)] * 2
+
+
 def test_n_choices_equal_separate_requests(srv, tok):
     """n choices run side by side: greedy ones equal the offline output each, seeded ones
     use seeds seed, seed+1, ... (each equal to that offline run); streamed chunks carry
@@ -375,7 +431,10 @@ BAD = [
     ({"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "n": 17}, 400, "n"),
     ({"model": MODEL, "prompt": "hi", "best_of": 3}, 400, "best_of"),
-    ({"model": MODEL, "prompt": "hi", "echo": True}, 400, "echo"),
+    ({"model": MODEL, "prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ({"model": MODEL, "prompt": "hi", "echo": 1}, 400, "echo"),
+    ({"model": MODEL, "prompt": "hi", "echo": True, "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "hi", "echo": True, "logprobs": 21}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": -2.01}, 400, "presence_penalty"),
     ({"model": MODEL, "prompt": "hi", "presence_penalty": "high"}, 400, "presence_penalty"),
@@ -403,6 +462,7 @@ BAD_CHAT = [
     ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, None),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400, "tools"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": 2}, 400, "logprobs"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "echo": True}, 400, "echo"),   # completions only
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400,
      "top_logprobs"),
@@ -614,6 +674,12 @@ def test_official_openai_client(srv, tok):
     c = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=20, temperature=0, logprobs=2)
     assert c.choices[0].text == decode_text(tok, want) and len(c.choices[0].logprobs.token_logprobs) == len(want)
     assert all(len(d) == 2 for d in c.choices[0].logprobs.top_logprobs)
+    # echo + max_tokens 0 (how scoring clients ask for a text's log-likelihood)
+    e = client.completions.create(model=MODEL, prompt=PROMPTS[5], max_tokens=0, echo=True, logprobs=1)
+    n_prompt = len(encode(tok, PROMPTS[5]))
+    assert e.choices[0].text == PROMPTS[5] and e.usage.completion_tokens == 0
+    assert e.choices[0].logprobs.token_logprobs[0] is None and len(e.choices[0].logprobs.tokens) == n_prompt
+    assert all(v < 0 for v in e.choices[0].logprobs.token_logprobs[1:])
     ch = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=20,
                                         temperature=0, logprobs=True, top_logprobs=3)
     content = ch.choices[0].logprobs.content

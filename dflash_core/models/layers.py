@@ -18,6 +18,12 @@ from .. import kernels
 # (1 thread, AVX512F Xeon without AVX512-BF16: 576x1536 at 4 / 8 rows 301 / 507 us ->
 # 228 / 310 us; the 576x49152 LM head 29.0 / 49.3 ms -> 11.9 / 14.9 ms).
 FP32_PACKED_MIN_ROWS = 4
+# ...and for weights up to this many elements (q/k/v, o and down of a small model; not a
+# wide gate/up or an LM head) a plain `torch.mm` against a once-transposed copy beats the
+# packed product from 4 rows on (2 threads, same Xeon, 576x960 q/k/v at 4 / 8 / 16 rows:
+# F.linear 0.46 / 0.49 / 0.53 ms, packed 0.14 / 0.16 / 0.20, mm 0.065 / 0.080 / 0.120;
+# 1536->576 down at 16 rows 0.86 / 0.35 / 0.27). Wider weights stay packed.
+FP32_MM_MAX_ELEMENTS = 1 << 20
 
 
 def is_prepacked(obj) -> bool:
@@ -26,7 +32,8 @@ def is_prepacked(obj) -> bool:
     return callable(obj) and getattr(obj, "prepacked", False) is True
 
 
-def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
+def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   mm_max_elements: int = FP32_MM_MAX_ELEMENTS):
     """Inference-only linear with its weight reordered once for oneDNN, or None where
     that is not available or not exact enough.
 
@@ -42,18 +49,28 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
     bit (the one-row decode step, so fp32 greedy output still equals transformers'
     own); larger inputs (a verify block, a batch of rows, the drafter's block) take the
     packed product, which differs from `F.linear` by summation order only (a probe
-    checks ~1e-6 relative). `F.linear` itself is not row-invariant in fp32 (a row alone
+    checks ~1e-6 relative), or, for weights of at most `mm_max_elements` elements, a
+    plain `torch.mm` against a transposed copy kept instead of the packed one (no oneDNN
+    reorder at all; the same probe check). `F.linear` itself is not row-invariant in fp32 (a row alone
     and inside a block round differently), so fp32 greedy DFlash equals fp32 decoding
     wherever the target's top two logits are not within rounding of each other, as before."""
     if weight.device.type != "cpu" or weight.dtype not in (torch.bfloat16, torch.float32):
         return None
     try:
         w = weight.detach().contiguous()
-        packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         b = None if bias is None else bias.detach().contiguous()
+        use_mm = w.dtype == torch.float32 and w.numel() <= mm_max_elements
+        if use_mm:
+            wt = w.t().contiguous()
+            packed = None
+        else:
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
         rows = 2 if w.dtype == torch.bfloat16 else FP32_PACKED_MIN_ROWS
         probe = torch.linspace(-1, 1, rows * w.shape[1], dtype=w.dtype).view(1, rows, w.shape[1])
-        got = torch.ops.mkldnn._linear_pointwise(probe, packed, b, "none", [], "")
+        if use_mm:
+            got = (torch.mm(probe[0], wt) if b is None else torch.addmm(b, probe[0], wt))[None]
+        else:
+            got = torch.ops.mkldnn._linear_pointwise(probe, packed, b, "none", [], "")
         want = F.linear(probe, w, b)
         if w.dtype == torch.bfloat16:
             if not torch.equal(got, want):
@@ -64,6 +81,17 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None):
         return None
 
     n_out = w.shape[0]
+
+    if use_mm:
+        def linear_mm(x: torch.Tensor) -> torch.Tensor:
+            lead = x.shape[:-1]
+            x2 = x.reshape(-1, x.shape[-1])
+            if x2.shape[0] < FP32_PACKED_MIN_ROWS:
+                return F.linear(x, w, b)
+            y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
+            return y.view(*lead, n_out)
+        linear_mm.prepacked = True
+        return linear_mm
 
     if w.dtype == torch.float32:
         def linear_fp32(x: torch.Tensor) -> torch.Tensor:
