@@ -10,6 +10,8 @@ machine noise hits both alike. Optional extras:
   --batch-sizes   batched autoregressive throughput at these row counts (e.g. 8,16)
   --prepack-ab    every measurement above also with the prepacked linears turned off
                   (plain F.linear), each pair back to back in this run
+  --mm-ab         the verify cost also with fp32's small-weight torch.mm linears taking
+                  the oneDNN packed product instead, alternating forward by forward
 Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
 from __future__ import annotations
@@ -51,6 +53,11 @@ def _parser():
                     help="also time the target forward eager vs torch.compile (inductor), with compile times")
     ap.add_argument("--prepack-ab", action="store_true",
                     help="also measure everything with the prepacked (oneDNN) linears off, back to back")
+    ap.add_argument("--mm-ab", action="store_true",
+                    help="with --verify-cost: also time it with the small fp32 weights packed (oneDNN) instead of "
+                         "torch.mm, alternating forward by forward")
+    ap.add_argument("--verify-reps", type=_positive_int, default=7,
+                    help="--verify-cost: forwards timed per token count (the first is dropped)")
     ap.add_argument("--repeats", type=_positive_int, default=1)
     ap.add_argument("--block-sizes", default="", help="comma-separated verified block sizes for DFlash (default: --block-size)")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
@@ -63,29 +70,55 @@ def _parser():
     return ap
 
 
-@contextlib.contextmanager
-def prepacked_off(engine):
-    """Within: the target's and the local drafter's prepacked linears (models.layers.
-    prepack_linear, found by their mark wherever a module or the drafting context keeps
-    one) are off, so every linear runs as plain F.linear; restored after."""
-    from .models.layers import is_prepacked
+def _linear_owners(engine) -> list:
+    """Every object that may keep a prepacked linear: the target's and the local
+    drafter's modules and the drafting context."""
     owners = list(engine.target.modules())
     backend = getattr(engine.drafting, "backend", None)
     if getattr(backend, "drafter", None) is not None:
         owners += list(backend.drafter.modules())
     if engine.drafting is not None:
         owners.append(engine.drafting)
+    return owners
+
+
+@contextlib.contextmanager
+def _swapped_linears(engine, replace):
+    """Within: each prepacked linear fn for which replace(fn) is not False is replaced by
+    what it returns; yields how many; restored after."""
+    from .models.layers import is_prepacked
     saved = []
-    for obj in owners:
+    for obj in _linear_owners(engine):
         for name, fn in list(vars(obj).items()):
             if is_prepacked(fn):
-                saved.append((obj, name, fn))
-                setattr(obj, name, None)
+                new = replace(fn)
+                if new is not False:
+                    saved.append((obj, name, fn))
+                    setattr(obj, name, new)
     try:
         yield len(saved)
     finally:
         for obj, name, fn in saved:
             setattr(obj, name, fn)
+
+
+def prepacked_off(engine):
+    """Within: the target's and the local drafter's prepacked linears (models.layers.
+    prepack_linear, found by their mark wherever a module or the drafting context keeps
+    one) are off, so every linear runs as plain F.linear; restored after."""
+    return _swapped_linears(engine, lambda fn: None)
+
+
+def small_mm_off(engine):
+    """Within: the fp32 linears that multiply by a transposed copy of a small weight
+    (models.layers.FP32_MM_MAX_ELEMENTS) take the oneDNN packed product instead, as they
+    did before; restored after."""
+    from .models.layers import prepack_linear
+
+    def packed(fn):
+        wb = getattr(fn, "small_mm", None)
+        return False if wb is None else prepack_linear(*wb, mm_max_elements=0)
+    return _swapped_linears(engine, packed)
 
 
 def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: int) -> float:
@@ -98,24 +131,32 @@ def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: 
     return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
 
 
-def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int = 7) -> dict:
-    """Median wall time of one target forward of T tokens (+ LM head) on a ctx_len cache."""
+def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int = 7, variants=None):
+    """Median wall time of one target forward of T tokens (+ LM head) on a ctx_len cache.
+    variants: {name: () -> context manager}: each forward is timed once per variant in
+    turn (the order alternating), -> {name: result} instead of one result."""
     cache = target.new_cache(1, ctx_len + 32)
     slots = torch.tensor([0])
     V = target.config.vocab_size
     g = torch.Generator().manual_seed(0)
     target(torch.randint(0, V, (1, ctx_len), generator=g), cache, slots, torch.tensor([0]))
-    out = {}
+    names = list(variants or {None: contextlib.nullcontext})
+    out = {name: {} for name in names}
     for T in sizes:
         x = torch.randint(0, V, (1, T), generator=g)
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            h, _ = target(x, cache, slots, torch.tensor([ctx_len]))
-            target.logits(h)
-            ts.append(time.perf_counter() - t0)
-        out[T] = statistics.median(ts[1:]) * 1000
-    return {"ctx_len": ctx_len, "ms": out, "relative_to_1": {T: out[T] / out[sizes[0]] for T in sizes}}
+        ts = {name: [] for name in names}
+        for rep in range(reps):
+            for name in (names if rep % 2 == 0 else names[::-1]):
+                with (variants[name]() if variants else contextlib.nullcontext()):
+                    t0 = time.perf_counter()
+                    h, _ = target(x, cache, slots, torch.tensor([ctx_len]))
+                    target.logits(h)
+                    ts[name].append(time.perf_counter() - t0)
+        for name in names:
+            out[name][T] = statistics.median(ts[name][1:]) * 1000
+    res = {name: {"ctx_len": ctx_len, "ms": ms, "relative_to_1": {T: ms[T] / ms[sizes[0]] for T in sizes}}
+           for name, ms in out.items()}
+    return res if variants else res[None]
 
 
 def compile_cost(target, ctx_len: int = 128, sizes=(1, 4, 16), reps: int = 9) -> dict:
@@ -227,6 +268,8 @@ def main(argv=None) -> int:
     from .engine import EngineConfig
     from .sampling import SamplingParams
 
+    if args.mm_ab and not args.verify_cost:
+        raise CliError("dflash bench: --mm-ab compares verify costs; add --verify-cost")
     try:
         base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                               ignore_eos=args.ignore_eos)
@@ -263,13 +306,23 @@ def main(argv=None) -> int:
     if args.verify_cost:
         for off in packed_modes:
             with (prepacked_off(engine) if off else contextlib.nullcontext()):
-                vc = verify_cost(engine.target)
+                vc = verify_cost(engine.target, reps=max(2, args.verify_reps))
             print(("prepacked linears off, " if off else "") + "verify forward cost (ctx %d): " % vc["ctx_len"] +
                   ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
                   file=out)
             dest = summary["prepacked_off"] if off else summary
             dest["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
             dest["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
+        if args.mm_ab:
+            with small_mm_off(engine) as n_mm:   # (counts them)
+                pass
+            ab = verify_cost(engine.target, reps=max(2, args.verify_reps),
+                             variants={"mm": contextlib.nullcontext, "packed": lambda: small_mm_off(engine)})
+            for name, vc in ab.items():
+                print(f"{name}: verify forward cost (ctx {vc['ctx_len']}, {n_mm} small fp32 linears): " +
+                      ", ".join(f"{T} tok {ms:.1f} ms" for T, ms in vc["ms"].items()), file=out)
+            summary["small_mm_ab"] = {"num_linears": n_mm, **{
+                name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()}} for name, vc in ab.items()}}
     if args.int8:
         ic = int8_linear_cost(engine.target)
         for shape, res in ic.get("by_shape", {}).items():

@@ -352,6 +352,41 @@ def test_bench_prepack_ab_reports_both_and_restores_the_packed_linears():
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
 
 
+def test_bench_mm_ab_times_both_and_restores_the_mm_linears():
+    """--mm-ab: the verify cost with the small fp32 weights through torch.mm and through the
+    packed product, both reported; small_mm_off swaps exactly those linears (same numbers
+    up to summation order) and puts them back."""
+    out = subprocess.run([DFLASH, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "1",
+                          "--max-new-tokens", "4", "--block-size", "4", "--verify-cost", "--mm-ab", "--verify-reps", "3",
+                          "--dtype", "float32", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ab = json.loads(out.stdout.strip().splitlines()[-1])["small_mm_ab"]
+    assert ab["num_linears"] > 0
+    assert set(ab["mm"]["verify_ms"]) == set(ab["packed"]["verify_ms"]) == {"1", "2", "3", "4", "8", "16"}
+    assert all(v > 0 for k in ("mm", "packed") for v in ab[k]["verify_ms"].values())
+    bad = subprocess.run([DFLASH, "bench", "--target", "tiny-random", "--mm-ab"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--verify-cost" in bad.stderr
+
+    from dflash_core.api import build_engine
+    from dflash_core.bench import small_mm_off
+    from dflash_core.engine import EngineConfig
+    engine, _ = build_engine("tiny-random", "random", EngineConfig(max_slots=1, max_seq_len=64, block_size=4),
+                             tokenizer=False, dtype=torch.float32)
+    attn = engine.target.layers[0].self_attn
+    before = (attn._qkv_fn, attn._o_fn, engine.target.layers[0].mlp._down_fn)
+    assert all(getattr(f, "small_mm", None) is not None for f in before)
+    x = torch.randn(6, engine.target.config.hidden_size)
+    with torch.no_grad():
+        mm = attn._o_fn(x)
+        with small_mm_off(engine) as n:
+            assert n >= 3 * engine.target.config.num_layers and attn._o_fn is not before[1]
+            assert getattr(attn._o_fn, "small_mm", None) is None
+            packed = attn._o_fn(x)
+    assert (attn._qkv_fn, attn._o_fn, engine.target.layers[0].mlp._down_fn) == before
+    torch.testing.assert_close(mm, packed, rtol=1e-5, atol=1e-5)
+
+
 def test_peer_benchmark_runs_on_the_tiny_model(tmp_path):
     out = subprocess.run([DFLASH, "bench", "--peers", "--target", "tiny-random", "--drafter", "random",
                           "--peer-prompts", "1", "--max-new-tokens", "6", "--block-size", "4", "--json",

@@ -91,6 +91,7 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
             y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
             return y.view(*lead, n_out)
         linear_mm.prepacked = True
+        linear_mm.small_mm = (w, b)   # bench.small_mm_off rebuilds it packed from these
         return linear_mm
 
     if w.dtype == torch.float32:
