@@ -131,6 +131,7 @@ def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: 
     return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
 
 
+@torch.inference_mode()   # as the engine's step: the prepacked linears run only without autograd
 def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int = 7, variants=None):
     """Median wall time of one target forward of T tokens (+ LM head) on a ctx_len cache.
     variants: {name: () -> context manager}: each forward is timed once per variant in
@@ -159,6 +160,7 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int
     return res if variants else res[None]
 
 
+@torch.inference_mode()   # as the engine's step: the prepacked linears run only without autograd
 def compile_cost(target, ctx_len: int = 128, sizes=(1, 4, 16), reps: int = 9) -> dict:
     """A T-token target forward + LM head on a ctx_len cache, eager and under
     `torch.compile` (inductor, static shapes), timed alternately in one run; the first
@@ -195,6 +197,7 @@ def compile_cost(target, ctx_len: int = 128, sizes=(1, 4, 16), reps: int = 9) ->
     return {"ctx_len": ctx_len, "by_tokens": out}
 
 
+@torch.inference_mode()   # as the engine's step: the prepacked linears run only without autograd
 def int8_linear_cost(target, rows=(1, 4, 16), reps: int = 30) -> dict:
     """Weight-only int8 (per-output-channel scales, `aten._weight_int8pack_mm`) against
     the target's own linears (its dtype, prepacked where it does that) on the target's
