@@ -526,10 +526,10 @@ def build_app(server: Server) -> FastAPI:
                     break
                 if score_only:
                     ev = _scored(ev)
-                head, head_lp = "", []
-                if echo_due[i]:
+                head, head_lp, first = "", [], echo_due[i]
+                if first:
                     head, head_lp, echo_due[i] = echo, (_echoed(prompt_ids, ev) if want_lp else []), False
-                if head or ev.text or ((want_ids or want_lp) and ev.token_ids):
+                if first or ev.text or ((want_ids or want_lp) and ev.token_ids):
                     ids = ev.token_ids if want_ids else None
                     lp = _logprobs_body(req, chat, head_lp + (ev.logprobs or []), offset[i]) if want_lp else None
                     if lp is not None and not chat:
