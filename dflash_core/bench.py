@@ -82,23 +82,29 @@ def _linear_owners(engine) -> list:
     return owners
 
 
-@contextlib.contextmanager
-def _swapped_linears(engine, replace):
-    """Within: each prepacked linear fn for which replace(fn) is not False is replaced by
-    what it returns; yields how many; restored after."""
+def _linear_swaps(engine, replace) -> list[tuple]:
+    """(owner, attribute, prepacked linear fn, its replacement) for each prepacked linear
+    fn for which replace(fn) is not False."""
     from .models.layers import is_prepacked
-    saved = []
+    swaps = []
     for obj in _linear_owners(engine):
         for name, fn in list(vars(obj).items()):
             if is_prepacked(fn):
                 new = replace(fn)
                 if new is not False:
-                    saved.append((obj, name, fn))
-                    setattr(obj, name, new)
+                    swaps.append((obj, name, fn, new))
+    return swaps
+
+
+@contextlib.contextmanager
+def _swapped(swaps):
+    """Within: each swap's replacement in place of its fn; yields how many; restored after."""
+    for obj, name, _, new in swaps:
+        setattr(obj, name, new)
     try:
-        yield len(saved)
+        yield len(swaps)
     finally:
-        for obj, name, fn in saved:
+        for obj, name, fn, _ in swaps:
             setattr(obj, name, fn)
 
 
@@ -106,19 +112,25 @@ def prepacked_off(engine):
     """Within: the target's and the local drafter's prepacked linears (models.layers.
     prepack_linear, found by their mark wherever a module or the drafting context keeps
     one) are off, so every linear runs as plain F.linear; restored after."""
-    return _swapped_linears(engine, lambda fn: None)
+    return _swapped(_linear_swaps(engine, lambda fn: None))
 
 
-def small_mm_off(engine):
-    """Within: the fp32 linears that multiply by a transposed copy of a small weight
-    (models.layers.FP32_MM_MAX_ELEMENTS) take the oneDNN packed product instead, as they
-    did before; restored after."""
+def small_mm_swaps(engine) -> list[tuple]:
+    """The fp32 linears that multiply by a transposed copy of a small weight
+    (models.layers.FP32_MM_MAX_ELEMENTS), each with the oneDNN packed linear it was before
+    (built here, once)."""
     from .models.layers import prepack_linear
 
     def packed(fn):
         wb = getattr(fn, "small_mm", None)
         return False if wb is None else prepack_linear(*wb, mm_max_elements=0)
-    return _swapped_linears(engine, packed)
+    return _linear_swaps(engine, packed)
+
+
+def small_mm_off(engine):
+    """Within: the small fp32 weights take the packed product instead of torch.mm, as they
+    did before; restored after."""
+    return _swapped(small_mm_swaps(engine))
 
 
 def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: int) -> float:
@@ -317,10 +329,10 @@ def main(argv=None) -> int:
             dest["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
             dest["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
         if args.mm_ab:
-            with small_mm_off(engine) as n_mm:   # (counts them)
-                pass
+            swaps = small_mm_swaps(engine)   # the packed versions built once, swapped in per forward
+            n_mm = len(swaps)
             ab = verify_cost(engine.target, reps=max(2, args.verify_reps),
-                             variants={"mm": contextlib.nullcontext, "packed": lambda: small_mm_off(engine)})
+                             variants={"mm": contextlib.nullcontext, "packed": lambda: _swapped(swaps)})
             for name, vc in ab.items():
                 print(f"{name}: verify forward cost (ctx {vc['ctx_len']}, {n_mm} small fp32 linears): " +
                       ", ".join(f"{T} tok {ms:.1f} ms" for T, ms in vc["ms"].items()), file=out)

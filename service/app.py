@@ -141,8 +141,7 @@ class Server:
         room = cfg.max_seq_len - num_prompt_tokens
         if max_tokens is None:
             max_tokens = min(cfg.default_max_tokens, cfg.max_tokens_limit, room)
-        score_only = max_tokens == 0 and getattr(req, "echo", False)   # echo + max_tokens 0: the prompt's
-        if score_only:                                                   # logprobs alone (one token run, dropped)
+        if req.score_only:   # echo + max_tokens 0: the prompt's logprobs alone (one token run, dropped)
             max_tokens = 1
         if max_tokens < 1:
             raise P.APIError(400, f"'{param}' must be at least 1 (0 only with 'echo'), got {max_tokens}",
@@ -373,7 +372,6 @@ def build_app(server: Server) -> FastAPI:
         # other streams and /health go on meanwhile (the body is already capped in bytes)
         prompt_ids = await asyncio.to_thread(server.prompt_ids, req)
         params = server.sampling_params(req, len(prompt_ids))
-        score_only = getattr(req, "echo", False) and req.max_tokens == 0
         rid = P.new_id(id_prefix)
         streams = []   # one per choice (n): choice i is the engine request rid (n = 1) or rid-i
         try:
@@ -402,11 +400,10 @@ def build_app(server: Server) -> FastAPI:
             echo = req.prompt if isinstance(req.prompt, str) else \
                 await asyncio.to_thread(server.tokenizer.decode, prompt_ids)
         if req.stream:
-            return StreamingResponse(_sse(streams, req, rid, created, chat, chunk_object, prompt_ids, echo,
-                                          score_only),
+            return StreamingResponse(_sse(streams, req, rid, created, chat, chunk_object, prompt_ids, echo),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", **_id_header(rid)})
-        return await _collect(request, streams, req, rid, created, chat, prompt_ids, echo, score_only)
+        return await _collect(request, streams, req, rid, created, chat, prompt_ids, echo)
 
     def _scored(ev: StreamEvent) -> StreamEvent:
         """echo + max_tokens 0: the prompt alone; the one token the engine ran is dropped."""
@@ -429,7 +426,7 @@ def build_app(server: Server) -> FastAPI:
         return P.usage_dict(num_prompt_tokens, sum(ev.num_generated_tokens for ev in events),
                             P.merge_stats([ev.stats for ev in events]))
 
-    async def _collect(request: Request, streams, req, rid, created, chat, prompt_ids, echo, score_only):
+    async def _collect(request: Request, streams, req, rid, created, chat, prompt_ids, echo):
         t0 = time.monotonic()
         n, num_prompt_tokens = len(streams), len(prompt_ids)
         text, token_ids, logprobs = [[] for _ in range(n)], [[] for _ in range(n)], [[] for _ in range(n)]
@@ -452,7 +449,7 @@ def build_app(server: Server) -> FastAPI:
                         status, message, code = ev.error
                         raise P.APIError(status, message, code=code,
                                          type="server_error" if status >= 500 else "invalid_request_error")
-                    if score_only:
+                    if req.score_only:
                         ev = _scored(ev)
                     text[i].append(ev.text)
                     token_ids[i].extend(ev.token_ids)
@@ -503,7 +500,7 @@ def build_app(server: Server) -> FastAPI:
             for t in tasks:
                 t.cancel()
 
-    async def _sse(streams, req, rid, created, chat, chunk_object, prompt_ids, echo, score_only):
+    async def _sse(streams, req, rid, created, chat, chunk_object, prompt_ids, echo):
         t0 = time.monotonic()
         model = server.model_name
         usage_null = req.include_usage
@@ -524,7 +521,7 @@ def build_app(server: Server) -> FastAPI:
                     kind = "server_error" if status >= 500 else "invalid_request_error"
                     yield P.sse(P.error_body(message, kind, code=code))
                     break
-                if score_only:
+                if req.score_only:
                     ev = _scored(ev)
                 head, head_lp, first = "", [], echo_due[i]
                 if first:

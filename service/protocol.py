@@ -166,6 +166,11 @@ class _SamplingFields(BaseModel):
         """None: no log-probabilities; k: each token's and its k most likely alternatives."""
         return None
 
+    @property
+    def score_only(self) -> bool:
+        """The prompt alone is asked for (completions: echo with max_tokens 0)."""
+        return False
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -181,6 +186,10 @@ class CompletionRequest(_SamplingFields):
     @property
     def logprobs_k(self) -> int | None:
         return self.logprobs
+
+    @property
+    def score_only(self) -> bool:
+        return self.echo and self.max_tokens == 0
 
     @field_validator("prompt")
     @classmethod

@@ -62,16 +62,13 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
         use_mm = w.dtype == torch.float32 and w.numel() <= mm_max_elements
         if use_mm:
             wt = w.t().contiguous()
-            packed = None
+            product = (lambda x2: torch.mm(x2, wt)) if b is None else (lambda x2: torch.addmm(b, x2, wt))
         else:
             packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            product = lambda x2: torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")  # noqa: E731
         rows = 2 if w.dtype == torch.bfloat16 else FP32_PACKED_MIN_ROWS
-        probe = torch.linspace(-1, 1, rows * w.shape[1], dtype=w.dtype).view(1, rows, w.shape[1])
-        if use_mm:
-            got = (torch.mm(probe[0], wt) if b is None else torch.addmm(b, probe[0], wt))[None]
-        else:
-            got = torch.ops.mkldnn._linear_pointwise(probe, packed, b, "none", [], "")
-        want = F.linear(probe, w, b)
+        probe = torch.linspace(-1, 1, rows * w.shape[1], dtype=w.dtype).view(rows, w.shape[1])
+        got, want = product(probe), F.linear(probe, w, b)
         if w.dtype == torch.bfloat16:
             if not torch.equal(got, want):
                 return None
@@ -82,26 +79,16 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
 
     n_out = w.shape[0]
 
-    if use_mm:
-        def linear_mm(x: torch.Tensor) -> torch.Tensor:
-            lead = x.shape[:-1]
-            x2 = x.reshape(-1, x.shape[-1])
-            if x2.shape[0] < FP32_PACKED_MIN_ROWS:
-                return F.linear(x, w, b)
-            y = torch.mm(x2, wt) if b is None else torch.addmm(b, x2, wt)
-            return y.view(*lead, n_out)
-        linear_mm.prepacked = True
-        linear_mm.small_mm = (w, b)   # bench.small_mm_off rebuilds it packed from these
-        return linear_mm
-
     if w.dtype == torch.float32:
         def linear_fp32(x: torch.Tensor) -> torch.Tensor:
             lead = x.shape[:-1]
             x2 = x.reshape(-1, x.shape[-1])
             if x2.shape[0] < FP32_PACKED_MIN_ROWS:
                 return F.linear(x, w, b)
-            return torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "").view(*lead, n_out)
+            return product(x2).view(*lead, n_out)
         linear_fp32.prepacked = True
+        if use_mm:
+            linear_fp32.small_mm = (w, b)   # bench.small_mm_off rebuilds it packed from these
         return linear_fp32
 
     def linear(x: torch.Tensor) -> torch.Tensor:
@@ -110,10 +97,7 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
         # block or a batch does (measured: every M >= 2 agrees with M = 16, M = 1 does not)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if x2.shape[0] == 1:
-            y = torch.ops.mkldnn._linear_pointwise(torch.cat([x2, x2]), packed, b, "none", [], "")[:1]
-        else:
-            y = torch.ops.mkldnn._linear_pointwise(x2, packed, b, "none", [], "")
+        y = product(torch.cat([x2, x2]))[:1] if x2.shape[0] == 1 else product(x2)
         return y.view(*lead, n_out)
     linear.prepacked = True
     return linear
