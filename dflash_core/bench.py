@@ -12,6 +12,9 @@ machine noise hits both alike. Optional extras:
                   (plain F.linear), each pair back to back in this run
   --mm-ab         the verify cost also with fp32's small-weight torch.mm linears taking
                   the oneDNN packed product instead, alternating forward by forward
+  --native-ab     every measurement above also with the native fp32 linears
+                  (dflash_core.native) replaced by the torch ones they stand in for; the
+                  verify cost alternating forward by forward, the rest back to back
 Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
 from __future__ import annotations
@@ -56,6 +59,8 @@ def _parser():
     ap.add_argument("--mm-ab", action="store_true",
                     help="with --verify-cost: also time it with the small fp32 weights packed (oneDNN) instead of "
                          "torch.mm, alternating forward by forward")
+    ap.add_argument("--native-ab", action="store_true",
+                    help="also measure everything with the native fp32 linears replaced by torch's (mm / oneDNN packed)")
     ap.add_argument("--verify-reps", type=_positive_int, default=7,
                     help="--verify-cost: forwards timed per token count (the first is dropped)")
     ap.add_argument("--repeats", type=_positive_int, default=1)
@@ -113,6 +118,17 @@ def prepacked_off(engine):
     prepack_linear, found by their mark wherever a module or the drafting context keeps
     one) are off, so every linear runs as plain F.linear; restored after."""
     return _swapped(_linear_swaps(engine, lambda fn: None))
+
+
+def native_swaps(engine) -> list[tuple]:
+    """The native fp32 linears (dflash_core.native), each with the torch linear it stands
+    in for (models.layers.prepack_linear with native=False, built here, once)."""
+    from .models.layers import prepack_linear
+
+    def fallback(fn):
+        wb = getattr(fn, "native", None)
+        return False if wb is None else prepack_linear(*wb, native=False)
+    return _linear_swaps(engine, fallback)
 
 
 def small_mm_swaps(engine) -> list[tuple]:
@@ -303,31 +319,58 @@ def main(argv=None) -> int:
     summary = {"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype),
                "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "threads": torch.get_num_threads()}
-    runs, runs_off, n_packed = {}, {}, 0
-    packed_modes = [False, True] if args.prepack_ab else [False]   # True: prepacked linears off
+    # each A/B mode: (summary key, label, context manager factory yielding the count swapped)
+    off_modes = []
+    if args.prepack_ab:
+        off_modes.append(("prepacked_off", "prepacked linears off", lambda: prepacked_off(engine)))
+    nswaps = native_swaps(engine)
+    formats: dict[str, int] = {}
+    for _, _, fn, _ in nswaps:
+        formats[fn.native_format] = formats.get(fn.native_format, 0) + 1
+    from . import native
+    summary["native_linears"] = {"count": len(nswaps), "formats": formats, "why_not": native.reason()}
+    if args.native_ab and not nswaps:
+        raise CliError("dflash bench: --native-ab: this engine has no native linears ("
+                       + (native.reason() or "they take fp32 on a CPU") + ")")
+    if args.native_ab:
+        off_modes.append(("native_off", "native linears off", lambda: _swapped(nswaps)))
+    runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
     for b in block_sizes:
         engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
         runs[b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
-        if args.prepack_ab:
-            with prepacked_off(engine) as n_packed:
-                print(f"({n_packed} prepacked linears off)", file=out)
-                runs_off[b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
-    if args.prepack_ab:
-        summary["prepacked_off"] = {"num_linears": n_packed, "by_block_size": {str(b): r for b, r in runs_off.items()}}
+        for key, label, ctx in off_modes:
+            with ctx() as n_off[key]:
+                print(f"({n_off[key]} {label})", file=out)
+                runs_off[key][b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
+    for key, _, _ in off_modes:
+        summary[key] = {"num_linears": n_off.get(key, 0),
+                        "by_block_size": {str(b): r for b, r in runs_off[key].items()}}
     first = runs[block_sizes[0]]
     summary.update(block_size=block_sizes[0], **first)
     if len(block_sizes) > 1:
         summary["by_block_size"] = {str(b): r for b, r in runs.items()}
     if args.verify_cost:
-        for off in packed_modes:
-            with (prepacked_off(engine) if off else contextlib.nullcontext()):
+        seq_modes = [(None, "", contextlib.nullcontext)] + [m for m in off_modes if m[0] == "prepacked_off"]
+        for key, label, ctx in seq_modes:
+            with ctx():
                 vc = verify_cost(engine.target, reps=max(2, args.verify_reps))
-            print(("prepacked linears off, " if off else "") + "verify forward cost (ctx %d): " % vc["ctx_len"] +
+            print((label + ", " if label else "") + "verify forward cost (ctx %d): " % vc["ctx_len"] +
                   ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
                   file=out)
-            dest = summary["prepacked_off"] if off else summary
+            dest = summary[key] if key else summary
             dest["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
             dest["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
+        if args.native_ab:
+            ab = verify_cost(engine.target, reps=max(2, args.verify_reps),
+                             variants={"native": contextlib.nullcontext, "torch": lambda: _swapped(nswaps)})
+            for name, vc in ab.items():
+                print(f"{name} linears: verify forward cost (ctx {vc['ctx_len']}, alternating): " +
+                      ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
+                      file=out)
+            summary["native_ab"] = {"num_linears": len(nswaps), **{
+                name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()},
+                       "verify_relative_to_1": {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}}
+                for name, vc in ab.items()}}
         if args.mm_ab:
             swaps = small_mm_swaps(engine)   # the packed versions built once, swapped in per forward
             n_mm = len(swaps)
@@ -354,12 +397,11 @@ def main(argv=None) -> int:
     if batch_sizes:
         summary["batched_ar_tokens_per_s"] = {}
         for rows in batch_sizes:
-            for off in packed_modes:
-                with (prepacked_off(engine) if off else contextlib.nullcontext()):
+            for key, label, ctx in [(None, "", contextlib.nullcontext)] + off_modes:
+                with ctx():
                     tps = batched_ar_tps(engine, prompts, rows, args.max_new_tokens)
-                print(f"{'prepacked linears off, ' if off else ''}batched autoregressive, {rows} rows: "
-                      f"{tps:.1f} tok/s", file=out)
-                dest = summary["prepacked_off"] if off else summary
+                print(f"{label + ', ' if label else ''}batched autoregressive, {rows} rows: {tps:.1f} tok/s", file=out)
+                dest = summary[key] if key else summary
                 dest.setdefault("batched_ar_tokens_per_s", {})[str(rows)] = round(tps, 2)
     if args.vs_hf:
         hf_prompts = prompts[:min(2, len(prompts))]

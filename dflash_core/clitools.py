@@ -90,12 +90,17 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "defau
     if dtype is not None:
         ap.add_argument("--dtype", default=dtype, help=DTYPE_HELP)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    ap.add_argument("--no-native", action="store_true",
+                    help="fp32 on CPU: plain torch linears instead of the native kernel (dflash_core.native)")
 
 
 def apply_runtime_args(prog: str, args: argparse.Namespace):
     """Check --device, set --threads, resolve --dtype (when the parser has it) -> torch.dtype
     or None; bad values raise CliError (one line)."""
     _check_device(args.device)
+    if getattr(args, "no_native", False):
+        from . import native
+        native.set_enabled(False)
     if args.threads < 0:
         raise CliError(f"{prog}: --threads must be >= 0, got {args.threads}")
     if args.threads > 0:

@@ -60,11 +60,13 @@ def test_fp32_prepacked_linear_keeps_small_inputs_exact(mm_max_elements):
     """fp32: inputs of fewer than FP32_PACKED_MIN_ROWS rows (the one-token decode step)
     are F.linear bit for bit, so fp32 decoding still equals transformers'; larger ones
     (verify blocks, batches) take the packed product, or torch.mm against a transposed
-    copy for a small weight, equal up to summation order."""
+    copy for a small weight, equal up to summation order. (This is the fallback where
+    the native kernel is unavailable or off: native=False; the native kernel's own
+    contract is in tests/test_native.py.)"""
     from dflash_core.models.layers import FP32_PACKED_MIN_ROWS
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(320, 96, generator=g) * 0.1, torch.randn(320, generator=g)
-    fn = prepack_linear(w, b, mm_max_elements=mm_max_elements)
+    fn = prepack_linear(w, b, mm_max_elements=mm_max_elements, native=False)
     if fn is None:
         pytest.skip("oneDNN prepacked linear not available in this torch build")
     for shape in [(1, 1, 96), (1, FP32_PACKED_MIN_ROWS - 1, 96), (FP32_PACKED_MIN_ROWS - 1, 96)]:
@@ -77,7 +79,7 @@ def test_fp32_prepacked_linear_keeps_small_inputs_exact(mm_max_elements):
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     assert prepack_linear(w.half()) is None                       # other dtypes keep F.linear
     x = torch.randn(5, 96, generator=g)                            # and without a bias
-    torch.testing.assert_close(prepack_linear(w, mm_max_elements=mm_max_elements)(x), F.linear(x, w),
+    torch.testing.assert_close(prepack_linear(w, mm_max_elements=mm_max_elements, native=False)(x), F.linear(x, w),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -358,7 +360,8 @@ def test_bench_mm_ab_times_both_and_restores_the_mm_linears():
     up to summation order) and puts them back."""
     out = subprocess.run([DFLASH, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "1",
                           "--max-new-tokens", "4", "--block-size", "4", "--verify-cost", "--mm-ab", "--verify-reps", "3",
-                          "--dtype", "float32", "--json"], capture_output=True, text=True, timeout=300)
+                          "--dtype", "float32", "--json"], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "DFLASH_NATIVE": "0"})   # the fallback path (no native linears)
     assert out.returncode == 0, out.stderr[-2000:]
     ab = json.loads(out.stdout.strip().splitlines()[-1])["small_mm_ab"]
     assert ab["num_linears"] > 0
@@ -368,11 +371,17 @@ def test_bench_mm_ab_times_both_and_restores_the_mm_linears():
                          timeout=120)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "--verify-cost" in bad.stderr
 
+    from dflash_core import native
     from dflash_core.api import build_engine
     from dflash_core.bench import small_mm_off
     from dflash_core.engine import EngineConfig
-    engine, _ = build_engine("tiny-random", "random", EngineConfig(max_slots=1, max_seq_len=64, block_size=4),
-                             tokenizer=False, dtype=torch.float32)
+    was = native.enabled()
+    native.set_enabled(False)
+    try:
+        engine, _ = build_engine("tiny-random", "random", EngineConfig(max_slots=1, max_seq_len=64, block_size=4),
+                                 tokenizer=False, dtype=torch.float32)
+    finally:
+        native.set_enabled(was)
     attn = engine.target.layers[0].self_attn
     before = (attn._qkv_fn, attn._o_fn, engine.target.layers[0].mlp._down_fn)
     assert all(getattr(f, "small_mm", None) is not None for f in before)

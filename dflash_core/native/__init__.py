@@ -1,0 +1,236 @@
+"""Native fp32 linears over the model's own quantised weights (CPU, AVX2 + FMA).
+
+The default target ships as a GGUF (Q4_1 layers, a Q8_0 embedding / LM head) that
+transformers dequantises to fp32. Every fp32 weight of such a model is exactly
+d * q (+ m) for small integers q and a per-32-block scale d (and minimum m), so the same
+product can read 4-bit or 8-bit codes instead of 32-bit floats: a one-token decode step
+reads ~1/6 of the bytes, and since that step is bound by reading weights, it runs that
+much faster. `pack(weight)` recovers the codes from the fp32 weight itself and keeps them
+only if they give back every weight bit for bit (else plain fp32 rows: same kernel, no
+saving in bytes), so nothing here changes the model: the product is an fp32 linear over
+the same weights, in another summation order.
+
+The kernel (dflash_linear.c) is row-invariant: each output is one accumulator over k in
+order, whatever the number of rows, so a token's numbers are the same in a one-token
+step, a verify block and a batch of rows (greedy speculative output equals the engine's
+own decoding bit for bit), and a k-row product reads the weights once, so a 16-token
+verify costs far less than 16 steps.
+
+It is compiled at first use with the machine's C compiler (`cc`, ~1 s) into
+$DFLASH_CACHE/native/ and loaded with ctypes. `available()` says whether it could be
+(x86-64 with AVX2 and FMA, a compiler, not turned off by DFLASH_NATIVE=0 or
+`set_enabled(False)`) and `reason()` why not.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("dflash_linear.c")
+FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2}
+MAX_K = 16384
+
+_LIB = None
+_REASON: str | None = None
+_ENABLED = os.environ.get("DFLASH_NATIVE", "1") != "0"
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the native linears on or off for models packed from now on (DFLASH_NATIVE=0
+    in the environment starts with them off)."""
+    global _ENABLED
+    _ENABLED = bool(flag)
+
+
+def enabled() -> bool:
+    return _ENABLED
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash-serve")) / "native"
+
+
+def _build() -> Path:
+    src = SOURCE.read_bytes()
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc / gcc) on PATH")
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
+    key = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
+    out = _cache_dir() / f"libdflash_linear-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    if res.returncode != 0:
+        os.unlink(tmp)
+        raise RuntimeError(f"compiling {SOURCE.name} failed: {res.stderr.strip()[:400]}")
+    os.replace(tmp, out)   # atomic: concurrent builders each write their own temp file
+    return out
+
+
+def _load():
+    global _LIB, _REASON
+    if _LIB is not None or _REASON is not None:
+        return _LIB
+    from ..runtime import cpu_flags
+    if sys.platform != "linux" or not {"avx2", "fma"} <= cpu_flags():
+        _REASON = "needs Linux on an x86-64 CPU with AVX2 and FMA"
+        return None
+    try:
+        torch.zeros(1).add_(1)   # torch's OpenMP runtime is loaded before ours resolves to it
+        lib = ctypes.CDLL(str(_build()))
+        fn = lib.dfl_linear
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        fn.restype = ctypes.c_int
+        _LIB = fn
+    except (OSError, RuntimeError) as e:
+        _REASON = f"could not build the native kernel: {e}"
+    return _LIB
+
+
+def available() -> bool:
+    """Whether models packed now get native linears (on, and the kernel built)."""
+    return _ENABLED and _load() is not None
+
+
+def reason() -> str | None:
+    """Why models packed now do not get native linears (None when they do)."""
+    if not _ENABLED:
+        return "turned off (DFLASH_NATIVE=0 or --no-native)"
+    _load()
+    return _REASON
+
+
+# ---- recovering the codes from fp32 weights --------------------------------------------
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    return w.reshape(N, K // 32, 32)
+
+
+def pack_q8_0(w: torch.Tensor):
+    """(q int8 [N, K], d float [N, K/32]) with d * q == w exactly, or None."""
+    b = _blocks(w)
+    d = b.abs().amax(-1) / 127
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round(b / safe[..., None])
+    if q.abs().max() > 127 or not torch.equal(q * d[..., None], b):
+        return None
+    return q.to(torch.int8).reshape(w.shape).contiguous(), d.contiguous()
+
+
+def pack_q4_1(w: torch.Tensor):
+    """(nibbles uint8 [N, K/2], d, m float [N, K/32]) with d * q + m == w exactly, q in
+    0..15 (the GGUF Q4_1 form), or None."""
+    b = _blocks(w)
+    m = b.amin(-1)
+    d0 = ((b.amax(-1) - m) / 15).half()
+    best_q = best_d = None
+    ok = torch.zeros_like(m, dtype=torch.bool)
+    # the scale was stored in fp16: the estimate rounds to it, or to a neighbour
+    for step in (0, 1, -1):
+        bits = d0.view(torch.int16) + step
+        d = bits.view(torch.float16).float()
+        safe = torch.where(d > 0, d, torch.ones_like(d))
+        q = torch.round((b - m[..., None]) / safe[..., None]).clamp(0, 15)
+        good = (q * d[..., None] + m[..., None] == b).all(-1) & torch.isfinite(d)
+        if best_q is None:
+            best_q, best_d = q, d
+        take = good & ~ok
+        best_q = torch.where(take[..., None], q, best_q)
+        best_d = torch.where(take, d, best_d)
+        ok |= good
+        if bool(ok.all()):
+            break
+    if not bool(ok.all()):
+        return None
+    q = best_q.to(torch.uint8)
+    nib = (q[..., :16] | (q[..., 16:] << 4)).reshape(w.shape[0], w.shape[1] // 2).contiguous()
+    return nib, best_d.contiguous(), m.contiguous()
+
+
+def pack(weight: torch.Tensor, formats=("q4_1", "q8_0", "f32")):
+    """The most compact exact form of an fp32 CPU weight [N, K]: (format name, tensors),
+    or None where the kernel cannot take it."""
+    w = weight.detach()
+    if w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 2:
+        return None
+    N, K = w.shape
+    if K % 8 or K > MAX_K:
+        return None
+    w = w.contiguous()
+    for fmt in formats:
+        if fmt == "f32":
+            return "f32", (w,)
+        if K % 32:
+            continue
+        got = pack_q4_1(w) if fmt == "q4_1" else pack_q8_0(w)
+        if got is not None:
+            return fmt, got
+
+
+def dequantize(fmt: str, tensors) -> torch.Tensor:
+    """The fp32 weight a packed form stands for (tests compare it with the original)."""
+    if fmt == "f32":
+        return tensors[0]
+    if fmt == "q8_0":
+        q, d = tensors
+        N, K = q.shape
+        return (q.float().view(N, K // 32, 32) * d[..., None]).view(N, K)
+    nib, d, m = tensors
+    N = nib.shape[0]
+    K = nib.shape[1] * 2
+    nb = nib.view(N, K // 32, 16)
+    q = torch.cat([nb & 15, nb >> 4], -1).float()
+    return (q * d[..., None] + m[..., None]).view(N, K)
+
+
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=("q4_1", "q8_0", "f32")):
+    """An inference linear x[..., K] -> [..., N] through the native kernel over the most
+    compact exact form of `weight`, or None (kernel unavailable, shape unsupported).
+    The callable carries `.native_format` and `.weight_bytes`."""
+    fn = _load() if _ENABLED else None
+    if fn is None:
+        return None
+    packed = pack(weight, formats)
+    if packed is None:
+        return None
+    fmt, tensors = packed
+    code = FORMATS[fmt]
+    N, K = weight.shape
+    ptrs = [t.data_ptr() for t in tensors] + [0] * (3 - len(tensors))
+    qp, dp, mp = ptrs
+    b = None if bias is None else bias.detach().float().contiguous()
+    threads = torch.get_num_threads
+
+    def linear(x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        if x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.requires_grad:
+            return torch.nn.functional.linear(x, weight, bias)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+        y = torch.empty(M, N)
+        if M:
+            fn(code, x2.data_ptr(), M, K, N, qp, dp, mp, y.data_ptr(), threads())
+        if b is not None:
+            y += b
+        return y.view(*lead, N)
+
+    linear.native_format = fmt
+    linear.weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    linear._keep = tensors      # the codes live as long as the linear
+    return linear

@@ -1,0 +1,151 @@
+"""The native fp32 linear (dflash_core.native): exact recovery of the GGUF's 4-bit / 8-bit
+codes from fp32 weights, the kernel against a float64 reference, row invariance (a row
+alone gives the bits it gives inside any block or batch, at any thread count), and greedy
+DFlash equal to the engine's own decoding bit for bit on a model whose linears run
+through it. Real computations on random and quantised-then-dequantised weights."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dflash_core import native
+from dflash_core.models.layers import prepack_linear
+from dflash_core.runtime import cpu_flags
+
+HAS_KERNEL = {"avx2", "fma"} <= cpu_flags() and shutil.which("cc") is not None
+
+
+@pytest.fixture(autouse=True)
+def _need_kernel():
+    if not HAS_KERNEL:
+        pytest.skip("the native kernel needs an AVX2 + FMA CPU and a C compiler")
+    assert native.available(), native.reason()   # where it can be built, it is
+
+
+def q8_0_weight(N, K, seed=0):
+    """Weights as the GGUF converter hands them over: fp16 scale per 32, int8 codes."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K // 32, 32, generator=g) * 0.05
+    d = (w.abs().amax(-1) / 127).half().float()
+    q = torch.round(w / d[..., None]).clamp(-127, 127)
+    return (q * d[..., None]).reshape(N, K)
+
+
+def q4_1_weight(N, K, seed=0):
+    """fp16 scale and minimum per 32, codes 0..15 (the llama.cpp Q4_1 quantiser)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K // 32, 32, generator=g) * 0.05
+    mn, mx = w.amin(-1), w.amax(-1)
+    d = ((mx - mn) / 15).half().float()
+    m = mn.half().float()
+    q = torch.round((w - m[..., None]) / d[..., None]).clamp(0, 15)
+    return (q * d[..., None] + m[..., None]).reshape(N, K)
+
+
+@pytest.mark.parametrize("make,fmt", [(q4_1_weight, "q4_1"), (q8_0_weight, "q8_0"),
+                                      (lambda N, K, seed=0: torch.randn(N, K) * 0.05, "f32")])
+def test_pack_recovers_the_exact_codes(make, fmt):
+    w = make(70, 96)
+    got_fmt, tensors = native.pack(w)
+    assert got_fmt == fmt
+    assert torch.equal(native.dequantize(got_fmt, tensors), w)          # every weight, bit for bit
+    bytes_ = sum(t.numel() * t.element_size() for t in tensors)
+    assert bytes_ <= {"q4_1": 0.19, "q8_0": 0.29, "f32": 1.0}[fmt] * w.numel() * 4
+
+
+def test_pack_rejects_what_it_cannot_reproduce():
+    w = q4_1_weight(8, 64)
+    w[3, 5] = w[3, 5] + 1e-3          # one weight off the grid: not Q4_1, not Q8_0
+    fmt, tensors = native.pack(w)
+    assert fmt == "f32" and torch.equal(tensors[0], w)
+    assert native.pack(w.double()) is None and native.pack(w[:, :60]) is None   # dtype; K % 8
+
+
+@pytest.mark.parametrize("make", [q4_1_weight, q8_0_weight, lambda N, K, seed=0: torch.randn(N, K)])
+def test_kernel_matches_float64_and_is_row_invariant(make):
+    N, K = 37, 160                    # N not a multiple of the 4-row tile
+    w = make(N, K, seed=1)
+    b = torch.randn(N)
+    lin = native.make_linear(w, b)
+    g = torch.Generator().manual_seed(2)
+    for M in (1, 2, 3, 5, 16, 33):
+        x = torch.randn(M, K, generator=g)
+        y = lin(x)
+        ref = (x.double() @ w.double().t() + b.double()).float()
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        for i in range(M):            # a row alone == the same row inside the block
+            assert torch.equal(lin(x[i:i + 1]), y[i:i + 1]), (M, i)
+    x = torch.randn(2, 7, K, generator=g)
+    full = lin(x)
+    assert full.shape == (2, 7, N)
+    assert torch.equal(lin(x.transpose(0, 1)).transpose(0, 1), full)   # non-contiguous input
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lin(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, full)     # thread count does not change a bit
+
+
+def test_prepack_linear_takes_the_native_kernel_for_fp32_only():
+    w = q4_1_weight(64, 96)
+    fn = prepack_linear(w)
+    assert fn.native_format == "q4_1" and fn.weight_bytes < w.numel()
+    x = torch.randn(3, 96)
+    torch.testing.assert_close(fn(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert getattr(prepack_linear(w, native=False), "native_format", None) is None
+    assert getattr(prepack_linear(w.bfloat16()), "native_format", None) is None
+    was = native.enabled()
+    native.set_enabled(False)
+    try:
+        assert getattr(prepack_linear(w), "native_format", None) is None
+        assert "turned off" in native.reason()
+    finally:
+        native.set_enabled(was)
+
+
+def _quantised_tiny_target():
+    """The tiny random target with every linear weight put on a Q4_1 grid (as a GGUF model
+    is), so the engine runs the 4-bit kernel."""
+    from dflash_core.api import tiny_random_target
+    t = tiny_random_target(vocab_size=2048, num_layers=3, seed=1)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(t.named_parameters()):
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(q4_1_weight(*p.shape, seed=i) * 2)
+    return t.pack_weights()
+
+
+def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit():
+    """With the native kernel, fp32 is row-invariant like bf16: verify blocks of any size
+    and batches of any size compute each token as a one-token step does."""
+    from dflash_core.drafter import DFlashDrafter, LocalDraftBackend
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.sampling import SamplingParams
+    target = _quantised_tiny_target()
+    assert target.layers[0].mlp._gate_up_fn.native_format == "q4_1"
+    assert target.layers[0].self_attn._qkv_fn.native_format == "q4_1"
+    prompts = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023)), [40, 41] * 9]
+
+    def engine(block_size, drafter=True):
+        cfg = EngineConfig(max_slots=6, max_seq_len=200, block_size=block_size)
+        backend = None
+        if drafter:
+            d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=3,
+                                          num_features=2, seed=0)
+            backend = LocalDraftBackend(d, 6, 200 + block_size + 1)
+        return SpecEngine(target, backend, cfg)
+
+    p = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    ar = engine(1, drafter=False)
+    ref = [o.token_ids for o in ar.generate(prompts, p)]
+    assert len({tuple(r) for r in ref}) == len(ref)
+    assert [ar.generate([q], p)[0].token_ids for q in prompts] == ref      # batch-invariant
+    for b in (4, 16):
+        out = engine(b).generate(prompts, p)
+        assert [o.token_ids for o in out] == ref, b
+        assert sum(o.stats.num_draft_tokens for o in out) > 0
