@@ -49,18 +49,18 @@ def q4_1_weight(N, K, seed=0):
                                       (lambda N, K, seed=0: torch.randn(N, K) * 0.05, "f32")])
 def test_pack_recovers_the_exact_codes(make, fmt):
     w = make(70, 96)
-    got_fmt, tensors = native.pack(w)
+    got_fmt, packed = native.pack(w)
     assert got_fmt == fmt
-    assert torch.equal(native.dequantize(got_fmt, tensors), w)          # every weight, bit for bit
-    bytes_ = sum(t.numel() * t.element_size() for t in tensors)
-    assert bytes_ <= {"q4_1": 0.19, "q8_0": 0.29, "f32": 1.0}[fmt] * w.numel() * 4
+    assert torch.equal(native.dequantize(got_fmt, packed, 70), w)       # every weight, bit for bit
+    bytes_ = packed.numel() * packed.element_size()                     # (rows padded to 72)
+    assert bytes_ <= {"q4_1": 0.19, "q8_0": 0.29, "f32": 1.0}[fmt] * 72 * 96 * 4
 
 
 def test_pack_rejects_what_it_cannot_reproduce():
     w = q4_1_weight(8, 64)
     w[3, 5] = w[3, 5] + 1e-3          # one weight off the grid: not Q4_1, not Q8_0
-    fmt, tensors = native.pack(w)
-    assert fmt == "f32" and torch.equal(tensors[0], w)
+    fmt, packed = native.pack(w)
+    assert fmt == "f32" and torch.equal(packed, w)
     assert native.pack(w.double()) is None and native.pack(w[:, :60]) is None   # dtype; K % 8
 
 

@@ -92,7 +92,7 @@ def _load():
         lib = ctypes.CDLL(str(_build()))
         fn = lib.dfl_linear
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
-                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         fn.restype = ctypes.c_int
         _LIB = fn
     except (OSError, RuntimeError) as e:
@@ -161,9 +161,34 @@ def pack_q4_1(w: torch.Tensor):
     return nib, best_d.contiguous(), m.contiguous()
 
 
+def _tiled(parts, N: int) -> torch.Tensor:
+    """Per-row pieces [N, B, bytes] (fp32 scales as bytes, codes) -> the kernel's layout:
+    rows padded to a multiple of 4, then one record per (4-row tile, block) holding every
+    piece for the 4 rows: [N/4, B, sum(4 * bytes)] uint8 (see dflash_linear.c)."""
+    pad = (-N) % 4
+    out = []
+    for p in parts:
+        if pad:
+            p = torch.cat([p, p.new_zeros(pad, *p.shape[1:])])
+        nt, B = p.shape[0] // 4, p.shape[1]
+        out.append(p.view(nt, 4, B, -1).permute(0, 2, 1, 3).reshape(nt, B, -1))
+    return torch.cat(out, -1).contiguous()
+
+
+def _untiled(rec: torch.Tensor, N: int, sizes) -> list[torch.Tensor]:
+    """Inverse of _tiled: [N/4, B, ...] uint8 -> per-row pieces [N, B, bytes] for `sizes`."""
+    nt, B, _ = rec.shape
+    out, at = [], 0
+    for size in sizes:
+        part = rec[:, :, at:at + 4 * size].reshape(nt, B, 4, size).permute(0, 2, 1, 3).reshape(nt * 4, B, size)
+        out.append(part[:N])
+        at += 4 * size
+    return out
+
+
 def pack(weight: torch.Tensor, formats=("q4_1", "q8_0", "f32")):
-    """The most compact exact form of an fp32 CPU weight [N, K]: (format name, tensors),
-    or None where the kernel cannot take it."""
+    """The most compact exact form of an fp32 CPU weight [N, K]: (format name, the one
+    tensor the kernel reads), or None where the kernel cannot take it."""
     w = weight.detach()
     if w.dtype != torch.float32 or w.device.type != "cpu" or w.dim() != 2:
         return None
@@ -173,28 +198,35 @@ def pack(weight: torch.Tensor, formats=("q4_1", "q8_0", "f32")):
     w = w.contiguous()
     for fmt in formats:
         if fmt == "f32":
-            return "f32", (w,)
+            return "f32", w
         if K % 32:
             continue
-        got = pack_q4_1(w) if fmt == "q4_1" else pack_q8_0(w)
-        if got is not None:
-            return fmt, got
+        B = K // 32
+        if fmt == "q4_1":
+            got = pack_q4_1(w)
+            if got is not None:
+                nib, d, m = got
+                return fmt, _tiled([d.view(N, B, 1).view(torch.uint8), m.view(N, B, 1).view(torch.uint8),
+                                    nib.view(N, B, 16)], N)
+        else:
+            got = pack_q8_0(w)
+            if got is not None:
+                q, d = got
+                return fmt, _tiled([d.view(N, B, 1).view(torch.uint8), q.view(torch.uint8).view(N, B, 32)], N)
 
 
-def dequantize(fmt: str, tensors) -> torch.Tensor:
-    """The fp32 weight a packed form stands for (tests compare it with the original)."""
+def dequantize(fmt: str, packed: torch.Tensor, N: int) -> torch.Tensor:
+    """The fp32 weight [N, K] a packed form stands for (tests compare it with the original)."""
     if fmt == "f32":
-        return tensors[0]
+        return packed
     if fmt == "q8_0":
-        q, d = tensors
-        N, K = q.shape
-        return (q.float().view(N, K // 32, 32) * d[..., None]).view(N, K)
-    nib, d, m = tensors
-    N = nib.shape[0]
-    K = nib.shape[1] * 2
-    nb = nib.view(N, K // 32, 16)
-    q = torch.cat([nb & 15, nb >> 4], -1).float()
-    return (q * d[..., None] + m[..., None]).view(N, K)
+        d, q = _untiled(packed, N, (4, 32))
+        B = q.shape[1]
+        return (q.contiguous().view(torch.int8).float() * d.contiguous().view(torch.float32)).view(N, B * 32)
+    d, m, nib = _untiled(packed, N, (4, 4, 16))
+    B = nib.shape[1]
+    q = torch.cat([nib & 15, nib >> 4], -1).float()
+    return (q * d.contiguous().view(torch.float32) + m.contiguous().view(torch.float32)).view(N, B * 32)
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=("q4_1", "q8_0", "f32")):
@@ -207,11 +239,10 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
     packed = pack(weight, formats)
     if packed is None:
         return None
-    fmt, tensors = packed
+    fmt, data = packed
     code = FORMATS[fmt]
     N, K = weight.shape
-    ptrs = [t.data_ptr() for t in tensors] + [0] * (3 - len(tensors))
-    qp, dp, mp = ptrs
+    wp = data.data_ptr()
     b = None if bias is None else bias.detach().float().contiguous()
     threads = torch.get_num_threads
 
@@ -225,12 +256,13 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
         M = x2.shape[0]
         y = torch.empty(M, N)
         if M:
-            fn(code, x2.data_ptr(), M, K, N, qp, dp, mp, y.data_ptr(), threads())
+            fn(code, x2.data_ptr(), M, K, N, wp, y.data_ptr(), threads())
         if b is not None:
             y += b
         return y.view(*lead, N)
 
     linear.native_format = fmt
-    linear.weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    linear._keep = tensors      # the codes live as long as the linear
+    linear.out_features = N
+    linear.weight_bytes = data.numel() * data.element_size()
+    linear._keep = data         # the codes live as long as the linear
     return linear

@@ -1,11 +1,16 @@
 /* y[M, N] = x[M, K] @ W[N, K]^T in fp32, with W stored as the model's own weights:
- *   fmt 0  F32   w[N, K] float
- *   fmt 1  Q8_0  q[N, K] int8,  d[N, K/32] float          w = d * q
- *   fmt 2  Q4_1  q[N, K/2] u8,  d, m[N, K/32] float       w = d * q + m, q in 0..15
- *          (block of 32: byte j holds q[j] in its low nibble, q[j + 16] in its high one)
+ *   fmt 0  F32   w[N, K] float, row-major
+ *   fmt 1  Q8_0  w = d * q, q int8, one fp32 d per 32 weights of a row
+ *   fmt 2  Q4_1  w = d * q + m, q in 0..15, one fp32 d and m per 32 weights of a row
  * The quantised forms are exact: the caller checks, weight by weight, that d * q (+ m)
  * in fp32 gives back the fp32 weight bit for bit, so this is the same product as an fp32
- * linear over those weights, reading 1/4 (Q8_0) or ~1/5 (Q4_1) of the bytes.
+ * linear over those weights, reading 1/4 (Q8_0) or 3/16 (Q4_1) of the bytes.
+ *
+ * Quantised layout: rows in tiles of 4 (N padded with zero rows to a multiple of 4); for
+ * tile t and block b (32 weights of K) one record of TB bytes, records in (t, b) order,
+ * so a thread reads its share as one sequential stream:
+ *   Q4_1 (96 B): float d[4], float m[4], u8 q[4][16] (byte j: q[j] low nibble, q[j+16] high)
+ *   Q8_0 (144 B): float d[4], i8 q[4][32]
  *
  * Row invariance: every output y[m, n] is one 8-lane accumulator over k in order
  * (acc = fma(w[k:k+8], x[k:k+8], acc)), then the same horizontal sum, whatever M, the
@@ -13,14 +18,16 @@
  * (a decode step) as inside a verify block or a batch: greedy speculative output equals
  * the engine's own decoding exactly.
  *
- * Threads: OpenMP over tiles of 4 weight rows (the process's libgomp, the one torch
- * loaded, so torch.set_num_threads and the wait policy apply). Needs AVX2 + FMA. */
+ * Threads: OpenMP over row tiles (the process's libgomp, the one torch loaded, so
+ * torch.set_num_threads and the wait policy apply). Needs AVX2 + FMA. */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <omp.h>
 
 #define DFL_MAX_K 16384
+
+static inline long tile_bytes(int fmt) { return fmt == 2 ? 96 : 144; }
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -29,54 +36,20 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* dequantise weight row n (exact) into out[K] */
-static void dequant_row(int fmt, const void *q, const float *d, const float *m, long K, long n, float *out) {
-    const long B = K / 32;
+/* the 32 weights of row r (0..3) of one tile record, dequantised exactly, into w[0..3] */
+static inline __attribute__((always_inline)) void dequant(int fmt, const uint8_t *rec, int r, __m256 w[4]) {
+    const __m256 vd = _mm256_set1_ps(((const float *)rec)[r]);
     if (fmt == 1) {
-        const int8_t *qr = (const int8_t *)q + n * K;
-        const float *dr = d + n * B;
-        for (long b = 0; b < B; b++) {
-            const __m256 vd = _mm256_set1_ps(dr[b]);
-            for (int c = 0; c < 4; c++) {
-                __m128i q8 = _mm_loadl_epi64((const __m128i *)(qr + b * 32 + c * 8));
-                __m256 qf = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q8));
-                _mm256_storeu_ps(out + b * 32 + c * 8, _mm256_mul_ps(qf, vd));
-            }
-        }
-    } else {
-        const uint8_t *qr = (const uint8_t *)q + n * (K / 2);
-        const float *dr = d + n * B, *mr = m + n * B;
-        const __m128i low = _mm_set1_epi8(0x0F);
-        for (long b = 0; b < B; b++) {
-            const __m256 vd = _mm256_set1_ps(dr[b]), vm = _mm256_set1_ps(mr[b]);
-            __m128i bytes = _mm_loadu_si128((const __m128i *)(qr + b * 16));
-            __m128i lo = _mm_and_si128(bytes, low);
-            __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
-            float *o = out + b * 32;
-            /* d * q + m: d * q is exact (q < 16), so the fused form rounds exactly once,
-             * like the separate multiply and add it replaces */
-            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm));
-            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm));
-            _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm));
-            _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm));
-        }
-    }
-}
-
-/* the 32 weights of block b of row n, dequantised exactly, into w[0..3] */
-static inline __attribute__((always_inline)) void dequant_block(int fmt, const void *q, const float *d,
-                                                                const float *m, long K, long n, long b, __m256 w[4]) {
-    const long B = K / 32;
-    const __m256 vd = _mm256_set1_ps(d[n * B + b]);
-    if (fmt == 1) {
-        const int8_t *qb = (const int8_t *)q + n * K + b * 32;
+        const int8_t *qb = (const int8_t *)(rec + 16 + r * 32);
         for (int c = 0; c < 4; c++)
             w[c] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(qb + c * 8)))), vd);
     } else {
-        const __m256 vm = _mm256_set1_ps(m[n * B + b]);
+        const __m256 vm = _mm256_set1_ps(((const float *)rec)[4 + r]);
         const __m128i low = _mm_set1_epi8(0x0F);
-        __m128i bytes = _mm_loadu_si128((const __m128i *)((const uint8_t *)q + n * (K / 2) + b * 16));
+        __m128i bytes = _mm_loadu_si128((const __m128i *)(rec + 32 + r * 16));
         __m128i lo = _mm_and_si128(bytes, low), hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), low);
+        /* d * q is exact (q < 16), so the fused d * q + m rounds once, like the separate
+         * multiply and add of the dequantisation it reproduces */
         w[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), vd, vm);
         w[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), vd, vm);
         w[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), vd, vm);
@@ -84,21 +57,22 @@ static inline __attribute__((always_inline)) void dequant_block(int fmt, const v
     }
 }
 
-/* quantised weights, R rows from n, MR input rows (R * MR <= 8 accumulators): the
- * weights dequantised in registers block by block (no buffer), the same accumulation
+/* quantised tile t, its rows r0 .. r0+R-1, MR input rows (R * MR <= 8 accumulators): the
+ * weights dequantised in registers record by record (no buffer), the same accumulation
  * order per output as the tiles below. Called with constant R, MR (unrolled). */
-static inline __attribute__((always_inline)) void fused(int fmt, const void *q, const float *d, const float *m,
-                                                        const float *x, long K, long n, const int R, const int MR,
-                                                        float out[4][4]) {
+static inline __attribute__((always_inline)) void fused(int fmt, const uint8_t *tile, const float *x, long K,
+                                                        const int r0, const int R, const int MR, float out[4][4]) {
     __m256 acc[4][4];
     for (int i = 0; i < MR; i++)
         for (int r = 0; r < R; r++) acc[i][r] = _mm256_setzero_ps();
-    const long B = K / 32;
+    const long B = K / 32, TB = tile_bytes(fmt);
     for (long b = 0; b < B; b++) {
+        const uint8_t *rec = tile + b * TB;
+        _mm_prefetch((const char *)(rec + 8 * TB), _MM_HINT_T0);
 #pragma GCC unroll 4
         for (int r = 0; r < R; r++) {
             __m256 w[4];
-            dequant_block(fmt, q, d, m, K, n + r, b, w);
+            dequant(fmt, rec, r0 + r, w);
 #pragma GCC unroll 4
             for (int c = 0; c < 4; c++)
 #pragma GCC unroll 4
@@ -107,7 +81,7 @@ static inline __attribute__((always_inline)) void fused(int fmt, const void *q, 
         }
     }
     for (int i = 0; i < MR; i++)
-        for (int r = 0; r < R; r++) out[i][r] = hsum8(acc[i][r]);
+        for (int r = 0; r < R; r++) out[i][r0 + r] = hsum8(acc[i][r]);
 }
 
 /* 4 weight rows x 2 input rows */
@@ -141,7 +115,7 @@ static inline void tile_4x1(const float *const w[4], const float *x0, long K, fl
     y0[0] = hsum8(a0); y0[1] = hsum8(a1); y0[2] = hsum8(a2); y0[3] = hsum8(a3);
 }
 
-/* 1 weight row x 1 input row (the last rows of N when N % 4 != 0) */
+/* 1 weight row x 1 input row (the last rows of an fp32 weight when N % 4 != 0) */
 static inline float tile_1x1(const float *w, const float *x0, long K) {
     __m256 a = _mm256_setzero_ps();
     for (long k = 0; k < K; k += 8)
@@ -149,63 +123,77 @@ static inline float tile_1x1(const float *w, const float *x0, long K) {
     return hsum8(a);
 }
 
-/* one thread's share: weight rows [n0, n1), n0 a multiple of 4 */
-static void rows_range(int fmt, const float *x, long M, long K, long N, const void *q, const float *d,
-                       const float *m, float *y, long n0, long n1, float *buf) {
+/* every input row against 4 weight rows given as fp32 row pointers; rows >= R not stored */
+static void rows_times_x(const float *const w[4], int R, const float *x, long M, long K, long N, long n, float *y) {
     float tmp[8];
-    for (long n = n0; n < n1; n += 4) {
-        const int R = (n1 - n) < 4 ? (int)(n1 - n) : 4;
-        if (fmt != 0 && M <= 4 && R == 4) {
-            /* 1-2 input rows: one tile of 4 weight rows; 3-4: two tiles of 2 (at most 8
-             * accumulators either way) */
-            float lo[4][4], hi[4][4];
-            switch (M) {
-                case 1: fused(fmt, q, d, m, x, K, n, 4, 1, lo); break;
-                case 2: fused(fmt, q, d, m, x, K, n, 4, 2, lo); break;
-                case 3: fused(fmt, q, d, m, x, K, n, 2, 3, lo); fused(fmt, q, d, m, x, K, n + 2, 2, 3, hi); break;
-                default: fused(fmt, q, d, m, x, K, n, 2, 4, lo); fused(fmt, q, d, m, x, K, n + 2, 2, 4, hi); break;
-            }
-            for (long i = 0; i < M; i++)
-                for (int r = 0; r < 4; r++)
-                    y[i * N + n + r] = (M <= 2 || r < 2) ? lo[i][r] : hi[i][r - 2];
-            continue;
-        }
-        const float *w[4];
-        for (int r = 0; r < R; r++) {
-            if (fmt == 0) {
-                w[r] = (const float *)q + (n + r) * K;
-            } else {
-                dequant_row(fmt, q, d, m, K, n + r, buf + r * K);
-                w[r] = buf + r * K;
-            }
-        }
-        if (R == 4) {
-            long i = 0;
-            for (; i + 2 <= M; i += 2) {
-                tile_4x2(w, x + i * K, x + (i + 1) * K, K, tmp, tmp + 4);
-                for (int r = 0; r < 4; r++) { y[i * N + n + r] = tmp[r]; y[(i + 1) * N + n + r] = tmp[4 + r]; }
-            }
-            if (i < M) {
-                tile_4x1(w, x + i * K, K, tmp);
-                for (int r = 0; r < 4; r++) y[i * N + n + r] = tmp[r];
-            }
-        } else {
-            for (long i = 0; i < M; i++)
-                for (int r = 0; r < R; r++) y[i * N + n + r] = tile_1x1(w[r], x + i * K, K);
-        }
+    long i = 0;
+    for (; i + 2 <= M; i += 2) {
+        tile_4x2(w, x + i * K, x + (i + 1) * K, K, tmp, tmp + 4);
+        for (int r = 0; r < R; r++) { y[i * N + n + r] = tmp[r]; y[(i + 1) * N + n + r] = tmp[4 + r]; }
+    }
+    if (i < M) {
+        tile_4x1(w, x + i * K, K, tmp);
+        for (int r = 0; r < R; r++) y[i * N + n + r] = tmp[r];
     }
 }
 
-/* returns 0, or -1 when K is not supported (K % 32 for quantised forms, K % 8, K > DFL_MAX_K) */
-int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *q, const float *d,
-               const float *m, float *y, int nthreads) {
+/* one thread's share: row tiles [t0, t1) */
+static void tiles_range(int fmt, const float *x, long M, long K, long N, const void *wp, float *y,
+                        long t0, long t1, float *buf) {
+    const long B = K / 32, TB = fmt ? tile_bytes(fmt) : 0;
+    for (long t = t0; t < t1; t++) {
+        const long n = t * 4;
+        const int R = (N - n) < 4 ? (int)(N - n) : 4;
+        if (fmt == 0) {
+            const float *w[4];
+            for (int r = 0; r < 4; r++) w[r] = (const float *)wp + (n + (r < R ? r : 0)) * K;
+            if (R == 4) {
+                rows_times_x(w, 4, x, M, K, N, n, y);
+            } else {
+                for (long i = 0; i < M; i++)
+                    for (int r = 0; r < R; r++) y[i * N + n + r] = tile_1x1(w[r], x + i * K, K);
+            }
+            continue;
+        }
+        const uint8_t *tile = (const uint8_t *)wp + t * B * TB;
+        if (M <= 4) {
+            /* 1-2 input rows: all 4 weight rows at once; 3-4: 2 and 2 (<= 8 accumulators) */
+            float o[4][4];
+            switch (M) {
+                case 1: fused(fmt, tile, x, K, 0, 4, 1, o); break;
+                case 2: fused(fmt, tile, x, K, 0, 4, 2, o); break;
+                case 3: fused(fmt, tile, x, K, 0, 2, 3, o); fused(fmt, tile, x, K, 2, 2, 3, o); break;
+                default: fused(fmt, tile, x, K, 0, 2, 4, o); fused(fmt, tile, x, K, 2, 2, 4, o); break;
+            }
+            for (long i = 0; i < M; i++)
+                for (int r = 0; r < R; r++) y[i * N + n + r] = o[i][r];
+            continue;
+        }
+        /* more rows: dequantise the tile once into buf, then fp32 tiles over the inputs */
+        for (long b = 0; b < B; b++) {
+            const uint8_t *rec = tile + b * TB;
+            for (int r = 0; r < 4; r++) {
+                __m256 w[4];
+                dequant(fmt, rec, r, w);
+                for (int c = 0; c < 4; c++) _mm256_storeu_ps(buf + r * K + b * 32 + c * 8, w[c]);
+            }
+        }
+        const float *w[4] = {buf, buf + K, buf + 2 * K, buf + 3 * K};
+        rows_times_x(w, R, x, M, K, N, n, y);
+    }
+}
+
+/* returns 0, or -1 when the shape is not supported (K % 8, K % 32 for the quantised
+ * forms, K > DFL_MAX_K, an unknown format) */
+int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
     if (K % 8 || K > DFL_MAX_K || (fmt != 0 && K % 32) || fmt < 0 || fmt > 2) return -1;
     const long tiles = (N + 3) / 4;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > tiles) nthreads = (int)tiles;
+    const int need_buf = fmt != 0 && M > 4;
     if (nthreads == 1) {
-        float *buf = fmt ? (float *)malloc(sizeof(float) * 4 * K) : NULL;
-        rows_range(fmt, x, M, K, N, q, d, m, y, 0, N, buf);
+        float *buf = need_buf ? (float *)malloc(sizeof(float) * 4 * K) : NULL;
+        tiles_range(fmt, x, M, K, N, w, y, 0, tiles, buf);
         free(buf);
         return 0;
     }
@@ -213,9 +201,8 @@ int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *q, c
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const long t0 = tiles * t / nt, t1 = tiles * (t + 1) / nt;
-        const long n0 = t0 * 4, n1 = (t1 * 4 < N) ? t1 * 4 : N;
-        float *buf = fmt ? (float *)malloc(sizeof(float) * 4 * K) : NULL;
-        if (n0 < n1) rows_range(fmt, x, M, K, N, q, d, m, y, n0, n1, buf);
+        float *buf = need_buf ? (float *)malloc(sizeof(float) * 4 * K) : NULL;
+        if (t0 < t1) tiles_range(fmt, x, M, K, N, w, y, t0, t1, buf);
         free(buf);
     }
     return 0;
