@@ -96,3 +96,24 @@ def test_cli_errors_are_one_line(args, needle):
     assert r.returncode != 0
     lines = [l for l in r.stderr.strip().splitlines() if l.strip()]
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_default_target_reads_its_gguf_codes_through_the_native_kernel(default):
+    """Where the native kernel builds (AVX2 + FMA, a C compiler), every linear of the
+    fp32 default target runs on the GGUF's own codes: Q4_1 in the layers, Q8_0 in the
+    tied LM head, each recovered from the fp32 weights bit for bit (native.pack checks)."""
+    from dflash_core import native
+    from dflash_core.runtime import cpu_flags
+    engine, _, _ = default
+    model = engine.target
+    if model.dtype != torch.float32 or not ({"avx2", "fma"} <= cpu_flags()):
+        pytest.skip("the native kernel runs fp32 on AVX2 + FMA CPUs")
+    assert native.available(), native.reason()
+    fns = [f for layer in model.layers for f in (layer.self_attn._qkv_fn, layer.self_attn._o_fn,
+                                                 layer.mlp._gate_up_fn, layer.mlp._down_fn)]
+    assert {f.native_format for f in fns} == {"q4_1"}
+    assert model._head_fn.native_format == "q8_0"
+    total = sum(f.weight_bytes for f in fns) + model._head_fn.weight_bytes
+    fp32 = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+    fp32 += model.embed_tokens.weight.numel() * 4                      # the tied head
+    assert total < 0.25 * fp32
