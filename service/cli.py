@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=d["block_size"].default)
     ap.add_argument("--block-size-schedule", default=None,
                     help="MAX_RUNNING:BLOCK_SIZE pairs, e.g. '1:16,4:8,inf:1', 'none' (always --block-size) or "
-                         "'auto' (default: block 4 at 1-2 running requests in bf16, block 3 at 1-2 in fp32, "
+                         "'auto' (default: block 4 at 1-2 running requests in bf16, block 2 at 1 in fp32, "
                          "as measured in docs/BENCHMARKS.md)")
     ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)
     ap.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default)

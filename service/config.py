@@ -29,8 +29,8 @@ class ServiceConfig:
     max_seq_len: int = 2048
     block_size: int = 16
     # "auto": DEFAULT_BLOCK_SIZE_SCHEDULE where the engine runs in bf16/fp16 (AMX or
-    # AVX512-BF16 CPUs, GPUs), FP32_BLOCK_SIZE_SCHEDULE in fp32 (block 3 at 1-2 running
-    # requests, plain decoding beyond: a verify of more rows costs too much in fp32 for
+    # AVX512-BF16 CPUs, GPUs), FP32_BLOCK_SIZE_SCHEDULE in fp32 (block 2 at 1 running
+    # request, plain decoding beyond: a verify of more rows costs too much in fp32 for
     # today's drafter); None: always block_size
     block_size_schedule: list[tuple[int, int]] | str | None = "auto"
     max_prefill_tokens: int = 512  # prompt tokens prefilled per engine step (longer prompts: in chunks)

@@ -91,6 +91,20 @@ def test_kernel_matches_float64_and_is_row_invariant(make):
     assert torch.equal(one, full)     # thread count does not change a bit
 
 
+def test_more_rows_than_max_rows_take_torch_linear():
+    """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
+    up to it, the kernel (row-invariant, close to F.linear)."""
+    w, b = q4_1_weight(40, 64), torch.randn(40)
+    lin = native.make_linear(w, b, max_rows=4)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 64, generator=g)
+    assert torch.equal(lin(x), F.linear(x, w, b))
+    y = lin(x[:4])
+    torch.testing.assert_close(y, F.linear(x[:4], w, b), rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(lin(x[i:i + 1]), y[i:i + 1]) for i in range(4))
+    assert native.MAX_ROWS >= 48     # a verify block of 3 over 16 running rows stays in the kernel
+
+
 def test_prepack_linear_takes_the_native_kernel_for_fp32_only():
     w = q4_1_weight(64, 96)
     fn = prepack_linear(w)

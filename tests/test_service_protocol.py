@@ -117,7 +117,7 @@ def test_config_from_dict_and_schedule():
 
 def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
     """The default schedule speculates where it measured faster (bf16: AMX CPUs, GPUs: block
-    4 at 1-2 running; fp32: block 2 at 1-2 running) and decodes plainly beyond; it is
+    4 at 1-2 running; fp32: block 2 at 1 running) and decodes plainly beyond; it is
     resolved where the engine runs."""
     from dflash_core.engine import DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE
     from service.engines import engine_config
@@ -128,7 +128,7 @@ def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
     assert bf16.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
     assert fp32.resolved_block_size_schedule() == [tuple(p) for p in FP32_BLOCK_SIZE_SCHEDULE]
     assert engine_config(bf16).block_size_for(1) == 4 and engine_config(bf16).block_size_for(3) == 1
-    assert engine_config(fp32).block_size_for(1) == 3 and engine_config(fp32).block_size_for(2) == 3
+    assert engine_config(fp32).block_size_for(1) == 2 and engine_config(fp32).block_size_for(2) == 1
     assert engine_config(fp32).block_size_for(3) == 1
     gpu = ServiceConfig(target="tiny-random", device="cuda")      # auto dtype on a GPU: bf16
     assert gpu.resolved_block_size_schedule() == [tuple(p) for p in DEFAULT_BLOCK_SIZE_SCHEDULE]
