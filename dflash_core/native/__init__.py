@@ -11,10 +11,10 @@ saving in bytes), so nothing here changes the model: the product is an fp32 line
 the same weights, in another summation order.
 
 The kernel (dflash_linear.c) is row-invariant: each output is one accumulator over k in
-order, whatever the number of rows, so a token's numbers are the same in a one-token
-step, a verify block and a batch of rows (greedy speculative output equals the engine's
-own decoding bit for bit), and a k-row product reads the weights once, so a 16-token
-verify costs far less than 16 steps.
+order, whatever the number of rows (up to MAX_ROWS), so a token's numbers are the same in
+a one-token step, a verify block and a batch of rows (greedy speculative output equals
+the engine's own decoding bit for bit), and a k-row product reads the weights once, so a
+16-token verify costs far less than 16 steps.
 
 It is compiled at first use with the machine's C compiler (`cc`, ~1 s) into
 $DFLASH_CACHE/native/ and loaded with ctypes. `available()` says whether it could be
@@ -39,9 +39,10 @@ FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2}
 MAX_K = 16384
 # Inputs of more rows than this (a long prompt's prefill chunk, a prompt-logprobs pass)
 # take torch's `F.linear` over the fp32 weights instead: there the product is bound by
-# arithmetic, not by reading weights, and MKL's sgemm does ~1.4x more of it per second
-# than this kernel's 4 x 2 register tiles (2 threads, AVX2 EPYC, 64 rows: gate/up 2.2 vs
-# 3.3 ms, the LM head 35.5 vs 49.9 ms). Up to this many rows (decode steps, verify
+# arithmetic, not by reading weights, and torch's GEMMs do more of it per second than this
+# kernel's 4 x 2 register tiles (2 threads, AVX2 EPYC, 64 rows, weights in cache, torch's
+# mm / oneDNN packed vs this kernel: gate/up 2.2 vs 3.3 ms, the LM head 35.5 vs 49.9 ms;
+# a whole prefill: docs/BENCHMARKS.md). Up to this many rows (decode steps, verify
 # blocks, batches of them) every row's numbers are the same whatever the row count.
 MAX_ROWS = 64
 
@@ -259,7 +260,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
         M = x2.shape[0]
-        if M > max_rows or x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.requires_grad:
+        if M > linear.max_rows or x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.requires_grad:
             return torch.nn.functional.linear(x, weight, bias)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
@@ -270,6 +271,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
             y += b
         return y.view(*lead, N)
 
+    linear.max_rows = max_rows   # settable (benchmarks)
     linear.native_format = fmt
     linear.out_features = N
     linear.weight_bytes = data.numel() * data.element_size()
