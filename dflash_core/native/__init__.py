@@ -39,12 +39,13 @@ FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2}
 MAX_K = 16384
 # Inputs of more rows than this (a long prompt's prefill chunk, a prompt-logprobs pass)
 # take torch's `F.linear` over the fp32 weights instead: there the product is bound by
-# arithmetic, not by reading weights, and torch's GEMMs do more of it per second than this
-# kernel's 4 x 2 register tiles (2 threads, AVX2 EPYC, 64 rows, weights in cache, torch's
-# mm / oneDNN packed vs this kernel: gate/up 2.2 vs 3.3 ms, the LM head 35.5 vs 49.9 ms;
-# a whole prefill: docs/BENCHMARKS.md). Up to this many rows (decode steps, verify
-# blocks, batches of them) every row's numbers are the same whatever the row count.
-MAX_ROWS = 64
+# arithmetic, not by reading weights, and this kernel's 4 x 2 register tiles are no
+# faster than MKL's sgemm. A whole prefill of the default target on a 2-core AVX2 EPYC
+# (medians of 4 alternating, two runs): 128 tokens 444 / 556 ms in the kernel vs 586 / 517
+# through `F.linear`, 192 tokens 784 vs 730, 256 tokens 1053 / 1087 vs 968 / 1063: even
+# within this VM's noise. Up to this many rows (decode steps, verify blocks, batches of
+# them, short prompts) every row's numbers are the same whatever the row count.
+MAX_ROWS = 192
 
 _LIB = None
 _REASON: str | None = None
