@@ -266,8 +266,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y = torch.empty(M, N)
-        if M:
-            fn(code, x2.data_ptr(), M, K, N, wp, y.data_ptr(), threads())
+        if M and fn(code, x2.data_ptr(), M, K, N, wp, y.data_ptr(), threads()) != 0:
+            return torch.nn.functional.linear(x, weight, bias)   # (out of memory for a work buffer)
         if b is not None:
             y += b
         return y.view(*lead, N)

@@ -183,27 +183,32 @@ static void tiles_range(int fmt, const float *x, long M, long K, long N, const v
     }
 }
 
-/* returns 0, or -1 when the shape is not supported (K % 8, K % 32 for the quantised
- * forms, K > DFL_MAX_K, an unknown format) */
+/* returns 0; -1 when the shape is not supported (K % 8, K % 32 for the quantised forms,
+ * K > DFL_MAX_K, an unknown format); -2 when a work buffer could not be allocated (y is
+ * then incomplete: the caller computes it another way) */
 int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
     if (K % 8 || K > DFL_MAX_K || (fmt != 0 && K % 32) || fmt < 0 || fmt > 2) return -1;
+    if (M <= 0 || N <= 0) return 0;
     const long tiles = (N + 3) / 4;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > tiles) nthreads = (int)tiles;
     const int need_buf = fmt != 0 && M > 4;
+    int failed = 0;
     if (nthreads == 1) {
         float *buf = need_buf ? (float *)malloc(sizeof(float) * 4 * K) : NULL;
+        if (need_buf && !buf) return -2;
         tiles_range(fmt, x, M, K, N, w, y, 0, tiles, buf);
         free(buf);
         return 0;
     }
-#pragma omp parallel num_threads(nthreads)
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         const long t0 = tiles * t / nt, t1 = tiles * (t + 1) / nt;
         float *buf = need_buf ? (float *)malloc(sizeof(float) * 4 * K) : NULL;
-        if (t0 < t1) tiles_range(fmt, x, M, K, N, w, y, t0, t1, buf);
+        if (need_buf && !buf) failed = 1;
+        else if (t0 < t1) tiles_range(fmt, x, M, K, N, w, y, t0, t1, buf);
         free(buf);
     }
-    return 0;
+    return failed ? -2 : 0;
 }
