@@ -28,6 +28,7 @@ def drafter_process(requests, replies, num_threads):
     torch.set_num_threads(num_threads)   # the same reduction order as the colocated reference
     from service.transport import DrafterServer
     server = DrafterServer(make_drafter(), MAX_SLOTS, CAPACITY)
+    replies.put(("started", None))       # imports and the drafter built: ready to be asked
     while True:
         msg = requests.get()
         if msg is None:
@@ -46,6 +47,9 @@ class DrafterProc:
         self.proc = ctx.Process(target=drafter_process, args=(self.requests, self.replies, torch.get_num_threads()),
                                 daemon=True)
         self.proc.start()
+        # the tests time the link, not the child's start-up (importing torch can take
+        # seconds on a loaded 2-core machine, more than a short connect timeout)
+        assert self.replies.get(timeout=120) == ("started", None)
 
     def request_join(self, host, port):
         self.requests.put((host, port))
