@@ -63,10 +63,6 @@ def enabled() -> bool:
     return _ENABLED
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash-serve")) / "native"
-
-
 def _build() -> Path:
     src = SOURCE.read_bytes()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -74,7 +70,8 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (cc / gcc) on PATH")
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
     key = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"libdflash_linear-{key}.so"
+    from ..models.loader import cache_root
+    out = cache_root() / "native" / f"libdflash_linear-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
