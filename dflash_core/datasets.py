@@ -179,7 +179,7 @@ def parse_sharegpt(
 
 
 def default_cache_dir() -> Path:
-    from .models.loader import cache_root
+    from .runtime import cache_root
     return cache_root()
 
 

@@ -28,6 +28,10 @@ entry point (CLI command, server replica), never at import.
 - `second_master_warning(built_on, device)`: the engine calls it on its first step; it
   returns a one-line warning when a CPU engine is stepped on a thread other than the one
   that built it while that thread is still alive (the case above), else None.
+- `cache_root()`: the folder for what the engine builds once and reuses (converted
+  models, compiled native kernels, dataset copies): $DFLASH_CACHE, default
+  ~/.cache/dflash-serve. It lives here, in a module that imports nothing of the project,
+  so every layer can reach it without an import cycle.
 - `retain_freed_memory()`: glibc's malloc keeps freed memory for reuse instead of handing
   it back to the kernel. By default large blocks (from 128 KiB; the threshold adapts up to
   32 MiB) come from mmap, or are trimmed off the heap, and go back when freed, so a loop
@@ -42,6 +46,11 @@ from __future__ import annotations
 
 import os
 from functools import lru_cache
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash-serve"))
 
 DTYPE_CHOICES = ("auto", "float32", "bfloat16")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..runtime import cache_root
 from .config import ModelConfig
 from .decoder import Decoder
 
@@ -26,10 +27,6 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 class ModelLoadError(ValueError):
     """A model spec that cannot be resolved or loaded (message is user-facing)."""
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash-serve"))
 
 
 def default_gguf_path() -> Path:

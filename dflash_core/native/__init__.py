@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from ..runtime import cache_root
+
 SOURCE = Path(__file__).with_name("dflash_linear.c")
 FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2}
 MAX_K = 16384
@@ -70,7 +72,6 @@ def _build() -> Path:
         raise RuntimeError("no C compiler (cc / gcc) on PATH")
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
     key = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
-    from ..models.loader import cache_root
     out = cache_root() / "native" / f"libdflash_linear-{key}.so"
     if out.exists():
         return out
