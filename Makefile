@@ -9,7 +9,7 @@ PORT    ?= 8000
 # engine commands spin (one process owns the cores), the server keeps OpenMP's own
 # spin-then-sleep, the tests sleep (PASSIVE: several processes share 2 cores).
 
-.PHONY: install serve test bench bench-peers llama-cpp loadtest clean lint
+.PHONY: install serve test bench bench-peers llama-cpp loadtest gpu-prepare clean lint
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -46,5 +46,9 @@ loadtest: $(STAMP)
 	$(BIN)/python -m loadtest.run --host http://$(HOST):$(PORT) --concurrency 1,4,16 --duration 60s \
 		--max-tokens 64 --out loadtest/results/latest
 
+# the drafter training sitting for a lent GPU machine: deploy/gpu/README.md
+gpu-prepare: $(STAMP)
+	PY=$(BIN)/python bash deploy/gpu/sitting.sh prepare
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .gpu .gpu-stage

@@ -254,6 +254,37 @@ def test_a_signal_stops_training_after_the_step_with_a_checkpoint(tmp_path):
             assert torch.equal(v, ref.drafter.state_dict()[k]), k
 
 
+def test_a_time_budget_fits_the_schedule_and_stops_with_a_checkpoint(tmp_path, monkeypatch):
+    """--time-budget-s on a fake clock (each step takes 1 s): the cosine horizon is refitted
+    to the step where the budget runs out, training stops there with a checkpoint, and the
+    last step's learning rate is the schedule's floor; --steps stays the upper bound."""
+    import types
+    import dflash_core.training.train as train_mod
+    clock = [0.0]
+    fake = types.SimpleNamespace(perf_counter=lambda: clock[0], monotonic=lambda: clock[0])
+    monkeypatch.setattr(train_mod, "time", fake)
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=8, shard_size=4)
+    for steps, expect in ((1000, 30), (12, 12)):
+        tr = Trainer(_cfg(tmp_path, steps=steps, out=str(tmp_path / f"run-{steps}"), log_every=100), target)
+        real = tr.train_step
+
+        def timed_step():
+            clock[0] += 1.0
+            return real()
+        tr.train_step = timed_step
+        clock[0] = 0.0
+        last = tr.run(time_budget_s=30.5)
+        assert tr.step == expect and tr.cfg.steps == expect
+        assert last["step"] == expect and last["steps_planned"] == expect
+        assert last["lr"] == pytest.approx(tr.cfg.lr * tr.cfg.min_lr_ratio)
+        assert json.loads((tmp_path / f"run-{steps}" / "log.jsonl").read_text().splitlines()[-1])["step"] == expect
+        resumed = Trainer(_cfg(tmp_path, steps=steps, out=str(tmp_path / f"run-{steps}"), log_every=100), target)
+        assert resumed.try_resume() and resumed.step == expect
+    with pytest.raises(ValueError, match="time-budget"):
+        Trainer(_cfg(tmp_path, out=str(tmp_path / "run-bad")), target).run(time_budget_s=0)
+
+
 def test_resume_refuses_other_settings(tmp_path):
     target = _target()
     _write_shards(tmp_path / "data", target, n_records=4, shard_size=4)

@@ -165,11 +165,15 @@ class FeatureSource:
     """Context features [R, C, K*hidden] for a batch: stored ones when the records carry
     them; else from a feature cache on disk when one is given (features.py: computed a
     whole shard at a time, kept across runs); else one target forward (memoised per
-    record, fp16 in RAM)."""
+    record, fp16, kept on `memo_device`: host RAM on a CPU; on a GPU the device's own
+    memory, so that later epochs never copy features from the host: the whole shipped data
+    set is ~19 GB of fp16 features, and an H200 holds 139 GB)."""
 
-    def __init__(self, target, layer_ids: list[int], stored_ok: bool, cache=None, data: "ShardData | None" = None):
+    def __init__(self, target, layer_ids: list[int], stored_ok: bool, cache=None, data: "ShardData | None" = None,
+                 memo_device="cpu"):
         self.target, self.layer_ids, self.stored_ok = target, list(layer_ids), stored_ok
         self.cache, self.data = cache, data
+        self.memo_device = torch.device(memo_device)
         self.memo: dict[str, torch.Tensor] = {}
         if cache is not None and data is None:
             raise ValueError("a feature cache needs the ShardData its records come from")
@@ -182,7 +186,7 @@ class FeatureSource:
     def __call__(self, recs: list[dict], tokens: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         R, C = tokens.shape
         KH = len(self.layer_ids) * self.target.config.hidden_size
-        out = torch.zeros(R, C, KH, dtype=torch.float32)
+        out = torch.zeros(R, C, KH, dtype=torch.float32, device=self.memo_device)
 
         def own(r):  # features this source supplies (not stored with the record)
             return not (self.stored_ok and "features" in r)
@@ -190,7 +194,7 @@ class FeatureSource:
         if missing:
             feats = target_features(self.target, tokens[missing], self.layer_ids)
             for j, i in enumerate(missing):
-                self.memo[recs[i]["key"]] = feats[j, :int(seq_lens[i]) - 1].to("cpu", torch.float16)
+                self.memo[recs[i]["key"]] = feats[j, :int(seq_lens[i]) - 1].to(self.memo_device, torch.float16)
         for i, r in enumerate(recs):
             if not own(r):
                 f = r["features"]
@@ -199,7 +203,7 @@ class FeatureSource:
             else:
                 f = self.memo[r["key"]]
             n = min(f.shape[0], C)
-            out[i, :n] = f[:n].float()
+            out[i, :n] = f[:n].to(out.device, torch.float32)
         return out
 
 
@@ -273,7 +277,8 @@ class Trainer:
         cache = None
         if feature_cache and stored != ids:
             cache = FeatureCache(feature_cache, target, cfg.target, ids)
-        self.features = FeatureSource(target, ids, stored_ok=(stored == ids), cache=cache, data=self.data)
+        self.features = FeatureSource(target, ids, stored_ok=(stored == ids), cache=cache, data=self.data,
+                                      memo_device=self.device)
         decay = [p for n, p in self.drafter.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.drafter.named_parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -440,8 +445,15 @@ class Trainer:
         self.pred_tokens += int(st["has_target"].sum())
         return {"loss": float(loss.detach()), "grad_norm": float(gnorm), **st}
 
-    def run(self, progress: bool = False, stop_at: int | None = None) -> dict:
+    def run(self, progress: bool = False, stop_at: int | None = None, time_budget_s: float | None = None) -> dict:
         """Train until `stop_at` (default cfg.steps). Checkpoints by time and at the end.
+        time_budget_s: also stop once this process has trained that long, and fit the
+        schedule to it: every 10 steps the run's horizon (cfg.steps, where the cosine
+        ends) becomes the step that the median time of the last 50 steps reaches when the
+        budget runs out (never more than the --steps given), so a machine lent for a fixed
+        time (a GPU) ends its cosine, and its checkpoint, inside that time whatever its
+        speed. The schedule then depends on measured times: a resumed run continues the
+        same optimizer and data order, but not bit for bit the same learning rates.
         SIGINT / SIGTERM (on the main thread) stop it after the step in flight, with a
         checkpoint at that step, so rerunning the command resumes exactly there; a second
         signal stops at once (back to the last checkpoint)."""
@@ -459,15 +471,20 @@ class Trainer:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 restore[sig] = signal.signal(sig, on_signal)
         try:
-            return self._run(progress, stop_at, stop)
+            return self._run(progress, stop_at, stop, time_budget_s)
         finally:
             for sig, handler in restore.items():
                 signal.signal(sig, handler)
 
-    def _run(self, progress: bool, stop_at: int | None, stop: list) -> dict:
+    def _run(self, progress: bool, stop_at: int | None, stop: list, time_budget_s: float | None = None) -> dict:
+        from collections import deque
         from tqdm import tqdm
         cfg = self.cfg
         stop_at = cfg.steps if stop_at is None else stop_at
+        if time_budget_s is not None and not time_budget_s > 0:
+            raise ValueError("--time-budget-s must be > 0")
+        max_steps, user_stop = cfg.steps, stop_at
+        step_times: deque = deque(maxlen=50)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         log = open(self.out / "log.jsonl", "a")
@@ -479,7 +496,21 @@ class Trainer:
         t0 = time.perf_counter()
         last = {}
         while self.step < stop_at and not stop:
+            ts = time.perf_counter()
             r = self.train_step()
+            out_of_time = False
+            if time_budget_s is not None:
+                now = time.perf_counter()
+                step_times.append(now - ts)
+                left = time_budget_s - (now - t0)
+                out_of_time = left <= 0
+                if out_of_time:
+                    stop_at = self.step
+                elif self.step % 10 == 0:
+                    per = sorted(step_times)[len(step_times) // 2]
+                    cfg.steps = max(self.step, min(max_steps, self.step + int(left / per)))
+                    stop_at = min(user_stop, cfg.steps)
+                    bar.total = stop_at
             acc["loss"] += r["loss"]
             acc["n"] += 1
             acc["correct"] += (r["correct"] & r["has_target"]).sum((0, 1)).float()
@@ -488,13 +519,15 @@ class Trainer:
             acc["tau"] += float(tau.sum())
             acc["blocks"] += int((tau > 0).sum())
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == stop_at or stop:
+            if self.step % cfg.log_every == 0 or self.step == stop_at or stop or out_of_time:
                 per_pos = (acc["correct"][1:] / acc["has"][1:].clamp(min=1)).tolist()
                 last = {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen,
                         "pred_tokens": self.pred_tokens, "loss": round(acc["loss"] / acc["n"], 5),
                         "tau_tf": round(acc["tau"] / max(acc["blocks"], 1), 4),
                         "acc_k": [round(x, 4) for x in per_pos], "lr": self.sched.get_last_lr()[0],
                         "grad_norm": round(r["grad_norm"], 4), "elapsed_s": round(time.perf_counter() - t0, 1)}
+                if time_budget_s is not None:
+                    last["steps_planned"] = cfg.steps
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tau_tf=f"{last['tau_tf']:.2f}", ep=self.epoch)
@@ -538,6 +571,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--fill-cache", action="store_true",
                     help="only compute the --feature-cache for every finished shard, then exit")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
+    ap.add_argument("--time-budget-s", type=float, default=None,
+                    help="train for at most this many seconds in this process; the cosine schedule is fitted "
+                         "to end then (from measured step times; --steps stays the upper bound)")
     ap.add_argument("--no-retain-memory", action="store_true",
                     help="leave glibc's malloc at its defaults (by default freed memory is kept for reuse: "
                          "~6%% faster steps on CPU, measured; dflash_core.runtime.retain_freed_memory)")
@@ -552,6 +588,8 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_retain_memory:
         from ..runtime import retain_freed_memory
         retain_freed_memory()
+    if a.time_budget_s is not None and not a.time_budget_s > 0:
+        raise CliError("dflash train: --time-budget-s must be > 0")
     if a.fill_cache and not a.feature_cache:
         raise CliError("dflash train: --fill-cache needs --feature-cache DIR")
     try:
@@ -572,7 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         resumed = trainer.try_resume()
         if resumed:
             print(f"resuming {cfg.out} at step {trainer.step}", file=sys.stderr)
-        last = trainer.run(progress=not a.no_progress, stop_at=a.stop_at)
+        last = trainer.run(progress=not a.no_progress, stop_at=a.stop_at, time_budget_s=a.time_budget_s)
     except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
         print(f"dflash train: {e}", file=sys.stderr)
         return 1

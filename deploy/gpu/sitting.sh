@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# A drafter training sitting on a lent GPU machine, in three phases (deploy/gpu/README.md).
+#
+#   prepare  (here)         split the default target's GGUF into two parts that each fit
+#                           one transfer (the working tree travels, at most 64 MiB, and
+#                           the GGUF alone is 98 MB), and fetch the `gguf` wheel the
+#                           machine lacks (transformers reads GGUF files through it)
+#   stage    (device, 1st)  keep part 1 on the machine, outside the carried paths
+#   train    (device, 2nd)  join the parts, check the sha256, convert the target, train
+#                           for BUDGET seconds from the shipped drafter, write the drafter
+#                           (bf16) and the log into $OUT
+#
+# Settings come from the environment (defaults in brackets): DEVICE [cuda], BUDGET [420]
+# training seconds, SEQS [128] sequences per step, BLOCKS [32] anchors per sequence,
+# BLOCK [8], LAYERS [1], LR [1e-3], WARMUP [100], SEED [12], INIT [default], TARGET
+# [the joined GGUF], DATA [both shipped data folders], KERNELS [torch], GPU_DIR [.gpu],
+# STAGE_DIR [.gpu-stage], PY [python3], NO_WHEEL (prepare: skip the wheel), OUT.
+set -euo pipefail
+phase=${1:?usage: deploy/gpu/sitting.sh prepare|stage|train}
+cd "$(dirname "$0")/../.."
+GPU_DIR=$(realpath -m "${GPU_DIR:-.gpu}")
+STAGE_DIR=$(realpath -m "${STAGE_DIR:-.gpu-stage}")
+PY=${PY:-python3}
+GGUF_NAME=SmolLM2-135M-Instruct.Q4_1.gguf
+
+case "$phase" in
+prepare)
+    gguf=$("$PY" -c "from dflash_core.models.loader import default_gguf_path; print(default_gguf_path())")
+    size=$(stat -c %s "$gguf")
+    half=$(( (size + 1) / 2 ))
+    rm -rf "$GPU_DIR/part-1" "$GPU_DIR/part-2"
+    mkdir -p "$GPU_DIR/part-1" "$GPU_DIR/part-2" "$GPU_DIR/whl"
+    head -c "$half" "$gguf" > "$GPU_DIR/part-1/gguf.part"
+    tail -c +"$(( half + 1 ))" "$gguf" > "$GPU_DIR/part-2/gguf.part"
+    (cd "$(dirname "$gguf")" && sha256sum "$GGUF_NAME") > "$GPU_DIR/part-2/gguf.sha256"
+    if [ -z "${NO_WHEEL:-}" ] && ! ls "$GPU_DIR"/whl/gguf-*.whl >/dev/null 2>&1; then
+        ver=$("$PY" -c "import importlib.metadata as m; print(m.version('gguf'))")
+        "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$GPU_DIR/whl" "gguf==$ver"
+    fi
+    du -sh "$GPU_DIR"/part-1 "$GPU_DIR"/part-2 "$GPU_DIR"/whl
+    ;;
+stage)
+    mkdir -p "$STAGE_DIR"
+    cp "$GPU_DIR/part-1/gguf.part" "$STAGE_DIR/part-1.tmp"
+    mv "$STAGE_DIR/part-1.tmp" "$STAGE_DIR/part-1"
+    echo "staged part 1: $(stat -c %s "$STAGE_DIR/part-1") bytes in $STAGE_DIR"
+    (nvidia-smi -L 2>/dev/null || true)
+    "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+    ;;
+join)
+    if [ ! -f "$STAGE_DIR/part-1" ]; then
+        echo "sitting.sh: $STAGE_DIR/part-1 is missing (the machine went back after 'stage'?): run stage again" >&2
+        exit 3
+    fi
+    cat "$STAGE_DIR/part-1" "$GPU_DIR/part-2/gguf.part" > "$STAGE_DIR/$GGUF_NAME.tmp"
+    mv "$STAGE_DIR/$GGUF_NAME.tmp" "$STAGE_DIR/$GGUF_NAME"
+    sums=$(realpath "$GPU_DIR/part-2/gguf.sha256")
+    (cd "$STAGE_DIR" && sha256sum -c "$sums")
+    ;;
+train)
+    : "${OUT:?set OUT to the folder that receives the drafter and the log}"
+    t0=$(date +%s)
+    TARGET=${TARGET:-}
+    if [ -z "$TARGET" ]; then
+        "$0" join
+        TARGET=$STAGE_DIR/$GGUF_NAME
+    fi
+    if ls "$GPU_DIR"/whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/dflash-site "$GPU_DIR"/whl/*.whl
+        export PYTHONPATH=/tmp/dflash-site:${PYTHONPATH:-}
+    fi
+    export PYTHONPATH=$PWD:${PYTHONPATH:-}
+    export DFLASH_CACHE=${DFLASH_CACHE:-$STAGE_DIR/cache}
+    # the target's forwards here are whole-sequence prefills of up to 512 tokens: the
+    # PyTorch reference attention (tested on CPU) rather than the Triton block kernel,
+    # which is built for verify blocks of a few tokens and has not yet run on a real GPU
+    export DFLASH_KERNELS=${KERNELS:-torch}
+    run=$STAGE_DIR/run
+    mkdir -p "$OUT"
+    { date -u; (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true)
+      "$PY" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/env.txt"
+    "$PY" -m dflash_core.training.train \
+        --data ${DATA:-data/sharegpt-smollm2-135m data/sharegpt-later-smollm2-135m} --out "$run" \
+        --target "$TARGET" --device "${DEVICE:-cuda}" --init "${INIT:-default}" \
+        --num-layers "${LAYERS:-1}" --num-features 3 --draft-vocab 8192 --block-size "${BLOCK:-8}" \
+        --blocks-per-seq "${BLOCKS:-32}" --seqs-per-step "${SEQS:-128}" --lr "${LR:-1e-3}" \
+        --warmup-steps "${WARMUP:-100}" --seed "${SEED:-12}" --steps 1000000 \
+        --time-budget-s "${BUDGET:-420}" --snapshot-every 1000000 --ckpt-every-s 60 --log-every 10 \
+        --no-progress | tee "$OUT/train.json"
+    "$PY" -c "
+import sys, torch
+from dflash_core.drafter import DFlashDrafter
+DFlashDrafter.load(sys.argv[1]).save(sys.argv[2], dtype=torch.bfloat16)
+" "$run/latest" "$OUT/drafter"
+    cp "$run/log.jsonl" "$run/train_config.json" "$OUT/"
+    echo "wall_s $(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
+    ls -la "$OUT" "$OUT/drafter"
+    ;;
+*)
+    echo "sitting.sh: unknown phase '$phase' (prepare | stage | join | train)" >&2
+    exit 2
+    ;;
+esac
