@@ -99,6 +99,34 @@ def test_block_mask_shape_and_padding():
 
 
 # ---- the loss ----------------------------------------------------------------------------
+def test_anchors_are_a_uniform_sorted_subset_of_the_response():
+    """Every row: min(N, candidates) distinct anchors in [resp_start, L-2], ascending, then
+    padding (0, invalid); over many draws each candidate is taken with probability
+    N / candidates."""
+    g = torch.Generator().manual_seed(0)
+    lens, starts, N = [30, 12, 9, 50], [10, 9, 9, 0], 6
+    counts = torch.zeros(4, 50)
+    draws = 4000
+    for _ in range(draws):
+        anchors, valid = sample_anchors(lens, starts, N, g)
+        for r, (L, s) in enumerate(zip(lens, starts)):
+            n_cand = max(0, L - 2 - s + 1)
+            a = anchors[r][valid[r]].tolist()
+            assert len(a) == min(N, n_cand) and valid[r, :len(a)].all()
+            assert a == sorted(set(a)) and all(s <= x <= L - 2 for x in a)
+            assert (anchors[r][~valid[r]] == 0).all()
+            counts[r, a] += 1
+    for r, (L, s) in enumerate(zip(lens, starts)):
+        n_cand = max(0, L - 2 - s + 1)
+        if n_cand == 0:
+            continue
+        p = min(N, n_cand) / n_cand
+        freq = counts[r, s:L - 1] / draws
+        sd = (p * (1 - p) / draws) ** 0.5
+        assert (freq - p).abs().max() <= 5 * sd + 1e-9, (r, freq, p)
+    assert sample_anchors([], [], 3, g)[0].shape == (0, 3)
+
+
 def test_loss_weights_values():
     w = loss_weights(16)
     assert w[0] == 0 and w[1] == 1

@@ -55,17 +55,26 @@ def sample_anchors(
     -> anchors [R, N] int64 (padding anchors = 0), valid [R, N] bool. Anchors are sorted
     within a row (order does not change the math; it makes masks easier to read)."""
     R = len(seq_lens)
+    if R == 0:
+        return torch.zeros(0, num_blocks, dtype=torch.int64), torch.zeros(0, num_blocks, dtype=torch.bool)
+    L = torch.tensor(seq_lens, dtype=torch.int64)
+    lo = torch.tensor(resp_starts, dtype=torch.int64)
+    C = max(int(L.max()), 1)
+    pos = torch.arange(C)
+    legal = (pos[None, :] >= lo[:, None]) & (pos[None, :] <= (L - 2)[:, None])     # [R, C]
+    # a uniform random subset of the legal positions: the num_blocks smallest of i.i.d.
+    # uniform keys (illegal positions get key 2 and are never taken while legal ones remain)
+    keys = torch.rand(R, C, generator=generator)
+    keys = torch.where(legal, keys, torch.full_like(keys, 2.0))
+    n = min(num_blocks, C)
+    vals, idx = keys.topk(n, dim=1, largest=False)
+    ok = vals < 2.0
+    idx = torch.where(ok, idx, torch.full_like(idx, C)).sort(dim=1).values       # taken ones first, ascending
+    ok = idx < C
     anchors = torch.zeros(R, num_blocks, dtype=torch.int64)
     valid = torch.zeros(R, num_blocks, dtype=torch.bool)
-    for r, (L, s) in enumerate(zip(seq_lens, resp_starts)):
-        lo, hi = s, L - 2  # inclusive range of legal anchors
-        n_cand = hi - lo + 1
-        if n_cand <= 0:
-            continue
-        n = min(num_blocks, n_cand)
-        pick = torch.randperm(n_cand, generator=generator)[:n].sort().values + lo
-        anchors[r, :n] = pick
-        valid[r, :n] = True
+    anchors[:, :n] = torch.where(ok, idx, torch.zeros_like(idx))
+    valid[:, :n] = ok
     return anchors, valid
 
 
@@ -91,11 +100,13 @@ def build_block_batch(
     N = anchors.shape[1]
     B = block_size
     T = N * B
-    k = torch.arange(B)                                       # [B]
+    dev = tokens.device                                       # built where the inputs live (a GPU's)
+    seq_lens, anchors, valid = seq_lens.to(dev), anchors.to(dev), valid.to(dev)
+    k = torch.arange(B, device=dev)                           # [B]
     pos = anchors[:, :, None] + k                             # [R, N, B]
     # 1) inputs: the anchor token, then B-1 mask tokens
     anchor_tok = tokens.gather(1, anchors)                    # [R, N]
-    ids = torch.full((R, N, B), mask_token_id, dtype=torch.int64)
+    ids = torch.full((R, N, B), mask_token_id, dtype=torch.int64, device=dev)
     ids[:, :, 0] = anchor_tok
     # 2) targets: tokens[a+k] for k >= 1 while a+k < L; padding blocks get none
     in_seq = (pos < seq_lens[:, None, None]) & valid[:, :, None] & (k >= 1)
@@ -103,10 +114,10 @@ def build_block_batch(
     tgt = torch.where(in_seq, tgt, torch.full_like(tgt, IGNORE))
     # 3) mask. Context key c is visible to block j iff c < a_j (c < a_j <= L-2 also
     # keeps right padding out). Block key (j', k') is visible iff j' == j.
-    ctx_pos = torch.arange(C)
+    ctx_pos = torch.arange(C, device=dev)
     ctx_ok = ctx_pos[None, None, :] < anchors[:, :, None]     # [R, N, C]
     ctx_ok = ctx_ok[:, :, None, :].expand(R, N, B, C).reshape(R, T, C)
-    blk = torch.arange(T) // B                                # block index of each query/key
+    blk = torch.arange(T, device=dev) // B                                # block index of each query/key
     blk_ok = (blk[:, None] == blk[None, :])[None].expand(R, T, T)
     mask = torch.cat([ctx_ok, blk_ok], dim=2)                 # [R, T, C+T]
     return BlockBatch(

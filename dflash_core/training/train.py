@@ -220,7 +220,7 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
     dev = drafter.fc.weight.device
     B = cfg.block_size
     anchors, valid = sample_anchors(seq_lens.tolist(), resp_starts, cfg.blocks_per_seq, gen)
-    bb = build_block_batch(tokens, seq_lens, anchors, valid, B, cfg.mask_token_id)
+    bb = build_block_batch(tokens.to(dev), seq_lens, anchors, valid, B, cfg.mask_token_id)
     with torch.no_grad():
         block_emb = target.embed(bb.block_ids.to(dev))                         # [R, T, hidden]
     with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=amp):
