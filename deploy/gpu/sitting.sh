@@ -9,6 +9,7 @@
 #   train    (device, 2nd)  join the parts, check the sha256, convert the target, train
 #                           for BUDGET seconds from the shipped drafter, write the drafter
 #                           (bf16) and the log into $OUT
+#   check    (device, opt.) the Triton kernels' tests and timings on the GPU, into $OUT
 #
 # Settings come from the environment (defaults in brackets): DEVICE [cuda], BUDGET [420]
 # training seconds, SEQS [128] sequences per step, BLOCKS [32] anchors per sequence,
@@ -16,7 +17,7 @@
 # [the joined GGUF], DATA [both shipped data folders], KERNELS [torch], GPU_DIR [.gpu],
 # STAGE_DIR [.gpu-stage], PY [python3], NO_WHEEL (prepare: skip the wheel), OUT.
 set -euo pipefail
-phase=${1:?usage: deploy/gpu/sitting.sh prepare|stage|train}
+phase=${1:?usage: deploy/gpu/sitting.sh prepare|stage|train|check}
 cd "$(dirname "$0")/../.."
 GPU_DIR=$(realpath -m "${GPU_DIR:-.gpu}")
 STAGE_DIR=$(realpath -m "${STAGE_DIR:-.gpu-stage}")
@@ -96,8 +97,19 @@ DFlashDrafter.load(sys.argv[1]).save(sys.argv[2], dtype=torch.bfloat16)
     echo "wall_s $(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
     ls -la "$OUT" "$OUT/drafter"
     ;;
+check)
+    # the GPU-only paths, when device time is left after training: the Triton kernels'
+    # tests compiled for the GPU (not the interpreter) and their timings against PyTorch
+    : "${OUT:?set OUT}"
+    mkdir -p "$OUT"
+    export PYTHONPATH=$PWD:${PYTHONPATH:-}
+    set +e
+    timeout "${CHECK_S:-240}" "$PY" -m pytest -x -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -40 > "$OUT/kernel_tests.txt"
+    timeout 120 "$PY" -m dflash_core.kernels.bench --dtype bf16 2>&1 | tail -40 > "$OUT/kernel_bench.txt"
+    tail -n 3 "$OUT/kernel_tests.txt" "$OUT/kernel_bench.txt"
+    ;;
 *)
-    echo "sitting.sh: unknown phase '$phase' (prepare | stage | join | train)" >&2
+    echo "sitting.sh: unknown phase '$phase' (prepare | stage | join | train | check)" >&2
     exit 2
     ;;
 esac
