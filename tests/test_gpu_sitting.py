@@ -79,9 +79,13 @@ def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):
     _run("train", tmp, OUT=str(out), TARGET="default", DEVICE="cpu", SEQS="2", BLOCKS="2", BUDGET="1",
          DFLASH_CACHE=str(cache_root()),   # the converted default target the other tests use
          STAGE_DIR=str(tmp_path / "stage"), DATA=str(ROOT / "data" / "sharegpt-smollm2-135m"))
-    summary = json.loads((out / "train.json").read_text().strip().splitlines()[-1])
+    summary = json.loads((out / "env.txt").read_text().strip().splitlines()[-2])   # then "wall_s N"
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert summary["step"] == log[-1]["step"] >= 1 and "steps_planned" in log[-1]
+    meta = json.loads((out / "drafter" / "meta.json").read_text())
+    assert meta["step"] == summary["step"] and meta["tokens_seen"] == log[-1]["tokens_seen"] > 0
+    returned = [p for p in out.rglob("*") if p.is_file()]
+    assert len(returned) <= 8 and all(p.stat().st_size < 16 * 2**20 for p in returned)   # what may come back
     d = DFlashDrafter.load(out / "drafter")
     assert d.config.block_size == 8 and len(d.config.draft_vocab) >= 8192
     assert json.loads((out / "drafter" / "config.json").read_text())["torch_dtype"] == "bfloat16"

@@ -8,7 +8,7 @@
 #   stage    (device, 1st)  keep part 1 on the machine, outside the carried paths
 #   train    (device, 2nd)  join the parts, check the sha256, convert the target, train
 #                           for BUDGET seconds from the shipped drafter, write the drafter
-#                           (bf16) and the log into $OUT
+#                           (bf16, + meta.json) and the log into $OUT (7 files; 8 may return)
 #   check    (device, opt.) the Triton kernels' tests and timings on the GPU, into $OUT
 #
 # Settings come from the environment (defaults in brackets): DEVICE [cuda], BUDGET [420]
@@ -87,11 +87,18 @@ train)
         --blocks-per-seq "${BLOCKS:-32}" --seqs-per-step "${SEQS:-128}" --lr "${LR:-1e-3}" \
         --warmup-steps "${WARMUP:-100}" --seed "${SEED:-12}" --steps 1000000 \
         --time-budget-s "${BUDGET:-420}" --snapshot-every 1000000 --ckpt-every-s 60 --log-every 10 \
-        --no-progress | tee "$OUT/train.json"
+        --no-progress | tee -a "$OUT/env.txt"
+    # the drafter in bf16 (as shipped; fp32 would pass the 16 MiB a returned file may
+    # have) with a snapshot's meta.json, so that the folder is also a point of the curve
+    # (`dflash eval --snapshots`: put it under <run>/snapshots/step_NNNNNN/)
     "$PY" -c "
-import sys, torch
+import json, sys, torch
+from pathlib import Path
 from dflash_core.drafter import DFlashDrafter
-DFlashDrafter.load(sys.argv[1]).save(sys.argv[2], dtype=torch.bfloat16)
+src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+DFlashDrafter.load(src).save(dst, dtype=torch.bfloat16)
+st = torch.load(src / 'trainer_state.pt', weights_only=False, map_location='cpu')
+(dst / 'meta.json').write_text(json.dumps({k: st[k] for k in ('step', 'tokens_seen', 'pred_tokens')}))
 " "$run/latest" "$OUT/drafter"
     cp "$run/log.jsonl" "$run/train_config.json" "$OUT/"
     echo "wall_s $(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
