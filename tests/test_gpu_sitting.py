@@ -78,7 +78,8 @@ def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):
     from dflash_core.runtime import cache_root
     _run("train", tmp, OUT=str(out), TARGET="default", DEVICE="cpu", SEQS="2", BLOCKS="2", BUDGET="1",
          DFLASH_CACHE=str(cache_root()),   # the converted default target the other tests use
-         STAGE_DIR=str(tmp_path / "stage"), DATA=str(ROOT / "data" / "sharegpt-smollm2-135m"))
+         STAGE_DIR=str(tmp_path / "stage"), DATA=str(ROOT / "data" / "sharegpt-smollm2-135m"),
+         EVAL_DATA="")   # held-out evaluation in training: tests/test_training.py
     summary = json.loads((out / "env.txt").read_text().strip().splitlines()[-2])   # then "wall_s N"
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert summary["step"] == log[-1]["step"] >= 1 and "steps_planned" in log[-1]

@@ -527,6 +527,12 @@ def test_eval_command_reports_the_block_it_verifies(tmp_path, capsys):
     assert summary["block_size"] == 4 and summary["requested_block_size"] == 16
     r = summary["results"]["humaneval@T0"]
     assert len(r["per_position_acceptance"]) == 3 and 1.0 <= r["tau"] <= 4.0
+    # --walk: the same greedy outputs replayed from one prefill per prompt
+    assert eval_main(["--target", "tiny-random", "--drafter", str(tmp_path / "d4"), "--datasets", "humaneval",
+                      "--temperatures", "0", "--num-prompts", "2", "--max-new-tokens", "6", "--no-speedup",
+                      "--block-size", "4", "--walk", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())["results"]["humaneval@T0"]
+    assert r["walk_prompts"] == 2 and r["walk_steps_equal"] == 2 and 1.0 <= r["walk_tau"] <= 4.0
 
 
 def test_curve_sittings_add_up(tmp_path):
@@ -543,6 +549,61 @@ def test_curve_sittings_add_up(tmp_path):
     assert extend_curve(None, now) == now
     write_plot(tmp_path / "c.png", {}, out, None)
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("block", [3, 4])
+def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, block):
+    """walk.walk_tau (one prefill + one drafter pass over blocks at every anchor) gives the
+    same accepted length at every step as the engine's speculative decoding of the same
+    prompts, for a drafter that accepts often enough to tell (trained on those responses)."""
+    from dflash_core.drafter import LocalDraftBackend
+    from dflash_core.sampling import SamplingParams
+    from dflash_core.training.walk import walk, walk_tau
+    assert walk([3, 1, 1, 2, 1, 1]) == [3, 2, 1] and walk([]) == []
+    target = _target()
+    recs = _write_shards(tmp_path / "data", target, n_records=8, shard_size=4)
+    tr = Trainer(_cfg(tmp_path, steps=150, blocks_per_seq=12, seqs_per_step=4, lr=1e-2, dtype="float32"), target)
+    tr.run()
+    drafter = tr.drafter.eval()
+    engine = SpecEngine(target, LocalDraftBackend(drafter, 4, 64 + 8),
+                        EngineConfig(max_slots=4, max_seq_len=64, block_size=block))
+    res = engine.generate([r["prompt_ids"] for r in recs], SamplingParams(max_new_tokens=20))
+    assert [r.token_ids for r in res] == [r["response_ids"] for r in recs]          # lossless, as generated
+    w = walk_tau(target, drafter, recs, block_size=block, rows=3)
+    for r, got in zip(res, w["walks"]):
+        eng = r.stats.acceptance_lengths
+        # every step equal but the last, which the response's end cuts differently (the walk
+        # knows no token past it; the engine verified drafts there, then cut its output)
+        assert len(got) == len(eng) and got[:-1] == eng[:-1] and got[-1] >= 1, (got, eng)
+    assert sum(s > 1 for x in w["walks"] for s in x) >= 10                             # drafts were accepted
+    assert w["tau"] == pytest.approx(w["tokens"] / w["steps"])
+    assert len(w["per_position_acceptance"]) == block - 1
+
+
+def test_heldout_tau_is_logged_from_a_holdout_folder_that_is_never_trained_on(tmp_path):
+    from dflash_core.training.walk import walk_tau
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=6, shard_size=3)
+    held = tmp_path / "held"
+    recs = _write_shards(held, target, n_records=3, shard_size=3)
+    man = json.loads((held / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="holdout split"):      # a train folder is no evaluation set
+        Trainer(_cfg(tmp_path), target, eval_data=str(held))
+    man["config"]["split"] = "holdout"
+    (held / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(ValueError, match="never trained on"):   # and a holdout folder is no training data
+        Trainer(_cfg(tmp_path, data=[str(held)]), target)
+    tr = Trainer(_cfg(tmp_path, steps=6, log_every=100), target, eval_data=str(held), eval_every=4)
+    before = walk_tau(target, tr.drafter, recs)["tau"]
+    tr.run()
+    rows = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "heldout_tau" in r) for r in rows] == [(0, True), (4, True), (6, True)]
+    assert rows[0]["heldout_tau"] == pytest.approx(before, abs=1e-4)
+    assert rows[-1]["heldout_tau"] == pytest.approx(walk_tau(target, tr.drafter, recs)["tau"], abs=1e-4)
+    assert rows[-1]["heldout_records"] == 3 and len(rows[-1]["heldout_acc_k"]) == 3
+    from dflash_core.training.evaluate import write_plot   # the plot reads such a log
+    write_plot(tmp_path / "p.png", {}, [], tmp_path / "run" / "log.jsonl")
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 def test_draft_vocab_training_and_warm_start(tmp_path):

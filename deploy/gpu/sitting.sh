@@ -14,7 +14,8 @@
 # Settings come from the environment (defaults in brackets): DEVICE [cuda], BUDGET [420]
 # training seconds, SEQS [128] sequences per step, BLOCKS [32] anchors per sequence,
 # BLOCK [8], LAYERS [1], LR [1e-3], WARMUP [100], SEED [12], INIT [default], TARGET
-# [the joined GGUF], DATA [both shipped data folders], KERNELS [torch], GPU_DIR [.gpu],
+# [the joined GGUF], DATA [both shipped data folders], EVAL_DATA [the holdout folder; empty:
+# none], EVAL_EVERY [200], KERNELS [torch], GPU_DIR [.gpu],
 # STAGE_DIR [.gpu-stage], PY [python3], NO_WHEEL (prepare: skip the wheel), OUT.
 set -euo pipefail
 phase=${1:?usage: deploy/gpu/sitting.sh prepare|stage|train|check}
@@ -77,6 +78,8 @@ train)
     # which is built for verify blocks of a few tokens and has not yet run on a real GPU
     export DFLASH_KERNELS=${KERNELS:-torch}
     run=$STAGE_DIR/run
+    # held-out tau (greedy, the engine's, replayed from one prefill per prompt) as it trains
+    EVAL_DATA=${EVAL_DATA-data/holdout-sharegpt-smollm2-135m}
     mkdir -p "$OUT"
     { date -u; (nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || true)
       "$PY" -c "import torch; print('torch', torch.__version__)"; } > "$OUT/env.txt"
@@ -87,6 +90,7 @@ train)
         --blocks-per-seq "${BLOCKS:-32}" --seqs-per-step "${SEQS:-128}" --lr "${LR:-1e-3}" \
         --warmup-steps "${WARMUP:-100}" --seed "${SEED:-12}" --steps 1000000 \
         --time-budget-s "${BUDGET:-420}" --snapshot-every 1000000 --ckpt-every-s 60 --log-every 10 \
+        ${EVAL_DATA:+--eval-data "$EVAL_DATA" --eval-every "${EVAL_EVERY:-200}"} \
         --no-progress | tee -a "$OUT/env.txt"
     # the drafter in bf16 (as shipped; fp32 would pass the 16 MiB a returned file may
     # have) with a snapshot's meta.json, so that the folder is also a point of the curve

@@ -14,6 +14,9 @@ Contract
   for every `step_NNNNNN/` snapshot of a training run, against training tokens seen.
   --prior-curve JSON --tokens-offset N --sitting LABEL: sittings add up; the curve of an
   earlier eval comes first, this run's snapshots follow with N earlier tokens added.
+- --walk (greedy cells): the same outputs replayed by training/walk.py from one prefill
+  per prompt: `walk_tau` and `walk_steps_equal` (prompts whose every step but the last
+  equals the engine's).
 - --plot PNG: tau vs training tokens (snapshots, and the teacher-forced tau of the run's
   log.jsonl) and per-position acceptance per dataset/temperature.
 - Output: one JSON object (also written to --out).
@@ -30,8 +33,22 @@ import torch
 from ..datasets import load_eval_prompts
 
 
+def walk_check(engine, prompts: list[list[int]], results: list) -> dict:
+    """The engine's greedy outputs replayed by walk.walk_tau (one prefill per prompt):
+    its tau, and on how many prompts every step but the last equals the engine's."""
+    from .walk import walk_tau
+    drafter = getattr(engine.draft_backend, "drafter", None)
+    if drafter is None:
+        raise ValueError("--walk needs a drafter in this process (not a remote draft backend)")
+    recs = [{"prompt_ids": p, "response_ids": r.token_ids} for p, r in zip(prompts, results)]
+    w = walk_tau(engine.target, drafter, recs, block_size=engine.block_size(1))
+    same = sum(len(x) == len(r.stats.acceptance_lengths) and x[:-1] == r.stats.acceptance_lengths[:-1]
+               for x, r in zip(w["walks"], results))
+    return {"walk_tau": round(w["tau"], 4), "walk_steps_equal": same, "walk_prompts": len(recs)}
+
+
 def evaluate(engine, prompts: list[list[int]], temperature: float, max_new_tokens: int, seed: int = 0,
-             speedup: bool = True, batch: int = 1) -> dict:
+             speedup: bool = True, batch: int = 1, walk: bool = False) -> dict:
     """tau and per-position acceptance of DFlash on the prompts; with speedup, also plain
     decoding on the same engine (speedup.run_modes: the one engine benchmark)."""
     from ..sampling import SamplingParams
@@ -49,6 +66,8 @@ def evaluate(engine, prompts: list[list[int]], temperature: float, max_new_token
                     "speedup": round(spec.tokens_per_s / ar.tokens_per_s, 3)})
         if temperature == 0:
             res["greedy_outputs_equal"] = sum(a == b for a, b in zip(spec.outputs, ar.outputs))
+    if walk and temperature == 0:
+        res.update(walk_check(engine, prompts, spec.results[:len(prompts)]))
     return res
 
 
@@ -102,8 +121,13 @@ def write_plot(path: Path, results: dict, curve: list[dict], log_path: Path | No
         ax1.plot([c["tokens_seen"] for c in pts], [c["tau"] for c in pts], "o-", label=name)
     if log_path is not None and log_path.exists():
         rows = [json.loads(x) for x in log_path.read_text().splitlines() if x.strip()]
-        ax1.plot([r["tokens_seen"] + log_tokens_offset for r in rows], [r["tau_tf"] for r in rows], alpha=0.5,
+        tf = [r for r in rows if "tau_tf" in r]
+        ax1.plot([r["tokens_seen"] + log_tokens_offset for r in tf], [r["tau_tf"] for r in tf], alpha=0.5,
                  label="teacher-forced tau (train batches)")
+        ho = [r for r in rows if "heldout_tau" in r]
+        if ho:
+            ax1.plot([r["tokens_seen"] + log_tokens_offset for r in ho], [r["heldout_tau"] for r in ho], "s-",
+                     label="held-out tau (walk, greedy)")
     ax1.set_xlabel("training tokens seen")
     ax1.set_ylabel("acceptance length tau")
     ax1.set_title("tau vs training tokens")
@@ -136,6 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--no-speedup", action="store_true", help="tau only (skip the autoregressive runs)")
     ap.add_argument("--batch", type=int, default=1,
                     help="requests decoded together (1: one after another, the speedup users see at batch 1)")
+    ap.add_argument("--walk", action="store_true",
+                    help="greedy cells: also replay the engine's outputs with one prefill per prompt "
+                         "(training/walk.py, what `dflash train --eval-data` logs) and count the prompts "
+                         "whose steps it reproduces")
     ap.add_argument("--snapshots", default=None, help="a run's snapshots/ folder: tau vs training tokens")
     ap.add_argument("--snapshot-prompts", type=int, default=8)
     ap.add_argument("--prior-curve", default=None,
@@ -170,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             for t in a.temperatures:
                 key = f"{ds}@T{t:g}"
                 results[key] = evaluate(engine, prompt_sets[ds], t, a.max_new_tokens, a.seed, not a.no_speedup,
-                                        a.batch)
+                                        a.batch, walk=a.walk)
                 print(json.dumps({key: results[key]}), file=sys.stderr)
         curve = []
         if a.snapshots:

@@ -118,13 +118,20 @@ class ShardData:
     """Records of finished shards, loaded lazily and kept in RAM.
     Record key = (folder index, shard name, index in shard)."""
 
-    def __init__(self, folders: list[str], max_seq_len: int):
+    def __init__(self, folders: list[str], max_seq_len: int, holdout: bool = False):
+        """holdout: the folders must hold the holdout split (evaluation data); otherwise a
+        holdout folder is refused: it is never trained on."""
         self.folders = [Path(f) for f in folders]
         self.max_seq_len = max_seq_len
         self._shards: dict[tuple[int, str], list[dict]] = {}
         for f in self.folders:
             if not (f / "manifest.json").exists():
                 raise FileNotFoundError(f"{f} is not a `dflash data` folder (no manifest.json)")
+            split = json.loads((f / "manifest.json").read_text()).get("config", {}).get("split", "train")
+            if (split == "holdout") != holdout:
+                raise ValueError(f"{f} holds the {split} split: " + (
+                    "evaluation data (--eval-data) must be the holdout split" if holdout
+                    else "the holdout split is never trained on (pass it as --eval-data)"))
 
     def capture_layers(self) -> list[int] | None:
         """The target layers stored with the records (None: no stored features)."""
@@ -246,12 +253,23 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, target, device="cpu", feature_cache: str | None = None):
+    def __init__(self, cfg: TrainConfig, target, device="cpu", feature_cache: str | None = None,
+                 eval_data: str | None = None, eval_every: int = 0):
         from ..drafter import DFlashDrafter
         self.cfg, self.target, self.device = cfg, target, torch.device(device)
         for p in target.parameters():
             p.requires_grad_(False)
         self.data = ShardData(cfg.data, cfg.max_seq_len)
+        # held-out tau as the run goes (walk.py): greedy responses of the holdout split
+        self.eval_every = int(eval_every)
+        if self.eval_every < 0:
+            raise ValueError("--eval-every must be >= 0")
+        self.eval_records = None
+        if eval_data:
+            ev = ShardData([eval_data], cfg.max_seq_len, holdout=True)
+            self.eval_records = ev.records(ev.finished_shards())
+            if not self.eval_records:
+                raise ValueError(f"--eval-data {eval_data} holds no usable records")
         stored = self.data.capture_layers()
         layer_ids = stored if stored and len(stored) == cfg.num_features else None
         self.drafter = DFlashDrafter.from_target(
@@ -414,6 +432,18 @@ class Trainer:
             setattr(self, k, st[k])
         return True
 
+    def heldout(self) -> dict:
+        """Greedy tau of the drafter as it is now on the --eval-data records, at the
+        drafter's block size (walk.walk_tau: equal to the engine's, one prefill each)."""
+        from .walk import walk_tau
+        self.drafter.eval()
+        try:
+            r = walk_tau(self.target, self.drafter, self.eval_records)
+        finally:
+            self.drafter.train()
+        return {"heldout_tau": round(r["tau"], 4), "heldout_acc_k": [round(x, 4) for x in r["per_position_acceptance"]],
+                "heldout_records": len(self.eval_records)}
+
     def fill_cache(self, progress: bool = False) -> dict:
         """Compute the feature cache of every finished shard (those missing or stale)."""
         from tqdm import tqdm
@@ -493,8 +523,11 @@ class Trainer:
         bar = tqdm(total=stop_at, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True,
                    desc="train")
         last_ckpt = time.monotonic()
-        t0 = time.perf_counter()
         last = {}
+        if self.eval_records is not None:   # where the run starts, on the same measure
+            log.write(json.dumps({"step": self.step, "tokens_seen": self.tokens_seen, **self.heldout()}) + "\n")
+            log.flush()
+        t0 = time.perf_counter()
         while self.step < stop_at and not stop:
             ts = time.perf_counter()
             r = self.train_step()
@@ -519,7 +552,10 @@ class Trainer:
             acc["tau"] += float(tau.sum())
             acc["blocks"] += int((tau > 0).sum())
             bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == stop_at or stop or out_of_time:
+            ends = self.step == stop_at or bool(stop) or out_of_time
+            evaluate = self.eval_records is not None and (
+                ends or (self.eval_every and self.step % self.eval_every == 0))
+            if self.step % cfg.log_every == 0 or ends or evaluate:
                 per_pos = (acc["correct"][1:] / acc["has"][1:].clamp(min=1)).tolist()
                 last = {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen,
                         "pred_tokens": self.pred_tokens, "loss": round(acc["loss"] / acc["n"], 5),
@@ -528,6 +564,8 @@ class Trainer:
                         "grad_norm": round(r["grad_norm"], 4), "elapsed_s": round(time.perf_counter() - t0, 1)}
                 if time_budget_s is not None:
                     last["steps_planned"] = cfg.steps
+                if evaluate:
+                    last.update(self.heldout())
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tau_tf=f"{last['tau_tf']:.2f}", ep=self.epoch)
@@ -570,6 +608,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "later epochs, resumes and parallel runs read them)")
     ap.add_argument("--fill-cache", action="store_true",
                     help="only compute the --feature-cache for every finished shard, then exit")
+    ap.add_argument("--eval-data", default=None,
+                    help="a holdout-split folder from `dflash data --split holdout --sample-frac 0`: the "
+                         "drafter's greedy held-out tau (the engine's, replayed from one prefill per prompt) "
+                         "is logged at the start, every --eval-every steps and at the end")
+    ap.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0: start and end)")
     ap.add_argument("--stop-at", type=int, default=None, help="stop (with a checkpoint) at this step")
     ap.add_argument("--time-budget-s", type=float, default=None,
                     help="train for at most this many seconds in this process; the cosine schedule is fitted "
@@ -603,7 +646,8 @@ def main(argv: list[str] | None = None) -> int:
         # the frozen target only supplies features and the LM head: bf16 where that is fast
         tdtype = torch.float32 if cfg.dtype == "float32" else resolve_dtype(cfg.dtype, a.device)
         target = resolve_model(cfg.target).load(device=a.device, dtype=tdtype)
-        trainer = Trainer(cfg, target, device=a.device, feature_cache=a.feature_cache)
+        trainer = Trainer(cfg, target, device=a.device, feature_cache=a.feature_cache, eval_data=a.eval_data,
+                          eval_every=a.eval_every)
         if a.fill_cache:
             print(json.dumps(trainer.fill_cache(progress=not a.no_progress)))
             return 0
