@@ -80,7 +80,7 @@ def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):
          DFLASH_CACHE=str(cache_root()),   # the converted default target the other tests use
          STAGE_DIR=str(tmp_path / "stage"), DATA=str(ROOT / "data" / "sharegpt-smollm2-135m"),
          EVAL_DATA="")   # held-out evaluation in training: tests/test_training.py
-    summary = json.loads((out / "env.txt").read_text().strip().splitlines()[-2])   # then "wall_s N"
+    summary = json.loads(next(x for x in (out / "env.txt").read_text().splitlines() if x.startswith('{"out"')))
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert summary["step"] == log[-1]["step"] >= 1 and "steps_planned" in log[-1]
     meta = json.loads((out / "drafter" / "meta.json").read_text())

@@ -601,6 +601,12 @@ def test_heldout_tau_is_logged_from_a_holdout_folder_that_is_never_trained_on(tm
     assert rows[0]["heldout_tau"] == pytest.approx(before, abs=1e-4)
     assert rows[-1]["heldout_tau"] == pytest.approx(walk_tau(target, tr.drafter, recs)["tau"], abs=1e-4)
     assert rows[-1]["heldout_records"] == 3 and len(rows[-1]["heldout_acc_k"]) == 3
+    # best/: the drafter at the highest held-out tau of the run, with its step
+    meta = json.loads((tmp_path / "run" / "best" / "meta.json").read_text())
+    top = max(rows, key=lambda r: r["heldout_tau"])      # the first of equals
+    assert meta["heldout_tau"] == top["heldout_tau"] and meta["step"] == top["step"]
+    best = DFlashDrafter.load(tmp_path / "run" / "best")
+    assert walk_tau(target, best, recs)["tau"] == pytest.approx(top["heldout_tau"], abs=1e-4)
     from dflash_core.training.evaluate import write_plot   # the plot reads such a log
     write_plot(tmp_path / "p.png", {}, [], tmp_path / "run" / "log.jsonl")
     assert (tmp_path / "p.png").stat().st_size > 0

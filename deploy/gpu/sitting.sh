@@ -94,16 +94,23 @@ train)
         --no-progress | tee -a "$OUT/env.txt"
     # the drafter in bf16 (as shipped; fp32 would pass the 16 MiB a returned file may
     # have) with a snapshot's meta.json, so that the folder is also a point of the curve
-    # (`dflash eval --snapshots`: put it under <run>/snapshots/step_NNNNNN/)
+    # (`dflash eval --snapshots`: put it under <run>/snapshots/step_NNNNNN/). With held-out
+    # evaluation it is the run's best (`best/`), else its last step.
     "$PY" -c "
 import json, sys, torch
 from pathlib import Path
 from dflash_core.drafter import DFlashDrafter
-src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+run, dst = Path(sys.argv[1]), Path(sys.argv[2])
+src = run / 'best' if (run / 'best' / 'meta.json').exists() else run / 'latest'
 DFlashDrafter.load(src).save(dst, dtype=torch.bfloat16)
-st = torch.load(src / 'trainer_state.pt', weights_only=False, map_location='cpu')
-(dst / 'meta.json').write_text(json.dumps({k: st[k] for k in ('step', 'tokens_seen', 'pred_tokens')}))
-" "$run/latest" "$OUT/drafter"
+if src.name == 'best':
+    meta = json.loads((src / 'meta.json').read_text())
+else:
+    st = torch.load(src / 'trainer_state.pt', weights_only=False, map_location='cpu')
+    meta = {k: st[k] for k in ('step', 'tokens_seen', 'pred_tokens')}
+(dst / 'meta.json').write_text(json.dumps({**meta, 'from': src.name}))
+print('returned drafter:', json.dumps(meta))
+" "$run" "$OUT/drafter" | tee -a "$OUT/env.txt"
     cp "$run/log.jsonl" "$run/train_config.json" "$OUT/"
     echo "wall_s $(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
     ls -la "$OUT" "$OUT/drafter"

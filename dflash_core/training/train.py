@@ -444,6 +444,23 @@ class Trainer:
         return {"heldout_tau": round(r["tau"], 4), "heldout_acc_k": [round(x, 4) for x in r["per_position_acceptance"]],
                 "heldout_records": len(self.eval_records)}
 
+    def _keep_best(self, row: dict) -> None:
+        """`best/`: the drafter at its highest held-out tau so far in this run (with a
+        snapshot's meta.json + heldout_tau), so that a run that trains past its best (many
+        epochs over the same records) still hands back the best one it had."""
+        best = self.out / "best"
+        meta = best / "meta.json"
+        if meta.exists() and json.loads(meta.read_text())["heldout_tau"] >= row["heldout_tau"]:
+            return
+        tmp = self.out / "best.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.drafter.save(tmp)
+        (tmp / "meta.json").write_text(json.dumps({"step": self.step, "tokens_seen": self.tokens_seen,
+                                                   "pred_tokens": self.pred_tokens,
+                                                   "heldout_tau": row["heldout_tau"]}))
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)
+
     def fill_cache(self, progress: bool = False) -> dict:
         """Compute the feature cache of every finished shard (those missing or stale)."""
         from tqdm import tqdm
@@ -525,7 +542,9 @@ class Trainer:
         last_ckpt = time.monotonic()
         last = {}
         if self.eval_records is not None:   # where the run starts, on the same measure
-            log.write(json.dumps({"step": self.step, "tokens_seen": self.tokens_seen, **self.heldout()}) + "\n")
+            first = {"step": self.step, "tokens_seen": self.tokens_seen, **self.heldout()}
+            self._keep_best(first)
+            log.write(json.dumps(first) + "\n")
             log.flush()
         t0 = time.perf_counter()
         while self.step < stop_at and not stop:
@@ -566,6 +585,7 @@ class Trainer:
                     last["steps_planned"] = cfg.steps
                 if evaluate:
                     last.update(self.heldout())
+                    self._keep_best(last)
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tau_tf=f"{last['tau_tf']:.2f}", ep=self.epoch)
