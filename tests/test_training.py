@@ -580,6 +580,16 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
     assert len(w["per_position_acceptance"]) == block - 1
 
 
+def test_chunked_target_features_equal_the_whole_prefill():
+    from dflash_core.training.features import target_features
+    target = _target()
+    tokens = torch.randint(17, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
+    whole = target_features(target, tokens, [1, 2])
+    for chunk in (1, 7, 30, 64):
+        part = target_features(target, tokens, [1, 2], chunk=chunk)
+        assert part.shape == whole.shape and torch.allclose(part, whole, atol=1e-5, rtol=1e-5), chunk
+
+
 def test_heldout_tau_is_logged_from_a_holdout_folder_that_is_never_trained_on(tmp_path):
     from dflash_core.training.walk import walk_tau
     target = _target()

@@ -40,7 +40,9 @@ def walk_check(engine, prompts: list[list[int]], results: list) -> dict:
     drafter = getattr(engine.draft_backend, "drafter", None)
     if drafter is None:
         raise ValueError("--walk needs a drafter in this process (not a remote draft backend)")
-    recs = [{"prompt_ids": p, "response_ids": r.token_ids} for p, r in zip(prompts, results)]
+    # a response that ended on EOS: the engine verified the EOS too (outputs leave it out)
+    recs = [{"prompt_ids": p, "response_ids": list(r.token_ids) + ([r.stop_token_id] if r.stop_token_id is not None
+                                                                   else [])} for p, r in zip(prompts, results)]
     w = walk_tau(engine.target, drafter, recs, block_size=engine.block_size(1))
     same = sum(len(x) == len(r.stats.acceptance_lengths) and x[:-1] == r.stats.acceptance_lengths[:-1]
                for x, r in zip(w["walks"], results))

@@ -112,11 +112,20 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def target_features(target, tokens: torch.Tensor, layer_ids: list[int]) -> torch.Tensor:
+def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: int | None = None) -> torch.Tensor:
     """Captured features [R, C, K*hidden] of right-padded token rows [R, C] (each row from
-    position 0, in a fresh cache); only the layers up to the last captured one run."""
+    position 0, in a fresh cache); only the layers up to the last captured one run.
+    chunk: forward at most this many positions at a time (through the cache). With
+    R * chunk <= the native kernel's MAX_ROWS every linear takes the row-invariant native
+    path, as the engine's verify forwards do, so the features equal theirs bit for bit
+    (a whole prefill of more rows takes MKL's sgemm, which rounds differently)."""
     R, C = tokens.shape
     cache = target.new_cache(R, C)
-    _, feats = target(tokens.to(target.device), cache, torch.arange(R), torch.zeros(R, dtype=torch.int64),
+    tokens = tokens.to(target.device)
+    step = C if not chunk else max(1, int(chunk))
+    parts = []
+    for lo in range(0, C, step):
+        _, f = target(tokens[:, lo:lo + step], cache, torch.arange(R), torch.full((R,), lo, dtype=torch.int64),
                       capture_layers=layer_ids, features_only=True)
-    return feats
+        parts.append(f)
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)

@@ -74,7 +74,11 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
                 anchors[r, :m] = torch.arange(s, s + m)           # every response position with a successor
                 valid[r, :m] = True
             bb = build_block_batch(tokens.to(dev), seq_lens, anchors, valid, B, drafter.config.mask_token_id)
-            feats = target_features(target, tokens, drafter.config.target_layer_ids).to(dev)
+            chunk = None
+            if target.device.type == "cpu":   # the native kernel's row-invariant range (features.py)
+                from .. import native
+                chunk = max(1, native.MAX_ROWS // R)
+            feats = target_features(target, tokens, drafter.config.target_layer_ids, chunk=chunk).to(dev)
             dtype = drafter.fc.weight.dtype
             h = drafter.forward_blocks(target.embed(bb.block_ids.to(target.device)).to(dev, dtype),
                                        bb.block_pos, feats.to(dtype), bb.ctx_pos, bb.attn_mask)
