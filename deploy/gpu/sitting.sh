@@ -19,7 +19,8 @@
 # STAGE_DIR [.gpu-stage], PY [python3], NO_WHEEL (prepare: skip the wheel), OUT.
 set -euo pipefail
 phase=${1:?usage: deploy/gpu/sitting.sh prepare|stage|train|check}
-cd "$(dirname "$0")/../.."
+SELF=$(realpath "$0")
+cd "$(dirname "$SELF")/../.."
 GPU_DIR=$(realpath -m "${GPU_DIR:-.gpu}")
 STAGE_DIR=$(realpath -m "${STAGE_DIR:-.gpu-stage}")
 PY=${PY:-python3}
@@ -64,7 +65,7 @@ train)
     t0=$(date +%s)
     TARGET=${TARGET:-}
     if [ -z "$TARGET" ]; then
-        "$0" join
+        bash "$SELF" join
         TARGET=$STAGE_DIR/$GGUF_NAME
     fi
     if ls "$GPU_DIR"/whl/*.whl >/dev/null 2>&1; then
