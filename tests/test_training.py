@@ -533,6 +533,30 @@ def test_eval_command_reports_the_block_it_verifies(tmp_path, capsys):
                       "--block-size", "4", "--walk", "--out", str(out)]) == 0
     r = json.loads(out.read_text())["results"]["humaneval@T0"]
     assert r["walk_prompts"] == 2 and r["walk_steps_equal"] == 2 and 1.0 <= r["walk_tau"] <= 4.0
+    # --walk-data without decoding: the drafter and every snapshot on a holdout folder
+    from dflash_core.drafter import DFlashDrafter
+    from dflash_core.training.walk import walk_tau
+    held = tmp_path / "held"
+    recs = _write_shards(held, engine.target, n_records=3, shard_size=3)
+    man = json.loads((held / "manifest.json").read_text())
+    man["config"]["split"] = "holdout"
+    (held / "manifest.json").write_text(json.dumps(man))
+    snaps = tmp_path / "snaps"
+    for step in (5, 9):
+        engine.draft_backend.drafter.save(snaps / f"step_{step:06d}")
+        (snaps / f"step_{step:06d}" / "meta.json").write_text(json.dumps({"step": step, "tokens_seen": 10 * step}))
+    assert eval_main(["--target", "tiny-random", "--drafter", str(tmp_path / "d4"), "--datasets",
+                      "--walk-data", str(held), "--snapshots", str(snaps), "--block-size", "4", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    expect = walk_tau(engine.target, DFlashDrafter.load(tmp_path / "d4"), recs, block_size=4)["tau"]
+    assert list(summary["results"]) == ["walk:held@T0"]
+    assert summary["results"]["walk:held@T0"]["tau"] == pytest.approx(expect, abs=1e-4)
+    assert [(c["step"], c["tokens_seen"], c["method"]) for c in summary["snapshot_curve"]] == [
+        (5, 50, "walk"), (9, 90, "walk")]
+    assert summary["snapshot_curve"][0]["tau"] == pytest.approx(expect, abs=1e-4)
+    from dflash_core.clitools import CliError
+    with pytest.raises(CliError, match="nothing to evaluate"):   # the CLI prints it as one line
+        eval_main(["--target", "tiny-random", "--datasets"])
 
 
 def test_curve_sittings_add_up(tmp_path):

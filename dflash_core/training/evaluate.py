@@ -17,6 +17,9 @@ Contract
 - --walk (greedy cells): the same outputs replayed by training/walk.py from one prefill
   per prompt: `walk_tau` and `walk_steps_equal` (prompts whose every step but the last
   equals the engine's).
+- --walk-data DIR (a holdout-split data folder): greedy tau of the drafter, and of every
+  snapshot, on its records without decoding (training/walk.py; `--datasets` with no name
+  skips the decoded cells).
 - --plot PNG: tau vs training tokens (snapshots, and the teacher-forced tau of the run's
   log.jsonl) and per-position acceptance per dataset/temperature.
 - Output: one JSON object (also written to --out).
@@ -71,6 +74,24 @@ def evaluate(engine, prompts: list[list[int]], temperature: float, max_new_token
     if walk and temperature == 0:
         res.update(walk_check(engine, prompts, spec.results[:len(prompts)]))
     return res
+
+
+def walk_snapshot_curve(snap_dir: Path, target, records: list[dict], block_size: int, device: str,
+                        dtype=torch.float32) -> list[dict]:
+    """Greedy tau of every snapshot on held-out records, each replayed from one prefill
+    (walk.walk_tau: the engine's tau) instead of decoded: a curve point over 100 prompts
+    costs about what decoding 8 did."""
+    from ..drafter import DFlashDrafter
+    from .walk import walk_tau
+    rows = []
+    for s in sorted(p for p in snap_dir.glob("step_*") if (p / "model.safetensors").exists()):
+        meta = json.loads((s / "meta.json").read_text()) if (s / "meta.json").exists() else {}
+        d = DFlashDrafter.load(s, device=device, dtype=dtype)
+        w = walk_tau(target, d, records, block_size=min(block_size, d.config.block_size))
+        rows.append({"snapshot": s.name, "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
+                     "tau": round(w["tau"], 4), "method": "walk", "prompts": len(records)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    return rows
 
 
 def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], max_new_tokens: int,
@@ -153,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     from ..clitools import _Parser, add_runtime_args, default_device
     ap = _Parser(prog="dflash eval", description=__doc__.split("\n\n")[0])
     add_runtime_args(ap, drafter="default", device=default_device())
-    ap.add_argument("--datasets", nargs="+", default=["sharegpt", "humaneval"], choices=["sharegpt", "humaneval"])
+    ap.add_argument("--datasets", nargs="*", default=["sharegpt", "humaneval"], choices=["sharegpt", "humaneval"],
+                    help="decoded through the engine (none: only --walk-data)")
     ap.add_argument("--temperatures", nargs="+", type=float, default=[0.0, 1.0])
     ap.add_argument("--num-prompts", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
@@ -166,6 +188,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="greedy cells: also replay the engine's outputs with one prefill per prompt "
                          "(training/walk.py, what `dflash train --eval-data` logs) and count the prompts "
                          "whose steps it reproduces")
+    ap.add_argument("--walk-data", default=None,
+                    help="a holdout-split data folder (`dflash data --split holdout --sample-frac 0`): greedy tau "
+                         "of the drafter, and of every --snapshots snapshot, on its records, replayed from one "
+                         "prefill per record (training/walk.py) instead of decoded")
     ap.add_argument("--snapshots", default=None, help="a run's snapshots/ folder: tau vs training tokens")
     ap.add_argument("--snapshot-prompts", type=int, default=8)
     ap.add_argument("--prior-curve", default=None,
@@ -187,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError("dflash eval: --num-prompts, --max-new-tokens and --batch must be >= 1, --block-size >= 2")
     if any(not 0 <= t <= 2 for t in a.temperatures):
         raise CliError("dflash eval: --temperatures must be in [0, 2]")
+    if not a.datasets and not a.walk_data:
+        raise CliError("dflash eval: nothing to evaluate: name --datasets or give --walk-data")
     dtype = apply_runtime_args("dflash eval", a)
     from ..api import build_engine
     from ..engine import EngineConfig
@@ -202,8 +230,22 @@ def main(argv: list[str] | None = None) -> int:
                 results[key] = evaluate(engine, prompt_sets[ds], t, a.max_new_tokens, a.seed, not a.no_speedup,
                                         a.batch, walk=a.walk)
                 print(json.dumps({key: results[key]}), file=sys.stderr)
+        walk_recs = None
+        if a.walk_data:
+            from .train import ShardData
+            from .walk import walk_tau
+            ev = ShardData([a.walk_data], 1 << 30, holdout=True)
+            walk_recs = ev.records(ev.finished_shards())
+            w = walk_tau(engine.target, engine.draft_backend.drafter, walk_recs, block_size=engine.block_size(1))
+            key = f"walk:{Path(a.walk_data).name}@T0"
+            results[key] = {"temperature": 0.0, "num_prompts": len(walk_recs), "method": "walk",
+                            "tau": round(w["tau"], 4),
+                            "per_position_acceptance": [round(x, 4) for x in w["per_position_acceptance"]]}
+            print(json.dumps({key: results[key]}), file=sys.stderr)
         curve = []
-        if a.snapshots:
+        if a.snapshots and walk_recs is not None:
+            curve = walk_snapshot_curve(Path(a.snapshots), engine.target, walk_recs, a.block_size, a.device, dtype)
+        elif a.snapshots:
             sp = prompt_sets.get("sharegpt") or load_eval_prompts("sharegpt", tok, a.snapshot_prompts,
                                                                  a.max_prompt_tokens)
             curve = snapshot_curve(Path(a.snapshots), a.target, sp[:a.snapshot_prompts], a.max_new_tokens,
