@@ -95,3 +95,11 @@ def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):
     assert d.fc.weight.shape == shipped.fc.weight.shape
     assert not torch.equal(d.fc.weight, shipped.fc.weight)
     assert json.loads((out / "train_config.json").read_text())["seqs_per_step"] == 2
+
+
+def test_a_failed_training_says_so_and_exits_nonzero(prepared, tmp_path):
+    tmp, _ = prepared
+    r = _run("train", tmp, check=False, OUT=str(tmp_path / "out"), TARGET="default", DEVICE="no-such-device",
+             EVAL_DATA="", STAGE_DIR=str(tmp_path / "stage"))
+    assert r.returncode != 0 and "before its first checkpoint" in r.stderr and "no-such-device" in r.stderr
+    assert (tmp_path / "out" / "env.txt").exists() and not (tmp_path / "out" / "drafter").exists()

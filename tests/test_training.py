@@ -641,6 +641,14 @@ def test_heldout_tau_is_logged_from_a_holdout_folder_that_is_never_trained_on(tm
     assert meta["heldout_tau"] == top["heldout_tau"] and meta["step"] == top["step"]
     best = DFlashDrafter.load(tmp_path / "run" / "best")
     assert walk_tau(target, best, recs)["tau"] == pytest.approx(top["heldout_tau"], abs=1e-4)
+    # an evaluation that fails is logged and switched off; training goes on
+    tr2 = Trainer(_cfg(tmp_path, steps=4, log_every=100, out=str(tmp_path / "run-evfail")), target,
+                  eval_data=str(held), eval_every=2)
+    tr2.eval_records = [{}]          # a record without tokens: the walk raises
+    tr2.run()
+    rows2 = [json.loads(x) for x in (tmp_path / "run-evfail" / "log.jsonl").read_text().splitlines()]
+    assert "heldout_error" in rows2[0] and tr2.step == 4 and not (tmp_path / "run-evfail" / "best").exists()
+    assert all("heldout_tau" not in r and "heldout_error" not in r for r in rows2[1:])
     from dflash_core.training.evaluate import write_plot   # the plot reads such a log
     write_plot(tmp_path / "p.png", {}, [], tmp_path / "run" / "log.jsonl")
     assert (tmp_path / "p.png").stat().st_size > 0

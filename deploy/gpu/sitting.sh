@@ -92,7 +92,13 @@ train)
         --warmup-steps "${WARMUP:-100}" --seed "${SEED:-12}" --steps 1000000 \
         --time-budget-s "${BUDGET:-420}" --snapshot-every 1000000 --ckpt-every-s 60 --log-every 10 \
         ${EVAL_DATA:+--eval-data "$EVAL_DATA" --eval-every "${EVAL_EVERY:-200}"} \
-        --no-progress | tee -a "$OUT/env.txt"
+        --no-progress | tee -a "$OUT/env.txt" && status=0 || status=$?
+    # whatever happened, hand back what the run has: its log, and its drafter if it saved one
+    cp "$run/log.jsonl" "$run/train_config.json" "$OUT/" 2>/dev/null || true
+    if [ ! -f "$run/latest/model.safetensors" ] && [ ! -f "$run/best/meta.json" ]; then
+        echo "sitting.sh: training failed (exit $status) before its first checkpoint" >&2
+        exit "${status:-1}"
+    fi
     # the drafter in bf16 (as shipped; fp32 would pass the 16 MiB a returned file may
     # have) with a snapshot's meta.json, so that the folder is also a point of the curve
     # (`dflash eval --snapshots`: put it under <run>/snapshots/step_NNNNNN/). With held-out
@@ -112,9 +118,9 @@ else:
 (dst / 'meta.json').write_text(json.dumps({**meta, 'from': src.name}))
 print('returned drafter:', json.dumps(meta))
 " "$run" "$OUT/drafter" | tee -a "$OUT/env.txt"
-    cp "$run/log.jsonl" "$run/train_config.json" "$OUT/"
     echo "wall_s $(( $(date +%s) - t0 ))" >> "$OUT/env.txt"
     ls -la "$OUT" "$OUT/drafter"
+    exit "$status"
     ;;
 check)
     # the GPU-only paths, when device time is left after training: the Triton kernels'

@@ -449,6 +449,12 @@ class Trainer:
         self.drafter.eval()
         try:
             r = walk_tau(self.target, self.drafter, self.eval_records)
+        except Exception as e:   # evaluation must not cost the run (a lent GPU's minutes)
+            msg = f"{type(e).__name__}: {e}"[:300]
+            print(f"dflash train: held-out evaluation failed, training goes on without it: {msg}",
+                  file=sys.stderr, flush=True)
+            self.eval_records = None
+            return {"heldout_error": msg}
         finally:
             self.drafter.train()
         return {"heldout_tau": round(r["tau"], 4), "heldout_acc_k": [round(x, 4) for x in r["per_position_acceptance"]],
@@ -458,6 +464,8 @@ class Trainer:
         """`best/`: the drafter at its highest held-out tau so far in this run (with a
         snapshot's meta.json + heldout_tau), so that a run that trains past its best (many
         epochs over the same records) still hands back the best one it had."""
+        if "heldout_tau" not in row:
+            return
         best = self.out / "best"
         meta = best / "meta.json"
         if meta.exists() and json.loads(meta.read_text())["heldout_tau"] >= row["heldout_tau"]:
