@@ -110,11 +110,7 @@ from dflash_core.drafter import DFlashDrafter
 run, dst = Path(sys.argv[1]), Path(sys.argv[2])
 src = run / 'best' if (run / 'best' / 'meta.json').exists() else run / 'latest'
 DFlashDrafter.load(src).save(dst, dtype=torch.bfloat16)
-if src.name == 'best':
-    meta = json.loads((src / 'meta.json').read_text())
-else:
-    st = torch.load(src / 'trainer_state.pt', weights_only=False, map_location='cpu')
-    meta = {k: st[k] for k in ('step', 'tokens_seen', 'pred_tokens')}
+meta = json.loads((src / 'meta.json').read_text())   # both folders carry one (Trainer._save_drafter)
 (dst / 'meta.json').write_text(json.dumps({**meta, 'from': src.name}))
 print('returned drafter:', json.dumps(meta))
 " "$run" "$OUT/drafter" | tee -a "$OUT/env.txt"

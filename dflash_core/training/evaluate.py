@@ -232,10 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps({key: results[key]}), file=sys.stderr)
         walk_recs = None
         if a.walk_data:
-            from .train import ShardData
+            from .train import ShardData, TrainConfig
             from .walk import walk_tau
-            ev = ShardData([a.walk_data], 1 << 30, holdout=True)
-            walk_recs = ev.records(ev.finished_shards())
+            walk_recs = ShardData.holdout_records(a.walk_data, TrainConfig.max_seq_len)
             w = walk_tau(engine.target, engine.draft_backend.drafter, walk_recs, block_size=engine.block_size(1))
             key = f"walk:{Path(a.walk_data).name}@T0"
             results[key] = {"temperature": 0.0, "num_prompts": len(walk_recs), "method": "walk",

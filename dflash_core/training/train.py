@@ -133,6 +133,15 @@ class ShardData:
                     "evaluation data (--eval-data) must be the holdout split" if holdout
                     else "the holdout split is never trained on (pass it as --eval-data)"))
 
+    @classmethod
+    def holdout_records(cls, folder: str, max_seq_len: int) -> list[dict]:
+        """Every usable record of a holdout-split folder (evaluation data)."""
+        ev = cls([folder], max_seq_len, holdout=True)
+        recs = ev.records(ev.finished_shards())
+        if not recs:
+            raise ValueError(f"{folder} holds no usable records")
+        return recs
+
     def capture_layers(self) -> list[int] | None:
         """The target layers stored with the records (None: no stored features)."""
         layers = set()
@@ -266,10 +275,7 @@ class Trainer:
             raise ValueError("--eval-every must be >= 0")
         self.eval_records = None
         if eval_data:
-            ev = ShardData([eval_data], cfg.max_seq_len, holdout=True)
-            self.eval_records = ev.records(ev.finished_shards())
-            if not self.eval_records:
-                raise ValueError(f"--eval-data {eval_data} holds no usable records")
+            self.eval_records = ShardData.holdout_records(eval_data, cfg.max_seq_len)
         stored = self.data.capture_layers()
         layer_ids = stored if stored and len(stored) == cfg.num_features else None
         self.drafter = DFlashDrafter.from_target(
@@ -404,10 +410,17 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
         }
 
+    def _save_drafter(self, folder: Path, dtype=None, **extra) -> None:
+        """The drafter in the public format + a snapshot's meta.json (step, tokens seen,
+        and `extra`), so any saved folder is also a point of the curve."""
+        self.drafter.save(folder, dtype=dtype)
+        (folder / "meta.json").write_text(json.dumps({"step": self.step, "tokens_seen": self.tokens_seen,
+                                                     "pred_tokens": self.pred_tokens, **extra}))
+
     def save(self) -> None:
         tmp, latest, old = self.out / "latest.tmp", self.out / "latest", self.out / "latest.old"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.drafter.save(tmp)
+        self._save_drafter(tmp)
         torch.save(self.state(), tmp / "trainer_state.pt")
         shutil.rmtree(old, ignore_errors=True)
         if latest.exists():
@@ -416,10 +429,7 @@ class Trainer:
         shutil.rmtree(old, ignore_errors=True)
 
     def snapshot(self) -> None:
-        d = self.out / "snapshots" / f"step_{self.step:06d}"
-        self.drafter.save(d, dtype=torch.float16)
-        (d / "meta.json").write_text(json.dumps({"step": self.step, "tokens_seen": self.tokens_seen,
-                                                 "pred_tokens": self.pred_tokens}))
+        self._save_drafter(self.out / "snapshots" / f"step_{self.step:06d}", dtype=torch.float16)
 
     def try_resume(self) -> bool:
         from safetensors.torch import load_file
@@ -472,10 +482,7 @@ class Trainer:
             return
         tmp = self.out / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        self.drafter.save(tmp)
-        (tmp / "meta.json").write_text(json.dumps({"step": self.step, "tokens_seen": self.tokens_seen,
-                                                   "pred_tokens": self.pred_tokens,
-                                                   "heldout_tau": row["heldout_tau"]}))
+        self._save_drafter(tmp, heldout_tau=row["heldout_tau"])
         shutil.rmtree(best, ignore_errors=True)
         tmp.rename(best)
 
