@@ -61,6 +61,9 @@ def _parser():
                          "torch.mm, alternating forward by forward")
     ap.add_argument("--native-ab", action="store_true",
                     help="also measure everything with the native fp32 linears replaced by torch's (mm / oneDNN packed)")
+    ap.add_argument("--layers-ab", action="store_true",
+                    help="also measure everything with the native decoder layers off (torch's ops around the same "
+                         "native linears)")
     ap.add_argument("--verify-reps", type=_positive_int, default=7,
                     help="--verify-cost: forwards timed per token count (the first is dropped)")
     ap.add_argument("--repeats", type=_positive_int, default=1)
@@ -129,6 +132,18 @@ def native_swaps(engine) -> list[tuple]:
         wb = getattr(fn, "native", None)
         return False if wb is None else prepack_linear(*wb, native=False)
     return _linear_swaps(engine, fallback)
+
+
+@contextlib.contextmanager
+def layers_off(engine):
+    """Within: the target's decoder layers run as torch ops (around the same native
+    linears) instead of one native call per layer."""
+    nl = engine.target._native_layers
+    was, nl.enabled = nl.enabled, False
+    try:
+        yield 1
+    finally:
+        nl.enabled = was
 
 
 def small_mm_swaps(engine) -> list[tuple]:
@@ -335,6 +350,11 @@ def main(argv=None) -> int:
                        + (native.reason() or "they take fp32 on a CPU") + ")")
     if args.native_ab:
         off_modes.append(("native_off", "native linears off", lambda: _swapped(nswaps)))
+    if args.layers_ab:
+        if engine.target._native_layers is None:
+            raise CliError("dflash bench: --layers-ab: this engine has no native decoder layers ("
+                           + (native.reason() or "they take fp32 on a CPU, every linear native") + ")")
+        off_modes.append(("layers_off", "native layers off", lambda: layers_off(engine)))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
     for b in block_sizes:
         engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
@@ -372,6 +392,17 @@ def main(argv=None) -> int:
                 name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()},
                        "verify_relative_to_1": {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}}
                 for name, vc in ab.items()}}
+        if args.layers_ab:
+            ab = verify_cost(engine.target, reps=max(2, args.verify_reps),
+                             variants={"native layers": contextlib.nullcontext, "torch layers": lambda: layers_off(engine)})
+            for name, vc in ab.items():
+                print(f"{name}: verify forward cost (ctx {vc['ctx_len']}, alternating): " +
+                      ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
+                      file=out)
+            summary["layers_ab"] = {
+                name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()},
+                       "verify_relative_to_1": {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}}
+                for name, vc in ab.items()}
         if args.mm_ab:
             swaps = small_mm_swaps(engine)   # the packed versions built once, swapped in per forward
             n_mm = len(swaps)

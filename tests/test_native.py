@@ -143,6 +143,7 @@ def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit():
     target = _quantised_tiny_target()
     assert target.layers[0].mlp._gate_up_fn.native_format == "q4_1"
     assert target.layers[0].self_attn._qkv_fn.native_format == "q4_1"
+    assert target._native_layers is not None and target._native_layers.current()   # whole layers native too
     prompts = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023)), [40, 41] * 9]
 
     def engine(block_size, drafter=True):
@@ -163,3 +164,96 @@ def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit():
         out = engine(b).generate(prompts, p)
         assert [o.token_ids for o in out] == ref, b
         assert sum(o.stats.num_draft_tokens for o in out) > 0
+
+
+def _variant_target(**cfg):
+    """A small random target of the given config (Qwen2 biases, Qwen3 q/k norms, GQA),
+    linears on a Q4_1 grid, norms not 1, packed for inference."""
+    from dflash_core.models.config import ModelConfig
+    from dflash_core.models.decoder import Decoder
+    c = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
+                    num_kv_heads=2, head_dim=16, **cfg)
+    t = Decoder(c)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(t.named_parameters()):
+            if p.dim() == 2 and "embed" not in name:
+                p.copy_(q4_1_weight(*p.shape, seed=i) * 4)
+            elif name.endswith("norm.weight"):
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.1))
+    return t.eval().pack_weights()
+
+
+@pytest.mark.parametrize("cfg", [{}, {"attention_bias": True}, {"qk_norm": True, "family": "qwen3"}])
+def test_native_layers_match_the_torch_layers(cfg):
+    """Whole layers in one native call compute what the torch layers compute (fp32, to
+    summation order): hidden states, captured features and the K/V left in the cache,
+    for a prefill and then a 3-token block on two rows at different positions."""
+    t = _variant_target(**cfg)
+    nl = t._native_layers
+    assert nl is not None and nl.current()
+    V = t.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, V, (2, 11), generator=g)
+    block = torch.randint(0, V, (2, 3), generator=g)
+    runs = {}
+    for on in (True, False):
+        nl.enabled = on
+        cache = t.new_cache(3, 40)
+        slots = torch.tensor([2, 0])
+        h0, f0 = t(prompt, cache, slots, torch.tensor([0, 0]), [0, 2])
+        h1, f1 = t(block, cache, slots, torch.tensor([11, 7]), [0, 2])   # row 1 rewinds to 7
+        runs[on] = (h0, f0, h1, f1, cache.k[1][[2, 0], :, :14].clone(), cache.v[2][[2, 0], :, :10].clone())
+    nl.enabled = True
+    for a, b in zip(runs[True], runs[False]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(runs[True][2], runs[False][2])   # (really another summation order)
+
+
+def test_native_layers_are_row_invariant_and_step_like_the_engine():
+    """A token's numbers are the same bits whether it comes alone, in a verify block of
+    any size or beside other rows; swapping a linear (benchmarks) sends forwards back to
+    the torch path, as do forwards of more than max_rows rows."""
+    t = _variant_target(qk_norm=True, family="qwen3")
+    nl = t._native_layers
+    V = t.config.vocab_size
+    g = torch.Generator().manual_seed(2)
+    prompts = torch.randint(0, V, (3, 9), generator=g)
+    new = torch.randint(0, V, (3, 5), generator=g)
+
+    def prefilled():
+        cache = t.new_cache(3, 32)
+        t(prompts, cache, torch.tensor([0, 1, 2]), torch.tensor([0, 0, 0]))
+        return cache
+    cache = prefilled()
+    steps = torch.cat([t(new[:, i:i + 1], cache, torch.tensor([0, 1, 2]), torch.full((3,), 9 + i))[0]
+                       for i in range(5)], 1)                                          # one token at a time
+    for T in (2, 5):
+        cache = prefilled()
+        blocks = [t(new[:, a:a + T], cache, torch.tensor([0, 1, 2]), torch.full((3,), 9 + a))[0]
+                  for a in range(0, 5, T)]
+        assert torch.equal(torch.cat(blocks, 1), steps), T
+    cache = prefilled()
+    alone = t(new[1:2], cache, torch.tensor([1]), torch.tensor([9]))[0]                # one row of three
+    assert torch.equal(alone, steps[1:2])
+
+    a = t.layers[1].self_attn
+    fn = a._o_fn
+    a._o_fn = lambda x: F.linear(x, a.o_proj.weight)
+    try:
+        assert not nl.current()
+        cache = prefilled()
+        swapped = t(new, cache, torch.tensor([0, 1, 2]), torch.full((3,), 9))[0]
+        torch.testing.assert_close(swapped, steps, rtol=1e-4, atol=1e-4)
+    finally:
+        a._o_fn = fn
+    assert nl.current()
+    nl.max_rows = 8            # 3 rows x 5 tokens: past it, the torch path
+    try:
+        cache = prefilled()
+        torch.testing.assert_close(t(new, cache, torch.tensor([0, 1, 2]), torch.full((3,), 9))[0], steps,
+                                   rtol=1e-4, atol=1e-4)
+    finally:
+        del nl.max_rows

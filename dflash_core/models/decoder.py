@@ -161,6 +161,7 @@ class Decoder(nn.Module):
         return F.linear(hidden, w).float()
 
     _head_fn = None  # prepacked LM head (CPU) after pack_weights()
+    _native_layers = None  # dflash_core.native.NativeLayers after pack_weights() where every linear is native
 
     @torch.no_grad()
     def forward(
@@ -183,16 +184,22 @@ class Decoder(nn.Module):
             raise ValueError("sequence exceeds the KV cache capacity")
         x = self.embed_tokens(input_ids.to(dev))
         cos, sin = self.rotary(positions, x.dtype)
-        plan = None if kernels.uses_triton(x) else CacheAttentionPlan(
-            slots, cache_lens, T, self.config.num_heads // self.config.num_kv_heads)
         if features_only and not capture_layers:
             raise ValueError("features_only needs capture_layers")
         want = {lid: None for lid in capture_layers}
         last = max(capture_layers) if features_only else len(self.layers) - 1
-        for i, layer in enumerate(self.layers[:last + 1]):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, cache_lens, positions, plan)
-            if i in want:
-                want[i] = x
+        nl = self._native_layers
+        if (nl is not None and R * T <= nl.max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
+                and nl.current()):   # every layer in one native call (dflash_core.native.NativeLayers)
+            x = x.contiguous()
+            want.update(nl.forward(x, slots, cache_lens, cos, sin, cache, last, want))
+        else:
+            plan = None if kernels.uses_triton(x) else CacheAttentionPlan(
+                slots, cache_lens, T, self.config.num_heads // self.config.num_kv_heads)
+            for i, layer in enumerate(self.layers[:last + 1]):
+                x = layer(x, cos, sin, cache.k[i], cache.v[i], slots, cache_lens, positions, plan)
+                if i in want:
+                    want[i] = x
         feats = torch.cat([want[l] for l in capture_layers], dim=-1) if capture_layers else None
         return (None if features_only else self.norm(x)), feats
 
@@ -204,6 +211,8 @@ class Decoder(nn.Module):
             layer.mlp.pack()
         from .layers import prepack_linear
         self._head_fn = prepack_linear(self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
+        from .. import native
+        self._native_layers = native.NativeLayers.of(self.layers) if self.dtype == torch.float32 else None
         return self
 
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> None:

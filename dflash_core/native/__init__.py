@@ -37,6 +37,7 @@ import torch
 from ..runtime import cache_root
 
 SOURCE = Path(__file__).with_name("dflash_linear.c")
+LAYER_SOURCE = Path(__file__).with_name("dflash_layer.c")   # whole decoder layers (see NativeLayers)
 FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2}
 MAX_K = 16384
 # Inputs of more rows than this (a long prompt's prefill chunk, a prompt-logprobs pass)
@@ -50,6 +51,7 @@ MAX_K = 16384
 MAX_ROWS = 192
 
 _LIB = None
+_LAYER = None   # (dfl_layer, dfl_layer_work) once the library is loaded
 _REASON: str | None = None
 _ENABLED = os.environ.get("DFLASH_NATIVE", "1") != "0"
 
@@ -66,7 +68,7 @@ def enabled() -> bool:
 
 
 def _build() -> Path:
-    src = SOURCE.read_bytes()
+    src = SOURCE.read_bytes() + LAYER_SOURCE.read_bytes()
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         raise RuntimeError("no C compiler (cc / gcc) on PATH")
@@ -78,7 +80,8 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+    res = subprocess.run([cc, *flags, str(SOURCE), str(LAYER_SOURCE), "-o", tmp, "-lm"], capture_output=True,
+                         text=True)
     if res.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"compiling {SOURCE.name} failed: {res.stderr.strip()[:400]}")
@@ -101,6 +104,15 @@ def _load():
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         fn.restype = ctypes.c_int
+        layer = lib.dfl_layer
+        layer.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
+            + [ctypes.c_void_p, ctypes.c_int]
+        layer.restype = ctypes.c_int
+        work = lib.dfl_layer_work
+        work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+        work.restype = ctypes.c_long
+        global _LAYER
+        _LAYER = (layer, work)
         _LIB = fn
     except (OSError, RuntimeError) as e:
         _REASON = f"could not build the native kernel: {e}"
@@ -276,3 +288,122 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
     linear.weight_bytes = data.numel() * data.element_size()
     linear._keep = data         # the codes live as long as the linear
     return linear
+
+
+# ---- whole decoder layers -----------------------------------------------------------------
+
+class _LayerParams(ctypes.Structure):
+    """dfl_layer_t of dflash_layer.c, field for field."""
+    _fields_ = [("hidden", ctypes.c_long), ("inter", ctypes.c_long), ("heads", ctypes.c_int),
+                ("kv_heads", ctypes.c_int), ("head_dim", ctypes.c_int), ("eps", ctypes.c_float),
+                ("scale", ctypes.c_float), ("in_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p),
+                ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("qkv_fmt", ctypes.c_int),
+                ("o_fmt", ctypes.c_int), ("gu_fmt", ctypes.c_int), ("down_fmt", ctypes.c_int),
+                ("qkv_w", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("gu_w", ctypes.c_void_p),
+                ("down_w", ctypes.c_void_p), ("qkv_b", ctypes.c_void_p), ("o_b", ctypes.c_void_p)]
+
+
+def _native_parts(fn):
+    """(format code, codes tensor) of a native linear, or None for anything else."""
+    if fn is None or not hasattr(fn, "native_format") or not hasattr(fn, "_keep"):
+        return None
+    return FORMATS[fn.native_format], fn._keep
+
+
+def _f32_ptr(t) -> int | None:
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("not a contiguous fp32 CPU tensor")
+    return t.data_ptr()
+
+
+class NativeLayers:
+    """A decoder's layers, each run in one native call (dflash_layer.c): norms, the packed
+    q/k/v, o, gate/up and down linears (the same native linears the torch path calls),
+    q/k norms, RoPE, the K/V write and attention over each row's cache, SiLU and the
+    residuals. On a small model in fp32 on a CPU the ~40 torch ops of a layer cost about
+    as much as its matmuls; here a layer is one call. Every op runs in a fixed order per
+    token, so a token's numbers do not depend on how many rows or tokens share the
+    forward: greedy speculative decoding still equals the engine's own decoding bit for
+    bit (tests/test_native.py).
+
+    Built by `of(layers)` from packed layers (None where any linear is not native or a
+    shape is unsupported). It reads the layers' current linears: `current()` is False
+    once any was swapped (benchmarks' A/B), and the decoder then runs its torch path."""
+
+    max_rows = MAX_ROWS   # forwards of more rows (R x T) take the torch path
+
+    def __init__(self, layers, params, owners):
+        self._layers, self._params, self._owners = layers, params, owners
+        self._ptrs = [ctypes.addressof(p) for p in params]
+        self.enabled = True   # settable: benchmarks compare with the torch path in one process
+
+    @classmethod
+    def of(cls, layers) -> "NativeLayers | None":
+        if not _ENABLED or _load() is None or _LAYER is None or not len(layers):
+            return None
+        params, owners = [], []
+        try:
+            for layer in layers:
+                a, mlp = layer.self_attn, layer.mlp
+                fns = (a._qkv_fn, a._o_fn, mlp._gate_up_fn, mlp._down_fn)
+                parts = [_native_parts(f) for f in fns]
+                if any(p is None for p in parts):
+                    return None
+                eps = {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
+                if a.q_norm is not None:
+                    eps |= {a.q_norm.eps, a.k_norm.eps}
+                if len(eps) != 1 or a.head_dim % 8 or a.head_dim > 128 or a.heads % a.kv_heads:
+                    return None
+                hidden = layer.input_layernorm.weight.shape[0]
+                if hidden % 8 or fns[2].out_features % 2:
+                    return None
+                p = _LayerParams(
+                    hidden=hidden, inter=fns[2].out_features // 2, heads=a.heads, kv_heads=a.kv_heads,
+                    head_dim=a.head_dim, eps=eps.pop(), scale=a.scale,
+                    in_norm=_f32_ptr(layer.input_layernorm.weight.data),
+                    post_norm=_f32_ptr(layer.post_attention_layernorm.weight.data),
+                    q_norm=_f32_ptr(a.q_norm.weight.data) if a.q_norm is not None else None,
+                    k_norm=_f32_ptr(a.k_norm.weight.data) if a.k_norm is not None else None,
+                    qkv_fmt=parts[0][0], o_fmt=parts[1][0], gu_fmt=parts[2][0], down_fmt=parts[3][0],
+                    qkv_w=parts[0][1].data_ptr(), o_w=parts[1][1].data_ptr(), gu_w=parts[2][1].data_ptr(),
+                    down_w=parts[3][1].data_ptr(), qkv_b=_f32_ptr(a._qkv_b),
+                    o_b=_f32_ptr(a.o_proj.bias.data) if a.o_proj.bias is not None else None)
+                params.append(p)
+                owners.append((a, mlp, fns))
+        except ValueError:
+            return None
+        return cls(list(layers), params, owners)
+
+    def current(self) -> bool:
+        """On, and every layer still has the linears this was built from."""
+        return self.enabled and _ENABLED and all(
+            a._qkv_fn is f[0] and a._o_fn is f[1] and m._gate_up_fn is f[2] and m._down_fn is f[3]
+            for a, m, f in self._owners)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, cache, last: int, capture) -> dict:
+        """x [R, T, hidden] fp32 (updated in place through layer `last`), slots / starts [R]
+        int64, cos / sin [R, T, D]; layer i's K/V go to cache.k[i] / cache.v[i]
+        [S, Hkv, cap, D] -> {layer id in capture: a copy of x after that layer}."""
+        layer_fn, work_fn = _LAYER
+        R, T, _ = x.shape
+        slots = slots.to("cpu", torch.int64).contiguous()
+        starts = starts.to("cpu", torch.int64).contiguous()
+        cos, sin = cos.float().contiguous(), sin.float().contiguous()
+        threads = torch.get_num_threads()
+        S, _, cap, _ = cache.k[0].shape
+        work = torch.empty(work_fn(self._ptrs[0], R * T, cap, threads))
+        out = {}
+        for i in range(last + 1):
+            k, v = cache.k[i], cache.v[i]
+            if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
+                raise ValueError("the native layers need a contiguous fp32 KV cache")
+            rc = layer_fn(self._ptrs[i], x.data_ptr(), R, T, slots.data_ptr(), starts.data_ptr(), cos.data_ptr(),
+                          sin.data_ptr(), k.data_ptr(), v.data_ptr(), S, cap, work.data_ptr(), threads)
+            if rc != 0:
+                raise RuntimeError(f"native decoder layer {i} failed (code {rc})")
+            if i in capture:
+                out[i] = x.clone()
+        return out

@@ -1,0 +1,167 @@
+/* One decoder layer of a Llama / Qwen-style target in fp32, every op in one call:
+ *
+ *   h = rms_norm(x) ; q, k, v = h @ Wqkv (+ b) ; [q_norm, k_norm] ; RoPE(q, k)
+ *   cache[slot, g, pos] = k, v ; o = softmax(q k^T * scale) v over keys 0 .. pos
+ *   x += o @ Wo (+ b) ; h = rms_norm(x) ; x += (silu(h Wg) * (h Wu)) @ Wd
+ *
+ * for M = R x T rows (R sequences of T new tokens each; row r's tokens sit at positions
+ * starts[r] .. starts[r] + T - 1 of its cache slot). The linears are dfl_linear (the
+ * model's own Q4_1 / Q8_0 / fp32 weights, dflash_linear.c); everything else here runs
+ * in a fixed order per token, so the layer is row-invariant like the linears: a token
+ * gets the same bits in a one-token step, a verify block or a batch of rows. In torch
+ * the same layer is ~40 ops, each dispatched on its own; on a small model that dispatch
+ * cost about as much as the matmuls.
+ *
+ * The cache is [S, Hkv, cap, D] fp32 per layer. D must be a multiple of 8. */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <omp.h>
+
+int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads);
+
+typedef struct {
+    long hidden, inter;
+    int heads, kv_heads, head_dim;
+    float eps, scale;
+    const float *in_norm, *post_norm;   /* [hidden] */
+    const float *q_norm, *k_norm;       /* [head_dim], or NULL (no q/k norm) */
+    int qkv_fmt, o_fmt, gu_fmt, down_fmt;
+    const void *qkv_w, *o_w, *gu_w, *down_w;
+    const float *qkv_b, *o_b;           /* or NULL */
+} dfl_layer_t;
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    return _mm_cvtss_f32(s);
+}
+
+/* y[0..n) = x * (1 / sqrt(mean(x^2) + eps)) * w ; n % 8 == 0 */
+static void rms_norm(const float *x, const float *w, long n, float eps, float *y) {
+    __m256 acc = _mm256_setzero_ps();
+    for (long i = 0; i < n; i += 8) {
+        __m256 v = _mm256_loadu_ps(x + i);
+        acc = _mm256_fmadd_ps(v, v, acc);
+    }
+    const float r = 1.0f / sqrtf(hsum8(acc) / (float)n + eps);
+    const __m256 vr = _mm256_set1_ps(r);
+    for (long i = 0; i < n; i += 8)
+        _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(x + i), vr), _mm256_loadu_ps(w + i)));
+}
+
+/* rotate_half RoPE in place on one head: v[i] = v[i] cos[i] - v[i + D/2] sin[i],
+ * v[i + D/2] = v[i + D/2] cos[i + D/2] + v[i] sin[i + D/2] */
+static void rope(float *v, const float *cs, const float *sn, int D) {
+    const int h = D / 2;
+    for (int i = 0; i < h; i++) {
+        const float a = v[i], b = v[i + h];
+        v[i] = a * cs[i] - b * sn[i];
+        v[i + h] = b * cs[i + h] + a * sn[i + h];
+    }
+}
+
+static inline float dot(const float *a, const float *b, int D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
+    return hsum8(acc);
+}
+
+/* one query head over keys 0 .. n-1 of its kv head: out[D] (scores: n floats of work) */
+static void attend_one(const float *q, const float *kb, const float *vb, long n, int D, float scale,
+                       float *scores, float *out) {
+    float mx = -INFINITY;
+    for (long j = 0; j < n; j++) {
+        const float s = dot(q, kb + j * D, D) * scale;
+        scores[j] = s;
+        if (s > mx) mx = s;
+    }
+    float sum = 0.0f;
+    for (long j = 0; j < n; j++) {
+        const float e = expf(scores[j] - mx);
+        scores[j] = e;
+        sum += e;
+    }
+    const float inv = 1.0f / sum;
+    __m256 acc[16];   /* D <= 128 */
+    const int C = D / 8;
+    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+    for (long j = 0; j < n; j++) {
+        const __m256 p = _mm256_set1_ps(scores[j] * inv);
+        const float *v = vb + j * D;
+        for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + c * 8), acc[c]);
+    }
+    for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * 8, acc[c]);
+}
+
+/* floats of work dfl_layer needs for M rows, a cache of cap positions and nthreads */
+long dfl_layer_work(const dfl_layer_t *P, long M, long cap, int nthreads) {
+    const long D = P->head_dim, nqkv = (P->heads + 2L * P->kv_heads) * D;
+    return M * (P->hidden + nqkv + P->heads * D + 3 * P->inter) + (long)(nthreads < 1 ? 1 : nthreads) * cap;
+}
+
+/* returns 0; -1 unsupported shape; -3 a position outside the cache; else dfl_linear's code */
+int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slots, const int64_t *starts,
+              const float *cos, const float *sin, float *kc, float *vc, long S, long cap,
+              float *work, int nthreads) {
+    const long M = R * T, Hd = P->hidden, I = P->inter;
+    const int H = P->heads, Hkv = P->kv_heads, D = P->head_dim;
+    if (D % 8 || D > 128 || Hd % 8 || Hkv <= 0 || H % Hkv) return -1;
+    if (nthreads < 1) nthreads = 1;
+    const int rep = H / Hkv;
+    const long nqkv = (H + 2L * Hkv) * D;
+    for (long r = 0; r < R; r++)
+        if (slots[r] < 0 || slots[r] >= S || starts[r] < 0 || starts[r] + T > cap) return -3;
+    float *h = work, *qkv = h + M * Hd, *att = qkv + M * nqkv, *gu = att + M * H * D, *act = gu + M * 2 * I;
+    float *scores = act + M * I;
+    int rc;
+
+    for (long m = 0; m < M; m++) rms_norm(x + m * Hd, P->in_norm, Hd, P->eps, h + m * Hd);
+    if ((rc = dfl_linear(P->qkv_fmt, h, M, Hd, nqkv, P->qkv_w, qkv, nthreads))) return rc;
+    for (long m = 0; m < M; m++) {
+        float *row = qkv + m * nqkv;
+        if (P->qkv_b)
+            for (long i = 0; i < nqkv; i++) row[i] += P->qkv_b[i];
+        const long r = m / T, t = m % T, pos = starts[r] + t;
+        const float *cs = cos + m * D, *sn = sin + m * D;
+        for (int hh = 0; hh < H + Hkv; hh++) {
+            float *v = row + hh * D;
+            if (P->q_norm) rms_norm(v, hh < H ? P->q_norm : P->k_norm, D, P->eps, v);
+            rope(v, cs, sn, D);
+        }
+        for (int g = 0; g < Hkv; g++) {
+            const long off = ((slots[r] * Hkv + g) * cap + pos) * D;
+            const float *k = row + (H + g) * D, *v = row + (H + Hkv + g) * D;
+            for (int d = 0; d < D; d++) { kc[off + d] = k[d]; vc[off + d] = v[d]; }
+        }
+    }
+    const long tasks = M * H;
+    const int nt = tasks < nthreads ? (int)tasks : nthreads;
+#pragma omp parallel num_threads(nt)
+    {
+        const int tid = omp_get_thread_num(), n_t = omp_get_num_threads();
+        float *sc = scores + (long)tid * cap;
+        for (long task = tasks * tid / n_t; task < tasks * (tid + 1) / n_t; task++) {
+            const long m = task / H, r = m / T, t = m % T;
+            const int hh = (int)(task % H), g = hh / rep;
+            const long base = (slots[r] * Hkv + g) * cap * D;
+            attend_one(qkv + m * nqkv + hh * D, kc + base, vc + base, starts[r] + t + 1, D, P->scale, sc,
+                       att + m * H * D + hh * D);
+        }
+    }
+    if ((rc = dfl_linear(P->o_fmt, att, M, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;
+    for (long m = 0; m < M; m++)
+        for (long i = 0; i < Hd; i++) x[m * Hd + i] += P->o_b ? h[m * Hd + i] + P->o_b[i] : h[m * Hd + i];
+    for (long m = 0; m < M; m++) rms_norm(x + m * Hd, P->post_norm, Hd, P->eps, h + m * Hd);
+    if ((rc = dfl_linear(P->gu_fmt, h, M, Hd, 2 * I, P->gu_w, gu, nthreads))) return rc;
+    for (long m = 0; m < M; m++) {
+        const float *g = gu + m * 2 * I, *u = g + I;
+        float *a = act + m * I;
+        for (long i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+    if ((rc = dfl_linear(P->down_fmt, act, M, I, Hd, P->down_w, h, nthreads))) return rc;
+    for (long m = 0; m < M * Hd; m++) x[m] += h[m];
+    return 0;
+}
