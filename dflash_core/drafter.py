@@ -194,10 +194,22 @@ class DFlashDrafter(nn.Module):
     def pack_weights(self) -> "DFlashDrafter":
         """Inference: packed q/k/v and gate/up weights, prepacked oneDNN linears on bf16
         CPUs (see models/layers.py). Call after moving to the device and dtype."""
+        from . import native
+        from .models.layers import prepack_linear
         for layer in self.layers:
             layer.self_attn.pack()
             layer.mlp.pack()
+        self._native_layers = native.NativeLayers.of(self.layers) if self.fc.weight.dtype == torch.float32 else None
+        self._fc_fn = prepack_linear(self.fc.weight)
+        fns = [prepack_linear(a._qkv_w[a.heads * a.head_dim:]) if a._qkv_b is None else None
+               for a in (layer.self_attn for layer in self.layers)]
+        self._ctx_kv_fns = fns if all(f is not None for f in fns) else None
         return self
+
+    # after pack_weights() (inference; each None where not available):
+    _native_layers = None   # dflash_core.native.NativeLayers where every linear is native
+    _fc_fn = None           # prepacked fc
+    _ctx_kv_fns = None      # per layer, the prepacked [k_proj; v_proj] of the context
 
     def check_target(self, target_cfg: ModelConfig) -> None:
         c = self.config
@@ -215,7 +227,10 @@ class DFlashDrafter(nn.Module):
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """[.., K*hidden] -> [.., hidden]: hidden_norm(fc(concat of target layer outputs))."""
-        return self.hidden_norm(self.fc(features.to(self.fc.weight.dtype)))
+        x = features.to(self.fc.weight.dtype)
+        if self._fc_fn is not None and not torch.is_grad_enabled():
+            return self.hidden_norm(self._fc_fn(x))
+        return self.hidden_norm(self.fc(x))
 
     @torch.no_grad()
     def append_context(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
@@ -240,6 +255,9 @@ class DFlashDrafter(nn.Module):
         context keys and values before k_norm and RoPE (what `write_context` stores)."""
         fused = self.fuse(features.to(self.fc.weight.device))   # [N, hidden]
         N = fused.shape[0]
+        if self._ctx_kv_fns is not None:   # packed: k and v rows of each layer's q/k/v weight, one product
+            return torch.stack([fn(fused).view(N, 2, a.kv_heads, a.head_dim)
+                                for fn, a in zip(self._ctx_kv_fns, (layer.self_attn for layer in self.layers))], 1)
         kv = [torch.stack([a.k_proj(fused).view(N, a.kv_heads, a.head_dim),
                            a.v_proj(fused).view(N, a.kv_heads, a.head_dim)], 1)
               for a in (layer.self_attn for layer in self.layers)]
@@ -292,6 +310,15 @@ class DFlashDrafter(nn.Module):
         ctx_lens = cache.lens[slots.cpu()].to(dev)
         x = block_emb.to(self.fc.weight.dtype)
         cos, sin = self.rotary(block_pos.to(dev), x.dtype)
+        R, B, _ = x.shape
+        nl = self._native_layers
+        if (nl is not None and R * B <= nl.max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
+                and int(ctx_lens.max()) + B <= cache.capacity and nl.current()):
+            # one native call per layer: the block's K/V go past each row's context in the
+            # cache (read there, overwritten by the next context), every block token reads all
+            x = x.contiguous().clone()
+            nl.forward(x, slots, ctx_lens, cos, sin, cache, len(self.layers) - 1, (), causal=False)
+            return self.norm(x)
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)

@@ -45,7 +45,12 @@ def q4_1_weight(N, K, seed=0):
     return (q * d[..., None] + m[..., None]).reshape(N, K)
 
 
-@pytest.mark.parametrize("make,fmt", [(q4_1_weight, "q4_1"), (q8_0_weight, "q8_0"),
+def bf16_weight(N, K, seed=0):
+    """fp32 weights that are bf16 values (a drafter shipped in bf16, loaded in fp32)."""
+    return (torch.randn(N, K, generator=torch.Generator().manual_seed(seed)) * 0.05).bfloat16().float()
+
+
+@pytest.mark.parametrize("make,fmt", [(q4_1_weight, "q4_1"), (q8_0_weight, "q8_0"), (bf16_weight, "bf16"),
                                       (lambda N, K, seed=0: torch.randn(N, K) * 0.05, "f32")])
 def test_pack_recovers_the_exact_codes(make, fmt):
     w = make(70, 96)
@@ -53,7 +58,7 @@ def test_pack_recovers_the_exact_codes(make, fmt):
     assert got_fmt == fmt
     assert torch.equal(native.dequantize(got_fmt, packed, 70), w)       # every weight, bit for bit
     bytes_ = packed.numel() * packed.element_size()                     # (rows padded to 72)
-    assert bytes_ <= {"q4_1": 0.19, "q8_0": 0.29, "f32": 1.0}[fmt] * 72 * 96 * 4
+    assert bytes_ <= {"q4_1": 0.19, "q8_0": 0.29, "bf16": 0.5, "f32": 1.0}[fmt] * 72 * 96 * 4
 
 
 def test_pack_rejects_what_it_cannot_reproduce():
@@ -64,7 +69,7 @@ def test_pack_rejects_what_it_cannot_reproduce():
     assert native.pack(w.double()) is None and native.pack(w[:, :60]) is None   # dtype; K % 8
 
 
-@pytest.mark.parametrize("make", [q4_1_weight, q8_0_weight, lambda N, K, seed=0: torch.randn(N, K)])
+@pytest.mark.parametrize("make", [q4_1_weight, q8_0_weight, bf16_weight, lambda N, K, seed=0: torch.randn(N, K)])
 def test_kernel_matches_float64_and_is_row_invariant(make):
     N, K = 37, 160                    # N not a multiple of the 4-row tile
     w = make(N, K, seed=1)
@@ -257,3 +262,42 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine():
                                    rtol=1e-4, atol=1e-4)
     finally:
         del nl.max_rows
+
+
+def test_native_drafter_block_matches_the_torch_drafter():
+    """The drafter's block forward in native layers (every block token reads the whole
+    block and the row's context) equals its torch forward (fp32, to summation order),
+    leaves the cached context and its lengths as they were, and falls back to torch when
+    the block would not fit past the context."""
+    from dflash_core.drafter import DFlashDrafter
+    from dflash_core.models.config import ModelConfig
+    tcfg = ModelConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_layers=8, num_heads=6,
+                       num_kv_heads=2, head_dim=8, qk_norm=True, family="qwen3")
+    d = DFlashDrafter.from_target(tcfg, num_layers=2, block_size=8, mask_token_id=3, num_features=3, seed=2)
+    d = d.pack_weights()
+    nl = d._native_layers
+    assert nl is not None and nl.current()
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(2, 20, 3 * 48, generator=g)
+    emb = torch.randn(2, 8, 48, generator=g)
+    lens = [13, 6]
+    cache = d.new_cache(3, 40)
+    for slot, n in zip((2, 0), lens):
+        d.append_context(cache, torch.full((n,), slot), torch.arange(n), feats[slot // 2, :n])
+    slots = torch.tensor([2, 0])
+    pos = torch.tensor(lens)[:, None] + torch.arange(8)[None]
+    before = [t[:, :, :13].clone() for t in cache.k + cache.v]
+    out = {}
+    for on in (True, False):
+        nl.enabled = on
+        out[on] = d.forward_cached(cache, slots, emb, pos)
+    nl.enabled = True
+    torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
+    assert not torch.equal(out[True], out[False])
+    assert cache.lens.tolist() == [6, 0, 13]
+    for was, t in zip(before, cache.k + cache.v):
+        assert torch.equal(was[2, :, :13], t[2, :, :13]) and torch.equal(was[0, :, :6], t[0, :, :6])
+    small = d.new_cache(1, 16)                     # 13 + 8 > 16: the torch forward
+    d.append_context(small, torch.zeros(13, dtype=torch.int64), torch.arange(13), feats[1, :13])
+    torch.testing.assert_close(d.forward_cached(small, torch.tensor([0]), emb[:1], pos[:1]), out[False][:1],
+                               rtol=1e-4, atol=1e-4)

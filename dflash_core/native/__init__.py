@@ -38,7 +38,7 @@ from ..runtime import cache_root
 
 SOURCE = Path(__file__).with_name("dflash_linear.c")
 LAYER_SOURCE = Path(__file__).with_name("dflash_layer.c")   # whole decoder layers (see NativeLayers)
-FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2}
+FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2, "bf16": 3}
 MAX_K = 16384
 # Inputs of more rows than this (a long prompt's prefill chunk, a prompt-logprobs pass)
 # take torch's `F.linear` over the fp32 weights instead: there the product is bound by
@@ -106,7 +106,7 @@ def _load():
         fn.restype = ctypes.c_int
         layer = lib.dfl_layer
         layer.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
-            + [ctypes.c_void_p, ctypes.c_int]
+            + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         layer.restype = ctypes.c_int
         work = lib.dfl_layer_work
         work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
@@ -205,7 +205,7 @@ def _untiled(rec: torch.Tensor, N: int, sizes) -> list[torch.Tensor]:
     return out
 
 
-def pack(weight: torch.Tensor, formats=("q4_1", "q8_0", "f32")):
+def pack(weight: torch.Tensor, formats=("q4_1", "q8_0", "bf16", "f32")):
     """The most compact exact form of an fp32 CPU weight [N, K]: (format name, the one
     tensor the kernel reads), or None where the kernel cannot take it."""
     w = weight.detach()
@@ -218,6 +218,11 @@ def pack(weight: torch.Tensor, formats=("q4_1", "q8_0", "f32")):
     for fmt in formats:
         if fmt == "f32":
             return "f32", w
+        if fmt == "bf16":
+            b = w.bfloat16()
+            if torch.equal(b.float(), w):   # every weight a bf16 value: the upcast gives it back
+                return "bf16", b
+            continue
         if K % 32:
             continue
         B = K // 32
@@ -238,6 +243,8 @@ def dequantize(fmt: str, packed: torch.Tensor, N: int) -> torch.Tensor:
     """The fp32 weight [N, K] a packed form stands for (tests compare it with the original)."""
     if fmt == "f32":
         return packed
+    if fmt == "bf16":
+        return packed.float()
     if fmt == "q8_0":
         d, q = _untiled(packed, N, (4, 32))
         B = q.shape[1]
@@ -248,7 +255,7 @@ def dequantize(fmt: str, packed: torch.Tensor, N: int) -> torch.Tensor:
     return (q * d.contiguous().view(torch.float32) + m.contiguous().view(torch.float32)).view(N, B * 32)
 
 
-def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=("q4_1", "q8_0", "f32"),
+def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=("q4_1", "q8_0", "bf16", "f32"),
                 max_rows: int = MAX_ROWS):
     """An inference linear x[..., K] -> [..., N] through the native kernel over the most
     compact exact form of `weight` for inputs of up to `max_rows` rows (`F.linear` over
@@ -383,10 +390,12 @@ class NativeLayers:
             for a, m, f in self._owners)
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, cache, last: int, capture) -> dict:
+                sin: torch.Tensor, cache, last: int, capture, causal: bool = True) -> dict:
         """x [R, T, hidden] fp32 (updated in place through layer `last`), slots / starts [R]
         int64, cos / sin [R, T, D]; layer i's K/V go to cache.k[i] / cache.v[i]
-        [S, Hkv, cap, D] -> {layer id in capture: a copy of x after that layer}."""
+        [S, Hkv, cap, D] at positions starts .. starts + T - 1 -> {layer id in capture: a
+        copy of x after that layer}. causal=False: every token reads all T (a drafter's
+        block, which then leaves its K/V past the cached context, overwritten later)."""
         layer_fn, work_fn = _LAYER
         R, T, _ = x.shape
         slots = slots.to("cpu", torch.int64).contiguous()
@@ -401,7 +410,8 @@ class NativeLayers:
             if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
                 raise ValueError("the native layers need a contiguous fp32 KV cache")
             rc = layer_fn(self._ptrs[i], x.data_ptr(), R, T, slots.data_ptr(), starts.data_ptr(), cos.data_ptr(),
-                          sin.data_ptr(), k.data_ptr(), v.data_ptr(), S, cap, work.data_ptr(), threads)
+                          sin.data_ptr(), k.data_ptr(), v.data_ptr(), S, cap, work.data_ptr(), threads,
+                          int(causal))
             if rc != 0:
                 raise RuntimeError(f"native decoder layer {i} failed (code {rc})")
             if i in capture:

@@ -5,7 +5,9 @@
  *   x += o @ Wo (+ b) ; h = rms_norm(x) ; x += (silu(h Wg) * (h Wu)) @ Wd
  *
  * for M = R x T rows (R sequences of T new tokens each; row r's tokens sit at positions
- * starts[r] .. starts[r] + T - 1 of its cache slot). The linears are dfl_linear (the
+ * starts[r] .. starts[r] + T - 1 of its cache slot). causal: token t reads keys up to its
+ * own position (a target); else every token reads all keys up to starts[r] + T - 1 (a
+ * DFlash drafter's block over its context; RoPE follows cos / sin, not the slot). The linears are dfl_linear (the
  * model's own Q4_1 / Q8_0 / fp32 weights, dflash_linear.c); everything else here runs
  * in a fixed order per token, so the layer is row-invariant like the linears: a token
  * gets the same bits in a one-token step, a verify block or a batch of rows. In torch
@@ -105,7 +107,7 @@ long dfl_layer_work(const dfl_layer_t *P, long M, long cap, int nthreads) {
 /* returns 0; -1 unsupported shape; -3 a position outside the cache; else dfl_linear's code */
 int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slots, const int64_t *starts,
               const float *cos, const float *sin, float *kc, float *vc, long S, long cap,
-              float *work, int nthreads) {
+              float *work, int nthreads, int causal) {
     const long M = R * T, Hd = P->hidden, I = P->inter;
     const int H = P->heads, Hkv = P->kv_heads, D = P->head_dim;
     if (D % 8 || D > 128 || Hd % 8 || Hkv <= 0 || H % Hkv) return -1;
@@ -147,7 +149,7 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
             const long m = task / H, r = m / T, t = m % T;
             const int hh = (int)(task % H), g = hh / rep;
             const long base = (slots[r] * Hkv + g) * cap * D;
-            attend_one(qkv + m * nqkv + hh * D, kc + base, vc + base, starts[r] + t + 1, D, P->scale, sc,
+            attend_one(qkv + m * nqkv + hh * D, kc + base, vc + base, starts[r] + (causal ? t + 1 : T), D, P->scale, sc,
                        att + m * H * D + hh * D);
         }
     }

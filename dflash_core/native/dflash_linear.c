@@ -2,6 +2,8 @@
  *   fmt 0  F32   w[N, K] float, row-major
  *   fmt 1  Q8_0  w = d * q, q int8, one fp32 d per 32 weights of a row
  *   fmt 2  Q4_1  w = d * q + m, q in 0..15, one fp32 d and m per 32 weights of a row
+ *   fmt 3  BF16  w[N, K] bfloat16, row-major (fp32 weights that are bf16 values, e.g. a
+ *                drafter shipped in bf16: the upcast is exact, half the bytes of F32)
  * The quantised forms are exact: the caller checks, weight by weight, that d * q (+ m)
  * in fp32 gives back the fp32 weight bit for bit, so this is the same product as an fp32
  * linear over those weights, reading 1/4 (Q8_0) or 3/16 (Q4_1) of the bytes.
@@ -84,14 +86,22 @@ static inline __attribute__((always_inline)) void fused(int fmt, const uint8_t *
         for (int r = 0; r < R; r++) out[i][r0 + r] = hsum8(acc[i][r]);
 }
 
+/* 8 weights from row storage: fp32, or bf16 widened exactly (bf16 = the top half of an fp32) */
+static inline __attribute__((always_inline)) __m256 load_w(const void *w, long k, const int bf) {
+    if (bf)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k))), 16));
+    return _mm256_loadu_ps((const float *)w + k);
+}
+
 /* 4 weight rows x 2 input rows */
-static inline void tile_4x2(const float *const w[4], const float *x0, const float *x1, long K,
-                            float *y0, float *y1) {
+static inline __attribute__((always_inline)) void tile_4x2(const void *const w[4], const float *x0, const float *x1,
+                                                           long K, float *y0, float *y1, const int bf) {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
     __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
     for (long k = 0; k < K; k += 8) {
-        __m256 w0 = _mm256_loadu_ps(w[0] + k), w1 = _mm256_loadu_ps(w[1] + k);
-        __m256 w2 = _mm256_loadu_ps(w[2] + k), w3 = _mm256_loadu_ps(w[3] + k);
+        __m256 w0 = load_w(w[0], k, bf), w1 = load_w(w[1], k, bf);
+        __m256 w2 = load_w(w[2], k, bf), w3 = load_w(w[3], k, bf);
         __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k);
         a00 = _mm256_fmadd_ps(w0, v0, a00); a01 = _mm256_fmadd_ps(w1, v0, a01);
         a02 = _mm256_fmadd_ps(w2, v0, a02); a03 = _mm256_fmadd_ps(w3, v0, a03);
@@ -103,55 +113,66 @@ static inline void tile_4x2(const float *const w[4], const float *x0, const floa
 }
 
 /* 4 weight rows x 1 input row */
-static inline void tile_4x1(const float *const w[4], const float *x0, long K, float *y0) {
+static inline __attribute__((always_inline)) void tile_4x1(const void *const w[4], const float *x0, long K, float *y0,
+                                                           const int bf) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (long k = 0; k < K; k += 8) {
         __m256 v0 = _mm256_loadu_ps(x0 + k);
-        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w[0] + k), v0, a0);
-        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w[1] + k), v0, a1);
-        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w[2] + k), v0, a2);
-        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w[3] + k), v0, a3);
+        a0 = _mm256_fmadd_ps(load_w(w[0], k, bf), v0, a0);
+        a1 = _mm256_fmadd_ps(load_w(w[1], k, bf), v0, a1);
+        a2 = _mm256_fmadd_ps(load_w(w[2], k, bf), v0, a2);
+        a3 = _mm256_fmadd_ps(load_w(w[3], k, bf), v0, a3);
     }
     y0[0] = hsum8(a0); y0[1] = hsum8(a1); y0[2] = hsum8(a2); y0[3] = hsum8(a3);
 }
 
-/* 1 weight row x 1 input row (the last rows of an fp32 weight when N % 4 != 0) */
-static inline float tile_1x1(const float *w, const float *x0, long K) {
+/* 1 weight row x 1 input row (the last rows of a row-stored weight when N % 4 != 0) */
+static inline __attribute__((always_inline)) float tile_1x1(const void *w, const float *x0, long K, const int bf) {
     __m256 a = _mm256_setzero_ps();
     for (long k = 0; k < K; k += 8)
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x0 + k), a);
+        a = _mm256_fmadd_ps(load_w(w, k, bf), _mm256_loadu_ps(x0 + k), a);
     return hsum8(a);
 }
 
-/* every input row against 4 weight rows given as fp32 row pointers; rows >= R not stored */
-static void rows_times_x(const float *const w[4], int R, const float *x, long M, long K, long N, long n, float *y) {
+/* every input row against 4 weight rows given as row pointers (fp32, or bf16 when bf);
+ * rows >= R not stored */
+static inline __attribute__((always_inline)) void rows_times_x_(const void *const w[4], int R, const float *x, long M,
+                                                                long K, long N, long n, float *y, const int bf) {
     float tmp[8];
     long i = 0;
     for (; i + 2 <= M; i += 2) {
-        tile_4x2(w, x + i * K, x + (i + 1) * K, K, tmp, tmp + 4);
+        tile_4x2(w, x + i * K, x + (i + 1) * K, K, tmp, tmp + 4, bf);
         for (int r = 0; r < R; r++) { y[i * N + n + r] = tmp[r]; y[(i + 1) * N + n + r] = tmp[4 + r]; }
     }
     if (i < M) {
-        tile_4x1(w, x + i * K, K, tmp);
+        tile_4x1(w, x + i * K, K, tmp, bf);
         for (int r = 0; r < R; r++) y[i * N + n + r] = tmp[r];
     }
+}
+
+static void rows_times_x(const void *const w[4], int R, const float *x, long M, long K, long N, long n, float *y,
+                         int bf) {
+    if (bf) rows_times_x_(w, R, x, M, K, N, n, y, 1);
+    else rows_times_x_(w, R, x, M, K, N, n, y, 0);
 }
 
 /* one thread's share: row tiles [t0, t1) */
 static void tiles_range(int fmt, const float *x, long M, long K, long N, const void *wp, float *y,
                         long t0, long t1, float *buf) {
-    const long B = K / 32, TB = fmt ? tile_bytes(fmt) : 0;
+    const int rowwise = fmt == 0 || fmt == 3, bf = fmt == 3;
+    const long B = K / 32, TB = rowwise ? 0 : tile_bytes(fmt), rb = bf ? 2 : 4;
     for (long t = t0; t < t1; t++) {
         const long n = t * 4;
         const int R = (N - n) < 4 ? (int)(N - n) : 4;
-        if (fmt == 0) {
-            const float *w[4];
-            for (int r = 0; r < 4; r++) w[r] = (const float *)wp + (n + (r < R ? r : 0)) * K;
+        if (rowwise) {
+            const void *w[4];
+            for (int r = 0; r < 4; r++) w[r] = (const uint8_t *)wp + (n + (r < R ? r : 0)) * K * rb;
             if (R == 4) {
-                rows_times_x(w, 4, x, M, K, N, n, y);
+                rows_times_x(w, 4, x, M, K, N, n, y, bf);
             } else {
                 for (long i = 0; i < M; i++)
-                    for (int r = 0; r < R; r++) y[i * N + n + r] = tile_1x1(w[r], x + i * K, K);
+                    for (int r = 0; r < R; r++)
+                        y[i * N + n + r] = bf ? tile_1x1(w[r], x + i * K, K, 1) : tile_1x1(w[r], x + i * K, K, 0);
             }
             continue;
         }
@@ -178,8 +199,8 @@ static void tiles_range(int fmt, const float *x, long M, long K, long N, const v
                 for (int c = 0; c < 4; c++) _mm256_storeu_ps(buf + r * K + b * 32 + c * 8, w[c]);
             }
         }
-        const float *w[4] = {buf, buf + K, buf + 2 * K, buf + 3 * K};
-        rows_times_x(w, R, x, M, K, N, n, y);
+        const void *w[4] = {buf, buf + K, buf + 2 * K, buf + 3 * K};
+        rows_times_x(w, R, x, M, K, N, n, y, 0);
     }
 }
 
@@ -187,12 +208,12 @@ static void tiles_range(int fmt, const float *x, long M, long K, long N, const v
  * K > DFL_MAX_K, an unknown format); -2 when a work buffer could not be allocated (y is
  * then incomplete: the caller computes it another way) */
 int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
-    if (K % 8 || K > DFL_MAX_K || (fmt != 0 && K % 32) || fmt < 0 || fmt > 2) return -1;
+    if (K % 8 || K > DFL_MAX_K || ((fmt == 1 || fmt == 2) && K % 32) || fmt < 0 || fmt > 3) return -1;
     if (M <= 0 || N <= 0) return 0;
     const long tiles = (N + 3) / 4;
     if (nthreads < 1) nthreads = 1;
     if (nthreads > tiles) nthreads = (int)tiles;
-    const int need_buf = fmt != 0 && M > 4;
+    const int need_buf = (fmt == 1 || fmt == 2) && M > 4;
     int failed = 0;
     if (nthreads == 1) {
         float *buf = need_buf ? (float *)malloc(sizeof(float) * 4 * K) : NULL;
