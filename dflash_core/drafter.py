@@ -201,15 +201,13 @@ class DFlashDrafter(nn.Module):
             layer.mlp.pack()
         self._native_layers = native.NativeLayers.of(self.layers) if self.fc.weight.dtype == torch.float32 else None
         self._fc_fn = prepack_linear(self.fc.weight)
-        fns = [prepack_linear(a._qkv_w[a.heads * a.head_dim:]) if a._qkv_b is None else None
-               for a in (layer.self_attn for layer in self.layers)]
-        self._ctx_kv_fns = fns if all(f is not None for f in fns) else None
+        for a in (layer.self_attn for layer in self.layers):   # the context's [k_proj; v_proj]
+            a._ctx_kv_fn = prepack_linear(a._qkv_w[a.heads * a.head_dim:]) if a._qkv_b is None else None
         return self
 
     # after pack_weights() (inference; each None where not available):
     _native_layers = None   # dflash_core.native.NativeLayers where every linear is native
-    _fc_fn = None           # prepacked fc
-    _ctx_kv_fns = None      # per layer, the prepacked [k_proj; v_proj] of the context
+    _fc_fn = None           # prepacked fc (and each layer's self_attn._ctx_kv_fn: its context [k_proj; v_proj])
 
     def check_target(self, target_cfg: ModelConfig) -> None:
         c = self.config
@@ -255,9 +253,10 @@ class DFlashDrafter(nn.Module):
         context keys and values before k_norm and RoPE (what `write_context` stores)."""
         fused = self.fuse(features.to(self.fc.weight.device))   # [N, hidden]
         N = fused.shape[0]
-        if self._ctx_kv_fns is not None:   # packed: k and v rows of each layer's q/k/v weight, one product
-            return torch.stack([fn(fused).view(N, 2, a.kv_heads, a.head_dim)
-                                for fn, a in zip(self._ctx_kv_fns, (layer.self_attn for layer in self.layers))], 1)
+        attns = [layer.self_attn for layer in self.layers]
+        if all(getattr(a, "_ctx_kv_fn", None) is not None for a in attns):
+            # packed (pack_weights): the k and v rows of each layer's q/k/v weight in one product
+            return torch.stack([a._ctx_kv_fn(fused).view(N, 2, a.kv_heads, a.head_dim) for a in attns], 1)
         kv = [torch.stack([a.k_proj(fused).view(N, a.kv_heads, a.head_dim),
                            a.v_proj(fused).view(N, a.kv_heads, a.head_dim)], 1)
               for a in (layer.self_attn for layer in self.layers)]

@@ -93,15 +93,15 @@ def parse_block_size_schedule(value) -> list[tuple[int, int]] | None:
 # plain decoding at 4 and 8 (a verify of 4 rows x 4 tokens costs more than it saves at
 # tau 1.3). Re-pick it for a better drafter or a GPU with the same command.
 DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (INF_RUNNING, 1))
-# In fp32 on a CPU without fast bf16, re-picked 2026-12-02 (session 12) with the native
-# fp32 linears and the sitting-11 drafter (tau ~1.45-1.6 in serving) on a 2-core AVX2
+# In fp32 on a CPU without fast bf16, re-picked 2026-12-02 (session 14) with the native
+# decoder layers and the sitting-11 drafter (tau ~1.41-1.61 in serving) on a 2-core AVX2
 # EPYC: `python -m service.bench_serve --sweep --block-sizes 1,2,3 --concurrency 1,2,4,8
 # --per-client 6 --reps 2` served the most tokens/s with block 2 at 1 running request
-# (21.5 vs 20.8 tok/s plain, block 3 21.0; means of 2 reps) and plain decoding from 2 on
-# (2: 31.3 plain vs 28.4 / 24.9 at block 2 / 3). The native kernel made a plain step
-# 2.8x cheaper and a 3-token verify ~1.3x a step, so today's drafter pays only alone
-# (docs/BENCHMARKS.md, "Serving"). Before: block 3 at 1-2 running (sitting-8 drafter,
-# torch linears, an AVX512F Xeon).
+# (67.1 vs 63.3 tok/s plain, block 3 57.9; means of 2 reps) and plain decoding from 2 on
+# (2: 90.2 plain vs 79.3 / 64.7 at block 2 / 3): the same answer as in session 12 with
+# the native linears alone (21.5 vs 20.8 tok/s then), at ~3x the tokens/s. Today's
+# drafter pays only alone (docs/BENCHMARKS.md, "Serving"). Before: block 3 at 1-2
+# running (sitting-8 drafter, torch linears, an AVX512F Xeon).
 FP32_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1, 2), (INF_RUNNING, 1))
 
 

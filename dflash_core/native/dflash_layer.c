@@ -120,8 +120,13 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
     float *scores = act + M * I;
     int rc;
 
+    /* per-row work is split over threads only for several rows (a row is always computed
+     * whole by one thread, in the same order: the numbers do not depend on the split) */
+    const int par = M >= 4 && nthreads > 1;
+#pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
     for (long m = 0; m < M; m++) rms_norm(x + m * Hd, P->in_norm, Hd, P->eps, h + m * Hd);
     if ((rc = dfl_linear(P->qkv_fmt, h, M, Hd, nqkv, P->qkv_w, qkv, nthreads))) return rc;
+#pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
     for (long m = 0; m < M; m++) {
         float *row = qkv + m * nqkv;
         if (P->qkv_b)
@@ -154,10 +159,13 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
         }
     }
     if ((rc = dfl_linear(P->o_fmt, att, M, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;
-    for (long m = 0; m < M; m++)
+#pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
+    for (long m = 0; m < M; m++) {
         for (long i = 0; i < Hd; i++) x[m * Hd + i] += P->o_b ? h[m * Hd + i] + P->o_b[i] : h[m * Hd + i];
-    for (long m = 0; m < M; m++) rms_norm(x + m * Hd, P->post_norm, Hd, P->eps, h + m * Hd);
+        rms_norm(x + m * Hd, P->post_norm, Hd, P->eps, h + m * Hd);
+    }
     if ((rc = dfl_linear(P->gu_fmt, h, M, Hd, 2 * I, P->gu_w, gu, nthreads))) return rc;
+#pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
     for (long m = 0; m < M; m++) {
         const float *g = gu + m * 2 * I, *u = g + I;
         float *a = act + m * I;
