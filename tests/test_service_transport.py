@@ -19,8 +19,11 @@ MAX_SLOTS, CAPACITY, BLOCK = 3, 64, 8
 
 
 def make_drafter() -> DFlashDrafter:
+    """Packed for inference, as every drafter the engine and the drafter deployment load is
+    (api.load_drafter), so the context K/V a target computes with `context_only` (packed
+    too) are those the colocated drafter computes, bit for bit."""
     return DFlashDrafter.from_target(tiny_random_config(), num_layers=1, block_size=BLOCK, mask_token_id=16,
-                                     num_features=3, seed=0)
+                                     num_features=3, seed=0).pack_weights()
 
 
 def drafter_process(requests, replies, num_threads):
