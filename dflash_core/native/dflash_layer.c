@@ -41,6 +41,26 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* e^x in 8 lanes: x = n ln2 + r, |r| <= ln2 / 2 (ln2 split in two for the reduction),
+ * e^r by a degree-7 polynomial (the Cephes expf coefficients), times 2^n through the
+ * exponent bits; ~1 ulp. Inputs are clamped to [-87.3, 88.4] (normal results only). */
+static inline __m256 exp8(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3365478515625f)), _mm256_set1_ps(88.3762626647949f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 /* y[0..n) = x * (1 / sqrt(mean(x^2) + eps)) * w ; n % 8 == 0 */
 static void rms_norm(const float *x, const float *w, long n, float eps, float *y) {
     __m256 acc = _mm256_setzero_ps();
@@ -71,22 +91,62 @@ static inline float dot(const float *a, const float *b, int D) {
     return hsum8(acc);
 }
 
-/* one query head over keys 0 .. n-1 of its kv head: out[D] (scores: n floats of work) */
-static void attend_one(const float *q, const float *kb, const float *vb, long n, int D, float scale,
-                       float *scores, float *out) {
+/* the scores of `rep` query heads (q: rep x D, one after the other) that share a kv head,
+ * over its keys 0 .. n-1: scores[i * n + j]. Keys are read 4 at a time for every head
+ * before the next 4 (a kv head's keys cross the cache once, not once per query head); each
+ * (head, key) is one 8-lane FMA chain over d in order, then hsum8: the same bits whatever
+ * the grouping. */
+static void group_scores(const float *q, int rep, const float *kb, long n, int D, float scale, float *scores) {
+    long j0 = 0;
+    for (; j0 + 4 <= n; j0 += 4) {
+        const float *k0 = kb + j0 * D;
+        for (int i = 0; i < rep; i++) {
+            const float *qi = q + i * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int d = 0; d < D; d += 8) {
+                const __m256 vq = _mm256_loadu_ps(qi + d);
+                a0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + d), a0);
+                a1 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + D + d), a1);
+                a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 2 * D + d), a2);
+                a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 3 * D + d), a3);
+            }
+            float *si = scores + i * n + j0;
+            si[0] = hsum8(a0) * scale;
+            si[1] = hsum8(a1) * scale;
+            si[2] = hsum8(a2) * scale;
+            si[3] = hsum8(a3) * scale;
+        }
+    }
+    for (; j0 < n; j0++)
+        for (int i = 0; i < rep; i++) scores[i * n + j0] = dot(q + i * D, kb + j0 * D, D) * scale;
+}
+
+/* one head: softmax of its n scores (overwritten) and the weighted sum of the values: out[D] */
+static void softmax_values(float *scores, const float *vb, long n, int D, float *out) {
     float mx = -INFINITY;
-    for (long j = 0; j < n; j++) {
-        const float s = dot(q, kb + j * D, D) * scale;
-        scores[j] = s;
-        if (s > mx) mx = s;
+    for (long j = 0; j < n; j++)
+        if (scores[j] > mx) mx = scores[j];
+    /* e^(s - max) 8 keys at a time (the tail padded), summed in 8 lanes: a fixed order for a
+     * given number of keys, which depends only on the token's position */
+    const __m256 vmx = _mm256_set1_ps(mx);
+    __m256 vs = _mm256_setzero_ps();
+    long j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vmx));
+        _mm256_storeu_ps(scores + j, e);
+        vs = _mm256_add_ps(vs, e);
     }
-    float sum = 0.0f;
-    for (long j = 0; j < n; j++) {
-        const float e = expf(scores[j] - mx);
-        scores[j] = e;
-        sum += e;
+    if (j < n) {
+        float tail[8] = {0};
+        for (long t = j; t < n; t++) tail[t - j] = scores[t];
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(tail), vmx));
+        e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - j)),
+                                                                    _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+        _mm256_storeu_ps(tail, e);
+        for (long t = j; t < n; t++) scores[t] = tail[t - j];
+        vs = _mm256_add_ps(vs, e);
     }
-    const float inv = 1.0f / sum;
+    const float inv = 1.0f / hsum8(vs);
     __m256 acc[16];   /* D <= 128 */
     const int C = D / 8;
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
@@ -101,7 +161,8 @@ static void attend_one(const float *q, const float *kb, const float *vb, long n,
 /* floats of work dfl_layer needs for M rows, a cache of cap positions and nthreads */
 long dfl_layer_work(const dfl_layer_t *P, long M, long cap, int nthreads) {
     const long D = P->head_dim, nqkv = (P->heads + 2L * P->kv_heads) * D;
-    return M * (P->hidden + nqkv + P->heads * D + 3 * P->inter) + (long)(nthreads < 1 ? 1 : nthreads) * cap;
+    return M * (P->hidden + nqkv + P->heads * D + 3 * P->inter)
+        + (long)(nthreads < 1 ? 1 : nthreads) * cap * (P->heads / (P->kv_heads > 0 ? P->kv_heads : 1));
 }
 
 /* returns 0; -1 unsupported shape; -3 a position outside the cache; else dfl_linear's code */
@@ -144,18 +205,19 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
             for (int d = 0; d < D; d++) { kc[off + d] = k[d]; vc[off + d] = v[d]; }
         }
     }
-    const long tasks = M * H;
+    const long tasks = M * Hkv;   /* (token, kv head): its rep query heads together */
     const int nt = tasks < nthreads ? (int)tasks : nthreads;
 #pragma omp parallel num_threads(nt)
     {
         const int tid = omp_get_thread_num(), n_t = omp_get_num_threads();
-        float *sc = scores + (long)tid * cap;
+        float *sc = scores + (long)tid * cap * rep;
         for (long task = tasks * tid / n_t; task < tasks * (tid + 1) / n_t; task++) {
-            const long m = task / H, r = m / T, t = m % T;
-            const int hh = (int)(task % H), g = hh / rep;
-            const long base = (slots[r] * Hkv + g) * cap * D;
-            attend_one(qkv + m * nqkv + hh * D, kc + base, vc + base, starts[r] + (causal ? t + 1 : T), D, P->scale, sc,
-                       att + m * H * D + hh * D);
+            const long m = task / Hkv, r = m / T, t = m % T;
+            const int g = (int)(task % Hkv);
+            const long base = (slots[r] * Hkv + g) * cap * D, n = starts[r] + (causal ? t + 1 : T);
+            group_scores(qkv + m * nqkv + (long)g * rep * D, rep, kc + base, n, D, P->scale, sc);
+            for (int i = 0; i < rep; i++)
+                softmax_values(sc + i * n, vc + base, n, D, att + m * H * D + ((long)g * rep + i) * D);
         }
     }
     if ((rc = dfl_linear(P->o_fmt, att, M, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;
@@ -169,7 +231,14 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
     for (long m = 0; m < M; m++) {
         const float *g = gu + m * 2 * I, *u = g + I;
         float *a = act + m * I;
-        for (long i = 0; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        long i = 0;
+        for (; i + 8 <= I; i += 8) {   /* silu(g) * u = g / (1 + e^-g) * u */
+            const __m256 vg = _mm256_loadu_ps(g + i);
+            const __m256 sg = _mm256_div_ps(vg, _mm256_add_ps(_mm256_set1_ps(1.0f),
+                                                              exp8(_mm256_sub_ps(_mm256_setzero_ps(), vg))));
+            _mm256_storeu_ps(a + i, _mm256_mul_ps(sg, _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
     if ((rc = dfl_linear(P->down_fmt, act, M, I, Hd, P->down_w, h, nthreads))) return rc;
     for (long m = 0; m < M * Hd; m++) x[m] += h[m];

@@ -112,6 +112,27 @@ static inline __attribute__((always_inline)) void tile_4x2(const void *const w[4
     y1[0] = hsum8(a10); y1[1] = hsum8(a11); y1[2] = hsum8(a12); y1[3] = hsum8(a13);
 }
 
+/* 4 weight rows x 3 input rows (12 accumulators: more independent FMA chains than 4 x 2;
+ * each output still one accumulator over k in order, so the same bits as 4 x 2 / 4 x 1) */
+static inline __attribute__((always_inline)) void tile_4x3(const void *const w[4], const float *x0, const float *x1,
+                                                           const float *x2, long K, float *y, const int bf) {
+    __m256 a[3][4];
+    for (int i = 0; i < 3; i++)
+        for (int r = 0; r < 4; r++) a[i][r] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k += 8) {
+        const __m256 v0 = _mm256_loadu_ps(x0 + k), v1 = _mm256_loadu_ps(x1 + k), v2 = _mm256_loadu_ps(x2 + k);
+#pragma GCC unroll 4
+        for (int r = 0; r < 4; r++) {
+            const __m256 wr = load_w(w[r], k, bf);
+            a[0][r] = _mm256_fmadd_ps(wr, v0, a[0][r]);
+            a[1][r] = _mm256_fmadd_ps(wr, v1, a[1][r]);
+            a[2][r] = _mm256_fmadd_ps(wr, v2, a[2][r]);
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        for (int r = 0; r < 4; r++) y[i * 4 + r] = hsum8(a[i][r]);
+}
+
 /* 4 weight rows x 1 input row */
 static inline __attribute__((always_inline)) void tile_4x1(const void *const w[4], const float *x0, long K, float *y0,
                                                            const int bf) {
@@ -138,8 +159,13 @@ static inline __attribute__((always_inline)) float tile_1x1(const void *w, const
  * rows >= R not stored */
 static inline __attribute__((always_inline)) void rows_times_x_(const void *const w[4], int R, const float *x, long M,
                                                                 long K, long N, long n, float *y, const int bf) {
-    float tmp[8];
+    float tmp[12];
     long i = 0;
+    for (; i + 3 <= M; i += 3) {
+        tile_4x3(w, x + i * K, x + (i + 1) * K, x + (i + 2) * K, K, tmp, bf);
+        for (int j = 0; j < 3; j++)
+            for (int r = 0; r < R; r++) y[(i + j) * N + n + r] = tmp[j * 4 + r];
+    }
     for (; i + 2 <= M; i += 2) {
         tile_4x2(w, x + i * K, x + (i + 1) * K, K, tmp, tmp + 4, bf);
         for (int r = 0; r < R; r++) { y[i * N + n + r] = tmp[r]; y[(i + 1) * N + n + r] = tmp[4 + r]; }
