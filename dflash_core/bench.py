@@ -15,6 +15,8 @@ machine noise hits both alike. Optional extras:
   --native-ab     every measurement above also with the native fp32 linears
                   (dflash_core.native) replaced by the torch ones they stand in for; the
                   verify cost alternating forward by forward, the rest back to back
+  --layers-ab     every measurement above also with the native decoder layers off (the
+                  torch ops around the same native linears), alternating likewise
 Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
 from __future__ import annotations
