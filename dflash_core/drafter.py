@@ -300,10 +300,12 @@ class DFlashDrafter(nn.Module):
 
     @torch.no_grad()
     def forward_cached(self, cache: KVCache, slots: torch.Tensor, block_emb: torch.Tensor,
-                       block_pos: torch.Tensor) -> torch.Tensor:
+                       block_pos: torch.Tensor, positions: tuple[int, int] | None = None) -> torch.Tensor:
         """Draft one block per row from the cached context.
         slots [R], block_emb [R, B, hidden] (target embedding of [anchor, MASK..]),
-        block_pos [R, B] absolute positions -> hidden [R, B, hidden] (final norm)."""
+        block_pos [R, B] absolute positions -> hidden [R, B, hidden] (final norm).
+        positions=(lo, n): only block positions lo .. lo+n-1 are wanted -> hidden [R, n,
+        hidden], the same numbers (the native path then skips the rest of the last layer)."""
         dev = self.fc.weight.device
         slots = slots.to(dev)
         ctx_lens = cache.lens[slots.cpu()].to(dev)
@@ -316,15 +318,15 @@ class DFlashDrafter(nn.Module):
             # one native call per layer: the block's K/V go past each row's context in the
             # cache (read there, overwritten by the next context), every block token reads all
             x = x.contiguous().clone()
-            nl.forward(x, slots, ctx_lens, cos, sin, cache, len(self.layers) - 1, (), causal=False)
-            return self.norm(x)
+            nl.forward(x, slots, ctx_lens, cos, sin, cache, len(self.layers) - 1, (), causal=False, out=positions)
+            return self.norm(x if positions is None else x[:, positions[0]:positions[0] + positions[1]].contiguous())
         for i, layer in enumerate(self.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x)
             q, k, v = a.project_qkv(h, cos, sin)          # one packed matmul once pack() ran
             o = kernels.block_attention(q, cache.k[i], cache.v[i], slots, ctx_lens, k, v, False, a.scale)
             x = layer.finish(x, o)
-        return self.norm(x)
+        return self.norm(x if positions is None else x[:, positions[0]:positions[0] + positions[1]].contiguous())
 
     def forward_blocks(self, block_emb: torch.Tensor, block_pos: torch.Tensor, ctx_features: torch.Tensor,
                        ctx_pos: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -363,14 +365,17 @@ class LocalDraftBackend:
     def config(self) -> DrafterConfig:
         return self.drafter.config
 
-    def draft(self, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions, ctx_kv=None):
+    takes_positions = True   # draft(..., positions=(lo, n)) returns those block positions only
+
+    def draft(self, ctx_slots, ctx_positions, ctx_features, slots, block_emb, block_positions, ctx_kv=None,
+              positions=None):
         """ctx_kv: the context's K/V already projected (`DFlashDrafter.context_kv`, e.g. by a
-        disaggregated target) instead of ctx_features."""
+        disaggregated target) instead of ctx_features. positions: see forward_cached."""
         if ctx_kv is not None:
             self.drafter.write_context(self.cache, ctx_slots, ctx_positions, ctx_kv)
         else:
             self.drafter.append_context(self.cache, ctx_slots, ctx_positions, ctx_features)
-        return self.drafter.forward_cached(self.cache, slots, block_emb, block_positions)
+        return self.drafter.forward_cached(self.cache, slots, block_emb, block_positions, positions)
 
     def free(self, slot: int) -> None:
         self.cache.lens[slot] = 0

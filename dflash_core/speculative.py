@@ -139,8 +139,11 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     ids[:, 0] = anchors
     block_emb = target.embed(ids.to(dev))                                        # [R, B, hidden]
     block_pos = start[:, None] + torch.arange(B)[None]                           # [R, B]
-    hidden = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)
-    h = hidden[:, 1:b].to(dev, target.dtype)
+    if getattr(ctx.backend, "takes_positions", False):   # only the drafted positions computed
+        h = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos, positions=(1, b - 1))
+    else:
+        h = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)[:, 1:b]
+    h = h.to(dev, target.dtype)
     if ctx.draft_vocab is None:
         logits = target.logits(h)                                                # [R, b-1, V]
         tokens = logits.argmax(-1)

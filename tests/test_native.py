@@ -291,6 +291,8 @@ def test_native_drafter_block_matches_the_torch_drafter():
     for on in (True, False):
         nl.enabled = on
         out[on] = d.forward_cached(cache, slots, emb, pos)
+        for lo, n in ((1, 1), (1, 2), (1, 7), (0, 8)):   # only the drafted positions: the same bits
+            assert torch.equal(d.forward_cached(cache, slots, emb, pos, (lo, n)), out[on][:, lo:lo + n]), (on, lo, n)
     nl.enabled = True
     torch.testing.assert_close(out[True], out[False], rtol=1e-4, atol=1e-4)
     assert not torch.equal(out[True], out[False])

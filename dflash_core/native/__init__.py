@@ -115,7 +115,7 @@ def _load():
         fn.restype = ctypes.c_int
         layer = lib.dfl_layer
         layer.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
-            + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+            + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
         layer.restype = ctypes.c_int
         work = lib.dfl_layer_work
         work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
@@ -399,12 +399,14 @@ class NativeLayers:
             for a, m, f in self._owners)
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, cache, last: int, capture, causal: bool = True) -> dict:
+                sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None) -> dict:
         """x [R, T, hidden] fp32 (updated in place through layer `last`), slots / starts [R]
         int64, cos / sin [R, T, D]; layer i's K/V go to cache.k[i] / cache.v[i]
         [S, Hkv, cap, D] at positions starts .. starts + T - 1 -> {layer id in capture: a
         copy of x after that layer}. causal=False: every token reads all T (a drafter's
-        block, which then leaves its K/V past the cached context, overwritten later)."""
+        block, which then leaves its K/V past the cached context, overwritten later).
+        out=(lo, n): layer `last` computes tokens lo .. lo+n-1 of each row only (their bits
+        as in a full forward); x's other tokens are then not that layer's output."""
         layer_fn, work_fn = _LAYER
         R, T, _ = x.shape
         slots = slots.to("cpu", torch.int64).contiguous()
@@ -413,16 +415,19 @@ class NativeLayers:
         threads = torch.get_num_threads()
         S, _, cap, _ = cache.k[0].shape
         work = torch.empty(work_fn(self._ptrs[0], R * T, cap, threads))
-        out = {}
+        lo, n = (0, T) if out is None else (int(out[0]), int(out[1]))
+        if not (0 <= lo and n >= 1 and lo + n <= T):
+            raise ValueError(f"out={out} is not a range of the {T} tokens")
+        got = {}
         for i in range(last + 1):
             k, v = cache.k[i], cache.v[i]
             if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
                 raise ValueError("the native layers need a contiguous fp32 KV cache")
             rc = layer_fn(self._ptrs[i], x.data_ptr(), R, T, slots.data_ptr(), starts.data_ptr(), cos.data_ptr(),
                           sin.data_ptr(), k.data_ptr(), v.data_ptr(), S, cap, work.data_ptr(), threads,
-                          int(causal))
+                          int(causal), *((lo, n) if i == last else (0, T)))
             if rc != 0:
                 raise RuntimeError(f"native decoder layer {i} failed (code {rc})")
             if i in capture:
-                out[i] = x.clone()
-        return out
+                got[i] = x.clone()
+        return got

@@ -7,10 +7,15 @@
  * for M = R x T rows (R sequences of T new tokens each; row r's tokens sit at positions
  * starts[r] .. starts[r] + T - 1 of its cache slot). causal: token t reads keys up to its
  * own position (a target); else every token reads all keys up to starts[r] + T - 1 (a
- * DFlash drafter's block over its context; RoPE follows cos / sin, not the slot). The linears are dfl_linear (the
- * model's own Q4_1 / Q8_0 / fp32 weights, dflash_linear.c); everything else here runs
- * in a fixed order per token, so the layer is row-invariant like the linears: a token
- * gets the same bits in a one-token step, a verify block or a batch of rows. In torch
+ * DFlash drafter's block over its context; RoPE follows cos / sin, not the slot).
+ * out_lo, out_n: the tokens of each row whose output is wanted (0, T: all); K/V are written
+ * for all T, the rest of the layer runs for those only (a drafter's last layer: only the
+ * drafted positions are read), and x keeps its input values in the other rows.
+ *
+ * The linears are dfl_linear (the model's own Q4_1 / Q8_0 / bf16 / fp32 weights,
+ * dflash_linear.c); everything else here runs in a fixed order per token, so the layer
+ * is row-invariant like the linears: a token gets the same bits in a one-token step, a
+ * verify block or a batch of rows. In torch
  * the same layer is ~40 ops, each dispatched on its own; on a small model that dispatch
  * cost about as much as the matmuls.
  *
@@ -168,10 +173,11 @@ long dfl_layer_work(const dfl_layer_t *P, long M, long cap, int nthreads) {
 /* returns 0; -1 unsupported shape; -3 a position outside the cache; else dfl_linear's code */
 int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slots, const int64_t *starts,
               const float *cos, const float *sin, float *kc, float *vc, long S, long cap,
-              float *work, int nthreads, int causal) {
+              float *work, int nthreads, int causal, long out_lo, long out_n) {
     const long M = R * T, Hd = P->hidden, I = P->inter;
     const int H = P->heads, Hkv = P->kv_heads, D = P->head_dim;
     if (D % 8 || D > 128 || Hd % 8 || Hkv <= 0 || H % Hkv) return -1;
+    if (out_lo < 0 || out_n < 1 || out_lo + out_n > T) return -1;
     if (nthreads < 1) nthreads = 1;
     const int rep = H / Hkv;
     const long nqkv = (H + 2L * Hkv) * D;
@@ -205,30 +211,36 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
             for (int d = 0; d < D; d++) { kc[off + d] = k[d]; vc[off + d] = v[d]; }
         }
     }
-    const long tasks = M * Hkv;   /* (token, kv head): its rep query heads together */
+    /* from here on only tokens out_lo .. out_lo + out_n - 1 of each row (all K/V are
+     * written above): Mo output rows, output row o = token out_lo + o % out_n of row o / out_n,
+     * each computed as it would be among all M (row-invariant), the other rows of x untouched */
+    const long Mo = R * out_n;
+#define XROW(o) ((o) / out_n * T + out_lo + (o) % out_n)
+    const long tasks = Mo * Hkv;   /* (token, kv head): its rep query heads together */
     const int nt = tasks < nthreads ? (int)tasks : nthreads;
 #pragma omp parallel num_threads(nt)
     {
         const int tid = omp_get_thread_num(), n_t = omp_get_num_threads();
         float *sc = scores + (long)tid * cap * rep;
         for (long task = tasks * tid / n_t; task < tasks * (tid + 1) / n_t; task++) {
-            const long m = task / Hkv, r = m / T, t = m % T;
+            const long o = task / Hkv, m = XROW(o), r = m / T, t = m % T;
             const int g = (int)(task % Hkv);
             const long base = (slots[r] * Hkv + g) * cap * D, n = starts[r] + (causal ? t + 1 : T);
             group_scores(qkv + m * nqkv + (long)g * rep * D, rep, kc + base, n, D, P->scale, sc);
             for (int i = 0; i < rep; i++)
-                softmax_values(sc + i * n, vc + base, n, D, att + m * H * D + ((long)g * rep + i) * D);
+                softmax_values(sc + i * n, vc + base, n, D, att + o * H * D + ((long)g * rep + i) * D);
         }
     }
-    if ((rc = dfl_linear(P->o_fmt, att, M, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;
+    if ((rc = dfl_linear(P->o_fmt, att, Mo, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;
 #pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
-    for (long m = 0; m < M; m++) {
-        for (long i = 0; i < Hd; i++) x[m * Hd + i] += P->o_b ? h[m * Hd + i] + P->o_b[i] : h[m * Hd + i];
-        rms_norm(x + m * Hd, P->post_norm, Hd, P->eps, h + m * Hd);
+    for (long o = 0; o < Mo; o++) {
+        float *xr = x + XROW(o) * Hd;
+        for (long i = 0; i < Hd; i++) xr[i] += P->o_b ? h[o * Hd + i] + P->o_b[i] : h[o * Hd + i];
+        rms_norm(xr, P->post_norm, Hd, P->eps, h + o * Hd);
     }
-    if ((rc = dfl_linear(P->gu_fmt, h, M, Hd, 2 * I, P->gu_w, gu, nthreads))) return rc;
+    if ((rc = dfl_linear(P->gu_fmt, h, Mo, Hd, 2 * I, P->gu_w, gu, nthreads))) return rc;
 #pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
-    for (long m = 0; m < M; m++) {
+    for (long m = 0; m < Mo; m++) {
         const float *g = gu + m * 2 * I, *u = g + I;
         float *a = act + m * I;
         long i = 0;
@@ -240,7 +252,11 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
         }
         for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
-    if ((rc = dfl_linear(P->down_fmt, act, M, I, Hd, P->down_w, h, nthreads))) return rc;
-    for (long m = 0; m < M * Hd; m++) x[m] += h[m];
+    if ((rc = dfl_linear(P->down_fmt, act, Mo, I, Hd, P->down_w, h, nthreads))) return rc;
+    for (long o = 0; o < Mo; o++) {
+        float *xr = x + XROW(o) * Hd;
+        for (long i = 0; i < Hd; i++) xr[i] += h[o * Hd + i];
+    }
+#undef XROW
     return 0;
 }
