@@ -151,12 +151,15 @@ def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit():
     assert target._native_layers is not None and target._native_layers.current()   # whole layers native too
     prompts = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023)), [40, 41] * 9]
 
-    def engine(block_size, drafter=True):
+    def engine(block_size, drafter=True, packed=False):
         cfg = EngineConfig(max_slots=6, max_seq_len=200, block_size=block_size)
         backend = None
         if drafter:
             d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=3,
                                           num_features=2, seed=0)
+            if packed:   # as loaded for serving: its block forward in native layers too
+                d = d.pack_weights()
+                assert d._native_layers is not None and d._native_layers.current()
             backend = LocalDraftBackend(d, 6, 200 + block_size + 1)
         return SpecEngine(target, backend, cfg)
 
@@ -166,9 +169,10 @@ def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit():
     assert len({tuple(r) for r in ref}) == len(ref)
     assert [ar.generate([q], p)[0].token_ids for q in prompts] == ref      # batch-invariant
     for b in (4, 16):
-        out = engine(b).generate(prompts, p)
-        assert [o.token_ids for o in out] == ref, b
-        assert sum(o.stats.num_draft_tokens for o in out) > 0
+        for packed in (False, True):
+            out = engine(b, packed=packed).generate(prompts, p)
+            assert [o.token_ids for o in out] == ref, (b, packed)
+            assert sum(o.stats.num_draft_tokens for o in out) > 0
 
 
 def _variant_target(**cfg):
