@@ -205,6 +205,19 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int
     return res if variants else res[None]
 
 
+def _verify_ab(target, reps: int, variants, label: str, out) -> dict:
+    """verify_cost of each variant, forward by forward alternating; prints one line per
+    variant (label.format(name)) -> {name: {"verify_ms", "verify_relative_to_1"}}."""
+    ab = verify_cost(target, reps=max(2, reps), variants=variants)
+    for name, vc in ab.items():
+        print(f"{label.format(name)}: verify forward cost (ctx {vc['ctx_len']}, alternating): " +
+              ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
+              file=out)
+    return {name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()},
+                   "verify_relative_to_1": {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}}
+            for name, vc in ab.items()}
+
+
 @torch.inference_mode()   # as the engine's step: the prepacked linears run only without autograd
 def compile_cost(target, ctx_len: int = 128, sizes=(1, 4, 16), reps: int = 9) -> dict:
     """A T-token target forward + LM head on a ctx_len cache, eager and under
@@ -384,27 +397,13 @@ def main(argv=None) -> int:
             dest["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
             dest["verify_relative_to_1"] = {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}
         if args.native_ab:
-            ab = verify_cost(engine.target, reps=max(2, args.verify_reps),
-                             variants={"native": contextlib.nullcontext, "torch": lambda: _swapped(nswaps)})
-            for name, vc in ab.items():
-                print(f"{name} linears: verify forward cost (ctx {vc['ctx_len']}, alternating): " +
-                      ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
-                      file=out)
-            summary["native_ab"] = {"num_linears": len(nswaps), **{
-                name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()},
-                       "verify_relative_to_1": {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}}
-                for name, vc in ab.items()}}
+            summary["native_ab"] = {"num_linears": len(nswaps), **_verify_ab(
+                engine.target, args.verify_reps, {"native": contextlib.nullcontext, "torch": lambda: _swapped(nswaps)},
+                "{} linears", out)}
         if args.layers_ab:
-            ab = verify_cost(engine.target, reps=max(2, args.verify_reps),
-                             variants={"native layers": contextlib.nullcontext, "torch layers": lambda: layers_off(engine)})
-            for name, vc in ab.items():
-                print(f"{name}: verify forward cost (ctx {vc['ctx_len']}, alternating): " +
-                      ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
-                      file=out)
-            summary["layers_ab"] = {
-                name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()},
-                       "verify_relative_to_1": {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}}
-                for name, vc in ab.items()}
+            summary["layers_ab"] = _verify_ab(
+                engine.target, args.verify_reps,
+                {"native layers": contextlib.nullcontext, "torch layers": lambda: layers_off(engine)}, "{}", out)
         if args.mm_ab:
             swaps = small_mm_swaps(engine)   # the packed versions built once, swapped in per forward
             n_mm = len(swaps)

@@ -311,21 +311,19 @@ class DFlashDrafter(nn.Module):
         ctx_lens = cache.lens[slots.cpu()].to(dev)
         x = block_emb.to(self.fc.weight.dtype)
         cos, sin = self.rotary(block_pos.to(dev), x.dtype)
-        R, B, _ = x.shape
         nl = self._native_layers
-        if (nl is not None and R * B <= nl.max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
-                and int(ctx_lens.max()) + B <= cache.capacity and nl.current()):
+        if nl is not None and nl.serves(x) and int(ctx_lens.max()) + x.shape[1] <= cache.capacity:
             # one native call per layer: the block's K/V go past each row's context in the
             # cache (read there, overwritten by the next context), every block token reads all
             x = x.contiguous().clone()
             nl.forward(x, slots, ctx_lens, cos, sin, cache, len(self.layers) - 1, (), causal=False, out=positions)
-            return self.norm(x if positions is None else x[:, positions[0]:positions[0] + positions[1]].contiguous())
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = a.project_qkv(h, cos, sin)          # one packed matmul once pack() ran
-            o = kernels.block_attention(q, cache.k[i], cache.v[i], slots, ctx_lens, k, v, False, a.scale)
-            x = layer.finish(x, o)
+        else:
+            for i, layer in enumerate(self.layers):
+                a = layer.self_attn
+                h = layer.input_layernorm(x)
+                q, k, v = a.project_qkv(h, cos, sin)          # one packed matmul once pack() ran
+                o = kernels.block_attention(q, cache.k[i], cache.v[i], slots, ctx_lens, k, v, False, a.scale)
+                x = layer.finish(x, o)
         return self.norm(x if positions is None else x[:, positions[0]:positions[0] + positions[1]].contiguous())
 
     def forward_blocks(self, block_emb: torch.Tensor, block_pos: torch.Tensor, ctx_features: torch.Tensor,

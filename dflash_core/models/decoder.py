@@ -189,8 +189,7 @@ class Decoder(nn.Module):
         want = {lid: None for lid in capture_layers}
         last = max(capture_layers) if features_only else len(self.layers) - 1
         nl = self._native_layers
-        if (nl is not None and R * T <= nl.max_rows and x.dtype == torch.float32 and x.device.type == "cpu"
-                and nl.current()):   # every layer in one native call (dflash_core.native.NativeLayers)
+        if nl is not None and nl.serves(x):   # every layer in one native call (dflash_core.native.NativeLayers)
             x = x.contiguous()
             want.update(nl.forward(x, slots, cache_lens, cos, sin, cache, last, want))
         else:

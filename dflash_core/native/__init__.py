@@ -350,8 +350,8 @@ class NativeLayers:
 
     max_rows = MAX_ROWS   # forwards of more rows (R x T) take the torch path
 
-    def __init__(self, layers, params, owners):
-        self._layers, self._params, self._owners = layers, params, owners
+    def __init__(self, params, owners):
+        self._params, self._owners = params, owners   # (the structs must outlive their addresses)
         self._ptrs = [ctypes.addressof(p) for p in params]
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
 
@@ -390,7 +390,13 @@ class NativeLayers:
                 owners.append((a, mlp, fns))
         except ValueError:
             return None
-        return cls(list(layers), params, owners)
+        return cls(params, owners)
+
+    def serves(self, x: torch.Tensor) -> bool:
+        """Whether a forward of x [R, T, hidden] runs here: fp32 on the CPU, at most
+        max_rows rows, and current()."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] * x.shape[1] <= self.max_rows
+                and self.current())
 
     def current(self) -> bool:
         """On, and every layer still has the linears this was built from."""
