@@ -46,6 +46,10 @@ def _parser():
     from .clitools import _Parser, _positive_int, add_runtime_args
     ap = _Parser(prog="dflash bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-prompts", type=_positive_int, default=4)
+    ap.add_argument("--dataset", choices=("bench", "sharegpt", "humaneval"), default="bench",
+                    help="prompts: the built-in bench prompts (repeated to --num-prompts), or the first "
+                         "--num-prompts of the ShareGPT holdout / HumanEval (those that fit --max-prompt-tokens)")
+    ap.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
     ap.add_argument("--max-new-tokens", type=_positive_int, default=128)
     ap.add_argument("--block-size", type=_positive_int, default=16)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -70,6 +74,9 @@ def _parser():
                     help="--verify-cost: forwards timed per token count (the first is dropped)")
     ap.add_argument("--repeats", type=_positive_int, default=1)
     ap.add_argument("--block-sizes", default="", help="comma-separated verified block sizes for DFlash (default: --block-size)")
+    ap.add_argument("--draft-thresholds", default="",
+                    help="comma-separated dynamic draft length thresholds (EngineConfig.draft_threshold; "
+                         "0 = the whole block): each block size runs with each, side by side (default: 0)")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
@@ -316,12 +323,13 @@ def hf_generate_tps(target_spec: str, prompts: list[list[int]], max_new_tokens: 
 
 
 def main(argv=None) -> int:
-    from .clitools import apply_runtime_args, int_list
+    from .clitools import apply_runtime_args, int_list, threshold_list
     from .runtime import dtype_name
     args = _parser().parse_args(argv)
     dtype = apply_runtime_args("dflash bench", args)
     block_sizes = int_list(args.block_sizes, "--block-sizes", "dflash bench") or [args.block_size]
     batch_sizes = int_list(args.batch_sizes, "--batch-sizes", "dflash bench")
+    thresholds = threshold_list(args.draft_thresholds, "--draft-thresholds", "dflash bench") or [0.0]
     out = sys.stderr if args.json else sys.stdout
     from .api import build_engine
     from .chat import encode_prompt
@@ -339,14 +347,20 @@ def main(argv=None) -> int:
     engine, tok = build_engine(args.target, args.drafter, EngineConfig(
         max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes)),
         device=args.device, dtype=dtype)
-    texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
-    prompts = [encode_prompt(tok, t, chat=True) for t in texts]
+    if args.dataset == "bench":
+        texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
+        prompts = [encode_prompt(tok, t, chat=True) for t in texts]
+    else:
+        from .datasets import load_eval_prompts
+        prompts = load_eval_prompts(args.dataset, tok, args.num_prompts, args.max_prompt_tokens)
+        if not prompts:
+            raise CliError(f"dflash bench: no {args.dataset} prompt fits --max-prompt-tokens {args.max_prompt_tokens}")
 
     if args.peers:
         return _peers(args, engine, tok, dtype, out)
     # warm-up (first calls allocate)
     engine.generate([prompts[0]], SamplingParams(max_new_tokens=4))
-    summary = {"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype),
+    summary = {"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype), "dataset": args.dataset,
                "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "threads": torch.get_num_threads()}
     # each A/B mode: (summary key, label, context manager factory yielding the count swapped)
@@ -371,9 +385,17 @@ def main(argv=None) -> int:
                            + (native.reason() or "they take fp32 on a CPU, every linear native") + ")")
         off_modes.append(("layers_off", "native layers off", lambda: layers_off(engine)))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
+    by_threshold: dict[str, dict] = {}
     for b in block_sizes:
         engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
-        runs[b] = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
+        for thr in thresholds:
+            engine.config.draft_threshold = thr
+            if len(thresholds) > 1:
+                print(f"draft threshold {thr:g}", file=out)
+            r = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
+            by_threshold.setdefault(f"{thr:g}", {})[str(b)] = r
+            runs.setdefault(b, r)   # the first threshold's run stands for the block size
+        engine.config.draft_threshold = thresholds[0]
         for key, label, ctx in off_modes:
             with ctx() as n_off[key]:
                 print(f"({n_off[key]} {label})", file=out)
@@ -385,6 +407,9 @@ def main(argv=None) -> int:
     summary.update(block_size=block_sizes[0], **first)
     if len(block_sizes) > 1:
         summary["by_block_size"] = {str(b): r for b, r in runs.items()}
+    summary["draft_threshold"] = thresholds[0]
+    if len(thresholds) > 1:
+        summary["by_draft_threshold"] = by_threshold
     if args.verify_cost:
         seq_modes = [(None, "", contextlib.nullcontext)] + [m for m in off_modes if m[0] == "prepacked_off"]
         for key, label, ctx in seq_modes:

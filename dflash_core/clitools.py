@@ -52,6 +52,18 @@ def int_list(text: str, flag: str, prog: str) -> list[int]:
     return vals
 
 
+def threshold_list(text: str, flag: str, prog: str) -> list[float]:
+    """A comma-separated list of numbers in [0, 1) (empty items skipped; "" -> []), or a
+    one-line CliError naming the command and the option."""
+    try:
+        vals = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{prog}: {flag} takes comma-separated numbers in [0, 1), got {text!r}") from None
+    if any(not 0.0 <= v < 1.0 for v in vals):
+        raise CliError(f"{prog}: {flag} takes numbers in [0, 1), got {text!r}")
+    return vals
+
+
 def _check_device(device: str) -> None:
     import torch
     if not (device == "cpu" or device.startswith("cuda")):

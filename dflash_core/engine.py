@@ -135,6 +135,11 @@ class EngineConfig:
     # target layers whose outputs every RequestOutput carries for the positions committed
     # in its step (feature capture: training data for a drafter); () = none
     capture_layers: tuple[int, ...] = ()
+    # dynamic draft length: a speculating row verifies only its leading drafts whose running
+    # product of drafter confidences stays >= this (speculative.drafts_to_verify), at most
+    # the scheduled block size - 1, and a step's forward is as long as its longest row's
+    # block; 0 = always the whole scheduled block
+    draft_threshold: float = 0.0
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -145,6 +150,9 @@ class EngineConfig:
             raise ValueError("block_size must be >= 1")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
+        self.draft_threshold = float(self.draft_threshold)
+        if not 0.0 <= self.draft_threshold < 1.0:
+            raise ValueError("draft_threshold must be in [0, 1)")
         self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
         self.capture_layers = tuple(int(i) for i in self.capture_layers)
         if any(i < 0 for i in self.capture_layers):
@@ -406,11 +414,18 @@ class SpecEngine:
         slots = torch.tensor([s.slot for s in rows])
         anchors = torch.tensor([s.last for s in rows])
         start = torch.tensor(starts)
-        draft_tokens, draft_probs = torch.zeros(R, b - 1, dtype=torch.int64, device=dev), None
+        draft_tokens, draft_probs, num_drafts = torch.zeros(R, b - 1, dtype=torch.int64, device=dev), None, None
         if b > 1:
-            draft_tokens, draft_probs = spec.draft(self.drafting, self.target, rows, slots, anchors, start, b)
+            thr = self.config.draft_threshold
+            draft_tokens, draft_probs, conf = spec.draft(self.drafting, self.target, rows, slots, anchors, start, b,
+                                                         confidence=thr > 0)
+            if conf is not None:   # verify only the drafts the drafter trusts enough (drafts_to_verify)
+                num_drafts = spec.drafts_to_verify(conf, thr).tolist()
+                b = max(num_drafts) + 1
+                draft_tokens = draft_tokens[:, :b - 1]
+                draft_probs = None if draft_probs is None else draft_probs[:, :b - 1]
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture())
-        accept_len, next_tok = spec.accept(self.target, rows, hidden, draft_tokens, draft_probs)
+        accept_len, next_tok = spec.accept(self.target, rows, hidden, draft_tokens, draft_probs, num_drafts)
         lps = {}
         if any(s.params.logprobs is not None for s in rows):
             # block position j commits draft j while j < accepted, then the target's next token
@@ -422,8 +437,9 @@ class SpecEngine:
         result = []
         for r, s in enumerate(rows):
             n, nxt, dt = packed[r][0], packed[r][1], packed[r][2:]
-            s.stats.record(b - 1, n)
-            s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = b, b - 1, n
+            k = b - 1 if num_drafts is None else num_drafts[r]   # drafts this row verified
+            s.stats.record(k, n)
+            s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = k + 1, k, n
             # committed grows by n+1; the cache keeps anchor + accepted drafts
             st = starts[r]
             self.cache.set_len(s.slot, st + 1 + n)

@@ -34,6 +34,9 @@ class ServiceConfig:
     # today's drafter); None: always block_size
     block_size_schedule: list[tuple[int, int]] | str | None = "auto"
     max_prefill_tokens: int = 512  # prompt tokens prefilled per engine step (longer prompts: in chunks)
+    # dynamic draft length (EngineConfig.draft_threshold): a request verifies only the drafts
+    # whose running product of drafter confidences stays >= this; 0 = the whole block
+    draft_threshold: float = 0.0
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429
     retry_after_s: int = 1
@@ -128,6 +131,10 @@ class ServiceConfig:
             self.block_size_schedule = "auto"   # resolved where the engine runs (its CPU decides the dtype)
         elif self.block_size_schedule is not None:
             self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
+        if isinstance(self.draft_threshold, bool) or not isinstance(self.draft_threshold, (int, float)) \
+                or not 0.0 <= self.draft_threshold < 1.0:
+            raise ValueError(f"draft_threshold must be a number in [0, 1), got {self.draft_threshold!r}")
+        self.draft_threshold = float(self.draft_threshold)
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
         if not 1 <= self.max_prompt_tokens < self.max_seq_len:

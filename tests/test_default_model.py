@@ -57,6 +57,15 @@ def test_dflash_greedy_equals_transformers_generate(default):
         assert res.token_ids == ref
         assert res.stats.num_draft_tokens > 0
     assert "Paris" in tok.decode(out[0].token_ids)
+    # dynamic draft length on the shipped drafter's real confidences: the same tokens, with
+    # blocks cut short where the drafter is unsure
+    engine.config.draft_threshold = 0.3
+    try:
+        dyn = engine.generate(prompts, SamplingParams(max_new_tokens=32))
+    finally:
+        engine.config.draft_threshold = 0.0
+    assert [r.token_ids for r in dyn] == [r.token_ids for r in out]
+    assert all(0 < r.stats.num_draft_tokens < 15 * r.stats.num_steps for r in dyn)
 
 
 def run_cli(*args):

@@ -19,8 +19,9 @@ PENALTIES = dict(presence_penalty=0.6, frequency_penalty=0.4, repetition_penalty
 
 
 def make_engine(target, block_size=8, drafter=True, max_slots=4, max_seq_len=160, schedule=None, seed=0, eos=(),
-                draft_vocab=None):
-    cfg = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, block_size=block_size, block_size_schedule=schedule)
+                draft_vocab=None, draft_threshold=0.0):
+    cfg = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, block_size=block_size, block_size_schedule=schedule,
+                       draft_threshold=draft_threshold)
     backend = None
     if drafter:
         d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=3,
@@ -121,6 +122,105 @@ def test_every_acceptance_length_is_exact(target, block_size):
         assert o.stats.num_accepted_tokens == sum(o.stats.acceptance_lengths) - len(o.stats.acceptance_lengths)
         assert o.stats.accepted_per_position[0] >= o.stats.accepted_per_position[-1] > 0
     assert backend.violations == 0 and not backend.context  # context exact; all slots freed
+
+
+def test_drafts_to_verify_reads_the_running_product_of_confidences():
+    from dflash_core.speculative import drafts_to_verify
+    conf = torch.tensor([[0.9, 0.5, 0.9], [0.2, 0.9, 0.9], [0.6, 0.6, 0.6], [0.3, 1.0, 1.0], [0.99, 0.99, 0.99]])
+    # running products: .9 .45 .405 | .2 .. | .6 .36 .216 | .3 .3 .3 | .99 .98 .97
+    assert drafts_to_verify(conf, 0.3).tolist() == [3, 0, 2, 3, 3]
+    assert drafts_to_verify(conf, 0.5).tolist() == [1, 0, 1, 0, 3]
+    assert drafts_to_verify(conf, 0.0).tolist() == [3, 3, 3, 3, 3]
+    # a later confident draft never revives the block after an unsure one
+    assert drafts_to_verify(torch.tensor([[0.1, 1.0, 1.0]]), 0.05).tolist() == [3]
+    assert drafts_to_verify(torch.tensor([[0.9, 0.1, 1.0]]), 0.5).tolist() == [1]
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match="draft_threshold"):
+            EngineConfig(draft_threshold=bad)
+
+
+def _cycling_caps(monkeypatch, period: int):
+    """drafts_to_verify replaced by a cycle 0, 1, .., period-1 over the rows of every call
+    (it reads nothing of the target, like the real one): every cap occurs beside every
+    acceptance length. Returns the list of caps handed out."""
+    from dflash_core import speculative
+    counter, handed = itertools.count(), []
+
+    def caps(conf, threshold):
+        assert 0 < threshold < 1 and conf.shape[1] >= 1
+        out = torch.tensor([min(next(counter) % period, conf.shape[1]) for _ in range(conf.shape[0])])
+        handed.extend(out.tolist())
+        return out
+    monkeypatch.setattr(speculative, "drafts_to_verify", caps)
+    return handed
+
+
+def test_dynamic_draft_length_is_exact_for_every_cap(target, monkeypatch):
+    """Greedy, block 8, the oracle drafter (m correct drafts then a wrong one, m cycling 0..7)
+    and a verify cap k cycling 0..6 (a period prime to 8, so every (k, m) pair occurs): the
+    output is the target's own token for token; each step verifies k drafts (its forward
+    is as long as its longest row's block) and accepts min(k, m) of them."""
+    B = 8
+    n = 120
+    ref = [naive_greedy(target, p, n) for p in PROMPTS]
+    ref_hidden = {}
+    for p, r in zip(PROMPTS, ref):
+        seq = p + r
+        cache = target.new_cache(1, len(seq) + 1)
+        h, _ = target(torch.tensor([seq]), cache, torch.tensor([0]), torch.tensor([0]))
+        ref_hidden[tuple(p)] = h[0]
+    handed = _cycling_caps(monkeypatch, 7)
+    cfg = EngineConfig(max_slots=4, max_seq_len=200, block_size=B, draft_threshold=0.5)
+    backend = OracleDraftBackend(None, ref_hidden, B, 3, [0, 2])
+    eng = SpecEngine(target, backend, cfg)
+    backend.engine = eng
+    from dflash_core import speculative
+    widths = []
+    real_verify = speculative.verify
+
+    def verify_width(tgt, cache, slots, anchors, drafts, *a, **k):
+        widths.append(drafts.shape[1] + 1)
+        return real_verify(tgt, cache, slots, anchors, drafts, *a, **k)
+    monkeypatch.setattr(speculative, "verify", verify_width)
+    out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    assert [o.token_ids for o in out] == ref
+    assert set(handed) == set(range(7))
+    for o in out:
+        assert o.stats.num_draft_tokens < o.stats.num_steps * (B - 1)     # capped blocks
+        lens = set(o.stats.acceptance_lengths)
+        assert set(range(1, 6)) <= lens <= set(range(1, B))   # caps of 6 at most: 7 tokens a step at most
+        assert o.stats.num_accepted_tokens == sum(o.stats.acceptance_lengths) - len(o.stats.acceptance_lengths)
+    assert len(set(widths)) > 3 and max(widths) <= B   # decode forwards as long as their longest row
+    assert backend.violations == 0 and not backend.context
+
+
+def test_dynamic_draft_length_with_real_confidences_is_exact(target):
+    """The real rule on a real (random) drafter: a threshold between the drafts'
+    confidences gives steps of several lengths; the output stays the target's."""
+    n = 40
+    ref = [naive_greedy(target, p, n) for p in PROMPTS]
+    from dflash_core import speculative
+    seen = []
+    real = speculative.drafts_to_verify
+
+    def spy(conf, thr):
+        seen.append(conf)
+        return real(conf, thr)
+    speculative.drafts_to_verify = spy
+    try:
+        probe = make_engine(target, block_size=8, draft_threshold=0.999)
+        probe.generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
+        first = torch.cat([c[:, 0] for c in seen])
+        thr = float(first.median())          # about half the first drafts pass
+        seen.clear()
+        eng = make_engine(target, block_size=8, draft_threshold=thr)
+        out = eng.generate(PROMPTS, SamplingParams(max_new_tokens=n, ignore_eos=True))
+    finally:
+        speculative.drafts_to_verify = real
+    assert [o.token_ids for o in out] == ref
+    caps = torch.cat([real(c, thr) for c in seen])
+    assert caps.min() == 0 and caps.max() >= 1
+    assert sum(o.stats.num_draft_tokens for o in out) == int(caps.sum())
 
 
 def test_greedy_with_a_drafting_vocabulary(target):
@@ -368,7 +468,7 @@ def test_greedy_with_penalties_equals_the_penalized_target(target, monkeypatch, 
     V = target.config.vocab_size
     cycle = {}
 
-    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb):
+    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb, confidence=False):
         out = torch.zeros(len(rows), bb - 1, dtype=torch.int64)
         for r, s in enumerate(rows):
             want = ref[PROMPTS.index(s.prompt)] + [0] * bb
@@ -376,7 +476,7 @@ def test_greedy_with_penalties_equals_the_penalized_target(target, monkeypatch, 
             m = next(cycle.setdefault(s.request_id, itertools.cycle(range(bb))))
             for j in range(bb - 1):
                 out[r, j] = want[k + j] if j < m else (want[k + j] + 1) % V
-        return out, None
+        return out, None, None
 
     monkeypatch.setattr(speculative, "draft", oracle_draft)
     eng = make_engine(target, block_size=b)
@@ -417,13 +517,13 @@ def test_min_tokens_hold_the_stop_ids_back_at_every_acceptance_length(target, mo
     V = target.config.vocab_size
     cycle = itertools.cycle(range(b))
 
-    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb):
+    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb, confidence=False):
         out = torch.zeros(len(rows), bb - 1, dtype=torch.int64)
         want = ref + [stop] + [0] * bb
         k, m = len(rows[0].output), next(cycle)
         for j in range(bb - 1):
             out[0, j] = want[k + j] if j < m else (want[k + j] + 1) % V
-        return out, None
+        return out, None, None
 
     monkeypatch.setattr(speculative, "draft", oracle_draft)
     for eng in (make_engine(target, block_size=b, eos=(stop,)), make_engine(target, block_size=1, drafter=False,
@@ -571,12 +671,59 @@ def test_speculative_sampling_matches_target_distribution(temperature, top_k, to
     assert chi_square_pvalue(bad, probs, n) < 1e-3
 
 
-def test_same_seed_same_output_regardless_of_batch(target):
-    eng = make_engine(target, block_size=8)
+@pytest.mark.parametrize("temperature,top_k,top_p,pen", [(1.0, 0, 1.0, None), (0.7, 4, 0.9, PENALTIES)])
+def test_dynamic_draft_length_sampling_matches_target_distribution(monkeypatch, temperature, top_k, top_p, pen):
+    """As above, with every speculative step's verify cap cycling 0..3 over the rows (block 4):
+    rows capped at k drafts are accepted as blocks of k + 1 (accept / residual at k' < k,
+    a plain target sample at k), uncapped ones beside them; the 3-token continuations
+    still follow the warped target's distribution."""
+    target = tiny_random_target(vocab_size=6, num_layers=2, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.15)
+    prompt, length, n = [1, 4, 2], 3, 4000
+    probs = exact_joint(target, prompt, length, temperature, top_k, top_p, pen)
+    handed = _cycling_caps(monkeypatch, 4)
+    eng = make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5, draft_threshold=0.5)
+    counts = sample_many(eng, prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p, **(pen or {}))
+    assert set(handed) == {0, 1, 2, 3}
+    assert chi_square_pvalue(counts, probs, n) > 1e-3
+    # power: a cap that emitted a residual (as after a rejected draft) at the capped position
+    # instead of a plain target sample is detected: here a draft of the target's most likely
+    # token there with q = one-hot, always rejected, so that token is never emitted there
+    from dflash_core import kernels
+    orig = kernels.rejection_accept
+
+    def residual_at_cap(d, tp, dp, ua, us):
+        if d.shape[1] < 3:   # a capped row
+            k = d.shape[1]
+            mode = tp[:, k].argmax(-1)
+            dd = torch.cat([d, mode[:, None]], 1)
+            q = torch.nn.functional.one_hot(mode, tp.shape[-1]).to(tp.dtype)[:, None]
+            a, nx = orig(dd, torch.cat([tp, tp[:, -1:]], 1), torch.cat([dp, q], 1),
+                         torch.cat([ua, torch.ones_like(ua[:, :1])], 1), us)
+            return a.clamp(max=k), nx
+        return orig(d, tp, dp, ua, us)
+    monkeypatch.setattr(kernels, "rejection_accept", residual_at_cap)
+    bad = sample_many(make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5, draft_threshold=0.5),
+                      prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p, **(pen or {}))
+    assert chi_square_pvalue(bad, probs, n) < 1e-3
+
+
+@pytest.mark.parametrize("draft_threshold", [0.0, 6e-4])
+def test_same_seed_same_output_regardless_of_batch(target, monkeypatch, draft_threshold):
+    """Also with dynamic draft length (a threshold that caps rows at different lengths in
+    one step: a row's cap and its random draws follow its own drafts, not its batch)."""
+    from dflash_core import speculative
+    caps, real = [], speculative.drafts_to_verify
+    monkeypatch.setattr(speculative, "drafts_to_verify", lambda c, t: caps.append(real(c, t)) or caps[-1])
+    eng = make_engine(target, block_size=8, draft_threshold=draft_threshold)
     p = SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.95, seed=42, ignore_eos=True)
     [a] = eng.generate([PROMPTS[0]], p)
     b = eng.generate(PROMPTS, [p, SamplingParams(max_new_tokens=5, temperature=0.8, seed=1), p, p])
     assert b[0].token_ids == a.token_ids
+    if draft_threshold:
+        batched = [c for c in caps if c.numel() > 1]
+        assert any(len(set(c.tolist())) > 1 for c in batched), caps   # rows of one step capped differently
     [c] = eng.generate([PROMPTS[0]], SamplingParams(max_new_tokens=20, temperature=1.0, top_p=0.95, seed=43,
                                                     ignore_eos=True))
     assert c.token_ids != a.token_ids

@@ -298,18 +298,26 @@ def test_compact_shards_roundtrip(tmp_path):
 def test_bench_json_reports_verify_cost_by_block_size():
     out = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
                           "--drafter", "random", "--num-prompts", "1", "--max-new-tokens", "8", "--verify-cost",
-                          "--block-sizes", "4,8", "--batch-sizes", "2", "--dtype", "bfloat16", "--json"],
+                          "--block-sizes", "4,8", "--batch-sizes", "2", "--dtype", "bfloat16",
+                          "--draft-thresholds", "0,0.5", "--dataset", "sharegpt", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
-    assert summary["dtype"] == "bfloat16"
+    assert summary["dtype"] == "bfloat16" and summary["dataset"] == "sharegpt" and summary["num_prompts"] == 1
     assert set(summary["verify_ms"]) == {"1", "2", "3", "4", "8", "16"} and all(v > 0 for v in summary["verify_ms"].values())
     assert set(summary["by_block_size"]) == {"4", "8"}
     assert all(r["greedy_outputs_identical"] for r in summary["by_block_size"].values())
+    # each block size with each dynamic draft length threshold, the first standing for the block size
+    by_thr = summary["by_draft_threshold"]
+    assert set(by_thr) == {"0", "0.5"} and all(set(v) == {"4", "8"} for v in by_thr.values())
+    assert all(r["greedy_outputs_identical"] for v in by_thr.values() for r in v.values())
+    assert by_thr["0"] == summary["by_block_size"] and summary["draft_threshold"] == 0
     assert summary["batched_ar_tokens_per_s"]["2"] > 0
-    bad = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
-                          "--dtype", "fp8"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "dtype" in bad.stderr
+    for argv, needle in ((["--dtype", "fp8"], "dtype"), (["--draft-thresholds", "0,1.5"], "--draft-thresholds"),
+                         (["--draft-thresholds", "x"], "--draft-thresholds")):
+        bad = subprocess.run([DFLASH, "bench", "--target", "tiny-random", *argv],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
 
 
 def test_bench_prepack_ab_reports_both_and_restores_the_packed_linears():

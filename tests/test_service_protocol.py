@@ -113,6 +113,13 @@ def test_config_from_dict_and_schedule():
                 {"dtype": "int8"}, {"max_prompt_tokens": 5000}):
         with pytest.raises(ValueError):
             ServiceConfig(**bad)
+    # dynamic draft length: reaches the engine; outside [0, 1) or not a number is refused by name
+    from service.engines import engine_config
+    assert ServiceConfig(target="tiny-random").draft_threshold == 0.0
+    assert engine_config(ServiceConfig(target="tiny-random", draft_threshold=0.3)).draft_threshold == 0.3
+    for bad in (-0.1, 1.0, "0.3", True, float("nan")):
+        with pytest.raises(ValueError, match="draft_threshold"):
+            ServiceConfig(target="tiny-random", draft_threshold=bad)
 
 
 def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
@@ -190,6 +197,8 @@ def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
     (["--max-slots", "0"], 2, "max_slots"),
     (["--port", "70000"], 2, "port"),
     (["--block-size-schedule", "1-16"], 2, "MAX_RUNNING:BLOCK_SIZE"),
+    (["--draft-threshold", "1.5"], 2, "draft_threshold"),
+    (["--draft-threshold", "half"], 2, "--draft-threshold"),
     (["--target", "/no/such/model"], 1, "unknown model"),
     (["--drafter", "/no/such/drafter", "--target", "tiny-random"], 2, "drafter"),
     (["--runtime", "uvicorn", "--placement", "disaggregated", "--target", "tiny-random"], 2, "colocated only"),
