@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import kernels, native
 from .models.config import ModelConfig, hf_shape
 from .models.kv_cache import KVCache
 from .models.layers import AttentionProj, GatedMLP, RMSNorm, RotaryTable
@@ -272,11 +272,21 @@ class DFlashDrafter(nn.Module):
         dev = self.fc.weight.device
         slots, positions = slots.to(dev), positions.to(dev)
         kv = kv.to(dev, self.fc.weight.dtype)
-        cos, sin = self.rotary(positions, kv.dtype)               # [N, D]
-        for i, layer in enumerate(self.layers):
-            a = layer.self_attn
-            kernels.write_context_kv(kv[:, i, 0], kv[:, i, 1], a.k_norm.weight, a.k_norm.eps, cos, sin,
-                                     cache.k[i], cache.v[i], slots, positions)
+        rot = self.rotary
+        if kv.dtype == torch.float32 and dev.type == "cpu":   # one native call per layer where it serves
+            if int(positions.max()) >= rot.cos.shape[0]:
+                rot(positions, kv.dtype)                         # grows the tables
+            done = [native.write_context(kv[:, i], a.k_norm.weight, a.k_norm.eps, rot.cos, rot.sin,
+                                         cache.k[i], cache.v[i], slots, positions)
+                    for i, a in enumerate(layer.self_attn for layer in self.layers)]
+        else:
+            done = [False]
+        if not all(done):   # (a layer the native call did not serve: every layer here, the same way)
+            cos, sin = rot(positions, kv.dtype)                   # [N, D]
+            for i, layer in enumerate(self.layers):
+                a = layer.self_attn
+                kernels.write_context_kv(kv[:, i, 0], kv[:, i, 1], a.k_norm.weight, a.k_norm.eps, cos, sin,
+                                         cache.k[i], cache.v[i], slots, positions)
         # context is contiguous per slot: the new length is the last position + 1
         end = torch.zeros_like(cache.lens).scatter_reduce(0, slots.cpu(), positions.cpu() + 1, reduce="amax")
         cache.lens.copy_(torch.maximum(cache.lens, end))

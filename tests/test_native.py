@@ -307,3 +307,46 @@ def test_native_drafter_block_matches_the_torch_drafter():
     d.append_context(small, torch.zeros(13, dtype=torch.int64), torch.arange(13), feats[1, :13])
     torch.testing.assert_close(d.forward_cached(small, torch.tensor([0]), emb[:1], pos[:1]), out[False][:1],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_native_context_write_matches_the_reference_kernel():
+    """A drafter layer's context K/V written in one native call (k_norm, RoPE, the store)
+    equal the reference kernel's to rounding, the values bit for bit; the lengths are the
+    same; a slot or position outside the cache is refused before anything is written; a
+    bf16 drafter keeps the torch path."""
+    from dflash_core import native
+    from dflash_core.drafter import DFlashDrafter
+    from dflash_core.models.config import ModelConfig
+    tcfg = ModelConfig(vocab_size=128, hidden_size=48, intermediate_size=96, num_layers=8, num_heads=6,
+                       num_kv_heads=2, head_dim=8, qk_norm=True, family="qwen3")
+    d = DFlashDrafter.from_target(tcfg, num_layers=2, block_size=8, mask_token_id=3, num_features=3, seed=2)
+    d = d.pack_weights()
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(9, 3 * 48, generator=g)
+    slots = torch.tensor([0, 0, 0, 2, 2, 1, 1, 1, 1])
+    pos = torch.tensor([0, 1, 2, 0, 1, 5, 6, 7, 40])      # 40: past the RoPE tables built so far? grown
+    d.rotary._build(16)
+    caches = {}
+    for on in (True, False):
+        native.set_enabled(on)
+        try:
+            caches[on] = d.new_cache(3, 48)
+            d.append_context(caches[on], slots, pos, feats)
+        finally:
+            native.set_enabled(True)
+    a, b = caches[True], caches[False]
+    assert a.lens.tolist() == b.lens.tolist() == [3, 41, 2]
+    for i in range(2):
+        torch.testing.assert_close(a.k[i], b.k[i], rtol=1e-6, atol=1e-6)
+        assert torch.equal(a.v[i], b.v[i]) and a.k[i].abs().sum() > 0
+    kv = d.context_kv(feats[:2])
+    assert native.write_context(kv[:, 0], d.layers[0].self_attn.k_norm.weight, 1e-6, d.rotary.cos, d.rotary.sin,
+                                a.k[0], a.v[0], torch.tensor([0, 0]), torch.tensor([3, 4]))
+    before = a.k[0].clone()
+    for bad_slots, bad_pos in (([0, 3], [5, 6]), ([0, 0], [5, 48]), ([0, -1], [5, 6])):
+        with pytest.raises(ValueError, match="range"):
+            native.write_context(kv[:, 0], None, 1e-6, d.rotary.cos, d.rotary.sin, a.k[0], a.v[0],
+                                 torch.tensor(bad_slots), torch.tensor(bad_pos))
+    assert torch.equal(before, a.k[0])
+    assert not native.write_context(kv[:, 0].bfloat16(), None, 1e-6, d.rotary.cos, d.rotary.sin,
+                                    a.k[0], a.v[0], torch.tensor([0, 0]), torch.tensor([3, 4]))

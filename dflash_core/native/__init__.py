@@ -61,6 +61,7 @@ MAX_ROWS = 192
 
 _LIB = None
 _LAYER = None   # (dfl_layer, dfl_layer_work) once the library is loaded
+_WRITE_CONTEXT = None   # dfl_write_context once the library is loaded
 _REASON: str | None = None
 _ENABLED = os.environ.get("DFLASH_NATIVE", "1") != "0"
 
@@ -120,8 +121,14 @@ def _load():
         work = lib.dfl_layer_work
         work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
         work.restype = ctypes.c_long
-        global _LAYER
+        wctx = lib.dfl_write_context
+        wctx.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
+                         ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
+        wctx.restype = ctypes.c_int
+        global _LAYER, _WRITE_CONTEXT
         _LAYER = (layer, work)
+        _WRITE_CONTEXT = wctx
         _LIB = fn
     except (OSError, RuntimeError) as e:
         _REASON = f"could not build the native kernel: {e}"
@@ -332,6 +339,36 @@ def _f32_ptr(t) -> int | None:
     if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("not a contiguous fp32 CPU tensor")
     return t.data_ptr()
+
+
+def write_context(kv: torch.Tensor, k_norm_weight: torch.Tensor | None, eps: float, cos_table: torch.Tensor,
+                  sin_table: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                  positions: torch.Tensor) -> bool:
+    """One drafter layer's context K/V into its cache in one native call (dfl_write_context):
+    kv [N, 2, Hkv, D] (k and v projections, before k_norm and RoPE; any row stride),
+    cos / sin tables [P, D], caches [S, Hkv, cap, D] -> True when written; False (nothing
+    written) where the native kernel does not serve it: off, not built, or not all fp32
+    on the CPU with contiguous caches. A slot or position out of range is a ValueError."""
+    if not _ENABLED or _load() is None or _WRITE_CONTEXT is None:
+        return False
+    N, two, H, D = kv.shape
+    ts = (kv, cos_table, sin_table, k_cache, v_cache) + (() if k_norm_weight is None else (k_norm_weight,))
+    if two != 2 or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in ts) \
+            or not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos_table.is_contiguous()
+                    and sin_table.is_contiguous()) or kv.stride()[1:] != (H * D, D, 1) or D % 8 or D > 256:
+        return False
+    S, Hc, cap, Dc = k_cache.shape
+    if (Hc, Dc) != (H, D) or cos_table.shape[1] != D:
+        raise ValueError(f"context K/V [.., 2, {H}, {D}] does not fit the cache {tuple(k_cache.shape)}")
+    slots = slots.to("cpu", torch.int64).contiguous()
+    positions = positions.to("cpu", torch.int64).contiguous()
+    knw = None if k_norm_weight is None else k_norm_weight.contiguous()
+    rc = _WRITE_CONTEXT(kv.data_ptr(), N, kv.stride(0), H, D, None if knw is None else knw.data_ptr(), eps,
+                        cos_table.data_ptr(), sin_table.data_ptr(), cos_table.shape[0], slots.data_ptr(),
+                        positions.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), S, cap)
+    if rc != 0:
+        raise ValueError("context slot or position out of the cache's range")
+    return True
 
 
 class NativeLayers:

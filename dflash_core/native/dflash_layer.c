@@ -260,3 +260,32 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
 #undef XROW
     return 0;
 }
+
+/* A DFlash drafter layer's context K/V, N committed tokens at once: kv holds each token's
+ * k and v projections ([2, Hkv, D] per token, rows `stride` floats apart);
+ *   k_cache[slots[n], g, pos[n]] = RoPE(k_norm(k[n, g]))   (k_norm when given)
+ *   v_cache[slots[n], g, pos[n]] = v[n, g]
+ * with cos / sin read from tables [P, D] at row pos[n]. The same norm and RoPE as the
+ * layer above applies to a block's own keys. Returns 0; -1 (nothing written) when a slot
+ * is outside [0, S), a position outside [0, min(cap, P)) or D is not a multiple of 8 / > 256. */
+int dfl_write_context(const float *kv, long N, long stride, int kv_heads, int head_dim, const float *k_norm,
+                      float eps, const float *cos_t, const float *sin_t, long P, const int64_t *slots,
+                      const int64_t *pos, float *k_cache, float *v_cache, long S, long cap) {
+    const int D = head_dim;
+    if (D % 8 || D > 256 || D <= 0) return -1;
+    for (long n = 0; n < N; n++)
+        if (slots[n] < 0 || slots[n] >= S || pos[n] < 0 || pos[n] >= cap || pos[n] >= P) return -1;
+    float tmp[256];
+    for (long n = 0; n < N; n++) {
+        const float *cs = cos_t + pos[n] * D, *sn = sin_t + pos[n] * D;
+        for (int g = 0; g < kv_heads; g++) {
+            const float *k = kv + n * stride + (long)g * D, *v = kv + n * stride + (long)(kv_heads + g) * D;
+            const long off = ((slots[n] * kv_heads + g) * cap + pos[n]) * D;
+            if (k_norm) rms_norm(k, k_norm, D, eps, tmp);
+            else for (int d = 0; d < D; d++) tmp[d] = k[d];
+            rope(tmp, cs, sn, D);
+            for (int d = 0; d < D; d++) { k_cache[off + d] = tmp[d]; v_cache[off + d] = v[d]; }
+        }
+    }
+    return 0;
+}
