@@ -77,6 +77,10 @@ def _parser():
     ap.add_argument("--draft-thresholds", default="",
                     help="comma-separated dynamic draft length thresholds (EngineConfig.draft_threshold; "
                          "0 = the whole block): each block size runs with each, side by side (default: 0)")
+    ap.add_argument("--calibration", action="store_true",
+                    help="also decode the prompts with DFlash at the largest block size and report how often "
+                         "drafts were accepted by their running product of drafter confidences (what "
+                         "--draft-thresholds cuts on), per position and 0.1-wide bin")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
@@ -410,6 +414,14 @@ def main(argv=None) -> int:
     summary["draft_threshold"] = thresholds[0]
     if len(thresholds) > 1:
         summary["by_draft_threshold"] = by_threshold
+    if args.calibration:
+        cal = draft_calibration(engine, prompts, base, max(block_sizes))
+        print(f"drafter calibration, block {cal['block_size']}, {cal['steps']} steps: running confidence bin -> "
+              "steps, accepted", file=out)
+        for j, rows in cal["by_position"].items():
+            print(f"  position {j}: " + ", ".join(f"{r['bin']} {r['steps']} {r['accepted']:.0%}" for r in rows
+                                                  if r["steps"]), file=out)
+        summary["calibration"] = cal
     if args.verify_cost:
         seq_modes = [(None, "", contextlib.nullcontext)] + [m for m in off_modes if m[0] == "prepacked_off"]
         for key, label, ctx in seq_modes:
@@ -492,6 +504,48 @@ def _peers(args, engine, tok, dtype, out) -> int:
                       "block_size": engine.config.block_size, "max_new_tokens": args.max_new_tokens,
                       "threads": torch.get_num_threads(), "results": summary, "skipped": skipped}))
     return 0
+
+
+def draft_calibration(engine, prompts, base, block_size: int, positions: int = 3) -> dict:
+    """Decode each prompt with DFlash at `block_size` (every draft verified) and count, per
+    block position j <= `positions` and 0.1-wide bin of the running product of the drafter's
+    confidences up to j (speculative.draft(confidence=True): what drafts_to_verify reads),
+    the steps and the share whose draft j was accepted."""
+    from . import speculative
+    real_draft, real_accept = speculative.draft, speculative.accept
+    pending: list = []
+    counts = [[[0, 0] for _ in range(10)] for _ in range(positions)]
+
+    def draft(*a, **k):
+        k["confidence"] = True
+        tokens, q, conf = real_draft(*a, **k)
+        pending.append(conf.cumprod(dim=1))
+        return tokens, q, conf if engine.config.draft_threshold > 0 else None
+
+    def accept(*a, **k):
+        acc, nxt = real_accept(*a, **k)
+        if not pending:   # a step that drafted nothing
+            return acc, nxt
+        run = pending.pop()
+        for r, n_acc in enumerate(acc.tolist()):
+            for j in range(min(positions, run.shape[1])):
+                c = counts[j][min(int(float(run[r, j]) * 10), 9)]
+                c[0] += 1
+                c[1] += n_acc > j
+        return acc, nxt
+    old_b, old_thr = engine.config.block_size, engine.config.draft_threshold
+    speculative.draft, speculative.accept = draft, accept
+    try:
+        engine.config.block_size, engine.config.draft_threshold = block_size, 0.0
+        for p in prompts:
+            engine.generate([p], base)
+    finally:
+        speculative.draft, speculative.accept = real_draft, real_accept
+        engine.config.block_size, engine.config.draft_threshold = old_b, old_thr
+    return {"block_size": block_size, "steps": sum(c[0] for c in counts[0]),
+            "by_position": {str(j + 1): [{"bin": f"{i / 10:.1f}-{(i + 1) / 10:.1f}", "steps": c[0],
+                                         "accepted": round(c[1] / c[0], 4) if c[0] else None}
+                                        for i, c in enumerate(counts[j])] for j in range(positions)}}
 
 
 def _ar_vs_dflash(engine, prompts, base, repeats: int, temperature: float, out) -> dict:

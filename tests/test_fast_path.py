@@ -299,7 +299,7 @@ def test_bench_json_reports_verify_cost_by_block_size():
     out = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
                           "--drafter", "random", "--num-prompts", "1", "--max-new-tokens", "8", "--verify-cost",
                           "--block-sizes", "4,8", "--batch-sizes", "2", "--dtype", "bfloat16",
-                          "--draft-thresholds", "0,0.5", "--dataset", "sharegpt", "--json"],
+                          "--draft-thresholds", "0,0.5", "--dataset", "sharegpt", "--calibration", "--json"],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
@@ -312,6 +312,12 @@ def test_bench_json_reports_verify_cost_by_block_size():
     assert set(by_thr) == {"0", "0.5"} and all(set(v) == {"4", "8"} for v in by_thr.values())
     assert all(r["greedy_outputs_identical"] for v in by_thr.values() for r in v.values())
     assert by_thr["0"] == summary["by_block_size"] and summary["draft_threshold"] == 0
+    # calibration: every step of the block-8 run counted once per position, in one bin each
+    cal = summary["calibration"]
+    assert cal["block_size"] == 8 and cal["steps"] > 0 and set(cal["by_position"]) == {"1", "2", "3"}
+    for rows in cal["by_position"].values():
+        assert len(rows) == 10 and sum(r["steps"] for r in rows) == cal["steps"]
+        assert all(0 <= r["accepted"] <= 1 for r in rows if r["steps"])
     assert summary["batched_ar_tokens_per_s"]["2"] > 0
     for argv, needle in ((["--dtype", "fp8"], "dtype"), (["--draft-thresholds", "0,1.5"], "--draft-thresholds"),
                          (["--draft-thresholds", "x"], "--draft-thresholds")):
