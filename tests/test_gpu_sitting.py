@@ -1,5 +1,5 @@
 """deploy/gpu/sitting.sh, the prepared drafter training sitting for a lent GPU machine,
-run here on the CPU with tiny settings: the target travels in two parts that each fit one
+run here on the CPU with tiny settings: the target travels in parts that each fit one
 transfer beside the working tree, is put back together bit for bit (a wrong part is
 refused), and the train phase writes a loadable drafter and its log into $OUT."""
 import hashlib
@@ -16,11 +16,12 @@ SCRIPT = ROOT / "deploy" / "gpu" / "sitting.sh"
 TRANSFER_LIMIT = 64 * 2**20     # the device tool's working-tree limit per call
 
 
-def _run(phase, tmp_path, check=True, **env):
+def _run(phase, tmp_path, check=True, phase_arg=None, **env):
     e = dict(os.environ, PY=sys.executable, GPU_DIR=str(tmp_path / "gpu"), STAGE_DIR=str(tmp_path / "stage"),
              NO_WHEEL="1")
     e.update(env)
-    r = subprocess.run(["bash", str(SCRIPT), phase], cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
+    argv = ["bash", str(SCRIPT), phase] + ([phase_arg] if phase_arg else [])
+    r = subprocess.run(argv, cwd=ROOT, env=e, capture_output=True, text=True, timeout=900)
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r
@@ -45,29 +46,42 @@ def prepared(tmp_path_factory):
     return tmp, default_gguf_path()
 
 
-def test_the_target_travels_in_two_parts_that_fit_and_join_bit_for_bit(prepared, tmp_path):
+def test_the_target_travels_in_parts_that_fit_and_join_bit_for_bit(prepared, tmp_path):
     tmp, gguf = prepared
-    parts = [tmp / "gpu" / f"part-{i}" / "gguf.part" for i in (1, 2)]
+    parts = sorted((tmp / "gpu").glob("part-*/gguf.part"), key=lambda p: int(p.parent.name[5:]))
+    assert len(parts) == 3   # PARTS default
     assert sum(p.stat().st_size for p in parts) == gguf.stat().st_size
     tree = _tree_bytes()
-    for p in parts:   # each call carries one part beside the working tree
+    for p in parts:   # each call carries one part beside the working tree (the data folders grow)
         assert tree + p.stat().st_size + 2**20 < TRANSFER_LIMIT, (tree, p.stat().st_size)
-    r = _run("stage", tmp)
-    assert "staged part 1" in r.stdout
+    assert [p.name for p in (tmp / "gpu").glob("part-*/gguf.sha256")] == ["gguf.sha256"]
+    assert (tmp / "gpu" / "part-3" / "gguf.sha256").exists()   # carried by the train call
+    for k in (1, 2):
+        r = _run("stage", tmp, phase_arg=str(k))
+        assert f"staged part {k}" in r.stdout
     _run("join", tmp)
     assert _sha(tmp / "stage" / gguf.name) == _sha(gguf)
     # a part that is not the one prepared is refused by the checksum
     bad = tmp_path / "bad"
-    (bad / "part-2").mkdir(parents=True)
-    data = bytearray(parts[1].read_bytes())
+    (bad / "part-3").mkdir(parents=True)
+    data = bytearray(parts[2].read_bytes())
     data[12345] ^= 1
-    (bad / "part-2" / "gguf.part").write_bytes(bytes(data))
-    (bad / "part-2" / "gguf.sha256").write_text((tmp / "gpu" / "part-2" / "gguf.sha256").read_text())
+    (bad / "part-3" / "gguf.part").write_bytes(bytes(data))
+    (bad / "part-3" / "gguf.sha256").write_text((tmp / "gpu" / "part-3" / "gguf.sha256").read_text())
     r = _run("join", tmp, check=False, GPU_DIR=str(bad))
     assert r.returncode != 0 and "FAILED" in (r.stdout + r.stderr)
-    # without the staged part (the machine went back between the calls) join says so
+    # without a staged part (the machine went back between the calls) join says which
     r = _run("join", tmp_path, check=False, GPU_DIR=str(tmp / "gpu"))
-    assert r.returncode == 3 and "run stage again" in r.stderr
+    assert r.returncode == 3 and "run stage again" in r.stderr and "part-1" in r.stderr
+    (tmp_path / "stage").mkdir(exist_ok=True)
+    (tmp_path / "stage" / "part-1").write_bytes(parts[0].read_bytes())
+    r = _run("join", tmp_path, check=False, GPU_DIR=str(tmp / "gpu"))
+    assert r.returncode == 3 and "part-2" in r.stderr
+    # a part that was not carried, or a bad PARTS, is named
+    r = _run("stage", tmp, check=False, phase_arg="7")
+    assert r.returncode == 2 and "carry .gpu/part-7" in r.stderr
+    r = _run("prepare", tmp_path, check=False, PARTS="1")
+    assert r.returncode == 2 and "PARTS" in r.stderr
 
 
 def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):

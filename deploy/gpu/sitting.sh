@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # A drafter training sitting on a lent GPU machine, in three phases (deploy/gpu/README.md).
 #
-#   prepare  (here)         split the default target's GGUF into two parts that each fit
-#                           one transfer (the working tree travels, at most 64 MiB, and
-#                           the GGUF alone is 98 MB), and fetch the `gguf` wheel the
-#                           machine lacks (transformers reads GGUF files through it)
-#   stage    (device, 1st)  keep part 1 on the machine, outside the carried paths
-#   train    (device, 2nd)  join the parts, check the sha256, convert the target, train
+#   prepare  (here)         split the default target's GGUF into PARTS parts that each fit
+#                           one transfer beside the working tree (it travels with every
+#                           call, at most 64 MiB in all, and the GGUF alone is 98 MB), and
+#                           fetch the `gguf` wheel the machine lacks (transformers reads
+#                           GGUF files through it)
+#   stage K  (device, K-th) keep part K (1 .. PARTS-1) on the machine, outside the carried paths
+#   train    (device, last) join the staged parts and the carried last one, check the
+#                           sha256, convert the target, train
 #                           for BUDGET seconds from the shipped drafter, write the drafter
 #                           (bf16, + meta.json) and the log into $OUT (7 files; 8 may return)
 #   check    (device, opt.) the Triton kernels' tests and timings on the GPU, into $OUT
 #
-# Settings come from the environment (defaults in brackets): DEVICE [cuda], BUDGET [420]
+# Settings come from the environment (defaults in brackets): PARTS [3] (prepare), DEVICE [cuda], BUDGET [420]
 # training seconds, SEQS [128] sequences per step, BLOCKS [32] anchors per sequence,
 # BLOCK [8], LAYERS [1], LR [1e-3], WARMUP [100], SEED [12], INIT [default], TARGET
 # [the joined GGUF], DATA [both shipped data folders], EVAL_DATA [the holdout folder; empty:
@@ -30,34 +32,60 @@ case "$phase" in
 prepare)
     gguf=$("$PY" -c "from dflash_core.models.loader import default_gguf_path; print(default_gguf_path())")
     size=$(stat -c %s "$gguf")
-    half=$(( (size + 1) / 2 ))
-    rm -rf "$GPU_DIR/part-1" "$GPU_DIR/part-2"
-    mkdir -p "$GPU_DIR/part-1" "$GPU_DIR/part-2" "$GPU_DIR/whl"
-    head -c "$half" "$gguf" > "$GPU_DIR/part-1/gguf.part"
-    tail -c +"$(( half + 1 ))" "$gguf" > "$GPU_DIR/part-2/gguf.part"
-    (cd "$(dirname "$gguf")" && sha256sum "$GGUF_NAME") > "$GPU_DIR/part-2/gguf.sha256"
+    n=${PARTS:-3}
+    if ! [ "$n" -ge 2 ] 2>/dev/null; then
+        echo "sitting.sh: PARTS must be an integer >= 2, got '$n'" >&2
+        exit 2
+    fi
+    chunk=$(( (size + n - 1) / n ))
+    rm -rf "$GPU_DIR"/part-*
+    mkdir -p "$GPU_DIR/whl"
+    for k in $(seq 1 "$n"); do   # part k: bytes (k-1)*chunk .. k*chunk-1
+        mkdir -p "$GPU_DIR/part-$k"
+        dd if="$gguf" of="$GPU_DIR/part-$k/gguf.part" iflag=skip_bytes,count_bytes bs=1M \
+            skip=$(( (k - 1) * chunk )) count="$chunk" status=none
+    done
+    # the last part, carried by the train call, holds the checksum of the whole
+    (cd "$(dirname "$gguf")" && sha256sum "$GGUF_NAME") > "$GPU_DIR/part-$n/gguf.sha256"
     if [ -z "${NO_WHEEL:-}" ] && ! ls "$GPU_DIR"/whl/gguf-*.whl >/dev/null 2>&1; then
         ver=$("$PY" -c "import importlib.metadata as m; print(m.version('gguf'))")
         "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$GPU_DIR/whl" "gguf==$ver"
     fi
-    du -sh "$GPU_DIR"/part-1 "$GPU_DIR"/part-2 "$GPU_DIR"/whl
+    du -sh "$GPU_DIR"/part-* "$GPU_DIR"/whl
     ;;
 stage)
+    k=${2:-1}
+    if [ ! -f "$GPU_DIR/part-$k/gguf.part" ]; then
+        echo "sitting.sh: $GPU_DIR/part-$k/gguf.part is missing: carry .gpu/part-$k with this call" >&2
+        exit 2
+    fi
     mkdir -p "$STAGE_DIR"
-    cp "$GPU_DIR/part-1/gguf.part" "$STAGE_DIR/part-1.tmp"
-    mv "$STAGE_DIR/part-1.tmp" "$STAGE_DIR/part-1"
-    echo "staged part 1: $(stat -c %s "$STAGE_DIR/part-1") bytes in $STAGE_DIR"
+    cp "$GPU_DIR/part-$k/gguf.part" "$STAGE_DIR/part-$k.tmp"
+    mv "$STAGE_DIR/part-$k.tmp" "$STAGE_DIR/part-$k"
+    echo "staged part $k: $(stat -c %s "$STAGE_DIR/part-$k") bytes in $STAGE_DIR"
     (nvidia-smi -L 2>/dev/null || true)
     "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
     ;;
 join)
-    if [ ! -f "$STAGE_DIR/part-1" ]; then
-        echo "sitting.sh: $STAGE_DIR/part-1 is missing (the machine went back after 'stage'?): run stage again" >&2
-        exit 3
+    # the carried last part is the one with the checksum; parts 1 .. n-1 were staged
+    last=$(ls -d "$GPU_DIR"/part-*/gguf.sha256 2>/dev/null | head -n 1)
+    if [ -z "$last" ]; then
+        echo "sitting.sh: no $GPU_DIR/part-N/gguf.sha256: carry the last part (.gpu/part-N) with this call" >&2
+        exit 2
     fi
-    cat "$STAGE_DIR/part-1" "$GPU_DIR/part-2/gguf.part" > "$STAGE_DIR/$GGUF_NAME.tmp"
+    lastdir=$(dirname "$last")
+    n=${lastdir##*part-}
+    files=()
+    for k in $(seq 1 $(( n - 1 ))); do
+        if [ ! -f "$STAGE_DIR/part-$k" ]; then
+            echo "sitting.sh: $STAGE_DIR/part-$k is missing (the machine went back after 'stage $k'?): run stage again" >&2
+            exit 3
+        fi
+        files+=("$STAGE_DIR/part-$k")
+    done
+    cat "${files[@]}" "$lastdir/gguf.part" > "$STAGE_DIR/$GGUF_NAME.tmp"
     mv "$STAGE_DIR/$GGUF_NAME.tmp" "$STAGE_DIR/$GGUF_NAME"
-    sums=$(realpath "$GPU_DIR/part-2/gguf.sha256")
+    sums=$(realpath "$last")
     (cd "$STAGE_DIR" && sha256sum -c "$sums")
     ;;
 train)
