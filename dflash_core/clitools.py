@@ -40,28 +40,28 @@ def _positive_int(s: str) -> int:
     return v
 
 
+def _value_list(text: str, flag: str, prog: str, convert, valid, what: str) -> list:
+    """Comma-separated values (empty items skipped; "" -> []), each `convert`ed and `valid`,
+    or a one-line CliError naming the command, the option and what it takes (`what`)."""
+    try:
+        vals = [convert(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise CliError(f"{prog}: {flag} takes comma-separated {what}, got {text!r}") from None
+    if not all(valid(v) for v in vals):
+        raise CliError(f"{prog}: {flag} takes {what}, got {text!r}")
+    return vals
+
+
 def int_list(text: str, flag: str, prog: str) -> list[int]:
     """A comma-separated list of positive integers (empty items skipped; "" -> []), or a
     one-line CliError naming the command and the option."""
-    try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CliError(f"{prog}: {flag} takes comma-separated positive integers, got {text!r}") from None
-    if any(v < 1 for v in vals):
-        raise CliError(f"{prog}: {flag} takes positive integers, got {text!r}")
-    return vals
+    return _value_list(text, flag, prog, int, lambda v: v >= 1, "positive integers")
 
 
 def threshold_list(text: str, flag: str, prog: str) -> list[float]:
     """A comma-separated list of numbers in [0, 1) (empty items skipped; "" -> []), or a
     one-line CliError naming the command and the option."""
-    try:
-        vals = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise CliError(f"{prog}: {flag} takes comma-separated numbers in [0, 1), got {text!r}") from None
-    if any(not 0.0 <= v < 1.0 for v in vals):
-        raise CliError(f"{prog}: {flag} takes numbers in [0, 1), got {text!r}")
-    return vals
+    return _value_list(text, flag, prog, float, lambda v: 0.0 <= v < 1.0, "numbers in [0, 1)")
 
 
 def _check_device(device: str) -> None:

@@ -273,15 +273,13 @@ class DFlashDrafter(nn.Module):
         slots, positions = slots.to(dev), positions.to(dev)
         kv = kv.to(dev, self.fc.weight.dtype)
         rot = self.rotary
-        if kv.dtype == torch.float32 and dev.type == "cpu":   # one native call per layer where it serves
-            if int(positions.max()) >= rot.cos.shape[0]:
-                rot(positions, kv.dtype)                         # grows the tables
-            done = [native.write_context(kv[:, i], a.k_norm.weight, a.k_norm.eps, rot.cos, rot.sin,
-                                         cache.k[i], cache.v[i], slots, positions)
-                    for i, a in enumerate(layer.self_attn for layer in self.layers)]
-        else:
-            done = [False]
-        if not all(done):   # (a layer the native call did not serve: every layer here, the same way)
+        written = kv.dtype == torch.float32 and dev.type == "cpu"   # one native call per layer where it serves
+        if written:
+            rot.reserve(positions)
+            written = all([native.write_context(kv[:, i], a.k_norm.weight, a.k_norm.eps, rot.cos, rot.sin,
+                                                cache.k[i], cache.v[i], slots, positions)
+                           for i, a in enumerate(layer.self_attn for layer in self.layers)])
+        if not written:   # every layer through the context-KV kernel (what the native call did is rewritten)
             cos, sin = rot(positions, kv.dtype)                   # [N, D]
             for i, layer in enumerate(self.layers):
                 a = layer.self_attn

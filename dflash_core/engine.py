@@ -46,7 +46,7 @@ from .scheduler import Scheduler, StepPlan
 from .sequence import GenerationResult, RequestOutput, Sequence, SpecStats, StepStats
 
 __all__ = ["EngineConfig", "SpecEngine", "RequestOutput", "GenerationResult", "SpecStats", "StepStats",
-           "INF_RUNNING", "parse_block_size_schedule", "format_block_size_schedule", "auto_block_size_schedule",
+           "INF_RUNNING", "parse_block_size_schedule", "check_draft_threshold", "format_block_size_schedule", "auto_block_size_schedule",
            "DEFAULT_BLOCK_SIZE_SCHEDULE", "FP32_BLOCK_SIZE_SCHEDULE"]
 
 log = logging.getLogger("dflash.engine")
@@ -105,6 +105,14 @@ DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (INF_RUNNING
 FP32_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1, 2), (INF_RUNNING, 1))
 
 
+def check_draft_threshold(value) -> float:
+    """A dynamic draft length threshold (EngineConfig.draft_threshold) as a float, or a
+    ValueError naming it: a number (not a bool) in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"draft_threshold must be a number in [0, 1), got {value!r}")
+    return float(value)
+
+
 def auto_block_size_schedule(dtype) -> list[tuple[int, int]]:
     """The "auto" schedule for the dtype the engine runs in (a torch.dtype or its name)."""
     name = str(dtype).replace("torch.", "")
@@ -150,9 +158,7 @@ class EngineConfig:
             raise ValueError("block_size must be >= 1")
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
-        self.draft_threshold = float(self.draft_threshold)
-        if not 0.0 <= self.draft_threshold < 1.0:
-            raise ValueError("draft_threshold must be in [0, 1)")
+        self.draft_threshold = check_draft_threshold(self.draft_threshold)
         self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
         self.capture_layers = tuple(int(i) for i in self.capture_layers)
         if any(i < 0 for i in self.capture_layers):

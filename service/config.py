@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass
 
 from dflash_core.engine import (DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE,  # noqa: F401
-                                auto_block_size_schedule, parse_block_size_schedule)
+                                auto_block_size_schedule, check_draft_threshold, parse_block_size_schedule)
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -131,10 +131,7 @@ class ServiceConfig:
             self.block_size_schedule = "auto"   # resolved where the engine runs (its CPU decides the dtype)
         elif self.block_size_schedule is not None:
             self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
-        if isinstance(self.draft_threshold, bool) or not isinstance(self.draft_threshold, (int, float)) \
-                or not 0.0 <= self.draft_threshold < 1.0:
-            raise ValueError(f"draft_threshold must be a number in [0, 1), got {self.draft_threshold!r}")
-        self.draft_threshold = float(self.draft_threshold)
+        self.draft_threshold = check_draft_threshold(self.draft_threshold)
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
         if not 1 <= self.max_prompt_tokens < self.max_seq_len:

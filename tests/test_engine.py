@@ -100,16 +100,23 @@ class OracleDraftBackend:
         self.context.pop(slot, None)
 
 
-@pytest.mark.parametrize("block_size", [8, 16])
-def test_every_acceptance_length_is_exact(target, block_size):
-    n = block_size * (block_size + 1) // 2 + 20  # one full cycle of m = 0..B-1
-    ref = [naive_greedy(target, p, n) for p in PROMPTS]
-    ref_hidden = {}
+def reference_hidden(target, ref):
+    """tuple(prompt) -> the target's hidden states [L, hidden] over prompt + its reference
+    continuation (what OracleDraftBackend drafts from)."""
+    out = {}
     for p, r in zip(PROMPTS, ref):
         seq = p + r
         cache = target.new_cache(1, len(seq) + 1)
         h, _ = target(torch.tensor([seq]), cache, torch.tensor([0]), torch.tensor([0]))
-        ref_hidden[tuple(p)] = h[0]
+        out[tuple(p)] = h[0]
+    return out
+
+
+@pytest.mark.parametrize("block_size", [8, 16])
+def test_every_acceptance_length_is_exact(target, block_size):
+    n = block_size * (block_size + 1) // 2 + 20  # one full cycle of m = 0..B-1
+    ref = [naive_greedy(target, p, n) for p in PROMPTS]
+    ref_hidden = reference_hidden(target, ref)
     cfg = EngineConfig(max_slots=4, max_seq_len=200, block_size=block_size)
     backend = OracleDraftBackend(None, ref_hidden, block_size, 3, [0, 2])
     eng = SpecEngine(target, backend, cfg)
@@ -163,12 +170,7 @@ def test_dynamic_draft_length_is_exact_for_every_cap(target, monkeypatch):
     B = 8
     n = 120
     ref = [naive_greedy(target, p, n) for p in PROMPTS]
-    ref_hidden = {}
-    for p, r in zip(PROMPTS, ref):
-        seq = p + r
-        cache = target.new_cache(1, len(seq) + 1)
-        h, _ = target(torch.tensor([seq]), cache, torch.tensor([0]), torch.tensor([0]))
-        ref_hidden[tuple(p)] = h[0]
+    ref_hidden = reference_hidden(target, ref)
     handed = _cycling_caps(monkeypatch, 7)
     cfg = EngineConfig(max_slots=4, max_seq_len=200, block_size=B, draft_threshold=0.5)
     backend = OracleDraftBackend(None, ref_hidden, B, 3, [0, 2])

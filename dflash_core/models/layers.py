@@ -203,11 +203,15 @@ class RotaryTable(nn.Module):
         self.register_buffer("cos", emb.cos().to(dev), persistent=False)
         self.register_buffer("sin", emb.sin().to(dev), persistent=False)
 
-    def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: any int shape -> cos, sin of shape positions.shape + [D]."""
+    def reserve(self, positions: torch.Tensor) -> None:
+        """Grow the tables (doubling) so that they cover every position given."""
         need = int(positions.max().item()) + 1 if positions.numel() else 0
         if need > self.cos.shape[0]:
             self._build(max(need, 2 * self.cos.shape[0]), device=self.cos.device)
+
+    def forward(self, positions: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: any int shape -> cos, sin of shape positions.shape + [D]."""
+        self.reserve(positions)
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
