@@ -183,7 +183,7 @@ class FeatureSource:
     whole shard at a time, kept across runs); else one target forward (memoised per
     record, fp16, kept on `memo_device`: host RAM on a CPU; on a GPU the device's own
     memory, so that later epochs never copy features from the host: the whole shipped data
-    set is ~40 GB of fp16 features (11.5M tokens x 1728, 2026-12-03), and an H200 holds 139 GB)."""
+    set is ~40 GB of fp16 features (11.6M tokens x 1728, 2026-12-03), and an H200 holds 139 GB)."""
 
     def __init__(self, target, layer_ids: list[int], stored_ok: bool, cache=None, data: "ShardData | None" = None,
                  memo_device="cpu"):
