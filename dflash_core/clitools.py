@@ -83,7 +83,8 @@ def resolve_dtype_arg(prog: str, name: str, device: str):
 
 TARGET_HELP = "default | HF folder | .gguf | hub id | tiny-random"
 DRAFTER_HELP = "default | drafter folder | random"
-DTYPE_HELP = "auto | float32 | bfloat16 (auto: bf16 on AMX/AVX512-BF16 CPUs and GPUs)"
+DTYPE_HELP = ("auto | float32 | bfloat16 (auto: bf16 on GPUs; on CPUs fp32 where the native kernels build, "
+              "else bf16 on AMX/AVX512-BF16)")
 
 
 def default_device() -> str:

@@ -85,8 +85,8 @@ def parse_block_size_schedule(value) -> list[tuple[int, int]] | None:
     return sorted(pairs)
 
 
-# The default schedule where the engine runs in bf16/fp16 (AMX or AVX512-BF16 CPUs,
-# GPUs), measured on the 2-core CPU reference machine (bf16, the default target and the
+# The default schedule where the engine runs in bf16/fp16 (GPUs; AMX or AVX512-BF16 CPUs
+# where the native fp32 kernels cannot build: elsewhere `auto` runs fp32, runtime.py), measured on the 2-core CPU reference machine (bf16, the default target and the
 # shipped drafter, tau ~1.25-1.3 in serving): `python -m service.bench_serve --sweep
 # --block-sizes 1,4,8 --concurrency 1,2,4,8` (docs/BENCHMARKS.md, "Serving") served the
 # most tokens/s with block 4 at 1-2 running requests (22.3 vs 18.4 tok/s at 1) and with

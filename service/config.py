@@ -22,14 +22,14 @@ class ServiceConfig:
     drafter: str | None = "default"
     served_model_name: str | None = None  # default: "dflash-<target name>"
     device: str = "cpu"
-    dtype: str = "auto"  # auto (bf16 on CUDA and on AMX/AVX512-BF16 CPUs, else fp32) | float32 | bfloat16 | float16
+    dtype: str = "auto"  # auto (bf16 on CUDA; fp32 on CPUs where the native kernels build, else bf16 on AMX/AVX512-BF16, else fp32) | float32 | bfloat16 | float16
     placement: str = "colocated"
     # engine
     max_slots: int = 8
     max_seq_len: int = 2048
     block_size: int = 16
-    # "auto": DEFAULT_BLOCK_SIZE_SCHEDULE where the engine runs in bf16/fp16 (AMX or
-    # AVX512-BF16 CPUs, GPUs), FP32_BLOCK_SIZE_SCHEDULE in fp32 (block 2 at 1 running
+    # "auto": DEFAULT_BLOCK_SIZE_SCHEDULE where the engine runs in bf16/fp16 (GPUs; AMX or
+    # AVX512-BF16 CPUs without the native kernels), FP32_BLOCK_SIZE_SCHEDULE in fp32 (block 2 at 1 running
     # request, plain decoding beyond: a verify of more rows costs too much in fp32 for
     # today's drafter); None: always block_size
     block_size_schedule: list[tuple[int, int]] | str | None = "auto"

@@ -96,6 +96,45 @@ def test_kernel_matches_float64_and_is_row_invariant(make):
     assert torch.equal(one, full)     # thread count does not change a bit
 
 
+@pytest.mark.parametrize("make", [bf16_weight, lambda N, K, seed=0: torch.randn(N, K)])
+def test_row_stored_weights_with_a_half_vector_tail(make):
+    """K % 16 == 8: the AVX-512 build's last step is a masked half vector; still exact to
+    the float64 reference's rounding and row-invariant."""
+    N, K = 9, 168
+    w = make(N, K, seed=3)
+    lin = native.make_linear(w)
+    x = torch.randn(6, K, generator=torch.Generator().manual_seed(4))
+    y = lin(x)
+    torch.testing.assert_close(y, (x.double() @ w.double().t()).float(), rtol=1e-5, atol=1e-5)
+    for i in range(6):
+        assert torch.equal(lin(x[i:i + 1]), y[i:i + 1]), i
+
+
+def test_vector_width_follows_the_cpu_and_both_builds_pass(monkeypatch):
+    """16-lane accumulators exactly where the CPU has AVX-512 F/BW/VL/DQ (and
+    DFLASH_NATIVE_AVX512 is not 0), else 8; on such a CPU the 8-lane build is also built
+    and passes the kernel tests above, in a fresh process."""
+    import os
+    import subprocess
+    import sys
+    has512 = set(native.AVX512_FLAGS) <= cpu_flags()
+    want = 16 if has512 and os.environ.get("DFLASH_NATIVE_AVX512", "1") != "0" else 8
+    assert native.vector_width() == want
+    monkeypatch.setenv("DFLASH_NATIVE_AVX512", "0")
+    assert not native.wants_avx512()
+    monkeypatch.setenv("DFLASH_NATIVE_AVX512", "1")
+    assert native.wants_avx512() == has512
+    if not has512 or want == 8:
+        return
+    env = dict(os.environ, DFLASH_NATIVE_AVX512="0")
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                          "row_invariant or half_vector_tail or layers_are_row_invariant"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    progress = res.stdout.split()[0]   # the suite's quiet output: one "." per passed test
+    assert set(progress) == {"."} and len(progress) >= 7, res.stdout[-500:]
+
+
 def test_more_rows_than_max_rows_take_torch_linear():
     """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
     up to it, the kernel (row-invariant, close to F.linear)."""

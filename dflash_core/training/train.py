@@ -688,8 +688,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.registry import resolve_model
     try:
         from ..runtime import resolve_dtype
-        # the frozen target only supplies features and the LM head: bf16 where that is fast
-        tdtype = torch.float32 if cfg.dtype == "float32" else resolve_dtype(cfg.dtype, a.device)
+        # the frozen target only supplies features and the LM head over long sequences (rows
+        # the native kernels hand to torch): bf16 where that is fast
+        tdtype = torch.float32 if cfg.dtype == "float32" else resolve_dtype(cfg.dtype, a.device,
+                                                                             prefer_native=False)
         target = resolve_model(cfg.target).load(device=a.device, dtype=tdtype)
         trainer = Trainer(cfg, target, device=a.device, feature_cache=a.feature_cache, eval_data=a.eval_data,
                           eval_every=a.eval_every)
