@@ -376,7 +376,9 @@ def main(argv=None) -> int:
     for _, _, fn, _ in _linear_swaps(engine, lambda fn: None if hasattr(fn, "native") else False):
         formats[fn.native_format] = formats.get(fn.native_format, 0) + 1
     from . import native
-    summary["native_linears"] = {"count": sum(formats.values()), "formats": formats, "why_not": native.reason()}
+    summary["native_linears"] = {"count": sum(formats.values()), "formats": formats, "why_not": native.reason(),
+                                 # fp32 lanes per accumulator of the kernel build (8 AVX2, 16 AVX-512)
+                                 "vector_width": native.vector_width() if formats else 0}
     nswaps = native_swaps(engine) if args.native_ab else []
     if args.native_ab and not nswaps:
         raise CliError("dflash bench: --native-ab: this engine has no native linears ("

@@ -325,6 +325,7 @@ def test_bench_json_reports_verify_cost_by_block_size():
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["dtype"] == "bfloat16" and summary["dataset"] == "sharegpt" and summary["num_prompts"] == 1
+    assert summary["native_linears"]["count"] == 0 and summary["native_linears"]["vector_width"] == 0   # fp32 only
     assert set(summary["verify_ms"]) == {"1", "2", "3", "4", "8", "16"} and all(v > 0 for v in summary["verify_ms"].values())
     assert set(summary["by_block_size"]) == {"4", "8"}
     assert all(r["greedy_outputs_identical"] for r in summary["by_block_size"].values())

@@ -135,6 +135,21 @@ def test_vector_width_follows_the_cpu_and_both_builds_pass(monkeypatch):
     assert set(progress) == {"."} and len(progress) >= 7, res.stdout[-500:]
 
 
+def test_bench_reports_the_native_linears_and_their_width():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    dflash = str(Path(sys.executable).with_name("dflash"))
+    out = subprocess.run([dflash, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "1",
+                          "--max-new-tokens", "4", "--dtype", "float32", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    nl = json.loads(out.stdout.strip().splitlines()[-1])["native_linears"]
+    assert nl["count"] > 0 and nl["why_not"] is None
+    assert nl["vector_width"] == native.vector_width() in (8, 16)
+
+
 def test_more_rows_than_max_rows_take_torch_linear():
     """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
     up to it, the kernel (row-invariant, close to F.linear)."""
