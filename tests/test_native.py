@@ -301,6 +301,14 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine():
     cache = prefilled()
     alone = t(new[1:2], cache, torch.tensor([1]), torch.tensor([9]))[0]                # one row of three
     assert torch.equal(alone, steps[1:2])
+    # the thread count changes no bit of a layer either
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cache = prefilled()
+        assert torch.equal(t(new[1:2], cache, torch.tensor([1]), torch.tensor([9]))[0], alone)
+    finally:
+        torch.set_num_threads(threads)
 
     a = t.layers[1].self_attn
     fn = a._o_fn
