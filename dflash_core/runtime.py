@@ -103,16 +103,23 @@ def resolve_dtype(name, device="cpu", prefer_native: bool = True):
     return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def native_kernels_available() -> bool:
-    """Whether the native fp32 kernels (dflash_core.native) can run here: Linux on an
-    x86-64 CPU with AVX2 and FMA, a C compiler to build them, and not turned off by
-    DFLASH_NATIVE=0. The same conditions native.available() checks before it builds them
-    (checked here without importing it: this module imports nothing of the project)."""
-    import shutil
+def native_cpu_ok() -> bool:
+    """Linux on an x86-64 CPU with AVX2 and FMA: what the native kernels need of the CPU."""
     import sys
-    return (sys.platform == "linux" and {"avx2", "fma"} <= cpu_flags()
-            and os.environ.get("DFLASH_NATIVE", "1") != "0"
-            and bool(os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")))
+    return sys.platform == "linux" and {"avx2", "fma"} <= cpu_flags()
+
+
+def c_compiler() -> str | None:
+    """The C compiler the native kernels are built with: $CC, else cc or gcc on PATH."""
+    import shutil
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def native_kernels_available() -> bool:
+    """Whether the native fp32 kernels (dflash_core.native) can run here: native_cpu_ok(), a
+    C compiler, and not turned off by DFLASH_NATIVE=0: the checks native.available() makes
+    before it builds them (the same functions; this module imports nothing of the project)."""
+    return native_cpu_ok() and os.environ.get("DFLASH_NATIVE", "1") != "0" and c_compiler() is not None
 
 
 def dtype_name(dtype) -> str:

@@ -37,9 +37,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import shutil
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -93,7 +91,8 @@ def wants_avx512() -> bool:
 
 def _build() -> Path:
     src = SOURCE.read_bytes() + LAYER_SOURCE.read_bytes()
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    from ..runtime import c_compiler
+    cc = c_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc / gcc) on PATH")
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
@@ -119,8 +118,8 @@ def _load():
     global _LIB, _REASON
     if _LIB is not None or _REASON is not None:
         return _LIB
-    from ..runtime import cpu_flags
-    if sys.platform != "linux" or not {"avx2", "fma"} <= cpu_flags():
+    from ..runtime import native_cpu_ok
+    if not native_cpu_ok():
         _REASON = "needs Linux on an x86-64 CPU with AVX2 and FMA"
         return None
     try:

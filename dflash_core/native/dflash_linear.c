@@ -93,24 +93,6 @@ typedef __m256 vf;
 #define vloadx(p) _mm256_loadu_ps(p)
 #define vstore(p, v) _mm256_storeu_ps(p, v)
 #define vhsum(v) hsum8(v)
-static inline __attribute__((always_inline)) void dequant(int fmt, const uint8_t *rec, int r, __m256 w[4]);
-static inline __attribute__((always_inline)) __m256 load_w_n(const void *w, long k, const int bf, const int n) {
-    (void)n;
-    if (bf)
-        return _mm256_castsi256_ps(_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k))), 16));
-    return _mm256_loadu_ps((const float *)w + k);
-}
-static inline __attribute__((always_inline)) __m256 load_x_n(const float *x, long k, const int n) {
-    (void)n;
-    return _mm256_loadu_ps(x + k);
-}
-#endif
-#define NV (32 / DFL_VL)   /* vectors per 32-weight block */
-
-int dfl_vector_width(void) { return DFL_VL; }
-
-#if DFL_VL == 8
 /* the 32 weights of row r (0..3) of one tile record, dequantised exactly, into w[0..3] */
 static inline __attribute__((always_inline)) void dequant(int fmt, const uint8_t *rec, int r, __m256 w[4]) {
     const __m256 vd = _mm256_set1_ps(((const float *)rec)[r]);
@@ -131,7 +113,21 @@ static inline __attribute__((always_inline)) void dequant(int fmt, const uint8_t
         w[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), vd, vm);
     }
 }
+static inline __attribute__((always_inline)) __m256 load_w_n(const void *w, long k, const int bf, const int n) {
+    (void)n;
+    if (bf)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)w + k))), 16));
+    return _mm256_loadu_ps((const float *)w + k);
+}
+static inline __attribute__((always_inline)) __m256 load_x_n(const float *x, long k, const int n) {
+    (void)n;
+    return _mm256_loadu_ps(x + k);
+}
 #endif
+#define NV (32 / DFL_VL)   /* vectors per 32-weight block */
+
+int dfl_vector_width(void) { return DFL_VL; }
 
 /* quantised tile t, its rows r0 .. r0+R-1, MR input rows (R * MR accumulators: <= 8 in
  * the AVX2 build, <= 16 in the AVX-512 one): the weights dequantised in registers record
