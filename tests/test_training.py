@@ -711,6 +711,79 @@ def test_draft_vocab_training_and_warm_start(tmp_path):
     assert json.loads((tmp_path / "run4" / "latest" / "config.json").read_text())["block_size"] == 8
 
 
+@pytest.mark.parametrize("vocab", [0, 24])
+def test_distill_pulls_each_position_towards_the_targets_own_distribution(tmp_path, vocab):
+    """--distill a: each drafted position's loss is (1-a) CE + a KL(target || drafter), the
+    target's distribution of token p being its LM head on its own output at p - 1 (on the
+    data, the target's greedy continuations, that distribution's argmax is the token); over
+    the drafting vocabulary when there is one. Computed here from a full forward of the
+    target and the drafter's block logits, independently of the training step."""
+    from dflash_core.training.blocks import collate
+    from dflash_core.training.train import block_step
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=3, shard_size=3)
+    for a in (0.0, 0.4, 1.0):
+        tr = Trainer(_cfg(tmp_path, out=str(tmp_path / f"run{a}"), distill=a, draft_vocab=vocab, dtype="float32",
+                          blocks_per_seq=6), target)
+        assert tr.features.keep_outputs == (a > 0)
+        recs = tr.data.records(tr.data.finished_shards())
+        tokens, seq_lens, starts = collate(recs)
+        feats = tr.features(recs, tokens, seq_lens)
+        outs = tr.features.outputs(recs, tokens.shape[1]) if a > 0 else None
+        loss, _ = block_step(tr.drafter, target, tokens, seq_lens, starts, feats, tr.cfg,
+                             torch.Generator().manual_seed(5), tr.weights_k, head=tr.head, amp=False, outputs=outs)
+        # the same blocks by hand
+        R, C = tokens.shape
+        anchors, valid = sample_anchors(seq_lens.tolist(), starts, tr.cfg.blocks_per_seq,
+                                        torch.Generator().manual_seed(5))
+        bb = build_block_batch(tokens, seq_lens, anchors, valid, 4, MASK)
+        with torch.no_grad():
+            full, f2 = target(tokens, target.new_cache(R, C), torch.arange(R), torch.zeros(R, dtype=torch.long),
+                              capture_layers=tr.drafter.config.target_layer_ids)
+            t_logits = target.logits(full)                                    # [R, C, V]
+            h = tr.drafter.forward_blocks(target.embed(bb.block_ids), bb.block_pos, f2, bb.ctx_pos, bb.attn_mask)
+            d_logits = target.logits(h)                                       # [R, T, V]
+        sel = bb.targets != IGNORE
+        rows = torch.arange(R)[:, None].expand_as(bb.targets)[sel]
+        pos = bb.block_pos[sel]
+        tgt = bb.targets[sel]
+        teacher = t_logits[rows, pos - 1]
+        assert torch.equal(teacher.argmax(-1), tgt)          # greedy data: the target's argmax is the token
+        student = d_logits[sel]
+        if vocab:
+            ids = torch.tensor(tr.drafter.config.draft_vocab)
+            keep = torch.isin(tgt, ids)
+            teacher, student, tgt = teacher[:, ids][keep], student[:, ids][keep], tgt[keep]
+            tgt = torch.searchsorted(ids, tgt)
+            w = tr.weights_k[bb.block_k].expand_as(bb.targets)[sel][keep]
+        else:
+            w = tr.weights_k[bb.block_k].expand_as(bb.targets)[sel]
+        ce = torch.nn.functional.cross_entropy(student, tgt, reduction="none")
+        lq, lp = torch.log_softmax(teacher, -1), torch.log_softmax(student, -1)
+        kl = (lq.exp() * (lq - lp)).sum(-1)
+        assert bool((kl > 0).all())
+        want = (w * ((1 - a) * ce + a * kl)).sum() / w.sum()
+        assert torch.allclose(loss, want, rtol=1e-4, atol=1e-5), (a, float(loss), float(want))
+    # distillation trains (the loss falls); with no room to memoise, every batch recomputes
+    # the same features and outputs, and the steps are those of a memoising run
+    runs = {}
+    for gb in (None, 0.0):
+        tr = Trainer(_cfg(tmp_path, out=str(tmp_path / f"runtrain{gb}"), distill=0.5, dtype="float32", steps=30,
+                          blocks_per_seq=8), target, memo_gb=gb)
+        runs[gb] = [tr.train_step()["loss"] for _ in range(30)]
+        assert (tr.features.memo_bytes > 0 and len(tr.features.memo) == 3) if gb is None else (
+            tr.features.memo_bytes == 0 and not tr.features.memo and not tr.features.out_memo)
+    losses = runs[None]
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
+    assert runs[0.0] == losses
+    with pytest.raises(ValueError, match="memo-gb"):
+        Trainer(_cfg(tmp_path, out=str(tmp_path / "runm")), target, memo_gb=-1)
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        _cfg(tmp_path, distill=1.5)
+    with pytest.raises(ValueError, match="feature-cache"):
+        Trainer(_cfg(tmp_path, out=str(tmp_path / "runc"), distill=0.5), target, feature_cache=str(tmp_path / "fc"))
+
+
 _MALLOC_SCRIPT = r"""
 import ctypes, json, sys, torch
 from dflash_core import runtime

@@ -134,10 +134,19 @@ def weighted_block_loss(
     logits: torch.Tensor,      # [M, V] at the M positions with a target
     targets: torch.Tensor,     # [M] int64
     weights: torch.Tensor,     # [M] float, w[k] of each position
+    teacher_logits: torch.Tensor | None = None,   # [M, V]: the target's own logits for each position
+    distill: float = 0.0,
 ) -> torch.Tensor:
-    """L = sum_i w_i * CE_i / sum_i w_i (CE in fp32)."""
-    ce = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="none")
-    return (weights * ce).sum() / weights.sum().clamp(min=1e-12)
+    """L = sum_i w_i * l_i / sum_i w_i (in fp32), l_i = CE_i, or with teacher logits and
+    0 < distill <= 1: l_i = (1 - distill) CE_i + distill KL(softmax(teacher_i) || softmax(logits_i))."""
+    logits = logits.float()
+    per = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    if teacher_logits is not None and distill > 0:
+        logp = torch.log_softmax(logits, -1)
+        logq = torch.log_softmax(teacher_logits.float(), -1)
+        kl = (logq.exp() * (logq - logp)).sum(-1)
+        per = (1 - distill) * per + distill * kl
+    return (weights * per).sum() / weights.sum().clamp(min=1e-12)
 
 
 def accepted_lengths(correct: torch.Tensor, has_target: torch.Tensor) -> torch.Tensor:

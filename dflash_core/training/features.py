@@ -112,9 +112,12 @@ class FeatureCache:
 
 
 @torch.no_grad()
-def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: int | None = None) -> torch.Tensor:
+def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: int | None = None,
+                    outputs: bool = False):
     """Captured features [R, C, K*hidden] of right-padded token rows [R, C] (each row from
     position 0, in a fresh cache); only the layers up to the last captured one run.
+    outputs: run every layer and return (features, the final-norm outputs [R, C, hidden]:
+    position p's is what the target's LM head turns into its distribution of token p+1).
     chunk: forward at most this many positions at a time (through the cache). With
     R * chunk <= the native kernel's MAX_ROWS every linear takes the row-invariant native
     path, as the engine's verify forwards do, so the features equal theirs bit for bit
@@ -123,9 +126,13 @@ def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: i
     cache = target.new_cache(R, C)
     tokens = tokens.to(target.device)
     step = C if not chunk else max(1, int(chunk))
-    parts = []
+    parts, outs = [], []
     for lo in range(0, C, step):
-        _, f = target(tokens[:, lo:lo + step], cache, torch.arange(R), torch.full((R,), lo, dtype=torch.int64),
-                      capture_layers=layer_ids, features_only=True)
+        o, f = target(tokens[:, lo:lo + step], cache, torch.arange(R), torch.full((R,), lo, dtype=torch.int64),
+                      capture_layers=layer_ids, features_only=not outputs)
         parts.append(f)
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        outs.append(o)
+    feats = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+    if not outputs:
+        return feats
+    return feats, (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))

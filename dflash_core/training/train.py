@@ -4,7 +4,7 @@ Contract
 - Data: shard folders written by `dflash data` (records {prompt_ids, response_ids,
   [features]}). Records that carry the target's context features (datagen
   --capture-layers) are used as stored; the others get them on the fly from one target
-  forward per batch (memoised in RAM), or, with --feature-cache DIR, from a cache on disk
+  forward per batch (memoised in RAM up to --memo-gb, by default half of it), or, with --feature-cache DIR, from a cache on disk
   that the first pass fills a shard at a time (features.py; --fill-cache fills it alone). Shards that appear while training runs (datagen
   still going) join at the next epoch; the shard list of the current epoch is part of
   the checkpoint, so a resume sees exactly the same data.
@@ -12,7 +12,10 @@ Contract
   absolute positions (blocks.py), one drafter forward over all N*B block tokens of a
   row (each block sees context < anchor and itself, never another block), logits through
   the frozen target LM head, loss = sum_k w_k CE_k / sum_k w_k with
-  w_k = exp(-(k-1)/gamma) on block positions k = 1..B-1.
+  w_k = exp(-(k-1)/gamma) on block positions k = 1..B-1. With --distill a (0 < a <= 1)
+  each position's loss is (1 - a) CE + a KL(target || drafter): the target's own
+  next-token distribution at that position (from the same target forward that gives the
+  features, two more layers and the head), over the drafting vocabulary when there is one.
 - Optimiser: AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`, gradient
   clipping; bf16 autocast on CUDA, fp32 on CPU.
 - Output folder: `latest/` (the drafter in the public format + `trainer_state.pt`:
@@ -69,6 +72,7 @@ class TrainConfig:
     draft_vocab: int = 0              # > 0: loss and drafts over the N most frequent response tokens
     init: str | None = None           # warm start: a drafter folder (same architecture) to begin from
     rebuild_draft_vocab: bool = False # warm start: rebuild the drafting vocabulary from this run's data
+    distill: float = 0.0              # weight of KL(target's next-token distribution || drafter's); 0: labels only
 
     def __post_init__(self):
         if not self.data:
@@ -85,6 +89,8 @@ class TrainConfig:
             raise ValueError("--draft-vocab must be >= 0")
         if self.rebuild_draft_vocab and not (self.init and self.draft_vocab):
             raise ValueError("--rebuild-draft-vocab goes with --init and --draft-vocab N")
+        if not 0 <= self.distill <= 1:
+            raise ValueError("--distill must be between 0 and 1")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup-steps >= 0")
 
@@ -94,7 +100,7 @@ class TrainConfig:
         for k in ("ckpt_every_s", "log_every", "snapshot_every", "steps"):
             d.pop(k)
         for k, default in (("dtype", "auto"), ("draft_vocab", 0), ("init", None),
-                           ("rebuild_draft_vocab", False)):
+                           ("rebuild_draft_vocab", False), ("distill", 0.0)):
             if d[k] == default:
                 d.pop(k)  # runs from before these options resume unchanged
         return d
@@ -177,6 +183,18 @@ class ShardData:
         return recs
 
 
+def memo_limit_bytes(device: torch.device) -> int | None:
+    """How much a FeatureSource memoises: half the host's RAM on a CPU (Linux; None where
+    unknown), everything on a GPU (the sitting sizes itself: deploy/gpu)."""
+    import os
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class FeatureSource:
     """Context features [R, C, K*hidden] for a batch: stored ones when the records carry
     them; else from a feature cache on disk when one is given (features.py: computed a
@@ -186,13 +204,25 @@ class FeatureSource:
     set is ~40 GB of fp16 features (11.6M tokens x 1728, 2026-12-03), and an H200 holds 139 GB)."""
 
     def __init__(self, target, layer_ids: list[int], stored_ok: bool, cache=None, data: "ShardData | None" = None,
-                 memo_device="cpu"):
+                 memo_device="cpu", outputs: bool = False):
+        """outputs: also keep the target's final-norm outputs of every record (`outputs()`,
+        for --distill); they come from the same forward, so only with features computed here."""
         self.target, self.layer_ids, self.stored_ok = target, list(layer_ids), stored_ok
         self.cache, self.data = cache, data
         self.memo_device = torch.device(memo_device)
         self.memo: dict[str, torch.Tensor] = {}
+        self.keep_outputs = bool(outputs)
+        self.out_memo: dict[str, torch.Tensor] = {}
+        self._batch_outs: dict[str, torch.Tensor] = {}
+        # a one-pass run over the whole data set would memoise ~1.1 GB per million tokens on a
+        # CPU, more than its RAM: past half of it, features are recomputed when seen again
+        self.memo_limit = memo_limit_bytes(self.memo_device)
+        self.memo_bytes = 0
         if cache is not None and data is None:
             raise ValueError("a feature cache needs the ShardData its records come from")
+        if self.keep_outputs and (cache is not None or stored_ok):
+            raise ValueError("--distill needs the target's outputs, computed with the features during training: "
+                             "it does not go with --feature-cache or with features stored in the data")
 
     def _cached(self, r: dict) -> torch.Tensor:
         i, name = r["shard"]
@@ -207,17 +237,41 @@ class FeatureSource:
         def own(r):  # features this source supplies (not stored with the record)
             return not (self.stored_ok and "features" in r)
         missing = [i for i, r in enumerate(recs) if own(r) and self.cache is None and r["key"] not in self.memo]
+        fresh: dict[str, torch.Tensor] = {}
+        self._batch_outs = {}
         if missing:
-            feats = target_features(self.target, tokens[missing], self.layer_ids)
+            feats = target_features(self.target, tokens[missing], self.layer_ids, outputs=self.keep_outputs)
+            if self.keep_outputs:
+                feats, outs = feats
             for j, i in enumerate(missing):
-                self.memo[recs[i]["key"]] = feats[j, :int(seq_lens[i]) - 1].to(self.memo_device, torch.float16)
+                n, key = int(seq_lens[i]) - 1, recs[i]["key"]
+                fresh[key] = feats[j, :n].to(self.memo_device, torch.float16)
+                if self.keep_outputs:
+                    self._batch_outs[key] = outs[j, :n].to(self.memo_device, torch.float16)
+                size = fresh[key].nbytes + (self._batch_outs[key].nbytes if self.keep_outputs else 0)
+                if self.memo_limit is None or self.memo_bytes + size <= self.memo_limit:
+                    self.memo[key] = fresh[key]
+                    if self.keep_outputs:
+                        self.out_memo[key] = self._batch_outs[key]
+                    self.memo_bytes += size
         for i, r in enumerate(recs):
             if not own(r):
                 f = r["features"]
             elif self.cache is not None:
                 f = self._cached(r)   # read from the memory-mapped file (the page cache keeps it)
             else:
-                f = self.memo[r["key"]]
+                f = fresh[r["key"]] if r["key"] in fresh else self.memo[r["key"]]
+            n = min(f.shape[0], C)
+            out[i, :n] = f[:n].to(out.device, torch.float32)
+        return out
+
+    def outputs(self, recs: list[dict], C: int) -> torch.Tensor:
+        """The target's final-norm outputs [R, C, hidden] of records that went through
+        `__call__` (fp32; position p's predicts token p+1; zeros past each record)."""
+        out = torch.zeros(len(recs), C, self.target.config.hidden_size, dtype=torch.float32, device=self.memo_device)
+        for i, r in enumerate(recs):
+            f = self._batch_outs.get(r["key"])
+            f = self.out_memo[r["key"]] if f is None else f
             n = min(f.shape[0], C)
             out[i, :n] = f[:n].to(out.device, torch.float32)
         return out
@@ -225,13 +279,16 @@ class FeatureSource:
 
 # ---- the training step -----------------------------------------------------------------
 def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: TrainConfig,
-               gen: torch.Generator, weights_k: torch.Tensor, head=None, amp: bool = False):
+               gen: torch.Generator, weights_k: torch.Tensor, head=None, amp: bool = False, outputs=None):
     """One forward over all blocks of a batch.
     head: None (logits over the full vocabulary through the target's LM head) or
     (vocab_ids [N], head_weight [N, hidden], index_of [V] -> position in vocab_ids or -1):
     logits over the drafting vocabulary only; targets outside it carry no loss and count
     as wrong (the drafter can never propose them).
     amp: bf16 autocast for the drafter and the head (CUDA, or CPUs with AMX/AVX512-BF16).
+    outputs: the target's final-norm outputs [R, C, hidden] (FeatureSource.outputs), with
+    cfg.distill > 0: the loss also pulls each position towards the target's distribution
+    (its LM head, the same vocabulary as the drafter's, on the output one position earlier).
     -> (loss, stats {correct [R, N, B] bool, has_target [R, N, B] bool})."""
     dev = drafter.fc.weight.device
     B = cfg.block_size
@@ -253,8 +310,19 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
             tgt = index_of.to(dev)[targets[sel]]                                # -1 outside the vocabulary
     w = weights_k.to(dev)[bb.block_k.to(dev)].expand_as(targets)[sel]          # [M]
     in_vocab = tgt >= 0
-    loss = weighted_block_loss(logits[in_vocab], tgt[in_vocab], w[in_vocab])
     R, T = targets.shape
+    teacher = None
+    if outputs is not None and cfg.distill > 0:
+        with torch.no_grad():   # token p's distribution is the target's output at p - 1
+            rows = torch.arange(R, device=dev)[:, None].expand(R, T)[sel]
+            prev = bb.block_pos.to(dev)[sel] - 1
+            th = outputs.to(dev)[rows, prev]                                    # [M, hidden]
+            if head is None:
+                teacher = target.logits(th.to(next(target.parameters()).dtype))
+            else:
+                teacher = torch.nn.functional.linear(th.to(head[1].dtype), head[1].to(dev))
+            teacher = teacher.float()[in_vocab]
+    loss = weighted_block_loss(logits[in_vocab], tgt[in_vocab], w[in_vocab], teacher, cfg.distill)
     correct = torch.zeros(R, T, dtype=torch.bool, device=dev)
     correct[sel] = (logits.argmax(-1) == tgt) & in_vocab
     N = T // B
@@ -263,7 +331,7 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, target, device="cpu", feature_cache: str | None = None,
-                 eval_data: str | None = None, eval_every: int = 0):
+                 eval_data: str | None = None, eval_every: int = 0, memo_gb: float | None = None):
         from ..drafter import DFlashDrafter
         self.cfg, self.target, self.device = cfg, target, torch.device(device)
         for p in target.parameters():
@@ -302,7 +370,11 @@ class Trainer:
         if feature_cache and stored != ids:
             cache = FeatureCache(feature_cache, target, cfg.target, ids)
         self.features = FeatureSource(target, ids, stored_ok=(stored == ids), cache=cache, data=self.data,
-                                      memo_device=self.device)
+                                      memo_device=self.device, outputs=cfg.distill > 0)
+        if memo_gb is not None:
+            if not memo_gb >= 0:
+                raise ValueError("--memo-gb must be >= 0")
+            self.features.memo_limit = int(memo_gb * 2**30)
         decay = [p for n, p in self.drafter.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.drafter.named_parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -504,9 +576,10 @@ class Trainer:
         recs = self.next_batch()
         tokens, seq_lens, resp_starts = collate(recs)
         feats = self.features(recs, tokens, seq_lens)
+        outs = self.features.outputs(recs, tokens.shape[1]) if cfg.distill > 0 else None
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, "anchors", self.step))
         loss, st = block_step(self.drafter, self.target, tokens, seq_lens, resp_starts, feats, cfg, gen,
-                              self.weights_k, head=self.head, amp=self.amp)
+                              self.weights_k, head=self.head, amp=self.amp, outputs=outs)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), cfg.grad_clip)
@@ -643,6 +716,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
                     help="N > 0: drafting vocabulary of the N most frequent response tokens (draft_vocab.json)")
     ap.add_argument("--init", default=None, help="warm start from this drafter folder (e.g. the shipped one)")
+    ap.add_argument("--distill", type=float, default=d.distill,
+                    help="0 < a <= 1: each position's loss is (1-a) CE on the data's token + a KL from the target's "
+                         "own next-token distribution (computed beside the features; not with --feature-cache)")
     ap.add_argument("--rebuild-draft-vocab", action="store_true",
                     help="with --init: choose the --draft-vocab N tokens again from this run's data "
                          "(by default a warm start keeps its drafter's vocabulary)")
@@ -653,6 +729,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "later epochs, resumes and parallel runs read them)")
     ap.add_argument("--fill-cache", action="store_true",
                     help="only compute the --feature-cache for every finished shard, then exit")
+    ap.add_argument("--memo-gb", type=float, default=None,
+                    help="keep at most this many GiB of computed features in memory for later epochs (default: "
+                         "half the RAM on a CPU, all on a GPU; 0 for a run that reads each record once)")
     ap.add_argument("--eval-data", default=None,
                     help="a holdout-split folder from `dflash data --split holdout --sample-frac 0`: the "
                          "drafter's greedy held-out tau (the engine's, replayed from one prefill per prompt) "
@@ -694,7 +773,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                              prefer_native=False)
         target = resolve_model(cfg.target).load(device=a.device, dtype=tdtype)
         trainer = Trainer(cfg, target, device=a.device, feature_cache=a.feature_cache, eval_data=a.eval_data,
-                          eval_every=a.eval_every)
+                          eval_every=a.eval_every, memo_gb=a.memo_gb)
         if a.fill_cache:
             print(json.dumps(trainer.fill_cache(progress=not a.no_progress)))
             return 0
