@@ -742,8 +742,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train for at most this many seconds in this process; the cosine schedule is fitted "
                          "to end then (from measured step times; --steps stays the upper bound)")
     ap.add_argument("--no-retain-memory", action="store_true",
-                    help="leave glibc's malloc at its defaults (by default freed memory is kept for reuse: "
-                         "~6%% faster steps on CPU, measured; dflash_core.runtime.retain_freed_memory)")
+                    help="leave glibc's malloc at its defaults (with --feature-cache freed memory is kept for "
+                         "reuse by default: ~6%% faster steps on CPU, measured; "
+                         "dflash_core.runtime.retain_freed_memory; never without a feature cache, where the "
+                         "target's forward over batches of every length grew the heap without bound)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -752,7 +754,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..clitools import CliError, apply_runtime_args
     a = build_parser().parse_args(argv)
     apply_runtime_args("dflash train", a)
-    if not a.no_retain_memory:
+    if a.feature_cache and not a.no_retain_memory:
         from ..runtime import retain_freed_memory
         retain_freed_memory()
     if a.time_budget_s is not None and not a.time_budget_s > 0:
