@@ -93,7 +93,7 @@ def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):
     _run("train", tmp, OUT=str(out), TARGET="default", DEVICE="cpu", SEQS="2", BLOCKS="2", BUDGET="1",
          DFLASH_CACHE=str(cache_root()),   # the converted default target the other tests use
          STAGE_DIR=str(tmp_path / "stage"), DATA=str(ROOT / "data" / "sharegpt-smollm2-135m"),
-         EVAL_DATA="")   # held-out evaluation in training: tests/test_training.py
+         EVAL_DATA="", DISTILL="0.5")   # held-out evaluation in training: tests/test_training.py
     summary = json.loads(next(x for x in (out / "env.txt").read_text().splitlines() if x.startswith('{"out"')))
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert summary["step"] == log[-1]["step"] >= 1 and "steps_planned" in log[-1]
@@ -109,6 +109,7 @@ def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):
     assert d.fc.weight.shape == shipped.fc.weight.shape
     assert not torch.equal(d.fc.weight, shipped.fc.weight)
     assert json.loads((out / "train_config.json").read_text())["seqs_per_step"] == 2
+    assert json.loads((out / "train_config.json").read_text())["distill"] == 0.5
 
 
 def test_a_failed_training_says_so_and_exits_nonzero(prepared, tmp_path):
