@@ -729,7 +729,8 @@ def test_distill_pulls_each_position_towards_the_targets_own_distribution(tmp_pa
         recs = tr.data.records(tr.data.finished_shards())
         tokens, seq_lens, starts = collate(recs)
         feats = tr.features(recs, tokens, seq_lens)
-        outs = tr.features.outputs(recs, tokens.shape[1]) if a > 0 else None
+        outs = tr.features.last_outputs
+        assert (outs is None) == (a == 0)
         loss, _ = block_step(tr.drafter, target, tokens, seq_lens, starts, feats, tr.cfg,
                              torch.Generator().manual_seed(5), tr.weights_k, head=tr.head, amp=False, outputs=outs)
         # the same blocks by hand
@@ -772,7 +773,7 @@ def test_distill_pulls_each_position_towards_the_targets_own_distribution(tmp_pa
                           blocks_per_seq=8), target, memo_gb=gb)
         runs[gb] = [tr.train_step()["loss"] for _ in range(30)]
         assert (tr.features.memo_bytes > 0 and len(tr.features.memo) == 3) if gb is None else (
-            tr.features.memo_bytes == 0 and not tr.features.memo and not tr.features.out_memo)
+            tr.features.memo_bytes == 0 and not tr.features.memo)
     losses = runs[None]
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, losses
     assert runs[0.0] == losses

@@ -204,19 +204,19 @@ class FeatureSource:
     set is ~40 GB of fp16 features (11.6M tokens x 1728, 2026-12-03), and an H200 holds 139 GB)."""
 
     def __init__(self, target, layer_ids: list[int], stored_ok: bool, cache=None, data: "ShardData | None" = None,
-                 memo_device="cpu", outputs: bool = False):
-        """outputs: also keep the target's final-norm outputs of every record (`outputs()`,
-        for --distill); they come from the same forward, so only with features computed here."""
+                 memo_device="cpu", outputs: bool = False, memo_limit: int | None = None):
+        """outputs: also give the target's final-norm outputs of every record of a batch
+        (`last_outputs` after each call, for --distill); they come from the same forward, so
+        only with features computed here. memo_limit: at most this many bytes memoised (None:
+        everything); records past it are computed again when seen again."""
         self.target, self.layer_ids, self.stored_ok = target, list(layer_ids), stored_ok
         self.cache, self.data = cache, data
         self.memo_device = torch.device(memo_device)
-        self.memo: dict[str, torch.Tensor] = {}
+        # key -> (features, outputs or None), fp16 on memo_device
+        self.memo: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.keep_outputs = bool(outputs)
-        self.out_memo: dict[str, torch.Tensor] = {}
-        self._batch_outs: dict[str, torch.Tensor] = {}
-        # a one-pass run over the whole data set would memoise ~1.1 GB per million tokens on a
-        # CPU, more than its RAM: past half of it, features are recomputed when seen again
-        self.memo_limit = memo_limit_bytes(self.memo_device)
+        self.last_outputs: torch.Tensor | None = None   # [R, C, hidden] fp32 of the last batch
+        self.memo_limit = memo_limit
         self.memo_bytes = 0
         if cache is not None and data is None:
             raise ValueError("a feature cache needs the ShardData its records come from")
@@ -228,53 +228,43 @@ class FeatureSource:
         i, name = r["shard"]
         return self.cache.record(self.data.folders[i], name, self.data.shard_records(i, name), r["index"])
 
+    def _pad(self, rows: list[torch.Tensor], C: int) -> torch.Tensor:
+        """Per-record rows [n_i, width] -> [R, C, width] fp32 on memo_device, zeros past each record."""
+        out = torch.zeros(len(rows), C, rows[0].shape[-1], dtype=torch.float32, device=self.memo_device)
+        for i, f in enumerate(rows):
+            n = min(f.shape[0], C)
+            out[i, :n] = f[:n].to(out.device, torch.float32)
+        return out
+
     @torch.no_grad()
     def __call__(self, recs: list[dict], tokens: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
         R, C = tokens.shape
-        KH = len(self.layer_ids) * self.target.config.hidden_size
-        out = torch.zeros(R, C, KH, dtype=torch.float32, device=self.memo_device)
 
         def own(r):  # features this source supplies (not stored with the record)
             return not (self.stored_ok and "features" in r)
         missing = [i for i, r in enumerate(recs) if own(r) and self.cache is None and r["key"] not in self.memo]
-        fresh: dict[str, torch.Tensor] = {}
-        self._batch_outs = {}
+        fresh: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         if missing:
-            feats = target_features(self.target, tokens[missing], self.layer_ids, outputs=self.keep_outputs)
-            if self.keep_outputs:
-                feats, outs = feats
+            got = target_features(self.target, tokens[missing], self.layer_ids, outputs=self.keep_outputs)
+            feats, outs = got if self.keep_outputs else (got, None)
             for j, i in enumerate(missing):
                 n, key = int(seq_lens[i]) - 1, recs[i]["key"]
-                fresh[key] = feats[j, :n].to(self.memo_device, torch.float16)
-                if self.keep_outputs:
-                    self._batch_outs[key] = outs[j, :n].to(self.memo_device, torch.float16)
-                size = fresh[key].nbytes + (self._batch_outs[key].nbytes if self.keep_outputs else 0)
+                pair = (feats[j, :n].to(self.memo_device, torch.float16),
+                        None if outs is None else outs[j, :n].to(self.memo_device, torch.float16))
+                fresh[key] = pair
+                size = sum(t.nbytes for t in pair if t is not None)
                 if self.memo_limit is None or self.memo_bytes + size <= self.memo_limit:
-                    self.memo[key] = fresh[key]
-                    if self.keep_outputs:
-                        self.out_memo[key] = self._batch_outs[key]
+                    self.memo[key] = pair
                     self.memo_bytes += size
-        for i, r in enumerate(recs):
-            if not own(r):
-                f = r["features"]
-            elif self.cache is not None:
-                f = self._cached(r)   # read from the memory-mapped file (the page cache keeps it)
-            else:
-                f = fresh[r["key"]] if r["key"] in fresh else self.memo[r["key"]]
-            n = min(f.shape[0], C)
-            out[i, :n] = f[:n].to(out.device, torch.float32)
-        return out
 
-    def outputs(self, recs: list[dict], C: int) -> torch.Tensor:
-        """The target's final-norm outputs [R, C, hidden] of records that went through
-        `__call__` (fp32; position p's predicts token p+1; zeros past each record)."""
-        out = torch.zeros(len(recs), C, self.target.config.hidden_size, dtype=torch.float32, device=self.memo_device)
-        for i, r in enumerate(recs):
-            f = self._batch_outs.get(r["key"])
-            f = self.out_memo[r["key"]] if f is None else f
-            n = min(f.shape[0], C)
-            out[i, :n] = f[:n].to(out.device, torch.float32)
-        return out
+        def computed(r):
+            return fresh[r["key"]] if r["key"] in fresh else self.memo[r["key"]]
+        # stored with the record; else read from the memory-mapped cache file (the page cache keeps it)
+        rows = [r["features"] if not own(r) else self._cached(r) if self.cache is not None else computed(r)[0]
+                for r in recs]
+        if self.keep_outputs:
+            self.last_outputs = self._pad([computed(r)[1] for r in recs], C)
+        return self._pad(rows, C)
 
 
 # ---- the training step -----------------------------------------------------------------
@@ -369,12 +359,13 @@ class Trainer:
         cache = None
         if feature_cache and stored != ids:
             cache = FeatureCache(feature_cache, target, cfg.target, ids)
+        if memo_gb is not None and not memo_gb >= 0:
+            raise ValueError("--memo-gb must be >= 0")
+        # a one-pass run over the whole data set would memoise ~1.1 GB per million tokens on a
+        # CPU, more than its RAM: by default past half of it features are computed again
+        memo_limit = memo_limit_bytes(self.device) if memo_gb is None else int(memo_gb * 2**30)
         self.features = FeatureSource(target, ids, stored_ok=(stored == ids), cache=cache, data=self.data,
-                                      memo_device=self.device, outputs=cfg.distill > 0)
-        if memo_gb is not None:
-            if not memo_gb >= 0:
-                raise ValueError("--memo-gb must be >= 0")
-            self.features.memo_limit = int(memo_gb * 2**30)
+                                      memo_device=self.device, outputs=cfg.distill > 0, memo_limit=memo_limit)
         decay = [p for n, p in self.drafter.named_parameters() if p.ndim >= 2]
         no_decay = [p for n, p in self.drafter.named_parameters() if p.ndim < 2]
         self.opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -576,7 +567,7 @@ class Trainer:
         recs = self.next_batch()
         tokens, seq_lens, resp_starts = collate(recs)
         feats = self.features(recs, tokens, seq_lens)
-        outs = self.features.outputs(recs, tokens.shape[1]) if cfg.distill > 0 else None
+        outs = self.features.last_outputs   # None unless --distill
         gen = torch.Generator().manual_seed(step_seed(cfg.seed, "anchors", self.step))
         loss, st = block_step(self.drafter, self.target, tokens, seq_lens, resp_starts, feats, cfg, gen,
                               self.weights_k, head=self.head, amp=self.amp, outputs=outs)
