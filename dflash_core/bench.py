@@ -17,6 +17,9 @@ machine noise hits both alike. Optional extras:
                   verify cost alternating forward by forward, the rest back to back
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
+  --prefill-ab    whole prefills (128 / 256 / 512 tokens) with the native layers' row limit
+                  of this build (`native.max_rows()`) against the AVX2 build's 192 rows
+                  (past it: torch's F.linear), alternating forward by forward
 Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
 from __future__ import annotations
@@ -82,6 +85,9 @@ def _parser():
                          "drafts were accepted by their running product of drafter confidences (what "
                          "--draft-thresholds cuts on), per position and 0.1-wide bin")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
+    ap.add_argument("--prefill-ab", action="store_true",
+                    help="whole prefills of 128/256/512 tokens with this build's native row limit vs the AVX2 "
+                         "build's 192 (past it: torch), alternating")
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
     ap.add_argument("--peers", action="store_true",
@@ -214,6 +220,39 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int
     res = {name: {"ctx_len": ctx_len, "ms": ms, "relative_to_1": {T: ms[T] / ms[sizes[0]] for T in sizes}}
            for name, ms in out.items()}
     return res if variants else res[None]
+
+
+@torch.inference_mode()
+def prefill_ab(target, sizes=(128, 256, 512), reps: int = 5) -> dict:
+    """Median ms of a whole prefill of T tokens (one forward, a fresh cache) with the native
+    layers' row limit at the build's max_rows() and at the AVX2 build's MAX_ROWS, the two
+    alternating forward by forward; and whether the last position's output is the same."""
+    from . import native
+    nl = target._native_layers
+    if nl is None:
+        return {"error": "the native decoder layers are not in use (dtype, CPU or DFLASH_NATIVE)"}
+    limits = {"build": native.max_rows(), "avx2": native.MAX_ROWS}
+    g = torch.Generator().manual_seed(0)
+    res = {}
+    try:
+        for T in sizes:
+            x = torch.randint(0, target.config.vocab_size, (1, T), generator=g)
+            ts, last = {k: [] for k in limits}, {}
+            for rep in range(reps + 1):
+                for name in (list(limits) if rep % 2 == 0 else list(limits)[::-1]):
+                    nl.max_rows = limits[name]
+                    cache = target.new_cache(1, T)
+                    t0 = time.perf_counter()
+                    h, _ = target(x, cache, torch.tensor([0]), torch.tensor([0]))
+                    ts[name].append(time.perf_counter() - t0)
+                    last[name] = h[0, -1]
+            ms = {name: statistics.median(v[1:]) * 1000 for name, v in ts.items()}
+            res[T] = {f"{name}_ms": round(v, 1) for name, v in ms.items()}
+            res[T]["speedup"] = round(ms["avx2"] / ms["build"], 3)
+            res[T]["same_bits"] = bool(torch.equal(last["build"], last["avx2"]))
+    finally:
+        nl.max_rows = None
+    return {"max_rows": limits, "by_tokens": res}
 
 
 def _verify_ab(target, reps: int, variants, label: str, out) -> dict:
@@ -453,6 +492,14 @@ def main(argv=None) -> int:
                       ", ".join(f"{T} tok {ms:.1f} ms" for T, ms in vc["ms"].items()), file=out)
             summary["small_mm_ab"] = {"num_linears": n_mm, **{
                 name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()}} for name, vc in ab.items()}}
+    if args.prefill_ab:
+        pa = prefill_ab(engine.target, reps=max(2, args.verify_reps))
+        if "error" in pa:
+            print(f"prefill A/B: {pa['error']}", file=out)
+        for T, r in pa.get("by_tokens", {}).items():
+            print(f"prefill of {T} tokens: native up to {pa['max_rows']['build']} rows {r['build_ms']} ms, "
+                  f"up to {pa['max_rows']['avx2']} rows {r['avx2_ms']} ms ({r['speedup']}x)", file=out)
+        summary["prefill_ab"] = pa
     if args.int8:
         ic = int8_linear_cost(engine.target)
         for shape, res in ic.get("by_shape", {}).items():

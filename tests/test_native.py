@@ -128,11 +128,11 @@ def test_vector_width_follows_the_cpu_and_both_builds_pass(monkeypatch):
         return
     env = dict(os.environ, DFLASH_NATIVE_AVX512="0")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "row_invariant or half_vector_tail or layers_are_row_invariant"],
+                          "row_invariant or half_vector_tail or layers_are_row_invariant or whole_prefill_chunk"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     progress = res.stdout.split()[0]   # the suite's quiet output: one "." per passed test
-    assert set(progress) == {"."} and len(progress) >= 7, res.stdout[-500:]
+    assert set(progress) == {"."} and len(progress) >= 8, res.stdout[-500:]
 
 
 def test_bench_reports_the_native_linears_and_their_width():
@@ -328,6 +328,45 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine():
                                    rtol=1e-4, atol=1e-4)
     finally:
         del nl.max_rows
+
+
+def test_a_whole_prefill_chunk_stays_native_in_the_avx512_build():
+    """The AVX-512 build takes forwards of up to max_rows() = 1024 rows (the engine's
+    default 512-token prefill chunk among them), the AVX2 build up to 192; a forward of
+    that many rows gives the same bits as the same tokens in short chunks, and one row
+    more takes the torch path (other bits, close)."""
+    limit = native.max_rows()
+    assert limit == (native.MAX_ROWS_AVX512 if native.vector_width() == 16 else native.MAX_ROWS)
+    if native.vector_width() == 16:
+        from dflash_core.engine import EngineConfig
+        assert limit >= EngineConfig().max_prefill_tokens
+    t = _variant_target()
+    assert t._native_layers.max_rows is None   # the build's limit
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, t.config.vocab_size, (1, limit + 1), generator=g)
+
+    def forward(n, chunk):
+        cache = t.new_cache(1, limit + 8)
+        return torch.cat([t(tokens[:, a:min(a + chunk, n)], cache, torch.tensor([0]), torch.tensor([a]))[0]
+                          for a in range(0, n, chunk)], 1)
+    chunks = forward(limit + 1, 64)
+    assert torch.equal(forward(limit, limit), chunks[:, :limit])          # one forward of `limit` rows
+    whole = forward(limit + 1, limit + 1)                                  # one row more: torch
+    assert not torch.equal(whole, chunks)
+    torch.testing.assert_close(whole, chunks, rtol=1e-4, atol=1e-4)
+
+def test_bench_prefill_ab_times_both_limits_and_restores_the_build_limit():
+    """--prefill-ab: whole prefills at the build's row limit and at the AVX2 build's 192,
+    alternating; past 192 rows the two differ in bits only where the limits differ."""
+    from dflash_core.bench import prefill_ab
+    t = _variant_target()
+    res = prefill_ab(t, sizes=(16, 200), reps=2)
+    assert res["max_rows"] == {"build": native.max_rows(), "avx2": 192}
+    assert set(res["by_tokens"]) == {16, 200}
+    assert all(r["build_ms"] > 0 and r["avx2_ms"] > 0 for r in res["by_tokens"].values())
+    assert res["by_tokens"][16]["same_bits"]
+    assert res["by_tokens"][200]["same_bits"] == (native.max_rows() == 192)
+    assert t._native_layers.max_rows is None
 
 
 def test_native_drafter_block_matches_the_torch_drafter():
