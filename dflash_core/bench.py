@@ -18,7 +18,7 @@ machine noise hits both alike. Optional extras:
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
   --prefill-ab    whole prefills (128 / 256 / 512 tokens) with the native layers' row limit
-                  of this build (`native.max_rows()`) against the AVX2 build's 192 rows
+                  of this build (`native.row_limit()`) against the AVX2 build's 192 rows
                   (past it: torch's F.linear), alternating forward by forward
 Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
@@ -225,13 +225,13 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int
 @torch.inference_mode()
 def prefill_ab(target, sizes=(128, 256, 512), reps: int = 5) -> dict:
     """Median ms of a whole prefill of T tokens (one forward, a fresh cache) with the native
-    layers' row limit at the build's max_rows() and at the AVX2 build's MAX_ROWS, the two
+    layers' row limit at the build's row_limit() and at the AVX2 build's MAX_ROWS, the two
     alternating forward by forward; and whether the last position's output is the same."""
     from . import native
     nl = target._native_layers
     if nl is None:
         return {"error": "the native decoder layers are not in use (dtype, CPU or DFLASH_NATIVE)"}
-    limits = {"build": native.max_rows(), "avx2": native.MAX_ROWS}
+    limits = {"build": native.row_limit(), "avx2": native.MAX_ROWS}
     g = torch.Generator().manual_seed(0)
     res = {}
     try:

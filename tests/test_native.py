@@ -331,11 +331,11 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine():
 
 
 def test_a_whole_prefill_chunk_stays_native_in_the_avx512_build():
-    """The AVX-512 build takes forwards of up to max_rows() = 1024 rows (the engine's
+    """The AVX-512 build takes forwards of up to row_limit() = 1024 rows (the engine's
     default 512-token prefill chunk among them), the AVX2 build up to 192; a forward of
     that many rows gives the same bits as the same tokens in short chunks, and one row
     more takes the torch path (other bits, close)."""
-    limit = native.max_rows()
+    limit = native.row_limit()
     assert limit == (native.MAX_ROWS_AVX512 if native.vector_width() == 16 else native.MAX_ROWS)
     if native.vector_width() == 16:
         from dflash_core.engine import EngineConfig
@@ -355,17 +355,18 @@ def test_a_whole_prefill_chunk_stays_native_in_the_avx512_build():
     assert not torch.equal(whole, chunks)
     torch.testing.assert_close(whole, chunks, rtol=1e-4, atol=1e-4)
 
+
 def test_bench_prefill_ab_times_both_limits_and_restores_the_build_limit():
     """--prefill-ab: whole prefills at the build's row limit and at the AVX2 build's 192,
     alternating; past 192 rows the two differ in bits only where the limits differ."""
     from dflash_core.bench import prefill_ab
     t = _variant_target()
     res = prefill_ab(t, sizes=(16, 200), reps=2)
-    assert res["max_rows"] == {"build": native.max_rows(), "avx2": 192}
+    assert res["max_rows"] == {"build": native.row_limit(), "avx2": 192}
     assert set(res["by_tokens"]) == {16, 200}
     assert all(r["build_ms"] > 0 and r["avx2_ms"] > 0 for r in res["by_tokens"].values())
     assert res["by_tokens"][16]["same_bits"]
-    assert res["by_tokens"][200]["same_bits"] == (native.max_rows() == 192)
+    assert res["by_tokens"][200]["same_bits"] == (native.row_limit() == 192)
     assert t._native_layers.max_rows is None
 
 

@@ -11,7 +11,7 @@ saving in bytes), so nothing here changes the model: the product is an fp32 line
 the same weights, in another summation order.
 
 The kernel (dflash_linear.c) is row-invariant: each output is one accumulator over k in
-order, whatever the number of rows (up to `max_rows()`), so a token's numbers are the same in
+order, whatever the number of rows (up to `row_limit()`), so a token's numbers are the same in
 a one-token step, a verify block and a batch of rows (greedy speculative output equals
 the engine's own decoding bit for bit), and a k-row product reads the weights once, so a
 16-token verify costs far less than 16 steps.
@@ -61,12 +61,13 @@ MAX_ROWS = 192
 # The AVX-512 build (16-lane accumulators) runs near the cores' FMA rate at every row count
 # and beats MKL's fp32 sgemm ~1.6x from 64 rows on (a 2-core Zen 5 EPYC, one thread: 165-183
 # vs 100-104 GFLOP/s for the default target's gate/up and down shapes; a whole prefill of 256
-# / 512 tokens 389 / 873 ms against 660 / 1461 ms through F.linear, docs/BENCHMARKS.md), so
-# there a whole prefill chunk (the engine's default max_prefill_tokens is 512) stays in it.
+# / 512 tokens 1.12x / 1.25x faster than with torch past 192 rows, `dflash bench --prefill-ab`,
+# docs/BENCHMARKS.md), so there a whole prefill chunk (the engine's default
+# max_prefill_tokens is 512) stays in it.
 MAX_ROWS_AVX512 = 1024
 
 
-def max_rows() -> int:
+def row_limit() -> int:
     """The most rows a native linear or layer forward takes in this build (more: torch)."""
     return MAX_ROWS_AVX512 if vector_width() == 16 else MAX_ROWS
 
@@ -312,7 +313,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
                 max_rows: int | None = None):
     """An inference linear x[..., K] -> [..., N] through the native kernel over the most
     compact exact form of `weight` for inputs of up to `max_rows` rows (default: the
-    build's `max_rows()`; `F.linear` over
+    build's `row_limit()`; `F.linear` over
     `weight` beyond), or None (kernel unavailable, shape unsupported). The callable
     carries `.native_format`, `.weight_bytes` and `.out_features`."""
     fn = _load() if _ENABLED else None
@@ -343,7 +344,7 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
             y += b
         return y.view(*lead, N)
 
-    linear.max_rows = max_rows if max_rows is not None else globals()["max_rows"]()   # settable (benchmarks)
+    linear.max_rows = max_rows if max_rows is not None else row_limit()   # settable (benchmarks)
     linear.native_format = fmt
     linear.out_features = N
     linear.weight_bytes = data.numel() * data.element_size()
@@ -423,7 +424,7 @@ class NativeLayers:
     shape is unsupported). It reads the layers' current linears: `current()` is False
     once any was swapped (benchmarks' A/B), and the decoder then runs its torch path."""
 
-    max_rows = None   # forwards of more rows (R x T) take the torch path; None: the build's max_rows()
+    max_rows = None   # forwards of more rows (R x T) take the torch path; None: the build's row_limit()
 
     def __init__(self, params, owners):
         self._params, self._owners = params, owners   # (the structs must outlive their addresses)
@@ -470,7 +471,7 @@ class NativeLayers:
     def serves(self, x: torch.Tensor) -> bool:
         """Whether a forward of x [R, T, hidden] runs here: fp32 on the CPU, at most
         max_rows rows, and current()."""
-        limit = self.max_rows if self.max_rows is not None else max_rows()
+        limit = self.max_rows if self.max_rows is not None else row_limit()
         return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] * x.shape[1] <= limit
                 and self.current())
 

@@ -119,7 +119,7 @@ def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: i
     outputs: run every layer and return (features, the final-norm outputs [R, C, hidden]:
     position p's is what the target's LM head turns into its distribution of token p+1).
     chunk: forward at most this many positions at a time (through the cache). With
-    R * chunk <= the native kernel's max_rows() every linear takes the row-invariant native
+    R * chunk <= the native kernel's row_limit() every linear takes the row-invariant native
     path, as the engine's verify forwards do, so the features equal theirs bit for bit
     (a whole prefill of more rows takes MKL's sgemm, which rounds differently)."""
     R, C = tokens.shape

@@ -77,7 +77,7 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
             chunk = None
             if target.device.type == "cpu":   # the native kernel's row-invariant range (features.py)
                 from .. import native
-                chunk = max(1, native.max_rows() // R)
+                chunk = max(1, native.row_limit() // R)
             feats = target_features(target, tokens, drafter.config.target_layer_ids, chunk=chunk).to(dev)
             dtype = drafter.fc.weight.dtype
             h = drafter.forward_blocks(target.embed(bb.block_ids.to(target.device)).to(dev, dtype),
