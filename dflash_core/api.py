@@ -8,6 +8,9 @@ Drafter specs: "default" (the drafter shipped for the default target in
 dflash_core/assets/, else a random one), a drafter folder in the public DFlash format,
 "random" (random init shaped after the target), or None (no drafter: plain
 autoregressive decoding).
+Drafter weights (`drafter_weights`): "stored" (as the folder holds them), "q8_0" (rounded
+onto the native kernel's 8-bit grid at load: fewer bytes a draft step reads), or "auto"
+(q8_0 where the native kernel runs the fp32 drafter, else stored).
 """
 from __future__ import annotations
 
@@ -32,9 +35,33 @@ def load_tokenizer(target: str = "default"):
     return resolve_model(target).tokenizer
 
 
+DRAFTER_WEIGHTS = ("auto",) + DFlashDrafter.WEIGHT_FORMATS
+
+
+def resolve_drafter_weights(weights: str, device, dtype) -> str:
+    """"auto" -> "q8_0" where the native kernel runs a float32 drafter (CPU), else "stored";
+    "q8_0" with another dtype raises ValueError (it rounds fp32 weights); bad names too.
+
+    Why q8_0 by default there: the shipped drafter's weights are bf16 values, which the
+    kernel reads at 2 bytes each; on the 8-bit grid a draft step reads about half, and a
+    draft costs ~0.25 ms less of a ~10 ms speculative step (docs/BENCHMARKS.md, "Drafter
+    weights on the 8-bit grid"); the held-out acceptance did not move (1.6976 vs 1.6974)."""
+    if weights not in DRAFTER_WEIGHTS:
+        raise ValueError(f"drafter weights must be one of {', '.join(DRAFTER_WEIGHTS)}, got {weights!r}")
+    fp32_cpu = torch.device(device).type == "cpu" and dtype == torch.float32
+    if weights == "auto":
+        from . import native
+        return "q8_0" if fp32_cpu and native.available() else "stored"
+    if weights == "q8_0" and dtype != torch.float32:
+        raise ValueError(f"drafter weights q8_0 need float32 (the engine runs {str(dtype).replace('torch.', '')})")
+    return weights
+
+
 def load_drafter(spec, target_config: ModelConfig, target_spec: str, block_size: int = 16, device="cpu",
-                 dtype=torch.float32) -> DFlashDrafter | None:
-    """A drafter for a target of `target_config` (its weights are not needed), or None."""
+                 dtype=torch.float32, weights: str = "auto") -> DFlashDrafter | None:
+    """A drafter for a target of `target_config` (its weights are not needed), or None.
+    weights: "auto" | "stored" | "q8_0" (module docstring)."""
+    fmt = resolve_drafter_weights(weights, device, dtype)
     if spec is None or spec == "none":
         return None
     if spec == "default":
@@ -43,9 +70,11 @@ def load_drafter(spec, target_config: ModelConfig, target_spec: str, block_size:
         else:
             spec = "random"
     if spec == "random":
-        return DFlashDrafter.from_target(target_config, num_layers=1, block_size=max(block_size, 2),
-                                         mask_token_id=DEFAULT_MASK_TOKEN_ID if target_config.vocab_size > 16 else 0,
-                                         num_features=min(3, target_config.num_layers)).to(device, dtype).pack_weights()
+        d = DFlashDrafter.from_target(target_config, num_layers=1, block_size=max(block_size, 2),
+                                      mask_token_id=DEFAULT_MASK_TOKEN_ID if target_config.vocab_size > 16 else 0,
+                                      num_features=min(3, target_config.num_layers)).to(device, dtype)
+        d.round_weights(fmt)
+        return d.pack_weights()
     path = Path(spec)
     if not path.is_dir():
         raise ModelLoadError(f"drafter {spec!r} is not a folder (expected config.json + model.safetensors), "
@@ -58,6 +87,7 @@ def load_drafter(spec, target_config: ModelConfig, target_spec: str, block_size:
         drafter.check_target(target_config)
     except ValueError as e:
         raise ModelLoadError(str(e)) from e
+    drafter.round_weights(fmt)
     return drafter.pack_weights()
 
 
@@ -72,7 +102,8 @@ def generation_defaults(target: str) -> dict:
 
 
 def build_engine(target: str = "default", drafter="default", config: EngineConfig | None = None,
-                 device: str = "cpu", dtype: torch.dtype | str = torch.float32, tokenizer=True, draft_backend=None):
+                 device: str = "cpu", dtype: torch.dtype | str = torch.float32, tokenizer=True, draft_backend=None,
+                 drafter_weights: str = "auto"):
     """-> (SpecEngine, tokenizer). Raises ModelLoadError (user-facing message) on bad specs.
 
     dtype: a torch.dtype or its name as the commands take it ("auto", "float32",
@@ -80,7 +111,8 @@ def build_engine(target: str = "default", drafter="default", config: EngineConfi
     ValueError.
 
     draft_backend: a ready DraftBackend (e.g. a remote drafter) used instead of loading
-    `drafter` in this process: the server builds both placements through this function."""
+    `drafter` in this process: the server builds both placements through this function.
+    drafter_weights: "auto" | "stored" | "q8_0" (load_drafter)."""
     config = config or EngineConfig()
     from .runtime import resolve_dtype
     dtype = resolve_dtype(dtype, device)
@@ -90,7 +122,7 @@ def build_engine(target: str = "default", drafter="default", config: EngineConfi
     if draft_backend is not None:
         backend = draft_backend
     else:
-        d = (load_drafter(drafter, model.config, target, config.block_size, device, dtype)
+        d = (load_drafter(drafter, model.config, target, config.block_size, device, dtype, drafter_weights)
              if config.block_size > 1 else None)
         backend = LocalDraftBackend(d, config.max_slots, config.max_seq_len + d.config.block_size + 1) if d else None
     engine = SpecEngine(model, backend, config, eos_token_ids=resolved.eos_token_ids)

@@ -17,6 +17,8 @@ machine noise hits both alike. Optional extras:
                   verify cost alternating forward by forward, the rest back to back
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
+  --drafter-weights-ab  every measurement above also with the drafter's weights in the
+                  other form (stored vs rounded onto the kernel's 8-bit grid), back to back
   --prefill-ab    whole prefills (128 / 256 / 512 tokens) with the native layers' row limit
                   of this build (`native.row_limit()`) against the AVX2 build's 192 rows
                   (past it: torch's F.linear), alternating forward by forward
@@ -85,6 +87,9 @@ def _parser():
                          "drafts were accepted by their running product of drafter confidences (what "
                          "--draft-thresholds cuts on), per position and 0.1-wide bin")
     ap.add_argument("--batch-sizes", default="", help="comma-separated row counts for batched autoregressive throughput")
+    ap.add_argument("--drafter-weights-ab", action="store_true",
+                    help="also measure everything with the drafter's weights in the other form (stored vs q8_0, "
+                         "see --drafter-weights), back to back")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="whole prefills of 128/256/512 tokens with this build's native row limit vs the AVX2 "
                          "build's 192 (past it: torch), alternating")
@@ -163,6 +168,30 @@ def layers_off(engine):
         yield 1
     finally:
         nl.enabled = was
+
+
+def other_weights_backend(engine, drafter_spec: str, target_spec: str, device: str, dtype, weights: str):
+    """A second local draft backend for `engine`: the same drafter loaded with `weights`
+    ("stored" / "q8_0"), its own context cache of the same shape (for drafter_swapped)."""
+    from .api import load_drafter
+    from .drafter import LocalDraftBackend
+    backend = engine.drafting.backend
+    S, _, cap, _ = backend.cache.k[0].shape
+    d = load_drafter(drafter_spec, engine.target.config, target_spec, backend.config.block_size, device, dtype,
+                     weights)
+    return LocalDraftBackend(d, S, cap)
+
+
+@contextlib.contextmanager
+def drafter_swapped(engine, backend):
+    """Within: the engine drafts through `backend` (between requests: the engine holds no
+    running request in either backend's cache); yields the drafter's linear weights."""
+    was = engine.drafting.backend
+    engine.drafting.backend = backend
+    try:
+        yield sum(1 for n, p in backend.drafter.named_parameters() if n.endswith(".weight") and p.dim() == 2)
+    finally:
+        engine.drafting.backend = was
 
 
 def small_mm_swaps(engine) -> list[tuple]:
@@ -389,7 +418,7 @@ def main(argv=None) -> int:
         raise CliError(f"dflash bench: {e}")
     engine, tok = build_engine(args.target, args.drafter, EngineConfig(
         max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes)),
-        device=args.device, dtype=dtype)
+        device=args.device, dtype=dtype, drafter_weights=args.drafter_weights)
     if args.dataset == "bench":
         texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
         prompts = [encode_prompt(tok, t, chat=True) for t in texts]
@@ -403,7 +432,10 @@ def main(argv=None) -> int:
         return _peers(args, engine, tok, dtype, out)
     # warm-up (first calls allocate)
     engine.generate([prompts[0]], SamplingParams(max_new_tokens=4))
-    summary = {"target": args.target, "drafter": args.drafter, "dtype": dtype_name(dtype), "dataset": args.dataset,
+    from .api import resolve_drafter_weights
+    summary = {"target": args.target, "drafter": args.drafter,
+               "drafter_weights": resolve_drafter_weights(args.drafter_weights, args.device, dtype),
+               "dtype": dtype_name(dtype), "dataset": args.dataset,
                "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                "threads": torch.get_num_threads()}
     # each A/B mode: (summary key, label, context manager factory yielding the count swapped)
@@ -424,6 +456,16 @@ def main(argv=None) -> int:
                        + (native.reason() or "they take fp32 on a CPU") + ")")
     if args.native_ab:
         off_modes.append(("native_off", "native linears off", lambda: _swapped(nswaps)))
+    if args.drafter_weights_ab:
+        if engine.drafting is None or not hasattr(engine.drafting.backend, "drafter"):
+            raise CliError("dflash bench: --drafter-weights-ab needs a drafter")
+        if dtype != torch.float32:
+            raise CliError("dflash bench: --drafter-weights-ab compares fp32 drafter weights with q8_0: use "
+                           "--dtype float32")
+        other = "stored" if summary["drafter_weights"] == "q8_0" else "q8_0"
+        alt = other_weights_backend(engine, args.drafter, args.target, args.device, dtype, other)
+        off_modes.append((f"drafter_weights_{other}", f"drafter weights {other}",
+                          lambda: drafter_swapped(engine, alt)))
     if args.layers_ab:
         if engine.target._native_layers is None:
             raise CliError("dflash bench: --layers-ab: this engine has no native decoder layers ("

@@ -48,7 +48,7 @@ def cmd_generate(argv) -> int:
         raise CliError("dflash generate: --prompt must not be empty")
     dtype = apply_runtime_args("dflash generate", args)
     engine, tok = build_engine(args.target, None if args.no_draft else args.drafter, cfg, device=args.device,
-                               dtype=dtype)
+                               dtype=dtype, drafter_weights=args.drafter_weights)
     ids = encode_prompt(tok, args.prompt, args.chat)
     try:
         t0 = time.perf_counter()

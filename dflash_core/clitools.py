@@ -83,6 +83,9 @@ def resolve_dtype_arg(prog: str, name: str, device: str):
 
 TARGET_HELP = "default | HF folder | .gguf | hub id | tiny-random"
 DRAFTER_HELP = "default | drafter folder | random"
+DRAFTER_WEIGHTS_HELP = ("stored: as the drafter folder holds them; q8_0: rounded onto the native kernel's 8-bit "
+                        "grid at load (fp32 only; drafts change a little, the output never); auto: q8_0 where the "
+                        "native kernel runs an fp32 drafter, else stored")
 DTYPE_HELP = ("auto | float32 | bfloat16 (auto: bf16 on GPUs; on CPUs fp32 where the native kernels build, "
               "else bf16 on AMX/AVX512-BF16)")
 
@@ -99,6 +102,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "defau
         ap.add_argument("--target", default=target, help=TARGET_HELP)
     if drafter is not None:
         ap.add_argument("--drafter", default=drafter, help=DRAFTER_HELP)
+        ap.add_argument("--drafter-weights", choices=("auto", "stored", "q8_0"), default="auto",
+                        help=DRAFTER_WEIGHTS_HELP)
     ap.add_argument("--device", default=device, help="cpu | cuda[:N]")
     if dtype is not None:
         ap.add_argument("--dtype", default=dtype, help=DTYPE_HELP)
@@ -109,7 +114,7 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "defau
 
 def apply_runtime_args(prog: str, args: argparse.Namespace):
     """Check --device, set --threads, resolve --dtype (when the parser has it) -> torch.dtype
-    or None; bad values raise CliError (one line)."""
+    or None, and check --drafter-weights against it; bad values raise CliError (one line)."""
     _check_device(args.device)
     if getattr(args, "no_native", False):
         from . import native
@@ -119,7 +124,14 @@ def apply_runtime_args(prog: str, args: argparse.Namespace):
     if args.threads > 0:
         import torch
         torch.set_num_threads(args.threads)
-    return resolve_dtype_arg(prog, args.dtype, args.device) if hasattr(args, "dtype") else None
+    dtype = resolve_dtype_arg(prog, args.dtype, args.device) if hasattr(args, "dtype") else None
+    if getattr(args, "drafter_weights", None) is not None and dtype is not None:
+        from .api import resolve_drafter_weights
+        try:
+            resolve_drafter_weights(args.drafter_weights, args.device, dtype)
+        except ValueError as e:
+            raise CliError(f"{prog}: --drafter-weights: {e}") from None
+    return dtype
 
 
 def run_command(prog: str, body, argv) -> int:

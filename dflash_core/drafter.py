@@ -191,6 +191,31 @@ class DFlashDrafter(nn.Module):
             raise ValueError(f"drafter checkpoint {folder} does not fit: missing {missing[:4]}, unexpected {unexpected[:4]}")
         return m.to(device=device, dtype=dtype).eval()
 
+    WEIGHT_FORMATS = ("stored", "q8_0")
+
+    @torch.no_grad()
+    def round_weights(self, fmt: str = "q8_0") -> int:
+        """Inference, before pack_weights(): every linear weight (fc, q/k/v/o, gate/up/down)
+        rounded in place onto `fmt`'s grid (native.round_to_q8_0), so that the native kernel
+        reads it in that format. Drafts change a little, the output not at all (the target
+        verifies every token). fp32 only (rounding then casting to bf16 would round twice).
+        -> the number of weights rounded. "stored": no change."""
+        if fmt not in self.WEIGHT_FORMATS:
+            raise ValueError(f"drafter weights must be one of {', '.join(self.WEIGHT_FORMATS)}, got {fmt!r}")
+        if fmt == "stored":
+            return 0
+        if self.fc.weight.dtype != torch.float32:
+            raise ValueError(f"drafter weights {fmt} are for a float32 drafter, this one is "
+                             f"{str(self.fc.weight.dtype).replace('torch.', '')}")
+        if self._fc_fn is not None or any(layer.self_attn._qkv_w is not None for layer in self.layers):
+            raise ValueError("round_weights() must run before pack_weights()")
+        n = 0
+        for name, p in self.named_parameters():
+            if name.endswith(".weight") and p.dim() == 2 and p.shape[1] % 32 == 0:
+                p.copy_(native.round_to_q8_0(p).to(p.device))
+                n += 1
+        return n
+
     def pack_weights(self) -> "DFlashDrafter":
         """Inference: packed q/k/v and gate/up weights, prepacked oneDNN linears on bf16
         CPUs (see models/layers.py). Call after moving to the device and dtype."""

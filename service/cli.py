@@ -22,7 +22,7 @@ from pathlib import Path
 from .config import PLACEMENTS, ServiceConfig
 
 
-from dflash_core.clitools import CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
+from dflash_core.clitools import DRAFTER_WEIGHTS_HELP, CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--target", default="default", help="default | HF folder | .gguf | hub id | tiny-random")
     ap.add_argument("--drafter", default="default", help="default | drafter folder | random | none")
+    ap.add_argument("--drafter-weights", choices=("auto", "stored", "q8_0"), default=d["drafter_weights"].default,
+                    help=DRAFTER_WEIGHTS_HELP)
     ap.add_argument("--placement", choices=PLACEMENTS, default="colocated")
     ap.add_argument("--runtime", choices=("ray", "uvicorn"), default="ray",
                     help="ray: Ray Serve app (default); uvicorn: in-process, colocated only")
@@ -64,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(a: argparse.Namespace) -> ServiceConfig:
-    kw = dict(target=a.target, drafter=None if a.drafter.lower() == "none" else a.drafter, placement=a.placement,
+    kw = dict(target=a.target, drafter=None if a.drafter.lower() == "none" else a.drafter,
+              drafter_weights=a.drafter_weights, placement=a.placement,
               device=a.device, dtype=a.dtype, max_slots=a.max_slots, max_seq_len=a.max_seq_len,
               block_size=a.block_size, max_queue=a.max_queue, request_timeout_s=a.request_timeout_s,
               max_tokens_limit=a.max_tokens_limit, served_model_name=a.served_model_name, num_cpus=a.num_cpus,

@@ -20,6 +20,9 @@ class ServiceConfig:
     # what to serve
     target: str = "default"
     drafter: str | None = "default"
+    # the drafter's weights: auto (rounded onto the native kernel's 8-bit grid where it runs
+    # an fp32 drafter, else as stored) | stored | q8_0 (dflash_core.api.load_drafter)
+    drafter_weights: str = "auto"
     served_model_name: str | None = None  # default: "dflash-<target name>"
     device: str = "cpu"
     dtype: str = "auto"  # auto (bf16 on CUDA; fp32 on CPUs where the native kernels build, else bf16 on AMX/AVX512-BF16, else fp32) | float32 | bfloat16 | float16
@@ -106,6 +109,10 @@ class ServiceConfig:
             raise ValueError(f"transport_backend must be auto, gloo or nccl, got {self.transport_backend!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.drafter_weights not in ("auto", "stored", "q8_0"):
+            raise ValueError(f"drafter_weights must be auto, stored or q8_0, got {self.drafter_weights!r}")
+        if self.drafter_weights == "q8_0" and self.dtype in ("bfloat16", "float16"):
+            raise ValueError(f"drafter_weights q8_0 rounds float32 weights; dtype is {self.dtype}")
         if self.omp_wait_policy not in ("auto", "passive", "active"):
             raise ValueError(f"omp_wait_policy must be auto, passive or active, got {self.omp_wait_policy!r}")
         if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:

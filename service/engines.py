@@ -70,7 +70,7 @@ def _loads_on_fresh_thread(builder):
 def build_colocated(cfg: ServiceConfig):
     """-> (SpecEngine, tokenizer)"""
     return build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
-                        dtype=torch_dtype(cfg))
+                        dtype=torch_dtype(cfg), drafter_weights=cfg.drafter_weights)
 
 
 @_loads_on_fresh_thread
@@ -79,7 +79,7 @@ def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
         raise ValueError("the disaggregated placement needs a drafter and block_size >= 2")
     # shaped by the target's architecture; the target's weights are never loaded here
     drafter = load_drafter(cfg.drafter, resolve_model(cfg.target).config, cfg.target, cfg.block_size, cfg.device,
-                           torch_dtype(cfg))
+                           torch_dtype(cfg), cfg.drafter_weights)
     # the same capacity as the colocated backend (dflash_core.api.build_engine)
     return DrafterServer(drafter, cfg.max_slots, cfg.max_seq_len + drafter.config.block_size + 1)
 

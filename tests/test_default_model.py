@@ -126,3 +126,42 @@ def test_default_target_reads_its_gguf_codes_through_the_native_kernel(default):
     fp32 = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     fp32 += model.embed_tokens.weight.numel() * 4                      # the tied head
     assert total < 0.25 * fp32
+
+
+def test_shipped_drafter_runs_on_the_8bit_grid_and_the_output_does_not_move(default):
+    """Where the native kernel runs the fp32 drafter, `auto` rounds the shipped drafter's
+    bf16 weights onto the kernel's 8-bit grid (every linear q8_0, each weight within half
+    a step of the stored one); greedy DFlash with either form equals plain decoding token
+    for token, and the rounded form drafts through the same engine (bench.drafter_swapped
+    puts the stored form in and takes it out again)."""
+    from dflash_core import native
+    from dflash_core.api import DEFAULT_DRAFTER_DIR
+    from dflash_core.bench import drafter_swapped, other_weights_backend
+    from dflash_core.drafter import DFlashDrafter
+    engine, tok, _ = default
+    if engine.target.dtype != torch.float32 or not native.available():
+        pytest.skip("q8_0 drafter weights are the native kernel's fp32 path")
+    d = engine.drafting.backend.drafter
+    fns = [d._fc_fn] + [f for l in d.layers for f in (l.self_attn._qkv_fn, l.self_attn._o_fn,
+                                                      l.mlp._gate_up_fn, l.mlp._down_fn)]
+    assert {f.native_format for f in fns} == {"q8_0"}
+    stored = DFlashDrafter.load(DEFAULT_DRAFTER_DIR)
+    for (name, p), (_, q) in zip(stored.named_parameters(), d.named_parameters()):
+        if p.dim() == 2:
+            step = p.view(p.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
+            assert ((q - p).view(p.shape[0], -1, 32).abs() <= 0.5 * step * (1 + 2 ** -15)).all(), name
+        else:
+            assert torch.equal(p, q), name                            # norms stay as stored
+    prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS[1:]]
+    plain = engine.generate(prompts, SamplingParams(max_new_tokens=24, speculative=False))
+    rounded = engine.generate(prompts, SamplingParams(max_new_tokens=24))
+    alt = other_weights_backend(engine, "default", "default", "cpu", torch.float32, "stored")
+    assert {alt.drafter._fc_fn.native_format, alt.drafter.layers[0].mlp._down_fn.native_format} == {"bf16"}
+    was = engine.drafting.backend
+    with drafter_swapped(engine, alt) as n:
+        assert n == 8 and engine.drafting.backend is alt
+        as_stored = engine.generate(prompts, SamplingParams(max_new_tokens=24))
+    assert engine.drafting.backend is was
+    for a, b, c in zip(plain, rounded, as_stored):
+        assert a.token_ids == b.token_ids == c.token_ids
+        assert b.stats.num_draft_tokens > 0 and c.stats.num_draft_tokens > 0

@@ -452,3 +452,103 @@ def test_native_context_write_matches_the_reference_kernel():
     assert torch.equal(before, a.k[0])
     assert not native.write_context(kv[:, 0].bfloat16(), None, 1e-6, d.rotary.cos, d.rotary.sin,
                                     a.k[0], a.v[0], torch.tensor([0, 0]), torch.tensor([3, 4]))
+
+
+@pytest.mark.parametrize("scale", [0.05, 1e-3, 1e-6, 1e-20, 30.0])
+def test_round_to_q8_0_lands_on_the_grid_the_kernel_reads(scale):
+    """Lossy rounding for the drafter's weights: every block becomes d * q (|q| <= 127, the
+    largest weight at +-127), which `pack` takes as q8_0 bit for bit at any magnitude (fp16
+    scales would fail for tiny blocks), each weight within half a step of where it was,
+    zero blocks zero, rounding twice the same as once."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(40, 96, generator=g) * scale
+    w[3, 32:64] = 0
+    r = native.round_to_q8_0(w)
+    fmt, packed = native.pack(r)
+    assert fmt == "q8_0" and torch.equal(native.dequantize(fmt, packed, 40), r)
+    assert torch.equal(native.round_to_q8_0(r), r)
+    step = w.view(40, 3, 32).abs().amax(-1) / 127
+    err = (r - w).view(40, 3, 32).abs()
+    assert (err <= 0.5 * step[..., None] * (1 + 2 ** -15)).all()
+    assert bool((err > 0).any())                     # it did round
+    assert torch.equal(r[3, 32:64], torch.zeros(32))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        native.round_to_q8_0(torch.randn(4, 40))
+    w[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        native.round_to_q8_0(w)
+
+
+def test_drafter_weights_on_the_8bit_grid_run_in_the_kernel_and_stay_close():
+    """round_weights("q8_0") before pack_weights(): every linear of the drafter runs as q8_0
+    in the native kernel, the block forward stays close to the stored weights' one (not
+    equal: the weights moved), and the API refuses what it cannot do by name."""
+    from dflash_core.api import load_drafter, resolve_drafter_weights
+    from dflash_core.drafter import DFlashDrafter
+    from dflash_core.models.config import ModelConfig
+    tcfg = ModelConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=8, num_heads=4,
+                       num_kv_heads=2, head_dim=16, qk_norm=True, family="qwen3")
+    stored = DFlashDrafter.from_target(tcfg, num_layers=2, block_size=4, mask_token_id=3, num_features=3, seed=5)
+    rounded = DFlashDrafter.from_target(tcfg, num_layers=2, block_size=4, mask_token_id=3, num_features=3, seed=5)
+    assert stored.round_weights("stored") == 0
+    assert rounded.round_weights("q8_0") == 1 + 7 * 2             # fc, then q/k/v/o/gate/up/down per layer
+    stored.pack_weights(), rounded.pack_weights()
+    fns = [rounded._fc_fn] + [f for l in rounded.layers for f in (l.self_attn._qkv_fn, l.self_attn._o_fn,
+                                                                  l.mlp._gate_up_fn, l.mlp._down_fn)]
+    assert {f.native_format for f in fns} == {"q8_0"}
+    assert {f.native_format for f in (stored._fc_fn, stored.layers[0].mlp._down_fn)} == {"f32"}
+    g = torch.Generator().manual_seed(0)
+    feats, emb = torch.randn(2, 12, 3 * 64, generator=g), torch.randn(2, 4, 64, generator=g)
+    outs = []
+    for d in (stored, rounded):
+        cache = d.new_cache(2, 32)
+        slots = torch.tensor([0, 1])
+        d.append_context(cache, slots.repeat_interleave(12), torch.arange(12).repeat(2), feats.reshape(24, -1))
+        outs.append(d.forward_cached(cache, slots, emb, torch.arange(12, 16).repeat(2, 1)))
+    rel = ((outs[0] - outs[1]).norm() / outs[0].norm()).item()
+    assert 0 < rel < 0.02, rel
+    with pytest.raises(ValueError, match="before pack_weights"):
+        rounded.round_weights("q8_0")
+    with pytest.raises(ValueError, match="float32"):
+        DFlashDrafter.from_target(tcfg, num_layers=1, block_size=4, mask_token_id=3).bfloat16().round_weights("q8_0")
+    with pytest.raises(ValueError, match="stored, q8_0"):
+        stored.round_weights("q4_1")
+    # auto: q8_0 where the kernel runs an fp32 drafter, else as stored; q8_0 only in fp32
+    assert resolve_drafter_weights("auto", "cpu", torch.float32) == "q8_0"
+    assert resolve_drafter_weights("auto", "cpu", torch.bfloat16) == "stored"
+    assert resolve_drafter_weights("stored", "cpu", torch.float32) == "stored"
+    for bad, dt in (("q8_0", torch.bfloat16), ("int4", torch.float32)):
+        with pytest.raises(ValueError, match="drafter weights"):
+            resolve_drafter_weights(bad, "cpu", dt)
+    native.set_enabled(False)
+    try:
+        assert resolve_drafter_weights("auto", "cpu", torch.float32) == "stored"
+    finally:
+        native.set_enabled(True)
+    d = load_drafter("random", tcfg, "tiny-random", 4, weights="q8_0")
+    assert d._fc_fn.native_format == "q8_0"
+
+
+def test_bench_drafter_weights_ab_runs_both_forms_and_restores_the_backend():
+    """--drafter-weights-ab: the same prompts decoded with the drafter's weights in both
+    forms, back to back, each with its own autoregressive run; greedy output equals the
+    autoregressive one in both (the drafts differ, the output cannot)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    dflash = str(Path(sys.executable).with_name("dflash"))
+    out = subprocess.run([dflash, "bench", "--num-prompts", "1", "--max-new-tokens", "12", "--block-sizes", "2",
+                          "--dtype", "float32", "--drafter-weights-ab", "--threads", "1", "--json"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["drafter_weights"] == "q8_0"
+    other = s["drafter_weights_stored"]
+    assert other["num_linears"] == 8                                  # the shipped 1-layer drafter
+    assert s["greedy_outputs_identical"] and other["by_block_size"]["2"]["greedy_outputs_identical"]
+    assert s["dflash_tokens_per_s"] > 0 and other["by_block_size"]["2"]["dflash_tokens_per_s"] > 0
+    bad = subprocess.run([dflash, "bench", "--num-prompts", "1", "--dtype", "bfloat16", "--drafter-weights", "q8_0"],
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--drafter-weights" in lines[0], bad.stderr

@@ -110,7 +110,8 @@ def test_config_from_dict_and_schedule():
     with pytest.raises(ValueError, match="unknown service option"):
         ServiceConfig.from_dict({"max_slot": 3})
     for bad in ({"placement": "remote"}, {"max_slots": 0}, {"block_size_schedule": "1-16"},
-                {"dtype": "int8"}, {"max_prompt_tokens": 5000}):
+                {"dtype": "int8"}, {"max_prompt_tokens": 5000}, {"drafter_weights": "q4"},
+                {"drafter_weights": "q8_0", "dtype": "bfloat16"}):
         with pytest.raises(ValueError):
             ServiceConfig(**bad)
     # dynamic draft length: reaches the engine; outside [0, 1) or not a number is refused by name
@@ -120,6 +121,11 @@ def test_config_from_dict_and_schedule():
     for bad in (-0.1, 1.0, "0.3", True, float("nan")):
         with pytest.raises(ValueError, match="draft_threshold"):
             ServiceConfig(target="tiny-random", draft_threshold=bad)
+    # the drafter's weights: `dflash serve --drafter-weights` reaches the config, default auto
+    from service.cli import build_parser, config_from_args
+    assert ServiceConfig(target="tiny-random").drafter_weights == "auto"
+    a = build_parser().parse_args(["--target", "tiny-random", "--drafter-weights", "stored"])
+    assert config_from_args(a).drafter_weights == "stored"
 
 
 def test_auto_schedule_follows_the_dtype_the_engine_runs_in():

@@ -204,6 +204,33 @@ def pack_q8_0(w: torch.Tensor):
     return q.to(torch.int8).reshape(w.shape).contiguous(), d.contiguous()
 
 
+def round_to_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """A weight [N, K] (K a multiple of 32) rounded onto the Q8_0 grid the kernel reads:
+    each 32-weight block of a row becomes d * q, q an integer in [-127, 127] and d its
+    block's max|w| / 127 rounded up to 17 significant bits, so that the largest weight
+    takes q = +-127 and d * q, 127 * d and (127 * d) / 127 = d are exact in fp32: `pack`
+    then takes the result as q8_0 exactly (8 bits a weight plus a scale, against bf16's
+    16). Returned as fp32 in w's shape. Lossy, unlike `pack`: for weights whose exact
+    values do not decide the output, the drafter's (drafts are proposals; the target
+    verifies every token). Each weight moves by at most d / 2, ~0.4% of its block's
+    largest."""
+    w = w.detach().float()
+    N, K = w.shape
+    if K % 32:
+        raise ValueError(f"Q8_0 rounds blocks of 32 weights along a row; {K} is not a multiple of 32")
+    if not torch.isfinite(w).all():
+        raise ValueError("cannot round non-finite weights onto the Q8_0 grid")
+    b = w.reshape(N, K // 32, 32)
+    d = b.abs().amax(-1) / 127
+    # round the scale up to 17 significant bits (clear the low 7 of fp32's 23-bit mantissa)
+    bits = d.view(torch.int32)
+    low = bits & 0x7F
+    d = torch.where(low > 0, (bits - low) + 0x80, bits).view(torch.float32)
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    q = torch.round(b / safe[..., None]).clamp(-127, 127)
+    return (q * d[..., None]).reshape(N, K)
+
+
 def pack_q4_1(w: torch.Tensor):
     """(nibbles uint8 [N, K/2], d, m float [N, K/32]) with d * q + m == w exactly, q in
     0..15 (the GGUF Q4_1 form), or None."""

@@ -95,7 +95,7 @@ def walk_snapshot_curve(snap_dir: Path, target, records: list[dict], block_size:
 
 
 def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], max_new_tokens: int,
-                   block_size: int, device: str, dtype=torch.float32) -> list[dict]:
+                   block_size: int, device: str, dtype=torch.float32, drafter_weights: str = "auto") -> list[dict]:
     """Greedy tau of every snapshot on the same prompts (batched: tau does not depend on it)."""
     from ..api import build_engine
     from ..engine import EngineConfig
@@ -105,7 +105,7 @@ def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], m
     for s in snaps:
         meta = json.loads((s / "meta.json").read_text()) if (s / "meta.json").exists() else {}
         engine, _ = build_engine(target=target_spec, drafter=str(s), device=device, tokenizer=False, dtype=dtype,
-                                 config=EngineConfig(max_slots=min(8, len(prompts)), block_size=block_size,
+                                 drafter_weights=drafter_weights, config=EngineConfig(max_slots=min(8, len(prompts)), block_size=block_size,
                                                      max_seq_len=max(len(p) for p in prompts) + max_new_tokens + 8))
         res = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
         lens = [x for r in res for x in r.stats.acceptance_lengths]
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import EngineConfig
     try:
         engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device, dtype=dtype,
-                                   config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
+                                   drafter_weights=a.drafter_weights, config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
                                                        max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8))
         results, prompt_sets = {}, {}
         for ds in a.datasets:
@@ -248,12 +248,15 @@ def main(argv: list[str] | None = None) -> int:
             sp = prompt_sets.get("sharegpt") or load_eval_prompts("sharegpt", tok, a.snapshot_prompts,
                                                                  a.max_prompt_tokens)
             curve = snapshot_curve(Path(a.snapshots), a.target, sp[:a.snapshot_prompts], a.max_new_tokens,
-                                   a.block_size, a.device, dtype)
+                                   a.block_size, a.device, dtype, a.drafter_weights)
         curve = extend_curve(json.loads(Path(a.prior_curve).read_text()) if a.prior_curve else None, curve,
                              a.tokens_offset, a.sitting)
         from ..runtime import dtype_name
         # the block actually verified: the engine caps --block-size at the drafter's own block
-        summary = {"target": a.target, "drafter": a.drafter, "block_size": engine.block_size(a.batch),
+        from ..api import resolve_drafter_weights
+        summary = {"target": a.target, "drafter": a.drafter,
+                   "drafter_weights": resolve_drafter_weights(a.drafter_weights, a.device, dtype),
+                   "block_size": engine.block_size(a.batch),
                    "requested_block_size": a.block_size, "dtype": dtype_name(dtype),
                    "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
         if a.plot:
