@@ -44,8 +44,9 @@ def resolve_drafter_weights(weights: str, device, dtype) -> str:
 
     Why q8_0 by default there: the shipped drafter's weights are bf16 values, which the
     kernel reads at 2 bytes each; on the 8-bit grid a draft step reads about half, and a
-    draft costs ~0.25 ms less of a ~10 ms speculative step (docs/BENCHMARKS.md, "Drafter
-    weights on the 8-bit grid"); the held-out acceptance did not move (1.6976 vs 1.6974)."""
+    draft costs ~0.3 ms less of a ~7.5 ms speculative step at one thread (docs/BENCHMARKS.md,
+    "Drafter weights on the 8-bit grid"); the held-out acceptance did not move (1.7062 vs
+    1.7066 as stored)."""
     if weights not in DRAFTER_WEIGHTS:
         raise ValueError(f"drafter weights must be one of {', '.join(DRAFTER_WEIGHTS)}, got {weights!r}")
     fp32_cpu = torch.device(device).type == "cpu" and dtype == torch.float32

@@ -186,7 +186,6 @@ class SpecEngine:
         whose `.config` is the DrafterConfig) or None (plain autoregressive decoding)."""
         self.target = target
         self.config = config or EngineConfig()
-        self.draft_backend = draft_backend
         self.drafting = spec.DraftContext.of(draft_backend, target) if draft_backend is not None else None
         self.drafter_block_size = self.drafting.block_size if self.drafting else 1
         if self.config.capture_layers and max(self.config.capture_layers) >= target.config.num_layers:
@@ -229,6 +228,12 @@ class SpecEngine:
     @property
     def speculative(self) -> bool:
         return self.drafting is not None and self.drafter_block_size > 1 and self.config.block_size > 1
+
+    @property
+    def draft_backend(self):
+        """The draft backend, or None: the one `drafting` drafts through, so that a backend
+        swapped in there (bench.drafter_swapped) also gets its slots freed."""
+        return self.drafting.backend if self.drafting is not None else None
 
     @property
     def can_draft(self) -> bool:

@@ -159,9 +159,14 @@ def test_shipped_drafter_runs_on_the_8bit_grid_and_the_output_does_not_move(defa
     assert {alt.drafter._fc_fn.native_format, alt.drafter.layers[0].mlp._down_fn.native_format} == {"bf16"}
     was = engine.drafting.backend
     with drafter_swapped(engine, alt) as n:
-        assert n == 8 and engine.drafting.backend is alt
+        assert n == 8 and engine.drafting.backend is alt and engine.draft_backend is alt
         as_stored = engine.generate(prompts, SamplingParams(max_new_tokens=24))
-    assert engine.drafting.backend is was
+        # the swapped-in backend's slots are freed when its requests finish, so the same
+        # prompts again (the slots reused) draft exactly as the first time
+        assert all(int(n) == 0 for n in alt.cache.lens)
+        again = engine.generate(prompts, SamplingParams(max_new_tokens=24))
+        assert [r.stats.acceptance_lengths for r in again] == [r.stats.acceptance_lengths for r in as_stored]
+    assert engine.drafting.backend is was and engine.draft_backend is was
     for a, b, c in zip(plain, rounded, as_stored):
         assert a.token_ids == b.token_ids == c.token_ids
         assert b.stats.num_draft_tokens > 0 and c.stats.num_draft_tokens > 0
