@@ -106,7 +106,8 @@ DEFAULT_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((2, 4), (INF_RUNNING
 # 1.03x, block 3 1.01x, block 4 0.95x) and re-picked there by the same sweep with
 # `--block-sizes 1,2,3 --concurrency 1,2,4`: the same schedule (155.0 vs 142.7 tok/s at 1
 # running, plain decoding ahead at 2; docs/BENCHMARKS.md, "Serving"). Re-checked with the
-# sitting-15 drafter: 167.6 vs 154.3 tok/s at 1 running over 3 reps, plain ahead at 2.
+# sitting-15 drafter: 167.6 vs 154.3 tok/s at 1 running over 3 reps, plain ahead at 2; and with
+# the sitting-17 drafter on the 8-bit grid (2026-12-04): 180.6 vs 164.9, plain ahead at 2.
 FP32_BLOCK_SIZE_SCHEDULE: tuple[tuple[int, int], ...] = ((1, 2), (INF_RUNNING, 1))
 
 

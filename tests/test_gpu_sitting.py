@@ -93,10 +93,12 @@ def test_train_phase_writes_a_loadable_drafter_and_its_log(prepared, tmp_path):
     _run("train", tmp, OUT=str(out), TARGET="default", DEVICE="cpu", SEQS="2", BLOCKS="2", BUDGET="1",
          DFLASH_CACHE=str(cache_root()),   # the converted default target the other tests use
          STAGE_DIR=str(tmp_path / "stage"), DATA=str(ROOT / "data" / "sharegpt-smollm2-135m"),
-         EVAL_DATA="", DISTILL="0.5")   # held-out evaluation in training: tests/test_training.py
+         EVAL_DATA="", DISTILL="0.5", WALK_WEIGHT="1")   # held-out evaluation in training: tests/test_training.py
     summary = json.loads(next(x for x in (out / "env.txt").read_text().splitlines() if x.startswith('{"out"')))
     log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
     assert summary["step"] == log[-1]["step"] >= 1 and "steps_planned" in log[-1]
+    config = json.loads((out / "train_config.json").read_text())
+    assert config["distill"] == 0.5 and config["walk_weight"] == 1.0
     meta = json.loads((out / "drafter" / "meta.json").read_text())
     assert meta["step"] == summary["step"] and meta["tokens_seen"] == log[-1]["tokens_seen"] > 0
     returned = [p for p in out.rglob("*") if p.is_file()]

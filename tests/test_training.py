@@ -12,7 +12,7 @@ from dflash_core.drafter import DFlashDrafter
 from dflash_core.engine import EngineConfig, SpecEngine
 from dflash_core.training import datagen
 from dflash_core.training.blocks import (IGNORE, accepted_lengths, build_block_batch, default_gamma,
-                                         loss_weights, sample_anchors, weighted_block_loss)
+                                         loss_weights, sample_anchors, walk_landings, weighted_block_loss)
 from dflash_core.datasets import Prompt
 from dflash_core.training.train import TrainConfig, Trainer, lr_factor
 
@@ -156,6 +156,73 @@ def test_teacher_forced_acceptance_length():
     has = torch.ones_like(correct)
     has[0, 1, 3:] = False                            # block near the sequence end
     assert accepted_lengths(correct, has).tolist() == [[3, 1]]
+
+
+def test_walk_landings_mark_the_anchors_a_walk_hands_over_to():
+    # anchors 3, 5, 6, 9, 12 (+ one padding block): the block at 3 accepts 2 -> lands on 5,
+    # 5 accepts 4 -> 9, 6 accepts 1 -> 7 (not an anchor), 9 accepts 3 -> 12, 12 has no target
+    anchors = torch.tensor([[3, 5, 6, 9, 12, 0]])
+    valid = torch.tensor([[True, True, True, True, True, False]])
+    acc = torch.tensor([[2, 4, 1, 3, 0, 3]])          # the padding block's 3 would land on 3: ignored
+    assert walk_landings(anchors, valid, acc).tolist() == [[False, True, False, True, True, False]]
+    # against a loop over random rows (the rows never mix)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        anchors, valid = sample_anchors([40, 33, 7], [5, 9, 2], 12, g)
+        acc = torch.randint(0, 5, anchors.shape, generator=g)
+        got = walk_landings(anchors, valid, acc)
+        for r in range(anchors.shape[0]):
+            lands = {int(anchors[r, j] + acc[r, j]) for j in range(anchors.shape[1]) if valid[r, j] and acc[r, j] > 0}
+            want = [bool(valid[r, j]) and int(anchors[r, j]) in lands for j in range(anchors.shape[1])]
+            assert got[r].tolist() == want
+
+
+def test_walk_weight_weighs_the_landed_blocks_in_the_loss(tmp_path):
+    """--walk-weight w: a block anchored where another block of the step hands over
+    (walk_landings over this step's own teacher-forced drafts) weighs 1 + w; w = 0 is the
+    plain loss. Checked against the loss recomputed from the drafter's block logits."""
+    from dflash_core.training.blocks import collate
+    from dflash_core.training.train import block_step
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=3, shard_size=3)
+    losses, landed_any = {}, False
+    for w in (0.0, 2.0):
+        tr = Trainer(_cfg(tmp_path, out=str(tmp_path / f"run{w}"), walk_weight=w, dtype="float32", blocks_per_seq=12),
+                     target)
+        recs = tr.data.records(tr.data.finished_shards())
+        tokens, seq_lens, starts = collate(recs)
+        feats = tr.features(recs, tokens, seq_lens)
+        loss, st = block_step(tr.drafter, target, tokens, seq_lens, starts, feats, tr.cfg,
+                              torch.Generator().manual_seed(5), tr.weights_k, head=tr.head, amp=False)
+        anchors, valid = sample_anchors(seq_lens.tolist(), starts, 12, torch.Generator().manual_seed(5))
+        bb = build_block_batch(tokens, seq_lens, anchors, valid, 4, MASK)
+        with torch.no_grad():
+            h = tr.drafter.forward_blocks(target.embed(bb.block_ids), bb.block_pos, feats, bb.ctx_pos, bb.attn_mask)
+            logits = target.logits(h)                                         # [R, T, V]
+        R, T = bb.targets.shape
+        sel = bb.targets != IGNORE
+        correct = torch.zeros(R, T, dtype=torch.bool)
+        correct[sel] = logits[sel].argmax(-1) == bb.targets[sel]
+        assert torch.equal(st["correct"], correct.view(R, -1, 4))
+        landed = walk_landings(anchors, valid, accepted_lengths(correct.view(R, -1, 4), sel.view(R, -1, 4)))
+        assert torch.equal(st["landed"], landed)
+        landed_any |= bool(landed.any()) and not bool(landed[valid].all())
+        bw = (1 + w * landed.float()).repeat_interleave(4, dim=1)            # [R, T]
+        wt = (tr.weights_k[bb.block_k].expand_as(bb.targets) * bw)[sel]
+        ce = torch.nn.functional.cross_entropy(logits[sel], bb.targets[sel], reduction="none")
+        want = (wt * ce).sum() / wt.sum()
+        assert torch.allclose(loss, want, rtol=1e-5, atol=1e-6), (w, float(loss), float(want))
+        losses[w] = float(loss.detach())
+    assert landed_any                                  # some blocks landed, some did not: the weights differ
+    assert losses[0.0] != losses[2.0]
+    # a run with it trains, and logs teacher-forced tau over the landed blocks
+    tr = Trainer(_cfg(tmp_path, out=str(tmp_path / "runlog"), walk_weight=1.0, steps=4, blocks_per_seq=12), target)
+    tr.run()
+    rows = [json.loads(x) for x in (tmp_path / "runlog" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and 0 < rows[-1]["landed_share"] < 1 and rows[-1]["tau_tf_landed"] >= 1
+    assert json.loads((tmp_path / "runlog" / "train_config.json").read_text())["walk_weight"] == 1.0
+    with pytest.raises(ValueError, match="walk-weight"):
+        _cfg(tmp_path, walk_weight=-1)
 
 
 def test_lr_schedule():

@@ -16,7 +16,7 @@
 # Settings come from the environment (defaults in brackets): PARTS [3] (prepare), DEVICE [cuda], BUDGET [420]
 # training seconds, SEQS [128] sequences per step, BLOCKS [32] anchors per sequence,
 # BLOCK [8], LAYERS [1], LR [1e-3], WARMUP [100], SEED [12], INIT [default], DISTILL [0: none;
-# a in (0, 1]: dflash train --distill a], TARGET
+# a in (0, 1]: dflash train --distill a], WALK_WEIGHT [0: dflash train --walk-weight w], TARGET
 # [the joined GGUF], DATA [both shipped data folders], EVAL_DATA [the holdout folder; empty:
 # none], EVAL_EVERY [200], KERNELS [torch], GPU_DIR [.gpu],
 # STAGE_DIR [.gpu-stage], PY [python3], NO_WHEEL (prepare: skip the wheel), OUT.
@@ -121,7 +121,7 @@ train)
         --warmup-steps "${WARMUP:-100}" --seed "${SEED:-12}" --steps 1000000 \
         --time-budget-s "${BUDGET:-420}" --snapshot-every 1000000 --ckpt-every-s 60 --log-every 10 \
         ${EVAL_DATA:+--eval-data "$EVAL_DATA" --eval-every "${EVAL_EVERY:-200}"} --distill "${DISTILL:-0}" \
-        --no-progress | tee -a "$OUT/env.txt" && status=0 || status=$?
+        --walk-weight "${WALK_WEIGHT:-0}" --no-progress | tee -a "$OUT/env.txt" && status=0 || status=$?
     # whatever happened, hand back what the run has: its log, and its drafter if it saved one
     cp "$run/log.jsonl" "$run/train_config.json" "$OUT/" 2>/dev/null || true
     if [ ! -f "$run/latest/model.safetensors" ] && [ ! -f "$run/best/meta.json" ]; then

@@ -41,7 +41,7 @@ import torch
 
 from .shards import read_shard
 from .blocks import (IGNORE, accepted_lengths, build_block_batch, collate, loss_weights,
-                     sample_anchors, weighted_block_loss)
+                     sample_anchors, walk_landings, weighted_block_loss)
 from .features import FeatureCache, target_features
 
 
@@ -73,6 +73,7 @@ class TrainConfig:
     init: str | None = None           # warm start: a drafter folder (same architecture) to begin from
     rebuild_draft_vocab: bool = False # warm start: rebuild the drafting vocabulary from this run's data
     distill: float = 0.0              # weight of KL(target's next-token distribution || drafter's); 0: labels only
+    walk_weight: float = 0.0          # blocks where a walk lands (blocks.walk_landings) weigh 1 + this in the loss
 
     def __post_init__(self):
         if not self.data:
@@ -91,6 +92,8 @@ class TrainConfig:
             raise ValueError("--rebuild-draft-vocab goes with --init and --draft-vocab N")
         if not 0 <= self.distill <= 1:
             raise ValueError("--distill must be between 0 and 1")
+        if not 0 <= self.walk_weight <= 100:
+            raise ValueError("--walk-weight must be between 0 and 100")
         if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("need lr > 0, 0 <= min-lr-ratio <= 1, warmup-steps >= 0")
 
@@ -100,7 +103,7 @@ class TrainConfig:
         for k in ("ckpt_every_s", "log_every", "snapshot_every", "steps"):
             d.pop(k)
         for k, default in (("dtype", "auto"), ("draft_vocab", 0), ("init", None),
-                           ("rebuild_draft_vocab", False), ("distill", 0.0)):
+                           ("rebuild_draft_vocab", False), ("distill", 0.0), ("walk_weight", 0.0)):
             if d[k] == default:
                 d.pop(k)  # runs from before these options resume unchanged
         return d
@@ -279,7 +282,8 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
     outputs: the target's final-norm outputs [R, C, hidden] (FeatureSource.outputs), with
     cfg.distill > 0: the loss also pulls each position towards the target's distribution
     (its LM head, the same vocabulary as the drafter's, on the output one position earlier).
-    -> (loss, stats {correct [R, N, B] bool, has_target [R, N, B] bool})."""
+    -> (loss, stats {correct [R, N, B] bool, has_target [R, N, B] bool, landed [R, N] bool: the
+    blocks anchored where a walk lands (blocks.walk_landings), which weigh 1 + cfg.walk_weight})."""
     dev = drafter.fc.weight.device
     B = cfg.block_size
     anchors, valid = sample_anchors(seq_lens.tolist(), resp_starts, cfg.blocks_per_seq, gen)
@@ -298,9 +302,18 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
             _, head_w, index_of = head
             logits = torch.nn.functional.linear(hidden[sel], head_w.to(dev)).float()   # [M, N]
             tgt = index_of.to(dev)[targets[sel]]                                # -1 outside the vocabulary
-    w = weights_k.to(dev)[bb.block_k.to(dev)].expand_as(targets)[sel]          # [M]
-    in_vocab = tgt >= 0
     R, T = targets.shape
+    N = T // B
+    in_vocab = tgt >= 0
+    with torch.no_grad():
+        correct = torch.zeros(R, T, dtype=torch.bool, device=dev)
+        correct[sel] = (logits.argmax(-1) == tgt) & in_vocab
+        landed = walk_landings(anchors.to(dev), valid.to(dev), accepted_lengths(correct.view(R, N, B),
+                                                                                sel.view(R, N, B)))  # [R, N]
+    wk = weights_k.to(dev)[bb.block_k.to(dev)].expand_as(targets)             # [R, T]
+    if cfg.walk_weight > 0:   # the blocks a walk drafts from weigh more (by this step's own drafts)
+        wk = wk * (1.0 + cfg.walk_weight * landed.float()).repeat_interleave(B, dim=1)
+    w = wk[sel]                                                                 # [M]
     teacher = None
     if outputs is not None and cfg.distill > 0:
         with torch.no_grad():   # token p's distribution is the target's output at p - 1
@@ -313,10 +326,8 @@ def block_step(drafter, target, tokens, seq_lens, resp_starts, feats, cfg: Train
                 teacher = torch.nn.functional.linear(th.to(head[1].dtype), head[1].to(dev))
             teacher = teacher.float()[in_vocab]
     loss = weighted_block_loss(logits[in_vocab], tgt[in_vocab], w[in_vocab], teacher, cfg.distill)
-    correct = torch.zeros(R, T, dtype=torch.bool, device=dev)
-    correct[sel] = (logits.argmax(-1) == tgt) & in_vocab
-    N = T // B
-    return loss, {"correct": correct.view(R, N, B).cpu(), "has_target": sel.view(R, N, B).cpu()}
+    return loss, {"correct": correct.view(R, N, B).cpu(), "has_target": sel.view(R, N, B).cpu(),
+                  "landed": landed.cpu()}
 
 
 class Trainer:
@@ -625,7 +636,9 @@ class Trainer:
         (self.out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=1))
         log = open(self.out / "log.jsonl", "a")
         B = cfg.block_size
-        acc = {"loss": 0.0, "n": 0, "correct": torch.zeros(B), "has": torch.zeros(B), "tau": 0.0, "blocks": 0}
+        fresh = lambda: {"loss": 0.0, "n": 0, "correct": torch.zeros(B), "has": torch.zeros(B), "tau": 0.0,  # noqa: E731
+                         "blocks": 0, "tau_landed": 0.0, "landed": 0}
+        acc = fresh()
         bar = tqdm(total=stop_at, initial=self.step, unit="step", disable=not progress, dynamic_ncols=True,
                    desc="train")
         last_ckpt = time.monotonic()
@@ -659,6 +672,9 @@ class Trainer:
             tau = accepted_lengths(r["correct"], r["has_target"])
             acc["tau"] += float(tau.sum())
             acc["blocks"] += int((tau > 0).sum())
+            landed = r["landed"] & (tau > 0)
+            acc["tau_landed"] += float(tau[landed].sum())
+            acc["landed"] += int(landed.sum())
             bar.update(1)
             ends = self.step == stop_at or bool(stop) or out_of_time
             evaluate = self.eval_records is not None and (
@@ -668,6 +684,9 @@ class Trainer:
                 last = {"step": self.step, "epoch": self.epoch, "tokens_seen": self.tokens_seen,
                         "pred_tokens": self.pred_tokens, "loss": round(acc["loss"] / acc["n"], 5),
                         "tau_tf": round(acc["tau"] / max(acc["blocks"], 1), 4),
+                        # the same over the blocks anchored where a walk lands, and their share
+                        "tau_tf_landed": round(acc["tau_landed"] / max(acc["landed"], 1), 4),
+                        "landed_share": round(acc["landed"] / max(acc["blocks"], 1), 4),
                         "acc_k": [round(x, 4) for x in per_pos], "lr": self.sched.get_last_lr()[0],
                         "grad_norm": round(r["grad_norm"], 4), "elapsed_s": round(time.perf_counter() - t0, 1)}
                 if time_budget_s is not None:
@@ -678,7 +697,7 @@ class Trainer:
                 log.write(json.dumps(last) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{last['loss']:.3f}", tau_tf=f"{last['tau_tf']:.2f}", ep=self.epoch)
-                acc = {"loss": 0.0, "n": 0, "correct": torch.zeros(B), "has": torch.zeros(B), "tau": 0.0, "blocks": 0}
+                acc = fresh()
             if self.step % cfg.snapshot_every == 0:
                 self.snapshot()
             if time.monotonic() - last_ckpt >= cfg.ckpt_every_s:
@@ -710,6 +729,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--distill", type=float, default=d.distill,
                     help="0 < a <= 1: each position's loss is (1-a) CE on the data's token + a KL from the target's "
                          "own next-token distribution (computed beside the features; not with --feature-cache)")
+    ap.add_argument("--walk-weight", type=float, default=d.walk_weight,
+                    help="w > 0: blocks anchored where a speculative walk lands (right after another block's "
+                         "last accepted draft, by this step's own drafts) weigh 1 + w in the loss, so training "
+                         "leans towards the anchors the engine drafts from (default 0: all blocks alike)")
     ap.add_argument("--rebuild-draft-vocab", action="store_true",
                     help="with --init: choose the --draft-vocab N tokens again from this run's data "
                          "(by default a warm start keeps its drafter's vocabulary)")
