@@ -463,6 +463,68 @@ def test_warm_start_grows_layers_without_changing_the_output(tmp_path):
                 target)
 
 
+def test_warm_start_grows_context_features_without_changing_the_output(tmp_path):
+    """--init from a drafter fed by target layers [1, 2] into a run with --target-layer-ids
+    1,2,3 (the target's last layer appended): fc's new columns start at zero, so the grown
+    drafter's block logits equal the saved one's at step 0; training then moves those
+    columns; the grown drafter, saved and loaded into the engine, stays lossless."""
+    target = _target()
+    _write_shards(tmp_path / "data", target, n_records=6, shard_size=3)
+    small = DFlashDrafter.from_target(target.config, num_layers=1, block_size=4, mask_token_id=MASK,
+                                      target_layer_ids=[1, 2], seed=1)
+    with torch.no_grad():
+        for n, p in small.named_parameters():
+            if not n.endswith("norm.weight"):
+                p.mul_(10)
+    small.save(tmp_path / "small")
+    cfg = _cfg(tmp_path, init=str(tmp_path / "small"), target_layer_ids=[1, 2, 3], steps=6)
+    assert cfg.num_features == 3
+    grown = Trainer(cfg, target)
+    assert grown.drafter.config.target_layer_ids == [1, 2, 3]
+    H = target.config.hidden_size
+    assert grown.drafter.fc.weight.shape == (H, 3 * H)
+    assert torch.count_nonzero(grown.drafter.fc.weight[:, 2 * H:]) == 0
+    tokens = torch.randint(17, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
+    anchors = torch.tensor([[5, 12], [7, 15]])
+    want, _ = _block_logits(target, DFlashDrafter.load(tmp_path / "small"), tokens, anchors)
+    got, _ = _block_logits(target, grown.drafter.eval(), tokens, anchors)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grown.drafter.train()
+    grown.run()
+    assert torch.count_nonzero(grown.drafter.fc.weight[:, 2 * H:]) > 0
+    saved = DFlashDrafter.load(tmp_path / "run" / "latest")
+    assert saved.config.target_layer_ids == [1, 2, 3]
+    # lossless with the last layer among the features: greedy speculative == plain decoding
+    from dflash_core.sampling import SamplingParams
+    prompt = torch.randint(17, VOCAB, (9,), generator=torch.Generator().manual_seed(5)).tolist()
+    outs = {}
+    from dflash_core.drafter import LocalDraftBackend
+    for name, backend, block in (("ar", None, 1), ("spec", LocalDraftBackend(saved.eval(), 1, 64 + 5), 4)):
+        eng = SpecEngine(target, backend, EngineConfig(max_slots=1, max_seq_len=64, block_size=block))
+        eng.add_request("r", prompt, SamplingParams(max_new_tokens=24))
+        toks = []
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                toks += o.new_token_ids
+        outs[name] = toks
+    assert len(outs["ar"]) == 24 and outs["spec"] == outs["ar"]
+    # only appended layers grow a drafter; others are refused with the reason
+    with pytest.raises(ValueError, match="new feature layers may only follow"):
+        Trainer(_cfg(tmp_path, init=str(tmp_path / "small"), target_layer_ids=[2, 3], out=str(tmp_path / "r5")),
+                target)
+    with pytest.raises(ValueError, match="distinct layer indices"):
+        _cfg(tmp_path, target_layer_ids=[1, 1])
+
+
+def test_train_command_rejects_a_malformed_layer_list():
+    from dflash_core.clitools import CliError
+    from dflash_core.training.train import main
+    with pytest.raises(CliError, match="--target-layer-ids: expected comma-separated layer indices"):
+        main(["--target-layer-ids", "1,x"])
+    with pytest.raises(CliError, match="distinct layer indices"):
+        main(["--target-layer-ids", "3,3"])
+
+
 # ---- data generation ---------------------------------------------------------------------
 class _CharTokenizer:
     """Chat template = fixed ids around the text's characters mapped into the tiny vocab."""

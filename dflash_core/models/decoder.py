@@ -48,6 +48,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+KEY_PAD = 64   # keys per attention read in 16-bit dtypes (CacheAttentionPlan._keys_and_mask)
+
+
 class CacheAttentionPlan:
     """Everything about one forward's attention that does not depend on the layer,
     computed once per forward instead of once per layer (per-op overhead, not the
@@ -87,9 +90,6 @@ class CacheAttentionPlan:
         self.index = (slots.to(dev) - lo) if self.in_range and not self.full else None   # [R] rows in the range
         # the write: slices for one row, else one index_put over [R, T] positions
         self.pos = (cache_lens.to(dev)[:, None] + torch.arange(T, device=dev)[None, :]) if R > 1 else None
-        if R == 1 and T == 1:
-            self.mask = None   # one token reads every key up to its own
-            return
         # mask over the computed rows (the slot range, or the gathered rows): [N, 1, rep*T, L]
         n = self.span if self.index is not None else R
         lim = torch.zeros(n, T, dtype=torch.int64, device=dev)      # dummy rows read key 0 only
@@ -98,8 +98,30 @@ class CacheAttentionPlan:
             lim[self.index] = row_lim
         else:
             lim = row_lim
+        self._lim = lim
+        self._padded = None    # (keys read, mask) of the 16-bit path, built by the first layer
+        if R == 1 and T == 1:
+            self.mask = None   # one token reads every key up to its own
+            return
         ok = torch.arange(self.L, device=dev)[None, None, :] <= lim[:, :, None]        # [N, T, L]
         self.mask = ok.repeat(1, rep, 1)[:, None]                                     # [N, 1, rep*T, L]
+
+    def _keys_and_mask(self, dtype: torch.dtype, capacity: int):
+        """fp32 reads exactly the L keys. In bf16/fp16 the softmax's sum and the
+        probabilities x values product are not invariant to the number of keys on every
+        CPU (seen on a Xeon with AMX: a row of 161 keys and the same row padded to 168
+        with zero probabilities summed differently, so a verify's query t and the one-token
+        step at that position came out an ulp apart and greedy DFlash drifted from bf16
+        decoding). So the 16-bit path reads keys in whole multiples of KEY_PAD, the keys
+        past each query's own masked out: both forwards then run the same kernel shapes
+        over the same nonzero terms. At the cache's end it reads what is there."""
+        if dtype == torch.float32 or self.L >= capacity:
+            return self.L, self.mask
+        if self._padded is None:
+            Lp = min(-(-self.L // KEY_PAD) * KEY_PAD, capacity)
+            ok = torch.arange(Lp, device=self._lim.device)[None, None, :] <= self._lim[:, :, None]
+            self._padded = (Lp, ok.repeat(1, self.rep, 1)[:, None])
+        return self._padded
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         """cache [S, Hkv, L, D] <- new [R, Hkv, T, D] at each row's positions."""
@@ -112,7 +134,7 @@ class CacheAttentionPlan:
     def attend(self, q, k_cache, v_cache, scale) -> torch.Tensor:
         """q [R, H, T, D] -> [R, H, T, D] over the rows' cached keys (block included)."""
         R, H, T, D = q.shape
-        L = self.L
+        L, mask = self._keys_and_mask(q.dtype, k_cache.shape[2])
         if self.in_range:
             k, v = k_cache[self.lo:self.lo + self.span, :, :L], v_cache[self.lo:self.lo + self.span, :, :L]
         else:
@@ -122,8 +144,8 @@ class CacheAttentionPlan:
         N, Hkv = k.shape[0], k.shape[1]
         qg = q.reshape(N, Hkv, self.rep * T, D)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale                 # [N, Hkv, rep*T, L]
-        if self.mask is not None:
-            scores = scores.masked_fill_(~self.mask, float("-inf"))
+        if mask is not None:
+            scores = scores.masked_fill_(~mask, float("-inf"))
         o = torch.matmul(torch.softmax(scores, -1).to(q.dtype), v).view(N, H, T, D)
         return o if self.index is None else o.index_select(0, self.index)
 

@@ -52,6 +52,7 @@ class TrainConfig:
     target: str = "default"
     num_layers: int = 1
     num_features: int = 3             # target layers fused (public rule), unless the data fixes them
+    target_layer_ids: list[int] | None = None  # explicit target layers (overrides the rule and num_features)
     block_size: int = 16
     mask_token_id: int = 16           # <empty_output> in SmolLM2's vocabulary
     gamma: float | None = None        # None: 7 for B 16, 4 for B 8
@@ -84,6 +85,12 @@ class TrainConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.block_size < 2:
             raise ValueError("--block-size must be >= 2")
+        if self.target_layer_ids is not None:
+            ids = [int(i) for i in self.target_layer_ids]
+            if not ids or min(ids) < 0 or len(set(ids)) != len(ids):
+                raise ValueError("--target-layer-ids needs distinct layer indices >= 0")
+            self.target_layer_ids = ids
+            self.num_features = len(ids)
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError("--dtype must be auto, float32 or bfloat16")
         if self.draft_vocab < 0:
@@ -103,7 +110,8 @@ class TrainConfig:
         for k in ("ckpt_every_s", "log_every", "snapshot_every", "steps"):
             d.pop(k)
         for k, default in (("dtype", "auto"), ("draft_vocab", 0), ("init", None),
-                           ("rebuild_draft_vocab", False), ("distill", 0.0), ("walk_weight", 0.0)):
+                           ("rebuild_draft_vocab", False), ("distill", 0.0), ("walk_weight", 0.0),
+                           ("target_layer_ids", None)):
             if d[k] == default:
                 d.pop(k)  # runs from before these options resume unchanged
         return d
@@ -346,7 +354,7 @@ class Trainer:
         if eval_data:
             self.eval_records = ShardData.holdout_records(eval_data, cfg.max_seq_len)
         stored = self.data.capture_layers()
-        layer_ids = stored if stored and len(stored) == cfg.num_features else None
+        layer_ids = cfg.target_layer_ids or (stored if stored and len(stored) == cfg.num_features else None)
         self.drafter = DFlashDrafter.from_target(
             target.config, num_layers=cfg.num_layers, block_size=cfg.block_size, mask_token_id=cfg.mask_token_id,
             num_features=cfg.num_features, target_layer_ids=layer_ids, seed=cfg.seed).to(self.device).train()
@@ -404,15 +412,28 @@ class Trainer:
         from ..drafter import DFlashDrafter
         src = DFlashDrafter.load(DEFAULT_DRAFTER_DIR if folder == "default" else folder)
         a, b = src.config, self.drafter.config
+        # a drafter may grow by context features too: its layers extend the saved ones, and
+        # fc's columns for the new layers start at zero, so the fused context is unchanged
+        grown_features = (len(a.target_layer_ids) < len(b.target_layer_ids)
+                          and b.target_layer_ids[:len(a.target_layer_ids)] == a.target_layer_ids)
         for name in ("target_layer_ids", "hidden_size", "mask_token_id"):
+            if name == "target_layer_ids" and grown_features:
+                continue
             if getattr(a, name) != getattr(b, name):
                 raise ValueError(f"--init {folder}: its {name} is {getattr(a, name)}, this run's is "
-                                 f"{getattr(b, name)}; pass matching --num-features/--mask-token-id")
+                                 f"{getattr(b, name)}; pass matching --num-features/--target-layer-ids/"
+                                 "--mask-token-id (new feature layers may only follow the saved ones)")
         if a.num_layers > b.num_layers:
             raise ValueError(f"--init {folder}: it has {a.num_layers} layers, this run {b.num_layers}; "
                              "a warm start can add layers, not drop them")
+        state = src.state_dict()
+        if grown_features:
+            w = state["fc.weight"]
+            fc = torch.zeros_like(self.drafter.fc.weight, dtype=w.dtype)
+            fc[:, :w.shape[1]] = w
+            state["fc.weight"] = fc
         with torch.no_grad():
-            missing, unexpected = self.drafter.load_state_dict(src.state_dict(), strict=False)
+            missing, unexpected = self.drafter.load_state_dict(state, strict=False)
             grown = {f"layers.{i}." for i in range(a.num_layers, b.num_layers)}
             if unexpected or not all(any(k.startswith(g) for g in grown) for k in missing):
                 raise ValueError(f"--init {folder} does not fit this drafter (missing {missing[:4]}, "
@@ -710,6 +731,13 @@ class Trainer:
 
 
 # ---- CLI -------------------------------------------------------------------------------
+def _layer_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     from ..clitools import _Parser, add_runtime_args, default_device
@@ -721,6 +749,10 @@ def build_parser() -> argparse.ArgumentParser:
         ap.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "ckpt_every_s"):
         ap.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    ap.add_argument("--target-layer-ids", type=_layer_ids, default=None, metavar="I,J,...",
+                    help="the target layers whose outputs are the context features (default: --num-features "
+                         "spaced by the public rule); with --init, layers appended to the saved drafter's "
+                         "grow it: their fc columns start at zero, so it starts as exactly the saved one")
     ap.add_argument("--gamma", type=float, default=None, help="loss decay (default 7 for B 16, 4 for B 8)")
     ap.add_argument("--dtype", default=d.dtype, help="drafter compute: auto (bf16 autocast where fast) | float32 | bfloat16")
     ap.add_argument("--draft-vocab", type=int, default=d.draft_vocab,
