@@ -24,9 +24,9 @@ def _target(seed=0):
     return tiny_random_target(vocab_size=VOCAB, num_layers=4, seed=seed)
 
 
-def _drafter(target, block_size=4, seed=1):
+def _drafter(target, block_size=4, seed=1, target_layer_ids=None):
     d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=MASK,
-                                  num_features=2, seed=seed)
+                                  num_features=2, target_layer_ids=target_layer_ids, seed=seed)
     with torch.no_grad():  # a larger init so that every input visibly moves the output
         for n, p in d.named_parameters():
             if not n.endswith("norm.weight"):
@@ -470,12 +470,7 @@ def test_warm_start_grows_context_features_without_changing_the_output(tmp_path)
     columns; the grown drafter, saved and loaded into the engine, stays lossless."""
     target = _target()
     _write_shards(tmp_path / "data", target, n_records=6, shard_size=3)
-    small = DFlashDrafter.from_target(target.config, num_layers=1, block_size=4, mask_token_id=MASK,
-                                      target_layer_ids=[1, 2], seed=1)
-    with torch.no_grad():
-        for n, p in small.named_parameters():
-            if not n.endswith("norm.weight"):
-                p.mul_(10)
+    small = _drafter(target, target_layer_ids=[1, 2])
     small.save(tmp_path / "small")
     cfg = _cfg(tmp_path, init=str(tmp_path / "small"), target_layer_ids=[1, 2, 3], steps=6)
     assert cfg.num_features == 3

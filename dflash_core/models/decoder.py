@@ -90,38 +90,42 @@ class CacheAttentionPlan:
         self.index = (slots.to(dev) - lo) if self.in_range and not self.full else None   # [R] rows in the range
         # the write: slices for one row, else one index_put over [R, T] positions
         self.pos = (cache_lens.to(dev)[:, None] + torch.arange(T, device=dev)[None, :]) if R > 1 else None
-        # mask over the computed rows (the slot range, or the gathered rows): [N, 1, rep*T, L]
-        n = self.span if self.index is not None else R
-        lim = torch.zeros(n, T, dtype=torch.int64, device=dev)      # dummy rows read key 0 only
-        row_lim = cache_lens.to(dev)[:, None] + torch.arange(T, device=dev)[None, :]
+        self.cache_lens = cache_lens
+        self._keys = None      # (keys read, mask [N, 1, rep*T, keys] or None), set by the first layer
+
+    def _keys_and_mask(self, dtype: torch.dtype, capacity: int):
+        """How many keys this forward's attention reads, and the mask over them (None: one
+        token reading every key up to its own). fp32 reads exactly the L keys. In bf16/fp16
+        the softmax's sum and the probabilities x values product are not invariant to the
+        number of keys on every CPU (seen on a Xeon with AMX: a row of 161 keys and the same
+        row padded to 168 with zero probabilities summed differently, so a verify's query t
+        and the one-token step at that position came out an ulp apart and greedy DFlash
+        drifted from bf16 decoding). So the 16-bit path reads keys in whole multiples of
+        KEY_PAD, the keys past each query's own masked out: both forwards then run the same
+        kernel shapes over the same nonzero terms. At the cache's end it reads what is there."""
+        if self._keys is None:
+            keys = self.L
+            if dtype != torch.float32:
+                keys = max(self.L, min(-(-self.L // KEY_PAD) * KEY_PAD, capacity))
+            mask = None
+            if keys > self.L or self.R > 1 or self.T > 1:
+                mask = self._mask(keys)
+            self._keys = (keys, mask)
+        return self._keys
+
+    def _mask(self, keys: int) -> torch.Tensor:
+        """[N, 1, rep*T, keys]: query t of a computed row (the slot range, or the gathered
+        rows) reads the keys up to its own position; dummy rows read key 0 only."""
+        dev = self.slots.device
+        n = self.span if self.index is not None else self.R
+        row_lim = self.cache_lens.to(dev)[:, None] + torch.arange(self.T, device=dev)[None, :]
         if self.index is not None:
+            lim = torch.zeros(n, self.T, dtype=torch.int64, device=dev)
             lim[self.index] = row_lim
         else:
             lim = row_lim
-        self._lim = lim
-        self._padded = None    # (keys read, mask) of the 16-bit path, built by the first layer
-        if R == 1 and T == 1:
-            self.mask = None   # one token reads every key up to its own
-            return
-        ok = torch.arange(self.L, device=dev)[None, None, :] <= lim[:, :, None]        # [N, T, L]
-        self.mask = ok.repeat(1, rep, 1)[:, None]                                     # [N, 1, rep*T, L]
-
-    def _keys_and_mask(self, dtype: torch.dtype, capacity: int):
-        """fp32 reads exactly the L keys. In bf16/fp16 the softmax's sum and the
-        probabilities x values product are not invariant to the number of keys on every
-        CPU (seen on a Xeon with AMX: a row of 161 keys and the same row padded to 168
-        with zero probabilities summed differently, so a verify's query t and the one-token
-        step at that position came out an ulp apart and greedy DFlash drifted from bf16
-        decoding). So the 16-bit path reads keys in whole multiples of KEY_PAD, the keys
-        past each query's own masked out: both forwards then run the same kernel shapes
-        over the same nonzero terms. At the cache's end it reads what is there."""
-        if dtype == torch.float32 or self.L >= capacity:
-            return self.L, self.mask
-        if self._padded is None:
-            Lp = min(-(-self.L // KEY_PAD) * KEY_PAD, capacity)
-            ok = torch.arange(Lp, device=self._lim.device)[None, None, :] <= self._lim[:, :, None]
-            self._padded = (Lp, ok.repeat(1, self.rep, 1)[:, None])
-        return self._padded
+        ok = torch.arange(keys, device=dev)[None, None, :] <= lim[:, :, None]        # [N, T, keys]
+        return ok.repeat(1, self.rep, 1)[:, None]
 
     def write(self, cache: torch.Tensor, new: torch.Tensor) -> None:
         """cache [S, Hkv, L, D] <- new [R, Hkv, T, D] at each row's positions."""

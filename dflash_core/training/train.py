@@ -416,9 +416,8 @@ class Trainer:
         # fc's columns for the new layers start at zero, so the fused context is unchanged
         grown_features = (len(a.target_layer_ids) < len(b.target_layer_ids)
                           and b.target_layer_ids[:len(a.target_layer_ids)] == a.target_layer_ids)
-        for name in ("target_layer_ids", "hidden_size", "mask_token_id"):
-            if name == "target_layer_ids" and grown_features:
-                continue
+        same = ("hidden_size", "mask_token_id") + (() if grown_features else ("target_layer_ids",))
+        for name in same:
             if getattr(a, name) != getattr(b, name):
                 raise ValueError(f"--init {folder}: its {name} is {getattr(a, name)}, this run's is "
                                  f"{getattr(b, name)}; pass matching --num-features/--target-layer-ids/"
