@@ -58,6 +58,17 @@ def resolve_drafter_weights(weights: str, device, dtype) -> str:
     return weights
 
 
+def drafter_folder(spec, target_spec: str = "default") -> Path | None:
+    """The folder a drafter spec loads from (what load_drafter reads), or None for
+    none / "random" / "default" without a shipped drafter for the target."""
+    if spec is None or spec in ("none", "random"):
+        return None
+    if spec == "default":
+        ok = target_spec == "default" and (DEFAULT_DRAFTER_DIR / "model.safetensors").exists()
+        return DEFAULT_DRAFTER_DIR if ok else None
+    return Path(spec)
+
+
 def load_drafter(spec, target_config: ModelConfig, target_spec: str, block_size: int = 16, device="cpu",
                  dtype=torch.float32, weights: str = "auto") -> DFlashDrafter | None:
     """A drafter for a target of `target_config` (its weights are not needed), or None.

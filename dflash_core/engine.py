@@ -249,6 +249,14 @@ class SpecEngine:
         n = self.num_running if num_running is None else num_running
         return self.scheduler.block_size(max(n, 1), self.can_draft)
 
+    def set_block_size_schedule(self, schedule) -> None:
+        """Replace the schedule (any form parse_block_size_schedule reads; None = always
+        block_size) from the next step on: e.g. one measured on this machine once the
+        engine is built (dflash_core.autoschedule)."""
+        pairs = parse_block_size_schedule(schedule)
+        with self._lock:
+            self.config.block_size_schedule = pairs
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._aborted)
 

@@ -3,6 +3,7 @@
     python -m service.bench_serve                      # concurrency 1,4,16 x speculation on/off
     python -m service.bench_serve --sweep              # block sizes 1,4,8,16 x concurrency 1,2,4,8
     python -m service.bench_serve --sweep --block-sizes 1,2,3 --per-client 8 --reps 2   # -> a schedule
+    python -m service.bench_serve --schedules table,measure  # two servers' schedules, one run
     python -m service.bench_serve --url http://host:8000 --model NAME   # an already running server
 
 Without --url each configuration gets its own server process (`python -m service.cli
@@ -27,7 +28,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
-from dflash_core.engine import INF_RUNNING, format_block_size_schedule
+from dflash_core.autoschedule import pick_schedule   # the one rule, shared with the measured schedule
+from dflash_core.engine import format_block_size_schedule
 from dflash_core.stats import percentile
 
 from .local import free_port
@@ -129,43 +131,6 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_to
             "mean_acceptance_length": round(statistics.mean(r["tau"] for r in res), 3)}
 
 
-def pick_schedule(rows: list[dict], min_gain: float = 0.03) -> list[tuple[int, int]]:
-    """Sweep rows -> (max_running, block_size) pairs. Per measured concurrency: the mean
-    served tokens/s of each block size over its rows (repeated levels average), then the
-    fastest block size, but speculation (block > 1) only where it beats plain decoding
-    (block 1, when measured) by more than `min_gain` (a 3% margin: one level's run-to-run
-    noise); ties go to the smaller block. Then the block size never grows with concurrency
-    (a verify's cost grows with the rows batched, so a speculative pick above a plain one is
-    noise): each concurrency chooses among the block sizes up to the pick of the one below
-    it (none measured there: block 1). The last pair covers any larger batch; adjacent
-    equal block sizes merge."""
-    if min_gain < 0:
-        raise ValueError("min_gain must be >= 0")
-    sums: dict[tuple[int, int], list[float]] = {}
-    for r in rows:
-        sums.setdefault((r["concurrency"], r["block_size"]), []).append(float(r["tokens_per_s"]))
-    if not sums:
-        raise ValueError("no sweep rows to pick a schedule from")
-    mean = {k: sum(v) / len(v) for k, v in sums.items()}
-    pairs: list[tuple[int, int]] = []
-    for c in sorted({c for c, _ in mean}):
-        cap = pairs[-1][1] if pairs else None
-        sizes = [b for cc, b in mean if cc == c and (cap is None or b <= cap)]
-        best = max(sizes, key=lambda b: (mean[c, b], -b)) if sizes else 1
-        plain = mean.get((c, 1))
-        if best > 1 and plain is not None and mean[c, best] <= plain * (1 + min_gain):
-            best = 1
-        pairs.append((c, best))
-    pairs[-1] = (INF_RUNNING, pairs[-1][1])
-    merged: list[tuple[int, int]] = []
-    for c, b in pairs:
-        if merged and merged[-1][1] == b:
-            merged[-1] = (c, b)
-        else:
-            merged.append((c, b))
-    return merged
-
-
 def requests_for(concurrency: int, per_client: int) -> int:
     return max(4, concurrency * per_client)
 
@@ -188,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-gain", type=float, default=0.03,
                     help="sweep: speculate at a concurrency only where it beats block 1 by more than this")
     ap.add_argument("--server-args", default="", help="extra `dflash serve` options")
+    ap.add_argument("--schedules", default=None,
+                    help="comma list of --block-size-schedule values (e.g. table,measure): one server each, one "
+                         "after another in this run, speculation on and off at every level of each")
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     a = ap.parse_args(argv)
     if a.reps < 1 or a.per_client < 1 or a.max_tokens < 1:
@@ -224,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     elif a.url:
         levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {})
     else:
-        srv = ServerProcess(base)
-        try:
-            srv.wait_ready()
-            levels(srv.url, srv.model(), [True, False], {})
-        finally:
-            srv.stop()
+        for sched in (a.schedules.split(",") if a.schedules else [None]):
+            srv = ServerProcess(base + (["--block-size-schedule", sched.strip()] if sched else []))
+            try:
+                srv.wait_ready()
+                if sched:
+                    print(f"block size schedule {sched.strip()}: {srv.url}", flush=True)
+                levels(srv.url, srv.model(), [True, False], {"schedule": sched.strip()} if sched else {})
+            finally:
+                srv.stop()
 
     # table
     print()
@@ -238,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{'ITL mean ms':>11} {'tau':>6}")
     for r in rows:
         print(f"{r['concurrency']:>4} {str(r[key]):>11} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>11} "
-              f"{r['ttft_p90_ms']:>11} {r['itl_p50_ms']:>10} {r['itl_mean_ms']:>11} {r['mean_acceptance_length']:>6}")
+              f"{r['ttft_p90_ms']:>11} {r['itl_p50_ms']:>10} {r['itl_mean_ms']:>11} {r['mean_acceptance_length']:>6}"
+              + (f"  {r['schedule']}" if "schedule" in r else ""))
     result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}

@@ -43,9 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-seq-len", type=int, default=d["max_seq_len"].default)
     ap.add_argument("--block-size", type=int, default=d["block_size"].default)
     ap.add_argument("--block-size-schedule", default=None,
-                    help="MAX_RUNNING:BLOCK_SIZE pairs, e.g. '1:16,4:8,inf:1', 'none' (always --block-size) or "
-                         "'auto' (default: block 4 at 1-2 running requests in bf16, block 2 at 1 in fp32, "
-                         "as measured in docs/BENCHMARKS.md)")
+                    help="MAX_RUNNING:BLOCK_SIZE pairs, e.g. '1:16,4:8,inf:1', 'none' (always --block-size), "
+                         "'measure' (time this engine's steps at start-up and pick with the drafter's "
+                         "acceptance.json), 'table' (block 4 at 1-2 running requests in bf16, block 2 at 1 in "
+                         "fp32, as measured on 2-core EPYCs in docs/BENCHMARKS.md) or 'auto' (default: "
+                         "'measure' where the drafter has an acceptance profile, else 'table')")
     ap.add_argument("--draft-threshold", type=float, default=d["draft_threshold"].default,
                     help="dynamic draft length: verify only the drafts whose running product of drafter "
                          "confidences stays >= this (0: the whole block)")

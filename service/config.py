@@ -15,6 +15,10 @@ from dflash_core.engine import (DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCH
 PLACEMENTS = ("colocated", "disaggregated")
 
 
+# the named block-size schedules (ServiceConfig.block_size_schedule)
+SCHEDULE_MODES = ("auto", "measure", "table")
+
+
 @dataclass
 class ServiceConfig:
     # what to serve
@@ -31,10 +35,14 @@ class ServiceConfig:
     max_slots: int = 8
     max_seq_len: int = 2048
     block_size: int = 16
-    # "auto": DEFAULT_BLOCK_SIZE_SCHEDULE where the engine runs in bf16/fp16 (GPUs; AMX or
-    # AVX512-BF16 CPUs without the native kernels), FP32_BLOCK_SIZE_SCHEDULE in fp32 (block 2 at 1 running
-    # request, plain decoding beyond: a verify of more rows costs too much in fp32 for
-    # today's drafter); None: always block_size
+    # "auto": measured at start-up on this machine (dflash_core.autoschedule: the engine's
+    # step times x the drafter's acceptance profile) where the colocated drafter's folder has
+    # one (acceptance.json; the shipped drafter's does), else "table";
+    # "measure": the same, and an error where it cannot be measured;
+    # "table": DEFAULT_BLOCK_SIZE_SCHEDULE where the engine runs in bf16/fp16 (GPUs; AMX or
+    # AVX512-BF16 CPUs without the native kernels), FP32_BLOCK_SIZE_SCHEDULE in fp32 (block 2
+    # at 1 running request, plain decoding beyond, as measured on 2-core EPYCs);
+    # pairs "1:4,inf:1"; None: always block_size
     block_size_schedule: list[tuple[int, int]] | str | None = "auto"
     max_prefill_tokens: int = 512  # prompt tokens prefilled per engine step (longer prompts: in chunks)
     # dynamic draft length (EngineConfig.draft_threshold): a request verifies only the drafts
@@ -134,8 +142,12 @@ class ServiceConfig:
             self.num_gpus = (0.5 if self.placement == "disaggregated" else 1.0) if on_gpu else 0.0
         if self.drafter in ("none", "None", ""):
             self.drafter = None
-        if isinstance(self.block_size_schedule, str) and self.block_size_schedule.strip().lower() == "auto":
-            self.block_size_schedule = "auto"   # resolved where the engine runs (its CPU decides the dtype)
+        named = self.block_size_schedule.strip().lower() if isinstance(self.block_size_schedule, str) else None
+        if named in SCHEDULE_MODES:
+            self.block_size_schedule = named   # resolved where the engine runs (its CPU decides the dtype)
+            if named == "measure" and self.placement != "colocated":
+                raise ValueError("block_size_schedule 'measure' times the engine's steps with its drafter in "
+                                 "the process: colocated placement only (give pairs or 'table' here)")
         elif self.block_size_schedule is not None:
             self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
         self.draft_threshold = check_draft_threshold(self.draft_threshold)
@@ -164,8 +176,10 @@ class ServiceConfig:
         return cls(**args)
 
     def resolved_block_size_schedule(self) -> list[tuple[int, int]] | None:
-        """The schedule the engine runs with ("auto" resolved on this machine)."""
-        if self.block_size_schedule == "auto":
+        """The schedule the engine is built with: pairs, None, or for a named mode the
+        table for the dtype it runs in on this machine ("auto" and "measure" then replace
+        it with a measured one once the engine is built: service.engines.measure_schedule)."""
+        if self.block_size_schedule in SCHEDULE_MODES:
             from dflash_core.runtime import resolve_dtype
             return auto_block_size_schedule("bfloat16" if self.dtype == "float16"
                                             else resolve_dtype(self.dtype, self.device))

@@ -15,18 +15,23 @@ between a step's parallel regions instead of sleeping (~1.6x faster decoding, 2 
 from __future__ import annotations
 
 import functools
+import logging
 import os
+import time
 
 import torch
 
-from dflash_core.api import build_engine, load_drafter
+from dflash_core.api import build_engine, drafter_folder, load_drafter
+from dflash_core.autoschedule import ACCEPTANCE_FILE, format_rows, load_acceptance, measured_schedule
 from dflash_core.drafter import DFlashDrafter, DrafterConfig
-from dflash_core.engine import EngineConfig
+from dflash_core.engine import EngineConfig, format_block_size_schedule
 from dflash_core.models.registry import resolve_model
 from dflash_core.runtime import on_fresh_thread
 
 from .config import ServiceConfig
 from .transport import DrafterServer, RemoteDraftBackend
+
+log = logging.getLogger("dflash.service")
 
 
 def torch_dtype(cfg: ServiceConfig) -> torch.dtype:
@@ -68,9 +73,37 @@ def _loads_on_fresh_thread(builder):
 
 @_loads_on_fresh_thread
 def build_colocated(cfg: ServiceConfig):
-    """-> (SpecEngine, tokenizer)"""
-    return build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
-                        dtype=torch_dtype(cfg), drafter_weights=cfg.drafter_weights)
+    """-> (SpecEngine, tokenizer), its schedule measured where cfg asks (measure_schedule)."""
+    engine, tok = build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
+                               dtype=torch_dtype(cfg), drafter_weights=cfg.drafter_weights)
+    measure_schedule(engine, cfg)
+    return engine, tok
+
+
+def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
+    """For block_size_schedule "auto" / "measure": time the built engine's steps on this
+    machine and pick its schedule with the drafter's acceptance profile
+    (dflash_core.autoschedule), set it on the engine and log it. -> {schedule, rows,
+    profile} when measured; None where the config names pairs or "table", or "auto" finds
+    no profile or no drafter (the table stays). "measure" without them raises ValueError."""
+    mode = cfg.block_size_schedule
+    if mode not in ("auto", "measure"):
+        return None
+    folder = drafter_folder(cfg.drafter, cfg.target)
+    profile = load_acceptance(folder) if folder is not None else None
+    if profile is None or not engine.can_draft:
+        if mode == "measure":
+            why = ("no drafter" if not engine.can_draft else
+                   f"no acceptance profile in {folder} (write one with dflash eval --save-acceptance)"
+                   if folder is not None else f"no drafter folder for {cfg.drafter!r}")
+            raise ValueError(f"block_size_schedule 'measure': {why}")
+        return None
+    t0 = time.perf_counter()
+    pairs, rows = measured_schedule(engine, profile["per_position_acceptance"])
+    engine.set_block_size_schedule(pairs)
+    log.info("block size schedule %s, measured in %.1f s on this machine with %s's acceptance profile: %s",
+             format_block_size_schedule(pairs), time.perf_counter() - t0, folder.name, format_rows(rows))
+    return {"schedule": pairs, "rows": rows, "profile": str(folder / ACCEPTANCE_FILE)}
 
 
 @_loads_on_fresh_thread

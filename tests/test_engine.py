@@ -854,3 +854,17 @@ def test_host_round_trips_per_step_do_not_grow_with_rows(target, monkeypatch, mi
     else:
         two, four = one_step([greedy] * 2), one_step([greedy] * 4)
     assert 0 < two and four == two, (two, four)
+
+
+def test_the_engines_argmax_is_torchs_ties_and_nan_included():
+    """speculative.argmax (every greedy choice: plain steps, drafts, verification) picks
+    what torch.argmax picks: the first maximum, and the first NaN where there is one."""
+    from dflash_core import speculative as spec
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 49152), (2, 4, 777), (5,)):
+        x = torch.randint(0, 3, shape, generator=g).float()      # many ties
+        assert torch.equal(spec.argmax(x), x.argmax(-1))
+    x = torch.zeros(2, 10)
+    x[0, 3] = x[0, 6] = float("nan")
+    x[1, 2] = x[1, 8] = 1.0
+    assert spec.argmax(x).tolist() == [3, 2] == x.argmax(-1).tolist()

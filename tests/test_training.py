@@ -966,3 +966,33 @@ def test_train_command_retains_memory_with_a_feature_cache_unless_told_not_to(tm
         except (SystemExit, Exception):   # the data folder does not exist: only the call matters here
             pass
         assert len(calls) == expected, extra
+
+
+def test_eval_saves_the_acceptance_profile_the_server_reads(tmp_path, capsys):
+    """`dflash eval --save-acceptance DIR` writes DIR/acceptance.json from the first greedy
+    decoded cell (its per-position acceptance, tau and how it was measured), which
+    dflash_core.autoschedule loads; without a greedy decoded cell, or with DIR not a
+    folder, it refuses in one line before loading anything."""
+    from dflash_core.api import build_engine
+    from dflash_core.autoschedule import expected_tokens, load_acceptance
+    from dflash_core.clitools import run_command
+    from dflash_core.engine import EngineConfig
+    from dflash_core.training.evaluate import main as eval_main
+    engine, _ = build_engine("tiny-random", "random", EngineConfig(max_slots=1, max_seq_len=64, block_size=4))
+    d4 = tmp_path / "d4"
+    engine.draft_backend.drafter.save(d4)
+    out = tmp_path / "e.json"
+    args = ["--target", "tiny-random", "--drafter", str(d4), "--datasets", "humaneval", "--num-prompts", "2",
+            "--max-new-tokens", "6", "--no-speedup", "--block-size", "4", "--out", str(out)]
+    assert eval_main(args + ["--temperatures", "1", "0", "--save-acceptance", str(d4)]) == 0
+    cell = json.loads(out.read_text())["results"]["humaneval@T0"]
+    prof = load_acceptance(d4)
+    assert prof["per_position_acceptance"] == cell["per_position_acceptance"] and prof["tau"] == cell["tau"]
+    assert prof["block_size"] == 4 and prof["temperature"] == 0.0 and prof["dtype"] == "float32"
+    assert expected_tokens(prof["per_position_acceptance"], 4) == pytest.approx(cell["tau"], abs=1e-3)
+    for extra, needle in ((["--temperatures", "1", "--save-acceptance", str(d4)], "needs a greedy decoded cell"),
+                          (["--temperatures", "0", "--save-acceptance", str(tmp_path / "nope")], "not a folder")):
+        capsys.readouterr()
+        assert run_command("dflash eval", eval_main, args + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err

@@ -203,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plot", default=None, help="PNG path")
     ap.add_argument("--out", default=None, help="JSON path")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-acceptance", default=None, metavar="DIR",
+                    help="write DIR/acceptance.json (normally the drafter's folder) from the first greedy decoded "
+                         "cell: the per-position acceptance the server's measured block-size schedule reads")
     return ap
 
 
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError("dflash eval: --temperatures must be in [0, 2]")
     if not a.datasets and not a.walk_data:
         raise CliError("dflash eval: nothing to evaluate: name --datasets or give --walk-data")
+    if a.save_acceptance is not None and not (a.datasets and 0 in a.temperatures):
+        raise CliError("dflash eval: --save-acceptance needs a greedy decoded cell (--datasets and --temperatures 0)")
+    if a.save_acceptance is not None and not Path(a.save_acceptance).is_dir():
+        raise CliError(f"dflash eval: --save-acceptance {a.save_acceptance}: not a folder")
     dtype = apply_runtime_args("dflash eval", a)
     from ..api import build_engine
     from ..engine import EngineConfig
@@ -261,6 +268,16 @@ def main(argv: list[str] | None = None) -> int:
                    "max_new_tokens": a.max_new_tokens, "results": results, "snapshot_curve": curve}
         if a.plot:
             write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None, a.tokens_offset)
+        if a.save_acceptance is not None:
+            from ..autoschedule import save_acceptance
+            key = next(f"{ds}@T0" for ds in a.datasets)
+            cell = results[key]
+            summary["acceptance_file"] = str(save_acceptance(
+                a.save_acceptance, cell["per_position_acceptance"], tau=cell["tau"], block_size=summary["block_size"],
+                prompts=f"{key.split('@')[0]} ({'holdout' if key.startswith('sharegpt') else 'evaluation set'}), "
+                        f"first {cell['num_prompts']}",
+                temperature=0.0, max_new_tokens=a.max_new_tokens, dtype=summary["dtype"],
+                drafter_weights=summary["drafter_weights"], measured_by="dflash eval"))
     except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
         print(f"dflash eval: {e}", file=sys.stderr)
         return 1

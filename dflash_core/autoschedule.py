@@ -1,0 +1,227 @@
+"""A block-size schedule measured on the machine the engine runs on.
+
+Which verified block size pays at R running rows depends on two things that differ
+between deployments: what one engine step costs at R rows and b tokens each (the CPU or
+GPU, its threads, the target, the drafter) and how many tokens a speculative step commits
+(the drafter's acceptance). A schedule fixed in code is right on the machine it was
+measured on only (docs/BENCHMARKS.md: block 2 on the EPYCs, block 4 edged it on an AMX
+Xeon; a GPU's verify is nearly flat in b). So:
+
+    predicted tokens/s (R, b) = R * tau(b) / T(R, b)
+
+- T(R, b): the median wall time of a real engine step (draft + verify + accept + the
+  engine's own work) with R decoding rows at verified block b, timed on this engine
+  (`measure_step_times`: synthetic prompts, greedy, ignore_eos, then aborted);
+- tau(b) = 1 + sum_{k < b} reach[k]: tokens a row commits per step, where reach[k] is the
+  share of steps whose first k drafts were all accepted, from the drafter's acceptance
+  profile (`acceptance.json` beside its weights, written by `dflash eval
+  --save-acceptance`: measured through the engine on held-out prompts).
+
+`pick_schedule` turns rows of tokens/s (predicted here, served in `service.bench_serve
+--sweep`) into (max_running, block_size) pairs by one rule. Measuring walks R upwards and
+times at each R only the block sizes that rule still allows (never above the pick at the
+R before; once plain decoding wins, every larger R decodes plainly), so on a CPU it times
+a few cells and on a GPU as many as pay.
+
+What it does not see: acceptance at temperature > 0 is lower than the profile's greedy
+figure, and a prompt unlike the profile's data drafts differently; the step times are
+taken at start-up, on whatever else the machine is doing then.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from .engine import INF_RUNNING
+from .sampling import SamplingParams
+
+ACCEPTANCE_FILE = "acceptance.json"
+# block sizes timed (those up to the engine's and the drafter's block)
+CANDIDATE_BLOCKS = (1, 2, 3, 4, 6, 8, 12, 16)
+# a speculative block is picked only where it beats plain decoding by more than this
+# (a served level's run-to-run noise, service.bench_serve)
+MIN_GAIN = 0.03
+
+
+def pick_schedule(rows: list[dict], min_gain: float = MIN_GAIN) -> list[tuple[int, int]]:
+    """Rows {concurrency, block_size, tokens_per_s} -> (max_running, block_size) pairs. Per
+    concurrency: the mean tokens/s of each block size over its rows (repeated levels
+    average), then the fastest block size, but speculation (block > 1) only where it beats
+    plain decoding (block 1, when there) by more than `min_gain`; ties go to the smaller
+    block. Then the block size never grows with concurrency (a verify's cost grows with
+    the rows batched, so a speculative pick above a plain one is noise): each concurrency
+    chooses among the block sizes up to the pick of the one below it (none there: block 1).
+    The last pair covers any larger batch; adjacent equal block sizes merge."""
+    if min_gain < 0:
+        raise ValueError("min_gain must be >= 0")
+    sums: dict[tuple[int, int], list[float]] = {}
+    for r in rows:
+        sums.setdefault((r["concurrency"], r["block_size"]), []).append(float(r["tokens_per_s"]))
+    if not sums:
+        raise ValueError("no sweep rows to pick a schedule from")
+    mean = {k: sum(v) / len(v) for k, v in sums.items()}
+    pairs: list[tuple[int, int]] = []
+    for c in sorted({c for c, _ in mean}):
+        cap = pairs[-1][1] if pairs else None
+        sizes = [b for cc, b in mean if cc == c and (cap is None or b <= cap)]
+        best = max(sizes, key=lambda b: (mean[c, b], -b)) if sizes else 1
+        plain = mean.get((c, 1))
+        if best > 1 and plain is not None and mean[c, best] <= plain * (1 + min_gain):
+            best = 1
+        pairs.append((c, best))
+    pairs[-1] = (INF_RUNNING, pairs[-1][1])
+    merged: list[tuple[int, int]] = []
+    for c, b in pairs:
+        if merged and merged[-1][1] == b:
+            merged[-1] = (c, b)
+        else:
+            merged.append((c, b))
+    return merged
+
+
+# ---- the acceptance profile ----------------------------------------------------------
+def check_reach(reach) -> list[float]:
+    """reach[k-1] = share of steps whose first k drafts were all accepted: numbers in
+    [0, 1], non-increasing (a step that accepted k drafts accepted k-1). ValueError else."""
+    if not isinstance(reach, (list, tuple)) or not reach:
+        raise ValueError("per_position_acceptance must be a non-empty list of numbers")
+    out = []
+    for x in reach:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0.0 <= x <= 1.0 or math.isnan(x):
+            raise ValueError(f"per_position_acceptance entries must be numbers in [0, 1], got {x!r}")
+        if out and x > out[-1] + 1e-9:
+            raise ValueError("per_position_acceptance must not increase with the position "
+                             f"({out[-1]} then {x})")
+        out.append(float(x))
+    return out
+
+
+def load_acceptance(folder) -> dict | None:
+    """The acceptance profile in a drafter folder ({per_position_acceptance, block_size,
+    and how it was measured}), or None where the folder has none. A file that is there but
+    malformed raises ValueError naming it."""
+    path = Path(folder) / ACCEPTANCE_FILE
+    if not path.is_file():
+        return None
+    try:
+        prof = json.loads(path.read_text())
+        if not isinstance(prof, dict):
+            raise ValueError("expected a JSON object")
+        prof["per_position_acceptance"] = check_reach(prof.get("per_position_acceptance"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"{path}: not an acceptance profile: {e}") from None
+    return prof
+
+
+def save_acceptance(folder, reach, **measured) -> Path:
+    """Write `acceptance.json` into a drafter folder: the profile plus `measured` (how)."""
+    path = Path(folder) / ACCEPTANCE_FILE
+    path.write_text(json.dumps({"per_position_acceptance": [round(x, 4) for x in check_reach(list(reach))],
+                                **measured}, indent=1) + "\n")
+    return path
+
+
+def expected_tokens(reach: list[float], b: int) -> float:
+    """tau(b): tokens a row commits per step at verified block b (the target's own token
+    plus the accepted drafts); positions past the profile count as never accepted."""
+    return 1.0 + sum(reach[:max(0, b - 1)])
+
+
+# ---- step times ----------------------------------------------------------------------
+def _timed_steps(engine, n: int) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        engine.step()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def measure_step_times(engine, rows: int, blocks, steps: int = 5, prompt_len: int = 128,
+                       seed: int = 0) -> dict[int, float]:
+    """Median seconds of one engine step with `rows` decoding rows, for each verified block
+    size in `blocks` (one warm-up step each, then `steps` timed), on synthetic prompts of
+    `prompt_len` random token ids, greedy, ignore_eos. The requests are aborted and the
+    engine's schedule restored before it returns, whatever happens; the engine must be
+    idle (no request waiting or running), and `rows` at most its slots."""
+    if engine.has_unfinished_requests():
+        raise RuntimeError("the engine must be idle to time its steps")
+    if not 1 <= rows <= engine.config.max_slots:
+        raise ValueError(f"rows must be in 1..{engine.config.max_slots} (the engine's slots), got {rows}")
+    blocks = list(blocks)
+    prompt_len = max(1, min(prompt_len, engine.config.max_seq_len // 2))
+    new_tokens = engine.config.max_seq_len - prompt_len
+    gen = torch.Generator().manual_seed(seed)
+    vocab = engine.vocab_size
+    ids = [f"schedule-probe-{time.monotonic_ns()}-{i}" for i in range(rows)]
+    saved = engine.config.block_size_schedule
+    times: dict[int, float] = {}
+    try:
+        for rid in ids:
+            prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+            engine.add_request(rid, prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+        while any(s.prefilling for s in engine.running.values()) or engine.num_waiting:
+            engine.step()
+        for b in blocks:
+            engine.config.block_size_schedule = [(INF_RUNNING, b)]
+            if len(engine.running) < rows:      # a row ran out of room: the prompt was too long
+                raise RuntimeError("a probe row finished early; use a shorter prompt_len")
+            ts = _timed_steps(engine, 1 + steps)[1:]
+            times[b] = statistics.median(ts)
+    finally:
+        engine.config.block_size_schedule = saved
+        for rid in ids:
+            engine.abort_request(rid)
+        engine.step()   # hands the aborted outputs back; nothing is left running
+    return times
+
+
+def probe_rows(max_slots: int) -> list[int]:
+    """Running-row counts timed: 1, 2, 4, .. below max_slots, and max_slots."""
+    out, r = [], 1
+    while r < max_slots:
+        out.append(r)
+        r *= 2
+    return out + [max_slots]
+
+
+def measured_schedule(engine, reach: list[float], steps: int = 5, prompt_len: int = 128,
+                      min_gain: float = MIN_GAIN) -> tuple[list[tuple[int, int]], list[dict]]:
+    """-> (schedule pairs for this engine, the rows behind them: {concurrency, block_size,
+    step_ms, tau, tokens_per_s}). R walks `probe_rows(max_slots)`; at each R the block
+    sizes timed are plain decoding and the candidates up to the pick at the R before (all
+    candidates up to the drafter's block at R = 1); once plain decoding is picked, larger R
+    are not timed (pick_schedule would decode them plainly anyway)."""
+    reach = check_reach(reach)
+    if not engine.can_draft:
+        return [(INF_RUNNING, 1)], []
+    top = min(engine.config.block_size, engine.drafter_block_size)
+    cap = top
+    rows: list[dict] = []
+    pairs = [(INF_RUNNING, 1)]
+    for R in probe_rows(engine.config.max_slots):
+        blocks = [b for b in CANDIDATE_BLOCKS if b <= cap] + ([cap] if cap not in CANDIDATE_BLOCKS else [])
+        times = measure_step_times(engine, R, blocks, steps, prompt_len)
+        for b, t in times.items():
+            tau = expected_tokens(reach, b)
+            rows.append({"concurrency": R, "block_size": b, "step_ms": round(t * 1000, 3), "tau": round(tau, 4),
+                         "tokens_per_s": round(R * tau / t, 2)})
+        pairs = pick_schedule(rows, min_gain)
+        cap = pairs[-1][1]
+        if cap == 1:
+            break
+    return pairs, rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    """One line per running-row count: block -> step ms and predicted tokens/s."""
+    by_r: dict[int, list[str]] = {}
+    for r in rows:
+        by_r.setdefault(r["concurrency"], []).append(
+            f"b{r['block_size']} {r['step_ms']:.1f} ms {r['tokens_per_s']:.0f} tok/s")
+    return "; ".join(f"{c} running: " + ", ".join(v) for c, v in sorted(by_r.items()))

@@ -1,0 +1,166 @@
+"""The block-size schedule measured on the machine (dflash_core.autoschedule): the
+acceptance profile, the engine's step times, the pick, and the service's "auto" /
+"measure" / "table" modes. Real engine steps on tiny random models."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+
+from dflash_core import autoschedule as auto
+from dflash_core.api import tiny_random_config, tiny_random_target
+from dflash_core.drafter import DFlashDrafter, LocalDraftBackend
+from dflash_core.engine import INF_RUNNING, EngineConfig, SpecEngine
+from dflash_core.sampling import SamplingParams
+
+
+def make_engine(target, block_size=8, max_slots=4, max_seq_len=256, schedule=None):
+    d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=3,
+                                  num_features=2, seed=0)
+    cfg = EngineConfig(max_slots=max_slots, max_seq_len=max_seq_len, block_size=block_size,
+                       block_size_schedule=schedule)
+    return SpecEngine(target, LocalDraftBackend(d, max_slots, max_seq_len + block_size + 1), cfg)
+
+
+@pytest.fixture(scope="module")
+def target():
+    return tiny_random_target(vocab_size=2048, num_layers=3, seed=1)
+
+
+def test_expected_tokens_and_the_profile_checks(tmp_path):
+    reach = [0.5, 0.2, 0.1]
+    assert auto.expected_tokens(reach, 1) == 1.0
+    assert auto.expected_tokens(reach, 2) == pytest.approx(1.5)
+    assert auto.expected_tokens(reach, 4) == pytest.approx(1.8)
+    assert auto.expected_tokens(reach, 8) == pytest.approx(1.8)     # past the profile: never accepted
+    for bad, words in (([], "non-empty"), ([0.5, 0.6], "must not increase"), ([1.2], "in [0, 1]"),
+                       ([float("nan")], "in [0, 1]"), ([True], "in [0, 1]"), ("0.5", "non-empty")):
+        with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
+            auto.check_reach(bad)
+    assert auto.load_acceptance(tmp_path) is None
+    path = auto.save_acceptance(tmp_path, [0.44912, 0.171, 0.0], tau=1.62, block_size=8)
+    prof = auto.load_acceptance(tmp_path)
+    assert path == tmp_path / "acceptance.json"
+    assert prof["per_position_acceptance"] == [0.4491, 0.171, 0.0] and prof["tau"] == 1.62
+    (tmp_path / "acceptance.json").write_text(json.dumps({"per_position_acceptance": [0.1, 0.3]}))
+    with pytest.raises(ValueError, match="acceptance.json: not an acceptance profile"):
+        auto.load_acceptance(tmp_path)
+    (tmp_path / "acceptance.json").write_text("[1, 2")
+    with pytest.raises(ValueError, match="not an acceptance profile"):
+        auto.load_acceptance(tmp_path)
+
+
+def test_step_times_leave_the_engine_as_they_found_it(target):
+    """Timing runs real steps on synthetic rows, then aborts them: the slots are free again,
+    the schedule is the one before, and decoding afterwards is unchanged (lossless)."""
+    eng = make_engine(target, schedule=[(1, 4), (INF_RUNNING, 1)])
+    ref = make_engine(target, schedule=[(1, 4), (INF_RUNNING, 1)])
+    prompt, params = [5, 6, 7, 8], SamplingParams(max_new_tokens=24, ignore_eos=True)
+    times = auto.measure_step_times(eng, 3, [1, 2, 4], steps=3, prompt_len=32)
+    assert sorted(times) == [1, 2, 4] and all(t > 0 for t in times.values())
+    assert not eng.has_unfinished_requests() and eng.num_free_slots == 4
+    assert eng.config.block_size_schedule == [(1, 4), (INF_RUNNING, 1)]
+    [a] = eng.generate([prompt], params)
+    [b] = ref.generate([prompt], params)
+    assert a.token_ids == b.token_ids and a.stats.num_draft_tokens == 3 * a.stats.num_steps
+    eng.add_request("busy", prompt, params)
+    with pytest.raises(RuntimeError, match="idle"):
+        auto.measure_step_times(eng, 1, [1])
+    eng.abort_request("busy")
+    eng.step()
+    with pytest.raises(ValueError, match="rows must be in 1..4"):
+        auto.measure_step_times(eng, 5, [1])
+
+
+def test_measured_schedule_follows_step_costs_and_acceptance(target, monkeypatch):
+    """The pick: R * tau(b) / T(R, b) per cell, speculation only above plain decoding by
+    MIN_GAIN, never a larger block at more rows. Rows grow 1, 2, 4 (max_slots); each R
+    times only plain decoding and the blocks up to the R before's pick, and nothing past
+    the first R that decodes plainly."""
+    eng = make_engine(target, block_size=8, max_slots=4)
+    timed = []
+
+    def fake(cost):
+        def measure(engine, rows, blocks, steps=5, prompt_len=128, seed=0):
+            timed.append((rows, list(blocks)))
+            return {b: cost(rows, b) for b in blocks}
+        return measure
+
+    # verify cost flat in b at one row, growing with rows x b beyond: speculate alone only
+    reach = [0.6, 0.3, 0.1, 0.05, 0.02, 0.01, 0.01]
+    monkeypatch.setattr(auto, "measure_step_times", fake(lambda R, b: 0.01 * (1 + (R - 1) * (b - 1))))
+    pairs, rows = auto.measured_schedule(eng, reach)
+    assert pairs == [(1, 8), (INF_RUNNING, 1)]
+    assert timed == [(1, [1, 2, 3, 4, 6, 8]), (2, [1, 2, 3, 4, 6, 8])]     # R = 4 never timed
+    cell = next(r for r in rows if r["concurrency"] == 1 and r["block_size"] == 4)
+    assert cell["tau"] == pytest.approx(2.0) and cell["tokens_per_s"] == pytest.approx(200.0)
+    # every step costs the same whatever its rows and block: the largest block everywhere
+    timed.clear()
+    monkeypatch.setattr(auto, "measure_step_times", fake(lambda R, b: 0.01))
+    assert auto.measured_schedule(eng, reach)[0] == [(INF_RUNNING, 8)]
+    assert [r for r, _ in timed] == [1, 2, 4]
+    # a drafter that is never right: plain decoding, decided at one row
+    timed.clear()
+    assert auto.measured_schedule(eng, [0.0])[0] == [(INF_RUNNING, 1)]
+    assert [r for r, _ in timed] == [1]
+    # a gain inside MIN_GAIN is not taken; the cap: R = 2 only times blocks up to R = 1's pick
+    timed.clear()
+    monkeypatch.setattr(auto, "measure_step_times", fake(lambda R, b: 0.01 * (1 + 0.5 * max(0, b - 2) + 0.01 * b)))
+    pairs, _ = auto.measured_schedule(eng, [0.9, 0.02])
+    assert pairs == [(INF_RUNNING, 2)] and timed[1] == (2, [1, 2])
+    assert auto.measured_schedule(eng, [0.02])[0] == [(INF_RUNNING, 1)]    # block 2: 1.0098x plain, inside 3%
+
+
+def test_measured_schedule_on_a_real_engine(target):
+    """Unpatched: the tiny engine's real steps give a schedule the engine accepts (pairs
+    ascending, the last covering any batch, blocks within the drafter's), with a row per
+    timed cell, and leave the engine idle."""
+    eng = make_engine(target, block_size=4, max_slots=2)
+    pairs, rows = auto.measured_schedule(eng, [0.9, 0.8, 0.7], steps=2, prompt_len=16)
+    assert pairs[-1][0] == INF_RUNNING and all(1 <= b <= 4 for _, b in pairs)
+    assert [p[0] for p in pairs] == sorted(p[0] for p in pairs)
+    assert {(r["concurrency"], r["block_size"]) for r in rows if r["concurrency"] == 1} == {(1, b) for b in (1, 2, 3, 4)}
+    assert all(r["step_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    eng.set_block_size_schedule(pairs)
+    assert eng.config.block_size_schedule == pairs and not eng.has_unfinished_requests()
+    assert auto.format_rows(rows).startswith("1 running: b1 ")
+
+
+def test_service_schedule_modes(tmp_path, caplog):
+    """"table": the per-dtype table; "auto": measured where the drafter folder has an
+    acceptance profile (set on the engine and logged), else the table; "measure": measured,
+    or a clear error without a profile or outside the colocated placement."""
+    from service.config import ServiceConfig
+    from service.engines import build_colocated, measure_schedule
+    from dflash_core.engine import FP32_BLOCK_SIZE_SCHEDULE
+    table = [tuple(p) for p in FP32_BLOCK_SIZE_SCHEDULE]
+    base = dict(target="tiny-random", dtype="float32", max_slots=2, max_seq_len=256, log_level="WARNING")
+    for mode in ("table", "auto", "measure"):
+        assert ServiceConfig(**base, block_size_schedule=mode.upper()).block_size_schedule == mode
+        assert ServiceConfig(**base, block_size_schedule=mode).resolved_block_size_schedule() == table
+    with pytest.raises(ValueError, match="colocated placement only"):
+        ServiceConfig(**base, block_size_schedule="measure", placement="disaggregated")
+    # the random drafter has no folder: auto keeps the table, measure says why
+    eng, _ = build_colocated(ServiceConfig(**base, drafter="random", block_size_schedule="auto"))
+    assert eng.config.block_size_schedule == table
+    with pytest.raises(ValueError, match="'measure': no drafter folder for 'random'"):
+        measure_schedule(eng, ServiceConfig(**base, drafter="random", block_size_schedule="measure"))
+    # a drafter folder without, then with, its acceptance profile
+    DFlashDrafter.from_target(tiny_random_config(), num_layers=1, block_size=4, mask_token_id=3, num_features=2).save(tmp_path)
+    cfg = ServiceConfig(**base, drafter=str(tmp_path), block_size_schedule="measure")
+    with pytest.raises(ValueError, match="no acceptance profile in .*dflash eval --save-acceptance"):
+        build_colocated(cfg)
+    auto.save_acceptance(tmp_path, [0.95, 0.9, 0.85])
+    with caplog.at_level(logging.INFO, logger="dflash.service"):
+        eng, _ = build_colocated(cfg)
+    assert "block size schedule" in caplog.text and "measured in" in caplog.text and "1 running: b1" in caplog.text
+    got = measure_schedule(eng, ServiceConfig(**base, drafter=str(tmp_path), block_size_schedule="auto"))
+    assert got["schedule"] == eng.config.block_size_schedule and got["profile"].endswith("acceptance.json")
+    assert not eng.has_unfinished_requests() and eng.num_free_slots == 2
+    assert measure_schedule(eng, ServiceConfig(**base, drafter=str(tmp_path), block_size_schedule="table")) is None
+    assert measure_schedule(eng, ServiceConfig(**base, drafter=str(tmp_path), block_size_schedule="1:2,inf:1")) is None
+    # a malformed profile is an error in both modes, not a silent table
+    (tmp_path / "acceptance.json").write_text("{}")
+    with pytest.raises(ValueError, match="not an acceptance profile"):
+        build_colocated(ServiceConfig(**base, drafter=str(tmp_path), block_size_schedule="auto"))
