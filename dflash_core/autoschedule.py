@@ -23,9 +23,11 @@ times at each R only the block sizes that rule still allows (never above the pic
 R before; once plain decoding wins, every larger R decodes plainly), so on a CPU it times
 a few cells and on a GPU as many as pay.
 
-What it does not see: acceptance at temperature > 0 is lower than the profile's greedy
-figure, and a prompt unlike the profile's data drafts differently; the step times are
-taken at start-up, on whatever else the machine is doing then.
+Acceptance at temperature > 0 is lower than the profile's greedy figure, and prompts
+unlike the profile's data draft differently: `ScheduleTuner` re-estimates acceptance from
+the engine's own speculative steps (the profile as a prior, recent steps weighing more)
+and re-picks among the timed cells as the server runs. The step times are taken once, at
+start-up, on whatever else the machine is doing then.
 """
 from __future__ import annotations
 
@@ -147,7 +149,8 @@ def measure_step_times(engine, rows: int, blocks, steps: int = 5, prompt_len: in
     """Median seconds of one engine step with `rows` decoding rows, for each verified block
     size in `blocks` (one warm-up step each, then `steps` timed), on synthetic prompts of
     `prompt_len` random token ids, greedy, ignore_eos. The requests are aborted and the
-    engine's schedule restored before it returns, whatever happens; the engine must be
+    engine's schedule (and schedule tuner, which sees none of it) restored before it
+    returns, whatever happens; the engine must be
     idle (no request waiting or running), and `rows` at most its slots."""
     if engine.has_unfinished_requests():
         raise RuntimeError("the engine must be idle to time its steps")
@@ -159,7 +162,8 @@ def measure_step_times(engine, rows: int, blocks, steps: int = 5, prompt_len: in
     gen = torch.Generator().manual_seed(seed)
     vocab = engine.vocab_size
     ids = [f"schedule-probe-{time.monotonic_ns()}-{i}" for i in range(rows)]
-    saved = engine.config.block_size_schedule
+    saved, tuner = engine.config.block_size_schedule, engine.schedule_tuner
+    engine.schedule_tuner = None          # the probe's synthetic rows say nothing of the traffic
     times: dict[int, float] = {}
     try:
         for rid in ids:
@@ -174,7 +178,7 @@ def measure_step_times(engine, rows: int, blocks, steps: int = 5, prompt_len: in
             ts = _timed_steps(engine, 1 + steps)[1:]
             times[b] = statistics.median(ts)
     finally:
-        engine.config.block_size_schedule = saved
+        engine.config.block_size_schedule, engine.schedule_tuner = saved, tuner
         for rid in ids:
             engine.abort_request(rid)
         engine.step()   # hands the aborted outputs back; nothing is left running
@@ -216,6 +220,71 @@ def measured_schedule(engine, reach: list[float], steps: int = 5, prompt_len: in
         if cap == 1:
             break
     return pairs, rows
+
+
+class ScheduleTuner:
+    """Keeps a measured schedule right for the traffic the server actually gets.
+
+    The profile's acceptance was measured on one kind of prompt at temperature 0; code,
+    another language or sampling draft differently. The tuner re-estimates acceptance from
+    the engine's own speculative steps and re-picks the schedule from the start-up step
+    times (`rows`, only the cells timed there) every `every` decode steps.
+
+    Per draft position j it keeps the conditional acceptance a_j = P(draft j accepted |
+    drafts before it accepted): the profile's value as a prior worth `prior_steps` steps,
+    plus the positions this engine verified (`observe`), every count decaying by half over
+    `half_life_steps` decode steps (None: no decay). reach_k = a_1 .. a_k. The decay is
+    also how it explores: once plain decoding is picked no position is verified any more,
+    the estimate drifts back to the profile, and speculation is tried again. Only the
+    schedule changes, never how a step accepts: the output stays exactly the target's."""
+
+    def __init__(self, rows: list[dict], reach: list[float], prior_steps: float = 256.0,
+                 half_life_steps: float | None = 4096.0, every: int = 64, min_gain: float = MIN_GAIN):
+        reach = check_reach(reach)
+        if prior_steps <= 0 or every < 1 or (half_life_steps is not None and half_life_steps <= 0):
+            raise ValueError("prior_steps and half_life_steps must be > 0, every >= 1")
+        self.times = {(r["concurrency"], r["block_size"]): r["step_ms"] / 1000.0 for r in rows}
+        if not self.times:
+            raise ValueError("no timed cells to pick from")
+        prev = [1.0] + reach[:-1]
+        self.prior = [x / p if p > 0 else 0.0 for x, p in zip(reach, prev)]
+        self.prior_steps = float(prior_steps)
+        self.decay = 0.5 ** (1.0 / half_life_steps) if half_life_steps else 1.0
+        self.every, self.min_gain = every, min_gain
+        self.trials = [0.0] * len(reach)
+        self.accepts = [0.0] * len(reach)
+        self.steps = 0
+
+    def observe(self, verified: int, accepted: int) -> None:
+        """One row's speculative step: `verified` drafts judged, the first `accepted` kept
+        (position j was tried when the j-1 before it were all accepted)."""
+        for j in range(min(accepted + 1, verified, len(self.trials))):
+            self.trials[j] += 1.0
+        for j in range(min(accepted, len(self.accepts))):
+            self.accepts[j] += 1.0
+
+    def reach(self) -> list[float]:
+        """The current estimate of reach_k, k = 1 .. len(profile)."""
+        out, p = [], 1.0
+        for a0, t, n in zip(self.prior, self.trials, self.accepts):
+            p *= (self.prior_steps * a0 + n) / (self.prior_steps + t)
+            out.append(p)
+        return out
+
+    def pick(self) -> list[tuple[int, int]]:
+        reach = self.reach()
+        rows = [{"concurrency": R, "block_size": b, "tokens_per_s": R * expected_tokens(reach, b) / t}
+                for (R, b), t in self.times.items()]
+        return pick_schedule(rows, self.min_gain)
+
+    def end_step(self) -> list[tuple[int, int]] | None:
+        """Once per decode step (after its rows were observed): decays the counts; every
+        `every` steps returns the schedule picked now, else None."""
+        if self.decay < 1.0:
+            self.trials = [t * self.decay for t in self.trials]
+            self.accepts = [n * self.decay for n in self.accepts]
+        self.steps += 1
+        return self.pick() if self.steps % self.every == 0 else None
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -322,7 +322,21 @@ class SpecEngine:
             outputs, self._aborted = self._aborted, []
             plan = self.scheduler.schedule(self.can_draft)
             emitted = self._run(plan)
+            if self.schedule_tuner is not None and plan.decode:
+                self._retune()
             return outputs + self._postprocess(emitted)
+
+    # set by whoever measured the schedule (dflash_core.autoschedule.ScheduleTuner): sees
+    # every speculative row's acceptance, and re-picks the schedule every few decode steps
+    schedule_tuner = None
+
+    def _retune(self) -> None:
+        pairs = self.schedule_tuner.end_step()
+        if pairs is not None and pairs != self.config.block_size_schedule:
+            log.info("block size schedule %s -> %s (acceptance now: %s)",
+                     format_block_size_schedule(self.config.block_size_schedule), format_block_size_schedule(pairs),
+                     " / ".join(f"{x:.3f}" for x in self.schedule_tuner.reach()[:4]))
+            self.config.block_size_schedule = pairs
 
     def _run(self, plan: StepPlan) -> dict[str, tuple[Sequence, list[int], list, list]]:
         """-> request id -> (seq, tokens to emit, captured feature chunks [(positions, features)],
@@ -464,6 +478,8 @@ class SpecEngine:
             n, nxt, dt = packed[r][0], packed[r][1], packed[r][2:]
             k = b - 1 if num_drafts is None else num_drafts[r]   # drafts this row verified
             s.stats.record(k, n)
+            if self.schedule_tuner is not None:
+                self.schedule_tuner.observe(k, n)
             s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = k + 1, k, n
             # committed grows by n+1; the cache keeps anchor + accepted drafts
             st = starts[r]

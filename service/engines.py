@@ -22,7 +22,8 @@ import time
 import torch
 
 from dflash_core.api import build_engine, drafter_folder, load_drafter
-from dflash_core.autoschedule import ACCEPTANCE_FILE, format_rows, load_acceptance, measured_schedule
+from dflash_core.autoschedule import (ACCEPTANCE_FILE, ScheduleTuner, format_rows, load_acceptance,
+                                      measured_schedule)
 from dflash_core.drafter import DFlashDrafter, DrafterConfig
 from dflash_core.engine import EngineConfig, format_block_size_schedule
 from dflash_core.models.registry import resolve_model
@@ -83,7 +84,8 @@ def build_colocated(cfg: ServiceConfig):
 def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
     """For block_size_schedule "auto" / "measure": time the built engine's steps on this
     machine and pick its schedule with the drafter's acceptance profile
-    (dflash_core.autoschedule), set it on the engine and log it. -> {schedule, rows,
+    (dflash_core.autoschedule), set it on the engine with a ScheduleTuner (which re-picks
+    it with the acceptance the traffic gets) and log it. -> {schedule, rows,
     profile} when measured; None where the config names pairs or "table", or "auto" finds
     no profile or no drafter (the table stays). "measure" without them raises ValueError."""
     mode = cfg.block_size_schedule
@@ -101,6 +103,8 @@ def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
     t0 = time.perf_counter()
     pairs, rows = measured_schedule(engine, profile["per_position_acceptance"])
     engine.set_block_size_schedule(pairs)
+    # from here on the traffic's own acceptance re-picks it among the timed cells
+    engine.schedule_tuner = ScheduleTuner(rows, profile["per_position_acceptance"])
     log.info("block size schedule %s, measured in %.1f s on this machine with %s's acceptance profile: %s",
              format_block_size_schedule(pairs), time.perf_counter() - t0, folder.name, format_rows(rows))
     return {"schedule": pairs, "rows": rows, "profile": str(folder / ACCEPTANCE_FILE)}

@@ -53,14 +53,18 @@ def test_expected_tokens_and_the_profile_checks(tmp_path):
 
 def test_step_times_leave_the_engine_as_they_found_it(target):
     """Timing runs real steps on synthetic rows, then aborts them: the slots are free again,
-    the schedule is the one before, and decoding afterwards is unchanged (lossless)."""
+    the schedule and its tuner are the ones before (the tuner saw none of the probe), and
+    decoding afterwards is unchanged (lossless)."""
     eng = make_engine(target, schedule=[(1, 4), (INF_RUNNING, 1)])
     ref = make_engine(target, schedule=[(1, 4), (INF_RUNNING, 1)])
+    eng.schedule_tuner = tuner = auto.ScheduleTuner([{"concurrency": 1, "block_size": 1, "step_ms": 1.0}], [0.5])
     prompt, params = [5, 6, 7, 8], SamplingParams(max_new_tokens=24, ignore_eos=True)
     times = auto.measure_step_times(eng, 3, [1, 2, 4], steps=3, prompt_len=32)
     assert sorted(times) == [1, 2, 4] and all(t > 0 for t in times.values())
     assert not eng.has_unfinished_requests() and eng.num_free_slots == 4
     assert eng.config.block_size_schedule == [(1, 4), (INF_RUNNING, 1)]
+    assert eng.schedule_tuner is tuner and tuner.steps == 0 and tuner.trials == [0.0]
+    eng.schedule_tuner = None
     [a] = eng.generate([prompt], params)
     [b] = ref.generate([prompt], params)
     assert a.token_ids == b.token_ids and a.stats.num_draft_tokens == 3 * a.stats.num_steps
@@ -129,7 +133,7 @@ def test_measured_schedule_on_a_real_engine(target):
 
 def test_service_schedule_modes(tmp_path, caplog):
     """"table": the per-dtype table; "auto": measured where the drafter folder has an
-    acceptance profile (set on the engine and logged), else the table; "measure": measured,
+    acceptance profile (set on the engine with a tuner, and logged), else the table; "measure": measured,
     or a clear error without a profile or outside the colocated placement."""
     from service.config import ServiceConfig
     from service.engines import build_colocated, measure_schedule
@@ -143,7 +147,7 @@ def test_service_schedule_modes(tmp_path, caplog):
         ServiceConfig(**base, block_size_schedule="measure", placement="disaggregated")
     # the random drafter has no folder: auto keeps the table, measure says why
     eng, _ = build_colocated(ServiceConfig(**base, drafter="random", block_size_schedule="auto"))
-    assert eng.config.block_size_schedule == table
+    assert eng.config.block_size_schedule == table and eng.schedule_tuner is None
     with pytest.raises(ValueError, match="'measure': no drafter folder for 'random'"):
         measure_schedule(eng, ServiceConfig(**base, drafter="random", block_size_schedule="measure"))
     # a drafter folder without, then with, its acceptance profile
@@ -155,6 +159,8 @@ def test_service_schedule_modes(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="dflash.service"):
         eng, _ = build_colocated(cfg)
     assert "block size schedule" in caplog.text and "measured in" in caplog.text and "1 running: b1" in caplog.text
+    assert isinstance(eng.schedule_tuner, auto.ScheduleTuner)          # the traffic re-picks it from here on
+    assert eng.schedule_tuner.reach() == pytest.approx([0.95, 0.9, 0.85])
     got = measure_schedule(eng, ServiceConfig(**base, drafter=str(tmp_path), block_size_schedule="auto"))
     assert got["schedule"] == eng.config.block_size_schedule and got["profile"].endswith("acceptance.json")
     assert not eng.has_unfinished_requests() and eng.num_free_slots == 2
@@ -164,3 +170,70 @@ def test_service_schedule_modes(tmp_path, caplog):
     (tmp_path / "acceptance.json").write_text("{}")
     with pytest.raises(ValueError, match="not an acceptance profile"):
         build_colocated(ServiceConfig(**base, drafter=str(tmp_path), block_size_schedule="auto"))
+
+
+def test_tuner_estimates_acceptance_from_the_steps_it_sees():
+    """Per position: the profile's conditional acceptance as a prior worth prior_steps
+    steps, plus the positions verified (position j tried only after j-1 accepted), the
+    counts halving every half_life_steps decode steps."""
+    rows = [{"concurrency": 1, "block_size": b, "step_ms": 10.0} for b in (1, 2, 4)]
+    t = auto.ScheduleTuner(rows, [0.5, 0.25, 0.125], prior_steps=10, half_life_steps=None)
+    assert t.reach() == pytest.approx([0.5, 0.25, 0.125])
+    for _ in range(10):
+        t.observe(3, 3)        # all three drafts kept
+        t.observe(3, 0)        # the first one rejected: positions 2, 3 never tried
+    a1 = (10 * 0.5 + 10) / (10 + 20)
+    a2 = (10 * 0.5 + 10) / (10 + 10)
+    assert t.reach() == pytest.approx([a1, a1 * a2, a1 * a2 * a2])
+    t.observe(1, 1)            # a block of 2 verified one draft: nothing known past it
+    assert t.trials == [21.0, 10.0, 10.0] and t.accepts == [11.0, 10.0, 10.0]
+    d = auto.ScheduleTuner(rows, [0.5, 0.25, 0.125], prior_steps=10, half_life_steps=2)
+    d.observe(3, 0)
+    d.end_step()
+    d.end_step()
+    assert d.trials[0] == pytest.approx(0.5) and d.accepts[0] == 0.0
+    with pytest.raises(ValueError, match="prior_steps"):
+        auto.ScheduleTuner(rows, [0.5], prior_steps=0)
+    with pytest.raises(ValueError, match="no timed cells"):
+        auto.ScheduleTuner([], [0.5])
+
+
+def test_tuner_turns_speculation_off_for_traffic_that_rejects_and_tries_it_again():
+    """Start-up times where block 4 pays at the profile's acceptance: rows whose drafts are
+    all rejected turn the pick to plain decoding within a few re-picks; with no position
+    verified after that, the decaying counts drift back to the profile and speculation is
+    picked again."""
+    rows = [{"concurrency": 1, "block_size": b, "step_ms": ms} for b, ms in ((1, 10.0), (2, 11.0), (4, 12.0))]
+    t = auto.ScheduleTuner(rows, [0.8, 0.6, 0.4], prior_steps=16, half_life_steps=256, every=16)
+    assert t.pick() == [(INF_RUNNING, 4)]
+    picks = []
+    for step in range(200):
+        t.observe(3, 0)
+        p = t.end_step()
+        if p is not None:
+            picks.append(p)
+    assert picks[0] == [(INF_RUNNING, 4)] and picks[-1] == [(INF_RUNNING, 1)]
+    off_at = next(i for i, p in enumerate(picks) if p == [(INF_RUNNING, 1)])
+    assert off_at <= 7                         # by step 128: tau(4) = 1 + 2.25 a_1, a_1 = 12.8 / (16 + steps)
+    back = next(i for i in range(1, 4000) if t.end_step() is not None and t.pick() != [(INF_RUNNING, 1)])
+    assert 16 <= back < 4000 and t.reach()[0] > 0.105      # b4 pays again above a_1 = 0.105
+
+
+def test_engine_retunes_its_schedule_and_stays_lossless(target, caplog):
+    """A tuner on a real engine: a random drafter (whose drafts the target rejects) under an
+    optimistic profile starts at block 4, the engine's own acceptance turns it to plain
+    decoding (logged), and every output equals the same prompts decoded without a tuner."""
+    eng = make_engine(target, block_size=4, max_slots=2, schedule=[(INF_RUNNING, 4)])
+    ref = make_engine(target, block_size=4, max_slots=2, schedule=[(INF_RUNNING, 4)])
+    rows = [{"concurrency": R, "block_size": b, "step_ms": ms} for R in (1, 2)
+            for b, ms in ((1, 10.0), (2, 11.0), (4, 12.0))]
+    eng.schedule_tuner = auto.ScheduleTuner(rows, [0.9, 0.8, 0.7], prior_steps=8, half_life_steps=None, every=4)
+    prompts = [[5, 6, 7, 8], [100, 200, 300], [9, 10], [1000, 1001, 1002, 1003, 1004]]
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    with caplog.at_level(logging.INFO, logger="dflash.engine"):
+        out = eng.generate(prompts, params)
+    assert [o.token_ids for o in out] == [o.token_ids for o in ref.generate(prompts, params)]
+    assert eng.config.block_size_schedule == [(INF_RUNNING, 1)]
+    assert "block size schedule inf:4 -> " in caplog.text and eng.schedule_tuner.reach()[0] < 0.5
+    steps = [o.stats for o in out]
+    assert steps[-1].num_draft_tokens < 3 * steps[-1].num_steps          # it stopped drafting midway
