@@ -203,6 +203,8 @@ def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
     (["--max-slots", "0"], 2, "max_slots"),
     (["--port", "70000"], 2, "port"),
     (["--block-size-schedule", "1-16"], 2, "MAX_RUNNING:BLOCK_SIZE"),
+    (["--block-size-schedule", "fastest"], 2, "must be auto, measure, table, none or MAX_RUNNING:BLOCK_SIZE"),
+    (["--block-size-schedule", "measure", "--placement", "disaggregated"], 2, "colocated placement only"),
     (["--draft-threshold", "1.5"], 2, "draft_threshold"),
     (["--draft-threshold", "half"], 2, "--draft-threshold"),
     (["--target", "/no/such/model"], 1, "unknown model"),
