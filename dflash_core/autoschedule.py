@@ -148,40 +148,52 @@ def measure_step_times(engine, rows: int, blocks, steps: int = 5, prompt_len: in
                        seed: int = 0) -> dict[int, float]:
     """Median seconds of one engine step with `rows` decoding rows, for each verified block
     size in `blocks` (one warm-up step each, then `steps` timed), on synthetic prompts of
-    `prompt_len` random token ids, greedy, ignore_eos. The requests are aborted and the
-    engine's schedule (and schedule tuner, which sees none of it) restored before it
-    returns, whatever happens; the engine must be
-    idle (no request waiting or running), and `rows` at most its slots."""
+    `prompt_len` random token ids (shorter where max_seq_len needs it), greedy,
+    ignore_eos; rows that would run out of room within a block's steps are replaced by
+    fresh ones first. The requests are aborted and the engine's schedule (and schedule
+    tuner, which sees none of it) restored before it returns, whatever happens; the engine
+    must be idle (no request waiting or running), and `rows` at most its slots."""
     if engine.has_unfinished_requests():
         raise RuntimeError("the engine must be idle to time its steps")
     if not 1 <= rows <= engine.config.max_slots:
         raise ValueError(f"rows must be in 1..{engine.config.max_slots} (the engine's slots), got {rows}")
     blocks = list(blocks)
-    prompt_len = max(1, min(prompt_len, engine.config.max_seq_len // 2))
+    need = (1 + steps) * max(blocks) + 1          # tokens one block's steps may commit
+    prompt_len = max(1, min(prompt_len, engine.config.max_seq_len // 2, engine.config.max_seq_len - need))
     new_tokens = engine.config.max_seq_len - prompt_len
     gen = torch.Generator().manual_seed(seed)
-    vocab = engine.vocab_size
-    ids = [f"schedule-probe-{time.monotonic_ns()}-{i}" for i in range(rows)]
+    live: list[str] = []
     saved, tuner = engine.config.block_size_schedule, engine.schedule_tuner
     engine.schedule_tuner = None          # the probe's synthetic rows say nothing of the traffic
-    times: dict[int, float] = {}
-    try:
-        for rid in ids:
-            prompt = torch.randint(0, vocab, (prompt_len,), generator=gen).tolist()
+
+    def drop():
+        for rid in live:
+            engine.abort_request(rid)
+        live.clear()
+        engine.step()   # hands the aborted outputs back; nothing is left running
+
+    def fresh():
+        drop()
+        for i in range(rows):
+            rid = f"schedule-probe-{time.monotonic_ns()}-{i}"
+            prompt = torch.randint(0, engine.vocab_size, (prompt_len,), generator=gen).tolist()
             engine.add_request(rid, prompt, SamplingParams(max_new_tokens=new_tokens, ignore_eos=True))
+            live.append(rid)
         while any(s.prefilling for s in engine.running.values()) or engine.num_waiting:
             engine.step()
+
+    times: dict[int, float] = {}
+    try:
+        fresh()
         for b in blocks:
             engine.config.block_size_schedule = [(INF_RUNNING, b)]
-            if len(engine.running) < rows:      # a row ran out of room: the prompt was too long
-                raise RuntimeError("a probe row finished early; use a shorter prompt_len")
-            ts = _timed_steps(engine, 1 + steps)[1:]
-            times[b] = statistics.median(ts)
+            room = min(len(s.prompt) + s.params.max_new_tokens - s.num_committed for s in engine.running.values())
+            if len(engine.running) < rows or room < (1 + steps) * b + 1:
+                fresh()
+            times[b] = statistics.median(_timed_steps(engine, 1 + steps)[1:])
     finally:
         engine.config.block_size_schedule, engine.schedule_tuner = saved, tuner
-        for rid in ids:
-            engine.abort_request(rid)
-        engine.step()   # hands the aborted outputs back; nothing is left running
+        drop()
     return times
 
 

@@ -68,6 +68,21 @@ def test_step_times_leave_the_engine_as_they_found_it(target):
     [a] = eng.generate([prompt], params)
     [b] = ref.generate([prompt], params)
     assert a.token_ids == b.token_ids and a.stats.num_draft_tokens == 3 * a.stats.num_steps
+    # a short context: rows are replaced before they run out of room, never cut mid-timing
+    short = make_engine(target, block_size=8, max_slots=2, max_seq_len=64)
+    seen = []
+    real_step = short.step
+
+    def step():
+        out = real_step()
+        sched = short.config.block_size_schedule
+        seen.append((len(short.running), sched and sched[0][1], sum(o.finish_reason == "length" for o in out)))
+        return out
+    short.step = step
+    assert sorted(auto.measure_step_times(short, 2, [1, 2, 4, 8], steps=3, prompt_len=128)) == [1, 2, 4, 8]
+    assert not short.has_unfinished_requests() and short.num_free_slots == 2
+    timed = [x for x in seen if x[0] == 2]
+    assert {b for _, b, _ in timed} >= {1, 2, 4, 8} and not any(f for _, _, f in seen)   # none ran out of room
     eng.add_request("busy", prompt, params)
     with pytest.raises(RuntimeError, match="idle"):
         auto.measure_step_times(eng, 1, [1])
