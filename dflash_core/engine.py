@@ -331,7 +331,7 @@ class SpecEngine:
     schedule_tuner = None
 
     def _retune(self) -> None:
-        pairs = self.schedule_tuner.end_step()
+        pairs = self.schedule_tuner.end_step(self.config.block_size_schedule)
         if pairs is not None and pairs != self.config.block_size_schedule:
             log.info("block size schedule %s -> %s (acceptance now: %s)",
                      format_block_size_schedule(self.config.block_size_schedule), format_block_size_schedule(pairs),

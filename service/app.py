@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dflash_core.api import generation_defaults
 from dflash_core.chat import encode_chat
+from dflash_core.engine import format_block_size_schedule
 from dflash_core.sampling import SamplingParams
 from dflash_core.sequence import TokenLogprob
 
@@ -324,7 +325,8 @@ def build_app(server: Server) -> FastAPI:
             reason = server.loop.dead_reason or "not running"
             return JSONResponse(P.error_body(f"engine loop is dead: {reason}", "server_error",
                                              code="engine_dead"), status_code=503)
-        body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight}
+        body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight,
+                "block_size_schedule": format_block_size_schedule(server.engine.config.block_size_schedule)}
         if server.metrics.replica_id:   # under Ray Serve: which replica answered, on which node
             body["replica"], body["node"] = server.metrics.replica_id, server.node_id
         backend = server.engine.draft_backend

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             for spec in spec_modes:
                 r = run_level(url, model, prompts[:requests_for(c, a.per_client)], c, a.max_tokens, spec)
                 r.update(extra)
+                r["schedule_after"] = httpx.get(url + "/health").json().get("block_size_schedule")   # in force now
                 rows.append(r)
                 print(f"  {json.dumps(r)}", flush=True)
 

@@ -94,14 +94,14 @@ def test_step_times_leave_the_engine_as_they_found_it(target):
 
 def test_measured_schedule_follows_step_costs_and_acceptance(target, monkeypatch):
     """The pick: R * tau(b) / T(R, b) per cell, speculation only above plain decoding by
-    MIN_GAIN, never a larger block at more rows. Rows grow 1, 2, 4 (max_slots); each R
+    PREDICTED_MIN_GAIN (10%), never a larger block at more rows. Rows grow 1, 2, 4 (max_slots); each R
     times only plain decoding and the blocks up to the R before's pick, and nothing past
     the first R that decodes plainly."""
     eng = make_engine(target, block_size=8, max_slots=4)
     timed = []
 
     def fake(cost):
-        def measure(engine, rows, blocks, steps=5, prompt_len=128, seed=0):
+        def measure(engine, rows, blocks, steps=5, prompt_len=128, seed=0, passes=2):
             timed.append((rows, list(blocks)))
             return {b: cost(rows, b) for b in blocks}
         return measure
@@ -123,12 +123,14 @@ def test_measured_schedule_follows_step_costs_and_acceptance(target, monkeypatch
     timed.clear()
     assert auto.measured_schedule(eng, [0.0])[0] == [(INF_RUNNING, 1)]
     assert [r for r, _ in timed] == [1]
-    # a gain inside MIN_GAIN is not taken; the cap: R = 2 only times blocks up to R = 1's pick
+    # a gain inside the margin is not taken; the cap: R = 2 only times blocks up to R = 1's pick
     timed.clear()
     monkeypatch.setattr(auto, "measure_step_times", fake(lambda R, b: 0.01 * (1 + 0.5 * max(0, b - 2) + 0.01 * b)))
     pairs, _ = auto.measured_schedule(eng, [0.9, 0.02])
     assert pairs == [(INF_RUNNING, 2)] and timed[1] == (2, [1, 2])
-    assert auto.measured_schedule(eng, [0.02])[0] == [(INF_RUNNING, 1)]    # block 2: 1.0098x plain, inside 3%
+    assert auto.measured_schedule(eng, [0.02])[0] == [(INF_RUNNING, 1)]    # block 2: 1.0098x plain, inside 10%
+    assert auto.measured_schedule(eng, [0.1])[0] == [(INF_RUNNING, 1)]     # block 2: 1.089x plain ..
+    assert auto.measured_schedule(eng, [0.1], min_gain=0.03)[0] == [(INF_RUNNING, 2)]   # .. above a 3% margin
 
 
 def test_measured_schedule_on_a_real_engine(target):
@@ -241,7 +243,7 @@ def test_engine_retunes_its_schedule_and_stays_lossless(target, caplog):
     eng = make_engine(target, block_size=4, max_slots=2, schedule=[(INF_RUNNING, 4)])
     ref = make_engine(target, block_size=4, max_slots=2, schedule=[(INF_RUNNING, 4)])
     rows = [{"concurrency": R, "block_size": b, "step_ms": ms} for R in (1, 2)
-            for b, ms in ((1, 10.0), (2, 11.0), (4, 12.0))]
+            for b, ms in ((1, 10.0), (2, 15.0), (4, 20.0))]
     eng.schedule_tuner = auto.ScheduleTuner(rows, [0.9, 0.8, 0.7], prior_steps=8, half_life_steps=None, every=4)
     prompts = [[5, 6, 7, 8], [100, 200, 300], [9, 10], [1000, 1001, 1002, 1003, 1004]]
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
@@ -252,3 +254,33 @@ def test_engine_retunes_its_schedule_and_stays_lossless(target, caplog):
     assert "block size schedule inf:4 -> " in caplog.text and eng.schedule_tuner.reach()[0] < 0.5
     steps = [o.stats for o in out]
     assert steps[-1].num_draft_tokens < 3 * steps[-1].num_steps          # it stopped drafting midway
+
+
+def test_step_times_keep_the_fastest_pass(target, monkeypatch):
+    """Every block is timed once per pass; a cell takes its lowest median over the passes,
+    so a pass that other load slowed does not decide."""
+    eng = make_engine(target, block_size=4, max_slots=1)
+    calls = []
+
+    def timed(engine, n):
+        calls.append(engine.config.block_size_schedule[0][1])
+        return [0.2 if len(calls) <= 2 else 0.1] * n          # the first pass through both blocks: slow
+    monkeypatch.setattr(auto, "_timed_steps", timed)
+    assert auto.measure_step_times(eng, 1, [1, 4], steps=3, prompt_len=8, passes=2) == {1: 0.1, 4: 0.1}
+    assert calls == [1, 4, 1, 4]
+    calls.clear()
+    assert auto.measure_step_times(eng, 1, [1, 4], steps=3, prompt_len=8, passes=1) == {1: 0.2, 4: 0.2}
+    assert not eng.has_unfinished_requests()
+
+
+def test_tuner_keeps_the_running_schedule_inside_the_margin():
+    """repick(current): a pick predicted faster than the current schedule by no more than
+    min_gain at every timed row count leaves the current one (no flapping at a break-even);
+    a clear gain either way switches."""
+    rows = [{"concurrency": 1, "block_size": 1, "step_ms": 10.0}, {"concurrency": 1, "block_size": 2, "step_ms": 12.0}]
+    spec, plain = [(INF_RUNNING, 2)], [(INF_RUNNING, 1)]
+    even = auto.ScheduleTuner(rows, [0.2])                 # b2: 1.2 / 12 ms = plain's 1 / 10 ms
+    assert even.pick() == plain and even.repick(spec) == spec and even.repick(plain) == plain
+    assert auto.ScheduleTuner(rows, [0.0]).repick(spec) == plain        # b2 at 83% of plain
+    assert auto.ScheduleTuner(rows, [0.5]).repick(plain) == spec        # b2 at 125%
+    assert even.repick(None) == plain and even.repick([(1, 3), (INF_RUNNING, 1)]) == plain   # an untimed block

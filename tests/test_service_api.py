@@ -492,7 +492,8 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(srv):
     assert r.status_code == 200 and r.json()["model"] == MODEL
     r = post(srv.url, "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3})
     assert r.status_code == 200 and r.json()["model"] == MODEL
-    assert httpx.get(srv.url + "/health").status_code == 200
+    h = httpx.get(srv.url + "/health")
+    assert h.status_code == 200 and h.json()["block_size_schedule"] == "none"   # the schedule in force
 
 
 def test_api_key(tok):
