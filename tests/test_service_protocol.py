@@ -129,9 +129,10 @@ def test_config_from_dict_and_schedule():
 
 
 def test_auto_schedule_follows_the_dtype_the_engine_runs_in():
-    """The default schedule speculates where it measured faster (bf16: AMX CPUs, GPUs: block
-    4 at 1-2 running; fp32: block 2 at 1 running) and decodes plainly beyond; it is
-    resolved where the engine runs."""
+    """Before the engine exists, the default schedule resolves to the table for the dtype the
+    engine runs in (bf16: AMX CPUs, GPUs: block 4 at 1-2 running; fp32: block 2 at 1
+    running; plain decoding beyond), resolved where the engine runs; "auto" then measures
+    it on the built engine where the drafter has a profile (tests/test_autoschedule.py)."""
     from dflash_core.engine import DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE
     from service.engines import engine_config
     cfg = ServiceConfig(target="tiny-random")
