@@ -76,18 +76,13 @@ def load_drafter(spec, target_config: ModelConfig, target_spec: str, block_size:
     fmt = resolve_drafter_weights(weights, device, dtype)
     if spec is None or spec == "none":
         return None
-    if spec == "default":
-        if target_spec == "default" and (DEFAULT_DRAFTER_DIR / "model.safetensors").exists():
-            spec = str(DEFAULT_DRAFTER_DIR)
-        else:
-            spec = "random"
-    if spec == "random":
+    path = drafter_folder(spec, target_spec)
+    if path is None:   # "random", or "default" where no drafter ships for the target
         d = DFlashDrafter.from_target(target_config, num_layers=1, block_size=max(block_size, 2),
                                       mask_token_id=DEFAULT_MASK_TOKEN_ID if target_config.vocab_size > 16 else 0,
                                       num_features=min(3, target_config.num_layers)).to(device, dtype)
         d.round_weights(fmt)
         return d.pack_weights()
-    path = Path(spec)
     if not path.is_dir():
         raise ModelLoadError(f"drafter {spec!r} is not a folder (expected config.json + model.safetensors), "
                              "'default', 'random' or none")

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from .engine import INF_RUNNING
+from .engine import INF_RUNNING, schedule_block
 from .sampling import SamplingParams
 
 ACCEPTANCE_FILE = "acceptance.json"
@@ -225,8 +225,7 @@ def measured_schedule(engine, reach: list[float], steps: int = 5, prompt_len: in
     reach = check_reach(reach)
     if not engine.can_draft:
         return [(INF_RUNNING, 1)], []
-    top = min(engine.config.block_size, engine.drafter_block_size)
-    cap = top
+    cap = min(engine.config.block_size, engine.drafter_block_size)
     rows: list[dict] = []
     pairs = [(INF_RUNNING, 1)]
     for R in probe_rows(engine.config.max_slots):
@@ -309,11 +308,8 @@ class ScheduleTuner:
         if not current:
             return new
         pred = self._predicted()
-
-        def block(pairs, R):
-            return next((b for m, b in pairs if R <= m), pairs[-1][1])
         for R in sorted({R for R, _ in self.times}):
-            old_b, new_b = block(current, R), block(new, R)
+            old_b, new_b = schedule_block(current, R), schedule_block(new, R)
             if (R, old_b) not in pred or pred.get((R, new_b), 0.0) > pred[R, old_b] * (1 + self.min_gain):
                 return new
         return list(current)

@@ -46,7 +46,7 @@ from .scheduler import Scheduler, StepPlan
 from .sequence import GenerationResult, RequestOutput, Sequence, SpecStats, StepStats
 
 __all__ = ["EngineConfig", "SpecEngine", "RequestOutput", "GenerationResult", "SpecStats", "StepStats",
-           "INF_RUNNING", "parse_block_size_schedule", "check_draft_threshold", "format_block_size_schedule", "auto_block_size_schedule",
+           "INF_RUNNING", "parse_block_size_schedule", "check_draft_threshold", "format_block_size_schedule", "auto_block_size_schedule", "schedule_block",
            "DEFAULT_BLOCK_SIZE_SCHEDULE", "FP32_BLOCK_SIZE_SCHEDULE"]
 
 log = logging.getLogger("dflash.engine")
@@ -126,6 +126,12 @@ def auto_block_size_schedule(dtype) -> list[tuple[int, int]]:
     return [tuple(p) for p in pairs]
 
 
+def schedule_block(pairs, num_running: int) -> int:
+    """The block size of the first (max_running, block_size) pair covering num_running
+    rows (pairs sorted by max_running), else the last pair's."""
+    return next((b for max_running, b in pairs if num_running <= max_running), pairs[-1][1])
+
+
 def format_block_size_schedule(pairs) -> str:
     """The text form of a schedule ("2:4,inf:1"), "none" for None."""
     if pairs is None:
@@ -173,10 +179,7 @@ class EngineConfig:
     def block_size_for(self, num_running: int) -> int:
         """The schedule's verified block size for num_running rows (never above block_size)."""
         if self.block_size_schedule:
-            for max_running, b in self.block_size_schedule:
-                if num_running <= max_running:
-                    return min(b, self.block_size)
-            return min(self.block_size_schedule[-1][1], self.block_size)
+            return min(schedule_block(self.block_size_schedule, num_running), self.block_size)
         return self.block_size
 
 

@@ -193,13 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     elif a.url:
         levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {})
     else:
-        for sched in (a.schedules.split(",") if a.schedules else [None]):
-            srv = ServerProcess(base + (["--block-size-schedule", sched.strip()] if sched else []))
+        for sched in ([s.strip() for s in a.schedules.split(",")] if a.schedules else [None]):
+            srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else []))
             try:
                 srv.wait_ready()
                 if sched:
-                    print(f"block size schedule {sched.strip()}: {srv.url}", flush=True)
-                levels(srv.url, srv.model(), [True, False], {"schedule": sched.strip()} if sched else {})
+                    print(f"block size schedule {sched}: {srv.url}", flush=True)
+                levels(srv.url, srv.model(), [True, False], {"schedule": sched} if sched else {})
             finally:
                 srv.stop()
 

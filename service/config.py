@@ -148,11 +148,14 @@ class ServiceConfig:
             if named == "measure" and self.placement != "colocated":
                 raise ValueError("block_size_schedule 'measure' times the engine's steps with its drafter in "
                                  "the process: colocated placement only (give pairs or 'table' here)")
-        elif named is not None and ":" not in named and named not in ("", "none", "off"):
-            raise ValueError(f"block_size_schedule must be {', '.join(SCHEDULE_MODES)}, none or "
-                             f"MAX_RUNNING:BLOCK_SIZE pairs, got {self.block_size_schedule!r}")
         elif self.block_size_schedule is not None:
-            self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
+            try:
+                self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
+            except ValueError:
+                if named is None or ":" in named:   # pairs: the parser's message names the entry
+                    raise
+                raise ValueError(f"block_size_schedule must be {', '.join(SCHEDULE_MODES)}, none or "
+                                 f"MAX_RUNNING:BLOCK_SIZE pairs, got {self.block_size_schedule!r}") from None
         self.draft_threshold = check_draft_threshold(self.draft_threshold)
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1

@@ -95,9 +95,12 @@ def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
     profile = load_acceptance(folder) if folder is not None else None
     if profile is None or not engine.can_draft:
         if mode == "measure":
-            why = ("no drafter" if not engine.can_draft else
-                   f"no acceptance profile in {folder} (write one with dflash eval --save-acceptance)"
-                   if folder is not None else f"no drafter folder for {cfg.drafter!r}")
+            if not engine.can_draft:
+                why = "no drafter"
+            elif folder is None:
+                why = f"no drafter folder for {cfg.drafter!r}"
+            else:
+                why = f"no acceptance profile in {folder} (write one with dflash eval --save-acceptance)"
             raise ValueError(f"block_size_schedule 'measure': {why}")
         return None
     t0 = time.perf_counter()

@@ -270,12 +270,11 @@ def main(argv: list[str] | None = None) -> int:
             write_plot(Path(a.plot), results, curve, Path(a.log) if a.log else None, a.tokens_offset)
         if a.save_acceptance is not None:
             from ..autoschedule import save_acceptance
-            key = next(f"{ds}@T0" for ds in a.datasets)
-            cell = results[key]
+            ds = a.datasets[0]
+            cell = results[f"{ds}@T0"]
             summary["acceptance_file"] = str(save_acceptance(
                 a.save_acceptance, cell["per_position_acceptance"], tau=cell["tau"], block_size=summary["block_size"],
-                prompts=f"{key.split('@')[0]} ({'holdout' if key.startswith('sharegpt') else 'evaluation set'}), "
-                        f"first {cell['num_prompts']}",
+                prompts=f"{ds} ({'holdout' if ds == 'sharegpt' else 'evaluation set'}), first {cell['num_prompts']}",
                 temperature=0.0, max_new_tokens=a.max_new_tokens, dtype=summary["dtype"],
                 drafter_weights=summary["drafter_weights"], measured_by="dflash eval"))
     except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
