@@ -40,6 +40,7 @@ import torch
 
 from . import runtime
 from . import speculative as spec
+from . import tree
 from .models.decoder import Decoder
 from .sampling import SamplingParams
 from .scheduler import Scheduler, StepPlan
@@ -160,6 +161,12 @@ class EngineConfig:
     # the scheduled block size - 1, and a step's forward is as long as its longest row's
     # block; 0 = always the whole scheduled block
     draft_threshold: float = 0.0
+    # tree verification (tree.py): greedy rows without penalties verify the drafter's most
+    # likely paths (b - 1 nodes, best-first over its top tokens per position) instead of a
+    # chain of b - 1 argmax drafts, in the same b target rows; where the native fp32 layers
+    # serve the forward (Decoder.serves_tree), else the chain. draft_threshold then applies
+    # to steps without tree rows only
+    draft_tree: bool = False
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -447,6 +454,14 @@ class SpecEngine:
                                       k_of=lambda s: s.params.prompt_logprobs)
             seq.prompt_lps.extend(lps[0])
 
+    def _tree_rows(self, rows: list[Sequence], b: int) -> list[int]:
+        """Rows that verify a draft tree this step (EngineConfig.draft_tree): greedy rows
+        without penalties, when the block holds two drafts or more and the native layers
+        serve the forward."""
+        if not self.config.draft_tree or b < 3 or not self.target.serves_tree(len(rows), b):
+            return []
+        return [r for r, s in enumerate(rows) if s.params.greedy and not s.params.penalized]
+
     def _decode(self, rows: list[Sequence], b: int, emitted) -> list[tuple[list[int], list | None]]:
         """One draft + verify + accept over `rows` with verified block size b; returns the
         tokens each row commits (accepted drafts + the target's own next token), with
@@ -457,17 +472,56 @@ class SpecEngine:
         anchors = torch.tensor([s.last for s in rows])
         start = torch.tensor(starts)
         draft_tokens, draft_probs, num_drafts = torch.zeros(R, b - 1, dtype=torch.int64, device=dev), None, None
+        parents: dict[int, list[int]] = {}   # tree rows: parent block index of each node
+        layout = None
         if b > 1:
             thr = self.config.draft_threshold
-            draft_tokens, draft_probs, conf = spec.draft(self.drafting, self.target, rows, slots, anchors, start, b,
-                                                         confidence=thr > 0)
+            tree_rows = self._tree_rows(rows, b)
+            draft_tokens, draft_probs, conf, top = spec.draft(
+                self.drafting, self.target, rows, slots, anchors, start, b, confidence=thr > 0 and not tree_rows,
+                topk=tree.TOPK if tree_rows else 0)
             if conf is not None:   # verify only the drafts the drafter trusts enough (drafts_to_verify)
                 num_drafts = spec.drafts_to_verify(conf, thr).tolist()
                 b = max(num_drafts) + 1
                 draft_tokens = draft_tokens[:, :b - 1]
                 draft_probs = None if draft_probs is None else draft_probs[:, :b - 1]
-        hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture())
-        accept_len, next_tok = spec.accept(self.target, rows, hidden, draft_tokens, draft_probs, num_drafts)
+            if tree_rows:
+                idx = torch.tensor(tree_rows, device=dev)
+                top_tok, top_p = top[0][idx].tolist(), top[1][idx].tolist()      # [Rt, b-1, k]
+                for j, r in enumerate(tree_rows):
+                    nodes = tree.best_first(top_p[j], b - 1)
+                    parents[r] = [p for p, _, _ in nodes]
+                    draft_tokens[r, :len(nodes)] = torch.tensor([top_tok[j][d][k] for _, d, k in nodes])
+                layout = tree.layout([parents.get(r, tree.chain_parents(b - 1)) for r in range(R)], b)
+        hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture(),
+                                    tree=layout)
+        paths: dict[int, list[int]] = {}
+        if not parents:
+            accept_len, next_tok = spec.accept(self.target, rows, hidden, draft_tokens, draft_probs, num_drafts)
+        else:
+            accept_len = torch.zeros(R, dtype=torch.int64, device=dev)
+            next_tok = torch.zeros(R, dtype=torch.int64, device=dev)
+            chain = [r for r in range(R) if r not in parents]
+            if chain:   # sampling and penalized rows: the chain's rules (their draft_probs in row order)
+                ci = torch.tensor(chain, device=dev)
+                a, n = spec.accept(self.target, [rows[r] for r in chain], hidden[ci], draft_tokens[ci], draft_probs,
+                                   None if num_drafts is None else [num_drafts[r] for r in chain])
+                accept_len[ci], next_tok[ci] = a, n
+            ti = torch.tensor(list(parents), device=dev)
+            targets = spec.argmax(self.target.logits(hidden[ti])).tolist()            # [Rt, b]
+            tokens = draft_tokens[ti].tolist()
+            for j, r in enumerate(parents):
+                paths[r], nxt = tree.greedy_walk(parents[r], tokens[j], targets[j])
+                accept_len[r], next_tok[r] = len(paths[r]) - 1, nxt
+            # committed order: block position j of a tree row is its path's j-th node
+            order = torch.arange(b, device=dev).repeat(R, 1)
+            for r, path in paths.items():
+                order[r, :len(path)] = torch.tensor(path, device=dev)
+            block = torch.cat([anchors[:, None].to(dev), draft_tokens], 1)
+            draft_tokens = block.gather(1, order)[:, 1:]
+            hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+            if feats is not None:
+                feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
         lps = {}
         if any(s.params.logprobs is not None for s in rows):
             # block position j commits draft j while j < accepted, then the target's next token
@@ -486,6 +540,8 @@ class SpecEngine:
             s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = k + 1, k, n
             # committed grows by n+1; the cache keeps anchor + accepted drafts
             st = starts[r]
+            if r in paths:   # the accepted nodes' K/V to the positions after the anchor
+                tree.commit_path(self.cache, s.slot, st, paths[r])
             self.cache.set_len(s.slot, st + 1 + n)
             self._keep_features(s, feats[r, :n + 1] if feats is not None else None, torch.arange(st, st + n + 1),
                                 emitted)

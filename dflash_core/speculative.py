@@ -135,15 +135,17 @@ def take_pending_context(rows: list[Sequence], feature_dim: int, dtype, device):
 
 
 def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch.Tensor, anchors: torch.Tensor,
-          start: torch.Tensor, b: int, confidence: bool = False
-          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+          start: torch.Tensor, b: int, confidence: bool = False, topk: int = 0
+          ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple | None]:
     """One drafter forward over the rows, block [anchor, MASK x (B-1)] at positions
     start .. start+B-1 -> draft tokens [R, b-1] on the target's device (argmax, or
     sampled from the drafter's warped distribution q for sampling rows); when some
     row samples, q [Rs, b-1, V] of the sampling rows (in row order), else None; with
     `confidence`, each draft's probability under the drafter [R, b-1] (the top
     probability of its softmax for greedy rows, q(draft) for sampling rows: what
-    `drafts_to_verify` reads), else None."""
+    `drafts_to_verify` reads), else None; with `topk`, the drafter's top-k tokens and
+    their probabilities at each drafted position, (tokens [R, b-1, k], probs [R, b-1, k])
+    in descending order (what a tree verify picks its nodes from: tree.py), else None."""
     B, R, dev = ctx.block_size, len(rows), target.device
     F = target.config.hidden_size * len(ctx.target_layer_ids)
     ctx_slots, ctx_pos, ctx_feats = take_pending_context(rows, F, target.dtype, dev)
@@ -162,10 +164,16 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     else:
         logits = ctx.head(h)                                                     # [R, b-1, N]
         tokens = ctx.draft_vocab[argmax(logits)]
-    conf = torch.softmax(logits.float(), -1).amax(-1) if confidence else None    # [R, b-1]
+    conf = top = None
+    if confidence or topk:
+        probs = torch.softmax(logits.float(), -1)
+        conf = probs.amax(-1) if confidence else None                            # [R, b-1]
+        if topk:
+            tp, ti = probs.topk(min(topk, probs.shape[-1]), dim=-1)              # [R, b-1, k]
+            top = (ti if ctx.draft_vocab is None else ctx.draft_vocab[ti], tp)
     samp = _sampling_rows(rows)
     if not samp:
-        return tokens, None, conf
+        return tokens, None, conf, top
     V = target.config.vocab_size
     idx = torch.tensor(samp, device=dev)
     srows = [rows[r] for r in samp]
@@ -176,7 +184,7 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     tokens[idx] = kernels.sample_from_probs(q.reshape(-1, V), u.reshape(-1)).view(len(samp), b - 1)
     if conf is not None:
         conf[idx] = q.gather(2, tokens[idx][..., None]).squeeze(-1).float()
-    return tokens, q, conf
+    return tokens, q, conf, top
 
 
 def drafts_to_verify(conf: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -195,11 +203,14 @@ def drafts_to_verify(conf: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def verify(target: Decoder, cache, slots: torch.Tensor, anchors: torch.Tensor, draft_tokens: torch.Tensor,
-           start: torch.Tensor, capture_layers=()):
+           start: torch.Tensor, capture_layers=(), tree: torch.Tensor | None = None):
     """One target forward of [anchor, d_1 .. d_{b-1}] at positions start .. start+b-1,
-    causally on each row's cache -> (hidden [R, b, hidden], captured features or None)."""
+    causally on each row's cache -> (hidden [R, b, hidden], captured features or None).
+    tree: the rows' tree layouts (tree.layout; a chain row's is causal), or None."""
     block = torch.cat([anchors[:, None].to(draft_tokens.device), draft_tokens], 1)
-    return target(block, cache, slots, start, capture_layers)
+    if tree is None:
+        return target(block, cache, slots, start, capture_layers)
+    return target(block, cache, slots, start, capture_layers, tree=tree)
 
 
 # LM-head rows computed in one call at little more than the cost of one row: the first

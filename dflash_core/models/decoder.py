@@ -198,10 +198,16 @@ class Decoder(nn.Module):
         cache_lens: torch.Tensor,   # [R] int64, valid cached positions per row (= start position)
         capture_layers: list[int] | tuple[int, ...] = (),
         features_only: bool = False,
+        tree: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """-> hidden [R, T, hidden] (final norm applied), features [R, T, K*hidden] or None.
         features_only: stop after the last captured layer and return (None, features) (the
-        layers above it and their cache entries are not computed: drafter training data)."""
+        layers above it and their cache entries are not computed: drafter training data).
+        tree: a tree verify (`tree_attention`: int32 [R, T, T + 1], token t of row r reads
+        the cache and then the block tokens tree[r, t, 1 .. tree[r, t, 0]], root first, at
+        RoPE position cache_lens[r] + tree[r, t, 0] - 1); its K/V still go to cache_lens[r] + t.
+        Only where the native layers serve the forward (`serves_tree`): their attention
+        gathers those keys in order, so every token gets the bits of a one-token step."""
         R, T = input_ids.shape
         dev = self.device
         slots, cache_lens = slots.to(dev), cache_lens.to(dev)
@@ -209,15 +215,18 @@ class Decoder(nn.Module):
         if int(positions.max()) >= cache.capacity:
             raise ValueError("sequence exceeds the KV cache capacity")
         x = self.embed_tokens(input_ids.to(dev))
-        cos, sin = self.rotary(positions, x.dtype)
+        rope_pos = positions if tree is None else cache_lens[:, None] + tree[:, :, 0].to(dev, torch.int64) - 1
+        cos, sin = self.rotary(rope_pos, x.dtype)
         if features_only and not capture_layers:
             raise ValueError("features_only needs capture_layers")
         want = {lid: None for lid in capture_layers}
         last = max(capture_layers) if features_only else len(self.layers) - 1
         nl = self._native_layers
+        if tree is not None and not (nl is not None and nl.serves(x)):
+            raise ValueError("a tree verify needs the native fp32 layers (Decoder.serves_tree)")
         if nl is not None and nl.serves(x):   # every layer in one native call (dflash_core.native.NativeLayers)
             x = x.contiguous()
-            want.update(nl.forward(x, slots, cache_lens, cos, sin, cache, last, want))
+            want.update(nl.forward(x, slots, cache_lens, cos, sin, cache, last, want, tree=tree))
         else:
             plan = None if kernels.uses_triton(x) else CacheAttentionPlan(
                 slots, cache_lens, T, self.config.num_heads // self.config.num_kv_heads)
@@ -227,6 +236,13 @@ class Decoder(nn.Module):
                     want[i] = x
         feats = torch.cat([want[l] for l in capture_layers], dim=-1) if capture_layers else None
         return (None if features_only else self.norm(x)), feats
+
+    def serves_tree(self, rows: int, tokens: int) -> bool:
+        """Whether a tree verify of `rows` x `tokens` runs (the native fp32 layers serve it)."""
+        from .. import native
+        nl = self._native_layers
+        return (nl is not None and tokens <= native.TREE_MAX and self.device.type == "cpu"
+                and self.dtype == torch.float32 and nl.serves(torch.empty(rows, tokens, 0)))
 
     def pack_weights(self) -> "Decoder":
         """Pack q/k/v and gate/up weights per layer for inference (fewer, larger matmuls).

@@ -148,7 +148,7 @@ def _load():
         fn.restype = ctypes.c_int
         layer = lib.dfl_layer
         layer.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
-            + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+            + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
         layer.restype = ctypes.c_int
         work = lib.dfl_layer_work
         work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
@@ -437,6 +437,9 @@ def write_context(kv: torch.Tensor, k_norm_weight: torch.Tensor | None, eps: flo
     return True
 
 
+TREE_MAX = 64   # block tokens of a tree verify (dflash_layer.c)
+
+
 class NativeLayers:
     """A decoder's layers, each run in one native call (dflash_layer.c): norms, the packed
     q/k/v, o, gate/up and down linears (the same native linears the torch path calls),
@@ -509,14 +512,16 @@ class NativeLayers:
             for a, m, f in self._owners)
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None) -> dict:
+                sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None, tree=None) -> dict:
         """x [R, T, hidden] fp32 (updated in place through layer `last`), slots / starts [R]
         int64, cos / sin [R, T, D]; layer i's K/V go to cache.k[i] / cache.v[i]
         [S, Hkv, cap, D] at positions starts .. starts + T - 1 -> {layer id in capture: a
         copy of x after that layer}. causal=False: every token reads all T (a drafter's
         block, which then leaves its K/V past the cached context, overwritten later).
         out=(lo, n): layer `last` computes tokens lo .. lo+n-1 of each row only (their bits
-        as in a full forward); x's other tokens are then not that layer's output."""
+        as in a full forward); x's other tokens are then not that layer's output.
+        tree: int32 [R, T, T + 1] (a tree verify: token t reads the context and then the block
+        tokens tree[r, t, 1 .. tree[r, t, 0]], in that order; dflash_layer.c), or None."""
         layer_fn, work_fn = _LAYER
         R, T, _ = x.shape
         slots = slots.to("cpu", torch.int64).contiguous()
@@ -528,6 +533,12 @@ class NativeLayers:
         lo, n = (0, T) if out is None else (int(out[0]), int(out[1]))
         if not (0 <= lo and n >= 1 and lo + n <= T):
             raise ValueError(f"out={out} is not a range of the {T} tokens")
+        tree_ptr = None
+        if tree is not None:
+            if tuple(tree.shape) != (R, T, T + 1) or T > TREE_MAX:
+                raise ValueError(f"tree of shape {tuple(tree.shape)} for {R} rows of {T} tokens (at most {TREE_MAX})")
+            tree = tree.to("cpu", torch.int32).contiguous()
+            tree_ptr = tree.data_ptr()
         got = {}
         for i in range(last + 1):
             k, v = cache.k[i], cache.v[i]
@@ -535,7 +546,7 @@ class NativeLayers:
                 raise ValueError("the native layers need a contiguous fp32 KV cache")
             rc = layer_fn(self._ptrs[i], x.data_ptr(), R, T, slots.data_ptr(), starts.data_ptr(), cos.data_ptr(),
                           sin.data_ptr(), k.data_ptr(), v.data_ptr(), S, cap, work.data_ptr(), threads,
-                          int(causal), *((lo, n) if i == last else (0, T)))
+                          int(causal), *((lo, n) if i == last else (0, T)), tree_ptr)
             if rc != 0:
                 raise RuntimeError(f"native decoder layer {i} failed (code {rc})")
             if i in capture:

@@ -28,6 +28,8 @@
 
 int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads);
 
+#define TREE_MAX 64   /* block tokens of a tree verify (dfl_layer's `tree`) */
+
 typedef struct {
     long hidden, inter;
     int heads, kv_heads, head_dim;
@@ -97,11 +99,12 @@ static inline float dot(const float *a, const float *b, int D) {
 }
 
 /* the scores of `rep` query heads (q: rep x D, one after the other) that share a kv head,
- * over its keys 0 .. n-1: scores[i * n + j]. Keys are read 4 at a time for every head
+ * over its keys 0 .. n-1: scores[i * stride + j]. Keys are read 4 at a time for every head
  * before the next 4 (a kv head's keys cross the cache once, not once per query head); each
  * (head, key) is one 8-lane FMA chain over d in order, then hsum8: the same bits whatever
  * the grouping. */
-static void group_scores(const float *q, int rep, const float *kb, long n, int D, float scale, float *scores) {
+static void group_scores(const float *q, int rep, const float *kb, long n, long stride, int D, float scale,
+                         float *scores) {
     long j0 = 0;
     for (; j0 + 4 <= n; j0 += 4) {
         const float *k0 = kb + j0 * D;
@@ -115,7 +118,7 @@ static void group_scores(const float *q, int rep, const float *kb, long n, int D
                 a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 2 * D + d), a2);
                 a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 3 * D + d), a3);
             }
-            float *si = scores + i * n + j0;
+            float *si = scores + i * stride + j0;
             si[0] = hsum8(a0) * scale;
             si[1] = hsum8(a1) * scale;
             si[2] = hsum8(a2) * scale;
@@ -123,11 +126,13 @@ static void group_scores(const float *q, int rep, const float *kb, long n, int D
         }
     }
     for (; j0 < n; j0++)
-        for (int i = 0; i < rep; i++) scores[i * n + j0] = dot(q + i * D, kb + j0 * D, D) * scale;
+        for (int i = 0; i < rep; i++) scores[i * stride + j0] = dot(q + i * D, kb + j0 * D, D) * scale;
 }
 
-/* one head: softmax of its n scores (overwritten) and the weighted sum of the values: out[D] */
-static void softmax_values(float *scores, const float *vb, long n, int D, float *out) {
+/* one head: softmax of its n scores (overwritten) and the weighted sum of the values: out[D].
+ * Key j's value is vb[j] for j < n0, else vb2[j - n0] (a tree verify's ancestors, gathered):
+ * the same operations in the same order as one segment of n keys, so the same bits. */
+static void softmax_values(float *scores, const float *vb, long n0, const float *vb2, long n, int D, float *out) {
     float mx = -INFINITY;
     for (long j = 0; j < n; j++)
         if (scores[j] > mx) mx = scores[j];
@@ -157,7 +162,7 @@ static void softmax_values(float *scores, const float *vb, long n, int D, float 
     for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
     for (long j = 0; j < n; j++) {
         const __m256 p = _mm256_set1_ps(scores[j] * inv);
-        const float *v = vb + j * D;
+        const float *v = j < n0 ? vb + j * D : vb2 + (j - n0) * D;
         for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + c * 8), acc[c]);
     }
     for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * 8, acc[c]);
@@ -173,7 +178,7 @@ long dfl_layer_work(const dfl_layer_t *P, long M, long cap, int nthreads) {
 /* returns 0; -1 unsupported shape; -3 a position outside the cache; else dfl_linear's code */
 int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slots, const int64_t *starts,
               const float *cos, const float *sin, float *kc, float *vc, long S, long cap,
-              float *work, int nthreads, int causal, long out_lo, long out_n) {
+              float *work, int nthreads, int causal, long out_lo, long out_n, const int32_t *tree) {
     const long M = R * T, Hd = P->hidden, I = P->inter;
     const int H = P->heads, Hkv = P->kv_heads, D = P->head_dim;
     if (D % 8 || D > 128 || Hd % 8 || Hkv <= 0 || H % Hkv) return -1;
@@ -183,6 +188,15 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
     const long nqkv = (H + 2L * Hkv) * D;
     for (long r = 0; r < R; r++)
         if (slots[r] < 0 || slots[r] >= S || starts[r] < 0 || starts[r] + T > cap) return -3;
+    if (tree) {   /* each token's keys: 1 .. min(T, TREE_MAX) block indices, in [0, T) */
+        if (T > TREE_MAX) return -1;
+        for (long m = 0; m < R * T; m++) {
+            const int32_t *tr = tree + m * (T + 1);
+            if (tr[0] < 1 || tr[0] > T) return -1;
+            for (int a = 1; a <= tr[0]; a++)
+                if (tr[a] < 0 || tr[a] >= T) return -1;
+        }
+    }
     float *h = work, *qkv = h + M * Hd, *att = qkv + M * nqkv, *gu = att + M * H * D, *act = gu + M * 2 * I;
     float *scores = act + M * I;
     int rc;
@@ -222,13 +236,29 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
     {
         const int tid = omp_get_thread_num(), n_t = omp_get_num_threads();
         float *sc = scores + (long)tid * cap * rep;
+        float kg[TREE_MAX * 128], vg[TREE_MAX * 128];   /* a tree token's block keys / values */
         for (long task = tasks * tid / n_t; task < tasks * (tid + 1) / n_t; task++) {
             const long o = task / Hkv, m = XROW(o), r = m / T, t = m % T;
             const int g = (int)(task % Hkv);
-            const long base = (slots[r] * Hkv + g) * cap * D, n = starts[r] + (causal ? t + 1 : T);
-            group_scores(qkv + m * nqkv + (long)g * rep * D, rep, kc + base, n, D, P->scale, sc);
-            for (int i = 0; i < rep; i++)
-                softmax_values(sc + i * n, vc + base, n, D, att + o * H * D + ((long)g * rep + i) * D);
+            const long base = (slots[r] * Hkv + g) * cap * D;
+            const float *q = qkv + m * nqkv + (long)g * rep * D;
+            float *out = att + o * H * D + (long)g * rep * D;
+            if (!tree) {
+                const long n = starts[r] + (causal ? t + 1 : T);
+                group_scores(q, rep, kc + base, n, n, D, P->scale, sc);
+                for (int i = 0; i < rep; i++) softmax_values(sc + i * n, vc + base, n, NULL, n, D, out + i * D);
+            } else {   /* the cached context, then the listed block keys gathered in order */
+                const int32_t *tr = tree + m * (T + 1);
+                const long n0 = starts[r], na = tr[0], n = n0 + na;
+                for (long a = 0; a < na; a++)
+                    for (int d = 0; d < D; d++) {
+                        kg[a * D + d] = kc[base + (n0 + tr[1 + a]) * D + d];
+                        vg[a * D + d] = vc[base + (n0 + tr[1 + a]) * D + d];
+                    }
+                group_scores(q, rep, kc + base, n0, n, D, P->scale, sc);
+                group_scores(q, rep, kg, na, n, D, P->scale, sc + n0);
+                for (int i = 0; i < rep; i++) softmax_values(sc + i * n, vc + base, n0, vg, n, D, out + i * D);
+            }
         }
     }
     if ((rc = dfl_linear(P->o_fmt, att, Mo, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;

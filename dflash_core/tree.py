@@ -1,0 +1,113 @@
+"""Tree verification for greedy rows: one verify forward checks several drafts per position.
+
+A DFlash drafter drafts every block position in one pass, each as a distribution of its
+own (position k does not see which token position k-1 became). A chain verify keeps one
+token per position, the argmax. A tree verify spends the same b target rows differently:
+its b - 1 nodes are the drafter's most likely *paths*, picked best-first by the product
+of the drafter's probabilities along them (the drafter is calibrated: see
+`speculative.drafts_to_verify`), among the top TOPK tokens of each position. When the
+drafter is sure of position 1, the tree goes deep along its argmax like a chain; when it
+is not, the tree spends rows on position 1's runners-up instead of on positions a wrong
+first draft would make worthless anyway.
+
+    node i (block index i = 1 .. b-1): token, parent (0 = the anchor), depth
+    the target reads node i at RoPE position start + depth(i), attending to the cached
+    context and then its ancestors, root first (Decoder.forward's `tree`)
+
+Greedy acceptance walks from the anchor: while the target's argmax after the current
+node is the token of one of its children, move there; then emit the argmax. Each step
+follows the target's own choice, so the output is the target's greedy output token for
+token, whatever the tree; the K/V of the accepted nodes are moved to the positions after
+the anchor (`commit_path`), where a chain's would have been written.
+
+Measured on the shipped drafter (walk over the 100 ShareGPT holdout responses, greedy):
+tau 1.788 with 3 tree nodes against 1.662 for a chain of 3 drafts, at the same 4 verified
+rows; 1.975 against 1.677 at 8 rows (docs/BENCHMARKS.md).
+
+Sampling rows and greedy rows with penalties keep the chain and its acceptance rules
+(speculative.accept); they share the forward, each row with a tree layout of its own
+(a chain is the tree whose node i has parent i - 1).
+"""
+from __future__ import annotations
+
+import heapq
+
+import torch
+
+TOPK = 4   # candidate tokens per block position (the tree's widest fan-out)
+
+
+def chain_parents(n: int) -> list[int]:
+    """Parents of a chain of n drafts: node i (1..n) follows i - 1."""
+    return list(range(n))
+
+
+def best_first(top_p: list[list[float]], nodes: int) -> list[tuple[int, int, int]]:
+    """top_p [P][K]: the drafter's probabilities of its top-K tokens at positions 1..P,
+    descending -> up to `nodes` nodes (parent block index, position - 1, rank), in
+    the order picked: each node's path probability (the product of its ranks'
+    probabilities from position 1 on) is the highest left, so a parent is always picked
+    before its children, and node i's block index is i + 1. Ties go to the earlier node."""
+    P = len(top_p)
+    if not P or nodes < 1:
+        return []
+    K = len(top_p[0])
+    heap = [(-top_p[0][k], 0, k, 0, 0) for k in range(K)]   # (-score, tiebreak, rank, parent, depth-1)
+    heapq.heapify(heap)
+    out: list[tuple[int, int, int]] = []
+    tie = 1
+    while heap and len(out) < nodes:
+        score, _, k, parent, d = heapq.heappop(heap)
+        out.append((parent, d, k))
+        me = len(out)
+        if d + 1 < P:
+            for k2 in range(K):
+                heapq.heappush(heap, (score * top_p[d + 1][k2], tie, k2, me, d + 1))
+                tie += 1
+    return out
+
+
+def layout(parents: list[list[int]], T: int) -> torch.Tensor:
+    """parents[r][i] = parent block index of block token i + 1 of row r (a row with fewer
+    than T - 1 nodes pads the rest as a chain after its last node: computed, never read)
+    -> int32 [R, T, T + 1]: row r, token t: its count c, then the block indices it reads,
+    root (the anchor, 0) first, itself last (Decoder.forward's `tree`)."""
+    R = len(parents)
+    out = torch.zeros(R, T, T + 1, dtype=torch.int32)
+    for r, par in enumerate(parents):
+        par = list(par) + list(range(len(par), T - 1))
+        anc: list[list[int]] = [[0]]
+        for i in range(1, T):
+            anc.append(anc[par[i - 1]] + [i])
+        for t, a in enumerate(anc):
+            out[r, t, 0] = len(a)
+            out[r, t, 1:len(a) + 1] = torch.tensor(a, dtype=torch.int32)
+    return out
+
+
+def greedy_walk(parents: list[int], tokens: list[int], targets: list[int]) -> tuple[list[int], int]:
+    """One row: parents[i] / tokens[i] of node i + 1, targets[j] = the target's argmax after
+    block token j (j = 0: the anchor) -> (path: block indices from the anchor through the
+    accepted nodes, the token emitted after them)."""
+    children: dict[int, dict[int, int]] = {}
+    for i, (p, tok) in enumerate(zip(parents, tokens)):
+        children.setdefault(p, {}).setdefault(tok, i + 1)   # a repeated token: its first node
+    path = [0]
+    while True:
+        nxt = targets[path[-1]]
+        child = children.get(path[-1], {}).get(nxt)
+        if child is None:
+            return path, nxt
+        path.append(child)
+
+
+def commit_path(cache, slot: int, start: int, path: list[int]) -> None:
+    """Move the K/V of the accepted nodes (block indices path[1:], written at start + i) to
+    start + 1 .. start + len(path) - 1, every layer, where a chain would have put them."""
+    n = len(path) - 1
+    if path[1:] == list(range(1, n + 1)):
+        return
+    src = torch.tensor(path[1:], dtype=torch.int64) + start
+    for kc, vc in zip(cache.k, cache.v):
+        kc[slot, :, start + 1:start + 1 + n] = kc[slot, :, src]
+        vc[slot, :, start + 1:start + 1 + n] = vc[slot, :, src]
