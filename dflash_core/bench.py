@@ -75,6 +75,11 @@ def _parser():
     ap.add_argument("--layers-ab", action="store_true",
                     help="also measure everything with the native decoder layers off (torch's ops around the same "
                          "native linears)")
+    ap.add_argument("--draft-tree", choices=("on", "off"), default="on",
+                    help="greedy DFlash verifies draft trees (EngineConfig.draft_tree, the default where the native "
+                         "fp32 layers run the target) or chains")
+    ap.add_argument("--tree-ab", action="store_true",
+                    help="also measure everything with the other verify (trees where the run has chains, and back)")
     ap.add_argument("--verify-reps", type=_positive_int, default=7,
                     help="--verify-cost: forwards timed per token count (the first is dropped)")
     ap.add_argument("--repeats", type=_positive_int, default=1)
@@ -145,6 +150,18 @@ def prepacked_off(engine):
     prepack_linear, found by their mark wherever a module or the drafting context keeps
     one) are off, so every linear runs as plain F.linear; restored after."""
     return _swapped(_linear_swaps(engine, lambda fn: None))
+
+
+@contextlib.contextmanager
+def draft_tree_set(engine, on: bool):
+    """Within: EngineConfig.draft_tree = on (tree verification for greedy rows, or chains);
+    restored after. Yields 1 where a tree can run on this engine's target, else 0."""
+    was = engine.config.draft_tree
+    engine.config.draft_tree = on
+    try:
+        yield int(engine.target.serves_tree(1, 3))
+    finally:
+        engine.config.draft_tree = was
 
 
 def native_swaps(engine) -> list[tuple]:
@@ -471,6 +488,12 @@ def main(argv=None) -> int:
             raise CliError("dflash bench: --layers-ab: this engine has no native decoder layers ("
                            + (native.reason() or "they take fp32 on a CPU, every linear native") + ")")
         off_modes.append(("layers_off", "native layers off", lambda: layers_off(engine)))
+    engine.config.draft_tree = args.draft_tree == "on"
+    summary["draft_tree"] = engine.config.draft_tree and engine.target.serves_tree(1, 3)
+    if args.tree_ab:
+        other = not engine.config.draft_tree
+        off_modes.append((f"draft_tree_{'on' if other else 'off'}", f"draft tree {'on' if other else 'off'}",
+                          lambda: draft_tree_set(engine, other)))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
     by_threshold: dict[str, dict] = {}
     for b in block_sizes:

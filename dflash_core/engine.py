@@ -166,7 +166,7 @@ class EngineConfig:
     # chain of b - 1 argmax drafts, in the same b target rows; where the native fp32 layers
     # serve the forward (Decoder.serves_tree), else the chain. draft_threshold then applies
     # to steps without tree rows only
-    draft_tree: bool = False
+    draft_tree: bool = True
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -485,7 +485,7 @@ class SpecEngine:
                 b = max(num_drafts) + 1
                 draft_tokens = draft_tokens[:, :b - 1]
                 draft_probs = None if draft_probs is None else draft_probs[:, :b - 1]
-            if tree_rows:
+            if tree_rows and top is not None:
                 idx = torch.tensor(tree_rows, device=dev)
                 top_tok, top_p = top[0][idx].tolist(), top[1][idx].tolist()      # [Rt, b-1, k]
                 for j, r in enumerate(tree_rows):

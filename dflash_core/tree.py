@@ -30,6 +30,7 @@ Sampling rows and greedy rows with penalties keep the chain and its acceptance r
 """
 from __future__ import annotations
 
+import functools
 import heapq
 
 import torch
@@ -72,17 +73,17 @@ def layout(parents: list[list[int]], T: int) -> torch.Tensor:
     than T - 1 nodes pads the rest as a chain after its last node: computed, never read)
     -> int32 [R, T, T + 1]: row r, token t: its count c, then the block indices it reads,
     root (the anchor, 0) first, itself last (Decoder.forward's `tree`)."""
-    R = len(parents)
-    out = torch.zeros(R, T, T + 1, dtype=torch.int32)
-    for r, par in enumerate(parents):
-        par = list(par) + list(range(len(par), T - 1))
-        anc: list[list[int]] = [[0]]
-        for i in range(1, T):
-            anc.append(anc[par[i - 1]] + [i])
-        for t, a in enumerate(anc):
-            out[r, t, 0] = len(a)
-            out[r, t, 1:len(a) + 1] = torch.tensor(a, dtype=torch.int32)
-    return out
+    return torch.stack([_row_layout(tuple(par), T) for par in parents])
+
+
+@functools.lru_cache(maxsize=4096)
+def _row_layout(par: tuple[int, ...], T: int) -> torch.Tensor:
+    """One row's layout [T, T + 1] (shapes recur from step to step: cached; never written)."""
+    par = par + tuple(range(len(par), T - 1))
+    anc: list[list[int]] = [[0]]
+    for i in range(1, T):
+        anc.append(anc[par[i - 1]] + [i])
+    return torch.tensor([[len(a)] + a + [0] * (T - len(a)) for a in anc], dtype=torch.int32)
 
 
 def greedy_walk(parents: list[int], tokens: list[int], targets: list[int]) -> tuple[list[int], int]:

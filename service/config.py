@@ -48,6 +48,10 @@ class ServiceConfig:
     # dynamic draft length (EngineConfig.draft_threshold): a request verifies only the drafts
     # whose running product of drafter confidences stays >= this; 0 = the whole block
     draft_threshold: float = 0.0
+    # tree verification (EngineConfig.draft_tree): greedy requests verify the drafter's most
+    # likely paths, b - 1 nodes in the same b target rows, instead of a chain of argmaxes;
+    # where the native fp32 layers run the target (CPU), else chains. Output unchanged
+    draft_tree: bool = True
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429
     retry_after_s: int = 1
@@ -157,6 +161,8 @@ class ServiceConfig:
                 raise ValueError(f"block_size_schedule must be {', '.join(SCHEDULE_MODES)}, none or "
                                  f"MAX_RUNNING:BLOCK_SIZE pairs, got {self.block_size_schedule!r}") from None
         self.draft_threshold = check_draft_threshold(self.draft_threshold)
+        if not isinstance(self.draft_tree, bool):
+            raise ValueError(f"draft_tree must be true or false, got {self.draft_tree!r}")
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
         if not 1 <= self.max_prompt_tokens < self.max_seq_len:

@@ -61,7 +61,8 @@ def apply_threads(cfg: ServiceConfig) -> int:
 def engine_config(cfg: ServiceConfig) -> EngineConfig:
     return EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
                         block_size_schedule=cfg.resolved_block_size_schedule(),
-                        max_prefill_tokens=cfg.max_prefill_tokens, draft_threshold=cfg.draft_threshold)
+                        max_prefill_tokens=cfg.max_prefill_tokens, draft_threshold=cfg.draft_threshold,
+                        draft_tree=cfg.draft_tree)
 
 
 def _loads_on_fresh_thread(builder):

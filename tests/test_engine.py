@@ -470,7 +470,7 @@ def test_greedy_with_penalties_equals_the_penalized_target(target, monkeypatch, 
     V = target.config.vocab_size
     cycle = {}
 
-    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb, confidence=False):
+    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb, confidence=False, topk=0):
         out = torch.zeros(len(rows), bb - 1, dtype=torch.int64)
         for r, s in enumerate(rows):
             want = ref[PROMPTS.index(s.prompt)] + [0] * bb
@@ -478,7 +478,7 @@ def test_greedy_with_penalties_equals_the_penalized_target(target, monkeypatch, 
             m = next(cycle.setdefault(s.request_id, itertools.cycle(range(bb))))
             for j in range(bb - 1):
                 out[r, j] = want[k + j] if j < m else (want[k + j] + 1) % V
-        return out, None, None
+        return out, None, None, None
 
     monkeypatch.setattr(speculative, "draft", oracle_draft)
     eng = make_engine(target, block_size=b)
@@ -519,13 +519,13 @@ def test_min_tokens_hold_the_stop_ids_back_at_every_acceptance_length(target, mo
     V = target.config.vocab_size
     cycle = itertools.cycle(range(b))
 
-    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb, confidence=False):
+    def oracle_draft(ctx, tgt, rows, slots, anchors, start, bb, confidence=False, topk=0):
         out = torch.zeros(len(rows), bb - 1, dtype=torch.int64)
         want = ref + [stop] + [0] * bb
         k, m = len(rows[0].output), next(cycle)
         for j in range(bb - 1):
             out[0, j] = want[k + j] if j < m else (want[k + j] + 1) % V
-        return out, None, None
+        return out, None, None, None
 
     monkeypatch.setattr(speculative, "draft", oracle_draft)
     for eng in (make_engine(target, block_size=b, eos=(stop,)), make_engine(target, block_size=1, drafter=False,

@@ -494,6 +494,10 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(srv):
     assert r.status_code == 200 and r.json()["model"] == MODEL
     h = httpx.get(srv.url + "/health")
     assert h.status_code == 200 and h.json()["block_size_schedule"] == "none"   # the schedule in force
+    # trees need the native fp32 layers on the target: reported as they run here
+    eng = srv.server.engine
+    assert eng.config.draft_tree is True
+    assert h.json()["draft_tree"] is eng.target.serves_tree(1, 3)
 
 
 def test_api_key(tok):

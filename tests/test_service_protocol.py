@@ -121,6 +121,16 @@ def test_config_from_dict_and_schedule():
     for bad in (-0.1, 1.0, "0.3", True, float("nan")):
         with pytest.raises(ValueError, match="draft_threshold"):
             ServiceConfig(target="tiny-random", draft_threshold=bad)
+    # tree verification: on by default, reaches the engine, `--draft-tree off` turns it off; not a bool is refused
+    assert ServiceConfig(target="tiny-random").draft_tree is True
+    assert engine_config(ServiceConfig(target="tiny-random")).draft_tree is True
+    assert engine_config(ServiceConfig(target="tiny-random", draft_tree=False)).draft_tree is False
+    for bad in ("yes", 1, None):
+        with pytest.raises(ValueError, match="draft_tree"):
+            ServiceConfig(target="tiny-random", draft_tree=bad)
+    from service.cli import build_parser as _parser, config_from_args as _from_args
+    assert _from_args(_parser().parse_args(["--target", "tiny-random", "--draft-tree", "off"])).draft_tree is False
+    assert _from_args(_parser().parse_args(["--target", "tiny-random"])).draft_tree is True
     # the drafter's weights: `dflash serve --drafter-weights` reaches the config, default auto
     from service.cli import build_parser, config_from_args
     assert ServiceConfig(target="tiny-random").drafter_weights == "auto"
@@ -208,6 +218,7 @@ def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
     (["--block-size-schedule", "measure", "--placement", "disaggregated"], 2, "colocated placement only"),
     (["--draft-threshold", "1.5"], 2, "draft_threshold"),
     (["--draft-threshold", "half"], 2, "--draft-threshold"),
+    (["--draft-tree", "maybe"], 2, "--draft-tree"),
     (["--target", "/no/such/model"], 1, "unknown model"),
     (["--drafter", "/no/such/drafter", "--target", "tiny-random"], 2, "drafter"),
     (["--runtime", "uvicorn", "--placement", "disaggregated", "--target", "tiny-random"], 2, "colocated only"),

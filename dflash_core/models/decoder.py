@@ -222,9 +222,10 @@ class Decoder(nn.Module):
         want = {lid: None for lid in capture_layers}
         last = max(capture_layers) if features_only else len(self.layers) - 1
         nl = self._native_layers
-        if tree is not None and not (nl is not None and nl.serves(x)):
+        native_ok = nl is not None and nl.serves(x)
+        if tree is not None and not native_ok:
             raise ValueError("a tree verify needs the native fp32 layers (Decoder.serves_tree)")
-        if nl is not None and nl.serves(x):   # every layer in one native call (dflash_core.native.NativeLayers)
+        if native_ok:   # every layer in one native call (dflash_core.native.NativeLayers)
             x = x.contiguous()
             want.update(nl.forward(x, slots, cache_lens, cos, sin, cache, last, want, tree=tree))
         else:

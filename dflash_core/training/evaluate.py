@@ -106,7 +106,8 @@ def snapshot_curve(snap_dir: Path, target_spec: str, prompts: list[list[int]], m
         meta = json.loads((s / "meta.json").read_text()) if (s / "meta.json").exists() else {}
         engine, _ = build_engine(target=target_spec, drafter=str(s), device=device, tokenizer=False, dtype=dtype,
                                  drafter_weights=drafter_weights, config=EngineConfig(max_slots=min(8, len(prompts)), block_size=block_size,
-                                                     max_seq_len=max(len(p) for p in prompts) + max_new_tokens + 8))
+                                                     max_seq_len=max(len(p) for p in prompts) + max_new_tokens + 8,
+                                                     draft_tree=False))   # the drafter's chain acceptance
         res = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
         lens = [x for r in res for x in r.stats.acceptance_lengths]
         rows.append({"snapshot": s.name, "step": meta.get("step"), "tokens_seen": meta.get("tokens_seen"),
@@ -182,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-speedup", action="store_true", help="tau only (skip the autoregressive runs)")
+    ap.add_argument("--draft-tree", action="store_true",
+                    help="greedy cells verify draft trees of block-size - 1 nodes (EngineConfig.draft_tree; where "
+                         "the native fp32 layers run the target) instead of chains (default: chains, the "
+                         "drafter's own acceptance)")
     ap.add_argument("--batch", type=int, default=1,
                     help="requests decoded together (1: one after another, the speedup users see at batch 1)")
     ap.add_argument("--walk", action="store_true",
@@ -220,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
         raise CliError("dflash eval: nothing to evaluate: name --datasets or give --walk-data")
     if a.save_acceptance is not None and not (a.datasets and 0 in a.temperatures):
         raise CliError("dflash eval: --save-acceptance needs a greedy decoded cell (--datasets and --temperatures 0)")
+    if a.draft_tree and (a.save_acceptance is not None or a.walk or a.walk_data or a.snapshots):
+        raise CliError("dflash eval: --save-acceptance, --walk, --walk-data and --snapshots measure chains: "
+                       "drop --draft-tree")
     if a.save_acceptance is not None and not Path(a.save_acceptance).is_dir():
         raise CliError(f"dflash eval: --save-acceptance {a.save_acceptance}: not a folder")
     dtype = apply_runtime_args("dflash eval", a)
@@ -228,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device, dtype=dtype,
                                    drafter_weights=a.drafter_weights, config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
-                                                       max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8))
+                                                       max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8,
+                                                       draft_tree=a.draft_tree))
         results, prompt_sets = {}, {}
         for ds in a.datasets:
             prompt_sets[ds] = load_eval_prompts(ds, tok, a.num_prompts, a.max_prompt_tokens)
@@ -261,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         from ..runtime import dtype_name
         # the block actually verified: the engine caps --block-size at the drafter's own block
         from ..api import resolve_drafter_weights
-        summary = {"target": a.target, "drafter": a.drafter,
+        summary = {"target": a.target, "drafter": a.drafter, "draft_tree": a.draft_tree,
                    "drafter_weights": resolve_drafter_weights(a.drafter_weights, a.device, dtype),
                    "block_size": engine.block_size(a.batch),
                    "requested_block_size": a.block_size, "dtype": dtype_name(dtype),
