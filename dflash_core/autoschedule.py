@@ -108,6 +108,23 @@ def check_reach(reach) -> list[float]:
     return out
 
 
+def check_tree_tau(tree_tau) -> dict[int, float]:
+    """tree_tau {block size: tau of tree verification at that block} (JSON keys are
+    strings): block sizes >= 2, tau in [1, block size]. ValueError else."""
+    if not isinstance(tree_tau, dict):
+        raise ValueError("tree_tau must be an object {block size: tau}")
+    out = {}
+    for k, v in tree_tau.items():
+        try:
+            b = int(k)
+        except (TypeError, ValueError):
+            raise ValueError(f"tree_tau keys must be block sizes, got {k!r}") from None
+        if b < 2 or isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v) or not 1.0 <= v <= b:
+            raise ValueError(f"tree_tau[{k}] must be a tau in [1, {max(b, 1)}] at a block size >= 2, got {v!r}")
+        out[b] = float(v)
+    return out
+
+
 def load_acceptance(folder) -> dict | None:
     """The acceptance profile in a drafter folder ({per_position_acceptance, block_size,
     and how it was measured}), or None where the folder has none. A file that is there but
@@ -120,6 +137,8 @@ def load_acceptance(folder) -> dict | None:
         if not isinstance(prof, dict):
             raise ValueError("expected a JSON object")
         prof["per_position_acceptance"] = check_reach(prof.get("per_position_acceptance"))
+        if "tree_tau" in prof:
+            prof["tree_tau"] = check_tree_tau(prof["tree_tau"])
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not an acceptance profile: {e}") from None
     return prof
@@ -128,6 +147,8 @@ def load_acceptance(folder) -> dict | None:
 def save_acceptance(folder, reach, **measured) -> Path:
     """Write `acceptance.json` into a drafter folder: the profile plus `measured` (how)."""
     path = Path(folder) / ACCEPTANCE_FILE
+    if measured.get("tree_tau") is not None:
+        measured["tree_tau"] = {str(b): round(t, 4) for b, t in sorted(check_tree_tau(measured["tree_tau"]).items())}
     path.write_text(json.dumps({"per_position_acceptance": [round(x, 4) for x in check_reach(list(reach))],
                                 **measured}, indent=1) + "\n")
     return path
@@ -215,14 +236,23 @@ def probe_rows(max_slots: int) -> list[int]:
     return out + [max_slots]
 
 
+def runs_tree(engine, tree_tau: dict[int, float] | None, rows: int, b: int) -> bool:
+    """Whether greedy rows verify trees at this shape and the profile knows their tau."""
+    return bool(tree_tau and b in tree_tau and b >= 3 and engine.config.draft_tree
+                and engine.target.serves_tree(rows, b))
+
+
 def measured_schedule(engine, reach: list[float], steps: int = 5, prompt_len: int = 128,
-                      min_gain: float = PREDICTED_MIN_GAIN, passes: int = 2) -> tuple[list[tuple[int, int]], list[dict]]:
+                      min_gain: float = PREDICTED_MIN_GAIN, passes: int = 2,
+                      tree_tau: dict[int, float] | None = None) -> tuple[list[tuple[int, int]], list[dict]]:
     """-> (schedule pairs for this engine, the rows behind them: {concurrency, block_size,
     step_ms, tau, tokens_per_s}). R walks `probe_rows(max_slots)`; at each R the block
     sizes timed are plain decoding and the candidates up to the pick at the R before (all
     candidates up to the drafter's block at R = 1); once plain decoding is picked, larger R
-    are not timed (pick_schedule would decode them plainly anyway)."""
+    are not timed (pick_schedule would decode them plainly anyway). tree_tau (the
+    profile's, where it has one): tau at the block sizes where the engine verifies trees."""
     reach = check_reach(reach)
+    tree_tau = check_tree_tau(tree_tau) if tree_tau else None
     if not engine.can_draft:
         return [(INF_RUNNING, 1)], []
     cap = min(engine.config.block_size, engine.drafter_block_size)
@@ -232,9 +262,10 @@ def measured_schedule(engine, reach: list[float], steps: int = 5, prompt_len: in
         blocks = [b for b in CANDIDATE_BLOCKS if b <= cap] + ([cap] if cap not in CANDIDATE_BLOCKS else [])
         times = measure_step_times(engine, R, blocks, steps, prompt_len, passes=passes)
         for b, t in times.items():
-            tau = expected_tokens(reach, b)
+            tree = runs_tree(engine, tree_tau, R, b)   # the probe's rows are greedy: trees where they run
+            tau = tree_tau[b] if tree else expected_tokens(reach, b)
             rows.append({"concurrency": R, "block_size": b, "step_ms": round(t * 1000, 3), "tau": round(tau, 4),
-                         "tokens_per_s": round(R * tau / t, 2)})
+                         "tokens_per_s": round(R * tau / t, 2), **({"tree_tau": tree_tau[b]} if tree else {})})
         pairs = pick_schedule(rows, min_gain)
         cap = pairs[-1][1]
         if cap == 1:
@@ -256,7 +287,12 @@ class ScheduleTuner:
     `half_life_steps` decode steps (None: no decay). reach_k = a_1 .. a_k. The decay is
     also how it explores: once plain decoding is picked no position is verified any more,
     the estimate drifts back to the profile, and speculation is tried again. Only the
-    schedule changes, never how a step accepts: the output stays exactly the target's."""
+    schedule changes, never how a step accepts: the output stays exactly the target's.
+
+    Cells where greedy rows verify trees (rows carrying the profile's `tree_tau`) predict
+    1 + (tree_tau - 1) x f: f is the drafts the traffic's tree steps accepted over the drafts
+    the profile expected of those steps (`observe_tree`), the profile worth `prior_steps`
+    steps, decaying like the chain counts."""
 
     def __init__(self, rows: list[dict], reach: list[float], prior_steps: float = 256.0,
                  half_life_steps: float | None = 4096.0, every: int = 64, min_gain: float = PREDICTED_MIN_GAIN):
@@ -264,6 +300,9 @@ class ScheduleTuner:
         if prior_steps <= 0 or every < 1 or (half_life_steps is not None and half_life_steps <= 0):
             raise ValueError("prior_steps and half_life_steps must be > 0, every >= 1")
         self.times = {(r["concurrency"], r["block_size"]): r["step_ms"] / 1000.0 for r in rows}
+        self.tree_tau = {(r["concurrency"], r["block_size"]): float(r["tree_tau"]) for r in rows if "tree_tau" in r}
+        self.tree_by_block = {b: t for (_, b), t in self.tree_tau.items()}
+        self.tree_got = self.tree_expected = 0.0   # drafts accepted / expected in tree steps (decayed)
         if not self.times:
             raise ValueError("no timed cells to pick from")
         prev = [1.0] + reach[:-1]
@@ -283,6 +322,19 @@ class ScheduleTuner:
         for j in range(min(accepted, len(self.accepts))):
             self.accepts[j] += 1.0
 
+    def observe_tree(self, block: int, accepted: int) -> None:
+        """One row's tree step at verified block `block`: `accepted` nodes kept."""
+        if block in self.tree_by_block:
+            self.tree_got += accepted
+            self.tree_expected += self.tree_by_block[block] - 1.0
+
+    def tree_factor(self) -> float:
+        """f: the traffic's accepted tree drafts over the profile's, the profile as a prior."""
+        if not self.tree_by_block:
+            return 1.0
+        prior = self.prior_steps * (sum(self.tree_by_block.values()) / len(self.tree_by_block) - 1.0)
+        return (prior + self.tree_got) / (prior + self.tree_expected) if prior + self.tree_expected > 0 else 1.0
+
     def reach(self) -> list[float]:
         """The current estimate of reach_k, k = 1 .. len(profile)."""
         out, p = [], 1.0
@@ -292,8 +344,9 @@ class ScheduleTuner:
         return out
 
     def _predicted(self) -> dict[tuple[int, int], float]:
-        reach = self.reach()
-        return {(R, b): R * expected_tokens(reach, b) / t for (R, b), t in self.times.items()}
+        reach, f = self.reach(), self.tree_factor()
+        return {(R, b): R * (1.0 + (self.tree_tau[R, b] - 1.0) * f if (R, b) in self.tree_tau
+                             else expected_tokens(reach, b)) / t for (R, b), t in self.times.items()}
 
     def pick(self) -> list[tuple[int, int]]:
         """The schedule pick_schedule makes from the timed cells at today's acceptance."""
@@ -320,6 +373,8 @@ class ScheduleTuner:
         if self.decay < 1.0:
             self.trials = [t * self.decay for t in self.trials]
             self.accepts = [n * self.decay for n in self.accepts]
+            self.tree_got *= self.decay
+            self.tree_expected *= self.decay
         self.steps += 1
         return self.repick(current) if self.steps % self.every == 0 else None
 

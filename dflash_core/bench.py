@@ -624,7 +624,7 @@ def draft_calibration(engine, prompts, base, block_size: int, positions: int = 3
     """Decode each prompt with DFlash at `block_size` (every draft verified) and count, per
     block position j <= `positions` and 0.1-wide bin of the running product of the drafter's
     confidences up to j (speculative.draft(confidence=True): what drafts_to_verify reads),
-    the steps and the share whose draft j was accepted."""
+    the steps and the share whose draft j was accepted. Chains (draft_tree off meanwhile)."""
     from . import speculative
     real_draft, real_accept = speculative.draft, speculative.accept
     pending: list = []
@@ -632,9 +632,9 @@ def draft_calibration(engine, prompts, base, block_size: int, positions: int = 3
 
     def draft(*a, **k):
         k["confidence"] = True
-        tokens, q, conf = real_draft(*a, **k)
+        tokens, q, conf, top = real_draft(*a, **k)
         pending.append(conf.cumprod(dim=1))
-        return tokens, q, conf if engine.config.draft_threshold > 0 else None
+        return tokens, q, conf if engine.config.draft_threshold > 0 else None, top
 
     def accept(*a, **k):
         acc, nxt = real_accept(*a, **k)
@@ -647,15 +647,15 @@ def draft_calibration(engine, prompts, base, block_size: int, positions: int = 3
                 c[0] += 1
                 c[1] += n_acc > j
         return acc, nxt
-    old_b, old_thr = engine.config.block_size, engine.config.draft_threshold
+    old_b, old_thr, old_tree = engine.config.block_size, engine.config.draft_threshold, engine.config.draft_tree
     speculative.draft, speculative.accept = draft, accept
-    try:
-        engine.config.block_size, engine.config.draft_threshold = block_size, 0.0
+    try:   # chains: the calibration is of each draft position's own acceptance
+        engine.config.block_size, engine.config.draft_threshold, engine.config.draft_tree = block_size, 0.0, False
         for p in prompts:
             engine.generate([p], base)
     finally:
         speculative.draft, speculative.accept = real_draft, real_accept
-        engine.config.block_size, engine.config.draft_threshold = old_b, old_thr
+        engine.config.block_size, engine.config.draft_threshold, engine.config.draft_tree = old_b, old_thr, old_tree
     return {"block_size": block_size, "steps": sum(c[0] for c in counts[0]),
             "by_position": {str(j + 1): [{"bin": f"{i / 10:.1f}-{(i + 1) / 10:.1f}", "steps": c[0],
                                          "accepted": round(c[1] / c[0], 4) if c[0] else None}

@@ -164,8 +164,8 @@ class EngineConfig:
     # tree verification (tree.py): greedy rows without penalties verify the drafter's most
     # likely paths (b - 1 nodes, best-first over its top tokens per position) instead of a
     # chain of b - 1 argmax drafts, in the same b target rows; where the native fp32 layers
-    # serve the forward (Decoder.serves_tree), else the chain. draft_threshold then applies
-    # to steps without tree rows only
+    # serve the forward (Decoder.serves_tree), else the chain; a draft_threshold > 0 asks for
+    # chains cut short, so it turns trees off
     draft_tree: bool = True
 
     def __post_init__(self):
@@ -455,10 +455,11 @@ class SpecEngine:
             seq.prompt_lps.extend(lps[0])
 
     def _tree_rows(self, rows: list[Sequence], b: int) -> list[int]:
-        """Rows that verify a draft tree this step (EngineConfig.draft_tree): greedy rows
-        without penalties, when the block holds two drafts or more and the native layers
-        serve the forward."""
-        if not self.config.draft_tree or b < 3 or not self.target.serves_tree(len(rows), b):
+        """Rows that verify a draft tree this step (EngineConfig.draft_tree, no
+        draft_threshold): greedy rows without penalties, when the block holds two drafts or
+        more and the native layers serve the forward."""
+        if (not self.config.draft_tree or self.config.draft_threshold > 0 or b < 3
+                or not self.target.serves_tree(len(rows), b)):
             return []
         return [r for r, s in enumerate(rows) if s.params.greedy and not s.params.penalized]
 
@@ -478,7 +479,7 @@ class SpecEngine:
             thr = self.config.draft_threshold
             tree_rows = self._tree_rows(rows, b)
             draft_tokens, draft_probs, conf, top = spec.draft(
-                self.drafting, self.target, rows, slots, anchors, start, b, confidence=thr > 0 and not tree_rows,
+                self.drafting, self.target, rows, slots, anchors, start, b, confidence=thr > 0,
                 topk=tree.TOPK if tree_rows else 0)
             if conf is not None:   # verify only the drafts the drafter trusts enough (drafts_to_verify)
                 num_drafts = spec.drafts_to_verify(conf, thr).tolist()
@@ -536,7 +537,10 @@ class SpecEngine:
             k = b - 1 if num_drafts is None else num_drafts[r]   # drafts this row verified
             s.stats.record(k, n)
             if self.schedule_tuner is not None:
-                self.schedule_tuner.observe(k, n)
+                if r in parents:   # a tree's accepted depth (tree.py), not a chain's prefix
+                    self.schedule_tuner.observe_tree(b, n)
+                else:
+                    self.schedule_tuner.observe(k, n)
             s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = k + 1, k, n
             # committed grows by n+1; the cache keeps anchor + accepted drafts
             st = starts[r]

@@ -105,7 +105,7 @@ def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
             raise ValueError(f"block_size_schedule 'measure': {why}")
         return None
     t0 = time.perf_counter()
-    pairs, rows = measured_schedule(engine, profile["per_position_acceptance"])
+    pairs, rows = measured_schedule(engine, profile["per_position_acceptance"], tree_tau=profile.get("tree_tau"))
     engine.set_block_size_schedule(pairs)
     # from here on the traffic's own acceptance re-picks it among the timed cells
     engine.schedule_tuner = ScheduleTuner(rows, profile["per_position_acceptance"])

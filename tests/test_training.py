@@ -714,7 +714,7 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
     tr.run()
     drafter = tr.drafter.eval()
     engine = SpecEngine(target, LocalDraftBackend(drafter, 4, 64 + 8),
-                        EngineConfig(max_slots=4, max_seq_len=64, block_size=block))
+                        EngineConfig(max_slots=4, max_seq_len=64, block_size=block, draft_tree=False))
     res = engine.generate([r["prompt_ids"] for r in recs], SamplingParams(max_new_tokens=20))
     assert [r.token_ids for r in res] == [r["response_ids"] for r in recs]          # lossless, as generated
     w = walk_tau(target, drafter, recs, block_size=block, rows=3)
@@ -726,6 +726,25 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
     assert sum(s > 1 for x in w["walks"] for s in x) >= 10                             # drafts were accepted
     assert w["tau"] == pytest.approx(w["tokens"] / w["steps"])
     assert len(w["per_position_acceptance"]) == block - 1
+    # tree verification (tree.py), replayed the same way: tree_walk_tau against the engine's trees
+    import copy
+    from dflash_core.training.walk import tree_walk_tau
+    if not target.serves_tree(4, block):   # trees run in the native layers: the same weights, packed
+        target = copy.deepcopy(target).pack_weights()
+    if not target.serves_tree(4, block):
+        pytest.skip("no native kernel here: tree verification needs it")
+    engine = SpecEngine(target, LocalDraftBackend(drafter, 4, 64 + 8),
+                        EngineConfig(max_slots=4, max_seq_len=64, block_size=block, draft_tree=True))
+    res_t = engine.generate([r["prompt_ids"] for r in recs], SamplingParams(max_new_tokens=20))
+    assert [r.token_ids for r in res_t] == [r["response_ids"] for r in recs]
+    wt = tree_walk_tau(target, drafter, recs, [block, 2], rows=3)
+    for r, got in zip(res_t, wt["walks"][block]):
+        eng = r.stats.acceptance_lengths
+        assert len(got) == len(eng) and got[:-1] == eng[:-1] and got[-1] >= 1, (got, eng)
+    assert wt["tau"][block] == pytest.approx(sum(map(sum, wt["walks"][block])) / sum(map(len, wt["walks"][block])))
+    assert sum(s > 1 for x in wt["walks"][block] for s in x) >= 10                    # drafts were accepted
+    # one node is the argmax draft: a tree of block 2 is the chain of block 2
+    assert wt["walks"][2] == walk_tau(target, drafter, recs, block_size=2, rows=3)["walks"]
 
 
 def test_chunked_target_features_equal_the_whole_prefill():

@@ -172,14 +172,17 @@ def test_tree_engine_equals_its_own_decoding_on_a_quantised_target(monkeypatch):
 
 @needs_kernel
 def test_tree_falls_back_to_the_chain_where_it_cannot_run():
-    """Block 2 (one draft: the tree would be the chain) and forwards the native layers do not
-    serve run chains; the output is the same."""
+    """Block 2 (one draft: the tree would be the chain), a draft_threshold (chains cut short)
+    and forwards the native layers do not serve run chains; the output is the same."""
     from test_native import _quantised_tiny_target
     from dflash_core.sampling import SamplingParams
     target = _quantised_tiny_target()
     eng = _tiny_engine(target, 4, True)
     rows = [type("S", (), {"params": SamplingParams()})()] * 2
     assert eng._tree_rows(rows, 4) == [0, 1] and eng._tree_rows(rows, 2) == []
+    eng.config.draft_threshold = 0.3             # chains cut short by confidence: no trees
+    assert eng._tree_rows(rows, 4) == []
+    eng.config.draft_threshold = 0.0
     target._native_layers.max_rows = 4          # 2 rows x 4 tokens no longer native
     try:
         assert eng._tree_rows(rows, 4) == []

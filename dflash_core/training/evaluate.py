@@ -183,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-prompt-tokens", type=int, default=256)
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--no-speedup", action="store_true", help="tau only (skip the autoregressive runs)")
+    ap.add_argument("--tree-blocks", default="",
+                    help="with --walk-data: also the greedy tau of tree verification at these verified block sizes "
+                         "(comma-separated), replayed like the walk (training/walk.py tree_walk_tau); "
+                         "--save-acceptance then records them as tree_tau (what the server's measured schedule "
+                         "predicts tree steps with)")
     ap.add_argument("--draft-tree", action="store_true",
                     help="greedy cells verify draft trees of block-size - 1 nodes (EngineConfig.draft_tree; where "
                          "the native fp32 layers run the target) instead of chains (default: chains, the "
@@ -230,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
                        "drop --draft-tree")
     if a.save_acceptance is not None and not Path(a.save_acceptance).is_dir():
         raise CliError(f"dflash eval: --save-acceptance {a.save_acceptance}: not a folder")
+    from ..clitools import int_list
+    tree_blocks = int_list(a.tree_blocks, "--tree-blocks", "dflash eval")
+    if tree_blocks and not a.walk_data:
+        raise CliError("dflash eval: --tree-blocks replays the --walk-data records: give --walk-data")
+    if any(not 2 <= b <= 64 for b in tree_blocks):
+        raise CliError("dflash eval: --tree-blocks must be block sizes in 2..64")
     dtype = apply_runtime_args("dflash eval", a)
     from ..api import build_engine
     from ..engine import EngineConfig
@@ -257,6 +268,13 @@ def main(argv: list[str] | None = None) -> int:
                             "tau": round(w["tau"], 4),
                             "per_position_acceptance": [round(x, 4) for x in w["per_position_acceptance"]]}
             print(json.dumps({key: results[key]}), file=sys.stderr)
+            if tree_blocks:
+                from .walk import tree_walk_tau
+                tkey = f"tree_walk:{Path(a.walk_data).name}@T0"
+                results[tkey] = {"temperature": 0.0, "num_prompts": len(walk_recs), "method": "tree walk",
+                                 "tau_by_block_size": {b: round(t, 4) for b, t in tree_walk_tau(
+                                     engine.target, engine.draft_backend.drafter, walk_recs, tree_blocks)["tau"].items()}}
+                print(json.dumps({tkey: results[tkey]}), file=sys.stderr)
         curve = []
         if a.snapshots and walk_recs is not None:
             curve = walk_snapshot_curve(Path(a.snapshots), engine.target, walk_recs, a.block_size, a.device, dtype)
@@ -285,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
                 a.save_acceptance, cell["per_position_acceptance"], tau=cell["tau"], block_size=summary["block_size"],
                 prompts=f"{ds} ({'holdout' if ds == 'sharegpt' else 'evaluation set'}), first {cell['num_prompts']}",
                 temperature=0.0, max_new_tokens=a.max_new_tokens, dtype=summary["dtype"],
-                drafter_weights=summary["drafter_weights"], measured_by="dflash eval"))
+                drafter_weights=summary["drafter_weights"], measured_by="dflash eval",
+                **({"tree_tau": results[f"tree_walk:{Path(a.walk_data).name}@T0"]["tau_by_block_size"],
+                    "tree_tau_from": f"tree walk over {Path(a.walk_data).name}"} if tree_blocks else {})))
     except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
         print(f"dflash eval: {e}", file=sys.stderr)
         return 1

@@ -43,6 +43,46 @@ def walk(accepted: list[int]) -> list[int]:
     return steps
 
 
+def _drafter_logits(target, drafter, records: list[dict], rows: int):
+    """For each chunk of `rows` records: (indices in the chunk of the records with a response
+    of >= 2 tokens, their response spans, the drafter's logits at every anchor and block
+    position [R, n, B, V'] over its drafting vocabulary, the targets [R, n, B] (IGNORE where
+    none), the drafting vocabulary's ids or None)."""
+    B = drafter.config.block_size
+    dev = next(drafter.parameters()).device
+    vocab = drafter.config.draft_vocab
+    w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
+    ids = None if not vocab else torch.tensor(vocab, dtype=torch.int64, device=w.device)
+    head_w = (w if ids is None else w[ids]).to(dev)
+    for i in range(0, len(records), rows):
+        chunk = records[i:i + rows]
+        keep = [j for j, r in enumerate(chunk) if len(r["response_ids"]) >= 2]
+        if not keep:
+            yield chunk, keep, [], None, None, ids
+            continue
+        batch = [chunk[j] for j in keep]
+        tokens, seq_lens, starts = collate(batch)
+        R = len(batch)
+        spans = [int(L) - 1 - s for L, s in zip(seq_lens.tolist(), starts)]
+        n = max(spans)
+        anchors = torch.zeros(R, n, dtype=torch.int64)
+        valid = torch.zeros(R, n, dtype=torch.bool)
+        for r, (m, s) in enumerate(zip(spans, starts)):
+            anchors[r, :m] = torch.arange(s, s + m)           # every response position with a successor
+            valid[r, :m] = True
+        bb = build_block_batch(tokens.to(dev), seq_lens, anchors, valid, B, drafter.config.mask_token_id)
+        chunk_rows = None
+        if target.device.type == "cpu":   # the native kernel's row-invariant range (features.py)
+            from .. import native
+            chunk_rows = max(1, native.row_limit() // R)
+        feats = target_features(target, tokens, drafter.config.target_layer_ids, chunk=chunk_rows).to(dev)
+        dtype = drafter.fc.weight.dtype
+        h = drafter.forward_blocks(target.embed(bb.block_ids.to(target.device)).to(dev, dtype),
+                                   bb.block_pos, feats.to(dtype), bb.ctx_pos, bb.attn_mask)
+        logits = F.linear(h, head_w.to(h.dtype)).view(R, n, B, -1)
+        yield chunk, keep, spans, logits, bb.targets.view(R, n, B), ids
+
+
 @torch.no_grad()
 def walk_tau(target, drafter, records: list[dict], block_size: int | None = None, rows: int = 4) -> dict:
     """Greedy tau of `drafter` verified in blocks of `block_size` (<= the drafter's; default
@@ -52,42 +92,18 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
     b = B if block_size is None else int(block_size)
     if not 2 <= b <= B:
         raise ValueError(f"block size {b} must be between 2 and the drafter's {B}")
-    dev = next(drafter.parameters()).device
-    vocab = drafter.config.draft_vocab
-    w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
-    ids = None if not vocab else torch.tensor(vocab, dtype=torch.int64, device=w.device)
-    head_w = (w if ids is None else w[ids]).to(dev)
     walks: list[list[int]] = []
-    for i in range(0, len(records), rows):
-        chunk = records[i:i + rows]
-        keep = [j for j, r in enumerate(chunk) if len(r["response_ids"]) >= 2]
+    block_k = torch.arange(B)
+    for chunk, keep, spans, logits, targets, ids in _drafter_logits(target, drafter, records, rows):
         out: list[list[int]] = [[] for _ in chunk]
         if keep:
-            batch = [chunk[j] for j in keep]
-            tokens, seq_lens, starts = collate(batch)
-            R = len(batch)
-            spans = [int(L) - 1 - s for L, s in zip(seq_lens.tolist(), starts)]
-            n = max(spans)
-            anchors = torch.zeros(R, n, dtype=torch.int64)
-            valid = torch.zeros(R, n, dtype=torch.bool)
-            for r, (m, s) in enumerate(zip(spans, starts)):
-                anchors[r, :m] = torch.arange(s, s + m)           # every response position with a successor
-                valid[r, :m] = True
-            bb = build_block_batch(tokens.to(dev), seq_lens, anchors, valid, B, drafter.config.mask_token_id)
-            chunk = None
-            if target.device.type == "cpu":   # the native kernel's row-invariant range (features.py)
-                from .. import native
-                chunk = max(1, native.row_limit() // R)
-            feats = target_features(target, tokens, drafter.config.target_layer_ids, chunk=chunk).to(dev)
-            dtype = drafter.fc.weight.dtype
-            h = drafter.forward_blocks(target.embed(bb.block_ids.to(target.device)).to(dev, dtype),
-                                       bb.block_pos, feats.to(dtype), bb.ctx_pos, bb.attn_mask)
-            pred = F.linear(h, head_w.to(h.dtype)).argmax(-1)
+            R, n = logits.shape[:2]
+            pred = logits.argmax(-1)
             if ids is not None:
-                pred = ids.to(dev)[pred]
-            has = (bb.targets != IGNORE) & (bb.block_k < b)[None]   # a verify of b tokens sees b-1 drafts
-            correct = (pred == bb.targets) & has
-            acc = accepted_lengths(correct.view(R, n, B).cpu(), has.view(R, n, B).cpu())
+                pred = ids.to(pred.device)[pred]
+            has = (targets != IGNORE) & (block_k < b).to(targets.device)   # a verify of b tokens sees b-1 drafts
+            correct = (pred == targets) & has
+            acc = accepted_lengths(correct.cpu(), has.cpu())
             for r, j in enumerate(keep):
                 out[j] = walk(acc[r, :spans[r]].tolist())
         walks += out
@@ -96,3 +112,40 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
     per_pos = [sum(1 for x in walks for s in x if s - 1 >= k) / max(steps, 1) for k in range(1, b)]
     return {"tau": tokens_out / max(steps, 1), "steps": steps, "tokens": tokens_out,
             "per_position_acceptance": per_pos, "walks": walks}
+
+
+@torch.no_grad()
+def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], rows: int = 4) -> dict:
+    """Greedy tau of tree verification (dflash_core/tree.py) at each verified block size b
+    (b - 1 nodes, picked best-first from the drafter's top TOPK per position, depth <= the
+    drafter's block - 1), replayed from one prefill per record like walk_tau: a node is
+    accepted when its path's tokens are the response's, so the accepted length at an
+    anchor is the deepest node on the response's own path. -> {"tau": {b: tau}, "walks":
+    {b: [the engine's step lengths, per record]}}."""
+    from .. import tree
+    B = drafter.config.block_size
+    if any(not 2 <= b <= 64 for b in block_sizes):
+        raise ValueError(f"tree block sizes must be between 2 and 64, got {block_sizes}")
+    walks: dict[int, list[list[int]]] = {b: [] for b in block_sizes}
+    for chunk, keep, spans, logits, targets, ids in _drafter_logits(target, drafter, records, rows):
+        for b in block_sizes:
+            walks[b] += [[] for _ in chunk]
+        if not keep:
+            continue
+        top_p, top_i = torch.softmax(logits[:, :, 1:].float(), -1).topk(tree.TOPK, dim=-1)   # [R, n, B-1, K]
+        if ids is not None:
+            top_i = ids.to(top_i.device)[top_i]
+        top_p, top_i, tg = top_p.tolist(), top_i.tolist(), targets[:, :, 1:].tolist()
+        for r, j in enumerate(keep):
+            for b in block_sizes:
+                out = walks[b][len(walks[b]) - len(chunk) + j]
+                a = 0
+                while a < spans[r]:
+                    nodes = tree.best_first(top_p[r][a], b - 1)
+                    depth, at = 0, 0   # walk the response's path down the picked nodes
+                    for i, (parent, d, k) in enumerate(nodes):
+                        if parent == at and d == depth and tg[r][a][d] != IGNORE and top_i[r][a][d][k] == tg[r][a][d]:
+                            depth, at = depth + 1, i + 1
+                    out.append(depth + 1)
+                    a += depth + 1
+    return {"tau": {b: sum(map(sum, w)) / max(sum(map(len, w)), 1) for b, w in walks.items()}, "walks": walks}
