@@ -156,12 +156,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--schedules", default=None,
                     help="comma list of --block-size-schedule values (e.g. table,measure): one server each, one "
                          "after another in this run, speculation on and off at every level of each")
+    ap.add_argument("--draft-trees", default=None,
+                    help="comma list of --draft-tree values (e.g. on,off): one server each (per schedule), in this "
+                         "run, speculation on and off at every level of each")
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     a = ap.parse_args(argv)
     if a.reps < 1 or a.per_client < 1 or a.max_tokens < 1:
         ap.error("--reps, --per-client and --max-tokens must be >= 1")
     if a.min_gain < 0:
         ap.error("--min-gain must be >= 0")
+    trees = [t.strip() for t in a.draft_trees.split(",")] if a.draft_trees else [None]
+    if any(t not in (None, "on", "off") for t in trees):
+        ap.error("--draft-trees takes on and off")
     conc = int_list(a.concurrency or ("1,2,4,8" if a.sweep else "1,4,16"), "--concurrency", ap.prog)
     sizes = int_list(a.block_sizes, "--block-sizes", ap.prog)
     if not conc or not sizes:
@@ -194,14 +200,18 @@ def main(argv: list[str] | None = None) -> int:
         levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {})
     else:
         for sched in ([s.strip() for s in a.schedules.split(",")] if a.schedules else [None]):
-            srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else []))
-            try:
-                srv.wait_ready()
-                if sched:
-                    print(f"block size schedule {sched}: {srv.url}", flush=True)
-                levels(srv.url, srv.model(), [True, False], {"schedule": sched} if sched else {})
-            finally:
-                srv.stop()
+            for tree in trees:
+                srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else [])
+                                    + (["--draft-tree", tree] if tree else []))
+                try:
+                    srv.wait_ready()
+                    if sched or tree:
+                        print(f"block size schedule {sched or 'default'}, draft tree {tree or 'default'}: {srv.url}",
+                              flush=True)
+                    extra = ({"schedule": sched} if sched else {}) | ({"draft_tree": tree} if tree else {})
+                    levels(srv.url, srv.model(), [True, False], extra)
+                finally:
+                    srv.stop()
 
     # table
     print()
@@ -211,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"{r['concurrency']:>4} {str(r[key]):>11} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>11} "
               f"{r['ttft_p90_ms']:>11} {r['itl_p50_ms']:>10} {r['itl_mean_ms']:>11} {r['mean_acceptance_length']:>6}"
-              + (f"  {r['schedule']}" if "schedule" in r else ""))
+              + (f"  {r['schedule']}" if "schedule" in r else "") + (f"  tree {r['draft_tree']}" if "draft_tree" in r
+                                                                         else ""))
     result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}

@@ -200,6 +200,7 @@ def test_sweep_picks_a_schedule_that_only_speculates_where_it_clearly_pays():
     (["--concurrency", "1,x"], "--concurrency takes comma-separated positive integers"),
     (["--sweep", "--block-sizes", "0,2"], "--block-sizes takes positive integers"),
     (["--concurrency", ","], "need at least one value"),
+    (["--draft-trees", "on,maybe"], "--draft-trees takes on and off"),
 ])
 def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
     from dflash_core.clitools import run_command
