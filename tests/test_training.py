@@ -745,6 +745,8 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
     assert sum(s > 1 for x in wt["walks"][block] for s in x) >= 10                    # drafts were accepted
     # one node is the argmax draft: a tree of block 2 is the chain of block 2
     assert wt["walks"][2] == walk_tau(target, drafter, recs, block_size=2, rows=3)["walks"]
+    assert wt["chain_tau"][2] == pytest.approx(wt["tau"][2])
+    assert wt["chain_tau"][block] == pytest.approx(w["tau"], abs=0.02)   # the chain, from the same pass
 
 
 def test_chunked_target_features_equal_the_whole_prefill():

@@ -121,12 +121,14 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
     drafter's block - 1), replayed from one prefill per record like walk_tau: a node is
     accepted when its path's tokens are the response's, so the accepted length at an
     anchor is the deepest node on the response's own path. -> {"tau": {b: tau}, "walks":
-    {b: [the engine's step lengths, per record]}}."""
+    {b: [the engine's step lengths, per record]}, "chain_tau": {b: the chain's tau at the
+    same b, from the same pass (b <= the drafter's block)}}."""
     from .. import tree
     B = drafter.config.block_size
     if any(not 2 <= b <= 64 for b in block_sizes):
         raise ValueError(f"tree block sizes must be between 2 and 64, got {block_sizes}")
     walks: dict[int, list[list[int]]] = {b: [] for b in block_sizes}
+    chains: dict[int, list[int]] = {b: [] for b in block_sizes if b <= B}
     for chunk, keep, spans, logits, targets, ids in _drafter_logits(target, drafter, records, rows):
         for b in block_sizes:
             walks[b] += [[] for _ in chunk]
@@ -148,4 +150,13 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
                             depth, at = depth + 1, i + 1
                     out.append(depth + 1)
                     a += depth + 1
-    return {"tau": {b: sum(map(sum, w)) / max(sum(map(len, w)), 1) for b, w in walks.items()}, "walks": walks}
+                if b in chains:   # the chain: the argmax (rank 0) of each position, up to b - 1
+                    a = 0
+                    while a < spans[r]:
+                        depth = 0
+                        while depth < b - 1 and tg[r][a][depth] != IGNORE and top_i[r][a][depth][0] == tg[r][a][depth]:
+                            depth += 1
+                        chains[b].append(depth + 1)
+                        a += depth + 1
+    return {"tau": {b: sum(map(sum, w)) / max(sum(map(len, w)), 1) for b, w in walks.items()}, "walks": walks,
+            "chain_tau": {b: sum(c) / max(len(c), 1) for b, c in chains.items()}}
