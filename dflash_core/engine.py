@@ -486,14 +486,8 @@ class SpecEngine:
                 b = max(num_drafts) + 1
                 draft_tokens = draft_tokens[:, :b - 1]
                 draft_probs = None if draft_probs is None else draft_probs[:, :b - 1]
-            if tree_rows and top is not None:
-                idx = torch.tensor(tree_rows, device=dev)
-                top_tok, top_p = top[0][idx].tolist(), top[1][idx].tolist()      # [Rt, b-1, k]
-                for j, r in enumerate(tree_rows):
-                    nodes = tree.best_first(top_p[j], b - 1)
-                    parents[r] = [p for p, _, _ in nodes]
-                    draft_tokens[r, :len(nodes)] = torch.tensor([top_tok[j][d][k] for _, d, k in nodes])
-                layout = tree.layout([parents.get(r, tree.chain_parents(b - 1)) for r in range(R)], b)
+            if tree_rows and top is not None:   # their nodes replace their chain drafts
+                parents, layout = tree.plan(top, tree_rows, draft_tokens)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture(),
                                     tree=layout)
         paths: dict[int, list[int]] = {}
@@ -509,15 +503,12 @@ class SpecEngine:
                                    None if num_drafts is None else [num_drafts[r] for r in chain])
                 accept_len[ci], next_tok[ci] = a, n
             ti = torch.tensor(list(parents), device=dev)
-            targets = spec.argmax(self.target.logits(hidden[ti])).tolist()            # [Rt, b]
-            tokens = draft_tokens[ti].tolist()
-            for j, r in enumerate(parents):
-                paths[r], nxt = tree.greedy_walk(parents[r], tokens[j], targets[j])
-                accept_len[r], next_tok[r] = len(paths[r]) - 1, nxt
-            # committed order: block position j of a tree row is its path's j-th node
-            order = torch.arange(b, device=dev).repeat(R, 1)
-            for r, path in paths.items():
-                order[r, :len(path)] = torch.tensor(path, device=dev)
+            for r, (path, nxt) in tree.walk_rows(spec.argmax(self.target.logits(hidden[ti])), draft_tokens,
+                                                 parents).items():
+                paths[r] = path
+                accept_len[r], next_tok[r] = len(path) - 1, nxt
+            # from here on a tree row looks like a chain row: its path where a chain's block is
+            order = tree.committed_order(paths, R, b, dev)
             block = torch.cat([anchors[:, None].to(dev), draft_tokens], 1)
             draft_tokens = block.gather(1, order)[:, 1:]
             hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))

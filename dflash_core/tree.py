@@ -112,3 +112,39 @@ def commit_path(cache, slot: int, start: int, path: list[int]) -> None:
     for kc, vc in zip(cache.k, cache.v):
         kc[slot, :, start + 1:start + 1 + n] = kc[slot, :, src]
         vc[slot, :, start + 1:start + 1 + n] = vc[slot, :, src]
+
+
+def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tokens: torch.Tensor
+         ) -> tuple[dict[int, list[int]], torch.Tensor]:
+    """The trees of a step: top = the drafter's (tokens, probs) [R, b-1, k] per position
+    (speculative.draft's `topk`), tree_rows the rows that verify trees. Writes each tree
+    row's node tokens into draft_tokens [R, b-1] (in place; other rows keep their chain)
+    -> (row -> parents of its nodes, the layout of every row for Decoder.forward)."""
+    R, n = draft_tokens.shape
+    idx = torch.tensor(tree_rows, device=draft_tokens.device)
+    top_tok, top_p = top[0][idx].tolist(), top[1][idx].tolist()
+    parents: dict[int, list[int]] = {}
+    for j, r in enumerate(tree_rows):
+        nodes = best_first(top_p[j], n)
+        parents[r] = [p for p, _, _ in nodes]
+        draft_tokens[r, :len(nodes)] = torch.tensor([top_tok[j][d][k] for _, d, k in nodes])
+    return parents, layout([parents.get(r, chain_parents(n)) for r in range(R)], n + 1)
+
+
+def walk_rows(targets: torch.Tensor, draft_tokens: torch.Tensor, parents: dict[int, list[int]]
+              ) -> dict[int, tuple[list[int], int]]:
+    """targets [Rt, b]: the target's argmax at every block token of the tree rows (in the
+    order of `parents`) -> row -> (its accepted path, the token it emits after it)."""
+    rows = list(parents)
+    tokens = draft_tokens[torch.tensor(rows, device=draft_tokens.device)].tolist()
+    return {r: greedy_walk(parents[r], tokens[j], t) for j, (r, t) in enumerate(zip(rows, targets.tolist()))}
+
+
+def committed_order(paths: dict[int, list[int]], R: int, b: int, device) -> torch.Tensor:
+    """[R, b] block indices in commit order: a tree row's path first (then filler), a chain
+    row's block as it is. Gathering a step's tokens, hidden states and features with it
+    puts every row's committed positions where a chain's would be."""
+    order = torch.arange(b, device=device).repeat(R, 1)
+    for r, path in paths.items():
+        order[r, :len(path)] = torch.tensor(path, device=device)
+    return order
