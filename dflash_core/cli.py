@@ -25,6 +25,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--block-size", type=_positive_int, default=16, help="verified block size (1 = no speculation)")
     ap.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding (the baseline)")
+    ap.add_argument("--draft-tree", choices=("on", "off"), default="on",
+                    help="greedy decoding verifies a tree of the drafter's most likely paths (on, where the native "
+                         "fp32 layers run the target) or a chain of its argmaxes (off); the output is the same")
     ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -41,7 +44,8 @@ def cmd_generate(argv) -> int:
         params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 speculative=not args.no_draft)
-        cfg = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len, block_size=1 if args.no_draft else args.block_size)
+        cfg = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len, block_size=1 if args.no_draft else args.block_size,
+                           draft_tree=args.draft_tree == "on")
     except ValueError as e:
         raise CliError(f"dflash generate: {e}")
     if not args.prompt:
@@ -62,6 +66,7 @@ def cmd_generate(argv) -> int:
         "num_draft_tokens": res.stats.num_draft_tokens,
         "num_accepted_tokens": res.stats.num_accepted_tokens,
         "num_steps": res.stats.num_steps,
+        "draft_tree": bool(engine.can_draft and cfg.draft_tree and engine.target.serves_tree(1, 3)),
         "accepted_per_position": res.stats.accepted_per_position,
         "tokens_per_s": round(len(res.token_ids) / dt, 3) if dt > 0 else None,
         "elapsed_s": round(dt, 3),

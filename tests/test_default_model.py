@@ -90,6 +90,12 @@ def test_cli_generate_json(dtype):
         assert "Paris" in obj["text"]
     r2 = run_cli(*q, "--no-draft")
     assert json.loads(r2.stdout.strip().splitlines()[-1])["token_ids"] == obj["token_ids"]
+    # trees (on by default where the native layers run the target) or chains: the same tokens
+    r3 = run_cli(*q, "--draft-tree", "off")
+    chain = json.loads(r3.stdout.strip().splitlines()[-1])
+    assert chain["token_ids"] == obj["token_ids"] and chain["stats"]["draft_tree"] is False
+    from dflash_core import native   # fp32 and auto run the native layers wherever they build
+    assert obj["stats"]["draft_tree"] is native.available()
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -189,3 +195,27 @@ def test_bf16_greedy_dflash_equals_bf16_decoding_on_real_prompts():
         out = engine.generate(prompts, SamplingParams(max_new_tokens=96))
         assert [r.token_ids for r in out] == plain, block
         assert sum(r.stats.num_draft_tokens for r in out) > 0
+
+
+def test_tree_verification_on_the_shipped_drafter_equals_plain_decoding(default, monkeypatch):
+    """The default engine verifies trees (where the native layers run the target): on real
+    prompts the shipped drafter's runners-up get accepted (paths off its argmax chain, their
+    K/V moved), and the output is plain decoding's token for token, at blocks 4 and 8."""
+    from dflash_core import native, tree
+    engine, tok, _ = default
+    if not engine.target.serves_tree(1, 4):
+        pytest.skip("tree verification runs in the native fp32 layers: " + (native.reason() or "not this dtype"))
+    assert engine.config.draft_tree
+    moved = []
+    real = tree.commit_path
+    monkeypatch.setattr(tree, "commit_path", lambda c, s, st, path: (moved.append(path), real(c, s, st, path)))
+    prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS]
+    plain = engine.generate(prompts, SamplingParams(max_new_tokens=48, speculative=False))
+    for b in (4, 8):
+        engine.config.block_size = b
+        try:
+            out = engine.generate(prompts, SamplingParams(max_new_tokens=48))
+        finally:
+            engine.config.block_size = 16
+        assert [o.token_ids for o in out] == [p.token_ids for p in plain], b
+    assert sum(x[1:] != list(range(1, len(x))) for x in moved) >= 3      # runners-up accepted
