@@ -154,7 +154,7 @@ def prepacked_off(engine):
 
 @contextlib.contextmanager
 def draft_tree_set(engine, on: bool):
-    """Within: EngineConfig.draft_tree = on (tree verification for greedy rows, or chains);
+    """Within: EngineConfig.draft_tree = on (tree verification, or chains);
     restored after. Yields 1 where a tree can run on this engine's target, else 0."""
     was = engine.config.draft_tree
     engine.config.draft_tree = on

@@ -26,8 +26,8 @@ def build_generate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=_positive_int, default=16, help="verified block size (1 = no speculation)")
     ap.add_argument("--no-draft", action="store_true", help="plain autoregressive decoding (the baseline)")
     ap.add_argument("--draft-tree", choices=("on", "off"), default="on",
-                    help="greedy decoding verifies a tree of the drafter's most likely paths (on, where the native "
-                         "fp32 layers run the target) or a chain of its argmaxes (off); the output is the same")
+                    help="verify a tree of drafts (on, where the native fp32 layers run the target) or a chain "
+                         "(off); greedy output is the same, sampled output follows the same distribution")
     ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

@@ -42,7 +42,7 @@ from . import runtime
 from . import speculative as spec
 from . import tree
 from .models.decoder import Decoder
-from .sampling import SamplingParams
+from .sampling import RowParams, SamplingParams, warp_probs_rows
 from .scheduler import Scheduler, StepPlan
 from .sequence import GenerationResult, RequestOutput, Sequence, SpecStats, StepStats
 
@@ -161,9 +161,10 @@ class EngineConfig:
     # the scheduled block size - 1, and a step's forward is as long as its longest row's
     # block; 0 = always the whole scheduled block
     draft_threshold: float = 0.0
-    # tree verification (tree.py): greedy rows without penalties verify the drafter's most
-    # likely paths (b - 1 nodes, best-first over its top tokens per position) instead of a
-    # chain of b - 1 argmax drafts, in the same b target rows; where the native fp32 layers
+    # tree verification (tree.py): rows without penalties verify trees of b - 1 nodes in the
+    # same b target rows instead of chains of b - 1 drafts (greedy: the drafter's most likely
+    # paths, best-first over its top tokens per position; sampling: the sampled drafts plus
+    # extra children of the anchor for residual draws); where the native fp32 layers
     # serve the forward (Decoder.serves_tree), else the chain; a draft_threshold > 0 asks for
     # chains cut short, so it turns trees off
     draft_tree: bool = True
@@ -456,12 +457,13 @@ class SpecEngine:
 
     def _tree_rows(self, rows: list[Sequence], b: int) -> list[int]:
         """Rows that verify a draft tree this step (EngineConfig.draft_tree, no
-        draft_threshold): greedy rows without penalties, when the block holds two drafts or
-        more and the native layers serve the forward."""
+        draft_threshold): rows without penalties (greedy: tree.plan; sampling:
+        tree.sampling_nodes), when the block holds two drafts or more and the native layers
+        serve the forward."""
         if (not self.config.draft_tree or self.config.draft_threshold > 0 or b < 3
                 or not self.target.serves_tree(len(rows), b)):
             return []
-        return [r for r, s in enumerate(rows) if s.params.greedy and not s.params.penalized]
+        return [r for r, s in enumerate(rows) if not s.params.penalized]
 
     def _decode(self, rows: list[Sequence], b: int, emitted) -> list[tuple[list[int], list | None]]:
         """One draft + verify + accept over `rows` with verified block size b; returns the
@@ -474,6 +476,7 @@ class SpecEngine:
         start = torch.tensor(starts)
         draft_tokens, draft_probs, num_drafts = torch.zeros(R, b - 1, dtype=torch.int64, device=dev), None, None
         parents: dict[int, list[int]] = {}   # tree rows: parent block index of each node
+        chain_lens: dict[int, int] = {}      # sampling tree rows: nodes 1..L are their sampled drafts
         layout = None
         if b > 1:
             thr = self.config.draft_threshold
@@ -487,7 +490,16 @@ class SpecEngine:
                 draft_tokens = draft_tokens[:, :b - 1]
                 draft_probs = None if draft_probs is None else draft_probs[:, :b - 1]
             if tree_rows and top is not None:   # their nodes replace their chain drafts
-                parents, layout = tree.plan(top, tree_rows, draft_tokens)
+                greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
+                if greedy_rows:
+                    parents = tree.plan(top, greedy_rows, draft_tokens)
+                samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
+                if samp_rows:
+                    drafts, firsts = draft_tokens[samp_rows].tolist(), top[0][samp_rows, 0].tolist()
+                    for r, d, f in zip(samp_rows, drafts, firsts):
+                        parents[r], toks, chain_lens[r] = tree.sampling_nodes(d, f, b - 1)
+                        draft_tokens[r] = torch.tensor(toks)
+                layout = tree.layout([parents.get(r, tree.chain_parents(b - 1)) for r in range(R)], b)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture(),
                                     tree=layout)
         paths: dict[int, list[int]] = {}
@@ -496,17 +508,36 @@ class SpecEngine:
         else:
             accept_len = torch.zeros(R, dtype=torch.int64, device=dev)
             next_tok = torch.zeros(R, dtype=torch.int64, device=dev)
+            # draft_probs holds the sampling rows' q in row order
+            q_of = {r: i for i, r in enumerate(r for r in range(R) if not rows[r].params.greedy)}
             chain = [r for r in range(R) if r not in parents]
-            if chain:   # sampling and penalized rows: the chain's rules (their draft_probs in row order)
+            if chain:   # penalized rows: the chain's rules
                 ci = torch.tensor(chain, device=dev)
-                a, n = spec.accept(self.target, [rows[r] for r in chain], hidden[ci], draft_tokens[ci], draft_probs,
+                cq = [q_of[r] for r in chain if r in q_of]
+                a, n = spec.accept(self.target, [rows[r] for r in chain], hidden[ci], draft_tokens[ci],
+                                   draft_probs[torch.tensor(cq, device=dev)] if cq else None,
                                    None if num_drafts is None else [num_drafts[r] for r in chain])
                 accept_len[ci], next_tok[ci] = a, n
-            ti = torch.tensor(list(parents), device=dev)
-            for r, (path, nxt) in tree.walk_rows(spec.argmax(self.target.logits(hidden[ti])), draft_tokens,
-                                                 parents).items():
-                paths[r] = path
-                accept_len[r], next_tok[r] = len(path) - 1, nxt
+            greedy_t = [r for r in parents if r not in chain_lens]
+            if greedy_t:
+                ti = torch.tensor(greedy_t, device=dev)
+                walked = tree.walk_rows(spec.argmax(self.target.logits(hidden[ti])), draft_tokens,
+                                        {r: parents[r] for r in greedy_t})
+                for r, (path, nxt) in walked.items():
+                    paths[r] = path
+                    accept_len[r], next_tok[r] = len(path) - 1, nxt
+            samp_t = list(chain_lens)
+            if samp_t:   # the chain's rejection rule along the sampled drafts, extra children for residual draws
+                si = torch.tensor(samp_t, device=dev)
+                probs = warp_probs_rows(self.target.logits(hidden[si]),
+                                        RowParams.of([rows[r].params for r in samp_t], dev))       # [Rs, b, V]
+                u = spec.uniforms([rows[r] for r in samp_t], 2 * b, dev)
+                toks = draft_tokens[si].tolist()
+                for j, r in enumerate(samp_t):
+                    path, nxt = tree.sampling_walk(parents[r], toks[j], chain_lens[r], probs[j],
+                                                   draft_probs[q_of[r]], u[j])
+                    paths[r] = path
+                    accept_len[r], next_tok[r] = len(path) - 1, nxt
             # from here on a tree row looks like a chain row: its path where a chain's block is
             order = tree.committed_order(paths, R, b, dev)
             block = torch.cat([anchors[:, None].to(dev), draft_tokens], 1)
@@ -528,7 +559,7 @@ class SpecEngine:
             k = b - 1 if num_drafts is None else num_drafts[r]   # drafts this row verified
             s.stats.record(k, n)
             if self.schedule_tuner is not None:
-                if r in parents:   # a tree's accepted depth (tree.py), not a chain's prefix
+                if r in parents and r not in chain_lens:   # a greedy tree's accepted depth, not a chain's prefix
                     self.schedule_tuner.observe_tree(b, n)
                 else:
                     self.schedule_tuner.observe(k, n)

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="dynamic draft length: verify only the drafts whose running product of drafter "
                          "confidences stays >= this (0: the whole block)")
     ap.add_argument("--draft-tree", choices=("on", "off"), default="on" if d["draft_tree"].default else "off",
-                    help="greedy requests verify a tree of the drafter's most likely paths instead of a chain "
+                    help="requests verify a tree of the drafter's most likely paths instead of a chain "
                          "(where the native fp32 layers run the target; output unchanged)")
     ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)
     ap.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default)

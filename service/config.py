@@ -48,9 +48,11 @@ class ServiceConfig:
     # dynamic draft length (EngineConfig.draft_threshold): a request verifies only the drafts
     # whose running product of drafter confidences stays >= this; 0 = the whole block
     draft_threshold: float = 0.0
-    # tree verification (EngineConfig.draft_tree): greedy requests verify the drafter's most
-    # likely paths, b - 1 nodes in the same b target rows, instead of a chain of argmaxes;
-    # where the native fp32 layers run the target (CPU), else chains. Output unchanged
+    # tree verification (EngineConfig.draft_tree): requests verify trees of b - 1 nodes in
+    # the same b target rows instead of chains (greedy: the drafter's most likely paths;
+    # sampling: the sampled drafts plus extra children for residual draws); where the native
+    # fp32 layers run the target (CPU), else chains. Greedy output unchanged, sampled output
+    # distributed as before
     draft_tree: bool = True
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429

@@ -157,7 +157,7 @@ def test_tree_engine_equals_its_own_decoding_on_a_quantised_target(monkeypatch):
         assert sum(o.stats.num_draft_tokens for o in out) > 0
         assert [eng.generate([q], p)[0].token_ids for q in prompts[:2]] == [o.token_ids for o in ref[:2]]
     assert moved   # steps went through the tree walk
-    # mixed batch: greedy rows on trees, sampling and penalized rows on chains, one forward
+    # mixed batch in one forward: greedy and sampling rows on trees, a penalized row on its chain
     mixed = [SamplingParams(max_new_tokens=30, ignore_eos=True),
              SamplingParams(max_new_tokens=30, ignore_eos=True, temperature=0.9, seed=11),
              SamplingParams(max_new_tokens=30, ignore_eos=True, repetition_penalty=1.3),
@@ -166,8 +166,10 @@ def test_tree_engine_equals_its_own_decoding_on_a_quantised_target(monkeypatch):
     on = _tiny_engine(target, 4, True).generate(qs, mixed)
     off = _tiny_engine(target, 4, False).generate(qs, mixed)
     plain = ar.generate(qs[:3:2], [SamplingParams(**{**m.__dict__, "speculative": False}) for m in mixed[:3:2]])
-    assert [o.token_ids for o in on] == [o.token_ids for o in off]
-    assert [on[0].token_ids, on[2].token_ids] == [o.token_ids for o in plain]
+    assert [on[0].token_ids, on[2].token_ids] == [off[0].token_ids, off[2].token_ids] == [o.token_ids for o in plain]
+    # a sampling row's output depends on its seed only: alone, or beside other rows, the same
+    eng = _tiny_engine(target, 4, True)
+    assert [eng.generate([qs[i]], mixed[i])[0].token_ids for i in (1, 3)] == [on[1].token_ids, on[3].token_ids]
 
 
 @needs_kernel
@@ -254,3 +256,43 @@ def test_off_chain_paths_commit_the_right_kv_and_features(monkeypatch):
         n = len(plain[i][2])
         assert len(out[i][2]) >= n and torch.equal(out[i][2][:n], plain[i][2])
         assert torch.equal(out[i][1][:n], plain[i][1])
+
+
+@needs_kernel
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 4, 0.9)])
+def test_sampling_trees_match_the_target_distribution(monkeypatch, temperature, top_k, top_p):
+    """Sampling rows on trees (the chain's rejection rule along the sampled drafts, extra
+    children of the anchor for residual draws): 3-token continuations on a 6-token
+    vocabulary follow the warped target's exact joint distribution (chi-square, 4000
+    samples, alpha 0.1%), with residual draws landing on extra children; a walk that skips
+    the rejection test (always keeps the sampled draft) is detected."""
+    from test_engine import chi_square_pvalue, exact_joint, make_engine, sample_many
+    from dflash_core.models.registry import tiny_random_target
+    target = tiny_random_target(vocab_size=6, num_layers=2, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.15)
+    target.pack_weights()
+    assert target.serves_tree(64, 4)
+    prompt, length, n = [1, 4, 2], 3, 4000
+    probs = exact_joint(target, prompt, length, temperature, top_k, top_p, None)
+    walks = []
+    real = tree.sampling_walk
+
+    def recorded(parents, tokens, L, p, q, u):
+        walks.append((real(parents, tokens, L, p, q, u)[0], L))
+        return real(parents, tokens, L, p, q, u)
+    monkeypatch.setattr(tree, "sampling_walk", recorded)
+    eng = make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5)
+    assert eng.config.draft_tree
+    counts = sample_many(eng, prompt, n, length, temperature=temperature, top_k=top_k, top_p=top_p)
+    assert chi_square_pvalue(counts, probs, n) > 1e-3
+    assert len(walks) >= n // 2
+    assert sum(1 for path, L in walks if len(path) > 1 and path[1] > L) > 100   # extra children taken
+
+    def no_test(parents, tokens, L, p, q, u):   # keeps every sampled draft: samples the drafter's q there
+        return real(parents, tokens, L, p, q, torch.zeros_like(u).index_fill_(
+            0, torch.arange(1, u.numel(), 2), 0.5))
+    monkeypatch.setattr(tree, "sampling_walk", no_test)
+    bad = sample_many(make_engine(target, block_size=4, max_slots=64, max_seq_len=16, seed=5), prompt, n, length,
+                      temperature=temperature, top_k=top_k, top_p=top_p)
+    assert chi_square_pvalue(bad, probs, n) < 1e-3

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--save-acceptance then records them as tree_tau (what the server's measured schedule "
                          "predicts tree steps with)")
     ap.add_argument("--draft-tree", action="store_true",
-                    help="greedy cells verify draft trees of block-size - 1 nodes (EngineConfig.draft_tree; where "
+                    help="cells verify draft trees of block-size - 1 nodes (EngineConfig.draft_tree; where "
                          "the native fp32 layers run the target) instead of chains (default: chains, the "
                          "drafter's own acceptance)")
     ap.add_argument("--batch", type=int, default=1,
