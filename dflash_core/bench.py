@@ -155,11 +155,11 @@ def prepacked_off(engine):
 @contextlib.contextmanager
 def draft_tree_set(engine, on: bool):
     """Within: EngineConfig.draft_tree = on (tree verification, or chains);
-    restored after. Yields 1 where a tree can run on this engine's target, else 0."""
+    restored after. Yields 1 where the engine's steps then verify trees, else 0."""
     was = engine.config.draft_tree
     engine.config.draft_tree = on
     try:
-        yield int(engine.target.serves_tree(1, 3))
+        yield int(engine.draft_trees)
     finally:
         engine.config.draft_tree = was
 
@@ -489,7 +489,7 @@ def main(argv=None) -> int:
                            + (native.reason() or "they take fp32 on a CPU, every linear native") + ")")
         off_modes.append(("layers_off", "native layers off", lambda: layers_off(engine)))
     engine.config.draft_tree = args.draft_tree == "on"
-    summary["draft_tree"] = engine.config.draft_tree and engine.target.serves_tree(1, 3)
+    summary["draft_tree"] = engine.draft_trees
     if args.tree_ab:
         other = not engine.config.draft_tree
         off_modes.append((f"draft_tree_{'on' if other else 'off'}", f"draft tree {'on' if other else 'off'}",

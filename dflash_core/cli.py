@@ -66,7 +66,7 @@ def cmd_generate(argv) -> int:
         "num_draft_tokens": res.stats.num_draft_tokens,
         "num_accepted_tokens": res.stats.num_accepted_tokens,
         "num_steps": res.stats.num_steps,
-        "draft_tree": bool(engine.can_draft and cfg.draft_tree and engine.target.serves_tree(1, 3)),
+        "draft_tree": engine.draft_trees,
         "accepted_per_position": res.stats.accepted_per_position,
         "tokens_per_s": round(len(res.token_ids) / dt, 3) if dt > 0 else None,
         "elapsed_s": round(dt, 3),

@@ -253,6 +253,14 @@ class SpecEngine:
         then decodes plainly until it is back)."""
         return self.speculative and getattr(self.draft_backend, "available", True)
 
+    @property
+    def draft_trees(self) -> bool:
+        """Whether its speculative steps verify trees (EngineConfig.draft_tree, no
+        draft_threshold, a drafter, and a target whose native layers run them; a step
+        still falls back to chains where its rows x block exceed what those layers take)."""
+        return (self.speculative and self.config.draft_tree and self.config.draft_threshold <= 0
+                and self.target.serves_tree(1, 3))
+
     def block_size(self, num_running: int | None = None) -> int:
         """The verified block size a speculating row runs when num_running rows run (now:
         the current number): the schedule's, clamped to the drafter's block; 1 while not
@@ -460,8 +468,7 @@ class SpecEngine:
         draft_threshold): rows without penalties (greedy: tree.plan; sampling:
         tree.sampling_nodes), when the block holds two drafts or more and the native layers
         serve the forward."""
-        if (not self.config.draft_tree or self.config.draft_threshold > 0 or b < 3
-                or not self.target.serves_tree(len(rows), b)):
+        if b < 3 or not self.draft_trees or not self.target.serves_tree(len(rows), b):
             return []
         return [r for r, s in enumerate(rows) if not s.params.penalized]
 
@@ -495,10 +502,7 @@ class SpecEngine:
                     parents = tree.plan(top, greedy_rows, draft_tokens)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:
-                    drafts, firsts = draft_tokens[samp_rows].tolist(), top[0][samp_rows, 0].tolist()
-                    for r, d, f in zip(samp_rows, drafts, firsts):
-                        parents[r], toks, chain_lens[r] = tree.sampling_nodes(d, f, b - 1)
-                        draft_tokens[r] = torch.tensor(toks)
+                    chain_lens = tree.sampling_plan(top, samp_rows, draft_tokens, parents)
                 layout = tree.layout([parents.get(r, tree.chain_parents(b - 1)) for r in range(R)], b)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture(),
                                     tree=layout)
@@ -509,7 +513,7 @@ class SpecEngine:
             accept_len = torch.zeros(R, dtype=torch.int64, device=dev)
             next_tok = torch.zeros(R, dtype=torch.int64, device=dev)
             # draft_probs holds the sampling rows' q in row order
-            q_of = {r: i for i, r in enumerate(r for r in range(R) if not rows[r].params.greedy)}
+            q_of = {r: i for i, r in enumerate(spec._sampling_rows(rows))}
             chain = [r for r in range(R) if r not in parents]
             if chain:   # penalized rows: the chain's rules
                 ci = torch.tensor(chain, device=dev)

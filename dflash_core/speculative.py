@@ -208,8 +208,6 @@ def verify(target: Decoder, cache, slots: torch.Tensor, anchors: torch.Tensor, d
     causally on each row's cache -> (hidden [R, b, hidden], captured features or None).
     tree: the rows' tree layouts (tree.layout; a chain row's is causal), or None."""
     block = torch.cat([anchors[:, None].to(draft_tokens.device), draft_tokens], 1)
-    if tree is None:
-        return target(block, cache, slots, start, capture_layers)
     return target(block, cache, slots, start, capture_layers, tree=tree)
 
 

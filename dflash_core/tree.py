@@ -36,6 +36,8 @@ import heapq
 
 import torch
 
+from . import kernels
+
 TOPK = 4   # candidate tokens per block position (the tree's widest fan-out)
 
 
@@ -87,13 +89,20 @@ def _row_layout(par: tuple[int, ...], T: int) -> torch.Tensor:
     return torch.tensor([[len(a)] + a + [0] * (T - len(a)) for a in anc], dtype=torch.int32)
 
 
+def _children(parents: list[int], tokens: list[int]) -> dict[int, dict[int, int]]:
+    """block index -> {token: the block index of its child with that token} (node i + 1 has
+    parents[i], tokens[i]; a token repeated among siblings: its first node)."""
+    children: dict[int, dict[int, int]] = {}
+    for i, (par, tok) in enumerate(zip(parents, tokens)):
+        children.setdefault(par, {}).setdefault(tok, i + 1)
+    return children
+
+
 def greedy_walk(parents: list[int], tokens: list[int], targets: list[int]) -> tuple[list[int], int]:
     """One row: parents[i] / tokens[i] of node i + 1, targets[j] = the target's argmax after
     block token j (j = 0: the anchor) -> (path: block indices from the anchor through the
     accepted nodes, the token emitted after them)."""
-    children: dict[int, dict[int, int]] = {}
-    for i, (p, tok) in enumerate(zip(parents, tokens)):
-        children.setdefault(p, {}).setdefault(tok, i + 1)   # a repeated token: its first node
+    children = _children(parents, tokens)
     path = [0]
     while True:
         nxt = targets[path[-1]]
@@ -175,18 +184,29 @@ def sampling_nodes(drafts: list[int], top_tokens: list[int], n: int) -> tuple[li
     return list(range(L)) + [0] * len(extras), list(drafts[:L]) + extras, L
 
 
+def sampling_plan(top: tuple[torch.Tensor, torch.Tensor], samp_rows: list[int], draft_tokens: torch.Tensor,
+                  parents: dict[int, list[int]]) -> dict[int, int]:
+    """The sampling trees of a step (`sampling_nodes` per row): writes each row's node
+    tokens into draft_tokens [R, b-1] and its parents into `parents` (in place) -> row ->
+    the length L of its chain of sampled drafts (nodes 1..L)."""
+    n = draft_tokens.shape[1]
+    drafts, firsts = draft_tokens[samp_rows].tolist(), top[0][samp_rows, 0].tolist()
+    chain_lens = {}
+    for r, d, f in zip(samp_rows, drafts, firsts):
+        parents[r], toks, chain_lens[r] = sampling_nodes(d, f, n)
+        draft_tokens[r] = torch.tensor(toks)
+    return chain_lens
+
+
 def sampling_walk(parents: list[int], tokens: list[int], chain_len: int, p: torch.Tensor, q: torch.Tensor,
                   u: torch.Tensor) -> tuple[list[int], int]:
     """One sampling row: p [b, V] the target's warped distribution after each block token,
     q [b-1, V] the drafter's at positions 1..b-1 (what the drafts were drawn from), u [2b]
     uniforms; nodes 1..chain_len are the sampled chain -> (path, the token emitted after it)."""
-    from . import kernels
-    children: dict[int, dict[int, int]] = {}
-    for i, (par, tok) in enumerate(zip(parents, tokens)):
-        children.setdefault(par, {}).setdefault(tok, i + 1)
-    path, depth = [0], 0
+    children = _children(parents, tokens)
+    path = [0]
     while True:
-        cur = path[-1]
+        cur, depth = path[-1], len(path) - 1
         kids = children.get(cur, {})
         pc = p[cur].float()
         dist = pc
@@ -196,7 +216,6 @@ def sampling_walk(parents: list[int], tokens: list[int], chain_len: int, p: torc
             qd = q[depth].float()
             if float(u[2 * depth]) * float(qd[d]) < float(pc[d]):
                 path.append(main)
-                depth += 1
                 continue
             res = (pc - qd).clamp_min(0.0)
             if float(res.sum()) > 0:
@@ -206,4 +225,3 @@ def sampling_walk(parents: list[int], tokens: list[int], chain_len: int, p: torc
         if child is None:
             return path, x
         path.append(child)
-        depth += 1

@@ -327,8 +327,7 @@ def build_app(server: Server) -> FastAPI:
                                              code="engine_dead"), status_code=503)
         body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight,
                 "block_size_schedule": format_block_size_schedule(server.engine.config.block_size_schedule),
-                # requests verify draft trees (EngineConfig.draft_tree, where the target runs them)
-                "draft_tree": bool(server.engine.config.draft_tree and server.engine.target.serves_tree(1, 3))}
+                "draft_tree": server.engine.draft_trees}   # requests verify draft trees (tree.py)
         if server.metrics.replica_id:   # under Ray Serve: which replica answered, on which node
             body["replica"], body["node"] = server.metrics.replica_id, server.node_id
         backend = server.engine.draft_backend

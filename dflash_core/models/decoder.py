@@ -203,7 +203,7 @@ class Decoder(nn.Module):
         """-> hidden [R, T, hidden] (final norm applied), features [R, T, K*hidden] or None.
         features_only: stop after the last captured layer and return (None, features) (the
         layers above it and their cache entries are not computed: drafter training data).
-        tree: a tree verify (`tree_attention`: int32 [R, T, T + 1], token t of row r reads
+        tree: a tree verify (`tree.layout`: int32 [R, T, T + 1], token t of row r reads
         the cache and then the block tokens tree[r, t, 1 .. tree[r, t, 0]], root first, at
         RoPE position cache_lens[r] + tree[r, t, 0] - 1); its K/V still go to cache_lens[r] + t.
         Only where the native layers serve the forward (`serves_tree`): their attention

@@ -36,11 +36,27 @@ def walk(accepted: list[int]) -> list[int]:
     """accepted[j] = tokens one verify emits at anchor j (1 + leading correct drafts), for
     every anchor j = 0..n-1 of a response -> the lengths of the steps the engine takes
     from anchor 0 on."""
+    return follow(accepted.__getitem__, len(accepted))
+
+
+def follow(length_at, n: int) -> list[int]:
+    """The step lengths of a walk over anchors 0..n-1: at anchor a a step emits length_at(a)
+    tokens (0: no target there, the walk ends) and the next anchor is a + that."""
     steps, a = [], 0
-    while a < len(accepted) and accepted[a] > 0:
-        steps.append(accepted[a])
-        a += accepted[a]
+    while a < n and (s := length_at(a)) > 0:
+        steps.append(s)
+        a += s
     return steps
+
+
+def _chain_lengths(logits: torch.Tensor, targets: torch.Tensor, ids, b: int) -> torch.Tensor:
+    """Tokens a verify of b (the anchor and b-1 argmax drafts) emits at every anchor:
+    logits [R, n, B, V'], targets [R, n, B] -> [R, n] (0 where no target)."""
+    pred = logits.argmax(-1)
+    if ids is not None:
+        pred = ids.to(pred.device)[pred]
+    has = (targets != IGNORE) & (torch.arange(targets.shape[-1]) < b).to(targets.device)   # b-1 drafts seen
+    return accepted_lengths(((pred == targets) & has).cpu(), has.cpu())
 
 
 def _drafter_logits(target, drafter, records: list[dict], rows: int):
@@ -93,17 +109,10 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
     if not 2 <= b <= B:
         raise ValueError(f"block size {b} must be between 2 and the drafter's {B}")
     walks: list[list[int]] = []
-    block_k = torch.arange(B)
     for chunk, keep, spans, logits, targets, ids in _drafter_logits(target, drafter, records, rows):
         out: list[list[int]] = [[] for _ in chunk]
         if keep:
-            R, n = logits.shape[:2]
-            pred = logits.argmax(-1)
-            if ids is not None:
-                pred = ids.to(pred.device)[pred]
-            has = (targets != IGNORE) & (block_k < b).to(targets.device)   # a verify of b tokens sees b-1 drafts
-            correct = (pred == targets) & has
-            acc = accepted_lengths(correct.cpu(), has.cpu())
+            acc = _chain_lengths(logits, targets, ids, b)
             for r, j in enumerate(keep):
                 out[j] = walk(acc[r, :spans[r]].tolist())
         walks += out
@@ -128,35 +137,33 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
     if any(not 2 <= b <= 64 for b in block_sizes):
         raise ValueError(f"tree block sizes must be between 2 and 64, got {block_sizes}")
     walks: dict[int, list[list[int]]] = {b: [] for b in block_sizes}
-    chains: dict[int, list[int]] = {b: [] for b in block_sizes if b <= B}
+    chains: dict[int, list[list[int]]] = {b: [] for b in block_sizes if b <= B}
     for chunk, keep, spans, logits, targets, ids in _drafter_logits(target, drafter, records, rows):
-        for b in block_sizes:
-            walks[b] += [[] for _ in chunk]
-        if not keep:
-            continue
-        top_p, top_i = torch.softmax(logits[:, :, 1:].float(), -1).topk(tree.TOPK, dim=-1)   # [R, n, B-1, K]
-        if ids is not None:
-            top_i = ids.to(top_i.device)[top_i]
-        top_p, top_i, tg = top_p.tolist(), top_i.tolist(), targets[:, :, 1:].tolist()
-        for r, j in enumerate(keep):
+        got = {b: [[] for _ in chunk] for b in block_sizes}
+        if keep:
+            top_p, top_i = torch.softmax(logits[:, :, 1:].float(), -1).topk(tree.TOPK, dim=-1)   # [R, n, B-1, K]
+            if ids is not None:
+                top_i = ids.to(top_i.device)[top_i]
+            top_p, top_i, tg = top_p.tolist(), top_i.tolist(), targets[:, :, 1:].tolist()
+
+            def tree_step(r: int, a: int, b: int) -> int:   # walk the response's path down the picked nodes
+                depth, at = 0, 0
+                for i, (parent, d, k) in enumerate(tree.best_first(top_p[r][a], b - 1)):
+                    if parent == at and d == depth and tg[r][a][d] != IGNORE and top_i[r][a][d][k] == tg[r][a][d]:
+                        depth, at = depth + 1, i + 1
+                return depth + 1
             for b in block_sizes:
-                out = walks[b][len(walks[b]) - len(chunk) + j]
-                a = 0
-                while a < spans[r]:
-                    nodes = tree.best_first(top_p[r][a], b - 1)
-                    depth, at = 0, 0   # walk the response's path down the picked nodes
-                    for i, (parent, d, k) in enumerate(nodes):
-                        if parent == at and d == depth and tg[r][a][d] != IGNORE and top_i[r][a][d][k] == tg[r][a][d]:
-                            depth, at = depth + 1, i + 1
-                    out.append(depth + 1)
-                    a += depth + 1
-                if b in chains:   # the chain: the argmax (rank 0) of each position, up to b - 1
-                    a = 0
-                    while a < spans[r]:
-                        depth = 0
-                        while depth < b - 1 and tg[r][a][depth] != IGNORE and top_i[r][a][depth][0] == tg[r][a][depth]:
-                            depth += 1
-                        chains[b].append(depth + 1)
-                        a += depth + 1
-    return {"tau": {b: sum(map(sum, w)) / max(sum(map(len, w)), 1) for b, w in walks.items()}, "walks": walks,
-            "chain_tau": {b: sum(c) / max(len(c), 1) for b, c in chains.items()}}
+                for r, j in enumerate(keep):
+                    got[b][j] = follow(lambda a: tree_step(r, a, b), spans[r])
+        for b in block_sizes:
+            walks[b] += got[b]
+        for b in chains:   # the chain at the same b, from the same pass
+            acc = _chain_lengths(logits, targets, ids, b).tolist() if keep else []
+            chains[b] += [walk(acc[r][:spans[r]]) for r in range(len(keep))]
+    return {"tau": {b: _tau(w) for b, w in walks.items()}, "walks": walks,
+            "chain_tau": {b: _tau(c) for b, c in chains.items()}}
+
+
+def _tau(walks: list[list[int]]) -> float:
+    """Tokens per step over walks."""
+    return sum(map(sum, walks)) / max(sum(map(len, walks)), 1)
