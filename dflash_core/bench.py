@@ -15,6 +15,9 @@ machine noise hits both alike. Optional extras:
   --native-ab     every measurement above also with the native fp32 linears
                   (dflash_core.native) replaced by the torch ones they stand in for; the
                   verify cost alternating forward by forward, the rest back to back
+  --amx-ab        every measurement above also with the native linears' AMX forms (CPUs
+                  with AMX) replaced by the AVX-512 FMA forms of the same weights, back to
+                  back (the verify cost alternating forward by forward)
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
   --drafter-weights-ab  every measurement above also with the drafter's weights in the
@@ -72,6 +75,9 @@ def _parser():
                          "torch.mm, alternating forward by forward")
     ap.add_argument("--native-ab", action="store_true",
                     help="also measure everything with the native fp32 linears replaced by torch's (mm / oneDNN packed)")
+    ap.add_argument("--amx-ab", action="store_true",
+                    help="also measure everything with the native linears' AMX forms (q4_1x / q8_0x, on CPUs with "
+                         "AMX) replaced by the AVX-512 FMA forms of the same weights")
     ap.add_argument("--layers-ab", action="store_true",
                     help="also measure everything with the native decoder layers off (torch's ops around the same "
                          "native linears)")
@@ -173,6 +179,41 @@ def native_swaps(engine) -> list[tuple]:
         wb = getattr(fn, "native", None)
         return False if wb is None else prepack_linear(*wb, native=False)
     return _linear_swaps(engine, fallback)
+
+
+def amx_swaps(engine) -> list[tuple]:
+    """The native linears in an AMX form (q4_1x / q8_0x), each with the same weight's
+    FMA form (q4_1 / q8_0), built here, once."""
+    from . import native
+
+    def fma(fn):
+        if getattr(fn, "native_format", None) not in native.AMX_FORMATS.values():
+            return False
+        new = native.make_linear(*fn.native, use_amx=False)
+        new.prepacked, new.native = True, fn.native
+        return new
+    return _linear_swaps(engine, fma)
+
+
+@contextlib.contextmanager
+def amx_off(engine, swaps):
+    """Within: the swaps' FMA forms in place of the AMX ones, and the target's and the
+    local drafter's native layers rebuilt over them; restored after."""
+    from . import native
+    models = [engine.target]
+    backend = getattr(engine.drafting, "backend", None)
+    if getattr(backend, "drafter", None) is not None:
+        models.append(backend.drafter)
+    with _swapped(swaps) as n:
+        saved = [(m, m._native_layers) for m in models]
+        for m, nl in saved:
+            if nl is not None:
+                m._native_layers = native.NativeLayers.of(m.layers)
+        try:
+            yield n
+        finally:
+            for m, nl in saved:
+                m._native_layers = nl
 
 
 @contextlib.contextmanager
@@ -466,13 +507,23 @@ def main(argv=None) -> int:
     from . import native
     summary["native_linears"] = {"count": sum(formats.values()), "formats": formats, "why_not": native.reason(),
                                  # fp32 lanes per accumulator of the kernel build (8 AVX2, 16 AVX-512)
-                                 "vector_width": native.vector_width() if formats else 0}
+                                 "vector_width": native.vector_width() if formats else 0,
+                                 # the quantised weights in AMX forms (q4_1x / q8_0x, dflash_amx.c)
+                                 "amx": any(f in native.AMX_FORMATS.values() for f in formats)}
     nswaps = native_swaps(engine) if args.native_ab else []
     if args.native_ab and not nswaps:
         raise CliError("dflash bench: --native-ab: this engine has no native linears ("
                        + (native.reason() or "they take fp32 on a CPU") + ")")
     if args.native_ab:
         off_modes.append(("native_off", "native linears off", lambda: _swapped(nswaps)))
+    aswaps = amx_swaps(engine) if args.amx_ab else []
+    if args.amx_ab and not aswaps:
+        raise CliError("dflash bench: --amx-ab: this engine has no AMX linears ("
+                       + ("the native kernel is off: " + native.reason() if native.reason() else
+                          "they need a CPU with AMX-BF16 and the native fp32 path; DFLASH_NATIVE_AMX=0 turns them off")
+                       + ")")
+    if args.amx_ab:
+        off_modes.append(("amx_off", "AMX linears off", lambda: amx_off(engine, aswaps)))
     if args.drafter_weights_ab:
         if engine.drafting is None or not hasattr(engine.drafting.backend, "drafter"):
             raise CliError("dflash bench: --drafter-weights-ab needs a drafter")
@@ -542,6 +593,10 @@ def main(argv=None) -> int:
         if args.native_ab:
             summary["native_ab"] = {"num_linears": len(nswaps), **_verify_ab(
                 engine.target, args.verify_reps, {"native": contextlib.nullcontext, "torch": lambda: _swapped(nswaps)},
+                "{} linears", out)}
+        if args.amx_ab:
+            summary["amx_ab"] = {"num_linears": len(aswaps), **_verify_ab(
+                engine.target, args.verify_reps, {"AMX": contextlib.nullcontext, "FMA": lambda: amx_off(engine, aswaps)},
                 "{} linears", out)}
         if args.layers_ab:
             summary["layers_ab"] = _verify_ab(

@@ -126,8 +126,8 @@ def test_default_target_reads_its_gguf_codes_through_the_native_kernel(default):
     assert native.available(), native.reason()
     fns = [f for layer in model.layers for f in (layer.self_attn._qkv_fn, layer.self_attn._o_fn,
                                                  layer.mlp._gate_up_fn, layer.mlp._down_fn)]
-    assert {f.native_format for f in fns} == {"q4_1"}
-    assert model._head_fn.native_format == "q8_0"
+    assert {f.native_format for f in fns} == {native.form("q4_1")}
+    assert model._head_fn.native_format == native.form("q8_0")
     total = sum(f.weight_bytes for f in fns) + model._head_fn.weight_bytes
     fp32 = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     fp32 += model.embed_tokens.weight.numel() * 4                      # the tied head
@@ -150,7 +150,7 @@ def test_shipped_drafter_runs_on_the_8bit_grid_and_the_output_does_not_move(defa
     d = engine.drafting.backend.drafter
     fns = [d._fc_fn] + [f for l in d.layers for f in (l.self_attn._qkv_fn, l.self_attn._o_fn,
                                                       l.mlp._gate_up_fn, l.mlp._down_fn)]
-    assert {f.native_format for f in fns} == {"q8_0"}
+    assert {f.native_format for f in fns} == {native.form("q8_0")}
     stored = DFlashDrafter.load(DEFAULT_DRAFTER_DIR)
     for (name, p), (_, q) in zip(stored.named_parameters(), d.named_parameters()):
         if p.dim() == 2:

@@ -25,6 +25,22 @@ def _need_kernel():
     assert native.available(), native.reason()   # where it can be built, it is
 
 
+@pytest.fixture(params=["default", "fma"])
+def linear_forms(request):
+    """The test with the kernel's default forms (the AMX ones where the build has them)
+    and, on CPUs with AMX, again with the AVX-512 FMA forms of the same weights."""
+    if request.param == "fma":
+        if not native.amx():
+            pytest.skip("the default forms are the FMA forms on this CPU")
+        native.set_amx(False)
+        try:
+            yield "fma"
+        finally:
+            native.set_amx(True)
+    else:
+        yield "default"
+
+
 def q8_0_weight(N, K, seed=0):
     """Weights as the GGUF converter hands them over: fp16 scale per 32, int8 codes."""
     g = torch.Generator().manual_seed(seed)
@@ -70,13 +86,13 @@ def test_pack_rejects_what_it_cannot_reproduce():
 
 
 @pytest.mark.parametrize("make", [q4_1_weight, q8_0_weight, bf16_weight, lambda N, K, seed=0: torch.randn(N, K)])
-def test_kernel_matches_float64_and_is_row_invariant(make):
+def test_kernel_matches_float64_and_is_row_invariant(make, linear_forms):
     N, K = 37, 160                    # N not a multiple of the 4-row tile
     w = make(N, K, seed=1)
     b = torch.randn(N)
     lin = native.make_linear(w, b)
     g = torch.Generator().manual_seed(2)
-    for M in (1, 2, 3, 5, 16, 33):
+    for M in (1, 2, 3, 5, 16, 17, 33):
         x = torch.randn(M, K, generator=g)
         y = lin(x)
         ref = (x.double() @ w.double().t() + b.double()).float()
@@ -94,6 +110,118 @@ def test_kernel_matches_float64_and_is_row_invariant(make):
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, full)     # thread count does not change a bit
+
+
+def test_amx_forms_hold_the_same_weights():
+    """to_amx re-tiles Q4_1 / Q8_0 codes for AMX tiles (16 weight rows a column tile, the
+    B-tile pair order): the same fp32 weights bit for bit, at 0.75 / 1.125 bytes a weight
+    (the FMA forms' bytes). A pure layout: checked on every CPU."""
+    for make, fmt, amx_fmt, rec in ((q4_1_weight, "q4_1", "q4_1x", 384), (q8_0_weight, "q8_0", "q8_0x", 576)):
+        w = make(37, 96, seed=5)
+        got, packed = native.pack(w)
+        assert got == fmt
+        xf, xp = native.to_amx(fmt, packed, 37)
+        assert xf == amx_fmt and xp.shape == (3, 3, rec)   # 37 rows -> 3 tiles of 16, 96 -> 3 blocks of 32
+        assert torch.equal(native.dequantize(xf, xp, 37), w)
+    with pytest.raises(ValueError, match="no AMX form"):
+        native.to_amx("bf16", bf16_weight(16, 32), 16)
+
+
+def _need_amx():
+    if not native.amx():
+        pytest.skip("the AMX linears need a CPU with AMX-TILE / AMX-BF16 / AVX512-BF16 and the AVX-512 build")
+
+
+def test_amx_linear_takes_fp32_inputs_whole():
+    """The AMX kernel splits each fp32 input into three bf16 parts that sum to it exactly,
+    and every code x part product is exact: an input needing all 24 bits of its
+    significand comes through whole (one bf16 part, or two, would lose 2^-23 or more)."""
+    _need_amx()
+    w = torch.zeros(16, 32)
+    w[:, 0] = 127.0                   # the block's scale comes out as exactly 1
+    w[:, 1] = 1.0
+    w[5, 1] = -3.0
+    lin = native.make_linear(w)
+    assert lin.native_format == "q8_0x"
+    x = torch.zeros(2, 32)
+    x[:, 1] = 1 + 2 ** -8 + 2 ** -23                # needs the third part
+    x[1, 1] = -(2 ** -30 + 2 ** -45)                # a small value keeps its low bits too
+    y = lin(x)
+    assert torch.equal(y[:, 0], x[:, 1]) and torch.equal(y[:, 5], -3 * x[:, 1])
+    q4 = q4_1_weight(16, 64, seed=9)
+    lin4 = native.make_linear(q4)
+    assert lin4.native_format == "q4_1x"
+    xr = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * (1 + 2 ** -20)
+    torch.testing.assert_close(lin4(xr).double(), xr.double() @ q4.double().t(), rtol=2e-6, atol=1e-6)
+
+
+def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
+    """Rows past 16 go to further tiles (and a remainder tile of another row count): every
+    row's bits stay those of the row alone, at 1 or 2 threads; the AMX and FMA forms of
+    a weight agree to fp32 rounding (different summation orders of the same products)."""
+    _need_amx()
+    g = torch.Generator().manual_seed(3)
+    for make in (q4_1_weight, q8_0_weight):
+        w = make(70, 160, seed=4)
+        amx_lin, fma_lin = native.make_linear(w), native.make_linear(w, use_amx=False)
+        assert amx_lin.native_format.endswith("x") and not fma_lin.native_format.endswith("x")
+        x = torch.randn(40, 160, generator=g)
+        y = amx_lin(x)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(amx_lin(x), y)
+        finally:
+            torch.set_num_threads(threads)
+        for rows in ((0, 1), (3, 19), (16, 33), (31, 40)):
+            assert torch.equal(amx_lin(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
+        torch.testing.assert_close(y, fma_lin(x), rtol=1e-5, atol=1e-5)
+        assert not torch.equal(y, fma_lin(x))   # two kernels, really: the orders differ somewhere
+
+
+def test_amx_can_be_turned_off(monkeypatch):
+    """set_amx(False) (and DFLASH_NATIVE_AMX=0 for the build) keeps the FMA forms."""
+    w = q4_1_weight(32, 64)
+    native.set_amx(False)
+    try:
+        assert native.make_linear(w).native_format == "q4_1" and native.form("q4_1") == "q4_1"
+    finally:
+        native.set_amx(True)
+    monkeypatch.setenv("DFLASH_NATIVE_AMX", "0")
+    assert not native.wants_amx()
+    monkeypatch.setenv("DFLASH_NATIVE_AMX", "1")
+    assert native.wants_amx() == (native.wants_avx512() and set(native.AMX_FLAGS) <= cpu_flags())
+    assert native.make_linear(w).native_format == native.form("q4_1") == ("q4_1x" if native.amx() else "q4_1")
+
+
+def test_bench_amx_off_swaps_in_the_fma_forms_and_restores():
+    """bench --amx-ab's swap: within amx_off every AMX linear is its FMA form, the native
+    layers are rebuilt over them, and the engine decodes exactly as one built with the FMA
+    forms; after it, the AMX forms and the engine's own output are back."""
+    _need_amx()
+    from dflash_core.bench import amx_off, amx_swaps
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.sampling import SamplingParams
+    p = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(300, 331))]
+    eng = SpecEngine(_quantised_tiny_target(), None, EngineConfig(max_slots=2, max_seq_len=128, block_size=1))
+    own = [o.token_ids for o in eng.generate(prompts, p)]
+    native.set_amx(False)
+    try:
+        fma = SpecEngine(_quantised_tiny_target(), None, EngineConfig(max_slots=2, max_seq_len=128, block_size=1))
+    finally:
+        native.set_amx(True)
+    want = [o.token_ids for o in fma.generate(prompts, p)]
+    swaps = amx_swaps(eng)
+    assert len(swaps) == 3 * 4 + 1 and {new.native_format for *_, new in swaps} == {"q4_1"}   # + the LM head
+    nl = eng.target._native_layers
+    with amx_off(eng, swaps) as n:
+        assert n == len(swaps)
+        assert eng.target._native_layers is not nl and eng.target._native_layers.current()
+        assert [o.token_ids for o in eng.generate(prompts, p)] == want
+    assert eng.target._native_layers is nl and nl.current()
+    assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1x"
+    assert [o.token_ids for o in eng.generate(prompts, p)] == own
 
 
 @pytest.mark.parametrize("make", [bf16_weight, lambda N, K, seed=0: torch.randn(N, K)])
@@ -128,7 +256,7 @@ def test_vector_width_follows_the_cpu_and_both_builds_pass(monkeypatch):
         return
     env = dict(os.environ, DFLASH_NATIVE_AVX512="0")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "row_invariant or half_vector_tail or layers_are_row_invariant or whole_prefill_chunk"],
+                          "(row_invariant or half_vector_tail or layers_are_row_invariant or whole_prefill_chunk) and not amx and not fma"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     progress = res.stdout.split()[0]   # the suite's quiet output: one "." per passed test
@@ -167,7 +295,7 @@ def test_more_rows_than_max_rows_take_torch_linear():
 def test_prepack_linear_takes_the_native_kernel_for_fp32_only():
     w = q4_1_weight(64, 96)
     fn = prepack_linear(w)
-    assert fn.native_format == "q4_1" and fn.weight_bytes < w.numel()
+    assert fn.native_format == native.form("q4_1") and fn.weight_bytes < w.numel()
     x = torch.randn(3, 96)
     torch.testing.assert_close(fn(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert getattr(prepack_linear(w, native=False), "native_format", None) is None
@@ -193,15 +321,15 @@ def _quantised_tiny_target():
     return t.pack_weights()
 
 
-def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit():
+def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit(linear_forms):
     """With the native kernel, fp32 is row-invariant like bf16: verify blocks of any size
     and batches of any size compute each token as a one-token step does."""
     from dflash_core.drafter import DFlashDrafter, LocalDraftBackend
     from dflash_core.engine import EngineConfig, SpecEngine
     from dflash_core.sampling import SamplingParams
     target = _quantised_tiny_target()
-    assert target.layers[0].mlp._gate_up_fn.native_format == "q4_1"
-    assert target.layers[0].self_attn._qkv_fn.native_format == "q4_1"
+    assert target.layers[0].mlp._gate_up_fn.native_format == native.form("q4_1")
+    assert target.layers[0].self_attn._qkv_fn.native_format == native.form("q4_1")
     assert target._native_layers is not None and target._native_layers.current()   # whole layers native too
     prompts = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023)), [40, 41] * 9]
 
@@ -275,7 +403,7 @@ def test_native_layers_match_the_torch_layers(cfg):
     assert not torch.equal(runs[True][2], runs[False][2])   # (really another summation order)
 
 
-def test_native_layers_are_row_invariant_and_step_like_the_engine():
+def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms):
     """A token's numbers are the same bits whether it comes alone, in a verify block of
     any size or beside other rows; swapping a linear (benchmarks) sends forwards back to
     the torch path, as do forwards of more than max_rows rows."""
@@ -495,7 +623,7 @@ def test_drafter_weights_on_the_8bit_grid_run_in_the_kernel_and_stay_close():
     stored.pack_weights(), rounded.pack_weights()
     fns = [rounded._fc_fn] + [f for l in rounded.layers for f in (l.self_attn._qkv_fn, l.self_attn._o_fn,
                                                                   l.mlp._gate_up_fn, l.mlp._down_fn)]
-    assert {f.native_format for f in fns} == {"q8_0"}
+    assert {f.native_format for f in fns} == {native.form("q8_0")}
     assert {f.native_format for f in (stored._fc_fn, stored.layers[0].mlp._down_fn)} == {"f32"}
     g = torch.Generator().manual_seed(0)
     feats, emb = torch.randn(2, 12, 3 * 64, generator=g), torch.randn(2, 4, 64, generator=g)
@@ -526,7 +654,7 @@ def test_drafter_weights_on_the_8bit_grid_run_in_the_kernel_and_stay_close():
     finally:
         native.set_enabled(True)
     d = load_drafter("random", tcfg, "tiny-random", 4, weights="q8_0")
-    assert d._fc_fn.native_format == "q8_0"
+    assert d._fc_fn.native_format == native.form("q8_0")
 
 
 def test_bench_drafter_weights_ab_runs_both_forms_and_restores_the_backend():

@@ -47,7 +47,10 @@ from ..runtime import cache_root
 
 SOURCE = Path(__file__).with_name("dflash_linear.c")
 LAYER_SOURCE = Path(__file__).with_name("dflash_layer.c")   # whole decoder layers (see NativeLayers)
-FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2, "bf16": 3}
+AMX_SOURCE = Path(__file__).with_name("dflash_amx.c")       # Q4_1 / Q8_0 linears on AMX tiles
+FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2, "bf16": 3, "q4_1x": 4, "q8_0x": 5}
+# the AMX forms of the quantised formats (same weights, tiled for dflash_amx.c)
+AMX_FORMATS = {"q4_1": "q4_1x", "q8_0": "q8_0x"}
 MAX_K = 16384
 # Inputs of more rows than this (a long prompt's prefill chunk, a prompt-logprobs pass)
 # take torch's `F.linear` over the fp32 weights instead: there the product is bound by
@@ -76,6 +79,7 @@ _LAYER = None   # (dfl_layer, dfl_layer_work) once the library is loaded
 _WRITE_CONTEXT = None   # dfl_write_context once the library is loaded
 _REASON: str | None = None
 _WIDTH = 0   # fp32 lanes per accumulator of the loaded build (8: AVX2, 16: AVX-512)
+_AMX = False   # whether the loaded build has the AMX linears and the process may use the tiles
 _ENABLED = os.environ.get("DFLASH_NATIVE", "1") != "0"
 
 
@@ -101,8 +105,20 @@ def wants_avx512() -> bool:
     return os.environ.get("DFLASH_NATIVE_AVX512", "1") != "0" and set(AVX512_FLAGS) <= cpu_flags()
 
 
+AMX_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
+
+
+def wants_amx() -> bool:
+    """Whether the Q4_1 / Q8_0 linears are built for AMX tiles (dflash_amx.c): on CPUs with
+    AMX-TILE, AMX-BF16 and AVX512-BF16 in the AVX-512 build, unless DFLASH_NATIVE_AMX=0.
+    Same weights, exact products, fp32 sums in another order: like the AVX2 and AVX-512
+    builds, it differs from the FMA kernel only in rounding, and is row-invariant."""
+    from ..runtime import cpu_flags
+    return os.environ.get("DFLASH_NATIVE_AMX", "1") != "0" and wants_avx512() and set(AMX_FLAGS) <= cpu_flags()
+
+
 def _build() -> Path:
-    src = SOURCE.read_bytes() + LAYER_SOURCE.read_bytes()
+    src = SOURCE.read_bytes() + LAYER_SOURCE.read_bytes() + AMX_SOURCE.read_bytes()
     from ..runtime import c_compiler
     cc = c_compiler()
     if cc is None:
@@ -110,6 +126,19 @@ def _build() -> Path:
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
     if wants_avx512():
         flags += [f"-m{f}" for f in AVX512_FLAGS]
+    if wants_amx():
+        flags += ["-mamx-tile", "-mamx-bf16", "-mavx512bf16"]
+    try:
+        return _compile(cc, flags, src)
+    except RuntimeError:
+        if not wants_amx():
+            raise
+    # a compiler without the AMX options (GCC < 11, old clang): the build without them
+    # (dflash_amx.c then compiles to stubs and the quantised weights keep the FMA formats)
+    return _compile(cc, flags[:-3], src)
+
+
+def _compile(cc: str, flags: list[str], src: bytes) -> Path:
     key = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
     out = cache_root() / "native" / f"libdflash_linear-{key}.so"
     if out.exists():
@@ -117,8 +146,8 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    res = subprocess.run([cc, *flags, str(SOURCE), str(LAYER_SOURCE), "-o", tmp, "-lm"], capture_output=True,
-                         text=True)
+    res = subprocess.run([cc, *flags, str(SOURCE), str(LAYER_SOURCE), str(AMX_SOURCE), "-o", tmp, "-lm"],
+                         capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"compiling {SOURCE.name} failed: {res.stderr.strip()[:400]}")
@@ -141,8 +170,11 @@ def _load():
         width = lib.dfl_vector_width
         width.argtypes = []
         width.restype = ctypes.c_int
-        global _WIDTH
+        global _WIDTH, _AMX
         _WIDTH = int(width())
+        lib.dfl_amx_init.restype = ctypes.c_int
+        # the kernel must grant this process the tiles' state (Linux 5.16+); else FMA formats
+        _AMX = wants_amx() and bool(lib.dfl_amx_init())
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         fn.restype = ctypes.c_int
@@ -171,6 +203,32 @@ def vector_width() -> int:
     """fp32 lanes per accumulator of the loaded kernel (8: AVX2, 16: AVX-512); 0 when it
     is not available."""
     return _WIDTH if available() else 0
+
+
+_AMX_ON = True   # set_amx
+
+
+def set_amx(flag: bool) -> None:
+    """Let models packed from now on take the AMX formats where the build has them (the
+    default), or not (the FMA formats: `dflash bench --amx-ab`, tests)."""
+    global _AMX_ON
+    _AMX_ON = bool(flag)
+
+
+def amx_built() -> bool:
+    """Whether the loaded build has the AMX linears and this process may use the tiles."""
+    return available() and _AMX
+
+
+def amx() -> bool:
+    """Whether quantised weights packed now take the AMX formats (q4_1x / q8_0x)."""
+    return _AMX_ON and amx_built()
+
+
+def form(fmt: str) -> str:
+    """The format make_linear gives weights `pack` finds in `fmt` now: its AMX form
+    (q4_1 -> q4_1x, q8_0 -> q8_0x) where `amx()`, else fmt itself."""
+    return AMX_FORMATS.get(fmt, fmt) if amx() else fmt
 
 
 def available() -> bool:
@@ -320,8 +378,68 @@ def pack(weight: torch.Tensor, formats=("q4_1", "q8_0", "bf16", "f32")):
                 return fmt, _tiled([d.view(N, B, 1).view(torch.uint8), q.view(torch.uint8).view(N, B, 32)], N)
 
 
+def _vnni(q: torch.Tensor) -> torch.Tensor:
+    """Codes [N, K] -> [J, B, 16, 32]: per column tile j (16 rows of the weight, N padded
+    with zero rows) and 32-weight block b, the B-tile order of AMX: tile row r, byte p
+    holds row 16 j + p // 2, k = 32 b + 2 r + p % 2."""
+    N, K = q.shape
+    pad = (-N) % 16
+    if pad:
+        q = torch.cat([q, q.new_zeros(pad, K)])
+    J, B = q.shape[0] // 16, K // 32
+    return q.view(J, 16, B, 16, 2).permute(0, 2, 3, 1, 4).reshape(J, B, 16, 32)
+
+
+def _unvnni(t: torch.Tensor, N: int) -> torch.Tensor:
+    J, B = t.shape[:2]
+    return t.view(J, B, 16, 16, 2).permute(0, 3, 1, 2, 4).reshape(J * 16, B * 32)[:N]
+
+
+def _per_tile(v: torch.Tensor) -> torch.Tensor:
+    """Per-row block values [N, B] fp32 -> [J, B, 64] bytes (16 rows a column tile)."""
+    N, B = v.shape
+    pad = (-N) % 16
+    if pad:
+        v = torch.cat([v, v.new_zeros(pad, B)])
+    return v.view(-1, 16, B).permute(0, 2, 1).contiguous().view(torch.uint8)
+
+
+def to_amx(fmt: str, packed: torch.Tensor, N: int):
+    """A q4_1 / q8_0 packing -> its AMX form (q4_1x / q8_0x, dflash_amx.c's records
+    [N/16, K/32, 384 or 576] uint8): the same weights, tiled for AMX."""
+    if fmt == "q8_0":
+        d, q = _untiled(packed, N, (4, 32))
+        q = q.contiguous().view(N, -1)
+        codes = _vnni(q).reshape(-1, q.shape[1] // 32, 512)
+        return "q8_0x", torch.cat([_per_tile(d.contiguous().view(torch.float32).view(N, -1)), codes], -1).contiguous()
+    if fmt == "q4_1":
+        d, m, nib = _untiled(packed, N, (4, 4, 16))
+        q = torch.cat([nib & 15, nib >> 4], -1).reshape(N, -1)
+        t = _vnni(q)                                   # [J, B, 16, 32], values 0..15
+        codes = (t[:, :, 0::2] | (t[:, :, 1::2] << 4)).reshape(t.shape[0], t.shape[1], 256)
+        return "q4_1x", torch.cat([_per_tile(d.contiguous().view(torch.float32).view(N, -1)),
+                                   _per_tile(m.contiguous().view(torch.float32).view(N, -1)), codes], -1).contiguous()
+    raise ValueError(f"no AMX form of {fmt!r}")
+
+
 def dequantize(fmt: str, packed: torch.Tensor, N: int) -> torch.Tensor:
     """The fp32 weight [N, K] a packed form stands for (tests compare it with the original)."""
+    if fmt in ("q4_1x", "q8_0x"):
+        q4 = fmt == "q4_1x"
+        J, B = packed.shape[:2]
+        d = packed[:, :, :64].contiguous().view(torch.float32)        # [J, B, 16]
+        if q4:
+            m = packed[:, :, 64:128].contiguous().view(torch.float32)
+            c = packed[:, :, 128:].reshape(J, B, 8, 32)
+            t = torch.stack([c & 15, c >> 4], 3).reshape(J, B, 16, 32).float()
+        else:
+            t = packed[:, :, 64:].contiguous().view(torch.int8).reshape(J, B, 16, 32).float()
+        q = _unvnni(t, J * 16)                                           # [J*16, K]
+        scale = d.permute(0, 2, 1).reshape(J * 16, B).repeat_interleave(32, 1)
+        w = q * scale
+        if q4:
+            w = w + m.permute(0, 2, 1).reshape(J * 16, B).repeat_interleave(32, 1)
+        return w[:N].contiguous()
     if fmt == "f32":
         return packed
     if fmt == "bf16":
@@ -337,12 +455,13 @@ def dequantize(fmt: str, packed: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=("q4_1", "q8_0", "bf16", "f32"),
-                max_rows: int | None = None):
+                max_rows: int | None = None, use_amx: bool | None = None):
     """An inference linear x[..., K] -> [..., N] through the native kernel over the most
     compact exact form of `weight` for inputs of up to `max_rows` rows (default: the
     build's `row_limit()`; `F.linear` over
     `weight` beyond), or None (kernel unavailable, shape unsupported). The callable
-    carries `.native_format`, `.weight_bytes` and `.out_features`."""
+    carries `.native_format`, `.weight_bytes` and `.out_features`. use_amx: the quantised
+    formats in their AMX form (q4_1x / q8_0x) where the build has it (None: `amx()`)."""
     fn = _load() if _ENABLED else None
     if fn is None:
         return None
@@ -350,6 +469,8 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
     if packed is None:
         return None
     fmt, data = packed
+    if fmt in AMX_FORMATS and (amx() if use_amx is None else (use_amx and amx_built())):
+        fmt, data = to_amx(fmt, data, weight.shape[0])
     code = FORMATS[fmt]
     N, K = weight.shape
     wp = data.data_ptr()

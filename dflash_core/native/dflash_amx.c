@@ -1,0 +1,245 @@
+/* y[M, N] = x[M, K] @ W[N, K]^T on AMX tiles, for the model's own Q4_1 / Q8_0 weights,
+ * with every product exact and fp32 sums (the same fp32 linear as dflash_linear.c, in
+ * another summation order):
+ *
+ *   fmt 4  Q4_1X  w = d * q + m, q in 0..15 (the Q4_1 weights of fmt 2, tiled for AMX)
+ *   fmt 5  Q8_0X  w = d * q, q in -127..127  (the Q8_0 weights of fmt 1, tiled for AMX)
+ *
+ * For a 32-weight block b of a row n: sum_k w[n,k] x[k] = d * sum_k q[n,k] x[k]
+ * (+ m * sum_k x[k]). The codes q are small integers, exact in bf16; x is split exactly
+ * into three bf16 parts, x = x1 + x2 + x3 (x1: x with its low 16 mantissa bits cleared,
+ * x2 the same of x - x1, x3 the rest, at most 8 significant bits). Each code times a part
+ * has at most 16 significant bits, exact in fp32; TDPBF16PS sums them in fp32. So a
+ * block's C[m, n] = sum over the three parts and 32 k of q * x_part, then the fp32
+ * accumulator takes acc = fma(C, d, acc) (and acc = fma(sum_k x, m, acc) for Q4_1),
+ * block after block. (bf16 values below the normal range are flushed by AMX: only parts
+ * of activations under ~1e-38, not a loss that matters, and the same for every row.)
+ *
+ * Row invariance: a tile row of C depends on that input row and the weights only, and
+ * the fp32 epilogue is the same per output whatever M, the tile's row count or the
+ * thread, so a token gets the same bits in a one-token step, a verify block or a batch.
+ *
+ * Why: a TDPBF16PS multiplies 16 rows x 32 k x 16 columns at once. On the AVX-512 FMA
+ * path (dflash_linear.c) a verify block of 16 rows costs ~4x a one-row step (the weights
+ * are dequantised again for every 4 rows); here rows up to 16 cost nearly the same as
+ * one, so wider verify blocks and trees become affordable.
+ *
+ * Layout (pack_amx in __init__.py): N padded to a multiple of 16 with zero rows; for
+ * column tile j (16 weight rows) and block b one record, records in (j, b) order:
+ *   Q4_1X (384 B): float d[16], float m[16], u8 codes[8][32]
+ *   Q8_0X (576 B): float d[16], i8 codes[16][32]
+ * where codes are in the VNNI order of a B tile: tile row r (0..15) holds, for column
+ * c = p / 2 (p = 0..31), k = 2r + p % 2. Q4_1X: byte p of codes[i] holds tile row 2i
+ * in its low nibble and tile row 2i + 1 in its high nibble.
+ *
+ * Needs AMX-TILE, AMX-BF16, AVX512-BF16/BW and the kernel's permission for tile data
+ * (dfl_amx_init asks for it; 0: not usable, the caller keeps the FMA formats). */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <omp.h>
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512BW__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#ifndef DFL_AMX_PARTS
+#define DFL_AMX_PARTS 3
+#endif
+#ifndef DFL_AMX_EPI
+#define DFL_AMX_EPI 1
+#endif
+#ifndef DFL_AMX_PF
+#define DFL_AMX_PF 8   /* records ahead that are prefetched (every line of one) */
+#endif
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+int dfl_amx_init(void) { return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0; }
+
+/* GCC's _tile_loadd is an asm statement without a memory clobber: the compiler may move
+ * or drop the stores that fill the buffer it reads. A compiler barrier first. */
+#define tile_load(t, p, stride)                         \
+    do {                                                \
+        __asm__ __volatile__("" ::: "memory");          \
+        _tile_loadd(t, p, stride);                      \
+    } while (0)
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+/* tiles 0, 1: C of two column tiles; 2: A (rows input rows x 32 k); 3, 4: B (16 k pairs) */
+static void configure(int rows) {
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 5; t++) {
+        c.rows[t] = t >= 3 ? 16 : (uint8_t)rows;
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* a record's codes -> a B tile of bf16 values (1 KB, row stride 64) */
+static inline __attribute__((always_inline)) void expand(int q4, const uint8_t *codes, uint16_t *out) {
+    if (q4) {
+        /* bf16 bits of 0.0, 1.0, ..., 15.0 */
+        const __m512i tbl = _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                             0x4170, 0x4160, 0x4150, 0x4140, 0x4130, 0x4120, 0x4110, 0x4100,
+                                             0x40E0, 0x40C0, 0x40A0, 0x4080, 0x4040, 0x4000, 0x3F80, 0x0000);
+        const __m512i low = _mm512_set1_epi16(0x0F);
+        for (int i = 0; i < 8; i++) {
+            const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + 32 * i)));
+            _mm512_store_si512((__m512i *)(out + 64 * i), _mm512_permutexvar_epi16(_mm512_and_si512(v, low), tbl));
+            _mm512_store_si512((__m512i *)(out + 64 * i + 32), _mm512_permutexvar_epi16(_mm512_srli_epi16(v, 4), tbl));
+        }
+    } else {
+        for (int r = 0; r < 16; r++) {
+            const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * r))));
+            const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * r + 16))));
+            /* integers of at most 8 bits: the conversion to bf16 is exact */
+            _mm512_store_si512((__m512i *)(out + 32 * r), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+}
+
+/* x rows -> three bf16 parts [3][M][K] (x = x1 + x2 + x3 exactly), and for Q4_1 the block
+ * sums sx[M][K/32] (fixed order: two 16-lane halves added, then one reduction) */
+static void split_rows(const float *x, long m0, long m1, long M, long K, uint16_t *xs, float *sx) {
+    const __m512i hi = _mm512_set1_epi32((int)0xFFFF0000u);
+    for (long m = m0; m < m1; m++) {
+        const float *xr = x + m * K;
+        uint16_t *p0 = xs + m * K, *p1 = p0 + M * K, *p2 = p1 + M * K;
+        for (long k = 0; k < K; k += 16) {
+            const __m512 v = _mm512_loadu_ps(xr + k);
+            const __m512 a = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(v), hi));
+            const __m512 r = _mm512_sub_ps(v, a);
+            const __m512 b = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(r), hi));
+            const __m512 c = _mm512_sub_ps(r, b);
+            _mm256_storeu_si256((__m256i *)(p0 + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(a), 16)));
+            _mm256_storeu_si256((__m256i *)(p1 + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(b), 16)));
+            _mm256_storeu_si256((__m256i *)(p2 + k), _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(c), 16)));
+        }
+        if (sx)
+            for (long b = 0; b < K / 32; b++)
+                sx[m * (K / 32) + b] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_loadu_ps(xr + 32 * b),
+                                                                          _mm512_loadu_ps(xr + 32 * b + 16)));
+    }
+}
+
+static inline __attribute__((always_inline)) void epilogue(const float *cbuf, int rows, long m0, const uint8_t *rec,
+                                                           int q4, const float *sx, long B, long b, float *acc) {
+    const __m512 dv = _mm512_loadu_ps((const float *)rec);
+    const __m512 mv = q4 ? _mm512_loadu_ps((const float *)rec + 16) : _mm512_setzero_ps();
+    for (int i = 0; i < rows; i++) {
+        __m512 a = _mm512_load_ps(acc + (m0 + i) * 16);
+        a = _mm512_fmadd_ps(_mm512_load_ps(cbuf + 16 * i), dv, a);
+        if (q4) a = _mm512_fmadd_ps(_mm512_set1_ps(sx[(m0 + i) * B + b]), mv, a);
+        _mm512_store_ps(acc + (m0 + i) * 16, a);
+    }
+}
+
+/* input rows [m0, m0 + rows) (rows <= 16, the tiles configured for it) against column
+ * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles */
+static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
+                     const uint8_t *w, float *y, long j0, long j1, float *acc) {
+    const long B = K / 32, RB = q4 ? 384 : 576, CO = q4 ? 128 : 64, ps = M * K;
+    uint16_t bbuf[2][512] __attribute__((aligned(64)));
+    float cbuf[2][256] __attribute__((aligned(64)));
+    for (long j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        float *acc0 = acc, *acc1 = acc + 16 * 16;
+        memset(acc, 0, sizeof(float) * 2 * 16 * 16);
+        const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
+        for (long b = 0; b < B; b++) {
+            const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
+            for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+            expand(q4, rec0 + CO, bbuf[0]);
+            tile_load(3, bbuf[0], 64);
+            _tile_zero(0);
+            if (two) {
+                for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+                expand(q4, rec1 + CO, bbuf[1]);
+                tile_load(4, bbuf[1], 64);
+                _tile_zero(1);
+            }
+            const uint16_t *a = xs + m0 * K + b * 32;
+            for (int p = 0; p < DFL_AMX_PARTS; p++) {
+                tile_load(2, a + p * ps, K * 2);
+                _tile_dpbf16ps(0, 2, 3);
+                if (two) _tile_dpbf16ps(1, 2, 4);
+            }
+            _tile_stored(0, cbuf[0], 64);
+            if (two) _tile_stored(1, cbuf[1], 64);
+            if (DFL_AMX_EPI) epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc0);
+            if (DFL_AMX_EPI && two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc1);
+        }
+        for (int t = 0; t < 1 + two; t++) {
+            const long n = (j + t) * 16;
+            const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+            for (int i = 0; i < rows; i++)
+                _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(acc + t * 256 + i * 16));
+        }
+    }
+}
+
+/* returns 0; -1 unsupported shape or format; -2 out of memory */
+int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
+    if ((fmt != 4 && fmt != 5) || K % 32) return -1;
+    if (M <= 0 || N <= 0) return 0;
+    const int q4 = fmt == 4;
+    const long B = K / 32, J = (N + 15) / 16;
+    uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * 3 * M * K) + 63) / 64 * 64);
+    float *sx = q4 ? (float *)malloc(sizeof(float) * M * B) : NULL;
+    if (!xs || (q4 && !sx)) {
+        free(xs);
+        free(sx);
+        return -2;
+    }
+    if (nthreads < 1) nthreads = 1;
+    const long pairs = (J + 1) / 2;
+    if (nthreads > pairs) nthreads = (int)pairs;
+    /* the input split: in this thread for a few rows (a barrier between the two phases
+     * costs more than the split under a passive wait policy), else over the threads */
+    if (M <= 64 || nthreads == 1) {
+        split_rows(x, 0, M, M, K, xs, sx);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            split_rows(x, M * t / nt, M * (t + 1) / nt, M, K, xs, sx);
+        }
+    }
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        /* column tiles in pairs, split evenly over threads */
+        const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
+        float acc[2 * 16 * 16] __attribute__((aligned(64)));
+        if (j0 < j1) {
+            const long full = M / 16, rem = M % 16;
+            if (full) {
+                configure(16);
+                for (long g = 0; g < full; g++) amx_rows(q4, xs, sx, g * 16, 16, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
+            }
+            if (rem) {
+                configure((int)rem);
+                amx_rows(q4, xs, sx, full * 16, (int)rem, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
+            }
+        }
+    }
+    free(xs);
+    free(sx);
+    return 0;
+}
+#else
+int dfl_amx_init(void) { return 0; }
+int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
+    (void)fmt; (void)x; (void)M; (void)K; (void)N; (void)w; (void)y; (void)nthreads;
+    return -1;
+}
+#endif
