@@ -134,3 +134,13 @@ def build_engine(target: str = "default", drafter="default", config: EngineConfi
         backend = LocalDraftBackend(d, config.max_slots, config.max_seq_len + d.config.block_size + 1) if d else None
     engine = SpecEngine(model, backend, config, eos_token_ids=resolved.eos_token_ids)
     return engine, tok
+
+
+def linear_kind(model) -> str:
+    """How a model's decoder linears run: "amx" (the native kernel's AMX forms), "native"
+    (its FMA forms), or "torch" (anything else: GPU, bf16, the kernel off)."""
+    from . import native
+    layers = getattr(model, "layers", None)
+    fn = getattr(getattr(layers[0], "self_attn", None), "_qkv_fn", None) if layers is not None and len(layers) else None
+    fmt = getattr(fn, "native_format", None)
+    return "amx" if fmt in native.AMX_FORMATS.values() else "native" if fmt else "torch"

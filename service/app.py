@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dflash_core.api import generation_defaults
+from dflash_core.api import generation_defaults, linear_kind
 from dflash_core.chat import encode_chat
 from dflash_core.engine import format_block_size_schedule
 from dflash_core.sampling import SamplingParams
@@ -327,7 +327,8 @@ def build_app(server: Server) -> FastAPI:
                                              code="engine_dead"), status_code=503)
         body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight,
                 "block_size_schedule": format_block_size_schedule(server.engine.config.block_size_schedule),
-                "draft_tree": server.engine.draft_trees}   # requests verify draft trees (tree.py)
+                "draft_tree": server.engine.draft_trees,   # requests verify draft trees (tree.py)
+                "linears": linear_kind(server.engine.target)}
         if server.metrics.replica_id:   # under Ray Serve: which replica answered, on which node
             body["replica"], body["node"] = server.metrics.replica_id, server.node_id
         backend = server.engine.draft_backend

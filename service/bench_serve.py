@@ -159,6 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-trees", default=None,
                     help="comma list of --draft-tree values (e.g. on,off): one server each (per schedule), in this "
                          "run, speculation on and off at every level of each")
+    ap.add_argument("--server-envs", default=None,
+                    help="comma list of server environments, each KEY=VALUE (several joined by '+'), e.g. "
+                         "DFLASH_NATIVE_AMX=1,DFLASH_NATIVE_AMX=0: one server each (per schedule and draft tree), "
+                         "in this run, speculation on and off at every level of each")
     ap.add_argument("--out", default=None, help="write the JSON result here too")
     a = ap.parse_args(argv)
     if a.reps < 1 or a.per_client < 1 or a.max_tokens < 1:
@@ -168,6 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     trees = [t.strip() for t in a.draft_trees.split(",")] if a.draft_trees else [None]
     if any(t not in (None, "on", "off") for t in trees):
         ap.error("--draft-trees takes on and off")
+    envs: list[dict | None] = [None]
+    if a.server_envs:
+        envs = []
+        for item in a.server_envs.split(","):
+            pairs = [kv.strip() for kv in item.split("+") if kv.strip()]
+            if not pairs or any("=" not in kv or not kv.split("=", 1)[0] for kv in pairs):
+                ap.error(f"--server-envs: {item.strip()!r} is not KEY=VALUE[+KEY=VALUE...]")
+            envs.append(dict(kv.split("=", 1) for kv in pairs))
     conc = int_list(a.concurrency or ("1,2,4,8" if a.sweep else "1,4,16"), "--concurrency", ap.prog)
     sizes = int_list(a.block_sizes, "--block-sizes", ap.prog)
     if not conc or not sizes:
@@ -201,17 +213,22 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for sched in ([s.strip() for s in a.schedules.split(",")] if a.schedules else [None]):
             for tree in trees:
-                srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else [])
-                                    + (["--draft-tree", tree] if tree else []))
-                try:
-                    srv.wait_ready()
-                    if sched or tree:
-                        print(f"block size schedule {sched or 'default'}, draft tree {tree or 'default'}: {srv.url}",
-                              flush=True)
-                    extra = ({"schedule": sched} if sched else {}) | ({"draft_tree": tree} if tree else {})
-                    levels(srv.url, srv.model(), [True, False], extra)
-                finally:
-                    srv.stop()
+                for env in envs:
+                    srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else [])
+                                        + (["--draft-tree", tree] if tree else []), env=env)
+                    try:
+                        srv.wait_ready()
+                        env_s = "+".join(f"{k}={v}" for k, v in env.items()) if env else None
+                        health = httpx.get(srv.url + "/health").json()
+                        if sched or tree or env:
+                            print(f"block size schedule {sched or 'default'}, draft tree {tree or 'default'}"
+                                  + (f", env {env_s}" if env_s else "") + f": {srv.url}, linears "
+                                  f"{health.get('linears')}", flush=True)
+                        extra = ({"schedule": sched} if sched else {}) | ({"draft_tree": tree} if tree else {}) \
+                            | ({"env": env_s} if env_s else {}) | {"linears": health.get("linears")}
+                        levels(srv.url, srv.model(), [True, False], extra)
+                    finally:
+                        srv.stop()
 
     # table
     print()
@@ -222,7 +239,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['concurrency']:>4} {str(r[key]):>11} {r['tokens_per_s']:>8} {r['ttft_p50_ms']:>11} "
               f"{r['ttft_p90_ms']:>11} {r['itl_p50_ms']:>10} {r['itl_mean_ms']:>11} {r['mean_acceptance_length']:>6}"
               + (f"  {r['schedule']}" if "schedule" in r else "") + (f"  tree {r['draft_tree']}" if "draft_tree" in r
-                                                                         else ""))
+                                                                         else "")
+              + (f"  {r['env']}" if "env" in r else ""))
     result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}

@@ -25,6 +25,14 @@ each in a fixed order per token, so the layer stays row-invariant. On a small mo
 ~40 torch ops around the linears cost about as much as the linears themselves; a
 one-token forward of the default target went from ~19 to ~7-9 ms on 2 AVX2 cores.
 
+On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) the Q4_1 / Q8_0 weights are
+re-tiled for AMX tiles instead (`to_amx`: formats q4_1x / q8_0x, dflash_amx.c): each fp32
+input is split exactly into three bf16 parts, each code times a part is exact, and
+TDPBF16PS sums 16 rows x 32 weights x 16 outputs at once in fp32, so the product is again
+the same fp32 linear in another summation order, row-invariant, and a block of up to 16
+rows costs little more than one (`amx()`; DFLASH_NATIVE_AMX=0 or `set_amx(False)` keeps
+the FMA forms; `dflash bench --amx-ab` compares the two in one run).
+
 It is compiled at first use with the machine's C compiler (`cc`, ~1 s) into
 $DFLASH_CACHE/native/ and loaded with ctypes. `available()` says whether it could be
 (x86-64 with AVX2 and FMA, a compiler, not turned off by DFLASH_NATIVE=0 or
