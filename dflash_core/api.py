@@ -140,6 +140,8 @@ def linear_kind(model) -> str:
     """How a model's decoder linears run: "amx" (the native kernel's AMX forms), "native"
     (its FMA forms), or "torch" (anything else: GPU, bf16, the kernel off)."""
     from . import native
+    if getattr(model, "dtype", None) != torch.float32 or getattr(getattr(model, "device", None), "type", None) != "cpu":
+        return "torch"   # the native kernel runs fp32 on a CPU only
     layers = getattr(model, "layers", None)
     fn = getattr(getattr(layers[0], "self_attn", None), "_qkv_fn", None) if layers is not None and len(layers) else None
     fmt = getattr(fn, "native_format", None)

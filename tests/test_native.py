@@ -224,6 +224,19 @@ def test_bench_amx_off_swaps_in_the_fma_forms_and_restores():
     assert [o.token_ids for o in eng.generate(prompts, p)] == own
 
 
+def test_linear_kind_says_how_the_linears_run():
+    """api.linear_kind (/health's "linears"): the AMX forms where this CPU has them, the
+    FMA forms otherwise or when turned off, torch for a bf16 model."""
+    from dflash_core.api import linear_kind
+    assert linear_kind(_quantised_tiny_target()) == ("amx" if native.amx() else "native")
+    native.set_amx(False)
+    try:
+        assert linear_kind(_quantised_tiny_target()) == "native"
+    finally:
+        native.set_amx(True)
+    assert linear_kind(_quantised_tiny_target().bfloat16().pack_weights()) == "torch"
+
+
 @pytest.mark.parametrize("make", [bf16_weight, lambda N, K, seed=0: torch.randn(N, K)])
 def test_row_stored_weights_with_a_half_vector_tail(make):
     """K % 16 == 8: the AVX-512 build's last step is a masked half vector; still exact to

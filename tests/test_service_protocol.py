@@ -201,6 +201,8 @@ def test_sweep_picks_a_schedule_that_only_speculates_where_it_clearly_pays():
     (["--sweep", "--block-sizes", "0,2"], "--block-sizes takes positive integers"),
     (["--concurrency", ","], "need at least one value"),
     (["--draft-trees", "on,maybe"], "--draft-trees takes on and off"),
+    (["--server-envs", "DFLASH_NATIVE_AMX=1,AMX"], "--server-envs: 'AMX' is not KEY=VALUE"),
+    (["--server-envs", "=1"], "--server-envs: '=1' is not KEY=VALUE"),
 ])
 def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
     from dflash_core.clitools import run_command
