@@ -54,6 +54,11 @@ class ServiceConfig:
     # fp32 layers run the target (CPU), else chains. Greedy output unchanged, sampled output
     # distributed as before
     draft_tree: bool = True
+    # where the CPU has AMX-BF16 (Intel Xeon Sapphire Rapids and later), the native fp32
+    # kernel runs the 4-bit / 8-bit linears on AMX tiles (the same fp32 product, row-invariant;
+    # measured 1.2-1.8x the served tokens/s of its AVX-512 FMA form on a 2-core Xeon); false
+    # keeps the FMA form. No effect elsewhere.
+    native_amx: bool = True
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429
     retry_after_s: int = 1
@@ -165,6 +170,8 @@ class ServiceConfig:
         self.draft_threshold = check_draft_threshold(self.draft_threshold)
         if not isinstance(self.draft_tree, bool):
             raise ValueError(f"draft_tree must be true or false, got {self.draft_tree!r}")
+        if not isinstance(self.native_amx, bool):
+            raise ValueError(f"native_amx must be true or false, got {self.native_amx!r}")
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
         if not 1 <= self.max_prompt_tokens < self.max_seq_len:

@@ -65,6 +65,12 @@ def engine_config(cfg: ServiceConfig) -> EngineConfig:
                         draft_tree=cfg.draft_tree)
 
 
+def apply_native(cfg: ServiceConfig) -> None:
+    """The process-wide native kernel settings the config asks for (before models load)."""
+    from dflash_core import native
+    native.set_amx(cfg.native_amx)
+
+
 def _loads_on_fresh_thread(builder):
     """The builder runs on a thread that exits when it returns (module docstring)."""
     @functools.wraps(builder)
@@ -76,6 +82,7 @@ def _loads_on_fresh_thread(builder):
 @_loads_on_fresh_thread
 def build_colocated(cfg: ServiceConfig):
     """-> (SpecEngine, tokenizer), its schedule measured where cfg asks (measure_schedule)."""
+    apply_native(cfg)
     engine, tok = build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
                                dtype=torch_dtype(cfg), drafter_weights=cfg.drafter_weights)
     measure_schedule(engine, cfg)
@@ -118,6 +125,7 @@ def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
 def build_drafter_server(cfg: ServiceConfig) -> DrafterServer:
     if cfg.drafter is None or cfg.block_size < 2:
         raise ValueError("the disaggregated placement needs a drafter and block_size >= 2")
+    apply_native(cfg)
     # shaped by the target's architecture; the target's weights are never loaded here
     drafter = load_drafter(cfg.drafter, resolve_model(cfg.target).config, cfg.target, cfg.block_size, cfg.device,
                            torch_dtype(cfg), cfg.drafter_weights)
@@ -133,6 +141,7 @@ def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, 
     engine, so both placements compute the same numbers. context_state: the drafter's
     context weights (`DrafterServer.context_state()`): the context then goes over the wire
     as the drafter's own K/V (fewer bytes per token) instead of target features."""
+    apply_native(cfg)
     dcfg = DrafterConfig.from_json(drafter_config)
     context_drafter = (DFlashDrafter.context_only(dcfg, context_state, cfg.device, torch_dtype(cfg))
                        if context_state is not None else None)

@@ -131,6 +131,22 @@ def test_config_from_dict_and_schedule():
     from service.cli import build_parser as _parser, config_from_args as _from_args
     assert _from_args(_parser().parse_args(["--target", "tiny-random", "--draft-tree", "off"])).draft_tree is False
     assert _from_args(_parser().parse_args(["--target", "tiny-random"])).draft_tree is True
+    # the AMX linears: on by default, `--native-amx off` keeps the FMA forms; not a bool is refused;
+    # apply_native (each engine builder calls it first) sets the process's kernel choice
+    assert ServiceConfig(target="tiny-random").native_amx is True
+    assert _from_args(_parser().parse_args(["--target", "tiny-random", "--native-amx", "off"])).native_amx is False
+    for bad in ("off", 0, None):
+        with pytest.raises(ValueError, match="native_amx"):
+            ServiceConfig(target="tiny-random", native_amx=bad)
+    from dflash_core import native
+    from service.engines import apply_native
+    try:
+        apply_native(ServiceConfig(target="tiny-random", native_amx=False))
+        assert native.form("q4_1") == "q4_1" and not native.amx()
+        apply_native(ServiceConfig(target="tiny-random"))
+        assert native.amx() == native.amx_built()
+    finally:
+        native.set_amx(True)
     # the drafter's weights: `dflash serve --drafter-weights` reaches the config, default auto
     from service.cli import build_parser, config_from_args
     assert ServiceConfig(target="tiny-random").drafter_weights == "auto"
