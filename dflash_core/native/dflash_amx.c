@@ -20,9 +20,9 @@
  * thread, so a token gets the same bits in a one-token step, a verify block or a batch.
  *
  * Why: a TDPBF16PS multiplies 16 rows x 32 k x 16 columns at once. On the AVX-512 FMA
- * path (dflash_linear.c) a verify block of 16 rows costs ~4x a one-row step (the weights
- * are dequantised again for every 4 rows); here rows up to 16 cost nearly the same as
- * one, so wider verify blocks and trees become affordable.
+ * path (dflash_linear.c) the weights are dequantised again for every 4 input rows: a
+ * 16-token verify forward of the default target measured 3.2x a one-token one there, 2.1x
+ * here, and a one-token one 12% faster here (docs/BENCHMARKS.md, "AMX linears").
  *
  * Layout (pack_amx in __init__.py): N padded to a multiple of 16 with zero rows; for
  * column tile j (16 weight rows) and block b one record, records in (j, b) order:
