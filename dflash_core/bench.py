@@ -86,6 +86,9 @@ def _parser():
                          "fp32 layers run the target) or chains")
     ap.add_argument("--tree-ab", action="store_true",
                     help="also measure everything with the other verify (trees where the run has chains, and back)")
+    ap.add_argument("--verify-ctx", default="128",
+                    help="--verify-cost: comma-separated cached context lengths the forwards run on (default 128; "
+                         "the first is the one the A/B comparisons use)")
     ap.add_argument("--verify-reps", type=_positive_int, default=7,
                     help="--verify-cost: forwards timed per token count (the first is dropped)")
     ap.add_argument("--repeats", type=_positive_int, default=1)
@@ -342,10 +345,10 @@ def prefill_ab(target, sizes=(128, 256, 512), reps: int = 5) -> dict:
     return {"max_rows": limits, "by_tokens": res}
 
 
-def _verify_ab(target, reps: int, variants, label: str, out) -> dict:
+def _verify_ab(target, reps: int, variants, label: str, out, ctx_len: int = 128) -> dict:
     """verify_cost of each variant, forward by forward alternating; prints one line per
     variant (label.format(name)) -> {name: {"verify_ms", "verify_relative_to_1"}}."""
-    ab = verify_cost(target, reps=max(2, reps), variants=variants)
+    ab = verify_cost(target, ctx_len=ctx_len, reps=max(2, reps), variants=variants)
     for name, vc in ab.items():
         print(f"{label.format(name)}: verify forward cost (ctx {vc['ctx_len']}, alternating): " +
               ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
@@ -469,6 +472,11 @@ def main(argv=None) -> int:
 
     if args.mm_ab and not args.verify_cost:
         raise CliError("dflash bench: --mm-ab compares verify costs; add --verify-cost")
+    verify_ctx = int_list(args.verify_ctx, "--verify-ctx", "dflash bench")
+    if not verify_ctx:
+        raise CliError("dflash bench: --verify-ctx needs at least one context length")
+    if args.verify_ctx != "128" and not args.verify_cost:
+        raise CliError("dflash bench: --verify-ctx sets the context of --verify-cost; add --verify-cost")
     try:
         base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                               ignore_eos=args.ignore_eos)
@@ -583,7 +591,7 @@ def main(argv=None) -> int:
         seq_modes = [(None, "", contextlib.nullcontext)] + [m for m in off_modes if m[0] == "prepacked_off"]
         for key, label, ctx in seq_modes:
             with ctx():
-                vc = verify_cost(engine.target, reps=max(2, args.verify_reps))
+                vc = verify_cost(engine.target, ctx_len=verify_ctx[0], reps=max(2, args.verify_reps))
             print((label + ", " if label else "") + "verify forward cost (ctx %d): " % vc["ctx_len"] +
                   ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
                   file=out)
@@ -593,19 +601,27 @@ def main(argv=None) -> int:
         if args.native_ab:
             summary["native_ab"] = {"num_linears": len(nswaps), **_verify_ab(
                 engine.target, args.verify_reps, {"native": contextlib.nullcontext, "torch": lambda: _swapped(nswaps)},
-                "{} linears", out)}
+                "{} linears", out, verify_ctx[0])}
+        if len(verify_ctx) > 1:   # how the cost of verified rows grows with the cached context
+            summary["verify_ms_by_ctx"] = {}
+            for c in verify_ctx:
+                vc = verify_cost(engine.target, ctx_len=c, reps=max(2, args.verify_reps))
+                print(f"verify forward cost (ctx {c}): " + ", ".join(
+                    f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()), file=out)
+                summary["verify_ms_by_ctx"][str(c)] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
         if args.amx_ab:
             summary["amx_ab"] = {"num_linears": len(aswaps), **_verify_ab(
                 engine.target, args.verify_reps, {"AMX": contextlib.nullcontext, "FMA": lambda: amx_off(engine, aswaps)},
-                "{} linears", out)}
+                "{} linears", out, verify_ctx[0])}
         if args.layers_ab:
             summary["layers_ab"] = _verify_ab(
                 engine.target, args.verify_reps,
-                {"native layers": contextlib.nullcontext, "torch layers": lambda: layers_off(engine)}, "{}", out)
+                {"native layers": contextlib.nullcontext, "torch layers": lambda: layers_off(engine)}, "{}", out,
+                verify_ctx[0])
         if args.mm_ab:
             swaps = small_mm_swaps(engine)   # the packed versions built once, swapped in per forward
             n_mm = len(swaps)
-            ab = verify_cost(engine.target, reps=max(2, args.verify_reps),
+            ab = verify_cost(engine.target, ctx_len=verify_ctx[0], reps=max(2, args.verify_reps),
                              variants={"mm": contextlib.nullcontext, "packed": lambda: _swapped(swaps)})
             for name, vc in ab.items():
                 print(f"{name}: verify forward cost (ctx {vc['ctx_len']}, {n_mm} small fp32 linears): " +

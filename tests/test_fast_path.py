@@ -354,6 +354,25 @@ def test_compact_shards_roundtrip(tmp_path):
         assert z["prompt_ids"].dtype.name == "uint16"
 
 
+def test_bench_verify_cost_at_several_context_lengths():
+    """--verify-ctx: the verify forwards timed on each cached context length, the first also
+    as verify_ms; without --verify-cost, or with a bad list, one line and exit 2."""
+    out = subprocess.run([DFLASH, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "1",
+                          "--max-new-tokens", "4", "--verify-cost", "--verify-ctx", "16,96", "--verify-reps", "2",
+                          "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    by_ctx = summary["verify_ms_by_ctx"]
+    assert set(by_ctx) == {"16", "96"} and all(set(v) == set(summary["verify_ms"]) for v in by_ctx.values())
+    assert all(ms > 0 for v in by_ctx.values() for ms in v.values())
+    assert "verify forward cost (ctx 96)" in out.stderr and "verify forward cost (ctx 16)" in out.stderr
+    for argv, needle in ((["--verify-ctx", "16,96"], "add --verify-cost"),
+                         (["--verify-cost", "--verify-ctx", "16,x"], "--verify-ctx")):
+        bad = subprocess.run([DFLASH, "bench", "--target", "tiny-random", "--drafter", "random", *argv],
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and needle in bad.stderr, bad.stderr
+
+
 def test_bench_json_reports_verify_cost_by_block_size():
     out = subprocess.run([DFLASH, "bench", "--target", "tiny-random",
                           "--drafter", "random", "--num-prompts", "1", "--max-new-tokens", "8", "--verify-cost",
@@ -365,6 +384,7 @@ def test_bench_json_reports_verify_cost_by_block_size():
     assert summary["dtype"] == "bfloat16" and summary["dataset"] == "sharegpt" and summary["num_prompts"] == 1
     assert summary["native_linears"]["count"] == 0 and summary["native_linears"]["vector_width"] == 0   # fp32 only
     assert set(summary["verify_ms"]) == {"1", "2", "3", "4", "8", "16"} and all(v > 0 for v in summary["verify_ms"].values())
+    assert "verify_ms_by_ctx" not in summary     # one context length: only verify_ms
     assert set(summary["by_block_size"]) == {"4", "8"}
     assert all(r["greedy_outputs_identical"] for r in summary["by_block_size"].values())
     # each block size with each dynamic draft length threshold, the first standing for the block size
