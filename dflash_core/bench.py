@@ -86,7 +86,7 @@ def _parser():
                          "fp32 layers run the target) or chains")
     ap.add_argument("--tree-ab", action="store_true",
                     help="also measure everything with the other verify (trees where the run has chains, and back)")
-    ap.add_argument("--verify-ctx", default="128",
+    ap.add_argument("--verify-ctx", default=None,
                     help="--verify-cost: comma-separated cached context lengths the forwards run on (default 128; "
                          "the first is the one the A/B comparisons use)")
     ap.add_argument("--verify-reps", type=_positive_int, default=7,
@@ -116,13 +116,18 @@ def _parser():
     return ap
 
 
+def _local_drafter(engine):
+    """The drafter module of an engine that drafts in this process, else None."""
+    return getattr(getattr(engine.drafting, "backend", None), "drafter", None)
+
+
 def _linear_owners(engine) -> list:
     """Every object that may keep a prepacked linear: the target's and the local
     drafter's modules and the drafting context."""
     owners = list(engine.target.modules())
-    backend = getattr(engine.drafting, "backend", None)
-    if getattr(backend, "drafter", None) is not None:
-        owners += list(backend.drafter.modules())
+    drafter = _local_drafter(engine)
+    if drafter is not None:
+        owners += list(drafter.modules())
     if engine.drafting is not None:
         owners.append(engine.drafting)
     return owners
@@ -188,13 +193,12 @@ def amx_swaps(engine) -> list[tuple]:
     """The native linears in an AMX form (q4_1x / q8_0x), each with the same weight's
     FMA form (q4_1 / q8_0), built here, once."""
     from . import native
+    from .models.layers import prepack_linear
 
     def fma(fn):
         if getattr(fn, "native_format", None) not in native.AMX_FORMATS.values():
             return False
-        new = native.make_linear(*fn.native, use_amx=False)
-        new.prepacked, new.native = True, fn.native
-        return new
+        return prepack_linear(*fn.native, amx=False)
     return _linear_swaps(engine, fma)
 
 
@@ -203,10 +207,7 @@ def amx_off(engine, swaps):
     """Within: the swaps' FMA forms in place of the AMX ones, and the target's and the
     local drafter's native layers rebuilt over them; restored after."""
     from . import native
-    models = [engine.target]
-    backend = getattr(engine.drafting, "backend", None)
-    if getattr(backend, "drafter", None) is not None:
-        models.append(backend.drafter)
+    models = [m for m in (engine.target, _local_drafter(engine)) if m is not None]
     with _swapped(swaps) as n:
         saved = [(m, m._native_layers) for m in models]
         for m, nl in saved:
@@ -345,13 +346,17 @@ def prefill_ab(target, sizes=(128, 256, 512), reps: int = 5) -> dict:
     return {"max_rows": limits, "by_tokens": res}
 
 
+def _cost_line(vc: dict) -> str:
+    """A verify_cost result as printed: each token count's ms and its ratio to one token."""
+    return ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items())
+
+
 def _verify_ab(target, reps: int, variants, label: str, out, ctx_len: int = 128) -> dict:
     """verify_cost of each variant, forward by forward alternating; prints one line per
     variant (label.format(name)) -> {name: {"verify_ms", "verify_relative_to_1"}}."""
     ab = verify_cost(target, ctx_len=ctx_len, reps=max(2, reps), variants=variants)
     for name, vc in ab.items():
-        print(f"{label.format(name)}: verify forward cost (ctx {vc['ctx_len']}, alternating): " +
-              ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
+        print(f"{label.format(name)}: verify forward cost (ctx {vc['ctx_len']}, alternating): " + _cost_line(vc),
               file=out)
     return {name: {"verify_ms": {str(k): round(v, 2) for k, v in vc["ms"].items()},
                    "verify_relative_to_1": {str(k): round(v, 3) for k, v in vc["relative_to_1"].items()}}
@@ -472,11 +477,11 @@ def main(argv=None) -> int:
 
     if args.mm_ab and not args.verify_cost:
         raise CliError("dflash bench: --mm-ab compares verify costs; add --verify-cost")
-    verify_ctx = int_list(args.verify_ctx, "--verify-ctx", "dflash bench")
+    if args.verify_ctx is not None and not args.verify_cost:
+        raise CliError("dflash bench: --verify-ctx sets the context of --verify-cost; add --verify-cost")
+    verify_ctx = int_list(args.verify_ctx or "128", "--verify-ctx", "dflash bench")
     if not verify_ctx:
         raise CliError("dflash bench: --verify-ctx needs at least one context length")
-    if args.verify_ctx != "128" and not args.verify_cost:
-        raise CliError("dflash bench: --verify-ctx sets the context of --verify-cost; add --verify-cost")
     try:
         base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                               ignore_eos=args.ignore_eos)
@@ -592,8 +597,7 @@ def main(argv=None) -> int:
         for key, label, ctx in seq_modes:
             with ctx():
                 vc = verify_cost(engine.target, ctx_len=verify_ctx[0], reps=max(2, args.verify_reps))
-            print((label + ", " if label else "") + "verify forward cost (ctx %d): " % vc["ctx_len"] +
-                  ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()),
+            print((label + ", " if label else "") + f"verify forward cost (ctx {vc['ctx_len']}): " + _cost_line(vc),
                   file=out)
             dest = summary[key] if key else summary
             dest["verify_ms"] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
@@ -603,11 +607,10 @@ def main(argv=None) -> int:
                 engine.target, args.verify_reps, {"native": contextlib.nullcontext, "torch": lambda: _swapped(nswaps)},
                 "{} linears", out, verify_ctx[0])}
         if len(verify_ctx) > 1:   # how the cost of verified rows grows with the cached context
-            summary["verify_ms_by_ctx"] = {}
-            for c in verify_ctx:
+            summary["verify_ms_by_ctx"] = {str(verify_ctx[0]): summary["verify_ms"]}   # measured above
+            for c in verify_ctx[1:]:
                 vc = verify_cost(engine.target, ctx_len=c, reps=max(2, args.verify_reps))
-                print(f"verify forward cost (ctx {c}): " + ", ".join(
-                    f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items()), file=out)
+                print(f"verify forward cost (ctx {c}): " + _cost_line(vc), file=out)
                 summary["verify_ms_by_ctx"][str(c)] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
         if args.amx_ab:
             summary["amx_ab"] = {"num_linears": len(aswaps), **_verify_ab(

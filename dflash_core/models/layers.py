@@ -33,14 +33,15 @@ def is_prepacked(obj) -> bool:
 
 
 def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   mm_max_elements: int = FP32_MM_MAX_ELEMENTS, native: bool = True):
+                   mm_max_elements: int = FP32_MM_MAX_ELEMENTS, native: bool = True, amx: bool | None = None):
     """Inference-only linear with its weight reordered once for oneDNN, or None where
     that is not available or not exact enough.
 
     fp32 on a CPU with AVX2 + FMA (and `native`): the native kernel (dflash_core.native)
     over the most compact exact form of the weight (the GGUF's 4-bit / 8-bit codes where
     they give back every fp32 weight bit for bit), for every row count: row-invariant, and
-    a one-token step reads a fraction of the bytes. Everything below is the fallback.
+    a one-token step reads a fraction of the bytes (`amx`: its AMX forms or not, None: where
+    the build has them, native.make_linear's use_amx). Everything below is the fallback.
 
     bf16 on CPU: `F.linear` reorders the weight into oneDNN's blocked layout on every
     call; for a decode step that reorder costs more than the matmul (576x3072: ~150 us ->
@@ -63,7 +64,7 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
         return None
     if native and weight.dtype == torch.float32:
         from .. import native as native_kernels
-        fn = native_kernels.make_linear(weight, bias)
+        fn = native_kernels.make_linear(weight, bias, use_amx=amx)
         if fn is not None:
             fn.prepacked = True
             fn.native = (weight, bias)   # bench.native_swaps rebuilds the fallback from these

@@ -114,6 +114,7 @@ def wants_avx512() -> bool:
 
 
 AMX_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16")
+AMX_CFLAGS = ("-mamx-tile", "-mamx-bf16", "-mavx512bf16")   # the compiler options for dflash_amx.c
 
 
 def wants_amx() -> bool:
@@ -134,16 +135,14 @@ def _build() -> Path:
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
     if wants_avx512():
         flags += [f"-m{f}" for f in AVX512_FLAGS]
-    if wants_amx():
-        flags += ["-mamx-tile", "-mamx-bf16", "-mavx512bf16"]
-    try:
+    if not wants_amx():
         return _compile(cc, flags, src)
+    try:
+        return _compile(cc, flags + list(AMX_CFLAGS), src)
     except RuntimeError:
-        if not wants_amx():
-            raise
-    # a compiler without the AMX options (GCC < 11, old clang): the build without them
-    # (dflash_amx.c then compiles to stubs and the quantised weights keep the FMA formats)
-    return _compile(cc, flags[:-3], src)
+        # a compiler without the AMX options (GCC < 11, old clang): the build without them
+        # (dflash_amx.c then compiles to stubs and the quantised weights keep the FMA formats)
+        return _compile(cc, flags, src)
 
 
 def _compile(cc: str, flags: list[str], src: bytes) -> Path:

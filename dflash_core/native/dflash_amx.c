@@ -44,15 +44,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#ifndef DFL_AMX_PARTS
-#define DFL_AMX_PARTS 3
-#endif
-#ifndef DFL_AMX_EPI
-#define DFL_AMX_EPI 1
-#endif
-#ifndef DFL_AMX_PF
 #define DFL_AMX_PF 8   /* records ahead that are prefetched (every line of one) */
-#endif
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -168,15 +160,15 @@ static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int r
                 _tile_zero(1);
             }
             const uint16_t *a = xs + m0 * K + b * 32;
-            for (int p = 0; p < DFL_AMX_PARTS; p++) {
+            for (int p = 0; p < 3; p++) {   /* the input's three bf16 parts */
                 tile_load(2, a + p * ps, K * 2);
                 _tile_dpbf16ps(0, 2, 3);
                 if (two) _tile_dpbf16ps(1, 2, 4);
             }
             _tile_stored(0, cbuf[0], 64);
             if (two) _tile_stored(1, cbuf[1], 64);
-            if (DFL_AMX_EPI) epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc0);
-            if (DFL_AMX_EPI && two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc1);
+            epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc0);
+            if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc1);
         }
         for (int t = 0; t < 1 + two; t++) {
             const long n = (j + t) * 16;

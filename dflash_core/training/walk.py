@@ -49,12 +49,16 @@ def follow(length_at, n: int) -> list[int]:
     return steps
 
 
-def _chain_lengths(logits: torch.Tensor, targets: torch.Tensor, ids, b: int) -> torch.Tensor:
-    """Tokens a verify of b (the anchor and b-1 argmax drafts) emits at every anchor:
-    logits [R, n, B, V'], targets [R, n, B] -> [R, n] (0 where no target)."""
+def _argmax_drafts(logits: torch.Tensor, ids) -> torch.Tensor:
+    """The drafter's argmax token at every anchor and block position: logits [R, n, B, V']
+    (V' the drafting vocabulary `ids`, or the target's) -> target token ids [R, n, B]."""
     pred = logits.argmax(-1)
-    if ids is not None:
-        pred = ids.to(pred.device)[pred]
+    return pred if ids is None else ids.to(pred.device)[pred]
+
+
+def _chain_lengths(pred: torch.Tensor, targets: torch.Tensor, b: int) -> torch.Tensor:
+    """Tokens a verify of b (the anchor and b-1 argmax drafts) emits at every anchor:
+    pred (`_argmax_drafts`) and targets [R, n, B] -> [R, n] (0 where no target)."""
     has = (targets != IGNORE) & (torch.arange(targets.shape[-1]) < b).to(targets.device)   # b-1 drafts seen
     return accepted_lengths(((pred == targets) & has).cpu(), has.cpu())
 
@@ -112,7 +116,7 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
     for chunk, keep, spans, logits, targets, ids in _drafter_logits(target, drafter, records, rows):
         out: list[list[int]] = [[] for _ in chunk]
         if keep:
-            acc = _chain_lengths(logits, targets, ids, b)
+            acc = _chain_lengths(_argmax_drafts(logits, ids), targets, b)
             for r, j in enumerate(keep):
                 out[j] = walk(acc[r, :spans[r]].tolist())
         walks += out
@@ -157,8 +161,9 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
                     got[b][j] = follow(lambda a: tree_step(r, a, b), spans[r])
         for b in block_sizes:
             walks[b] += got[b]
+        pred = _argmax_drafts(logits, ids) if keep and chains else None
         for b in chains:   # the chain at the same b, from the same pass
-            acc = _chain_lengths(logits, targets, ids, b).tolist() if keep else []
+            acc = _chain_lengths(pred, targets, b).tolist() if keep else []
             chains[b] += [walk(acc[r][:spans[r]]) for r in range(len(keep))]
     return {"tau": {b: _tau(w) for b, w in walks.items()}, "walks": walks,
             "chain_tau": {b: _tau(c) for b, c in chains.items()}}
