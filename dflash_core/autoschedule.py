@@ -137,8 +137,9 @@ def load_acceptance(folder) -> dict | None:
         if not isinstance(prof, dict):
             raise ValueError("expected a JSON object")
         prof["per_position_acceptance"] = check_reach(prof.get("per_position_acceptance"))
-        if "tree_tau" in prof:
-            prof["tree_tau"] = check_tree_tau(prof["tree_tau"])
+        for key in ("tree_tau", "tree_lookup_tau"):
+            if key in prof:
+                prof[key] = check_tree_tau(prof[key])
     except (ValueError, OSError) as e:
         raise ValueError(f"{path}: not an acceptance profile: {e}") from None
     return prof
@@ -147,8 +148,9 @@ def load_acceptance(folder) -> dict | None:
 def save_acceptance(folder, reach, **measured) -> Path:
     """Write `acceptance.json` into a drafter folder: the profile plus `measured` (how)."""
     path = Path(folder) / ACCEPTANCE_FILE
-    if measured.get("tree_tau") is not None:
-        measured["tree_tau"] = {str(b): round(t, 4) for b, t in sorted(check_tree_tau(measured["tree_tau"]).items())}
+    for key in ("tree_tau", "tree_lookup_tau"):
+        if measured.get(key) is not None:
+            measured[key] = {str(b): round(t, 4) for b, t in sorted(check_tree_tau(measured[key]).items())}
     path.write_text(json.dumps({"per_position_acceptance": [round(x, 4) for x in check_reach(list(reach))],
                                 **measured}, indent=1) + "\n")
     return path
@@ -234,6 +236,15 @@ def probe_rows(max_slots: int) -> list[int]:
         out.append(r)
         r *= 2
     return out + [max_slots]
+
+
+def profile_tree_tau(engine, profile: dict) -> dict | None:
+    """The tree tau an acceptance profile predicts this engine's greedy tree steps with: the
+    walk with lookup branches (`tree_lookup_tau`) where the engine verifies them and the
+    profile has it, else the drafter's trees alone (`tree_tau`), else None."""
+    if engine.draft_lookups and profile.get("tree_lookup_tau"):
+        return profile["tree_lookup_tau"]
+    return profile.get("tree_tau")
 
 
 def runs_tree(engine, tree_tau: dict[int, float] | None, rows: int, b: int) -> bool:

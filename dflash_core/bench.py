@@ -20,6 +20,8 @@ machine noise hits both alike. Optional extras:
                   back (the verify cost alternating forward by forward)
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
+  --lookup-ab     every measurement above also with the lookup branches of the greedy
+                  trees (dflash_core/lookup.py) the other way (off where they are on), back to back
   --drafter-weights-ab  every measurement above also with the drafter's weights in the
                   other form (stored vs rounded onto the kernel's 8-bit grid), back to back
   --prefill-ab    whole prefills (128 / 256 / 512 tokens) with the native layers' row limit
@@ -86,6 +88,10 @@ def _parser():
                          "fp32 layers run the target) or chains")
     ap.add_argument("--tree-ab", action="store_true",
                     help="also measure everything with the other verify (trees where the run has chains, and back)")
+    ap.add_argument("--draft-lookup", choices=("on", "off"), default="on",
+                    help="greedy tree rows also verify lookup branches (EngineConfig.draft_lookup, dflash_core/lookup.py)")
+    ap.add_argument("--lookup-ab", action="store_true",
+                    help="also measure everything with the other --draft-lookup")
     ap.add_argument("--verify-ctx", default=None,
                     help="--verify-cost: comma-separated cached context lengths the forwards run on (default 128; "
                          "the first is the one the A/B comparisons use)")
@@ -164,6 +170,18 @@ def prepacked_off(engine):
     prepack_linear, found by their mark wherever a module or the drafting context keeps
     one) are off, so every linear runs as plain F.linear; restored after."""
     return _swapped(_linear_swaps(engine, lambda fn: None))
+
+
+@contextlib.contextmanager
+def draft_lookup_set(engine, on: bool):
+    """Within: EngineConfig.draft_lookup = on; restored after. Yields 1 where the engine's
+    greedy tree rows then verify lookup branches, else 0."""
+    was = engine.config.draft_lookup
+    engine.config.draft_lookup = on
+    try:
+        yield int(engine.draft_lookups)
+    finally:
+        engine.config.draft_lookup = was
 
 
 @contextlib.contextmanager
@@ -558,6 +576,12 @@ def main(argv=None) -> int:
         other = not engine.config.draft_tree
         off_modes.append((f"draft_tree_{'on' if other else 'off'}", f"draft tree {'on' if other else 'off'}",
                           lambda: draft_tree_set(engine, other)))
+    engine.config.draft_lookup = args.draft_lookup == "on"
+    summary["draft_lookup"] = engine.draft_lookups
+    if args.lookup_ab:
+        other_l = not engine.config.draft_lookup
+        off_modes.append((f"draft_lookup_{'on' if other_l else 'off'}", f"draft lookup {'on' if other_l else 'off'}",
+                          lambda: draft_lookup_set(engine, other_l)))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
     by_threshold: dict[str, dict] = {}
     for b in block_sizes:

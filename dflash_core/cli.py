@@ -28,6 +28,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-tree", choices=("on", "off"), default="on",
                     help="verify a tree of drafts (on, where the native fp32 layers run the target) or a chain "
                          "(off); greedy output is the same, sampled output follows the same distribution")
+    ap.add_argument("--draft-lookup", choices=("on", "off"), default="on",
+                    help="greedy trees also verify what followed the last tokens where they occurred before in "
+                         "the prompt or output (on; dflash_core/lookup.py); greedy output is the same")
     ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -45,7 +48,7 @@ def cmd_generate(argv) -> int:
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 speculative=not args.no_draft)
         cfg = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len, block_size=1 if args.no_draft else args.block_size,
-                           draft_tree=args.draft_tree == "on")
+                           draft_tree=args.draft_tree == "on", draft_lookup=args.draft_lookup == "on")
     except ValueError as e:
         raise CliError(f"dflash generate: {e}")
     if not args.prompt:
@@ -67,6 +70,7 @@ def cmd_generate(argv) -> int:
         "num_accepted_tokens": res.stats.num_accepted_tokens,
         "num_steps": res.stats.num_steps,
         "draft_tree": engine.draft_trees,
+        "draft_lookup": engine.draft_lookups,
         "accepted_per_position": res.stats.accepted_per_position,
         "tokens_per_s": round(len(res.token_ids) / dt, 3) if dt > 0 else None,
         "elapsed_s": round(dt, 3),

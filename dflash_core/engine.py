@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import lookup
 from . import runtime
 from . import speculative as spec
 from . import tree
@@ -168,6 +169,10 @@ class EngineConfig:
     # serve the forward (Decoder.serves_tree), else the chain; a draft_threshold > 0 asks for
     # chains cut short, so it turns trees off
     draft_tree: bool = True
+    # lookup branches (lookup.py): a greedy tree row also verifies what followed its last
+    # tokens the last time they occurred in its prompt or output, merged into its tree
+    # (tree.merged_nodes); only where trees run
+    draft_lookup: bool = True
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -260,6 +265,25 @@ class SpecEngine:
         still falls back to chains where its rows x block exceed what those layers take)."""
         return (self.speculative and self.config.draft_tree and self.config.draft_threshold <= 0
                 and self.target.serves_tree(1, 3))
+
+    @property
+    def draft_lookups(self) -> bool:
+        """Whether its greedy tree rows also verify lookup branches (EngineConfig.draft_lookup,
+        where trees run: `draft_trees`)."""
+        return self.config.draft_lookup and self.draft_trees
+
+    def _lookups(self, rows: list[Sequence], greedy_rows: list[int], nodes: int) -> dict[int, list[int]]:
+        """The lookup branch of each greedy tree row (lookup.propose) for trees of `nodes`
+        nodes, where its context has one."""
+        out = {}
+        for r in greedy_rows:
+            s = rows[r]
+            if s.ngrams is None:
+                s.ngrams = lookup.NgramIndex()
+            branch = lookup.propose(s.ngrams, s.prompt + s.output, nodes)
+            if branch:
+                out[r] = branch
+        return out
 
     def block_size(self, num_running: int | None = None) -> int:
         """The verified block size a speculating row runs when num_running rows run (now:
@@ -499,7 +523,8 @@ class SpecEngine:
             if tree_rows and top is not None:   # their nodes replace their chain drafts
                 greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
                 if greedy_rows:
-                    parents = tree.plan(top, greedy_rows, draft_tokens)
+                    looks = self._lookups(rows, greedy_rows, b - 1) if self.config.draft_lookup else None
+                    parents = tree.plan(top, greedy_rows, draft_tokens, looks)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:
                     chain_lens = tree.sampling_plan(top, samp_rows, draft_tokens, parents)

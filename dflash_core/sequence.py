@@ -117,7 +117,7 @@ class GenerationResult:
 class Sequence:
     __slots__ = ("request_id", "prompt", "params", "gen", "slot", "output", "last", "pending_feats",
                  "pending_pos", "stats", "stop_ids", "finish_reason", "arrival_s", "stop_token_id", "prefilled",
-                 "step", "prompt_lps")
+                 "step", "prompt_lps", "ngrams")
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams, stop_ids: frozenset):
         self.request_id = request_id
@@ -136,6 +136,7 @@ class Sequence:
         self.arrival_s = time.monotonic()
         self.prefilled = 0                # prompt tokens in the target cache (chunked prefill)
         self.step = StepStats()           # what the current step did for this row
+        self.ngrams = None                # lookup.NgramIndex over prompt + output, made at its first tree step
         # params.prompt_logprobs: entries of the prompt tokens prefilled so far (None once reported)
         self.prompt_lps: list[TokenLogprob] | None = [] if params.prompt_logprobs is not None else None
 

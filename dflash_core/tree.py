@@ -124,10 +124,38 @@ def commit_path(cache, slot: int, start: int, path: list[int]) -> None:
         vc[slot, :, start + 1:start + 1 + n] = vc[slot, :, src]
 
 
-def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tokens: torch.Tensor
-         ) -> dict[int, list[int]]:
+def merged_nodes(lookup: list[int], top_p: list[list[float]], top_tok: list[list[int]], n: int
+                 ) -> tuple[list[int], list[int]]:
+    """One greedy row's tree of up to n nodes: the lookup branch (lookup.py) first, as a
+    chain from the anchor, then the drafter's best-first nodes (top_p / top_tok [P][K]),
+    a node both propose (same parent, same token) taken once -> (parents, tokens)."""
+    parents: list[int] = []
+    tokens: list[int] = []
+    index: dict[tuple[int, int], int] = {}   # (parent block index, token) -> block index
+
+    def add(par: int, tok: int) -> int:
+        if (par, tok) not in index:
+            parents.append(par)
+            tokens.append(tok)
+            index[(par, tok)] = len(tokens)
+        return index[(par, tok)]
+
+    at = 0
+    for t in lookup[:n]:
+        at = add(at, t)
+    placed = {0: 0}   # best-first node number -> its block index in this tree
+    for i, (par, d, k) in enumerate(best_first(top_p, n + len(lookup))):
+        if len(tokens) >= n:
+            break
+        placed[i + 1] = add(placed[par], top_tok[d][k])
+    return parents, tokens
+
+
+def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tokens: torch.Tensor,
+         lookups: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
     """The greedy trees of a step: top = the drafter's (tokens, probs) [R, b-1, k] per
-    position (speculative.draft's `topk`), tree_rows the greedy rows that verify trees.
+    position (speculative.draft's `topk`), tree_rows the greedy rows that verify trees,
+    lookups: row -> its lookup branch (lookup.py; `merged_nodes`), where it has one.
     Writes each tree row's node tokens into draft_tokens [R, b-1] (in place; other rows
     keep theirs) -> row -> parents of its nodes."""
     n = draft_tokens.shape[1]
@@ -135,9 +163,13 @@ def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tok
     top_tok, top_p = top[0][idx].tolist(), top[1][idx].tolist()
     parents: dict[int, list[int]] = {}
     for j, r in enumerate(tree_rows):
-        nodes = best_first(top_p[j], n)
-        parents[r] = [p for p, _, _ in nodes]
-        draft_tokens[r, :len(nodes)] = torch.tensor([top_tok[j][d][k] for _, d, k in nodes])
+        look = lookups.get(r) if lookups else None
+        if look:
+            parents[r], toks = merged_nodes(look, top_p[j], top_tok[j], n)
+        else:
+            nodes = best_first(top_p[j], n)
+            parents[r], toks = [p for p, _, _ in nodes], [top_tok[j][d][k] for _, d, k in nodes]
+        draft_tokens[r, :len(toks)] = torch.tensor(toks)
     return parents
 
 

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-tree", choices=("on", "off"), default="on" if d["draft_tree"].default else "off",
                     help="requests verify a tree of the drafter's most likely paths instead of a chain "
                          "(where the native fp32 layers run the target; output unchanged)")
+    ap.add_argument("--draft-lookup", choices=("on", "off"), default="on" if d["draft_lookup"].default else "off",
+                    help="greedy requests' trees also verify what followed their last tokens where those occurred "
+                         "before in the prompt or output (dflash_core/lookup.py; output unchanged)")
     ap.add_argument("--native-amx", choices=("on", "off"), default="on" if d["native_amx"].default else "off",
                     help="on CPUs with AMX-BF16: the native fp32 kernel's 4-bit / 8-bit linears on AMX tiles "
                          "(same output; off: its AVX-512 FMA form)")
@@ -81,7 +84,8 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               max_tokens_limit=a.max_tokens_limit, served_model_name=a.served_model_name, num_cpus=a.num_cpus,
               num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
               threads=a.threads, omp_wait_policy=a.omp_wait_policy, draft_threshold=a.draft_threshold,
-              draft_tree=a.draft_tree == "on", native_amx=a.native_amx == "on")
+              draft_tree=a.draft_tree == "on", draft_lookup=a.draft_lookup == "on",
+              native_amx=a.native_amx == "on")
     if a.block_size_schedule is not None:   # ServiceConfig parses it ("auto", "none", pairs)
         kw["block_size_schedule"] = a.block_size_schedule
     return ServiceConfig(**kw)

@@ -54,6 +54,10 @@ class ServiceConfig:
     # fp32 layers run the target (CPU), else chains. Greedy output unchanged, sampled output
     # distributed as before
     draft_tree: bool = True
+    # lookup branches (EngineConfig.draft_lookup): greedy requests' trees also verify what
+    # followed their last tokens where those occurred before in the prompt or the output
+    # (dflash_core/lookup.py); where trees run. Greedy output unchanged
+    draft_lookup: bool = True
     # where the CPU has AMX-BF16 (Intel Xeon Sapphire Rapids and later), the native fp32
     # kernel runs the 4-bit / 8-bit linears on AMX tiles (the same fp32 product, row-invariant;
     # measured 1.2-1.8x the served tokens/s of its AVX-512 FMA form on a 2-core Xeon); false
@@ -170,6 +174,8 @@ class ServiceConfig:
         self.draft_threshold = check_draft_threshold(self.draft_threshold)
         if not isinstance(self.draft_tree, bool):
             raise ValueError(f"draft_tree must be true or false, got {self.draft_tree!r}")
+        if not isinstance(self.draft_lookup, bool):
+            raise ValueError(f"draft_lookup must be true or false, got {self.draft_lookup!r}")
         if not isinstance(self.native_amx, bool):
             raise ValueError(f"native_amx must be true or false, got {self.native_amx!r}")
         if self.max_prompt_tokens is None:

@@ -23,7 +23,7 @@ import torch
 
 from dflash_core.api import build_engine, drafter_folder, load_drafter
 from dflash_core.autoschedule import (ACCEPTANCE_FILE, ScheduleTuner, format_rows, load_acceptance,
-                                      measured_schedule)
+                                      measured_schedule, profile_tree_tau)
 from dflash_core.drafter import DFlashDrafter, DrafterConfig
 from dflash_core.engine import EngineConfig, format_block_size_schedule
 from dflash_core.models.registry import resolve_model
@@ -62,7 +62,7 @@ def engine_config(cfg: ServiceConfig) -> EngineConfig:
     return EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
                         block_size_schedule=cfg.resolved_block_size_schedule(),
                         max_prefill_tokens=cfg.max_prefill_tokens, draft_threshold=cfg.draft_threshold,
-                        draft_tree=cfg.draft_tree)
+                        draft_tree=cfg.draft_tree, draft_lookup=cfg.draft_lookup)
 
 
 def apply_native(cfg: ServiceConfig) -> None:
@@ -112,7 +112,7 @@ def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
             raise ValueError(f"block_size_schedule 'measure': {why}")
         return None
     t0 = time.perf_counter()
-    pairs, rows = measured_schedule(engine, profile["per_position_acceptance"], tree_tau=profile.get("tree_tau"))
+    pairs, rows = measured_schedule(engine, profile["per_position_acceptance"], tree_tau=profile_tree_tau(engine, profile))
     engine.set_block_size_schedule(pairs)
     # from here on the traffic's own acceptance re-picks it among the timed cells
     engine.schedule_tuner = ScheduleTuner(rows, profile["per_position_acceptance"])

@@ -187,11 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --walk-data: also the greedy tau of tree verification at these verified block sizes "
                          "(comma-separated), replayed like the walk (training/walk.py tree_walk_tau); "
                          "--save-acceptance then records them as tree_tau (what the server's measured schedule "
-                         "predicts tree steps with)")
+                         "predicts tree steps with), and with lookup branches (dflash_core/lookup.py) as "
+                         "tree_lookup_tau")
     ap.add_argument("--draft-tree", action="store_true",
                     help="cells verify draft trees of block-size - 1 nodes (EngineConfig.draft_tree; where "
                          "the native fp32 layers run the target) instead of chains (default: chains, the "
                          "drafter's own acceptance)")
+    ap.add_argument("--draft-lookup", action="store_true",
+                    help="with --draft-tree: greedy trees also verify lookup branches (EngineConfig.draft_lookup, "
+                         "dflash_core/lookup.py; default off here: the drafter's own acceptance)")
     ap.add_argument("--batch", type=int, default=1,
                     help="requests decoded together (1: one after another, the speedup users see at batch 1)")
     ap.add_argument("--walk", action="store_true",
@@ -248,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device, dtype=dtype,
                                    drafter_weights=a.drafter_weights, config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
                                                        max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8,
-                                                       draft_tree=a.draft_tree))
+                                                       draft_tree=a.draft_tree, draft_lookup=a.draft_lookup))
         results, prompt_sets = {}, {}
         for ds in a.datasets:
             prompt_sets[ds] = load_eval_prompts(ds, tok, a.num_prompts, a.max_prompt_tokens)
@@ -276,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                                  "tau_by_block_size": {b: round(t, 4) for b, t in tw["tau"].items()},
                                  "chain_tau_by_block_size": {b: round(t, 4) for b, t in tw["chain_tau"].items()}}
                 print(json.dumps({tkey: results[tkey]}), file=sys.stderr)
+                lkey = f"tree_lookup_walk:{Path(a.walk_data).name}@T0"
+                tl = tree_walk_tau(engine.target, engine.draft_backend.drafter, walk_recs, tree_blocks, lookup=True)
+                results[lkey] = {"temperature": 0.0, "num_prompts": len(walk_recs), "method": "tree walk, lookup branches",
+                                 "tau_by_block_size": {b: round(t, 4) for b, t in tl["tau"].items()}}
+                print(json.dumps({lkey: results[lkey]}), file=sys.stderr)
         curve = []
         if a.snapshots and walk_recs is not None:
             curve = walk_snapshot_curve(Path(a.snapshots), engine.target, walk_recs, a.block_size, a.device, dtype)
@@ -290,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         # the block actually verified: the engine caps --block-size at the drafter's own block
         from ..api import resolve_drafter_weights
         summary = {"target": a.target, "drafter": a.drafter, "draft_tree": a.draft_tree,
+                   "draft_lookup": a.draft_lookup and a.draft_tree,
                    "drafter_weights": resolve_drafter_weights(a.drafter_weights, a.device, dtype),
                    "block_size": engine.block_size(a.batch),
                    "requested_block_size": a.block_size, "dtype": dtype_name(dtype),
@@ -306,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 temperature=0.0, max_new_tokens=a.max_new_tokens, dtype=summary["dtype"],
                 drafter_weights=summary["drafter_weights"], measured_by="dflash eval",
                 **({"tree_tau": results[f"tree_walk:{Path(a.walk_data).name}@T0"]["tau_by_block_size"],
+                    "tree_lookup_tau": results[f"tree_lookup_walk:{Path(a.walk_data).name}@T0"]["tau_by_block_size"],
                     "tree_tau_from": f"tree walk over {Path(a.walk_data).name}"} if tree_blocks else {})))
     except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
         print(f"dflash eval: {e}", file=sys.stderr)

@@ -128,14 +128,17 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
 
 
 @torch.no_grad()
-def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], rows: int = 4) -> dict:
+def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], rows: int = 4,
+                  lookup: bool = False) -> dict:
     """Greedy tau of tree verification (dflash_core/tree.py) at each verified block size b
     (b - 1 nodes, picked best-first from the drafter's top TOPK per position, depth <= the
-    drafter's block - 1), replayed from one prefill per record like walk_tau: a node is
-    accepted when its path's tokens are the response's, so the accepted length at an
-    anchor is the deepest node on the response's own path. -> {"tau": {b: tau}, "walks":
-    {b: [the engine's step lengths, per record]}, "chain_tau": {b: the chain's tau at the
-    same b, from the same pass (b <= the drafter's block)}}."""
+    drafter's block - 1; with `lookup`, merged with the lookup branch as the engine's
+    EngineConfig.draft_lookup does: tree.merged_nodes), replayed from one prefill per record
+    like walk_tau: a node is accepted when its path's tokens are the response's, so the
+    accepted length at an anchor is the deepest node on the response's own path. -> {"tau":
+    {b: tau}, "walks": {b: [the engine's step lengths, per record]}, "chain_tau": {b: the
+    chain's tau at the same b, from the same pass (b <= the drafter's block)}}."""
+    from .. import lookup as lk
     from .. import tree
     B = drafter.config.block_size
     if any(not 2 <= b <= 64 for b in block_sizes):
@@ -156,9 +159,26 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
                     if parent == at and d == depth and tg[r][a][d] != IGNORE and top_i[r][a][d][k] == tg[r][a][d]:
                         depth, at = depth + 1, i + 1
                 return depth + 1
+
+            def lookup_step(r: int, a: int, b: int, seq: list[int], s0: int, index) -> int:
+                top_tok = [[top_i[r][a][d][k] for k in range(tree.TOPK)] for d in range(len(tg[r][a]))]
+                # the engine's tree at anchor a: its context is the record up to the anchor
+                parents, toks = tree.merged_nodes(lk.propose(index, seq[:s0 + a + 1], b - 1), top_p[r][a], top_tok, b - 1)
+                children = tree._children(parents, toks)
+                depth, at = 0, 0
+                while depth < len(tg[r][a]) and tg[r][a][depth] != IGNORE and tg[r][a][depth] in children.get(at, {}):
+                    at = children[at][tg[r][a][depth]]
+                    depth += 1
+                return depth + 1
             for b in block_sizes:
                 for r, j in enumerate(keep):
-                    got[b][j] = follow(lambda a: tree_step(r, a, b), spans[r])
+                    if lookup:
+                        rec = chunk[j]
+                        seq = [int(t) for t in rec["prompt_ids"]] + [int(t) for t in rec["response_ids"]]
+                        index = lk.NgramIndex()
+                        got[b][j] = follow(lambda a: lookup_step(r, a, b, seq, len(rec["prompt_ids"]), index), spans[r])
+                    else:
+                        got[b][j] = follow(lambda a: tree_step(r, a, b), spans[r])
         for b in block_sizes:
             walks[b] += got[b]
         pred = _argmax_drafts(logits, ids) if keep and chains else None
