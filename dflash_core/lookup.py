@@ -1,15 +1,14 @@
 """Lookup branches: a greedy draft tree also verifies what followed the row's last tokens
 the last time they occurred in its own context (prompt and output).
 
-Small models repeat themselves, and answers quote their prompts: on the 100 ShareGPT
-holdout responses of the default target, the continuation of the latest earlier occurrence
-of the last 1-4 tokens is right for its first token at 38% of the anchors, and alone, as a
-chain of 4 drafts, gives tau 1.59 (the drafter's chain of 4: 1.66). The two are wrong at
-different places, so a tree holding both gains more than either: `tree.plan` puts the
-lookup continuation in first, as a chain from the anchor, and fills the rest of the
-tree's nodes with the drafter's best-first paths, sharing the nodes both propose (tau at
-4 verified rows: 1.79 drafter tree, 2.08 with the lookup branch; at 8 rows 1.98 -> 2.58;
-docs/BENCHMARKS.md "Lookup branches").
+Small models repeat themselves, and answers quote their prompts: that continuation is
+often right where the drafter is wrong, and the reverse, so a tree holding both gains
+more than either. `tree.plan` puts the lookup continuation in first, as a chain from the
+anchor, and fills the rest of the tree's nodes with the drafter's best-first paths, taking
+a node both propose once. Replayed over the default target's greedy responses to the 100
+ShareGPT holdout prompts (training/walk.py `tree_walk_tau`), the shipped drafter: tau 1.79
+-> 2.08 at 4 verified rows, 1.90 -> 2.41 at 6, 1.97 -> 2.57 at 8 (docs/BENCHMARKS.md
+"Lookup branches").
 
 The target verifies the lookup nodes like any others (tree.greedy_walk follows its own
 argmax), so the output stays the target's greedy output token for token. Only greedy tree

@@ -284,3 +284,40 @@ def test_tuner_keeps_the_running_schedule_inside_the_margin():
     assert auto.ScheduleTuner(rows, [0.0]).repick(spec) == plain        # b2 at 83% of plain
     assert auto.ScheduleTuner(rows, [0.5]).repick(plain) == spec        # b2 at 125%
     assert even.repick(None) == plain and even.repick([(1, 3), (INF_RUNNING, 1)]) == plain   # an untimed block
+
+
+def test_tree_tau_profiles_and_which_one_an_engine_reads(target, tmp_path, monkeypatch):
+    """acceptance.json's tree_tau / tree_lookup_tau (tree walks, with and without lookup
+    branches) round-trip and are checked; an engine whose greedy trees carry lookup branches
+    predicts its tree cells with tree_lookup_tau, one without them with tree_tau; cells
+    where trees run take the profile's tau instead of the chain's."""
+    path = auto.save_acceptance(tmp_path, [0.4, 0.1], tree_tau={3: 1.61234, "4": 1.7}, tree_lookup_tau={4: 2.05})
+    prof = auto.load_acceptance(tmp_path)
+    assert path.name == "acceptance.json"
+    assert prof["tree_tau"] == {3: 1.6123, 4: 1.7} and prof["tree_lookup_tau"] == {4: 2.05}
+    for bad, needle in (({"x": 1.5}, "keys must be block sizes"), ({1: 1.0}, "block size >= 2"),
+                        ({4: 5.0}, r"tau in \[1, 4\]"), ({4: True}, "tau in"), ([1.5], "must be an object")):
+        with pytest.raises(ValueError, match=needle):
+            auto.check_tree_tau(bad)
+        (tmp_path / "acceptance.json").write_text(json.dumps({"per_position_acceptance": [0.4],
+                                                              "tree_lookup_tau": bad}))
+        with pytest.raises(ValueError, match="not an acceptance profile"):
+            auto.load_acceptance(tmp_path)
+
+    class Eng:   # what profile_tree_tau reads
+        draft_lookups = True
+    assert auto.profile_tree_tau(Eng, prof) == {4: 2.05}
+    Eng.draft_lookups = False
+    assert auto.profile_tree_tau(Eng, prof) == {3: 1.6123, 4: 1.7}
+    Eng.draft_lookups = True
+    assert auto.profile_tree_tau(Eng, {"tree_tau": {4: 1.7}}) == {4: 1.7}     # an older profile
+    assert auto.profile_tree_tau(Eng, {}) is None
+    # the measured schedule reads the tree tau where trees run (here: forced), the chain's elsewhere
+    eng = make_engine(target, block_size=8, max_slots=1)
+    monkeypatch.setattr(auto, "measure_step_times", lambda engine, rows, blocks, steps=5, prompt_len=128, seed=0,
+                        passes=2: {b: 0.01 for b in blocks})
+    monkeypatch.setattr(auto, "runs_tree", lambda engine, tt, R, b: bool(tt) and b in tt)
+    _, rows = auto.measured_schedule(eng, [0.4, 0.1], tree_tau={4: 2.05})
+    by_b = {r["block_size"]: r for r in rows}
+    assert by_b[4]["tau"] == 2.05 and by_b[4]["tree_tau"] == 2.05
+    assert by_b[3]["tau"] == pytest.approx(1.5) and "tree_tau" not in by_b[3]

@@ -96,6 +96,10 @@ def test_cli_generate_json(dtype):
     assert chain["token_ids"] == obj["token_ids"] and chain["stats"]["draft_tree"] is False
     from dflash_core import native   # fp32 and auto run the native layers wherever they build
     assert obj["stats"]["draft_tree"] is native.available()
+    assert obj["stats"]["draft_lookup"] is native.available() and chain["stats"]["draft_lookup"] is False
+    r4 = run_cli(*q, "--draft-lookup", "off")   # trees without lookup branches: the same tokens
+    nolook = json.loads(r4.stdout.strip().splitlines()[-1])
+    assert nolook["token_ids"] == obj["token_ids"] and nolook["stats"]["draft_lookup"] is False
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -101,10 +101,20 @@ def test_lookup_branches_keep_greedy_output_and_get_accepted(monkeypatch):
     assert sum(1 for x in proposed if x) > 20
 
 
-def test_lookup_needs_trees():
+def test_lookup_needs_trees_and_the_bench_switch():
     from test_native import _quantised_tiny_target
-    eng = _tiny_engine(_quantised_tiny_target(), 4, False)
+    from dflash_core.bench import draft_lookup_set
+    target = _quantised_tiny_target()
+    eng = _tiny_engine(target, 4, False)
     assert eng.config.draft_lookup and not eng.draft_lookups
+    with draft_lookup_set(eng, True) as n:   # bench --lookup-ab: 1 only where lookups then run
+        assert n == 0
+    eng = _tiny_engine(target, 4, True)
+    trees = eng.draft_trees
+    assert eng.draft_lookups is trees
+    with draft_lookup_set(eng, False) as n:
+        assert n == 0 and not eng.draft_lookups
+    assert eng.config.draft_lookup and eng.draft_lookups is trees          # restored
 
 
 @needs_kernel

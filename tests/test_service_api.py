@@ -498,6 +498,7 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(srv):
     eng = srv.server.engine
     assert eng.config.draft_tree is True
     assert h.json()["draft_tree"] is eng.target.serves_tree(1, 3)
+    assert eng.config.draft_lookup is True and h.json()["draft_lookup"] is eng.draft_lookups is h.json()["draft_tree"]
     # how the target's linears run: the native kernel's AMX or FMA forms, or torch
     fmt = getattr(eng.target.layers[0].self_attn._qkv_fn, "native_format", None)
     assert h.json()["linears"] == ("torch" if fmt is None else "amx" if fmt.endswith("x") else "native")

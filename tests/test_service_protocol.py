@@ -131,6 +131,15 @@ def test_config_from_dict_and_schedule():
     from service.cli import build_parser as _parser, config_from_args as _from_args
     assert _from_args(_parser().parse_args(["--target", "tiny-random", "--draft-tree", "off"])).draft_tree is False
     assert _from_args(_parser().parse_args(["--target", "tiny-random"])).draft_tree is True
+    # lookup branches: on by default, reach the engine, `--draft-lookup off` turns them off; not a bool is refused
+    assert ServiceConfig(target="tiny-random").draft_lookup is True
+    assert engine_config(ServiceConfig(target="tiny-random")).draft_lookup is True
+    assert engine_config(ServiceConfig(target="tiny-random", draft_lookup=False)).draft_lookup is False
+    for bad in ("on", 0, None):
+        with pytest.raises(ValueError, match="draft_lookup"):
+            ServiceConfig(target="tiny-random", draft_lookup=bad)
+    assert _from_args(_parser().parse_args(["--target", "tiny-random", "--draft-lookup", "off"])).draft_lookup is False
+    assert _from_args(_parser().parse_args(["--target", "tiny-random"])).draft_lookup is True
     # the AMX linears: on by default, `--native-amx off` keeps the FMA forms; not a bool is refused;
     # apply_native (each engine builder calls it first) sets the process's kernel choice
     assert ServiceConfig(target="tiny-random").native_amx is True
@@ -217,6 +226,7 @@ def test_sweep_picks_a_schedule_that_only_speculates_where_it_clearly_pays():
     (["--sweep", "--block-sizes", "0,2"], "--block-sizes takes positive integers"),
     (["--concurrency", ","], "need at least one value"),
     (["--draft-trees", "on,maybe"], "--draft-trees takes on and off"),
+    (["--draft-lookups", "off,1"], "--draft-lookups takes on and off"),
     (["--server-envs", "DFLASH_NATIVE_AMX=1,AMX"], "--server-envs: 'AMX' is not KEY=VALUE"),
     (["--server-envs", "=1"], "--server-envs: '=1' is not KEY=VALUE"),
 ])
@@ -238,6 +248,7 @@ def test_serving_benchmark_bad_options_one_line(capsys, argv, needle):
     (["--draft-threshold", "1.5"], 2, "draft_threshold"),
     (["--draft-threshold", "half"], 2, "--draft-threshold"),
     (["--draft-tree", "maybe"], 2, "--draft-tree"),
+    (["--draft-lookup", "yes"], 2, "--draft-lookup"),
     (["--target", "/no/such/model"], 1, "unknown model"),
     (["--drafter", "/no/such/drafter", "--target", "tiny-random"], 2, "drafter"),
     (["--runtime", "uvicorn", "--placement", "disaggregated", "--target", "tiny-random"], 2, "colocated only"),

@@ -734,7 +734,8 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
     if not target.serves_tree(4, block):   # no native kernel here: trees never run (the chain above did)
         return
     engine = SpecEngine(target, LocalDraftBackend(drafter, 4, 64 + 8),
-                        EngineConfig(max_slots=4, max_seq_len=64, block_size=block, draft_tree=True))
+                        EngineConfig(max_slots=4, max_seq_len=64, block_size=block, draft_tree=True,
+                                     draft_lookup=False))
     res_t = engine.generate([r["prompt_ids"] for r in recs], SamplingParams(max_new_tokens=20))
     assert [r.token_ids for r in res_t] == [r["response_ids"] for r in recs]
     wt = tree_walk_tau(target, drafter, recs, [block, 2], rows=3)
@@ -747,6 +748,14 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
     assert wt["walks"][2] == walk_tau(target, drafter, recs, block_size=2, rows=3)["walks"]
     assert wt["chain_tau"][2] == pytest.approx(wt["tau"][2])
     assert wt["chain_tau"][block] == pytest.approx(w["tau"], abs=0.02)   # the chain, from the same pass
+    # trees with lookup branches (lookup.py, the engine's default): tree_walk_tau(lookup=True)
+    engine.config.draft_lookup = True
+    res_l = engine.generate([r["prompt_ids"] for r in recs], SamplingParams(max_new_tokens=20))
+    assert [r.token_ids for r in res_l] == [r["response_ids"] for r in recs]
+    wl = tree_walk_tau(target, drafter, recs, [block], rows=3, lookup=True)
+    for r, got in zip(res_l, wl["walks"][block]):
+        eng = r.stats.acceptance_lengths
+        assert len(got) == len(eng) and got[:-1] == eng[:-1] and got[-1] >= 1, (got, eng)
 
 
 def test_chunked_target_features_equal_the_whole_prefill():
