@@ -272,11 +272,11 @@ class SpecEngine:
         where trees run: `draft_trees`)."""
         return self.config.draft_lookup and self.draft_trees
 
-    def _lookups(self, rows: list[Sequence], greedy_rows: list[int], nodes: int) -> dict[int, list[int]]:
-        """The lookup branch of each greedy tree row (lookup.propose) for trees of `nodes`
+    def _lookups(self, rows: list[Sequence], tree_rows: list[int], nodes: int) -> dict[int, list[int]]:
+        """The lookup branch of each of these tree rows (lookup.propose) for trees of `nodes`
         nodes, where its context has one."""
         out = {}
-        for r in greedy_rows:
+        for r in tree_rows:
             s = rows[r]
             if s.ngrams is None:
                 s.ngrams = lookup.NgramIndex()
@@ -527,7 +527,8 @@ class SpecEngine:
                     parents = tree.plan(top, greedy_rows, draft_tokens, looks)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:
-                    chain_lens = tree.sampling_plan(top, samp_rows, draft_tokens, parents)
+                    looks = self._lookups(rows, samp_rows, b - 1) if self.config.draft_lookup else None
+                    chain_lens = tree.sampling_plan(top, samp_rows, draft_tokens, parents, looks)
                 layout = tree.layout([parents.get(r, tree.chain_parents(b - 1)) for r in range(R)], b)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture(),
                                     tree=layout)

@@ -207,25 +207,44 @@ def committed_order(paths: dict[int, list[int]], R: int, b: int, device) -> torc
 # temperature 1, 1.552 -> 1.605 at 0.7 (docs/BENCHMARKS.md).
 
 
-def sampling_nodes(drafts: list[int], top_tokens: list[int], n: int) -> tuple[list[int], list[int], int]:
+def sampling_nodes(drafts: list[int], top_tokens: list[int], n: int, lookup: list[int] | None = None
+                   ) -> tuple[list[int], list[int], int]:
     """drafts: the row's sampled drafts at positions 1..n; top_tokens: the drafter's most
-    likely tokens at position 1, descending -> (parents, tokens, L) of n nodes: the chain
-    of the first L sampled drafts, then the extra children of the anchor."""
-    extras = [t for t in top_tokens if t != drafts[0]][:n // 2]
-    L = n - len(extras)
-    return list(range(L)) + [0] * len(extras), list(drafts[:L]) + extras, L
+    likely tokens at position 1, descending; lookup: the row's lookup branch (lookup.py)
+    -> (parents, tokens, L) of n nodes: the chain of the first L sampled drafts, the extra
+    children of the anchor, then the lookup branch's nodes off the chain. The branch takes
+    up to half the nodes: where it starts with the chain's first j drafts those are its
+    first j nodes, and the rest hangs off chain node j as a chain of its own; the extras
+    get what the branch leaves of the half. Nodes off the chain are reached only where a
+    draw of the target's (a rejected draft's residual draw, or a plain draw past the chain)
+    lands on their token, so every emitted token stays the target's sample (sampling_walk)."""
+    k = min(len(lookup), n // 2) if lookup else 0
+    j = 0
+    while j < k and lookup[j] == drafts[j]:
+        j += 1
+    own = k - j                                  # the branch's nodes off the chain
+    skip = {drafts[0]} | ({lookup[0]} if own and j == 0 else set())
+    extras = [t for t in top_tokens if t not in skip][:max(0, n // 2 - own)]
+    L = n - own - len(extras)
+    parents = list(range(L)) + [0] * len(extras)
+    tokens = list(drafts[:L]) + extras
+    for i in range(j, k):   # chain node j (0: the anchor), then the branch's own nodes in a row
+        parents.append(j if i == j else len(parents))
+        tokens.append(lookup[i])
+    return parents, tokens, L
 
 
 def sampling_plan(top: tuple[torch.Tensor, torch.Tensor], samp_rows: list[int], draft_tokens: torch.Tensor,
-                  parents: dict[int, list[int]]) -> dict[int, int]:
-    """The sampling trees of a step (`sampling_nodes` per row): writes each row's node
-    tokens into draft_tokens [R, b-1] and its parents into `parents` (in place) -> row ->
-    the length L of its chain of sampled drafts (nodes 1..L)."""
+                  parents: dict[int, list[int]], lookups: dict[int, list[int]] | None = None) -> dict[int, int]:
+    """The sampling trees of a step (`sampling_nodes` per row, with the row's lookup branch
+    where `lookups` has one): writes each row's node tokens into draft_tokens [R, b-1] and
+    its parents into `parents` (in place) -> row -> the length L of its chain of sampled
+    drafts (nodes 1..L)."""
     n = draft_tokens.shape[1]
     drafts, firsts = draft_tokens[samp_rows].tolist(), top[0][samp_rows, 0].tolist()
     chain_lens = {}
     for r, d, f in zip(samp_rows, drafts, firsts):
-        parents[r], toks, chain_lens[r] = sampling_nodes(d, f, n)
+        parents[r], toks, chain_lens[r] = sampling_nodes(d, f, n, lookups.get(r) if lookups else None)
         draft_tokens[r] = torch.tensor(toks)
     return chain_lens
 

@@ -145,3 +145,59 @@ def test_walk_with_lookup_replays_the_engine_on_the_default_model():
     for walked, real in zip(w["walks"][4], steps):
         assert walked[:-1] == real[:len(walked) - 1]
     assert w["tau"][4] > base["tau"][4]
+
+
+def test_sampling_nodes_with_a_lookup_branch():
+    drafts, top = [7, 8, 9, 10, 11], [7, 20, 21, 22]
+    # no branch: the chain, then half the nodes as extra children of the anchor (as before)
+    assert tree.sampling_nodes(drafts, top, 5) == ([0, 1, 2, 0, 0], [7, 8, 9, 20, 21], 3)
+    assert tree.sampling_nodes(drafts, top, 5, []) == tree.sampling_nodes(drafts, top, 5)
+    # a branch off the anchor: its own chain after the extras it leaves (half the nodes in all)
+    assert tree.sampling_nodes(drafts, top, 5, [30, 31, 32]) == ([0, 1, 2, 0, 4], [7, 8, 9, 30, 31], 3)
+    assert tree.sampling_nodes(drafts, top, 5, [20]) == ([0, 1, 2, 0, 0], [7, 8, 9, 21, 20], 3)   # not twice
+    # a branch that starts with the chain's first draft hangs off chain node 1
+    assert tree.sampling_nodes(drafts, top, 5, [7, 40, 41]) == ([0, 1, 2, 0, 1], [7, 8, 9, 20, 40], 3)
+    # a branch the chain already holds: no node of its own
+    assert tree.sampling_nodes(drafts, top, 5, [7, 8]) == tree.sampling_nodes(drafts, top, 5)
+    assert tree.sampling_nodes(drafts, top, 1, [30]) == ([0], [7], 1)   # one node: the chain's
+
+
+@needs_kernel
+def test_sampling_trees_with_lookup_branches_match_the_target_distribution(monkeypatch):
+    """Sampling rows whose trees carry lookup branches (nodes off the chain, reached only by
+    the target's own draws): 3-token continuations on a 6-token vocabulary follow the
+    target's exact joint distribution (chi-square, 4000 samples, alpha 0.1%), and walks
+    do pass through lookup nodes."""
+    from test_engine import chi_square_pvalue, exact_joint, make_engine, sample_many
+    from dflash_core import native
+    from dflash_core.models.registry import tiny_random_target
+    target = tiny_random_target(vocab_size=6, num_layers=2, seed=3)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(0.15)
+    target.pack_weights()
+    slots = min(64, native.row_limit() // 4)
+    prompt, length, n = [1, 4, 2, 1, 4], 3, 4000
+    probs = exact_joint(target, prompt, length, 1.0, 0, 1.0, None)
+    own_nodes, taken = [], []
+    real_nodes, real_walk = tree.sampling_nodes, tree.sampling_walk
+
+    def nodes(drafts, top, m, look=None):
+        parents, toks, L = real_nodes(drafts, top, m, look)
+        k = min(len(look), m // 2) if look else 0
+        j = 0
+        while j < k and look[j] == drafts[j]:
+            j += 1
+        own_nodes.append(set(range(len(parents) - (k - j) + 1, len(parents) + 1)))   # the branch's own nodes
+        return parents, toks, L
+
+    def walk(parents, tokens, L, p, q, u):
+        path, nxt = real_walk(parents, tokens, L, p, q, u)
+        taken.append(bool(own_nodes[-1] & set(path)))
+        return path, nxt
+    monkeypatch.setattr(tree, "sampling_nodes", nodes)
+    monkeypatch.setattr(tree, "sampling_walk", walk)
+    eng = make_engine(target, block_size=4, max_slots=slots, max_seq_len=16, seed=5)
+    assert eng.draft_lookups
+    counts = sample_many(eng, prompt, n, length, temperature=1.0)
+    assert chi_square_pvalue(counts, probs, n) > 1e-3
+    assert sum(1 for s in own_nodes if s) > 1000 and sum(taken) > 40   # 1857 trees with one, 80 walks through it
