@@ -89,7 +89,7 @@ def _parser():
     ap.add_argument("--tree-ab", action="store_true",
                     help="also measure everything with the other verify (trees where the run has chains, and back)")
     ap.add_argument("--draft-lookup", choices=("on", "off"), default="on",
-                    help="greedy tree rows also verify lookup branches (EngineConfig.draft_lookup, dflash_core/lookup.py)")
+                    help="tree rows also verify lookup branches (EngineConfig.draft_lookup, dflash_core/lookup.py)")
     ap.add_argument("--lookup-ab", action="store_true",
                     help="also measure everything with the other --draft-lookup")
     ap.add_argument("--verify-ctx", default=None,
@@ -175,7 +175,7 @@ def prepacked_off(engine):
 @contextlib.contextmanager
 def draft_lookup_set(engine, on: bool):
     """Within: EngineConfig.draft_lookup = on; restored after. Yields 1 where the engine's
-    greedy tree rows then verify lookup branches, else 0."""
+    tree rows then verify lookup branches, else 0."""
     was = engine.config.draft_lookup
     engine.config.draft_lookup = on
     try:

@@ -29,8 +29,9 @@ def build_generate_parser() -> argparse.ArgumentParser:
                     help="verify a tree of drafts (on, where the native fp32 layers run the target) or a chain "
                          "(off); greedy output is the same, sampled output follows the same distribution")
     ap.add_argument("--draft-lookup", choices=("on", "off"), default="on",
-                    help="greedy trees also verify what followed the last tokens where they occurred before in "
-                         "the prompt or output (on; dflash_core/lookup.py); greedy output is the same")
+                    help="trees also verify what followed the last tokens where they occurred before in "
+                         "the prompt or output (on; dflash_core/lookup.py); greedy output is the same, sampled output "
+                         "follows the same distribution")
     ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print one JSON object")

@@ -169,9 +169,10 @@ class EngineConfig:
     # serve the forward (Decoder.serves_tree), else the chain; a draft_threshold > 0 asks for
     # chains cut short, so it turns trees off
     draft_tree: bool = True
-    # lookup branches (lookup.py): a greedy tree row also verifies what followed its last
-    # tokens the last time they occurred in its prompt or output, merged into its tree
-    # (tree.merged_nodes); only where trees run
+    # lookup branches (lookup.py): a tree row also verifies what followed its last tokens
+    # the last time they occurred in its prompt or output (greedy: merged into its tree,
+    # tree.merged_nodes; sampling: off its chain of sampled drafts, tree.sampling_nodes);
+    # only where trees run
     draft_lookup: bool = True
 
     def __post_init__(self):
@@ -268,7 +269,7 @@ class SpecEngine:
 
     @property
     def draft_lookups(self) -> bool:
-        """Whether its greedy tree rows also verify lookup branches (EngineConfig.draft_lookup,
+        """Whether its tree rows also verify lookup branches (EngineConfig.draft_lookup,
         where trees run: `draft_trees`)."""
         return self.config.draft_lookup and self.draft_trees
 

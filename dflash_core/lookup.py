@@ -11,8 +11,11 @@ ShareGPT holdout prompts (training/walk.py `tree_walk_tau`), the shipped drafter
 "Lookup branches").
 
 The target verifies the lookup nodes like any others (tree.greedy_walk follows its own
-argmax), so the output stays the target's greedy output token for token. Only greedy tree
-rows carry lookup branches; sampling rows keep their trees (tree.sampling_nodes).
+argmax), so the output stays the target's greedy output token for token. Sampling rows'
+trees carry the branch too, off their chain of sampled drafts (tree.sampling_nodes): a
+lookup node is entered only where the target's own draw (a rejected draft's residual
+draw, or a plain draw past the chain) is its token, so every token is still the target's
+sample (tau at temperature 1, block 4: docs/BENCHMARKS.md "Lookup branches").
 """
 from __future__ import annotations
 

@@ -328,7 +328,7 @@ def build_app(server: Server) -> FastAPI:
         body = {"status": "ok", "running": server.engine.num_running, "in_flight": server.loop.num_in_flight,
                 "block_size_schedule": format_block_size_schedule(server.engine.config.block_size_schedule),
                 "draft_tree": server.engine.draft_trees,   # requests verify draft trees (tree.py)
-                "draft_lookup": server.engine.draft_lookups,   # greedy trees carry lookup branches (lookup.py)
+                "draft_lookup": server.engine.draft_lookups,   # trees carry lookup branches (lookup.py)
                 "linears": linear_kind(server.engine.target)}
         if server.metrics.replica_id:   # under Ray Serve: which replica answered, on which node
             body["replica"], body["node"] = server.metrics.replica_id, server.node_id

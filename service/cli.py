@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests verify a tree of the drafter's most likely paths instead of a chain "
                          "(where the native fp32 layers run the target; output unchanged)")
     ap.add_argument("--draft-lookup", choices=("on", "off"), default="on" if d["draft_lookup"].default else "off",
-                    help="greedy requests' trees also verify what followed their last tokens where those occurred "
-                         "before in the prompt or output (dflash_core/lookup.py; output unchanged)")
+                    help="requests' trees also verify what followed their last tokens where those occurred "
+                         "before in the prompt or output (dflash_core/lookup.py; greedy output unchanged, sampled "
+                         "output in the same distribution)")
     ap.add_argument("--native-amx", choices=("on", "off"), default="on" if d["native_amx"].default else "off",
                     help="on CPUs with AMX-BF16: the native fp32 kernel's 4-bit / 8-bit linears on AMX tiles "
                          "(same output; off: its AVX-512 FMA form)")

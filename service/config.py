@@ -54,9 +54,10 @@ class ServiceConfig:
     # fp32 layers run the target (CPU), else chains. Greedy output unchanged, sampled output
     # distributed as before
     draft_tree: bool = True
-    # lookup branches (EngineConfig.draft_lookup): greedy requests' trees also verify what
+    # lookup branches (EngineConfig.draft_lookup): requests' trees also verify what
     # followed their last tokens where those occurred before in the prompt or the output
-    # (dflash_core/lookup.py); where trees run. Greedy output unchanged
+    # (dflash_core/lookup.py); where trees run. Greedy output unchanged, sampled output
+    # distributed as before
     draft_lookup: bool = True
     # where the CPU has AMX-BF16 (Intel Xeon Sapphire Rapids and later), the native fp32
     # kernel runs the 4-bit / 8-bit linears on AMX tiles (the same fp32 product, row-invariant;

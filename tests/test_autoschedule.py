@@ -288,7 +288,7 @@ def test_tuner_keeps_the_running_schedule_inside_the_margin():
 
 def test_tree_tau_profiles_and_which_one_an_engine_reads(target, tmp_path, monkeypatch):
     """acceptance.json's tree_tau / tree_lookup_tau (tree walks, with and without lookup
-    branches) round-trip and are checked; an engine whose greedy trees carry lookup branches
+    branches) round-trip and are checked; an engine whose trees carry lookup branches
     predicts its tree cells with tree_lookup_tau, one without them with tree_tau; cells
     where trees run take the profile's tau instead of the chain's."""
     path = auto.save_acceptance(tmp_path, [0.4, 0.1], tree_tau={3: 1.61234, "4": 1.7}, tree_lookup_tau={4: 2.05})

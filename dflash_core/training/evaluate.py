@@ -194,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "the native fp32 layers run the target) instead of chains (default: chains, the "
                          "drafter's own acceptance)")
     ap.add_argument("--draft-lookup", action="store_true",
-                    help="with --draft-tree: greedy trees also verify lookup branches (EngineConfig.draft_lookup, "
+                    help="with --draft-tree: trees also verify lookup branches (EngineConfig.draft_lookup, "
                          "dflash_core/lookup.py; default off here: the drafter's own acceptance)")
     ap.add_argument("--batch", type=int, default=1,
                     help="requests decoded together (1: one after another, the speedup users see at batch 1)")
