@@ -509,6 +509,7 @@ class SpecEngine:
         draft_tokens, draft_probs, num_drafts = torch.zeros(R, b - 1, dtype=torch.int64, device=dev), None, None
         parents: dict[int, list[int]] = {}   # tree rows: parent block index of each node
         chain_lens: dict[int, int] = {}      # sampling tree rows: nodes 1..L are their sampled drafts
+        lookup_nodes: dict[int, set[int]] = {}   # tree rows: block indices of their lookup branch
         layout = None
         if b > 1:
             thr = self.config.draft_threshold
@@ -525,11 +526,11 @@ class SpecEngine:
                 greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
                 if greedy_rows:
                     looks = self._lookups(rows, greedy_rows, b - 1) if self.config.draft_lookup else None
-                    parents = tree.plan(top, greedy_rows, draft_tokens, looks)
+                    parents = tree.plan(top, greedy_rows, draft_tokens, looks, lookup_nodes)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:
                     looks = self._lookups(rows, samp_rows, b - 1) if self.config.draft_lookup else None
-                    chain_lens = tree.sampling_plan(top, samp_rows, draft_tokens, parents, looks)
+                    chain_lens = tree.sampling_plan(top, samp_rows, draft_tokens, parents, looks, lookup_nodes)
                 layout = tree.layout([parents.get(r, tree.chain_parents(b - 1)) for r in range(R)], b)
         hidden, feats = spec.verify(self.target, self.cache, slots, anchors, draft_tokens, start, self._capture(),
                                     tree=layout)
@@ -595,6 +596,8 @@ class SpecEngine:
                 else:
                     self.schedule_tuner.observe(k, n)
             s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = k + 1, k, n
+            if r in lookup_nodes:   # accepted nodes of the lookup branch (shared ones included)
+                s.step.num_lookup_accepted_tokens = sum(1 for i in paths[r][1:] if i in lookup_nodes[r])
             # committed grows by n+1; the cache keeps anchor + accepted drafts
             st = starts[r]
             if r in paths:   # the accepted nodes' K/V to the positions after the anchor

@@ -24,6 +24,7 @@ class StepStats:
     block_size: int = 0             # verified block size run (1 = plain decoding; 0 = no decode this step)
     num_draft_tokens: int = 0       # drafts verified (block_size - 1 when speculating)
     num_accepted_tokens: int = 0    # drafts accepted
+    num_lookup_accepted_tokens: int = 0   # of those, nodes of the row's lookup branch (lookup.py)
     prefill_tokens: int = 0         # prompt tokens prefilled this step
     admitted: bool = False          # got its slot this step
 

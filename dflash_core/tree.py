@@ -152,12 +152,15 @@ def merged_nodes(lookup: list[int], top_p: list[list[float]], top_tok: list[list
 
 
 def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tokens: torch.Tensor,
-         lookups: dict[int, list[int]] | None = None) -> dict[int, list[int]]:
+         lookups: dict[int, list[int]] | None = None, lookup_nodes: dict[int, set[int]] | None = None
+         ) -> dict[int, list[int]]:
     """The greedy trees of a step: top = the drafter's (tokens, probs) [R, b-1, k] per
     position (speculative.draft's `topk`), tree_rows the greedy rows that verify trees,
     lookups: row -> its lookup branch (lookup.py; `merged_nodes`), where it has one.
     Writes each tree row's node tokens into draft_tokens [R, b-1] (in place; other rows
-    keep theirs) -> row -> parents of its nodes."""
+    keep theirs), and into `lookup_nodes` (when given) each row's block indices of its
+    lookup branch (the first nodes: `merged_nodes` adds them first) -> row -> parents of
+    its nodes."""
     n = draft_tokens.shape[1]
     idx = torch.tensor(tree_rows, device=draft_tokens.device)
     top_tok, top_p = top[0][idx].tolist(), top[1][idx].tolist()
@@ -166,6 +169,8 @@ def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tok
         look = lookups.get(r) if lookups else None
         if look:
             parents[r], toks = merged_nodes(look, top_p[j], top_tok[j], n)
+            if lookup_nodes is not None:
+                lookup_nodes[r] = set(range(1, min(len(look), n) + 1))
         else:
             nodes = best_first(top_p[j], n)
             parents[r], toks = [p for p, _, _ in nodes], [top_tok[j][d][k] for _, d, k in nodes]
@@ -218,10 +223,7 @@ def sampling_nodes(drafts: list[int], top_tokens: list[int], n: int, lookup: lis
     get what the branch leaves of the half. Nodes off the chain are reached only where a
     draw of the target's (a rejected draft's residual draw, or a plain draw past the chain)
     lands on their token, so every emitted token stays the target's sample (sampling_walk)."""
-    k = min(len(lookup), n // 2) if lookup else 0
-    j = 0
-    while j < k and lookup[j] == drafts[j]:
-        j += 1
+    k, j = _branch_split(drafts, n, lookup)
     own = k - j                                  # the branch's nodes off the chain
     skip = {drafts[0]} | ({lookup[0]} if own and j == 0 else set())
     extras = [t for t in top_tokens if t not in skip][:max(0, n // 2 - own)]
@@ -234,17 +236,39 @@ def sampling_nodes(drafts: list[int], top_tokens: list[int], n: int, lookup: lis
     return parents, tokens, L
 
 
+def _branch_split(drafts: list[int], n: int, lookup: list[int] | None) -> tuple[int, int]:
+    """A sampling tree's lookup branch: (k, j) = its length in the tree (up to half of n
+    nodes), the drafts it starts with (those are chain nodes 1..j)."""
+    k = min(len(lookup), n // 2) if lookup else 0
+    j = 0
+    while j < k and lookup[j] == drafts[j]:
+        j += 1
+    return k, j
+
+
+def sampling_lookup_nodes(drafts: list[int], n: int, lookup: list[int] | None, total: int) -> set[int]:
+    """The block indices of a sampling tree's lookup branch (`sampling_nodes` of n nodes,
+    `total` of them placed): the chain nodes it starts with, then its own nodes, last."""
+    k, j = _branch_split(drafts, n, lookup)
+    return set(range(1, j + 1)) | set(range(total - (k - j) + 1, total + 1))
+
+
 def sampling_plan(top: tuple[torch.Tensor, torch.Tensor], samp_rows: list[int], draft_tokens: torch.Tensor,
-                  parents: dict[int, list[int]], lookups: dict[int, list[int]] | None = None) -> dict[int, int]:
+                  parents: dict[int, list[int]], lookups: dict[int, list[int]] | None = None,
+                  lookup_nodes: dict[int, set[int]] | None = None) -> dict[int, int]:
     """The sampling trees of a step (`sampling_nodes` per row, with the row's lookup branch
     where `lookups` has one): writes each row's node tokens into draft_tokens [R, b-1] and
-    its parents into `parents` (in place) -> row -> the length L of its chain of sampled
-    drafts (nodes 1..L)."""
+    its parents into `parents`, and into `lookup_nodes` (when given) the block indices of
+    its lookup branch (in place) -> row -> the length L of its chain of sampled drafts
+    (nodes 1..L)."""
     n = draft_tokens.shape[1]
     drafts, firsts = draft_tokens[samp_rows].tolist(), top[0][samp_rows, 0].tolist()
     chain_lens = {}
     for r, d, f in zip(samp_rows, drafts, firsts):
-        parents[r], toks, chain_lens[r] = sampling_nodes(d, f, n, lookups.get(r) if lookups else None)
+        look = lookups.get(r) if lookups else None
+        parents[r], toks, chain_lens[r] = sampling_nodes(d, f, n, look)
+        if look and lookup_nodes is not None:
+            lookup_nodes[r] = sampling_lookup_nodes(d, n, look, len(toks))
         draft_tokens[r] = torch.tensor(toks)
     return chain_lens
 

@@ -268,7 +268,7 @@ class EngineLoop:
         if step.num_drafts:   # this step's speculative statistics (usage reports the totals)
             st.num_drafts += step.num_drafts
             self.metrics.on_spec(step.num_drafts, step.num_draft_tokens, step.num_accepted_tokens,
-                                 step.accepted_per_position)
+                                 step.accepted_per_position, step.num_lookup_accepted_tokens)
         st.last_stats = s
         if not out.new_token_ids and not out.finished:
             return   # a prompt chunk prefilled: nothing to stream yet

@@ -8,6 +8,8 @@ Speculative-decoding counters follow vLLM's names with a `dflash_` prefix:
 `dflash_spec_decode_num_drafts_total` (target forwards that verified drafts),
 `..._num_draft_tokens_total`, `..._num_accepted_tokens_total` and
 `..._num_accepted_tokens_per_pos_total{position}` (position k = 0-based draft index).
+`..._num_lookup_accepted_tokens_total` counts the accepted drafts that were nodes of a
+lookup branch (dflash_core/lookup.py; a node the drafter proposed too counts).
 Their sums over requests equal the sums of the usage objects returned to clients.
 """
 from __future__ import annotations
@@ -52,6 +54,9 @@ class ServiceMetrics:
         self.num_draft_tokens = Counter("dflash_spec_decode_num_draft_tokens", "Draft tokens proposed", registry=r)
         self.num_accepted_tokens = Counter("dflash_spec_decode_num_accepted_tokens", "Draft tokens accepted",
                                            registry=r)
+        self.lookup_accepted = Counter("dflash_spec_decode_num_lookup_accepted_tokens",
+                                       "Draft tokens accepted at nodes of a lookup branch (dflash_core/lookup.py; "
+                                       "a node the drafter proposed too counts)", registry=r)
         self.accepted_per_pos = Counter("dflash_spec_decode_num_accepted_tokens_per_pos",
                                         "Draft tokens accepted at each draft position (0-based)",
                                         ["position"], registry=r)
@@ -111,7 +116,10 @@ class ServiceMetrics:
         for _ in range(num_tokens):
             self.itl_s.observe(per_token)
 
-    def on_spec(self, drafts: int, draft_tokens: int, accepted_tokens: int, accepted_per_pos: list[int]) -> None:
+    def on_spec(self, drafts: int, draft_tokens: int, accepted_tokens: int, accepted_per_pos: list[int],
+                lookup_accepted: int = 0) -> None:
+        if lookup_accepted:
+            self.lookup_accepted.inc(lookup_accepted)
         if drafts:
             self.num_drafts.inc(drafts)
         if draft_tokens:

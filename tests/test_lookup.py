@@ -99,6 +99,19 @@ def test_lookup_branches_keep_greedy_output_and_get_accepted(monkeypatch):
                 assert [eng.generate([q], p)[0].token_ids for q in prompts[:3]] == ref[:3]
         assert accepted[True] > accepted[False], (b, accepted)
     assert sum(1 for x in proposed if x) > 20
+    # each step says how many of its accepted drafts were lookup-branch nodes (the metrics read it)
+    for on in (True, False):
+        eng = _tiny_engine(target, 6, True)
+        eng.config.draft_lookup = on
+        for i, q in enumerate(prompts):
+            eng.add_request(str(i), q, p)
+        got = {"lookup": 0, "accepted": 0}
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                assert 0 <= o.step.num_lookup_accepted_tokens <= o.step.num_accepted_tokens
+                got["lookup"] += o.step.num_lookup_accepted_tokens
+                got["accepted"] += o.step.num_accepted_tokens
+        assert (got["lookup"] > 0) is on, got
 
 
 def test_lookup_needs_trees_and_the_bench_switch():
@@ -160,6 +173,21 @@ def test_sampling_nodes_with_a_lookup_branch():
     # a branch the chain already holds: no node of its own
     assert tree.sampling_nodes(drafts, top, 5, [7, 8]) == tree.sampling_nodes(drafts, top, 5)
     assert tree.sampling_nodes(drafts, top, 1, [30]) == ([0], [7], 1)   # one node: the chain's
+    # the branch's block indices: the chain nodes it starts with, then its own (last)
+    assert tree.sampling_lookup_nodes(drafts, 5, [30, 31, 32], 5) == {4, 5}
+    assert tree.sampling_lookup_nodes(drafts, 5, [7, 40, 41], 5) == {1, 5}
+    assert tree.sampling_lookup_nodes(drafts, 5, [7, 8], 5) == {1, 2}
+    assert tree.sampling_lookup_nodes(drafts, 5, None, 5) == set()
+
+
+def test_lookup_accepted_tokens_reach_the_metrics():
+    from service.metrics import ServiceMetrics
+    m = ServiceMetrics("m", max_slots=2)
+    m.on_spec(1, 4, 2, [1, 1], 2)
+    m.on_spec(1, 4, 1, [1], 0)
+    text = m.render().decode()
+    assert "dflash_spec_decode_num_lookup_accepted_tokens_total 2.0" in text
+    assert "dflash_spec_decode_num_accepted_tokens_total 3.0" in text
 
 
 @needs_kernel
