@@ -273,15 +273,20 @@ class SpecEngine:
         where trees run: `draft_trees`)."""
         return self.config.draft_lookup and self.draft_trees
 
-    def _lookups(self, rows: list[Sequence], tree_rows: list[int], nodes: int) -> dict[int, list[int]]:
+    def _lookups(self, rows: list[Sequence], tree_rows: list[int], nodes: int, top=None) -> dict[int, list[int]]:
         """The lookup branch of each of these tree rows (lookup.propose) for trees of `nodes`
-        nodes, where its context has one."""
+        nodes, where its context has one; with `top` (the drafter's top tokens and
+        probabilities, greedy trees) the branch's length also reads the drafter's first choice."""
         out = {}
-        for r in tree_rows:
+        firsts = None
+        if top is not None:
+            idx = torch.tensor(tree_rows, device=top[0].device)
+            firsts = list(zip(top[0][idx, 0, 0].tolist(), top[1][idx, 0, 0].tolist()))
+        for j, r in enumerate(tree_rows):
             s = rows[r]
             if s.ngrams is None:
                 s.ngrams = lookup.NgramIndex()
-            branch = lookup.propose(s.ngrams, s.prompt + s.output, nodes)
+            branch = lookup.propose(s.ngrams, s.prompt + s.output, nodes, None if firsts is None else firsts[j])
             if branch:
                 out[r] = branch
         return out
@@ -525,7 +530,7 @@ class SpecEngine:
             if tree_rows and top is not None:   # their nodes replace their chain drafts
                 greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
                 if greedy_rows:
-                    looks = self._lookups(rows, greedy_rows, b - 1) if self.config.draft_lookup else None
+                    looks = self._lookups(rows, greedy_rows, b - 1, top) if self.config.draft_lookup else None
                     parents = tree.plan(top, greedy_rows, draft_tokens, looks, lookup_nodes)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:

@@ -20,6 +20,7 @@ sample (tau at temperature 1, block 4: docs/BENCHMARKS.md "Lookup branches").
 from __future__ import annotations
 
 MAX_N = 4   # the longest suffix looked up (tokens)
+UNSURE = 0.3   # a drafter's first-position probability below this: it is unsure there
 
 
 class NgramIndex:
@@ -48,18 +49,31 @@ class NgramIndex:
         return -1, 0
 
 
-def branch_length(nodes: int, matched: int) -> int:
+def branch_length(nodes: int, matched: int, drafter_p1: float | None = None, agrees: bool = False) -> int:
     """How many of a tree's `nodes` the lookup branch may take, given the length of the
     suffix that matched: two thirds when two tokens or more matched, else half (a
-    one-token match is a weaker guess). Picked on the holdout walk (docs/BENCHMARKS.md)."""
+    one-token match is a weaker guess). Where the drafter's first position is known
+    (greedy trees): all of them when the branch starts with the drafter's own first choice
+    (`agrees`: that node is shared, the branch goes deeper where the drafter would), or
+    when the drafter is unsure there (`drafter_p1` < UNSURE) and two tokens or more
+    matched. Picked on the holdout walk (docs/BENCHMARKS.md "Lookup branches")."""
     if nodes < 1 or matched < 1:
         return 0
+    if agrees or (drafter_p1 is not None and drafter_p1 < UNSURE and matched >= 2):
+        return nodes
     return nodes - nodes // 3 if matched >= 2 else max(1, nodes // 2)
 
 
-def propose(index: NgramIndex, tokens: list[int], nodes: int) -> list[int]:
+def propose(index: NgramIndex, tokens: list[int], nodes: int,
+            drafter_first: tuple[int, float] | None = None) -> list[int]:
     """The lookup branch for a tree of `nodes` nodes at the anchor tokens[-1]: the tokens
-    that followed the latest earlier occurrence of the longest matching suffix."""
+    that followed the latest earlier occurrence of the longest matching suffix, as many
+    as `branch_length` gives. drafter_first: the drafter's most likely token at position
+    1 and its probability (greedy trees), or None."""
     e, n = index.find(tokens)
-    k = branch_length(nodes, n)
-    return tokens[e + 1:e + 1 + k] if k else []
+    if not n:
+        return []
+    cont = tokens[e + 1:e + 1 + nodes]
+    k = branch_length(nodes, n, None if drafter_first is None else drafter_first[1],
+                      drafter_first is not None and bool(cont) and cont[0] == drafter_first[0])
+    return cont[:k]

@@ -51,6 +51,15 @@ def test_branch_length_and_propose():
     assert lookup.propose(lookup.NgramIndex(), toks, 7) == [12, 13, 14, 15, 10]
     assert lookup.propose(lookup.NgramIndex(), [10, 11, 12, 11], 4) == [12, 11]   # a 1-token match: half
     assert lookup.propose(lookup.NgramIndex(), [1, 2, 3], 4) == []
+    # knowing the drafter's first choice (greedy trees): the whole tree where the branch starts
+    # with it (agrees) or where the drafter is unsure and 2+ tokens matched; else as above
+    assert lookup.branch_length(6, 1, 0.9, agrees=True) == 6
+    assert lookup.branch_length(6, 2, lookup.UNSURE - 0.01) == 6
+    assert lookup.branch_length(6, 1, lookup.UNSURE - 0.01) == 3 and lookup.branch_length(6, 2, 0.9) == 4
+    assert lookup.propose(lookup.NgramIndex(), toks, 7, (12, 0.95)) == [12, 13, 14, 15, 10, 11]   # agrees
+    assert lookup.propose(lookup.NgramIndex(), toks, 3, (99, 0.95)) == [12, 13]                  # a sure drafter
+    assert lookup.propose(lookup.NgramIndex(), toks, 3, (99, 0.1)) == [12, 13, 14]               # an unsure one
+    assert lookup.propose(lookup.NgramIndex(), [1, 2, 3], 4, (5, 0.1)) == []
 
 
 def test_merged_nodes_puts_the_branch_first_and_shares_common_nodes():
@@ -85,7 +94,8 @@ def test_lookup_branches_keep_greedy_output_and_get_accepted(monkeypatch):
     ref = [o.token_ids for o in _tiny_engine(target, 1, False).generate(prompts, p)]
     proposed = []
     real = lookup.propose
-    monkeypatch.setattr(lookup, "propose", lambda ix, toks, n: (proposed.append(real(ix, toks, n)), proposed[-1])[1])
+    monkeypatch.setattr(lookup, "propose", lambda ix, toks, n, first=None: (proposed.append(real(ix, toks, n, first)),
+                                                                         proposed[-1])[1])
     for b in (3, 6):
         accepted = {}
         for on in (True, False):

@@ -163,7 +163,9 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
             def lookup_step(r: int, a: int, b: int, seq: list[int], s0: int, index) -> int:
                 top_tok = [[top_i[r][a][d][k] for k in range(tree.TOPK)] for d in range(len(tg[r][a]))]
                 # the engine's tree at anchor a: its context is the record up to the anchor
-                parents, toks = tree.merged_nodes(lk.propose(index, seq[:s0 + a + 1], b - 1), top_p[r][a], top_tok, b - 1)
+                first = (top_i[r][a][0][0], top_p[r][a][0][0])   # the drafter's first choice, as the engine reads it
+                parents, toks = tree.merged_nodes(lk.propose(index, seq[:s0 + a + 1], b - 1, first),
+                                                  top_p[r][a], top_tok, b - 1)
                 children = tree._children(parents, toks)
                 depth, at = 0, 0
                 while depth < len(tg[r][a]) and tg[r][a][depth] != IGNORE and tg[r][a][depth] in children.get(at, {}):
