@@ -7,7 +7,7 @@ more than either. `tree.plan` puts the lookup continuation in first, as a chain 
 anchor, and fills the rest of the tree's nodes with the drafter's best-first paths, taking
 a node both propose once. Replayed over the default target's greedy responses to the 100
 ShareGPT holdout prompts (training/walk.py `tree_walk_tau`), the shipped drafter: tau 1.79
--> 2.08 at 4 verified rows, 1.90 -> 2.41 at 6, 1.97 -> 2.57 at 8 (docs/BENCHMARKS.md
+-> 2.16 at 4 verified rows, 1.90 -> 2.45 at 6, 1.97 -> 2.59 at 8 (docs/BENCHMARKS.md
 "Lookup branches").
 
 The target verifies the lookup nodes like any others (tree.greedy_walk follows its own
