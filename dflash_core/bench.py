@@ -172,28 +172,33 @@ def prepacked_off(engine):
     return _swapped(_linear_swaps(engine, lambda fn: None))
 
 
+# the engine's on/off verify switches the bench can flip: EngineConfig field -> the
+# SpecEngine property saying whether it is in force
+_SWITCHES = {"draft_tree": "draft_trees", "draft_lookup": "draft_lookups"}
+
+
 @contextlib.contextmanager
+def _switch_set(engine, field: str, on: bool):
+    """Within: EngineConfig.<field> = on; restored after. Yields 1 where the engine then
+    runs it (its `_SWITCHES` property), else 0."""
+    was = getattr(engine.config, field)
+    setattr(engine.config, field, on)
+    try:
+        yield int(getattr(engine, _SWITCHES[field]))
+    finally:
+        setattr(engine.config, field, was)
+
+
 def draft_lookup_set(engine, on: bool):
     """Within: EngineConfig.draft_lookup = on; restored after. Yields 1 where the engine's
     tree rows then verify lookup branches, else 0."""
-    was = engine.config.draft_lookup
-    engine.config.draft_lookup = on
-    try:
-        yield int(engine.draft_lookups)
-    finally:
-        engine.config.draft_lookup = was
+    return _switch_set(engine, "draft_lookup", on)
 
 
-@contextlib.contextmanager
 def draft_tree_set(engine, on: bool):
     """Within: EngineConfig.draft_tree = on (tree verification, or chains);
     restored after. Yields 1 where the engine's steps then verify trees, else 0."""
-    was = engine.config.draft_tree
-    engine.config.draft_tree = on
-    try:
-        yield int(engine.draft_trees)
-    finally:
-        engine.config.draft_tree = was
+    return _switch_set(engine, "draft_tree", on)
 
 
 def native_swaps(engine) -> list[tuple]:
@@ -570,18 +575,14 @@ def main(argv=None) -> int:
             raise CliError("dflash bench: --layers-ab: this engine has no native decoder layers ("
                            + (native.reason() or "they take fp32 on a CPU, every linear native") + ")")
         off_modes.append(("layers_off", "native layers off", lambda: layers_off(engine)))
-    engine.config.draft_tree = args.draft_tree == "on"
-    summary["draft_tree"] = engine.draft_trees
-    if args.tree_ab:
-        other = not engine.config.draft_tree
-        off_modes.append((f"draft_tree_{'on' if other else 'off'}", f"draft tree {'on' if other else 'off'}",
-                          lambda: draft_tree_set(engine, other)))
-    engine.config.draft_lookup = args.draft_lookup == "on"
-    summary["draft_lookup"] = engine.draft_lookups
-    if args.lookup_ab:
-        other_l = not engine.config.draft_lookup
-        off_modes.append((f"draft_lookup_{'on' if other_l else 'off'}", f"draft lookup {'on' if other_l else 'off'}",
-                          lambda: draft_lookup_set(engine, other_l)))
+    for field, value, ab in (("draft_tree", args.draft_tree, args.tree_ab),
+                             ("draft_lookup", args.draft_lookup, args.lookup_ab)):
+        setattr(engine.config, field, value == "on")
+        summary[field] = getattr(engine, _SWITCHES[field])
+        if ab:   # the other setting, back to back
+            other = "off" if value == "on" else "on"
+            off_modes.append((f"{field}_{other}", f"{field.replace('_', ' ')} {other}",
+                              lambda field=field, other=other: _switch_set(engine, field, other == "on")))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
     by_threshold: dict[str, dict] = {}
     for b in block_sizes:

@@ -161,13 +161,14 @@ def test_walk_with_lookup_replays_the_engine_on_the_default_model():
     recs = [{"prompt_ids": q, "response_ids": o.token_ids} for q, o in zip(prompts, out)]
     w = tree_walk_tau(engine.target, engine.draft_backend.drafter, recs, [4], lookup=True)
     base = tree_walk_tau(engine.target, engine.draft_backend.drafter, recs, [4])
+    assert w["walks"] == base["walks"] and "lookup_walks" not in base   # the drafter's trees, as without
     spec = engine.generate(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True))
     assert [o.token_ids for o in spec] == [o.token_ids for o in out]
     steps = [o.stats.acceptance_lengths for o in spec]
     # the walk knows no token past the response: its last step is cut there
-    for walked, real in zip(w["walks"][4], steps):
+    for walked, real in zip(w["lookup_walks"][4], steps):
         assert walked[:-1] == real[:len(walked) - 1]
-    assert w["tau"][4] > base["tau"][4]
+    assert w["lookup_tau"][4] > base["tau"][4]
 
 
 def test_sampling_nodes_with_a_lookup_branch():

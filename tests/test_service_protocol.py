@@ -121,25 +121,18 @@ def test_config_from_dict_and_schedule():
     for bad in (-0.1, 1.0, "0.3", True, float("nan")):
         with pytest.raises(ValueError, match="draft_threshold"):
             ServiceConfig(target="tiny-random", draft_threshold=bad)
-    # tree verification: on by default, reaches the engine, `--draft-tree off` turns it off; not a bool is refused
-    assert ServiceConfig(target="tiny-random").draft_tree is True
-    assert engine_config(ServiceConfig(target="tiny-random")).draft_tree is True
-    assert engine_config(ServiceConfig(target="tiny-random", draft_tree=False)).draft_tree is False
-    for bad in ("yes", 1, None):
-        with pytest.raises(ValueError, match="draft_tree"):
-            ServiceConfig(target="tiny-random", draft_tree=bad)
+    # tree verification and lookup branches: on by default, reach the engine, `--draft-tree off` /
+    # `--draft-lookup off` turn them off; not a bool is refused
     from service.cli import build_parser as _parser, config_from_args as _from_args
-    assert _from_args(_parser().parse_args(["--target", "tiny-random", "--draft-tree", "off"])).draft_tree is False
-    assert _from_args(_parser().parse_args(["--target", "tiny-random"])).draft_tree is True
-    # lookup branches: on by default, reach the engine, `--draft-lookup off` turns them off; not a bool is refused
-    assert ServiceConfig(target="tiny-random").draft_lookup is True
-    assert engine_config(ServiceConfig(target="tiny-random")).draft_lookup is True
-    assert engine_config(ServiceConfig(target="tiny-random", draft_lookup=False)).draft_lookup is False
-    for bad in ("on", 0, None):
-        with pytest.raises(ValueError, match="draft_lookup"):
-            ServiceConfig(target="tiny-random", draft_lookup=bad)
-    assert _from_args(_parser().parse_args(["--target", "tiny-random", "--draft-lookup", "off"])).draft_lookup is False
-    assert _from_args(_parser().parse_args(["--target", "tiny-random"])).draft_lookup is True
+    for field, flag in (("draft_tree", "--draft-tree"), ("draft_lookup", "--draft-lookup")):
+        assert getattr(ServiceConfig(target="tiny-random"), field) is True
+        assert getattr(engine_config(ServiceConfig(target="tiny-random")), field) is True
+        assert getattr(engine_config(ServiceConfig(target="tiny-random", **{field: False})), field) is False
+        for bad in ("yes", "on", 1, 0, None):
+            with pytest.raises(ValueError, match=field):
+                ServiceConfig(target="tiny-random", **{field: bad})
+        assert getattr(_from_args(_parser().parse_args(["--target", "tiny-random", flag, "off"])), field) is False
+        assert getattr(_from_args(_parser().parse_args(["--target", "tiny-random"])), field) is True
     # the AMX linears: on by default, `--native-amx off` keeps the FMA forms; not a bool is refused;
     # apply_native (each engine builder calls it first) sets the process's kernel choice
     assert ServiceConfig(target="tiny-random").native_amx is True

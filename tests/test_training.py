@@ -738,7 +738,7 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
                                      draft_lookup=False))
     res_t = engine.generate([r["prompt_ids"] for r in recs], SamplingParams(max_new_tokens=20))
     assert [r.token_ids for r in res_t] == [r["response_ids"] for r in recs]
-    wt = tree_walk_tau(target, drafter, recs, [block, 2], rows=3)
+    wt = tree_walk_tau(target, drafter, recs, [block, 2], rows=3, lookup=True)
     for r, got in zip(res_t, wt["walks"][block]):
         eng = r.stats.acceptance_lengths
         assert len(got) == len(eng) and got[:-1] == eng[:-1] and got[-1] >= 1, (got, eng)
@@ -752,8 +752,7 @@ def test_walk_replays_the_engines_greedy_acceptance_step_for_step(tmp_path, bloc
     engine.config.draft_lookup = True
     res_l = engine.generate([r["prompt_ids"] for r in recs], SamplingParams(max_new_tokens=20))
     assert [r.token_ids for r in res_l] == [r["response_ids"] for r in recs]
-    wl = tree_walk_tau(target, drafter, recs, [block], rows=3, lookup=True)
-    for r, got in zip(res_l, wl["walks"][block]):
+    for r, got in zip(res_l, wt["lookup_walks"][block]):
         eng = r.stats.acceptance_lengths
         assert len(got) == len(eng) and got[:-1] == eng[:-1] and got[-1] >= 1, (got, eng)
 

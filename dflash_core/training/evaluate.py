@@ -275,15 +275,14 @@ def main(argv: list[str] | None = None) -> int:
             if tree_blocks:
                 from .walk import tree_walk_tau
                 tkey = f"tree_walk:{Path(a.walk_data).name}@T0"
-                tw = tree_walk_tau(engine.target, engine.draft_backend.drafter, walk_recs, tree_blocks)
+                tw = tree_walk_tau(engine.target, engine.draft_backend.drafter, walk_recs, tree_blocks, lookup=True)
                 results[tkey] = {"temperature": 0.0, "num_prompts": len(walk_recs), "method": "tree walk",
                                  "tau_by_block_size": {b: round(t, 4) for b, t in tw["tau"].items()},
                                  "chain_tau_by_block_size": {b: round(t, 4) for b, t in tw["chain_tau"].items()}}
                 print(json.dumps({tkey: results[tkey]}), file=sys.stderr)
                 lkey = f"tree_lookup_walk:{Path(a.walk_data).name}@T0"
-                tl = tree_walk_tau(engine.target, engine.draft_backend.drafter, walk_recs, tree_blocks, lookup=True)
                 results[lkey] = {"temperature": 0.0, "num_prompts": len(walk_recs), "method": "tree walk, lookup branches",
-                                 "tau_by_block_size": {b: round(t, 4) for b, t in tl["tau"].items()}}
+                                 "tau_by_block_size": {b: round(t, 4) for b, t in tw["lookup_tau"].items()}}
                 print(json.dumps({lkey: results[lkey]}), file=sys.stderr)
         curve = []
         if a.snapshots and walk_recs is not None:

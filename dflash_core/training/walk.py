@@ -132,21 +132,24 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
                   lookup: bool = False) -> dict:
     """Greedy tau of tree verification (dflash_core/tree.py) at each verified block size b
     (b - 1 nodes, picked best-first from the drafter's top TOPK per position, depth <= the
-    drafter's block - 1; with `lookup`, merged with the lookup branch as the engine's
-    EngineConfig.draft_lookup does: tree.merged_nodes), replayed from one prefill per record
-    like walk_tau: a node is accepted when its path's tokens are the response's, so the
-    accepted length at an anchor is the deepest node on the response's own path. -> {"tau":
-    {b: tau}, "walks": {b: [the engine's step lengths, per record]}, "chain_tau": {b: the
-    chain's tau at the same b, from the same pass (b <= the drafter's block)}}."""
+    drafter's block - 1), replayed from one prefill per record like walk_tau: a node is
+    accepted when its path's tokens are the response's, so the accepted length at an
+    anchor is the deepest node on the response's own path. -> {"tau": {b: tau}, "walks":
+    {b: [the engine's step lengths, per record]}, "chain_tau": {b: the chain's tau at the
+    same b, from the same pass (b <= the drafter's block)}}; with `lookup`, from the same
+    pass also "lookup_tau" / "lookup_walks": the trees merged with the lookup branch as the
+    engine's EngineConfig.draft_lookup builds them (tree.merged_nodes)."""
     from .. import lookup as lk
     from .. import tree
     B = drafter.config.block_size
     if any(not 2 <= b <= 64 for b in block_sizes):
         raise ValueError(f"tree block sizes must be between 2 and 64, got {block_sizes}")
     walks: dict[int, list[list[int]]] = {b: [] for b in block_sizes}
+    lwalks: dict[int, list[list[int]]] = {b: [] for b in block_sizes} if lookup else {}
     chains: dict[int, list[list[int]]] = {b: [] for b in block_sizes if b <= B}
     for chunk, keep, spans, logits, targets, ids in _drafter_logits(target, drafter, records, rows):
         got = {b: [[] for _ in chunk] for b in block_sizes}
+        got_l = {b: [[] for _ in chunk] for b in lwalks}
         if keep:
             top_p, top_i = torch.softmax(logits[:, :, 1:].float(), -1).topk(tree.TOPK, dim=-1)   # [R, n, B-1, K]
             if ids is not None:
@@ -172,23 +175,26 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
                     at = children[at][tg[r][a][depth]]
                     depth += 1
                 return depth + 1
-            for b in block_sizes:
-                for r, j in enumerate(keep):
-                    if lookup:
-                        rec = chunk[j]
-                        seq = [int(t) for t in rec["prompt_ids"]] + [int(t) for t in rec["response_ids"]]
+            for r, j in enumerate(keep):
+                rec = chunk[j]
+                seq = [int(t) for t in rec["prompt_ids"]] + [int(t) for t in rec["response_ids"]]
+                for b in block_sizes:
+                    got[b][j] = follow(lambda a: tree_step(r, a, b), spans[r])
+                    if lookup:   # a walk's own index: its anchors only move forward
                         index = lk.NgramIndex()
-                        got[b][j] = follow(lambda a: lookup_step(r, a, b, seq, len(rec["prompt_ids"]), index), spans[r])
-                    else:
-                        got[b][j] = follow(lambda a: tree_step(r, a, b), spans[r])
+                        got_l[b][j] = follow(lambda a: lookup_step(r, a, b, seq, len(rec["prompt_ids"]), index),
+                                             spans[r])
         for b in block_sizes:
             walks[b] += got[b]
+        for b in lwalks:
+            lwalks[b] += got_l[b]
         pred = _argmax_drafts(logits, ids) if keep and chains else None
         for b in chains:   # the chain at the same b, from the same pass
             acc = _chain_lengths(pred, targets, b).tolist() if keep else []
             chains[b] += [walk(acc[r][:spans[r]]) for r in range(len(keep))]
     return {"tau": {b: _tau(w) for b, w in walks.items()}, "walks": walks,
-            "chain_tau": {b: _tau(c) for b, c in chains.items()}}
+            "chain_tau": {b: _tau(c) for b, c in chains.items()},
+            **({"lookup_tau": {b: _tau(w) for b, w in lwalks.items()}, "lookup_walks": lwalks} if lookup else {})}
 
 
 def _tau(walks: list[list[int]]) -> float:
