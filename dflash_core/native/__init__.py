@@ -47,6 +47,7 @@ import hashlib
 import os
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -588,6 +589,7 @@ class NativeLayers:
         self._params, self._owners = params, owners   # (the structs must outlive their addresses)
         self._ptrs = [ctypes.addressof(p) for p in params]
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
+        self._local = threading.local()   # each calling thread's scratch, kept between forwards (a fresh one page-faults)
 
     @classmethod
     def of(cls, layers) -> "NativeLayers | None":
@@ -657,7 +659,10 @@ class NativeLayers:
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         threads = torch.get_num_threads()
         S, _, cap, _ = cache.k[0].shape
-        work = torch.empty(work_fn(self._ptrs[0], R * T, cap, threads))
+        need = work_fn(self._ptrs[0], R * T, cap, threads)
+        work = getattr(self._local, "work", None)
+        if work is None or work.numel() < need:
+            work = self._local.work = torch.empty(need)
         lo, n = (0, T) if out is None else (int(out[0]), int(out[1]))
         if not (0 <= lo and n >= 1 and lo + n <= T):
             raise ValueError(f"out={out} is not a range of the {T} tokens")

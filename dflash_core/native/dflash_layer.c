@@ -129,18 +129,109 @@ static void group_scores(const float *q, int rep, const float *kb, long n, long 
         for (int i = 0; i < rep; i++) scores[i * stride + j0] = dot(q + i * D, kb + j0 * D, D) * scale;
 }
 
-/* one head: softmax of its n scores (overwritten) and the weighted sum of the values: out[D].
- * Key j's value is vb[j] for j < n0, else vb2[j - n0] (a tree verify's ancestors, gathered):
- * the same operations in the same order as one segment of n keys, so the same bits. */
-static void softmax_values(float *scores, const float *vb, long n0, const float *vb2, long n, int D, float *out) {
+#if defined(__AVX512F__)
+/* The scores of two queries (qa, qa + D) against 4 keys (k0, k0 + D, ..): out[0 .. 3] and
+ * out[stride .. stride + 3]. Both queries in one 16-lane vector (lanes 0-7: qa's 8-lane
+ * chain, 8-15: the other's) against each key's 8 values broadcast to both halves: each
+ * half is exactly dot()'s chain. The four sums per half are then reduced together in
+ * hsum8's own order ((v_i + v_{i+4}), then lanes 0 + 2 and 1 + 3, then those two): the
+ * same bits as dot() / group_scores. */
+static inline __attribute__((always_inline)) void pair_scores4(const float *qa, const float *k0, int D, float scale,
+                                                               float *out, long stride) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int d = 0; d < D; d += 8) {
+        const __m512 q = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(qa + d)),
+                                            _mm256_loadu_ps(qa + D + d), 1);
+        a0 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + d)), a0);
+        a1 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + D + d)), a1);
+        a2 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 2 * D + d)), a2);
+        a3 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 3 * D + d)), a3);
+    }
+    /* 128-bit lanes of a_k: [qa 0-3, qa 4-7, qb 0-3, qb 4-7]; s01 = [a0:qa, a0:qb, a1:qa, a1:qb] of v_i + v_{i+4} */
+    const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 s23 = _mm512_add_ps(_mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(2, 0, 2, 0)),
+                                     _mm512_shuffle_f32x4(a2, a3, _MM_SHUFFLE(3, 1, 3, 1)));
+    /* per 128-bit lane: [s0 + s2, s1 + s3] of s01's, then of s23's */
+    const __m512 z = _mm512_add_ps(_mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(1, 0, 1, 0)),
+                                   _mm512_shuffle_ps(s01, s23, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* lanes 4l, 4l + 1: the sums of 128-bit lane l of s01 and of s23 */
+    const __m512 f = _mm512_mul_ps(_mm512_add_ps(_mm512_shuffle_ps(z, z, _MM_SHUFFLE(2, 0, 2, 0)),
+                                                 _mm512_shuffle_ps(z, z, _MM_SHUFFLE(3, 1, 3, 1))),
+                                   _mm512_set1_ps(scale));
+    float r[16] __attribute__((aligned(64)));
+    _mm512_store_ps(r, f);
+    /* lane l of s01 / s23: 0 = (key 0 | 2, qa), 1 = (0 | 2, qb), 2 = (1 | 3, qa), 3 = (1 | 3, qb) */
+    out[0] = r[0];
+    out[2] = r[1];
+    out[stride] = r[4];
+    out[stride + 2] = r[5];
+    out[1] = r[8];
+    out[3] = r[9];
+    out[stride + 1] = r[12];
+    out[stride + 3] = r[13];
+}
+#endif
+
+/* The scores of Q query vectors (qb: Q x D, one after the other) over keys 0 .. nq[i] - 1 of
+ * kb (nq non-decreasing: the queries of consecutive tokens of one row): scores[i * stride + j].
+ * Each block of 4 keys is read once for every query that reads all four (from L1 after the
+ * first), instead of once per token; a query's last keys past a block of 4 are single dots.
+ * Every (query, key) is the same 8-lane FMA chain over d in order and hsum8 as in
+ * group_scores, whichever way it is reached: the same bits. */
+static void multi_scores(const float *qb, int Q, const long *nq, const float *kb, long stride, int D, float scale,
+                         float *scores) {
+    const long nmax = nq[Q - 1];
+    int i0 = 0;   /* queries before i0 are done */
+    long j0 = 0;
+    for (; j0 + 4 <= nmax; j0 += 4) {
+        for (; i0 < Q && nq[i0] < j0 + 4; i0++)
+            for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot(qb + (long)i0 * D, kb + j * D, D) * scale;
+        const float *k0 = kb + j0 * D;
+        int i = i0;
+#if defined(__AVX512F__)
+        for (; i + 2 <= Q; i += 2) pair_scores4(qb + (long)i * D, k0, D, scale, scores + i * stride + j0, stride);
+#endif
+        for (; i < Q; i++) {
+            const float *qi = qb + (long)i * D;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            for (int d = 0; d < D; d += 8) {
+                const __m256 vq = _mm256_loadu_ps(qi + d);
+                a0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + d), a0);
+                a1 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + D + d), a1);
+                a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 2 * D + d), a2);
+                a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 3 * D + d), a3);
+            }
+            float *si = scores + i * stride + j0;
+            si[0] = hsum8(a0) * scale;
+            si[1] = hsum8(a1) * scale;
+            si[2] = hsum8(a2) * scale;
+            si[3] = hsum8(a3) * scale;
+        }
+    }
+    for (; i0 < Q; i0++)
+        for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot(qb + (long)i0 * D, kb + j * D, D) * scale;
+}
+
+/* one head's n scores -> its softmax weights p_j = e^(s_j - max) / sum (in place) */
+static void softmax_weights(float *scores, long n) {
+    /* the max 8 lanes at a time: the maximum is exact whatever the order (a +0 / -0 tie
+     * gives the same e^(s - max)) */
+    __m256 vm = _mm256_set1_ps(-INFINITY);
+    long j = 0;
+    for (; j + 8 <= n; j += 8) vm = _mm256_max_ps(vm, _mm256_loadu_ps(scores + j));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vm);
     float mx = -INFINITY;
-    for (long j = 0; j < n; j++)
-        if (scores[j] > mx) mx = scores[j];
+    for (int l = 0; l < 8; l++)
+        if (lanes[l] > mx) mx = lanes[l];
+    for (long t = j; t < n; t++)
+        if (scores[t] > mx) mx = scores[t];
     /* e^(s - max) 8 keys at a time (the tail padded), summed in 8 lanes: a fixed order for a
      * given number of keys, which depends only on the token's position */
     const __m256 vmx = _mm256_set1_ps(mx);
     __m256 vs = _mm256_setzero_ps();
-    long j = 0;
+    j = 0;
     for (; j + 8 <= n; j += 8) {
         const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(scores + j), vmx));
         _mm256_storeu_ps(scores + j, e);
@@ -157,22 +248,93 @@ static void softmax_values(float *scores, const float *vb, long n0, const float 
         vs = _mm256_add_ps(vs, e);
     }
     const float inv = 1.0f / hsum8(vs);
-    __m256 acc[16];   /* D <= 128 */
-    const int C = D / 8;
-    for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
-    for (long j = 0; j < n; j++) {
-        const __m256 p = _mm256_set1_ps(scores[j] * inv);
-        const float *v = j < n0 ? vb + j * D : vb2 + (j - n0) * D;
-        for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(v + c * 8), acc[c]);
-    }
-    for (int c = 0; c < C; c++) _mm256_storeu_ps(out + c * 8, acc[c]);
+    const __m256 vinv = _mm256_set1_ps(inv);
+    j = 0;
+    for (; j + 8 <= n; j += 8) _mm256_storeu_ps(scores + j, _mm256_mul_ps(_mm256_loadu_ps(scores + j), vinv));
+    for (; j < n; j++) scores[j] *= inv;
 }
+
+/* The weighted sums of the values for up to PV_Q heads of one token that share a kv head:
+ * out_i[d] = sum over keys j in order of p_i[j] v_j[d], key j's value vb[j] for j < n0, else
+ * vb2[j - n0] (a tree verify's ancestors, gathered). Each value row is loaded once for all
+ * the heads. Every output is one FMA chain over j per d, elementwise, so the vector width
+ * (16 lanes in the AVX-512 build) and the grouping do not change a bit. */
+#if defined(__AVX512F__)
+typedef __m512 pv_vec;
+#define PV_W 16
+#define pv_load _mm512_loadu_ps
+#define pv_store _mm512_storeu_ps
+#define pv_set1 _mm512_set1_ps
+#define pv_fma _mm512_fmadd_ps
+#define pv_zero _mm512_setzero_ps
+#else
+typedef __m256 pv_vec;
+#define PV_W 8
+#define pv_load _mm256_loadu_ps
+#define pv_store _mm256_storeu_ps
+#define pv_set1 _mm256_set1_ps
+#define pv_fma _mm256_fmadd_ps
+#define pv_zero _mm256_setzero_ps
+#endif
+#define PV_C 4   /* vectors of dims per pass */
+#define PV_Q 3   /* heads per pass */
+
+static inline __attribute__((always_inline)) void pv_seg(int nh, float *const *p, long off, const float *vb, long n,
+                                                         int D, int c0, pv_vec acc[PV_Q][PV_C]) {
+    for (long j = 0; j < n; j++) {
+        const float *v = vb + j * D + c0;
+        pv_vec vv[PV_C];
+        for (int k = 0; k < PV_C; k++) vv[k] = pv_load(v + k * PV_W);
+        for (int i = 0; i < PV_Q; i++)
+            if (i < nh) {
+                const pv_vec pb = pv_set1(p[i][off + j]);
+                for (int k = 0; k < PV_C; k++) acc[i][k] = pv_fma(pb, vv[k], acc[i][k]);
+            }
+    }
+}
+
+static void weighted_values(int nh, float *const *p, const float *vb, long n0, const float *vb2, long n, int D,
+                            float *const *out) {
+    if (D % (PV_C * PV_W) == 0) {
+        for (int c0 = 0; c0 < D; c0 += PV_C * PV_W) {
+            pv_vec acc[PV_Q][PV_C];
+            for (int i = 0; i < PV_Q; i++)
+                for (int k = 0; k < PV_C; k++) acc[i][k] = pv_zero();
+            if (nh == PV_Q) {
+                pv_seg(PV_Q, p, 0, vb, n0, D, c0, acc);
+                pv_seg(PV_Q, p, n0, vb2, n - n0, D, c0, acc);
+            } else {
+                pv_seg(nh, p, 0, vb, n0, D, c0, acc);
+                pv_seg(nh, p, n0, vb2, n - n0, D, c0, acc);
+            }
+            for (int i = 0; i < nh; i++)
+                for (int k = 0; k < PV_C; k++) pv_store(out[i] + c0 + k * PV_W, acc[i][k]);
+        }
+        return;
+    }
+    for (int i = 0; i < nh; i++) {   /* other head sizes: 8 lanes, head by head */
+        __m256 acc[16];   /* D <= 128 */
+        const int C = D / 8;
+        for (int c = 0; c < C; c++) acc[c] = _mm256_setzero_ps();
+        for (long j = 0; j < n; j++) {
+            const __m256 pb = _mm256_set1_ps(p[i][j]);
+            const float *v = j < n0 ? vb + j * D : vb2 + (j - n0) * D;
+            for (int c = 0; c < C; c++) acc[c] = _mm256_fmadd_ps(pb, _mm256_loadu_ps(v + c * 8), acc[c]);
+        }
+        for (int c = 0; c < C; c++) _mm256_storeu_ps(out[i] + c * 8, acc[c]);
+    }
+}
+
+/* tokens of one row in one attention task at most (the scores buffer holds ATT_TOKENS x rep
+ * rows of cap floats per thread) */
+#define ATT_TOKENS 16
 
 /* floats of work dfl_layer needs for M rows, a cache of cap positions and nthreads */
 long dfl_layer_work(const dfl_layer_t *P, long M, long cap, int nthreads) {
     const long D = P->head_dim, nqkv = (P->heads + 2L * P->kv_heads) * D;
     return M * (P->hidden + nqkv + P->heads * D + 3 * P->inter)
-        + (long)(nthreads < 1 ? 1 : nthreads) * cap * (P->heads / (P->kv_heads > 0 ? P->kv_heads : 1));
+        + (long)(nthreads < 1 ? 1 : nthreads) * ATT_TOKENS * (P->heads / (P->kv_heads > 0 ? P->kv_heads : 1))
+              * (cap + D);
 }
 
 /* returns 0; -1 unsupported shape; -3 a position outside the cache; else dfl_linear's code */
@@ -181,7 +343,7 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
               float *work, int nthreads, int causal, long out_lo, long out_n, const int32_t *tree) {
     const long M = R * T, Hd = P->hidden, I = P->inter;
     const int H = P->heads, Hkv = P->kv_heads, D = P->head_dim;
-    if (D % 8 || D > 128 || Hd % 8 || Hkv <= 0 || H % Hkv) return -1;
+    if (D % 8 || D > 128 || Hd % 8 || Hkv <= 0 || H % Hkv || H / Hkv > 128) return -1;
     if (out_lo < 0 || out_n < 1 || out_lo + out_n > T) return -1;
     if (nthreads < 1) nthreads = 1;
     const int rep = H / Hkv;
@@ -230,34 +392,65 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
      * each computed as it would be among all M (row-invariant), the other rows of x untouched */
     const long Mo = R * out_n;
 #define XROW(o) ((o) / out_n * T + out_lo + (o) % out_n)
-    const long tasks = Mo * Hkv;   /* (token, kv head): its rep query heads together */
+    /* attention tasks: (row, kv head, a run of at most ATT_TOKENS of the row's output tokens),
+     * the runs as many as make the tasks split evenly over the threads where the tokens allow */
+    long runs = (out_n + ATT_TOKENS - 1) / ATT_TOKENS;
+    for (long c = runs; c <= out_n; c++)
+        if ((R * Hkv * c) % nthreads == 0) {
+            runs = c;
+            break;
+        }
+    const long tasks = R * Hkv * runs;
     const int nt = tasks < nthreads ? (int)tasks : nthreads;
 #pragma omp parallel num_threads(nt)
     {
         const int tid = omp_get_thread_num(), n_t = omp_get_num_threads();
-        float *sc = scores + (long)tid * cap * rep;
+        float *qb = scores + (long)tid * ATT_TOKENS * rep * (cap + D), *sc = qb + (long)ATT_TOKENS * rep * D;
         float kg[TREE_MAX * 128], vg[TREE_MAX * 128];   /* a tree token's block keys / values */
+        long nq[ATT_TOKENS * 128];
         for (long task = tasks * tid / n_t; task < tasks * (tid + 1) / n_t; task++) {
-            const long o = task / Hkv, m = XROW(o), r = m / T, t = m % T;
-            const int g = (int)(task % Hkv);
+            const long r = task / (Hkv * runs), g = task / runs % Hkv, run = task % runs;
+            const long t0 = out_lo + out_n * run / runs, t1 = out_lo + out_n * (run + 1) / runs;
             const long base = (slots[r] * Hkv + g) * cap * D;
-            const float *q = qkv + m * nqkv + (long)g * rep * D;
-            float *out = att + o * H * D + (long)g * rep * D;
-            if (!tree) {
-                const long n = starts[r] + (causal ? t + 1 : T);
-                group_scores(q, rep, kc + base, n, n, D, P->scale, sc);
-                for (int i = 0; i < rep; i++) softmax_values(sc + i * n, vc + base, n, NULL, n, D, out + i * D);
-            } else {   /* the cached context, then the listed block keys gathered in order */
-                const int32_t *tr = tree + m * (T + 1);
-                const long n0 = starts[r], na = tr[0], n = n0 + na;
-                for (long a = 0; a < na; a++)
-                    for (int d = 0; d < D; d++) {
-                        kg[a * D + d] = kc[base + (n0 + tr[1 + a]) * D + d];
-                        vg[a * D + d] = vc[base + (n0 + tr[1 + a]) * D + d];
-                    }
-                group_scores(q, rep, kc + base, n0, n, D, P->scale, sc);
-                group_scores(q, rep, kg, na, n, D, P->scale, sc + n0);
-                for (int i = 0; i < rep; i++) softmax_values(sc + i * n, vc + base, n0, vg, n, D, out + i * D);
+            const int Q = (int)((t1 - t0) * rep);
+            /* the run's queries, token by token, and the cached keys each reads: all of the
+             * context (tree: the context only, its block keys below) */
+            for (long t = t0; t < t1; t++) {
+                const float *q = qkv + (r * T + t) * nqkv + g * rep * D;
+                for (int i = 0; i < rep; i++) {
+                    const long qi = (t - t0) * rep + i;
+                    for (int d = 0; d < D; d++) qb[qi * D + d] = q[i * D + d];
+                    nq[qi] = starts[r] + (tree ? 0 : causal ? t + 1 : T);
+                }
+            }
+            multi_scores(qb, Q, nq, kc + base, cap, D, P->scale, sc);
+            for (long t = t0; t < t1; t++) {
+                const long m = r * T + t, o = r * out_n + (t - out_lo);
+                float *p[128], *out[128];
+                for (int i = 0; i < rep; i++) {
+                    p[i] = sc + ((t - t0) * rep + i) * cap;
+                    out[i] = att + o * H * D + (g * rep + i) * D;
+                }
+                long n0 = nq[(t - t0) * rep], n = n0;
+                if (tree) {   /* the listed block keys, gathered in order after the context */
+                    const int32_t *tr = tree + m * (T + 1);
+                    const long na = tr[0];
+                    for (long a = 0; a < na; a++)
+                        for (int d = 0; d < D; d++) {
+                            kg[a * D + d] = kc[base + (n0 + tr[1 + a]) * D + d];
+                            vg[a * D + d] = vc[base + (n0 + tr[1 + a]) * D + d];
+                        }
+                    group_scores(qb + (t - t0) * rep * D, rep, kg, na, cap, D, P->scale, p[0] + n0);
+                    n = n0 + na;
+                }
+                for (int i = 0; i < rep; i++) softmax_weights(p[i], n);
+                for (int i = 0; i < rep; i += PV_Q) {
+                    const int nh = rep - i < PV_Q ? rep - i : PV_Q;
+                    if (tree)
+                        weighted_values(nh, p + i, vc + base, n0, vg, n, D, out + i);
+                    else
+                        weighted_values(nh, p + i, vc + base, n, NULL, n, D, out + i);
+                }
             }
         }
     }
