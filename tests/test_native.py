@@ -375,8 +375,8 @@ def _variant_target(**cfg):
     linears on a Q4_1 grid, norms not 1, packed for inference."""
     from dflash_core.models.config import ModelConfig
     from dflash_core.models.decoder import Decoder
-    c = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_layers=3, num_heads=4,
-                    num_kv_heads=2, head_dim=16, **cfg)
+    c = ModelConfig(**{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_layers": 3,
+                       "num_heads": 4, "num_kv_heads": 2, "head_dim": 16, **cfg})
     t = Decoder(c)
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
@@ -469,6 +469,87 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms):
                                    rtol=1e-4, atol=1e-4)
     finally:
         del nl.max_rows
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 64), (8, 2, 32), (4, 1, 40)])
+def test_native_attention_is_row_invariant_across_runs_pairs_and_trees(heads, kv_heads, head_dim):
+    """The attention reads a kv head's keys once per run of up to 16 tokens of a row, two
+    queries per 16-lane FMA, and a token's heads' values in one pass (head sizes of 32 /
+    64 lanes; others head by head). None of it may change a bit: 20 new tokens (past one
+    run) one at a time, in blocks of 7, in one block, in a tree whose every token lists all
+    earlier ones (the gathered path) and with one thread all give the same numbers, which
+    match the torch layers to summation order."""
+    t = _variant_target(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qk_norm=True,
+                        family="qwen3")
+    nl = t._native_layers
+    assert nl is not None
+    V = t.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, V, (2, 13), generator=g)
+    new = torch.randint(0, V, (2, 20), generator=g)
+    slots = torch.tensor([1, 0])
+
+    def prefilled():
+        cache = t.new_cache(2, 40)
+        t(prompt, cache, slots, torch.tensor([0, 0]))
+        return cache
+
+    cache = prefilled()
+    steps = torch.cat([t(new[:, i:i + 1], cache, slots, torch.full((2,), 13 + i))[0] for i in range(20)], 1)
+    for T in (7, 20):
+        cache = prefilled()
+        got = torch.cat([t(new[:, a:a + T], cache, slots, torch.full((2,), 13 + a))[0] for a in range(0, 20, T)], 1)
+        assert torch.equal(got, steps), T
+    chain = torch.zeros(2, 20, 21, dtype=torch.int32)
+    for i in range(20):
+        chain[:, i, 0] = i + 1
+        chain[:, i, 1:i + 2] = torch.arange(i + 1, dtype=torch.int32)
+    cache = prefilled()
+    assert torch.equal(t(new, cache, slots, torch.full((2,), 13), tree=chain)[0], steps)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        cache = prefilled()
+        assert torch.equal(t(new, cache, slots, torch.full((2,), 13))[0], steps)
+    finally:
+        torch.set_num_threads(threads)
+    nl.enabled = False
+    try:
+        cache = prefilled()
+        torch.testing.assert_close(t(new, cache, slots, torch.full((2,), 13))[0], steps, rtol=1e-4, atol=1e-4)
+    finally:
+        nl.enabled = True
+
+
+def test_native_drafter_style_block_is_the_same_for_any_share_of_its_tokens():
+    """A non-causal block (a drafter's: every token reads the whole block) computes the same
+    bits for its tokens whichever of them a call asks for (out=(lo, n) changes how the
+    tokens are cut into attention runs) and with one thread."""
+    t = _variant_target(num_heads=6, num_kv_heads=2, head_dim=64)
+    nl = t._native_layers
+    V, L = t.config.vocab_size, t.config.num_layers
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 19, t.config.hidden_size, generator=g)
+    pos = torch.tensor([[5 + i for i in range(19)], [11 + i for i in range(19)]])
+    cos, sin = t.rotary(pos, torch.float32)
+    slots, starts = torch.tensor([0, 1]), torch.tensor([5, 11])
+
+    def run(out=None):
+        cache = t.new_cache(2, 40)
+        t(torch.randint(0, V, (2, 11), generator=torch.Generator().manual_seed(3)), cache, slots,
+          torch.tensor([0, 0]))
+        x = x0.clone()
+        nl.forward(x, slots, starts, cos, sin, cache, L - 1, set(), causal=False, out=out)
+        return x
+    full = run()
+    for lo, n in ((1, 18), (3, 5), (18, 1)):
+        assert torch.equal(run((lo, n))[:, lo:lo + n], full[:, lo:lo + n]), (lo, n)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(run(), full)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_whole_prefill_chunk_stays_native_in_the_avx512_build():
