@@ -291,6 +291,52 @@ def test_bench_reports_the_native_linears_and_their_width():
     assert nl["vector_width"] == native.vector_width() in (8, 16)
 
 
+def test_layer_build_swaps_in_another_layer_source_and_restores(tmp_path):
+    """native.layer_build compiles another dflash_layer.c beside the loaded kernel and
+    use_layer_build makes every native forward call it within, and only within."""
+    t = _variant_target()
+    x = torch.randint(0, t.config.vocab_size, (1, 5))
+    want = t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0]
+    src = native.LAYER_SOURCE.read_text()
+    head = "int dfl_layer(const dfl_layer_t *P, float *x, long R, long T,"
+    assert head in src
+    broken = tmp_path / "dflash_layer.c"
+    broken.write_text(src.replace("    const long M = R * T, Hd = P->hidden, I = P->inter;",
+                                  "    if (R > 0) return -1;\n    const long M = R * T, Hd = P->hidden, I = P->inter;", 1))
+    fns = native.layer_build(broken)
+    with native.use_layer_build(fns):
+        with pytest.raises(RuntimeError, match="native decoder layer 0 failed"):
+            t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))
+    assert torch.equal(t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0], want)
+    same = native.layer_build(native.LAYER_SOURCE)   # the same source: the same build, the same bits
+    with native.use_layer_build(same):
+        assert torch.equal(t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0], want)
+
+
+def test_bench_layer_source_ab_runs_both_builds_and_refuses_a_missing_file(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    dflash = str(Path(sys.executable).with_name("dflash"))
+    base = [dflash, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "1",
+            "--max-new-tokens", "6", "--dtype", "float32", "--block-sizes", "2", "--threads", "1"]
+    out = subprocess.run(base + ["--layer-source-ab", str(native.LAYER_SOURCE), "--verify-cost", "--verify-reps", "2",
+                                 "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    other = s["layer_source"]["by_block_size"]["2"]
+    assert s["greedy_outputs_identical"] and other["greedy_outputs_identical"]
+    assert other["dflash_tokens_per_s"] > 0 and other["ar_tokens_per_s"] > 0
+    ab = s["layer_source_ab"]["128"]
+    assert set(ab) == {"layers as built", "layers from the file"}
+    assert all(v > 0 for r in ab.values() for v in r["verify_ms"].values())
+    bad = subprocess.run(base + ["--layer-source-ab", str(tmp_path / "none.c")], capture_output=True, text=True,
+                         timeout=300)
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--layer-source-ab" in lines[0], bad.stderr
+
+
 def test_more_rows_than_max_rows_take_torch_linear():
     """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
     up to it, the kernel (row-invariant, close to F.linear)."""

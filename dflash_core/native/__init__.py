@@ -42,6 +42,7 @@ keeps the 8-lane AVX2 build): the same products in about half the instructions.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -127,26 +128,32 @@ def wants_amx() -> bool:
     return os.environ.get("DFLASH_NATIVE_AMX", "1") != "0" and wants_avx512() and set(AMX_FLAGS) <= cpu_flags()
 
 
-def _build() -> Path:
-    src = SOURCE.read_bytes() + LAYER_SOURCE.read_bytes() + AMX_SOURCE.read_bytes()
+def _flags() -> list[str]:
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
+    if wants_avx512():
+        flags += [f"-m{f}" for f in AVX512_FLAGS]
+    return flags
+
+
+def _build(layer_source: Path = LAYER_SOURCE) -> Path:
+    sources = (SOURCE, layer_source, AMX_SOURCE)
+    src = b"".join(p.read_bytes() for p in sources)
     from ..runtime import c_compiler
     cc = c_compiler()
     if cc is None:
         raise RuntimeError("no C compiler (cc / gcc) on PATH")
-    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared", "-fno-fast-math"]
-    if wants_avx512():
-        flags += [f"-m{f}" for f in AVX512_FLAGS]
+    flags = _flags()
     if not wants_amx():
-        return _compile(cc, flags, src)
+        return _compile(cc, flags, src, sources)
     try:
-        return _compile(cc, flags + list(AMX_CFLAGS), src)
+        return _compile(cc, flags + list(AMX_CFLAGS), src, sources)
     except RuntimeError:
         # a compiler without the AMX options (GCC < 11, old clang): the build without them
         # (dflash_amx.c then compiles to stubs and the quantised weights keep the FMA formats)
-        return _compile(cc, flags, src)
+        return _compile(cc, flags, src, sources)
 
 
-def _compile(cc: str, flags: list[str], src: bytes) -> Path:
+def _compile(cc: str, flags: list[str], src: bytes, sources) -> Path:
     key = hashlib.sha256(src + " ".join([cc] + flags).encode()).hexdigest()[:16]
     out = cache_root() / "native" / f"libdflash_linear-{key}.so"
     if out.exists():
@@ -154,13 +161,47 @@ def _compile(cc: str, flags: list[str], src: bytes) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    res = subprocess.run([cc, *flags, str(SOURCE), str(LAYER_SOURCE), str(AMX_SOURCE), "-o", tmp, "-lm"],
-                         capture_output=True, text=True)
+    res = subprocess.run([cc, *flags, *map(str, sources), "-o", tmp, "-lm"], capture_output=True, text=True)
     if res.returncode != 0:
         os.unlink(tmp)
         raise RuntimeError(f"compiling {SOURCE.name} failed: {res.stderr.strip()[:400]}")
     os.replace(tmp, out)   # atomic: concurrent builders each write their own temp file
     return out
+
+
+def _layer_fns(lib):
+    """(dfl_layer, dfl_layer_work) of a loaded build, typed."""
+    layer = lib.dfl_layer
+    layer.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
+        + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
+    layer.restype = ctypes.c_int
+    work = lib.dfl_layer_work
+    work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
+    work.restype = ctypes.c_long
+    return layer, work
+
+
+def layer_build(layer_source) -> tuple:
+    """The decoder-layer functions of a build with another dflash_layer.c (e.g. an earlier
+    revision's, same dfl_layer signature), the rest of the kernel and the flags as loaded:
+    what `use_layer_build` swaps in for an A/B of the layer code in one process."""
+    if _load() is None:
+        raise RuntimeError(f"the native kernel is not available: {_REASON}")
+    lib = ctypes.CDLL(str(_build(Path(layer_source))))
+    if _AMX:
+        lib.dfl_amx_init()
+    return _layer_fns(lib)
+
+
+@contextlib.contextmanager
+def use_layer_build(fns):
+    """Within: every NativeLayers forward calls `fns` (from `layer_build`); restored after."""
+    global _LAYER
+    saved, _LAYER = _LAYER, fns
+    try:
+        yield
+    finally:
+        _LAYER = saved
 
 
 def _load():
@@ -186,13 +227,7 @@ def _load():
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         fn.restype = ctypes.c_int
-        layer = lib.dfl_layer
-        layer.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
-            + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
-        layer.restype = ctypes.c_int
-        work = lib.dfl_layer_work
-        work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
-        work.restype = ctypes.c_long
+        layer, work = _layer_fns(lib)
         wctx = lib.dfl_write_context
         wctx.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                          ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
