@@ -20,9 +20,9 @@ machine noise hits both alike. Optional extras:
                   back (the verify cost alternating forward by forward)
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
-  --layer-source-ab FILE  every measurement above also with the native decoder layers
-                  built from another dflash_layer.c (an earlier revision's), back to back;
-                  the verify cost alternating forward by forward at each --verify-ctx
+  --kernel-source-ab FILE  every measurement above also with the native decoder layers
+                  built with another dflash_layer.c or dflash_amx.c (an earlier revision's),
+                  back to back; the verify cost alternating forward by forward at each --verify-ctx
   --lookup-ab     every measurement above also with the lookup branches of the greedy
                   trees (dflash_core/lookup.py) the other way (off where they are on), back to back
   --drafter-weights-ab  every measurement above also with the drafter's weights in the
@@ -87,10 +87,11 @@ def _parser():
     ap.add_argument("--layers-ab", action="store_true",
                     help="also measure everything with the native decoder layers off (torch's ops around the same "
                          "native linears)")
-    ap.add_argument("--layer-source-ab", default=None, metavar="FILE",
-                    help="also measure everything with the native decoder layers built from FILE (another "
-                         "dflash_layer.c with the same dfl_layer signature, e.g. `git show REV:dflash_core/native/"
-                         "dflash_layer.c`), the rest of the kernel as built: a kernel change's A/B in one process")
+    ap.add_argument("--kernel-source-ab", default=None, metavar="FILE",
+                    help="also measure everything with the native decoder layers built with FILE in place of its "
+                         "namesake (another dflash_layer.c or dflash_amx.c with the same signatures, e.g. `git show "
+                         "REV:dflash_core/native/dflash_layer.c`), the rest of the kernel as built: a kernel change's "
+                         "A/B in one process")
     ap.add_argument("--draft-tree", choices=("on", "off"), default="on",
                     help="greedy DFlash verifies draft trees (EngineConfig.draft_tree, the default where the native "
                          "fp32 layers run the target) or chains")
@@ -264,7 +265,7 @@ def layers_off(engine):
 
 
 @contextlib.contextmanager
-def layer_source_set(fns):
+def kernel_source_set(fns):
     """Within: the native decoder layers of another build (native.layer_build) -> yields 1."""
     from . import native
     with native.use_layer_build(fns):
@@ -591,17 +592,17 @@ def main(argv=None) -> int:
             raise CliError("dflash bench: --layers-ab: this engine has no native decoder layers ("
                            + (native.reason() or "they take fp32 on a CPU, every linear native") + ")")
         off_modes.append(("layers_off", "native layers off", lambda: layers_off(engine)))
-    if args.layer_source_ab:
+    if args.kernel_source_ab:
         if engine.target._native_layers is None:
-            raise CliError("dflash bench: --layer-source-ab: this engine has no native decoder layers ("
+            raise CliError("dflash bench: --kernel-source-ab: this engine has no native decoder layers ("
                            + (native.reason() or "they take fp32 on a CPU, every linear native") + ")")
-        if not os.path.isfile(args.layer_source_ab):
-            raise CliError(f"dflash bench: --layer-source-ab: no file {args.layer_source_ab}")
+        if not os.path.isfile(args.kernel_source_ab):
+            raise CliError(f"dflash bench: --kernel-source-ab: no file {args.kernel_source_ab}")
         try:
-            lfns = native.layer_build(args.layer_source_ab)
+            lfns = native.layer_build(args.kernel_source_ab)
         except (OSError, RuntimeError, AttributeError) as e:
-            raise CliError(f"dflash bench: --layer-source-ab: could not build {args.layer_source_ab}: {e}") from None
-        off_modes.append(("layer_source", f"layers from {args.layer_source_ab}", lambda: layer_source_set(lfns)))
+            raise CliError(f"dflash bench: --kernel-source-ab: could not build {args.kernel_source_ab}: {e}") from None
+        off_modes.append(("kernel_source", f"layers built with {args.kernel_source_ab}", lambda: kernel_source_set(lfns)))
     for field, value, ab in (("draft_tree", args.draft_tree, args.tree_ab),
                              ("draft_lookup", args.draft_lookup, args.lookup_ab)):
         setattr(engine.config, field, value == "on")
@@ -673,10 +674,10 @@ def main(argv=None) -> int:
                 engine.target, args.verify_reps,
                 {"native layers": contextlib.nullcontext, "torch layers": lambda: layers_off(engine)}, "{}", out,
                 verify_ctx[0])
-        if args.layer_source_ab:   # each token count at each cached context, the two builds alternating
-            summary["layer_source_ab"] = {str(c): _verify_ab(
+        if args.kernel_source_ab:   # each token count at each cached context, the two builds alternating
+            summary["kernel_source_ab"] = {str(c): _verify_ab(
                 engine.target, args.verify_reps,
-                {"layers as built": contextlib.nullcontext, "layers from the file": lambda: layer_source_set(lfns)},
+                {"layers as built": contextlib.nullcontext, "layers with the file": lambda: kernel_source_set(lfns)},
                 "{}", out, c) for c in verify_ctx}
         if args.mm_ab:
             swaps = small_mm_swaps(engine)   # the packed versions built once, swapped in per forward

@@ -156,8 +156,9 @@ def test_amx_linear_takes_fp32_inputs_whole():
 
 
 def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
-    """Rows past 16 go to further tiles (and a remainder tile of another row count): every
-    row's bits stay those of the row alone, at 1 or 2 threads; the AMX and FMA forms of
+    """Rows past 16 go to further tiles (and a remainder tile of another row count; up to 8
+    remainder rows keep their accumulators in registers): every row's bits stay those of
+    the row alone, at 1 or 2 threads; the AMX and FMA forms of
     a weight agree to fp32 rounding (different summation orders of the same products)."""
     _need_amx()
     g = torch.Generator().manual_seed(3)
@@ -173,7 +174,7 @@ def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
             assert torch.equal(amx_lin(x), y)
         finally:
             torch.set_num_threads(threads)
-        for rows in ((0, 1), (3, 19), (16, 33), (31, 40)):
+        for rows in ((0, 1), (1, 3), (5, 12), (20, 28), (3, 19), (16, 33), (31, 40)):   # 1-8 rows: accumulators in registers
             assert torch.equal(amx_lin(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
         torch.testing.assert_close(y, fma_lin(x), rtol=1e-5, atol=1e-5)
         assert not torch.equal(y, fma_lin(x))   # two kernels, really: the orders differ somewhere
@@ -292,8 +293,9 @@ def test_bench_reports_the_native_linears_and_their_width():
 
 
 def test_layer_build_swaps_in_another_layer_source_and_restores(tmp_path):
-    """native.layer_build compiles another dflash_layer.c beside the loaded kernel and
-    use_layer_build makes every native forward call it within, and only within."""
+    """native.layer_build compiles another dflash_layer.c (or dflash_amx.c) beside the
+    loaded kernel and use_layer_build makes every native forward call it within, and only
+    within."""
     t = _variant_target()
     x = torch.randint(0, t.config.vocab_size, (1, 5))
     want = t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0]
@@ -311,9 +313,22 @@ def test_layer_build_swaps_in_another_layer_source_and_restores(tmp_path):
     same = native.layer_build(native.LAYER_SOURCE)   # the same source: the same build, the same bits
     with native.use_layer_build(same):
         assert torch.equal(t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0], want)
+    if native.amx():   # a dflash_amx.c replaces its namesake: the layers' linears run in it
+        asrc = native.AMX_SOURCE.read_text()
+        anchor = "    if ((fmt != 4 && fmt != 5) || K % 32) return -1;"
+        assert anchor in asrc
+        broken_amx = tmp_path / "dflash_amx.c"
+        broken_amx.write_text(asrc.replace(anchor, "    if (M > 0) return -1;\n" + anchor, 1))
+        with native.use_layer_build(native.layer_build(broken_amx)):
+            with pytest.raises(RuntimeError, match="native decoder layer 0 failed"):
+                t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))
+        assert torch.equal(t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0], want)
+    with pytest.raises(RuntimeError, match="defines neither"):
+        (tmp_path / "x.c").write_text("int main(void) { return 0; }\n")
+        native.layer_build(tmp_path / "x.c")
 
 
-def test_bench_layer_source_ab_runs_both_builds_and_refuses_a_missing_file(tmp_path):
+def test_bench_kernel_source_ab_runs_both_builds_and_refuses_a_missing_file(tmp_path):
     import json
     import subprocess
     import sys
@@ -321,20 +336,22 @@ def test_bench_layer_source_ab_runs_both_builds_and_refuses_a_missing_file(tmp_p
     dflash = str(Path(sys.executable).with_name("dflash"))
     base = [dflash, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "1",
             "--max-new-tokens", "6", "--dtype", "float32", "--block-sizes", "2", "--threads", "1"]
-    out = subprocess.run(base + ["--layer-source-ab", str(native.LAYER_SOURCE), "--verify-cost", "--verify-reps", "2",
+    out = subprocess.run(base + ["--kernel-source-ab", str(native.AMX_SOURCE), "--verify-cost", "--verify-reps", "2",
                                  "--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     s = json.loads(out.stdout.strip().splitlines()[-1])
-    other = s["layer_source"]["by_block_size"]["2"]
+    other = s["kernel_source"]["by_block_size"]["2"]
     assert s["greedy_outputs_identical"] and other["greedy_outputs_identical"]
     assert other["dflash_tokens_per_s"] > 0 and other["ar_tokens_per_s"] > 0
-    ab = s["layer_source_ab"]["128"]
-    assert set(ab) == {"layers as built", "layers from the file"}
+    ab = s["kernel_source_ab"]["128"]
+    assert set(ab) == {"layers as built", "layers with the file"}
     assert all(v > 0 for r in ab.values() for v in r["verify_ms"].values())
-    bad = subprocess.run(base + ["--layer-source-ab", str(tmp_path / "none.c")], capture_output=True, text=True,
-                         timeout=300)
-    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
-    assert bad.returncode == 2 and len(lines) == 1 and "--layer-source-ab" in lines[0], bad.stderr
+    for path, text in ((tmp_path / "none.c", None), (tmp_path / "other.c", "int main(void) { return 0; }\n")):
+        if text is not None:
+            path.write_text(text)
+        bad = subprocess.run(base + ["--kernel-source-ab", str(path)], capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+        assert bad.returncode == 2 and len(lines) == 1 and "--kernel-source-ab" in lines[0], bad.stderr
 
 
 def test_more_rows_than_max_rows_take_torch_linear():

@@ -135,8 +135,8 @@ def _flags() -> list[str]:
     return flags
 
 
-def _build(layer_source: Path = LAYER_SOURCE) -> Path:
-    sources = (SOURCE, layer_source, AMX_SOURCE)
+def _build(layer_source: Path = LAYER_SOURCE, amx_source: Path = AMX_SOURCE) -> Path:
+    sources = (SOURCE, layer_source, amx_source)
     src = b"".join(p.read_bytes() for p in sources)
     from ..runtime import c_compiler
     cc = c_compiler()
@@ -181,13 +181,23 @@ def _layer_fns(lib):
     return layer, work
 
 
-def layer_build(layer_source) -> tuple:
-    """The decoder-layer functions of a build with another dflash_layer.c (e.g. an earlier
-    revision's, same dfl_layer signature), the rest of the kernel and the flags as loaded:
-    what `use_layer_build` swaps in for an A/B of the layer code in one process."""
+def layer_build(source) -> tuple:
+    """The decoder-layer functions of a build with another kernel source in place of its
+    namesake: a dflash_layer.c (it defines dfl_layer) or a dflash_amx.c (dfl_linear_amx),
+    e.g. an earlier revision's with the same signatures; the rest of the kernel and the
+    flags as loaded. What `use_layer_build` swaps in for an A/B in one process (the layers'
+    linears run in that build too; the LM head and other lone linears stay in the loaded one)."""
     if _load() is None:
         raise RuntimeError(f"the native kernel is not available: {_REASON}")
-    lib = ctypes.CDLL(str(_build(Path(layer_source))))
+    source = Path(source)
+    text = source.read_text(errors="replace")
+    if "int dfl_layer(" in text:
+        path = _build(layer_source=source)
+    elif "int dfl_linear_amx(" in text:
+        path = _build(amx_source=source)
+    else:
+        raise RuntimeError(f"{source} defines neither dfl_layer (dflash_layer.c) nor dfl_linear_amx (dflash_amx.c)")
+    lib = ctypes.CDLL(str(path))
     if _AMX:
         lib.dfl_amx_init()
     return _layer_fns(lib)
