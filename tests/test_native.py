@@ -540,8 +540,8 @@ def test_native_attention_is_row_invariant_across_runs_pairs_and_trees(heads, kv
     queries per 16-lane FMA, and a token's heads' values in one pass (head sizes of 32 /
     64 lanes; others head by head). None of it may change a bit: 20 new tokens (past one
     run) one at a time, in blocks of 7, in one block, in a tree whose every token lists all
-    earlier ones (the gathered path) and with one thread all give the same numbers, which
-    match the torch layers to summation order."""
+    earlier ones (the gathered path) and with 1 or 7 threads all give the same numbers,
+    which match the torch layers to summation order."""
     t = _variant_target(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qk_norm=True,
                         family="qwen3")
     nl = t._native_layers
@@ -570,10 +570,14 @@ def test_native_attention_is_row_invariant_across_runs_pairs_and_trees(heads, kv
     cache = prefilled()
     assert torch.equal(t(new, cache, slots, torch.full((2,), 13), tree=chain)[0], steps)
     threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        cache = prefilled()
-        assert torch.equal(t(new, cache, slots, torch.full((2,), 13))[0], steps)
+    try:   # other thread counts cut the tokens into other runs (7: runs that do not divide evenly)
+        for n in (1, 7):
+            torch.set_num_threads(n)
+            for T in (7, 20):
+                cache = prefilled()
+                got = torch.cat([t(new[:, a:a + T], cache, slots, torch.full((2,), 13 + a))[0]
+                                 for a in range(0, 20, T)], 1)
+                assert torch.equal(got, steps), (n, T)
     finally:
         torch.set_num_threads(threads)
     nl.enabled = False

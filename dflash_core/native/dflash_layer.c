@@ -393,13 +393,16 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
     const long Mo = R * out_n;
 #define XROW(o) ((o) / out_n * T + out_lo + (o) % out_n)
     /* attention tasks: (row, kv head, a run of at most ATT_TOKENS of the row's output tokens),
-     * the runs as many as make the tasks split evenly over the threads where the tokens allow */
-    long runs = (out_n + ATT_TOKENS - 1) / ATT_TOKENS;
-    for (long c = runs; c <= out_n; c++)
-        if ((R * Hkv * c) % nthreads == 0) {
-            runs = c;
-            break;
-        }
+     * the runs as many as make the tasks split evenly over the threads where the tokens allow,
+     * else enough to give every thread a task where the tokens allow */
+    const long runs0 = (out_n + ATT_TOKENS - 1) / ATT_TOKENS;
+    long runs = -1;
+    for (long c = runs0; c <= out_n && runs < 0; c++)
+        if ((R * Hkv * c) % nthreads == 0) runs = c;
+    if (runs < 0) {
+        const long want = (nthreads + R * Hkv - 1) / (R * Hkv);
+        runs = want > runs0 ? (want < out_n ? want : out_n) : runs0;
+    }
     const long tasks = R * Hkv * runs;
     const int nt = tasks < nthreads ? (int)tasks : nthreads;
 #pragma omp parallel num_threads(nt)
