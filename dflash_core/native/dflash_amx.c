@@ -135,11 +135,38 @@ static inline __attribute__((always_inline)) void epilogue(const float *cbuf, in
     }
 }
 
+/* One 32-weight block b of one or two column tiles (records rec0, rec1): their codes
+ * expanded to B tiles, times the input rows' three bf16 parts (a: rows at block b, parts ps
+ * apart), C tiles -> cbuf[0] / cbuf[1] (rows x 16 fp32, row stride 64 bytes) */
+static inline __attribute__((always_inline)) void block_products(int q4, const uint8_t *rec0, const uint8_t *rec1,
+                                                                 int two, const uint16_t *a, long ps, long K,
+                                                                 uint16_t bbuf[2][512], float cbuf[2][256]) {
+    const long RB = q4 ? 384 : 576, CO = q4 ? 128 : 64;
+    for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+    expand(q4, rec0 + CO, bbuf[0]);
+    tile_load(3, bbuf[0], 64);
+    _tile_zero(0);
+    if (two) {
+        for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+        expand(q4, rec1 + CO, bbuf[1]);
+        tile_load(4, bbuf[1], 64);
+        _tile_zero(1);
+    }
+    for (int p = 0; p < 3; p++) {   /* the input's three bf16 parts */
+        tile_load(2, a + p * ps, K * 2);
+        _tile_dpbf16ps(0, 2, 3);
+        if (two) _tile_dpbf16ps(1, 2, 4);
+    }
+    _tile_stored(0, cbuf[0], 64);
+    if (two) _tile_stored(1, cbuf[1], 64);
+    __asm__ __volatile__("" ::: "memory");   /* the tile stores fill cbuf before it is read */
+}
+
 /* input rows [m0, m0 + rows) (rows <= 16, the tiles configured for it) against column
  * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles */
 static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
                      const uint8_t *w, float *y, long j0, long j1, float *acc) {
-    const long B = K / 32, RB = q4 ? 384 : 576, CO = q4 ? 128 : 64, ps = M * K;
+    const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
     uint16_t bbuf[2][512] __attribute__((aligned(64)));
     float cbuf[2][256] __attribute__((aligned(64)));
     for (long j = j0; j < j1; j += 2) {
@@ -149,24 +176,7 @@ static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int r
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         for (long b = 0; b < B; b++) {
             const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
-            expand(q4, rec0 + CO, bbuf[0]);
-            tile_load(3, bbuf[0], 64);
-            _tile_zero(0);
-            if (two) {
-                for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
-                expand(q4, rec1 + CO, bbuf[1]);
-                tile_load(4, bbuf[1], 64);
-                _tile_zero(1);
-            }
-            const uint16_t *a = xs + m0 * K + b * 32;
-            for (int p = 0; p < 3; p++) {   /* the input's three bf16 parts */
-                tile_load(2, a + p * ps, K * 2);
-                _tile_dpbf16ps(0, 2, 3);
-                if (two) _tile_dpbf16ps(1, 2, 4);
-            }
-            _tile_stored(0, cbuf[0], 64);
-            if (two) _tile_stored(1, cbuf[1], 64);
+            block_products(q4, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
             epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc0);
             if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc1);
         }
@@ -187,7 +197,7 @@ static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int r
 static inline __attribute__((always_inline)) void amx_rows_reg(int q4, const uint16_t *xs, const float *sx, long m0,
                                                                const int R, long M, long K, long N, const uint8_t *w,
                                                                float *y, long j0, long j1) {
-    const long B = K / 32, RB = q4 ? 384 : 576, CO = q4 ? 128 : 64, ps = M * K;
+    const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
     uint16_t bbuf[2][512] __attribute__((aligned(64)));
     float cbuf[2][256] __attribute__((aligned(64)));
     const float *sxr = sx ? sx + m0 * B : NULL;
@@ -201,25 +211,7 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, const uin
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         for (long b = 0; b < B; b++) {
             const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
-            expand(q4, rec0 + CO, bbuf[0]);
-            tile_load(3, bbuf[0], 64);
-            _tile_zero(0);
-            if (two) {
-                for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
-                expand(q4, rec1 + CO, bbuf[1]);
-                tile_load(4, bbuf[1], 64);
-                _tile_zero(1);
-            }
-            const uint16_t *a = xs + m0 * K + b * 32;
-            for (int p = 0; p < 3; p++) {   /* the input's three bf16 parts */
-                tile_load(2, a + p * ps, K * 2);
-                _tile_dpbf16ps(0, 2, 3);
-                if (two) _tile_dpbf16ps(1, 2, 4);
-            }
-            _tile_stored(0, cbuf[0], 64);
-            if (two) _tile_stored(1, cbuf[1], 64);
-            __asm__ __volatile__("" ::: "memory");   /* the tile stores fill cbuf before it is read */
+            block_products(q4, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
             const __m512 d0 = _mm512_loadu_ps((const float *)rec0);
             const __m512 n0 = q4 ? _mm512_loadu_ps((const float *)rec0 + 16) : _mm512_setzero_ps();
             for (int i = 0; i < R; i++) {

@@ -98,44 +98,13 @@ static inline float dot(const float *a, const float *b, int D) {
     return hsum8(acc);
 }
 
-/* the scores of `rep` query heads (q: rep x D, one after the other) that share a kv head,
- * over its keys 0 .. n-1: scores[i * stride + j]. Keys are read 4 at a time for every head
- * before the next 4 (a kv head's keys cross the cache once, not once per query head); each
- * (head, key) is one 8-lane FMA chain over d in order, then hsum8: the same bits whatever
- * the grouping. */
-static void group_scores(const float *q, int rep, const float *kb, long n, long stride, int D, float scale,
-                         float *scores) {
-    long j0 = 0;
-    for (; j0 + 4 <= n; j0 += 4) {
-        const float *k0 = kb + j0 * D;
-        for (int i = 0; i < rep; i++) {
-            const float *qi = q + i * D;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int d = 0; d < D; d += 8) {
-                const __m256 vq = _mm256_loadu_ps(qi + d);
-                a0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + d), a0);
-                a1 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + D + d), a1);
-                a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 2 * D + d), a2);
-                a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 3 * D + d), a3);
-            }
-            float *si = scores + i * stride + j0;
-            si[0] = hsum8(a0) * scale;
-            si[1] = hsum8(a1) * scale;
-            si[2] = hsum8(a2) * scale;
-            si[3] = hsum8(a3) * scale;
-        }
-    }
-    for (; j0 < n; j0++)
-        for (int i = 0; i < rep; i++) scores[i * stride + j0] = dot(q + i * D, kb + j0 * D, D) * scale;
-}
-
 #if defined(__AVX512F__)
 /* The scores of two queries (qa, qa + D) against 4 keys (k0, k0 + D, ..): out[0 .. 3] and
  * out[stride .. stride + 3]. Both queries in one 16-lane vector (lanes 0-7: qa's 8-lane
  * chain, 8-15: the other's) against each key's 8 values broadcast to both halves: each
  * half is exactly dot()'s chain. The four sums per half are then reduced together in
  * hsum8's own order ((v_i + v_{i+4}), then lanes 0 + 2 and 1 + 3, then those two): the
- * same bits as dot() / group_scores. */
+ * same bits as dot(). */
 static inline __attribute__((always_inline)) void pair_scores4(const float *qa, const float *k0, int D, float scale,
                                                                float *out, long stride) {
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -177,8 +146,8 @@ static inline __attribute__((always_inline)) void pair_scores4(const float *qa, 
  * kb (nq non-decreasing: the queries of consecutive tokens of one row): scores[i * stride + j].
  * Each block of 4 keys is read once for every query that reads all four (from L1 after the
  * first), instead of once per token; a query's last keys past a block of 4 are single dots.
- * Every (query, key) is the same 8-lane FMA chain over d in order and hsum8 as in
- * group_scores, whichever way it is reached: the same bits. */
+ * Every (query, key) is the same 8-lane FMA chain over d in order and hsum8 as dot(),
+ * whichever way it is reached (4 keys at a time, or two queries in one vector): the same bits. */
 static void multi_scores(const float *qb, int Q, const long *nq, const float *kb, long stride, int D, float scale,
                          float *scores) {
     const long nmax = nq[Q - 1];
@@ -443,7 +412,9 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
                             kg[a * D + d] = kc[base + (n0 + tr[1 + a]) * D + d];
                             vg[a * D + d] = vc[base + (n0 + tr[1 + a]) * D + d];
                         }
-                    group_scores(qb + (t - t0) * rep * D, rep, kg, na, cap, D, P->scale, p[0] + n0);
+                    long nb[128];   /* each head reads all na gathered keys */
+                    for (int i = 0; i < rep; i++) nb[i] = na;
+                    multi_scores(qb + (t - t0) * rep * D, rep, nb, kg, cap, D, P->scale, p[0] + n0);
                     n = n0 + na;
                 }
                 for (int i = 0; i < rep; i++) softmax_weights(p[i], n);
