@@ -118,10 +118,9 @@ def commit_path(cache, slot: int, start: int, path: list[int]) -> None:
     n = len(path) - 1
     if path[1:] == list(range(1, n + 1)):
         return
-    src = torch.tensor(path[1:], dtype=torch.int64) + start
-    for kc, vc in zip(cache.k, cache.v):
-        kc[slot, :, start + 1:start + 1 + n] = kc[slot, :, src]
-        vc[slot, :, start + 1:start + 1 + n] = vc[slot, :, src]
+    src = torch.tensor(path[1:], dtype=torch.int64, device=cache.k_all.device) + start
+    for c in (cache.k_all, cache.v_all):   # every layer in one gather and one store
+        c[:, slot, :, start + 1:start + 1 + n] = c[:, slot, :, src]
 
 
 def merged_nodes(lookup: list[int], top_p: list[list[float]], top_tok: list[list[int]], n: int

@@ -5,13 +5,16 @@
     python -m service.bench_serve --sweep --block-sizes 1,2,3 --per-client 8 --reps 2   # -> a schedule
     python -m service.bench_serve --schedules table,measure  # two servers' schedules, one run
     python -m service.bench_serve --url http://host:8000 --model NAME   # an already running server
+    python -m service.bench_serve --concurrency 16 --reps 3  # on/off three times, alternating which goes first
 
 Without --url each configuration gets its own server process (`python -m service.cli
 --runtime uvicorn`, colocated), so client threads never share the server's GIL. Requests
 are streaming chat completions over held-out ShareGPT prompts and HumanEval prompts
 (alternating), greedy, `max_tokens` fixed, `ignore_eos` so every request generates the same
 number of tokens. Speculation on/off is the per-request `"speculative"` switch, both
-measured against the same server in one run. Per level: tokens/s = completion tokens of all
+measured against the same server in one run; with --reps N each level runs on and off N
+times, the order alternating (on first in odd reps, off first in even ones), and the
+summary gives each rep's on/off ratio and the ratio of the medians. Per level: tokens/s = completion tokens of all
 requests / wall time; TTFT = send -> first content chunk; ITL = gap between chunks divided
 by the tokens in the chunk (per token); means and p50/p90 over requests/tokens.
 Prints a table and, last, one JSON line.
@@ -131,6 +134,32 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_to
             "mean_acceptance_length": round(statistics.mean(r["tau"] for r in res), 3)}
 
 
+def rep_order(modes: list, rep: int) -> list:
+    """The order rep (0-based) runs its modes in: as given in even reps, reversed in odd
+    ones, so neither mode always runs first on a machine that drifts."""
+    return list(modes) if rep % 2 == 0 else list(modes)[::-1]
+
+
+def on_off_summary(rows: list[dict]) -> list[dict]:
+    """Speculation on/off rows (each with concurrency, speculative, tokens_per_s and rep)
+    -> per concurrency (and per server, where rows carry a `server` index), in order:
+    each rep's on/off tokens/s ratio, the median tokens/s of each mode and their ratio.
+    A level with either mode missing is left out."""
+    groups: dict[tuple, dict[bool, dict[int, float]]] = {}
+    for r in rows:
+        g = groups.setdefault((r.get("server", 0), r["concurrency"]), {True: {}, False: {}})
+        g[bool(r["speculative"])][r.get("rep", 1)] = r["tokens_per_s"]
+    out = []
+    for (server, c), g in groups.items():
+        if not g[True] or not g[False]:
+            continue
+        reps = sorted(set(g[True]) & set(g[False]))
+        on, off = statistics.median(g[True].values()), statistics.median(g[False].values())
+        out.append({"server": server, "concurrency": c, "rep_ratios": [round(g[True][k] / g[False][k], 3) for k in reps],
+                    "median_on": round(on, 2), "median_off": round(off, 2), "ratio": round(on / off, 3)})
+    return out
+
+
 def requests_for(concurrency: int, per_client: int) -> int:
     return max(4, concurrency * per_client)
 
@@ -149,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", action="store_true", help="fixed block sizes (1,4,8,16) x concurrency")
     ap.add_argument("--block-sizes", default="1,4,8,16")
     ap.add_argument("--reps", type=int, default=1,
-                    help="sweep: run every block size this many times, alternating (a fresh server each)")
+                    help="sweep: run every block size this many times, alternating (a fresh server each); "
+                         "on/off: run each level's on and off this many times, alternating which goes first")
     ap.add_argument("--min-gain", type=float, default=0.03,
                     help="sweep: speculate at a concurrency only where it beats block 1 by more than this")
     ap.add_argument("--server-args", default="", help="extra `dflash serve` options")
@@ -195,14 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     load0 = os.getloadavg()
 
-    def levels(url, model, spec_modes, extra):
+    servers = [0]
+
+    def levels(url, model, spec_modes, extra, reps=1):
         for c in conc:
-            for spec in spec_modes:
-                r = run_level(url, model, prompts[:requests_for(c, a.per_client)], c, a.max_tokens, spec)
-                r.update(extra)
-                r["schedule_after"] = httpx.get(url + "/health").json().get("block_size_schedule")   # in force now
-                rows.append(r)
-                print(f"  {json.dumps(r)}", flush=True)
+            for rep in range(reps):
+                for spec in rep_order(spec_modes, rep):
+                    level(url, model, c, spec, {**extra, "rep": rep + 1} if reps > 1 else extra)
+        servers[0] += 1
+
+    def level(url, model, c, spec, extra):
+        r = run_level(url, model, prompts[:requests_for(c, a.per_client)], c, a.max_tokens, spec)
+        r.update(extra)
+        r["server"] = servers[0]
+        r["schedule_after"] = httpx.get(url + "/health").json().get("block_size_schedule")   # in force now
+        rows.append(r)
+        print(f"  {json.dumps(r)}", flush=True)
 
     if a.sweep:
         for rep in range(a.reps):
@@ -215,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     srv.stop()
     elif a.url:
-        levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {})
+        levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {}, a.reps)
     else:
         for sched in ([s.strip() for s in a.schedules.split(",")] if a.schedules else [None]):
             for tree, look, env in [(t, lk, e) for t in trees for lk in lookups for e in envs]:
@@ -234,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                     extra = ({"schedule": sched} if sched else {}) | ({"draft_tree": tree} if tree else {}) \
                         | ({"draft_lookup": look} if look else {}) \
                         | ({"env": env_s} if env_s else {}) | {"linears": health.get("linears")}
-                    levels(srv.url, srv.model(), [True, False], extra)
+                    levels(srv.url, srv.model(), [True, False], extra, a.reps)
                 finally:
                     srv.stop()
 
@@ -253,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],
               "loadavg_after": [round(x, 2) for x in os.getloadavg()], "rows": rows}
+    if not a.sweep:
+        result["on_off"] = on_off_summary(rows)
+        print()
+        for x in result["on_off"]:
+            print(f"server {x['server']}, concurrency {x['concurrency']}: on/off {x['median_on']} / {x['median_off']} "
+                  f"tok/s (medians) = {x['ratio']}x; per rep {x['rep_ratios']}")
     if a.sweep:
         result["schedule"] = pick_schedule(rows, a.min_gain)
         result["min_gain"] = a.min_gain

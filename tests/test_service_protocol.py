@@ -212,8 +212,33 @@ def test_sweep_picks_a_schedule_that_only_speculates_where_it_clearly_pays():
         pick_schedule(rows(close), min_gain=-0.1)
 
 
+def test_serving_benchmark_on_off_reps_alternate_and_summarise_by_medians():
+    """bench_serve --reps: each level's on/off order alternates rep by rep; the summary
+    gives each rep's ratio and the ratio of the two modes' medians, per server and level,
+    and leaves out a level where one mode is missing."""
+    from service.bench_serve import on_off_summary, rep_order
+    assert [rep_order([True, False], r) for r in range(3)] == [[True, False], [False, True], [True, False]]
+    assert rep_order([True], 1) == [True]
+    rows = [{"concurrency": 16, "speculative": s, "tokens_per_s": t, "rep": rep, "server": 0}
+            for rep, (on, off) in enumerate([(400.0, 440.0), (450.0, 430.0), (460.0, 420.0)], 1)
+            for s, t in ((True, on), (False, off))]
+    rows += [{"concurrency": 1, "speculative": True, "tokens_per_s": 190.0, "server": 0},
+             {"concurrency": 1, "speculative": False, "tokens_per_s": 125.0, "server": 0},
+             {"concurrency": 4, "speculative": True, "tokens_per_s": 300.0, "server": 0},   # no off row
+             {"concurrency": 1, "speculative": True, "tokens_per_s": 100.0, "server": 1},
+             {"concurrency": 1, "speculative": False, "tokens_per_s": 200.0, "server": 1}]
+    got = on_off_summary(rows)
+    assert [(x["server"], x["concurrency"]) for x in got] == [(0, 16), (0, 1), (1, 1)]
+    c16 = got[0]
+    assert c16["rep_ratios"] == [round(400 / 440, 3), round(450 / 430, 3), round(460 / 420, 3)]
+    assert (c16["median_on"], c16["median_off"], c16["ratio"]) == (450.0, 430.0, round(450 / 430, 3))
+    assert got[1]["ratio"] == round(190 / 125, 3) and got[1]["rep_ratios"] == [round(190 / 125, 3)]
+    assert got[2]["ratio"] == 0.5
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--sweep", "--reps", "0"], "--reps"),
+    (["--reps", "0"], "--reps"),
     (["--min-gain", "-1"], "--min-gain"),
     (["--concurrency", "1,x"], "--concurrency takes comma-separated positive integers"),
     (["--sweep", "--block-sizes", "0,2"], "--block-sizes takes positive integers"),

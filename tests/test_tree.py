@@ -60,7 +60,7 @@ def test_greedy_walk_follows_the_targets_choices():
 
 def test_commit_path_moves_the_accepted_nodes_kv():
     from dflash_core.models.kv_cache import KVCache
-    cache = KVCache(2, 2, 16, 1, 8, torch.float32, "cpu")
+    cache = KVCache(2, 2, 16, 2, 8, torch.float32, "cpu")   # 2 layers, 2 slots, 2 KV heads
     for i in range(2):
         cache.k[i].copy_(torch.arange(cache.k[i].numel(), dtype=torch.float32).view_as(cache.k[i]) + i)
         cache.v[i].copy_(-cache.k[i])
@@ -72,6 +72,14 @@ def test_commit_path_moves_the_accepted_nodes_kv():
         for c, old in ((cache.k[i], before[i]), (cache.v[i], before[2 + i])):
             assert torch.equal(c[1, :, 5], old[1, :, 7]) and torch.equal(c[1, :, 6], old[1, :, 9])
             assert torch.equal(c[1, :, :5], old[1, :, :5]) and torch.equal(c[0], old[0])
+    # the sources overlap the destinations (nodes 2, 3 -> positions 5, 6): read before written
+    before = [c.clone() for c in cache.k + cache.v]
+    tree.commit_path(cache, 0, 4, [0, 2, 3])
+    for i in range(2):
+        for c, old in ((cache.k[i], before[i]), (cache.v[i], before[2 + i])):
+            assert torch.equal(c[0, :, 5], old[0, :, 6]) and torch.equal(c[0, :, 6], old[0, :, 7])
+            assert torch.equal(c[0, :, 7:], old[0, :, 7:]) and torch.equal(c[1], old[1])
+    assert all(k.data_ptr() == cache.k_all[i].data_ptr() for i, k in enumerate(cache.k))   # views of one tensor
 
 
 @needs_kernel

@@ -14,8 +14,12 @@ class KVCache:
     def __init__(self, num_layers: int, max_slots: int, capacity: int, num_kv_heads: int,
                  head_dim: int, dtype=torch.float32, device="cpu"):
         shape = (max_slots, num_kv_heads, capacity, head_dim)  # [S, Hkv, L, D]
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # one tensor per kind, [layers, S, Hkv, L, D]; k[i] / v[i] are layer i's (contiguous
+        # views), and an op over every layer (tree.commit_path) is one indexing of k_all / v_all
+        self.k_all = torch.zeros((num_layers,) + shape, dtype=dtype, device=device)
+        self.v_all = torch.zeros((num_layers,) + shape, dtype=dtype, device=device)
+        self.k = list(self.k_all.unbind(0))
+        self.v = list(self.v_all.unbind(0))
         self.lens = torch.zeros(max_slots, dtype=torch.int64)  # valid positions per slot (host)
         self.capacity = capacity
         self.max_slots = max_slots

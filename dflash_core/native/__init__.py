@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import operator
 import os
 import subprocess
 import tempfile
@@ -555,6 +556,10 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
 
 # ---- whole decoder layers -----------------------------------------------------------------
 
+_ATTN_FNS = operator.attrgetter("_qkv_fn", "_o_fn")
+_MLP_FNS = operator.attrgetter("_gate_up_fn", "_down_fn")
+
+
 class _LayerParams(ctypes.Structure):
     """dfl_layer_t of dflash_layer.c, field for field."""
     _fields_ = [("hidden", ctypes.c_long), ("inter", ctypes.c_long), ("heads", ctypes.c_int),
@@ -633,6 +638,7 @@ class NativeLayers:
     def __init__(self, params, owners):
         self._params, self._owners = params, owners   # (the structs must outlive their addresses)
         self._ptrs = [ctypes.addressof(p) for p in params]
+        self._built_fns = [tuple(f) for _, _, f in owners]   # what current() compares against
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
         self._local = threading.local()   # each calling thread's scratch, kept between forwards (a fresh one page-faults)
 
@@ -682,9 +688,9 @@ class NativeLayers:
 
     def current(self) -> bool:
         """On, and every layer still has the linears this was built from."""
-        return self.enabled and _ENABLED and all(
-            a._qkv_fn is f[0] and a._o_fn is f[1] and m._gate_up_fn is f[2] and m._down_fn is f[3]
-            for a, m, f in self._owners)
+        # (one attrgetter per module and one list compare: every forward and tree check asks)
+        return self.enabled and _ENABLED and [_ATTN_FNS(a) + _MLP_FNS(m) for a, m, _ in self._owners] \
+            == self._built_fns
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None, tree=None) -> dict:
