@@ -14,9 +14,10 @@ are streaming chat completions over held-out ShareGPT prompts and HumanEval prom
 number of tokens. Speculation on/off is the per-request `"speculative"` switch, both
 measured against the same server in one run; with --reps N each level runs on and off N
 times, the order alternating (on first in odd reps, off first in even ones), and the
-summary gives each rep's on/off ratio and the ratio of the medians. Per level: tokens/s = completion tokens of all
-requests / wall time; TTFT = send -> first content chunk; ITL = gap between chunks divided
-by the tokens in the chunk (per token); means and p50/p90 over requests/tokens.
+summary gives each rep's on/off ratio and the ratio of the medians. Per level: tokens/s =
+completion tokens of all requests / wall time; TTFT = send -> first content chunk; ITL =
+gap between chunks divided by the tokens in the chunk (per token); means and p50/p90 over
+requests/tokens.
 Prints a table and, last, one JSON line.
 """
 from __future__ import annotations
@@ -155,7 +156,8 @@ def on_off_summary(rows: list[dict]) -> list[dict]:
             continue
         reps = sorted(set(g[True]) & set(g[False]))
         on, off = statistics.median(g[True].values()), statistics.median(g[False].values())
-        out.append({"server": server, "concurrency": c, "rep_ratios": [round(g[True][k] / g[False][k], 3) for k in reps],
+        out.append({"server": server, "concurrency": c,
+                    "rep_ratios": [round(g[True][k] / g[False][k], 3) for k in reps],
                     "median_on": round(on, 2), "median_off": round(off, 2), "ratio": round(on / off, 3)})
     return out
 
