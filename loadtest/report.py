@@ -129,36 +129,59 @@ def compare_outputs(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict:
     return {"compared": len(common), "identical": sum(a[i] == b[i] for i in common)}
 
 
+def _median(xs: list) -> float | None:
+    xs = sorted(x for x in xs if x is not None)
+    if not xs:
+        return None
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def build_report(config: dict, runs: list[dict]) -> dict:
-    """runs: [{"concurrency", "mode", "client": summarize_run(...), "server": spec_decode_delta(...),
-    optionally "outputs": outputs_by_prompt(...)}].
+    """runs: [{"concurrency", "mode", optionally "rep" (1 when absent), "client": summarize_run(...),
+    "server": spec_decode_delta(...), optionally "outputs": outputs_by_prompt(...)}].
 
     Adds one speedup row per concurrency that has both modes:
-    speedup = output tokens/s with speculation on / off (same prompts, same concurrency),
-    and, where token ids were recorded, how many prompts gave identical outputs on and off
-    (speculative decoding is lossless: with greedy decoding every one should match).
+    speedup = output tokens/s with speculation on / off (same prompts, same concurrency); with
+    several reps of a mode, each figure is the median over its reps, and `rep_speedups` lists
+    each rep's own ratio. Where token ids were recorded, `same_output` counts the prompts that
+    gave identical outputs on and off, over every rep that ran both (speculative decoding is
+    lossless: with greedy decoding every one should match).
     The per-prompt outputs are not kept in the report."""
-    outputs = {(r["concurrency"], r["mode"]): r.get("outputs") for r in runs}
+    outputs = {(r["concurrency"], r["mode"], r.get("rep", 1)): r.get("outputs") for r in runs}
     runs = [{k: v for k, v in r.items() if k != "outputs"} for r in runs]
-    by_key = {(r["concurrency"], r["mode"]): r for r in runs}
+    by_key: dict[tuple[int, str], dict[int, dict]] = {}
+    for r in runs:
+        by_key.setdefault((r["concurrency"], r["mode"]), {})[r.get("rep", 1)] = r
     speedup = []
     for c in sorted({r["concurrency"] for r in runs}):
         on, off = by_key.get((c, "on")), by_key.get((c, "off"))
         if not on or not off:
             continue
-        tps_on, tps_off = on["client"]["output_tokens_per_s"], off["client"]["output_tokens_per_s"]
+
+        def med(mode_runs, field):
+            return _median([x["client"][field] for x in mode_runs.values()])
+        tps_on, tps_off = med(on, "output_tokens_per_s"), med(off, "output_tokens_per_s")
+        both = sorted(set(on) & set(off))
+        rep_speedups = [on[k]["client"]["output_tokens_per_s"] / off[k]["client"]["output_tokens_per_s"]
+                        for k in both if on[k]["client"]["output_tokens_per_s"]
+                        and off[k]["client"]["output_tokens_per_s"]]
+        same = [compare_outputs(outputs[(c, "on", k)], outputs[(c, "off", k)]) for k in both
+                if outputs[(c, "on", k)] is not None and outputs[(c, "off", k)] is not None]
         speedup.append({
             "concurrency": c,
             "output_tokens_per_s_on": tps_on,
             "output_tokens_per_s_off": tps_off,
             "speedup": (tps_on / tps_off) if tps_on and tps_off else None,
-            "itl_ms_p50_on": on["client"]["itl_ms_p50"],
-            "itl_ms_p50_off": off["client"]["itl_ms_p50"],
-            "ttft_ms_p50_on": on["client"]["ttft_ms_p50"],
-            "ttft_ms_p50_off": off["client"]["ttft_ms_p50"],
-            "acceptance_length_on": (on.get("server") or {}).get("acceptance_length"),
-            "same_output": compare_outputs(outputs[(c, "on")], outputs[(c, "off")])
-            if outputs[(c, "on")] is not None and outputs[(c, "off")] is not None else None,
+            "rep_speedups": rep_speedups,
+            "itl_ms_p50_on": med(on, "itl_ms_p50"),
+            "itl_ms_p50_off": med(off, "itl_ms_p50"),
+            "ttft_ms_p50_on": med(on, "ttft_ms_p50"),
+            "ttft_ms_p50_off": med(off, "ttft_ms_p50"),
+            "acceptance_length_on": _median([(x.get("server") or {}).get("acceptance_length")
+                                             for x in on.values()]),
+            "same_output": {"compared": sum(x["compared"] for x in same),
+                            "identical": sum(x["identical"] for x in same)} if same else None,
         })
     return {"config": config, "runs": runs, "speedup": speedup}
 
@@ -191,21 +214,29 @@ def render_markdown(report: dict) -> str:
     ]
     for r in report["runs"]:
         c, s = r["client"], r.get("server") or {}
+        rep = f" (rep {r.get('rep', 1)})" if (cfg.get("reps") or 1) > 1 else ""
         lines.append(
-            f"| {r['concurrency']} | {r['mode']} | {c['requests_completed']} ({c['requests_cut_off']}, "
+            f"| {r['concurrency']} | {r['mode']}{rep} | {c['requests_completed']} ({c['requests_cut_off']}, "
             f"{c['requests_failed']}) | {_f(c['output_tokens_per_s'])} | {_f(c['request_tokens_per_s_p50'])} "
             f"| {_f(c['ttft_ms_p50'], 0)} / {_f(c['ttft_ms_p95'], 0)} "
             f"| {_f(c['itl_ms_p50'], 0)} / {_f(c['itl_ms_p95'], 0)} | {_f(s.get('acceptance_length'), 2)} |")
     if report["speedup"]:
+        reps = (cfg.get("reps") or 1) > 1
         lines += ["", "| concurrency | output tok/s on | output tok/s off | speedup (on/off) "
-                      "| same output on/off |",
-                  "|---:|---:|---:|---:|---:|"]
+                      + ("| per rep " if reps else "") + "| same output on/off |",
+                  "|---:|---:|---:|---:|" + ("---|" if reps else "") + "---:|"]
         for row in report["speedup"]:
             same = row.get("same_output")
             same_s = f"{same['identical']}/{same['compared']}" if same else "-"
+            per_rep = (" | " + ", ".join(f"{x:.2f}" for x in row.get("rep_speedups") or [])) if reps else ""
             lines.append(f"| {row['concurrency']} | {_f(row['output_tokens_per_s_on'])} "
-                         f"| {_f(row['output_tokens_per_s_off'])} | {_f(row['speedup'], 2)}x | {same_s} |")
-    per_pos = [(r["concurrency"], (r.get("server") or {}).get("acceptance_rate_per_position") or [])
+                         f"| {_f(row['output_tokens_per_s_off'])} | {_f(row['speedup'], 2)}x{per_rep} | {same_s} |")
+        if reps:
+            lines += ["", f"Each mode ran {cfg['reps']} times per concurrency, the order reversed in every second "
+                          "rep; tokens/s, TTFT and ITL above are the medians over the reps."]
+    tag = (lambda r: f"{r['concurrency']}, rep {r.get('rep', 1)}") if (cfg.get("reps") or 1) > 1 \
+        else (lambda r: r["concurrency"])
+    per_pos = [(tag(r), (r.get("server") or {}).get("acceptance_rate_per_position") or [])
                for r in report["runs"] if r["mode"] == "on"]
     per_pos = [(c, rates) for c, rates in per_pos if rates]
     if per_pos:
@@ -241,8 +272,11 @@ def write_plot(report: dict, path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (key, label) in zip(axes, panels):
         for mode, style in (("on", "o-"), ("off", "s--")):
-            pts = sorted((r["concurrency"], r["client"].get(key)) for r in report["runs"]
-                         if r["mode"] == mode and r["client"].get(key) is not None)
+            by_c: dict[int, list] = {}   # several reps of a level: their median
+            for r in report["runs"]:
+                if r["mode"] == mode and r["client"].get(key) is not None:
+                    by_c.setdefault(r["concurrency"], []).append(r["client"][key])
+            pts = sorted((c, _median(v)) for c, v in by_c.items())
             if pts:
                 ax.plot([c for c, _ in pts], [v for _, v in pts], style, label=f"speculation {mode}")
         ax.set_xscale("log", base=2)

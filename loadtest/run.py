@@ -5,7 +5,10 @@
 
 For each concurrency level it runs Locust headless twice (`locust -f
 loadtest/locustfile.py --headless -u N -r N -t T --host H`): speculation on, then off,
-with the same prompt file (same prompts, same order) and the same options. Around each
+with the same prompt file (same prompts, same order) and the same options; `--reps N`
+runs each level's modes N times, the order reversed in every second rep, and reports the
+ratio of the modes' median tokens/s beside each rep's own (a machine that drifts cannot
+favour the mode that always runs first). Around each
 run it waits until the server is idle and scrapes /metrics, so the speculative-decoding
 counter deltas belong to that run alone. It writes `report.json` and `report.md` to
 --out (plus each run's Locust CSVs, log and per-request records) and prints the markdown
@@ -54,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--concurrency", default="1,4,16", help="comma-separated user counts, e.g. 1,4,16")
     p.add_argument("--duration", default="60s", help="run time per (mode, concurrency), Locust syntax: 60s, 1m30s")
     p.add_argument("--modes", default="on,off", help="speculation modes to run, in order")
+    p.add_argument("--reps", type=int, default=1,
+                   help="run each concurrency's modes this many times, the order reversed in every second rep; "
+                        "the speedup is then the ratio of the modes' median tokens/s")
     p.add_argument("--api", choices=["chat", "completions"], default="chat")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
@@ -80,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UsageError(f"--duration must look like 60s, 2m or 1m30s, got {args.duration!r}")
     if args.max_tokens < 1:
         raise UsageError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.reps < 1:
+        raise UsageError(f"--reps must be >= 1, got {args.reps}")
     args.host = args.host.rstrip("/")
     return args
 
@@ -157,8 +165,8 @@ def locust_command(args: argparse.Namespace, users: int, mode: str, model: str, 
 
 
 def run_one(args: argparse.Namespace, users: int, mode: str, model: str, prompts_file: Path,
-            out_dir: Path) -> dict:
-    prefix = out_dir / f"c{users}_{mode}"
+            out_dir: Path, rep: int = 1) -> dict:
+    prefix = out_dir / (f"c{users}_{mode}" if args.reps == 1 else f"c{users}_{mode}_r{rep}")
     records_path = Path(str(prefix) + "_records.jsonl")
     records_path.unlink(missing_ok=True)
     before = wait_idle(args.host, args.idle_timeout_s)
@@ -175,7 +183,7 @@ def run_one(args: argparse.Namespace, users: int, mode: str, model: str, prompts
     if not records:
         raise UsageError(f"the run (concurrency {users}, speculation {mode}) recorded no requests; "
                          f"see {prefix}_locust.log")
-    return {"concurrency": users, "mode": mode, "client": summarize_run(records),
+    return {"concurrency": users, "mode": mode, "rep": rep, "client": summarize_run(records),
             "server": spec_decode_delta(before, after), "outputs": outputs_by_prompt(records)}
 
 
@@ -197,12 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         runs = []
         load_start = os.getloadavg()[0]
         for users in args.levels:
-            for mode in args.mode_list:
-                run = run_one(args, users, mode, model, prompts_file, out_dir)
-                c = run["client"]
-                print(f"concurrency {users:>3} speculation {mode:>3}: {c['output_tokens_per_s'] or 0:.1f} tok/s, "
-                      f"{c['requests_completed']} done, {c['requests_failed']} failed", file=sys.stderr)
-                runs.append(run)
+            for rep in range(1, args.reps + 1):
+                for mode in (args.mode_list if rep % 2 else args.mode_list[::-1]):
+                    run = run_one(args, users, mode, model, prompts_file, out_dir, rep)
+                    c = run["client"]
+                    print(f"concurrency {users:>3} speculation {mode:>3} rep {rep}: "
+                          f"{c['output_tokens_per_s'] or 0:.1f} tok/s, {c['requests_completed']} done, "
+                          f"{c['requests_failed']} failed", file=sys.stderr)
+                    runs.append(run)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": shlex.join(["python", "-m", "loadtest.run", *(sys.argv[1:] if argv is None else argv)]),
         "host": args.host, "model": model, "api": args.api, "max_tokens": args.max_tokens,
         "temperature": args.temperature, "duration": args.duration, "concurrency": args.levels,
-        "modes": args.mode_list, "prompt_source": source, "num_prompts": len(prompts),
+        "modes": args.mode_list, "reps": args.reps, "prompt_source": source, "num_prompts": len(prompts),
         "cpu_count": os.cpu_count(),
         # other work on the machine skews CPU-bound figures: record how busy it was
         "loadavg_1m_start": round(load_start, 2), "loadavg_1m_end": round(os.getloadavg()[0], 2),

@@ -136,6 +136,38 @@ def test_report_speedup_and_lossless_comparison():
     json.dumps(report)  # the report is plain JSON
 
 
+def test_report_over_reps_takes_medians_and_keeps_each_reps_ratio():
+    """--reps: several runs of each mode per concurrency -> the speedup is the ratio of the
+    medians, `rep_speedups` each rep's own on/off ratio, and `same_output` adds up every rep
+    that ran both modes."""
+    def recs(mode, dt, last_id):   # 2 prompts x 4 tokens over dt seconds
+        return [_record(mode, 0, 0.0, [dt / 2, dt], [2, 2], ids=[1, 2, 3, 4]),
+                _record(mode, 1, 0.0, [dt / 2, dt], [2, 2], ids=[5, 6, 7, last_id])]
+    runs = []
+    for rep, (dt_on, dt_off, last_off) in enumerate([(0.2, 0.4, 8), (0.4, 0.4, 9), (0.25, 0.5, 8)], 1):
+        for mode, dt, last in (("on", dt_on, 8), ("off", dt_off, last_off)):
+            r = recs(mode, dt, last)
+            runs.append({"concurrency": 4, "mode": mode, "rep": rep, "client": summarize_run(r),
+                         "server": {"acceptance_length": 2.0 + rep}, "outputs": outputs_by_prompt(r)})
+    report = build_report({"command": "x", "reps": 3}, runs)
+    row = report["speedup"][0]
+    # on: 40, 20, 32 tok/s -> median 32; off: 20, 20, 16 -> median 20
+    assert row["output_tokens_per_s_on"] == pytest.approx(32.0)
+    assert row["output_tokens_per_s_off"] == pytest.approx(20.0)
+    assert row["speedup"] == pytest.approx(1.6)
+    assert row["rep_speedups"] == pytest.approx([2.0, 1.0, 2.0])
+    assert row["acceptance_length_on"] == pytest.approx(4.0)
+    assert row["same_output"] == {"compared": 6, "identical": 5}   # rep 2's second prompt differs
+    md = render_markdown(report)
+    assert "| 4 | 32.0 | 20.0 | 1.60x | 2.00, 1.00, 2.00 | 5/6 |" in md
+    assert "| 4 | on (rep 2) |" in md and "medians over the reps" in md
+    json.dumps(report)
+    # one rep: the figures as measured, the table without a per-rep column
+    one = build_report({"command": "x"}, [dict(r) for r in runs if r["rep"] == 1])
+    assert one["speedup"][0]["speedup"] == pytest.approx(2.0) and one["speedup"][0]["rep_speedups"] == [2.0]
+    assert "| 4 | 40.0 | 20.0 | 2.00x | 2/2 |" in render_markdown(one)
+
+
 def test_report_says_when_speculation_never_ran():
     recs = [_record("on", 0, 0.0, [0.1, 0.2], [1, 1], ids=[1, 2])]
     runs = [{"concurrency": c, "mode": m, "client": summarize_run(recs), "server": {"num_drafts": n}}
@@ -227,6 +259,34 @@ def test_driver_runs_locust_on_and_off_against_the_real_service(tiny_server, tmp
     assert proc.stdout.strip().splitlines()[-1].startswith('{"speedup"')
 
 
+def test_driver_reps_alternate_the_order_and_report_medians(tiny_server, tmp_path):
+    """--reps 2: each mode runs twice per level, rep 2 in the reverse order, each run in
+    its own record files; the report keeps all four runs and the ratio of the medians."""
+    host, _ = tiny_server
+    out = tmp_path / "lt"
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest.run", "--host", host, "--concurrency", "2", "--duration", "2s",
+         "--max-tokens", "8", "--prompt-source", "builtin", "--num-prompts", "4", "--reps", "2",
+         "--no-warmup", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    order = [line.split(":")[0].split()[-3:] for line in proc.stderr.splitlines() if line.startswith("concurrency")]
+    assert order == [["on", "rep", "1"], ["off", "rep", "1"], ["off", "rep", "2"], ["on", "rep", "2"]]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["reps"] == 2
+    assert sorted((r["mode"], r["rep"]) for r in report["runs"]) == [("off", 1), ("off", 2), ("on", 1), ("on", 2)]
+    for mode in ("on", "off"):
+        for rep in (1, 2):
+            assert (out / f"c2_{mode}_r{rep}_records.jsonl").read_text().strip()
+    row = report["speedup"][0]
+    tps = {m: sorted(r["client"]["output_tokens_per_s"] for r in report["runs"] if r["mode"] == m)
+           for m in ("on", "off")}
+    assert row["output_tokens_per_s_on"] == pytest.approx(sum(tps["on"]) / 2)
+    assert row["speedup"] == pytest.approx(sum(tps["on"]) / sum(tps["off"]))
+    assert len(row["rep_speedups"]) == 2
+    assert row["same_output"]["compared"] > 0 and row["same_output"]["identical"] == row["same_output"]["compared"]
+
+
 def test_driver_reports_an_unreachable_server_in_one_line(tmp_path):
     from service.local import free_port
 
@@ -240,3 +300,6 @@ def test_driver_reports_an_unreachable_server_in_one_line(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "error: --concurrency levels must be >= 1, got '0'"]
+    proc = subprocess.run([sys.executable, "-m", "loadtest.run", "--reps", "0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == ["error: --reps must be >= 1, got 0"]
