@@ -233,7 +233,8 @@ def render_markdown(report: dict) -> str:
                          f"| {_f(row['output_tokens_per_s_off'])} | {_f(row['speedup'], 2)}x{per_rep} | {same_s} |")
         if reps:
             lines += ["", f"Each mode ran {cfg['reps']} times per concurrency, the order reversed in every second "
-                          "rep; tokens/s, TTFT and ITL above are the medians over the reps."]
+                          "rep; this table's tokens/s are the medians over the reps, `per rep` each rep's own "
+                          "on/off ratio."]
     tag = (lambda r: f"{r['concurrency']}, rep {r.get('rep', 1)}") if (cfg.get("reps") or 1) > 1 \
         else (lambda r: r["concurrency"])
     per_pos = [(tag(r), (r.get("server") or {}).get("acceptance_rate_per_position") or [])
