@@ -25,7 +25,7 @@ import math
 
 import numpy as np
 
-from dflash_core.stats import percentile  # noqa: F401  (re-exported for the report tests)
+from dflash_core.stats import on_off, percentile  # noqa: F401  (percentile re-exported for the report tests)
 from loadtest.stream import RequestRecord
 
 # Counter names of the service's /metrics (service/metrics.py); the sample names carry
@@ -129,14 +129,6 @@ def compare_outputs(a: dict[int, list[int]], b: dict[int, list[int]]) -> dict:
     return {"compared": len(common), "identical": sum(a[i] == b[i] for i in common)}
 
 
-def _median(xs: list) -> float | None:
-    xs = sorted(x for x in xs if x is not None)
-    if not xs:
-        return None
-    n = len(xs)
-    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
-
-
 def build_report(config: dict, runs: list[dict]) -> dict:
     """runs: [{"concurrency", "mode", optionally "rep" (1 when absent), "client": summarize_run(...),
     "server": spec_decode_delta(...), optionally "outputs": outputs_by_prompt(...)}].
@@ -159,27 +151,27 @@ def build_report(config: dict, runs: list[dict]) -> dict:
         if not on or not off:
             continue
 
+        def by_rep(mode_runs, field):   # {rep: the field} where the run has it
+            return {k: x["client"][field] for k, x in mode_runs.items() if x["client"][field] is not None}
+
         def med(mode_runs, field):
-            return _median([x["client"][field] for x in mode_runs.values()])
-        tps_on, tps_off = med(on, "output_tokens_per_s"), med(off, "output_tokens_per_s")
+            return percentile(by_rep(mode_runs, field).values(), 50)
+        tps = on_off(by_rep(on, "output_tokens_per_s"), by_rep(off, "output_tokens_per_s"))
         both = sorted(set(on) & set(off))
-        rep_speedups = [on[k]["client"]["output_tokens_per_s"] / off[k]["client"]["output_tokens_per_s"]
-                        for k in both if on[k]["client"]["output_tokens_per_s"]
-                        and off[k]["client"]["output_tokens_per_s"]]
         same = [compare_outputs(outputs[(c, "on", k)], outputs[(c, "off", k)]) for k in both
                 if outputs[(c, "on", k)] is not None and outputs[(c, "off", k)] is not None]
         speedup.append({
             "concurrency": c,
-            "output_tokens_per_s_on": tps_on,
-            "output_tokens_per_s_off": tps_off,
-            "speedup": (tps_on / tps_off) if tps_on and tps_off else None,
-            "rep_speedups": rep_speedups,
+            "output_tokens_per_s_on": tps["median_on"],
+            "output_tokens_per_s_off": tps["median_off"],
+            "speedup": tps["ratio"],
+            "rep_speedups": tps["rep_ratios"],
             "itl_ms_p50_on": med(on, "itl_ms_p50"),
             "itl_ms_p50_off": med(off, "itl_ms_p50"),
             "ttft_ms_p50_on": med(on, "ttft_ms_p50"),
             "ttft_ms_p50_off": med(off, "ttft_ms_p50"),
-            "acceptance_length_on": _median([(x.get("server") or {}).get("acceptance_length")
-                                             for x in on.values()]),
+            "acceptance_length_on": percentile([a for a in ((x.get("server") or {}).get("acceptance_length")
+                                                            for x in on.values()) if a is not None], 50),
             "same_output": {"compared": sum(x["compared"] for x in same),
                             "identical": sum(x["identical"] for x in same)} if same else None,
         })
@@ -277,7 +269,7 @@ def write_plot(report: dict, path) -> None:
             for r in report["runs"]:
                 if r["mode"] == mode and r["client"].get(key) is not None:
                     by_c.setdefault(r["concurrency"], []).append(r["client"][key])
-            pts = sorted((c, _median(v)) for c, v in by_c.items())
+            pts = sorted((c, percentile(v, 50)) for c, v in by_c.items())
             if pts:
                 ax.plot([c for c, _ in pts], [v for _, v in pts], style, label=f"speculation {mode}")
         ax.set_xscale("log", base=2)

@@ -36,6 +36,7 @@ import requests
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from dflash_core.stats import rep_order  # noqa: E402
 from loadtest.prompts import SOURCES, load_prompt_mix, write_prompts_file  # noqa: E402
 from loadtest.report import (build_report, outputs_by_prompt, parse_metrics, render_markdown,  # noqa: E402
                              spec_decode_delta, summarize_run, write_plot)
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         load_start = os.getloadavg()[0]
         for users in args.levels:
             for rep in range(1, args.reps + 1):
-                for mode in (args.mode_list if rep % 2 else args.mode_list[::-1]):
+                for mode in rep_order(args.mode_list, rep - 1):
                     run = run_one(args, users, mode, model, prompts_file, out_dir, rep)
                     c = run["client"]
                     print(f"concurrency {users:>3} speculation {mode:>3} rep {rep}: "

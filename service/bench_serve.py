@@ -34,7 +34,7 @@ import httpx
 
 from dflash_core.autoschedule import pick_schedule   # the one rule, shared with the measured schedule
 from dflash_core.engine import format_block_size_schedule
-from dflash_core.stats import percentile
+from dflash_core.stats import on_off, percentile, rep_order
 
 from .local import free_port
 
@@ -135,12 +135,6 @@ def run_level(url: str, model: str, prompts: list[str], concurrency: int, max_to
             "mean_acceptance_length": round(statistics.mean(r["tau"] for r in res), 3)}
 
 
-def rep_order(modes: list, rep: int) -> list:
-    """The order rep (0-based) runs its modes in: as given in even reps, reversed in odd
-    ones, so neither mode always runs first on a machine that drifts."""
-    return list(modes) if rep % 2 == 0 else list(modes)[::-1]
-
-
 def on_off_summary(rows: list[dict]) -> list[dict]:
     """Speculation on/off rows (each with concurrency, speculative, tokens_per_s and rep)
     -> per concurrency (and per server, where rows carry a `server` index), in order:
@@ -154,11 +148,10 @@ def on_off_summary(rows: list[dict]) -> list[dict]:
     for (server, c), g in groups.items():
         if not g[True] or not g[False]:
             continue
-        reps = sorted(set(g[True]) & set(g[False]))
-        on, off = statistics.median(g[True].values()), statistics.median(g[False].values())
-        out.append({"server": server, "concurrency": c,
-                    "rep_ratios": [round(g[True][k] / g[False][k], 3) for k in reps],
-                    "median_on": round(on, 2), "median_off": round(off, 2), "ratio": round(on / off, 3)})
+        x = on_off(g[True], g[False])
+        out.append({"server": server, "concurrency": c, "rep_ratios": [round(r, 3) for r in x["rep_ratios"]],
+                    "median_on": round(x["median_on"], 2), "median_off": round(x["median_off"], 2),
+                    "ratio": None if x["ratio"] is None else round(x["ratio"], 3)})
     return out
 
 

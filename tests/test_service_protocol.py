@@ -216,7 +216,8 @@ def test_serving_benchmark_on_off_reps_alternate_and_summarise_by_medians():
     """bench_serve --reps: each level's on/off order alternates rep by rep; the summary
     gives each rep's ratio and the ratio of the two modes' medians, per server and level,
     and leaves out a level where one mode is missing."""
-    from service.bench_serve import on_off_summary, rep_order
+    from dflash_core.stats import rep_order
+    from service.bench_serve import on_off_summary
     assert [rep_order([True, False], r) for r in range(3)] == [[True, False], [False, True], [True, False]]
     assert rep_order([True], 1) == [True]
     rows = [{"concurrency": 16, "speculative": s, "tokens_per_s": t, "rep": rep, "server": 0}

@@ -638,7 +638,7 @@ class NativeLayers:
     def __init__(self, params, owners):
         self._params, self._owners = params, owners   # (the structs must outlive their addresses)
         self._ptrs = [ctypes.addressof(p) for p in params]
-        self._built_fns = [tuple(f) for _, _, f in owners]   # what current() compares against
+        self._built_fns = [f for _, _, f in owners]   # each layer's 4 linears (a tuple): what current() compares
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
         self._local = threading.local()   # each calling thread's scratch, kept between forwards (a fresh one page-faults)
 
