@@ -137,12 +137,15 @@ def build_engine(target: str = "default", drafter="default", config: EngineConfi
 
 
 def linear_kind(model) -> str:
-    """How a model's decoder linears run: "amx" (the native kernel's AMX forms), "native"
-    (its FMA forms), or "torch" (anything else: GPU, bf16, the kernel off)."""
+    """How a model's decoder linears run: "amx" (the native kernel's AMX forms), "amx-bf16"
+    (those forms with inputs rounded to bf16: native.set_amx_inputs), "native" (its FMA
+    forms), or "torch" (anything else: GPU, bf16, the kernel off)."""
     from . import native
     if getattr(model, "dtype", None) != torch.float32 or getattr(getattr(model, "device", None), "type", None) != "cpu":
         return "torch"   # the native kernel runs fp32 on a CPU only
     layers = getattr(model, "layers", None)
     fn = getattr(getattr(layers[0], "self_attn", None), "_qkv_fn", None) if layers is not None and len(layers) else None
     fmt = getattr(fn, "native_format", None)
-    return "amx" if fmt in native.AMX_FORMATS.values() else "native" if fmt else "torch"
+    if fmt in native.AMX_KINDS:
+        return "amx-bf16" if fmt in native.AMX_BF16_FORMATS.values() else "amx"
+    return "native" if fmt else "torch"

@@ -18,6 +18,9 @@ machine noise hits both alike. Optional extras:
   --amx-ab        every measurement above also with the native linears' AMX forms (CPUs
                   with AMX) replaced by the AVX-512 FMA forms of the same weights, back to
                   back (the verify cost alternating forward by forward)
+  --amx-inputs-ab every measurement above also with the AMX linears taking the other input
+                  (bf16 where they take fp32, and back: --amx-inputs), back to back (the
+                  verify cost alternating forward by forward)
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
   --kernel-source-ab FILE  every measurement above also with the native decoder layers
@@ -84,6 +87,9 @@ def _parser():
     ap.add_argument("--amx-ab", action="store_true",
                     help="also measure everything with the native linears' AMX forms (q4_1x / q8_0x, on CPUs with "
                          "AMX) replaced by the AVX-512 FMA forms of the same weights")
+    ap.add_argument("--amx-inputs-ab", action="store_true",
+                    help="also measure everything with the AMX linears taking the other input (bf16 where they "
+                         "take fp32 and back, --amx-inputs): the same weights, back to back")
     ap.add_argument("--layers-ab", action="store_true",
                     help="also measure everything with the native decoder layers off (torch's ops around the same "
                          "native linears)")
@@ -228,16 +234,33 @@ def amx_swaps(engine) -> list[tuple]:
     from .models.layers import prepack_linear
 
     def fma(fn):
-        if getattr(fn, "native_format", None) not in native.AMX_FORMATS.values():
+        if getattr(fn, "native_format", None) not in native.AMX_KINDS:
             return False
         return prepack_linear(*fn.native, amx=False)
     return _linear_swaps(engine, fma)
 
 
+def amx_inputs_swaps(engine, inputs: str) -> list[tuple]:
+    """The native linears in an AMX form, each with the same weight's AMX form taking
+    `inputs` ("fp32" or "bf16": native.set_amx_inputs), built here, once (the ones that
+    already take it are left out)."""
+    from . import native
+    from .models.layers import prepack_linear
+    kind = native.AMX_BF16_FORMATS if inputs == "bf16" else native.AMX_FORMATS
+
+    def other(fn):
+        fmt = getattr(fn, "native_format", None)
+        if fmt not in native.AMX_KINDS or fmt in kind.values():
+            return False
+        return prepack_linear(*fn.native, amx=True, amx_inputs=inputs)
+    return _linear_swaps(engine, other)
+
+
 @contextlib.contextmanager
 def amx_off(engine, swaps):
-    """Within: the swaps' FMA forms in place of the AMX ones, and the target's and the
-    local drafter's native layers rebuilt over them; restored after."""
+    """Within: the swaps' FMA forms in place of the AMX ones (or any other forms of the
+    same weights: amx_inputs_swaps), and the target's and the local drafter's native
+    layers rebuilt over them; restored after."""
     from . import native
     models = [m for m in (engine.target, _local_drafter(engine)) if m is not None]
     with _swapped(swaps) as n:
@@ -562,7 +585,9 @@ def main(argv=None) -> int:
                                  # fp32 lanes per accumulator of the kernel build (8 AVX2, 16 AVX-512)
                                  "vector_width": native.vector_width() if formats else 0,
                                  # the quantised weights in AMX forms (q4_1x / q8_0x, dflash_amx.c)
-                                 "amx": any(f in native.AMX_FORMATS.values() for f in formats)}
+                                 "amx": any(f in native.AMX_KINDS for f in formats),
+                                 # what those take as input (--amx-inputs)
+                                 "amx_inputs": native.amx_inputs()}
     nswaps = native_swaps(engine) if args.native_ab else []
     if args.native_ab and not nswaps:
         raise CliError("dflash bench: --native-ab: this engine has no native linears ("
@@ -577,6 +602,14 @@ def main(argv=None) -> int:
                        + ")")
     if args.amx_ab:
         off_modes.append(("amx_off", "AMX linears off", lambda: amx_off(engine, aswaps)))
+    if args.amx_inputs_ab:
+        other_inputs = "fp32" if native.amx_inputs() == "bf16" else "bf16"
+        iswaps = amx_inputs_swaps(engine, other_inputs)
+        if not iswaps:
+            raise CliError("dflash bench: --amx-inputs-ab: this engine has no AMX linears ("
+                           + (native.reason() or "they need a CPU with AMX-BF16 and the native fp32 path") + ")")
+        off_modes.append((f"amx_inputs_{other_inputs}", f"AMX linears taking {other_inputs}",
+                          lambda: amx_off(engine, iswaps)))
     if args.drafter_weights_ab:
         if engine.drafting is None or not hasattr(engine.drafting.backend, "drafter"):
             raise CliError("dflash bench: --drafter-weights-ab needs a drafter")
@@ -669,6 +702,11 @@ def main(argv=None) -> int:
             summary["amx_ab"] = {"num_linears": len(aswaps), **_verify_ab(
                 engine.target, args.verify_reps, {"AMX": contextlib.nullcontext, "FMA": lambda: amx_off(engine, aswaps)},
                 "{} linears", out, verify_ctx[0])}
+        if args.amx_inputs_ab:
+            summary["amx_inputs_ab"] = {"num_linears": len(iswaps), **_verify_ab(
+                engine.target, args.verify_reps, {f"{native.amx_inputs()} inputs": contextlib.nullcontext,
+                                                  f"{other_inputs} inputs": lambda: amx_off(engine, iswaps)},
+                "{}", out, verify_ctx[0])}
         if args.layers_ab:
             summary["layers_ab"] = _verify_ab(
                 engine.target, args.verify_reps,

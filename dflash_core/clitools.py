@@ -110,6 +110,10 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "defau
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     ap.add_argument("--no-native", action="store_true",
                     help="fp32 on CPU: plain torch linears instead of the native kernel (dflash_core.native)")
+    ap.add_argument("--amx-inputs", choices=("fp32", "bf16"), default="bf16",
+                    help="on CPUs with AMX-BF16: what the native kernel's 4-bit / 8-bit AMX linears take, "
+                         "bf16 (the default: each input rounded to bf16 first, faster verify blocks and "
+                         "prefills, the same rounding in every mode) or fp32 (exact: the fp32 model)")
 
 
 def apply_runtime_args(prog: str, args: argparse.Namespace):
@@ -119,6 +123,9 @@ def apply_runtime_args(prog: str, args: argparse.Namespace):
     if getattr(args, "no_native", False):
         from . import native
         native.set_enabled(False)
+    if getattr(args, "amx_inputs", None) is not None:
+        from . import native
+        native.set_amx_inputs(args.amx_inputs)
     if args.threads < 0:
         raise CliError(f"{prog}: --threads must be >= 0, got {args.threads}")
     if args.threads > 0:

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--native-amx", choices=("on", "off"), default="on" if d["native_amx"].default else "off",
                     help="on CPUs with AMX-BF16: the native fp32 kernel's 4-bit / 8-bit linears on AMX tiles "
                          "(same output; off: its AVX-512 FMA form)")
+    ap.add_argument("--amx-inputs", choices=("fp32", "bf16"), default=d["amx_inputs"].default,
+                    help="what those AMX linears take: bf16 (the default: each input rounded to bf16 first, "
+                         "faster verify blocks and prefills; the target computes with those rounded inputs in "
+                         "every mode, so speculation stays lossless) or fp32 (exact: the fp32 model)")
     ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)
     ap.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default)
     ap.add_argument("--max-tokens-limit", type=int, default=None)
@@ -86,7 +90,7 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
               threads=a.threads, omp_wait_policy=a.omp_wait_policy, draft_threshold=a.draft_threshold,
               draft_tree=a.draft_tree == "on", draft_lookup=a.draft_lookup == "on",
-              native_amx=a.native_amx == "on")
+              native_amx=a.native_amx == "on", amx_inputs=a.amx_inputs)
     if a.block_size_schedule is not None:   # ServiceConfig parses it ("auto", "none", pairs)
         kw["block_size_schedule"] = a.block_size_schedule
     return ServiceConfig(**kw)

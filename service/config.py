@@ -64,6 +64,12 @@ class ServiceConfig:
     # measured 1.2-1.8x the served tokens/s of its AVX-512 FMA form on a 2-core Xeon); false
     # keeps the FMA form. No effect elsewhere.
     native_amx: bool = True
+    # what those AMX linears take as input: "bf16" (each input rounded to bf16 first: a third
+    # of the tile products, so verify blocks and prefills cost less; the target then computes
+    # W @ bf16(x) at its quantised linears, in every mode alike, so speculation stays lossless
+    # against it; default target: 99.6% of next tokens as the exact fp32 model's, KL 7e-5,
+    # docs/BENCHMARKS.md) or "fp32" (exact: the same fp32 linear). No effect without AMX.
+    amx_inputs: str = "bf16"
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429
     retry_after_s: int = 1
@@ -179,6 +185,8 @@ class ServiceConfig:
             raise ValueError(f"draft_lookup must be true or false, got {self.draft_lookup!r}")
         if not isinstance(self.native_amx, bool):
             raise ValueError(f"native_amx must be true or false, got {self.native_amx!r}")
+        if self.amx_inputs not in ("fp32", "bf16"):
+            raise ValueError(f"amx_inputs must be fp32 or bf16, got {self.amx_inputs!r}")
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
         if not 1 <= self.max_prompt_tokens < self.max_seq_len:

@@ -69,6 +69,7 @@ def apply_native(cfg: ServiceConfig) -> None:
     """The process-wide native kernel settings the config asks for (before models load)."""
     from dflash_core import native
     native.set_amx(cfg.native_amx)
+    native.set_amx_inputs(cfg.amx_inputs)
 
 
 def _loads_on_fresh_thread(builder):

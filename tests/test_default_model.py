@@ -201,6 +201,28 @@ def test_bf16_greedy_dflash_equals_bf16_decoding_on_real_prompts():
         assert sum(r.stats.num_draft_tokens for r in out) > 0
 
 
+def test_bf16_amx_inputs_greedy_dflash_equals_plain_decoding_on_real_prompts():
+    """The default target with its AMX linears taking bf16 inputs (--amx-inputs bf16): greedy
+    DFlash (trees, lookups) at blocks 4 and 8 equals the same engine's plain decoding token
+    for token on real chat prompts."""
+    from dflash_core import native
+    if not native.amx():
+        pytest.skip("bf16 inputs are a choice of the native AMX linears: " + (native.reason() or "no AMX here"))
+    native.set_amx_inputs("bf16")
+    try:
+        engine, tok = build_engine("default", "default", EngineConfig(max_slots=3, max_seq_len=512, block_size=4))
+    finally:
+        native.set_amx_inputs("fp32")
+    assert engine.target.layers[0].mlp._gate_up_fn.native_format == "q4_1xb"
+    prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS]
+    plain = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=64, speculative=False))]
+    for block in (4, 8):
+        engine.config.block_size = block
+        out = engine.generate(prompts, SamplingParams(max_new_tokens=64))
+        assert [r.token_ids for r in out] == plain, block
+        assert sum(r.stats.num_accepted_tokens for r in out) > 0
+
+
 def test_tree_verification_on_the_shipped_drafter_equals_plain_decoding(default, monkeypatch):
     """The default engine verifies trees (where the native layers run the target): on real
     prompts the shipped drafter's runners-up get accepted (paths off its argmax chain, their

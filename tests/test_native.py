@@ -41,6 +41,22 @@ def linear_forms(request):
         yield "default"
 
 
+@pytest.fixture(params=["fp32", "bf16"])
+def amx_input_kind(request):
+    """The test with the AMX linears taking fp32 inputs (exact, the default) and again
+    taking bf16 ones (native.set_amx_inputs), where the AMX forms are in use."""
+    if request.param == "bf16":
+        if not native.amx():
+            pytest.skip("bf16 inputs are a choice of the AMX forms, not in use here")
+        native.set_amx_inputs("bf16")
+        try:
+            yield "bf16"
+        finally:
+            native.set_amx_inputs("fp32")
+    else:
+        yield "fp32"
+
+
 def q8_0_weight(N, K, seed=0):
     """Weights as the GGUF converter hands them over: fp16 scale per 32, int8 codes."""
     g = torch.Generator().manual_seed(seed)
@@ -180,6 +196,66 @@ def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
         assert not torch.equal(y, fma_lin(x))   # two kernels, really: the orders differ somewhere
 
 
+def test_amx_bf16_inputs_are_the_exact_linear_of_the_rounded_inputs():
+    """With bf16 inputs (q4_1xb / q8_0xb: the same records, one bf16 part) each input is
+    rounded to the nearest bf16 first and the rest is the exact path: the same bits as the
+    fp32-input form given bf16(x), row-invariant across tiles and threads, and an input
+    needing more than bf16's 8 significant bits comes out rounded, not whole."""
+    _need_amx()
+    g = torch.Generator().manual_seed(5)
+    for make, fmt in ((q4_1_weight, "q4_1"), (q8_0_weight, "q8_0")):
+        w = make(70, 160, seed=6)
+        exact, rounded = native.make_linear(w), native.make_linear(w, amx_inputs="bf16")
+        assert (exact.native_format, rounded.native_format) == (fmt + "x", fmt + "xb")
+        assert torch.equal(native.dequantize(rounded.native_format, rounded._keep, 70), w)
+        x = torch.randn(40, 160, generator=g) * 3
+        xr = x.bfloat16().float()
+        y = rounded(x)
+        assert torch.equal(y, exact(xr))                      # W @ bf16(x), bit for bit
+        assert not torch.equal(y, exact(x))
+        torch.testing.assert_close(y.double(), xr.double() @ w.double().t(), rtol=2e-6, atol=1e-5)
+        for rows in ((0, 1), (1, 3), (5, 12), (3, 19), (16, 33), (31, 40)):
+            assert torch.equal(rounded(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(rounded(x), y)
+        finally:
+            torch.set_num_threads(threads)
+    w = torch.zeros(16, 32)
+    w[:, 0] = 127.0                   # the block's scale comes out as exactly 1
+    w[:, 1] = 1.0                     # y[:, 0] = x[:, 1] (x[:, 0] = 0)
+    x = torch.zeros(1, 32)
+    x[0, 1] = 1 + 2 ** -8 + 2 ** -10  # nearest bf16: 1 + 2^-7 (rounded up, not cut to 1)
+    assert native.make_linear(w, amx_inputs="bf16")(x)[0, 0] == 1 + 2 ** -7
+    assert native.make_linear(w, amx_inputs="fp32")(x)[0, 0] == x[0, 1]
+
+
+def test_set_amx_inputs_picks_the_forms_packed_from_then_on():
+    """set_amx_inputs("bf16") makes models packed after it take the bf16-input forms where
+    the AMX forms are in use (the FMA forms do not change); anything but fp32 / bf16 is
+    refused with the choices named."""
+    assert native.amx_inputs() == "fp32"
+    for bad in ("fp16", "BF16", None, 1):
+        with pytest.raises(ValueError, match="fp32, bf16"):
+            native.set_amx_inputs(bad)
+    with pytest.raises(ValueError, match="fp32, bf16"):
+        native.to_amx("q4_1", native.pack(q4_1_weight(16, 32))[1], 16, inputs="int8")
+    native.set_amx_inputs("bf16")
+    try:
+        want = "q4_1xb" if native.amx() else "q4_1"
+        assert native.form("q4_1") == want and native.make_linear(q4_1_weight(32, 64)).native_format == want
+        assert native.form("bf16") == "bf16"
+        native.set_amx(False)
+        try:
+            assert native.form("q4_1") == "q4_1"
+        finally:
+            native.set_amx(True)
+    finally:
+        native.set_amx_inputs("fp32")
+    assert native.form("q4_1") == ("q4_1x" if native.amx() else "q4_1")
+
+
 def test_amx_can_be_turned_off(monkeypatch):
     """set_amx(False) (and DFLASH_NATIVE_AMX=0 for the build) keeps the FMA forms."""
     w = q4_1_weight(32, 64)
@@ -225,11 +301,47 @@ def test_bench_amx_off_swaps_in_the_fma_forms_and_restores():
     assert [o.token_ids for o in eng.generate(prompts, p)] == own
 
 
+def test_bench_amx_inputs_swap_runs_the_bf16_input_forms_and_restores():
+    """bench --amx-inputs-ab's swap: within it every AMX linear takes bf16 inputs, and the
+    engine decodes exactly as one built with bf16 inputs (a different model by that
+    rounding: its output differs somewhere); after it, the fp32-input forms and output."""
+    _need_amx()
+    from dflash_core.bench import amx_inputs_swaps, amx_off
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.sampling import SamplingParams
+    p = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    prompts = [[5, 6, 7], list(range(300, 331)), [40, 41] * 9]
+    eng = SpecEngine(_quantised_tiny_target(), None, EngineConfig(max_slots=3, max_seq_len=128, block_size=1))
+    own = [o.token_ids for o in eng.generate(prompts, p)]
+    native.set_amx_inputs("bf16")
+    try:
+        rounded = SpecEngine(_quantised_tiny_target(), None, EngineConfig(max_slots=3, max_seq_len=128, block_size=1))
+    finally:
+        native.set_amx_inputs("fp32")
+    want = [o.token_ids for o in rounded.generate(prompts, p)]
+    assert want != own
+    assert amx_inputs_swaps(eng, "fp32") == []                # nothing takes another input yet
+    swaps = amx_inputs_swaps(eng, "bf16")
+    assert len(swaps) == 3 * 4 + 1 and {new.native_format for *_, new in swaps} == {"q4_1xb"}
+    with amx_off(eng, swaps) as n:
+        assert n == len(swaps)
+        assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1xb"
+        assert [o.token_ids for o in eng.generate(prompts, p)] == want
+    assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1x"
+    assert [o.token_ids for o in eng.generate(prompts, p)] == own
+
+
 def test_linear_kind_says_how_the_linears_run():
-    """api.linear_kind (/health's "linears"): the AMX forms where this CPU has them, the
-    FMA forms otherwise or when turned off, torch for a bf16 model."""
+    """api.linear_kind (/health's "linears"): the AMX forms where this CPU has them (with
+    bf16 inputs: amx-bf16), the FMA forms otherwise or when turned off, torch for a bf16
+    model."""
     from dflash_core.api import linear_kind
     assert linear_kind(_quantised_tiny_target()) == ("amx" if native.amx() else "native")
+    native.set_amx_inputs("bf16")
+    try:
+        assert linear_kind(_quantised_tiny_target()) == ("amx-bf16" if native.amx() else "native")
+    finally:
+        native.set_amx_inputs("fp32")
     native.set_amx(False)
     try:
         assert linear_kind(_quantised_tiny_target()) == "native"
@@ -270,7 +382,7 @@ def test_vector_width_follows_the_cpu_and_both_builds_pass(monkeypatch):
         return
     env = dict(os.environ, DFLASH_NATIVE_AVX512="0")
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                          "(row_invariant or half_vector_tail or layers_are_row_invariant or whole_prefill_chunk) and not amx and not fma"],
+                          "(row_invariant or half_vector_tail or layers_are_row_invariant or whole_prefill_chunk) and not amx and not fma and not bf16"],
                          env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     progress = res.stdout.split()[0]   # the suite's quiet output: one "." per passed test
@@ -315,7 +427,7 @@ def test_layer_build_swaps_in_another_layer_source_and_restores(tmp_path):
         assert torch.equal(t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0], want)
     if native.amx():   # a dflash_amx.c replaces its namesake: the layers' linears run in it
         asrc = native.AMX_SOURCE.read_text()
-        anchor = "    if ((fmt != 4 && fmt != 5) || K % 32) return -1;"
+        anchor = "    if (fmt < 4 || fmt > 7 || K % 32) return -1;"
         assert anchor in asrc
         broken_amx = tmp_path / "dflash_amx.c"
         broken_amx.write_text(asrc.replace(anchor, "    if (M > 0) return -1;\n" + anchor, 1))
@@ -366,6 +478,11 @@ def test_more_rows_than_max_rows_take_torch_linear():
     torch.testing.assert_close(y, F.linear(x[:4], w, b), rtol=1e-5, atol=1e-5)
     assert all(torch.equal(lin(x[i:i + 1]), y[i:i + 1]) for i in range(4))
     assert native.MAX_ROWS >= 48     # a verify block of 3 over 16 running rows stays in the kernel
+    if native.amx():   # a bf16-input form: F.linear over its rounded inputs, the model it computes
+        lb = native.make_linear(w, b, max_rows=4, amx_inputs="bf16")
+        xr = x.bfloat16().float()
+        assert torch.equal(lb(x), F.linear(xr, w, b)) and not torch.equal(lb(x), F.linear(x, w, b))
+        torch.testing.assert_close(lb(x[:4]), F.linear(xr[:4], w, b), rtol=1e-5, atol=1e-5)
 
 
 def test_prepack_linear_takes_the_native_kernel_for_fp32_only():
@@ -397,9 +514,10 @@ def _quantised_tiny_target():
     return t.pack_weights()
 
 
-def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit(linear_forms):
+def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit(linear_forms, amx_input_kind):
     """With the native kernel, fp32 is row-invariant like bf16: verify blocks of any size
-    and batches of any size compute each token as a one-token step does."""
+    and batches of any size compute each token as a one-token step does (and so with the
+    AMX linears taking bf16 inputs)."""
     from dflash_core.drafter import DFlashDrafter, LocalDraftBackend
     from dflash_core.engine import EngineConfig, SpecEngine
     from dflash_core.sampling import SamplingParams
@@ -479,7 +597,7 @@ def test_native_layers_match_the_torch_layers(cfg):
     assert not torch.equal(runs[True][2], runs[False][2])   # (really another summation order)
 
 
-def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms):
+def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms, amx_input_kind):
     """A token's numbers are the same bits whether it comes alone, in a verify block of
     any size or beside other rows; swapping a linear (benchmarks) sends forwards back to
     the torch path, as do forwards of more than max_rows rows."""
@@ -516,7 +634,10 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms):
 
     a = t.layers[1].self_attn
     fn = a._o_fn
-    a._o_fn = lambda x: F.linear(x, a.o_proj.weight)
+    # the torch linear for the native one: on the inputs the native one takes (bf16-rounded
+    # where the AMX linears take bf16)
+    takes = (lambda x: x.bfloat16().float()) if fn.native_format in native.AMX_BF16_FORMATS.values() else (lambda x: x)
+    a._o_fn = lambda x: F.linear(takes(x), a.o_proj.weight)
     try:
         assert not nl.current()
         cache = prefilled()

@@ -149,6 +149,21 @@ def test_config_from_dict_and_schedule():
         assert native.amx() == native.amx_built()
     finally:
         native.set_amx(True)
+    # what the AMX linears take: bf16 by default, `--amx-inputs fp32` keeps them exact; others
+    # refused; apply_native sets it for the process
+    assert ServiceConfig(target="tiny-random").amx_inputs == "bf16"
+    assert _from_args(_parser().parse_args(["--target", "tiny-random"])).amx_inputs == "bf16"
+    assert _from_args(_parser().parse_args(["--target", "tiny-random", "--amx-inputs", "fp32"])).amx_inputs == "fp32"
+    for bad in ("fp16", "BF16", None, True):
+        with pytest.raises(ValueError, match="amx_inputs must be fp32 or bf16"):
+            ServiceConfig(target="tiny-random", amx_inputs=bad)
+    try:
+        apply_native(ServiceConfig(target="tiny-random"))
+        assert native.amx_inputs() == "bf16"
+        apply_native(ServiceConfig(target="tiny-random", amx_inputs="fp32"))
+        assert native.amx_inputs() == "fp32"
+    finally:
+        native.set_amx_inputs("fp32")
     # the drafter's weights: `dflash serve --drafter-weights` reaches the config, default auto
     from service.cli import build_parser, config_from_args
     assert ServiceConfig(target="tiny-random").drafter_weights == "auto"

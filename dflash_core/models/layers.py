@@ -33,7 +33,8 @@ def is_prepacked(obj) -> bool:
 
 
 def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
-                   mm_max_elements: int = FP32_MM_MAX_ELEMENTS, native: bool = True, amx: bool | None = None):
+                   mm_max_elements: int = FP32_MM_MAX_ELEMENTS, native: bool = True, amx: bool | None = None,
+                   amx_inputs: str | None = None):
     """Inference-only linear with its weight reordered once for oneDNN, or None where
     that is not available or not exact enough.
 
@@ -41,7 +42,8 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
     over the most compact exact form of the weight (the GGUF's 4-bit / 8-bit codes where
     they give back every fp32 weight bit for bit), for every row count: row-invariant, and
     a one-token step reads a fraction of the bytes (`amx`: its AMX forms or not, None: where
-    the build has them, native.make_linear's use_amx). Everything below is the fallback.
+    the build has them, native.make_linear's use_amx; `amx_inputs`: what those take, "fp32"
+    or "bf16", None: native.amx_inputs()). Everything below is the fallback.
 
     bf16 on CPU: `F.linear` reorders the weight into oneDNN's blocked layout on every
     call; for a decode step that reorder costs more than the matmul (576x3072: ~150 us ->
@@ -64,7 +66,7 @@ def prepack_linear(weight: torch.Tensor, bias: torch.Tensor | None = None,
         return None
     if native and weight.dtype == torch.float32:
         from .. import native as native_kernels
-        fn = native_kernels.make_linear(weight, bias, use_amx=amx)
+        fn = native_kernels.make_linear(weight, bias, use_amx=amx, amx_inputs=amx_inputs)
         if fn is not None:
             fn.prepacked = True
             fn.native = (weight, bias)   # bench.native_swaps rebuilds the fallback from these

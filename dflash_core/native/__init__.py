@@ -59,9 +59,14 @@ from ..runtime import cache_root
 SOURCE = Path(__file__).with_name("dflash_linear.c")
 LAYER_SOURCE = Path(__file__).with_name("dflash_layer.c")   # whole decoder layers (see NativeLayers)
 AMX_SOURCE = Path(__file__).with_name("dflash_amx.c")       # Q4_1 / Q8_0 linears on AMX tiles
-FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2, "bf16": 3, "q4_1x": 4, "q8_0x": 5}
+FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2, "bf16": 3, "q4_1x": 4, "q8_0x": 5, "q4_1xb": 6, "q8_0xb": 7}
 # the AMX forms of the quantised formats (same weights, tiled for dflash_amx.c)
 AMX_FORMATS = {"q4_1": "q4_1x", "q8_0": "q8_0x"}
+# the same records read with each input rounded to bf16 first (set_amx_inputs("bf16"))
+AMX_BF16_FORMATS = {"q4_1": "q4_1xb", "q8_0": "q8_0xb"}
+AMX_KINDS = frozenset(AMX_FORMATS.values()) | frozenset(AMX_BF16_FORMATS.values())
+# what the AMX linears take as input: "fp32" (exact: the same fp32 linear) or "bf16"
+AMX_INPUTS = ("fp32", "bf16")
 MAX_K = 16384
 # Inputs of more rows than this (a long prompt's prefill chunk, a prompt-logprobs pass)
 # take torch's `F.linear` over the fp32 weights instead: there the product is bound by
@@ -269,6 +274,27 @@ def set_amx(flag: bool) -> None:
     _AMX_ON = bool(flag)
 
 
+_AMX_INPUTS = "fp32"   # set_amx_inputs
+
+
+def set_amx_inputs(kind: str) -> None:
+    """What the AMX linears of models packed from now on take as input: "fp32" (the
+    default: each input split exactly into three bf16 parts, so the product is the fp32
+    linear over the model's weights) or "bf16" (each input rounded to the nearest bf16
+    first, one part: a third of the tile products, so a verify block's or a prefill's
+    extra rows cost less; the model then computes W @ bf16(x) at every quantised linear,
+    a different model by that rounding, the same in every mode and batch). ValueError else."""
+    global _AMX_INPUTS
+    if kind not in AMX_INPUTS:
+        raise ValueError(f"amx inputs must be one of {', '.join(AMX_INPUTS)}, got {kind!r}")
+    _AMX_INPUTS = kind
+
+
+def amx_inputs() -> str:
+    """What AMX linears packed now take as input (set_amx_inputs)."""
+    return _AMX_INPUTS
+
+
 def amx_built() -> bool:
     """Whether the loaded build has the AMX linears and this process may use the tiles."""
     return available() and _AMX
@@ -281,8 +307,11 @@ def amx() -> bool:
 
 def form(fmt: str) -> str:
     """The format make_linear gives weights `pack` finds in `fmt` now: its AMX form
-    (q4_1 -> q4_1x, q8_0 -> q8_0x) where `amx()`, else fmt itself."""
-    return AMX_FORMATS.get(fmt, fmt) if amx() else fmt
+    (q4_1 -> q4_1x, q8_0 -> q8_0x; q4_1xb / q8_0xb with bf16 inputs) where `amx()`, else
+    fmt itself."""
+    if not amx():
+        return fmt
+    return (AMX_BF16_FORMATS if _AMX_INPUTS == "bf16" else AMX_FORMATS).get(fmt, fmt)
 
 
 def available() -> bool:
@@ -458,9 +487,14 @@ def _per_tile(v: torch.Tensor) -> torch.Tensor:
     return v.view(-1, 16, B).permute(0, 2, 1).contiguous().view(torch.uint8)
 
 
-def to_amx(fmt: str, packed: torch.Tensor, N: int):
+def to_amx(fmt: str, packed: torch.Tensor, N: int, inputs: str = "fp32"):
     """A q4_1 / q8_0 packing -> its AMX form (q4_1x / q8_0x, dflash_amx.c's records
-    [N/16, K/32, 384 or 576] uint8): the same weights, tiled for AMX."""
+    [N/16, K/32, 384 or 576] uint8): the same weights, tiled for AMX; inputs="bf16": the
+    same records as q4_1xb / q8_0xb (each input rounded to bf16: set_amx_inputs)."""
+    if inputs not in AMX_INPUTS:
+        raise ValueError(f"amx inputs must be one of {', '.join(AMX_INPUTS)}, got {inputs!r}")
+    if inputs == "bf16" and fmt in AMX_FORMATS:
+        return AMX_BF16_FORMATS[fmt], to_amx(fmt, packed, N)[1]
     if fmt == "q8_0":
         d, q = _untiled(packed, N, (4, 32))
         q = q.contiguous().view(N, -1)
@@ -478,8 +512,8 @@ def to_amx(fmt: str, packed: torch.Tensor, N: int):
 
 def dequantize(fmt: str, packed: torch.Tensor, N: int) -> torch.Tensor:
     """The fp32 weight [N, K] a packed form stands for (tests compare it with the original)."""
-    if fmt in ("q4_1x", "q8_0x"):
-        q4 = fmt == "q4_1x"
+    if fmt in AMX_KINDS:
+        q4 = fmt.startswith("q4_1")
         J, B = packed.shape[:2]
         d = packed[:, :, :64].contiguous().view(torch.float32)        # [J, B, 16]
         if q4:
@@ -509,13 +543,14 @@ def dequantize(fmt: str, packed: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=("q4_1", "q8_0", "bf16", "f32"),
-                max_rows: int | None = None, use_amx: bool | None = None):
+                max_rows: int | None = None, use_amx: bool | None = None, amx_inputs: str | None = None):
     """An inference linear x[..., K] -> [..., N] through the native kernel over the most
     compact exact form of `weight` for inputs of up to `max_rows` rows (default: the
     build's `row_limit()`; `F.linear` over
     `weight` beyond), or None (kernel unavailable, shape unsupported). The callable
     carries `.native_format`, `.weight_bytes` and `.out_features`. use_amx: the quantised
-    formats in their AMX form (q4_1x / q8_0x) where the build has it (None: `amx()`)."""
+    formats in their AMX form (q4_1x / q8_0x) where the build has it (None: `amx()`);
+    amx_inputs: what that form takes, "fp32" or "bf16" (None: `amx_inputs()`)."""
     fn = _load() if _ENABLED else None
     if fn is None:
         return None
@@ -524,24 +559,27 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
         return None
     fmt, data = packed
     if fmt in AMX_FORMATS and (amx() if use_amx is None else (use_amx and amx_built())):
-        fmt, data = to_amx(fmt, data, weight.shape[0])
+        fmt, data = to_amx(fmt, data, weight.shape[0], amx_inputs or _AMX_INPUTS)
     code = FORMATS[fmt]
     N, K = weight.shape
     wp = data.data_ptr()
     b = None if bias is None else bias.detach().float().contiguous()
     threads = torch.get_num_threads
+    # the bf16-input forms compute W @ bf16(x): torch's product stands in for them on rounded inputs
+    fallback_input = ((lambda x: x.bfloat16().to(x.dtype) if x.dtype == torch.float32 else x)
+                      if fmt in AMX_BF16_FORMATS.values() else (lambda x: x))
 
     def linear(x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
         M = x2.shape[0]
         if M > linear.max_rows or x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.requires_grad:
-            return torch.nn.functional.linear(x, weight, bias)
+            return torch.nn.functional.linear(fallback_input(x), weight, bias)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y = torch.empty(M, N)
         if M and fn(code, x2.data_ptr(), M, K, N, wp, y.data_ptr(), threads()) != 0:
-            return torch.nn.functional.linear(x, weight, bias)   # (out of memory for a work buffer)
+            return torch.nn.functional.linear(fallback_input(x), weight, bias)   # (out of memory for a work buffer)
         if b is not None:
             y += b
         return y.view(*lead, N)

@@ -4,6 +4,9 @@
  *
  *   fmt 4  Q4_1X  w = d * q + m, q in 0..15 (the Q4_1 weights of fmt 2, tiled for AMX)
  *   fmt 5  Q8_0X  w = d * q, q in -127..127  (the Q8_0 weights of fmt 1, tiled for AMX)
+ *   fmt 6  Q4_1X, fmt 7  Q8_0X with bf16 inputs: the same records, each input rounded to
+ *          the nearest bf16 first (one part below instead of three): y = W @ bf16(x), the
+ *          same bits as fmt 4 / 5 given bf16(x), a third of the tile products
  *
  * For a 32-weight block b of a row n: sum_k w[n,k] x[k] = d * sum_k q[n,k] x[k]
  * (+ m * sum_k x[k]). The codes q are small integers, exact in bf16; x is split exactly
@@ -123,6 +126,25 @@ static void split_rows(const float *x, long m0, long m1, long M, long K, uint16_
     }
 }
 
+/* x rows -> one bf16 part [M][K], each input rounded to the nearest bf16 (ties to even),
+ * and for Q4_1 the block sums sx of the rounded inputs, in split_rows' order (fmt 6 / 7) */
+static void round_rows(const float *x, long m0, long m1, long K, uint16_t *xs, float *sx) {
+    for (long m = m0; m < m1; m++) {
+        const float *xr = x + m * K;
+        uint16_t *p0 = xs + m * K;
+        for (long k = 0; k < K; k += 16)
+            _mm256_storeu_si256((__m256i *)(p0 + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + k)));
+        if (sx)
+            for (long b = 0; b < K / 32; b++) {
+                const __m512 lo = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p0 + 32 * b))), 16));
+                const __m512 up = _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p0 + 32 * b + 16))), 16));
+                sx[m * (K / 32) + b] = _mm512_reduce_add_ps(_mm512_add_ps(lo, up));
+            }
+    }
+}
+
 static inline __attribute__((always_inline)) void epilogue(const float *cbuf, int rows, long m0, const uint8_t *rec,
                                                            int q4, const float *sx, long B, long b, float *acc) {
     const __m512 dv = _mm512_loadu_ps((const float *)rec);
@@ -136,10 +158,12 @@ static inline __attribute__((always_inline)) void epilogue(const float *cbuf, in
 }
 
 /* One 32-weight block b of one or two column tiles (records rec0, rec1): their codes
- * expanded to B tiles, times the input rows' three bf16 parts (a: rows at block b, parts ps
- * apart), C tiles -> cbuf[0] / cbuf[1] (rows x 16 fp32, row stride 64 bytes) */
-static inline __attribute__((always_inline)) void block_products(int q4, const uint8_t *rec0, const uint8_t *rec1,
-                                                                 int two, const uint16_t *a, long ps, long K,
+ * expanded to B tiles, times the input rows' `parts` bf16 parts (three, or one for bf16
+ * inputs; a: rows at block b, parts ps apart), C tiles -> cbuf[0] / cbuf[1] (rows x 16
+ * fp32, row stride 64 bytes) */
+static inline __attribute__((always_inline)) void block_products(int q4, int parts, const uint8_t *rec0,
+                                                                 const uint8_t *rec1, int two, const uint16_t *a,
+                                                                 long ps, long K,
                                                                  uint16_t bbuf[2][512], float cbuf[2][256]) {
     const long RB = q4 ? 384 : 576, CO = q4 ? 128 : 64;
     for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
@@ -152,7 +176,7 @@ static inline __attribute__((always_inline)) void block_products(int q4, const u
         tile_load(4, bbuf[1], 64);
         _tile_zero(1);
     }
-    for (int p = 0; p < 3; p++) {   /* the input's three bf16 parts */
+    for (int p = 0; p < parts; p++) {   /* the input's bf16 parts */
         tile_load(2, a + p * ps, K * 2);
         _tile_dpbf16ps(0, 2, 3);
         if (two) _tile_dpbf16ps(1, 2, 4);
@@ -164,7 +188,7 @@ static inline __attribute__((always_inline)) void block_products(int q4, const u
 
 /* input rows [m0, m0 + rows) (rows <= 16, the tiles configured for it) against column
  * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles */
-static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
+static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
                      const uint8_t *w, float *y, long j0, long j1, float *acc) {
     const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
     uint16_t bbuf[2][512] __attribute__((aligned(64)));
@@ -176,7 +200,7 @@ static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int r
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         for (long b = 0; b < B; b++) {
             const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            block_products(q4, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
+            block_products(q4, parts, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
             epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc0);
             if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc1);
         }
@@ -194,7 +218,7 @@ static void amx_rows(int q4, const uint16_t *xs, const float *sx, long m0, int r
  * the same fp32 epilogue per row and block in the same order as amx_rows, so the same bits,
  * without loading and storing the accumulators for every block (at 6 rows the epilogue
  * was ~40% of what a linear's cost grows by from one row). */
-static inline __attribute__((always_inline)) void amx_rows_reg(int q4, const uint16_t *xs, const float *sx, long m0,
+static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts, const uint16_t *xs, const float *sx, long m0,
                                                                const int R, long M, long K, long N, const uint8_t *w,
                                                                float *y, long j0, long j1) {
     const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
@@ -211,7 +235,7 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, const uin
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         for (long b = 0; b < B; b++) {
             const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            block_products(q4, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
+            block_products(q4, parts, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
             const __m512 d0 = _mm512_loadu_ps((const float *)rec0);
             const __m512 n0 = q4 ? _mm512_loadu_ps((const float *)rec0 + 16) : _mm512_setzero_ps();
             for (int i = 0; i < R; i++) {
@@ -236,9 +260,9 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, const uin
 }
 
 #define AMX_ROWS_REG(R)                                                                                  \
-    static void amx_rows_reg##R(int q4, const uint16_t *xs, const float *sx, long m0, long M, long K, long N, \
-                                const uint8_t *w, float *y, long j0, long j1) {                            \
-        amx_rows_reg(q4, xs, sx, m0, R, M, K, N, w, y, j0, j1);                                            \
+    static void amx_rows_reg##R(int q4, int parts, const uint16_t *xs, const float *sx, long m0, long M, long K, \
+                                long N, const uint8_t *w, float *y, long j0, long j1) {                    \
+        amx_rows_reg(q4, parts, xs, sx, m0, R, M, K, N, w, y, j0, j1);                                     \
     }
 AMX_ROWS_REG(1)
 AMX_ROWS_REG(2)
@@ -248,18 +272,18 @@ AMX_ROWS_REG(5)
 AMX_ROWS_REG(6)
 AMX_ROWS_REG(7)
 AMX_ROWS_REG(8)
-typedef void (*amx_rows_fn)(int, const uint16_t *, const float *, long, long, long, long, const uint8_t *, float *,
+typedef void (*amx_rows_fn)(int, int, const uint16_t *, const float *, long, long, long, long, const uint8_t *, float *,
                             long, long);
 static const amx_rows_fn AMX_ROWS_BY_COUNT[9] = {NULL, amx_rows_reg1, amx_rows_reg2, amx_rows_reg3, amx_rows_reg4,
                                                  amx_rows_reg5, amx_rows_reg6, amx_rows_reg7, amx_rows_reg8};
 
 /* returns 0; -1 unsupported shape or format; -2 out of memory */
 int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
-    if ((fmt != 4 && fmt != 5) || K % 32) return -1;
+    if (fmt < 4 || fmt > 7 || K % 32) return -1;
     if (M <= 0 || N <= 0) return 0;
-    const int q4 = fmt == 4;
+    const int q4 = fmt == 4 || fmt == 6, parts = fmt >= 6 ? 1 : 3;
     const long B = K / 32, J = (N + 15) / 16;
-    uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * 3 * M * K) + 63) / 64 * 64);
+    uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * parts * M * K) + 63) / 64 * 64);
     float *sx = q4 ? (float *)malloc(sizeof(float) * M * B) : NULL;
     if (!xs || (q4 && !sx)) {
         free(xs);
@@ -272,12 +296,14 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
     /* the input split: in this thread for a few rows (a barrier between the two phases
      * costs more than the split under a passive wait policy), else over the threads */
     if (M <= 64 || nthreads == 1) {
-        split_rows(x, 0, M, M, K, xs, sx);
+        if (parts == 1) round_rows(x, 0, M, K, xs, sx);
+        else split_rows(x, 0, M, M, K, xs, sx);
     } else {
 #pragma omp parallel num_threads(nthreads)
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            split_rows(x, M * t / nt, M * (t + 1) / nt, M, K, xs, sx);
+            if (parts == 1) round_rows(x, M * t / nt, M * (t + 1) / nt, K, xs, sx);
+            else split_rows(x, M * t / nt, M * (t + 1) / nt, M, K, xs, sx);
         }
     }
 #pragma omp parallel num_threads(nthreads)
@@ -290,14 +316,14 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
             const long full = M / 16, rem = M % 16;
             if (full) {
                 configure(16);
-                for (long g = 0; g < full; g++) amx_rows(q4, xs, sx, g * 16, 16, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
+                for (long g = 0; g < full; g++) amx_rows(q4, parts, xs, sx, g * 16, 16, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
             }
             if (rem) {
                 configure((int)rem);
                 if (rem <= 8)
-                    AMX_ROWS_BY_COUNT[rem](q4, xs, sx, full * 16, M, K, N, (const uint8_t *)w, y, j0, j1);
+                    AMX_ROWS_BY_COUNT[rem](q4, parts, xs, sx, full * 16, M, K, N, (const uint8_t *)w, y, j0, j1);
                 else
-                    amx_rows(q4, xs, sx, full * 16, (int)rem, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
+                    amx_rows(q4, parts, xs, sx, full * 16, (int)rem, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
             }
         }
     }
