@@ -256,6 +256,39 @@ def amx_inputs_swaps(engine, inputs: str) -> list[tuple]:
     return _linear_swaps(engine, other)
 
 
+@torch.no_grad()
+def next_token_agreement(engine, prompts, responses, variant, reference_is_variant: bool = False) -> dict:
+    """Teacher-forced, on the target: for each prompt + response, the next-token
+    distribution at every response position as loaded (p) and within the context
+    `variant` (q) -> {positions, argmax_agreement: the share of positions whose argmax
+    agree, mean_kl: mean KL(p || q) in nats, KL(q || p) with reference_is_variant}. Runs
+    in slot 0 of the engine's cache (an idle engine's: its length is reset after)."""
+    target, cache = engine.target, engine.cache
+    slot, agree, kl, n = torch.tensor([0]), 0, 0.0, 0
+
+    def logits(seq, P):
+        cache.set_len(0, 0)
+        h, _ = target(seq, cache, slot, torch.tensor([0]), [])
+        return target.logits(h[0, P - 1:-1]).float()
+    try:
+        for p, r in zip(prompts, responses):
+            if not r:
+                continue
+            seq = torch.tensor([list(p) + list(r)], device=target.device)
+            a = logits(seq, len(p))
+            with variant():
+                b = logits(seq, len(p))
+            if reference_is_variant:
+                a, b = b, a
+            la, lb = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+            agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            kl += float((la.exp() * (la - lb)).sum())
+            n += a.shape[0]
+    finally:
+        cache.set_len(0, 0)
+    return {"positions": n, "argmax_agreement": round(agree / max(n, 1), 5), "mean_kl": float(f"{kl / max(n, 1):.3e}")}
+
+
 @contextlib.contextmanager
 def amx_off(engine, swaps):
     """Within: the swaps' FMA forms in place of the AMX ones (or any other forms of the
@@ -645,6 +678,7 @@ def main(argv=None) -> int:
             off_modes.append((f"{field}_{other}", f"{field.replace('_', ' ')} {other}",
                               lambda field=field, other=other: _switch_set(engine, field, other == "on")))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
+    plain_outputs: list[list[int]] = []   # --amx-inputs-ab: the responses next_token_agreement reads
     by_threshold: dict[str, dict] = {}
     for b in block_sizes:
         engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
@@ -652,7 +686,8 @@ def main(argv=None) -> int:
             engine.config.draft_threshold = thr
             if len(thresholds) > 1:
                 print(f"draft threshold {thr:g}", file=out)
-            r = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out)
+            r = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out,
+                              plain_outputs if args.amx_inputs_ab and not plain_outputs else None)
             by_threshold.setdefault(f"{thr:g}", {})[str(b)] = r
             runs.setdefault(b, r)   # the first threshold's run stands for the block size
         engine.config.draft_threshold = thresholds[0]
@@ -663,6 +698,13 @@ def main(argv=None) -> int:
     for key, _, _ in off_modes:
         summary[key] = {"num_linears": n_off.get(key, 0),
                         "by_block_size": {str(b): r for b, r in runs_off[key].items()}}
+    if args.amx_inputs_ab:   # how far the two input kinds' models are apart, on the plain responses
+        fp32_loaded = native.amx_inputs() == "fp32"
+        ag = next_token_agreement(engine, prompts, plain_outputs, lambda: amx_off(engine, iswaps),
+                                  reference_is_variant=not fp32_loaded)
+        print(f"next-token agreement of bf16 and fp32 inputs over {ag['positions']} response positions: "
+              f"argmax {ag['argmax_agreement']:.4f}, mean KL(fp32 || bf16) {ag['mean_kl']:.2e}", file=out)
+        summary[f"amx_inputs_{other_inputs}"]["next_token_agreement"] = ag
     first = runs[block_sizes[0]]
     summary.update(block_size=block_sizes[0], **first)
     if len(block_sizes) > 1:
@@ -832,11 +874,14 @@ def draft_calibration(engine, prompts, base, block_size: int, positions: int = 3
                                         for i, c in enumerate(counts[j])] for j in range(positions)}}
 
 
-def _ar_vs_dflash(engine, prompts, base, repeats: int, temperature: float, out) -> dict:
-    """Each prompt autoregressive then DFlash, back to back (speedup.run_modes)."""
+def _ar_vs_dflash(engine, prompts, base, repeats: int, temperature: float, out, outputs: list | None = None) -> dict:
+    """Each prompt autoregressive then DFlash, back to back (speedup.run_modes); `outputs`
+    (a list) receives the autoregressive token ids of each prompt's first repeat."""
     from .speedup import run_modes
     runs = run_modes(engine, prompts, base, repeats=repeats)
     ar, df = runs["ar"], runs["dflash"]
+    if outputs is not None:
+        outputs.extend(list(r.token_ids) for r in ar.results[:len(prompts)])
     print(f"block size {engine.config.block_size}", file=out)
     print(f"{'prompt':>6} {'prompt_tok':>10} {'new_tok':>8} {'ar_tok/s':>9} {'dflash_tok/s':>12} {'tau':>6} {'speedup':>8}",
           file=out)

@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-lookups", default=None,
                     help="comma list of --draft-lookup values (e.g. on,off): one server each (per schedule and draft "
                          "tree), in this run, speculation on and off at every level of each")
+    ap.add_argument("--amx-inputs", default=None,
+                    help="comma list of --amx-inputs values (bf16,fp32): one server each (per schedule, draft tree "
+                         "and lookup), in this run, speculation on and off at every level of each")
     ap.add_argument("--server-envs", default=None,
                     help="comma list of server environments, each KEY=VALUE (several joined by '+'), e.g. "
                          "DFLASH_NATIVE_AMX=1,DFLASH_NATIVE_AMX=0: one server each (per schedule and draft tree), "
@@ -203,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     lookups = [t.strip() for t in a.draft_lookups.split(",")] if a.draft_lookups else [None]
     if any(t not in (None, "on", "off") for t in lookups):
         ap.error("--draft-lookups takes on and off")
+    amxs = [t.strip() for t in a.amx_inputs.split(",")] if a.amx_inputs else [None]
+    if any(t not in (None, "bf16", "fp32") for t in amxs):
+        ap.error("--amx-inputs takes bf16 and fp32")
     envs: list[dict | None] = [None]
     if a.server_envs:
         envs = []
@@ -251,21 +257,22 @@ def main(argv: list[str] | None = None) -> int:
         levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {}, a.reps)
     else:
         for sched in ([s.strip() for s in a.schedules.split(",")] if a.schedules else [None]):
-            for tree, look, env in [(t, lk, e) for t in trees for lk in lookups for e in envs]:
+            for tree, look, amx, env in [(t, lk, x, e) for t in trees for lk in lookups for x in amxs for e in envs]:
                 srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else [])
                                     + (["--draft-tree", tree] if tree else [])
-                                    + (["--draft-lookup", look] if look else []), env=env)
+                                    + (["--draft-lookup", look] if look else [])
+                                    + (["--amx-inputs", amx] if amx else []), env=env)
                 try:
                     srv.wait_ready()
                     env_s = "+".join(f"{k}={v}" for k, v in env.items()) if env else None
                     health = httpx.get(srv.url + "/health").json()
-                    if sched or tree or look or env:
+                    if sched or tree or look or amx or env:
                         print(f"block size schedule {sched or 'default'}, draft tree {tree or 'default'}"
-                              + (f", draft lookup {look}" if look else "")
+                              + (f", draft lookup {look}" if look else "") + (f", amx inputs {amx}" if amx else "")
                               + (f", env {env_s}" if env_s else "") + f": {srv.url}, linears "
                               f"{health.get('linears')}", flush=True)
                     extra = ({"schedule": sched} if sched else {}) | ({"draft_tree": tree} if tree else {}) \
-                        | ({"draft_lookup": look} if look else {}) \
+                        | ({"draft_lookup": look} if look else {}) | ({"amx_inputs": amx} if amx else {}) \
                         | ({"env": env_s} if env_s else {}) | {"linears": health.get("linears")}
                     levels(srv.url, srv.model(), [True, False], extra, a.reps)
                 finally:
@@ -282,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  {r['schedule']}" if "schedule" in r else "") + (f"  tree {r['draft_tree']}" if "draft_tree" in r
                                                                          else "")
               + (f"  lookup {r['draft_lookup']}" if "draft_lookup" in r else "")
+              + (f"  amx inputs {r['amx_inputs']}" if "amx_inputs" in r else "")
               + (f"  {r['env']}" if "env" in r else ""))
     result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],

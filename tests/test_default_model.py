@@ -22,7 +22,11 @@ QUESTIONS = ["What is the capital of France?", "Write a Python function that add
 
 @pytest.fixture(scope="module")
 def default():
-    engine, tok = build_engine("default", "default", EngineConfig(max_slots=4, max_seq_len=512, block_size=16))
+    """The default engine with its AMX linears (where they run) taking fp32 inputs: the
+    fp32 model transformers runs (bf16 inputs: test_bf16_amx_inputs_...)."""
+    from dflash_core import native
+    with native.amx_inputs_set("fp32"):
+        engine, tok = build_engine("default", "default", EngineConfig(max_slots=4, max_seq_len=512, block_size=16))
     from transformers import AutoModelForCausalLM
     hf = AutoModelForCausalLM.from_pretrained(str(resolve_model_dir("default")), dtype=torch.float32).eval()
     return engine, tok, hf
@@ -130,8 +134,9 @@ def test_default_target_reads_its_gguf_codes_through_the_native_kernel(default):
     assert native.available(), native.reason()
     fns = [f for layer in model.layers for f in (layer.self_attn._qkv_fn, layer.self_attn._o_fn,
                                                  layer.mlp._gate_up_fn, layer.mlp._down_fn)]
-    assert {f.native_format for f in fns} == {native.form("q4_1")}
-    assert model._head_fn.native_format == native.form("q8_0")
+    with native.amx_inputs_set("fp32"):   # as the fixture built it
+        assert {f.native_format for f in fns} == {native.form("q4_1")}
+        assert model._head_fn.native_format == native.form("q8_0")
     total = sum(f.weight_bytes for f in fns) + model._head_fn.weight_bytes
     fp32 = sum(p.numel() * 4 for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
     fp32 += model.embed_tokens.weight.numel() * 4                      # the tied head
@@ -154,7 +159,8 @@ def test_shipped_drafter_runs_on_the_8bit_grid_and_the_output_does_not_move(defa
     d = engine.drafting.backend.drafter
     fns = [d._fc_fn] + [f for l in d.layers for f in (l.self_attn._qkv_fn, l.self_attn._o_fn,
                                                       l.mlp._gate_up_fn, l.mlp._down_fn)]
-    assert {f.native_format for f in fns} == {native.form("q8_0")}
+    with native.amx_inputs_set("fp32"):   # as the fixture built it
+        assert {f.native_format for f in fns} == {native.form("q8_0")}
     stored = DFlashDrafter.load(DEFAULT_DRAFTER_DIR)
     for (name, p), (_, q) in zip(stored.named_parameters(), d.named_parameters()):
         if p.dim() == 2:
@@ -208,11 +214,8 @@ def test_bf16_amx_inputs_greedy_dflash_equals_plain_decoding_on_real_prompts():
     from dflash_core import native
     if not native.amx():
         pytest.skip("bf16 inputs are a choice of the native AMX linears: " + (native.reason() or "no AMX here"))
-    native.set_amx_inputs("bf16")
-    try:
+    with native.amx_inputs_set("bf16"):
         engine, tok = build_engine("default", "default", EngineConfig(max_slots=3, max_seq_len=512, block_size=4))
-    finally:
-        native.set_amx_inputs("fp32")
     assert engine.target.layers[0].mlp._gate_up_fn.native_format == "q4_1xb"
     prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS]
     plain = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=64, speculative=False))]

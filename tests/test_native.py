@@ -5,6 +5,7 @@ DFlash equal to the engine's own decoding bit for bit on a model whose linears r
 through it. Real computations on random and quantised-then-dequantised weights."""
 from __future__ import annotations
 
+import contextlib
 import shutil
 
 import pytest
@@ -41,20 +42,14 @@ def linear_forms(request):
         yield "default"
 
 
-@pytest.fixture(params=["fp32", "bf16"])
+@pytest.fixture(params=["bf16", "fp32"])
 def amx_input_kind(request):
-    """The test with the AMX linears taking fp32 inputs (exact, the default) and again
-    taking bf16 ones (native.set_amx_inputs), where the AMX forms are in use."""
-    if request.param == "bf16":
-        if not native.amx():
-            pytest.skip("bf16 inputs are a choice of the AMX forms, not in use here")
-        native.set_amx_inputs("bf16")
-        try:
-            yield "bf16"
-        finally:
-            native.set_amx_inputs("fp32")
-    else:
-        yield "fp32"
+    """The test with the AMX linears taking bf16 inputs (the default) and again taking fp32
+    ones (exact: native.set_amx_inputs); the bf16 run only where the AMX forms are in use."""
+    if request.param == "bf16" and not native.amx():
+        pytest.skip("bf16 inputs are a choice of the AMX forms, not in use here")
+    with native.amx_inputs_set(request.param):
+        yield request.param
 
 
 def q8_0_weight(N, K, seed=0):
@@ -106,7 +101,7 @@ def test_kernel_matches_float64_and_is_row_invariant(make, linear_forms):
     N, K = 37, 160                    # N not a multiple of the 4-row tile
     w = make(N, K, seed=1)
     b = torch.randn(N)
-    lin = native.make_linear(w, b)
+    lin = native.make_linear(w, b, amx_inputs="fp32")   # the exact kind (bf16 inputs: the test below)
     g = torch.Generator().manual_seed(2)
     for M in (1, 2, 3, 5, 16, 17, 33):
         x = torch.randn(M, K, generator=g)
@@ -157,7 +152,7 @@ def test_amx_linear_takes_fp32_inputs_whole():
     w[:, 0] = 127.0                   # the block's scale comes out as exactly 1
     w[:, 1] = 1.0
     w[5, 1] = -3.0
-    lin = native.make_linear(w)
+    lin = native.make_linear(w, amx_inputs="fp32")
     assert lin.native_format == "q8_0x"
     x = torch.zeros(2, 32)
     x[:, 1] = 1 + 2 ** -8 + 2 ** -23                # needs the third part
@@ -165,7 +160,7 @@ def test_amx_linear_takes_fp32_inputs_whole():
     y = lin(x)
     assert torch.equal(y[:, 0], x[:, 1]) and torch.equal(y[:, 5], -3 * x[:, 1])
     q4 = q4_1_weight(16, 64, seed=9)
-    lin4 = native.make_linear(q4)
+    lin4 = native.make_linear(q4, amx_inputs="fp32")
     assert lin4.native_format == "q4_1x"
     xr = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)) * (1 + 2 ** -20)
     torch.testing.assert_close(lin4(xr).double(), xr.double() @ q4.double().t(), rtol=2e-6, atol=1e-6)
@@ -180,7 +175,7 @@ def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
     g = torch.Generator().manual_seed(3)
     for make in (q4_1_weight, q8_0_weight):
         w = make(70, 160, seed=4)
-        amx_lin, fma_lin = native.make_linear(w), native.make_linear(w, use_amx=False)
+        amx_lin, fma_lin = native.make_linear(w, amx_inputs="fp32"), native.make_linear(w, use_amx=False)
         assert amx_lin.native_format.endswith("x") and not fma_lin.native_format.endswith("x")
         x = torch.randn(40, 160, generator=g)
         y = amx_lin(x)
@@ -205,7 +200,7 @@ def test_amx_bf16_inputs_are_the_exact_linear_of_the_rounded_inputs():
     g = torch.Generator().manual_seed(5)
     for make, fmt in ((q4_1_weight, "q4_1"), (q8_0_weight, "q8_0")):
         w = make(70, 160, seed=6)
-        exact, rounded = native.make_linear(w), native.make_linear(w, amx_inputs="bf16")
+        exact, rounded = native.make_linear(w, amx_inputs="fp32"), native.make_linear(w)
         assert (exact.native_format, rounded.native_format) == (fmt + "x", fmt + "xb")
         assert torch.equal(native.dequantize(rounded.native_format, rounded._keep, 70), w)
         x = torch.randn(40, 160, generator=g) * 3
@@ -227,33 +222,33 @@ def test_amx_bf16_inputs_are_the_exact_linear_of_the_rounded_inputs():
     w[:, 1] = 1.0                     # y[:, 0] = x[:, 1] (x[:, 0] = 0)
     x = torch.zeros(1, 32)
     x[0, 1] = 1 + 2 ** -8 + 2 ** -10  # nearest bf16: 1 + 2^-7 (rounded up, not cut to 1)
-    assert native.make_linear(w, amx_inputs="bf16")(x)[0, 0] == 1 + 2 ** -7
+    assert native.make_linear(w)(x)[0, 0] == 1 + 2 ** -7
     assert native.make_linear(w, amx_inputs="fp32")(x)[0, 0] == x[0, 1]
 
 
 def test_set_amx_inputs_picks_the_forms_packed_from_then_on():
-    """set_amx_inputs("bf16") makes models packed after it take the bf16-input forms where
-    the AMX forms are in use (the FMA forms do not change); anything but fp32 / bf16 is
-    refused with the choices named."""
-    assert native.amx_inputs() == "fp32"
+    """bf16 inputs by default: models packed take the bf16-input forms where the AMX forms
+    are in use (the FMA forms do not change); set_amx_inputs("fp32") (amx_inputs_set within
+    a block) the exact ones; anything but fp32 / bf16 is refused with the choices named."""
+    assert native.amx_inputs() == "bf16"
+    want = "q4_1xb" if native.amx() else "q4_1"
+    assert native.form("q4_1") == want and native.make_linear(q4_1_weight(32, 64)).native_format == want
+    assert native.form("bf16") == "bf16"
     for bad in ("fp16", "BF16", None, 1):
         with pytest.raises(ValueError, match="fp32, bf16"):
             native.set_amx_inputs(bad)
     with pytest.raises(ValueError, match="fp32, bf16"):
         native.to_amx("q4_1", native.pack(q4_1_weight(16, 32))[1], 16, inputs="int8")
-    native.set_amx_inputs("bf16")
-    try:
-        want = "q4_1xb" if native.amx() else "q4_1"
+    with native.amx_inputs_set("fp32"):
+        assert native.amx_inputs() == "fp32"
+        want = "q4_1x" if native.amx() else "q4_1"
         assert native.form("q4_1") == want and native.make_linear(q4_1_weight(32, 64)).native_format == want
-        assert native.form("bf16") == "bf16"
-        native.set_amx(False)
-        try:
-            assert native.form("q4_1") == "q4_1"
-        finally:
-            native.set_amx(True)
+    assert native.amx_inputs() == "bf16"
+    native.set_amx(False)
+    try:
+        assert native.form("q4_1") == "q4_1"
     finally:
-        native.set_amx_inputs("fp32")
-    assert native.form("q4_1") == ("q4_1x" if native.amx() else "q4_1")
+        native.set_amx(True)
 
 
 def test_amx_can_be_turned_off(monkeypatch):
@@ -268,7 +263,7 @@ def test_amx_can_be_turned_off(monkeypatch):
     assert not native.wants_amx()
     monkeypatch.setenv("DFLASH_NATIVE_AMX", "1")
     assert native.wants_amx() == (native.wants_avx512() and set(native.AMX_FLAGS) <= cpu_flags())
-    assert native.make_linear(w).native_format == native.form("q4_1") == ("q4_1x" if native.amx() else "q4_1")
+    assert native.make_linear(w).native_format == native.form("q4_1") == ("q4_1xb" if native.amx() else "q4_1")
 
 
 def test_bench_amx_off_swaps_in_the_fma_forms_and_restores():
@@ -297,38 +292,40 @@ def test_bench_amx_off_swaps_in_the_fma_forms_and_restores():
         assert eng.target._native_layers is not nl and eng.target._native_layers.current()
         assert [o.token_ids for o in eng.generate(prompts, p)] == want
     assert eng.target._native_layers is nl and nl.current()
-    assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1x"
+    assert eng.target.layers[0].mlp._gate_up_fn.native_format == native.form("q4_1")
     assert [o.token_ids for o in eng.generate(prompts, p)] == own
 
 
-def test_bench_amx_inputs_swap_runs_the_bf16_input_forms_and_restores():
-    """bench --amx-inputs-ab's swap: within it every AMX linear takes bf16 inputs, and the
-    engine decodes exactly as one built with bf16 inputs (a different model by that
-    rounding: its output differs somewhere); after it, the fp32-input forms and output."""
+def test_bench_amx_inputs_swap_runs_the_other_input_forms_and_restores():
+    """bench --amx-inputs-ab's swap: within it every AMX linear takes fp32 inputs (the
+    engine was built with bf16 ones), and the engine decodes exactly as one built with fp32
+    inputs (a different model by the rounding: its output differs somewhere); after it, the
+    bf16-input forms and output; next_token_agreement measures how far apart the two are."""
     _need_amx()
-    from dflash_core.bench import amx_inputs_swaps, amx_off
+    from dflash_core.bench import amx_inputs_swaps, amx_off, next_token_agreement
     from dflash_core.engine import EngineConfig, SpecEngine
     from dflash_core.sampling import SamplingParams
     p = SamplingParams(max_new_tokens=24, ignore_eos=True)
     prompts = [[5, 6, 7], list(range(300, 331)), [40, 41] * 9]
     eng = SpecEngine(_quantised_tiny_target(), None, EngineConfig(max_slots=3, max_seq_len=128, block_size=1))
     own = [o.token_ids for o in eng.generate(prompts, p)]
-    native.set_amx_inputs("bf16")
-    try:
-        rounded = SpecEngine(_quantised_tiny_target(), None, EngineConfig(max_slots=3, max_seq_len=128, block_size=1))
-    finally:
-        native.set_amx_inputs("fp32")
-    want = [o.token_ids for o in rounded.generate(prompts, p)]
+    with native.amx_inputs_set("fp32"):
+        exact = SpecEngine(_quantised_tiny_target(), None, EngineConfig(max_slots=3, max_seq_len=128, block_size=1))
+    want = [o.token_ids for o in exact.generate(prompts, p)]
     assert want != own
-    assert amx_inputs_swaps(eng, "fp32") == []                # nothing takes another input yet
-    swaps = amx_inputs_swaps(eng, "bf16")
-    assert len(swaps) == 3 * 4 + 1 and {new.native_format for *_, new in swaps} == {"q4_1xb"}
+    assert amx_inputs_swaps(eng, "bf16") == []                # nothing takes another input yet
+    swaps = amx_inputs_swaps(eng, "fp32")
+    assert len(swaps) == 3 * 4 + 1 and {new.native_format for *_, new in swaps} == {"q4_1x"}
     with amx_off(eng, swaps) as n:
         assert n == len(swaps)
-        assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1xb"
+        assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1x"
         assert [o.token_ids for o in eng.generate(prompts, p)] == want
-    assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1x"
+    assert eng.target.layers[0].mlp._gate_up_fn.native_format == "q4_1xb"
     assert [o.token_ids for o in eng.generate(prompts, p)] == own
+    ag = next_token_agreement(eng, prompts, own, lambda: amx_off(eng, swaps), reference_is_variant=True)
+    assert ag["positions"] == 3 * 24 and 0.5 < ag["argmax_agreement"] < 1 and 0 < ag["mean_kl"] < 0.1
+    same = next_token_agreement(eng, prompts, own, contextlib.nullcontext)
+    assert same == {"positions": 72, "argmax_agreement": 1.0, "mean_kl": 0.0}
 
 
 def test_linear_kind_says_how_the_linears_run():
@@ -336,12 +333,9 @@ def test_linear_kind_says_how_the_linears_run():
     bf16 inputs: amx-bf16), the FMA forms otherwise or when turned off, torch for a bf16
     model."""
     from dflash_core.api import linear_kind
-    assert linear_kind(_quantised_tiny_target()) == ("amx" if native.amx() else "native")
-    native.set_amx_inputs("bf16")
-    try:
-        assert linear_kind(_quantised_tiny_target()) == ("amx-bf16" if native.amx() else "native")
-    finally:
-        native.set_amx_inputs("fp32")
+    assert linear_kind(_quantised_tiny_target()) == ("amx-bf16" if native.amx() else "native")
+    with native.amx_inputs_set("fp32"):
+        assert linear_kind(_quantised_tiny_target()) == ("amx" if native.amx() else "native")
     native.set_amx(False)
     try:
         assert linear_kind(_quantised_tiny_target()) == "native"
@@ -470,7 +464,7 @@ def test_more_rows_than_max_rows_take_torch_linear():
     """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
     up to it, the kernel (row-invariant, close to F.linear)."""
     w, b = q4_1_weight(40, 64), torch.randn(40)
-    lin = native.make_linear(w, b, max_rows=4)
+    lin = native.make_linear(w, b, max_rows=4, amx_inputs="fp32")
     g = torch.Generator().manual_seed(3)
     x = torch.randn(9, 64, generator=g)
     assert torch.equal(lin(x), F.linear(x, w, b))
@@ -479,7 +473,7 @@ def test_more_rows_than_max_rows_take_torch_linear():
     assert all(torch.equal(lin(x[i:i + 1]), y[i:i + 1]) for i in range(4))
     assert native.MAX_ROWS >= 48     # a verify block of 3 over 16 running rows stays in the kernel
     if native.amx():   # a bf16-input form: F.linear over its rounded inputs, the model it computes
-        lb = native.make_linear(w, b, max_rows=4, amx_inputs="bf16")
+        lb = native.make_linear(w, b, max_rows=4)
         xr = x.bfloat16().float()
         assert torch.equal(lb(x), F.linear(xr, w, b)) and not torch.equal(lb(x), F.linear(x, w, b))
         torch.testing.assert_close(lb(x[:4]), F.linear(xr[:4], w, b), rtol=1e-5, atol=1e-5)
@@ -490,7 +484,10 @@ def test_prepack_linear_takes_the_native_kernel_for_fp32_only():
     fn = prepack_linear(w)
     assert fn.native_format == native.form("q4_1") and fn.weight_bytes < w.numel()
     x = torch.randn(3, 96)
-    torch.testing.assert_close(fn(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    takes = x.bfloat16().float() if fn.native_format in native.AMX_BF16_FORMATS.values() else x
+    torch.testing.assert_close(fn(x), F.linear(takes, w), rtol=1e-5, atol=1e-5)
+    exact = prepack_linear(w, amx_inputs="fp32")
+    torch.testing.assert_close(exact(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
     assert getattr(prepack_linear(w, native=False), "native_format", None) is None
     assert getattr(prepack_linear(w.bfloat16()), "native_format", None) is None
     was = native.enabled()
@@ -551,9 +548,10 @@ def test_fp32_greedy_dflash_equals_fp32_autoregressive_bit_for_bit(linear_forms,
             assert sum(o.stats.num_draft_tokens for o in out) > 0
 
 
-def _variant_target(**cfg):
+def _variant_target(amx_inputs: str | None = None, **cfg):
     """A small random target of the given config (Qwen2 biases, Qwen3 q/k norms, GQA),
-    linears on a Q4_1 grid, norms not 1, packed for inference."""
+    linears on a Q4_1 grid, norms not 1, packed for inference (its AMX linears taking
+    `amx_inputs`, None: the kind set now)."""
     from dflash_core.models.config import ModelConfig
     from dflash_core.models.decoder import Decoder
     c = ModelConfig(**{"vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "num_layers": 3,
@@ -568,7 +566,10 @@ def _variant_target(**cfg):
                 p.copy_(1 + 0.3 * torch.randn(p.shape, generator=g))
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * (0.5 if "embed" in name else 0.1))
-    return t.eval().pack_weights()
+    if amx_inputs is None:
+        return t.eval().pack_weights()
+    with native.amx_inputs_set(amx_inputs):
+        return t.eval().pack_weights()
 
 
 @pytest.mark.parametrize("cfg", [{}, {"attention_bias": True}, {"qk_norm": True, "family": "qwen3"}])
@@ -576,7 +577,7 @@ def test_native_layers_match_the_torch_layers(cfg):
     """Whole layers in one native call compute what the torch layers compute (fp32, to
     summation order): hidden states, captured features and the K/V left in the cache,
     for a prefill and then a 3-token block on two rows at different positions."""
-    t = _variant_target(**cfg)
+    t = _variant_target("fp32", **cfg)   # exact linears: the layers' own code compared
     nl = t._native_layers
     assert nl is not None and nl.current()
     V = t.config.vocab_size
@@ -663,7 +664,7 @@ def test_native_attention_is_row_invariant_across_runs_pairs_and_trees(heads, kv
     run) one at a time, in blocks of 7, in one block, in a tree whose every token lists all
     earlier ones (the gathered path) and with 1 or 7 threads all give the same numbers,
     which match the torch layers to summation order."""
-    t = _variant_target(num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qk_norm=True,
+    t = _variant_target("fp32", num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim, qk_norm=True,
                         family="qwen3")
     nl = t._native_layers
     assert nl is not None
@@ -713,7 +714,7 @@ def test_native_drafter_style_block_is_the_same_for_any_share_of_its_tokens():
     """A non-causal block (a drafter's: every token reads the whole block) computes the same
     bits for its tokens whichever of them a call asks for (out=(lo, n) changes how the
     tokens are cut into attention runs) and with one thread."""
-    t = _variant_target(num_heads=6, num_kv_heads=2, head_dim=64)
+    t = _variant_target("fp32", num_heads=6, num_kv_heads=2, head_dim=64)
     nl = t._native_layers
     V, L = t.config.vocab_size, t.config.num_layers
     g = torch.Generator().manual_seed(6)
@@ -750,20 +751,23 @@ def test_a_whole_prefill_chunk_stays_native_in_the_avx512_build():
     if native.vector_width() == 16:
         from dflash_core.engine import EngineConfig
         assert limit >= EngineConfig().max_prefill_tokens
-    t = _variant_target()
-    assert t._native_layers.max_rows is None   # the build's limit
     g = torch.Generator().manual_seed(5)
-    tokens = torch.randint(0, t.config.vocab_size, (1, limit + 1), generator=g)
+    for kind in (["bf16"] if native.amx() else []) + ["fp32"]:
+        t = _variant_target(kind)
+        assert t._native_layers.max_rows is None   # the build's limit
+        tokens = torch.randint(0, t.config.vocab_size, (1, limit + 1), generator=g)
 
-    def forward(n, chunk):
-        cache = t.new_cache(1, limit + 8)
-        return torch.cat([t(tokens[:, a:min(a + chunk, n)], cache, torch.tensor([0]), torch.tensor([a]))[0]
-                          for a in range(0, n, chunk)], 1)
-    chunks = forward(limit + 1, 64)
-    assert torch.equal(forward(limit, limit), chunks[:, :limit])          # one forward of `limit` rows
-    whole = forward(limit + 1, limit + 1)                                  # one row more: torch
-    assert not torch.equal(whole, chunks)
-    torch.testing.assert_close(whole, chunks, rtol=1e-4, atol=1e-4)
+        def forward(n, chunk):
+            cache = t.new_cache(1, limit + 8)
+            return torch.cat([t(tokens[:, a:min(a + chunk, n)], cache, torch.tensor([0]), torch.tensor([a]))[0]
+                              for a in range(0, n, chunk)], 1)
+        chunks = forward(limit + 1, 64)
+        assert torch.equal(forward(limit, limit), chunks[:, :limit]), kind   # one forward of `limit` rows
+        whole = forward(limit + 1, limit + 1)                                  # one row more: torch
+        assert not torch.equal(whole, chunks)
+        if kind == "fp32":   # (with bf16 inputs the torch layers' own rounding of a norm's output can
+            # land on the other bf16 neighbour: the layers are compared exactly in fp32)
+            torch.testing.assert_close(whole, chunks, rtol=1e-4, atol=1e-4)
 
 
 def test_bench_prefill_ab_times_both_limits_and_restores_the_build_limit():

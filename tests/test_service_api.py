@@ -501,7 +501,8 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(srv):
     assert eng.config.draft_lookup is True and h.json()["draft_lookup"] is eng.draft_lookups is h.json()["draft_tree"]
     # how the target's linears run: the native kernel's AMX or FMA forms, or torch
     fmt = getattr(eng.target.layers[0].self_attn._qkv_fn, "native_format", None)
-    assert h.json()["linears"] == ("torch" if fmt is None else "amx" if fmt.endswith("x") else "native")
+    assert h.json()["linears"] == ("torch" if fmt is None else "amx" if fmt.endswith("x")
+                                   else "amx-bf16" if fmt.endswith("xb") else "native")
 
 
 def test_api_key(tok):

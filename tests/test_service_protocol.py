@@ -157,13 +157,11 @@ def test_config_from_dict_and_schedule():
     for bad in ("fp16", "BF16", None, True):
         with pytest.raises(ValueError, match="amx_inputs must be fp32 or bf16"):
             ServiceConfig(target="tiny-random", amx_inputs=bad)
-    try:
-        apply_native(ServiceConfig(target="tiny-random"))
-        assert native.amx_inputs() == "bf16"
+    with native.amx_inputs_set("bf16"):
         apply_native(ServiceConfig(target="tiny-random", amx_inputs="fp32"))
         assert native.amx_inputs() == "fp32"
-    finally:
-        native.set_amx_inputs("fp32")
+        apply_native(ServiceConfig(target="tiny-random"))
+        assert native.amx_inputs() == "bf16"
     # the drafter's weights: `dflash serve --drafter-weights` reaches the config, default auto
     from service.cli import build_parser, config_from_args
     assert ServiceConfig(target="tiny-random").drafter_weights == "auto"

@@ -31,7 +31,14 @@ input is split exactly into three bf16 parts, each code times a part is exact, a
 TDPBF16PS sums 16 rows x 32 weights x 16 outputs at once in fp32, so the product is again
 the same fp32 linear in another summation order, row-invariant, and a block of up to 16
 rows costs little more than one (`amx()`; DFLASH_NATIVE_AMX=0 or `set_amx(False)` keeps
-the FMA forms; `dflash bench --amx-ab` compares the two in one run).
+the FMA forms; `dflash bench --amx-ab` compares the two in one run). The same records can
+take bf16 inputs instead (`set_amx_inputs("bf16")`: formats q4_1xb / q8_0xb): each input is
+rounded to the nearest bf16 and only that one part goes through the tiles, so a row costs a
+third of the tile products. That computes W @ bf16(x), not the fp32 linear: a different
+model by that rounding, still row-invariant, the same in every mode and batch (so greedy
+speculation equals the engine's own decoding with it), and torch's fallback past
+`max_rows` rounds its inputs the same way. That is the default (the commands' and the
+server's `--amx-inputs` too); "fp32" keeps the exact fp32 linear.
 
 It is compiled at first use with the machine's C compiler (`cc`, ~1 s) into
 $DFLASH_CACHE/native/ and loaded with ctypes. `available()` says whether it could be
@@ -274,20 +281,31 @@ def set_amx(flag: bool) -> None:
     _AMX_ON = bool(flag)
 
 
-_AMX_INPUTS = "fp32"   # set_amx_inputs
+_AMX_INPUTS = "bf16"   # set_amx_inputs
 
 
 def set_amx_inputs(kind: str) -> None:
-    """What the AMX linears of models packed from now on take as input: "fp32" (the
-    default: each input split exactly into three bf16 parts, so the product is the fp32
-    linear over the model's weights) or "bf16" (each input rounded to the nearest bf16
-    first, one part: a third of the tile products, so a verify block's or a prefill's
-    extra rows cost less; the model then computes W @ bf16(x) at every quantised linear,
-    a different model by that rounding, the same in every mode and batch). ValueError else."""
+    """What the AMX linears of models packed from now on take as input: "bf16" (the
+    default: each input rounded to the nearest bf16 first, one part: a third of the tile
+    products, so a verify block's or a prefill's extra rows cost less; the model then
+    computes W @ bf16(x) at every quantised linear, a different model by that rounding, the
+    same in every mode and batch) or "fp32" (each input split exactly into three bf16
+    parts, so the product is the fp32 linear over the model's weights). ValueError else."""
     global _AMX_INPUTS
     if kind not in AMX_INPUTS:
         raise ValueError(f"amx inputs must be one of {', '.join(AMX_INPUTS)}, got {kind!r}")
     _AMX_INPUTS = kind
+
+
+@contextlib.contextmanager
+def amx_inputs_set(kind: str):
+    """Within: set_amx_inputs(kind) (models packed within take those forms); restored after."""
+    saved = _AMX_INPUTS
+    set_amx_inputs(kind)
+    try:
+        yield kind
+    finally:
+        set_amx_inputs(saved)
 
 
 def amx_inputs() -> str:
