@@ -67,7 +67,7 @@ class ServiceConfig:
     # what those AMX linears take as input: "bf16" (each input rounded to bf16 first: a third
     # of the tile products, so verify blocks and prefills cost less; the target then computes
     # W @ bf16(x) at its quantised linears, in every mode alike, so speculation stays lossless
-    # against it; default target: 99.6% of next tokens as the exact fp32 model's, KL 7e-5,
+    # against it; default target: 99.7% of next tokens as the exact fp32 model's, KL 7e-5,
     # docs/BENCHMARKS.md) or "fp32" (exact: the same fp32 linear). No effect without AMX.
     amx_inputs: str = "bf16"
     # admission and limits
