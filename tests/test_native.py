@@ -460,6 +460,34 @@ def test_bench_kernel_source_ab_runs_both_builds_and_refuses_a_missing_file(tmp_
         assert bad.returncode == 2 and len(lines) == 1 and "--kernel-source-ab" in lines[0], bad.stderr
 
 
+def test_bench_amx_inputs_ab_reports_both_kinds_and_refuses_without_amx_linears():
+    """`dflash bench --amx-inputs-ab` on the default target (its GGUF codes on AMX tiles):
+    every measurement with both kinds, greedy DFlash equal to plain decoding in each, and
+    the two models' next-token agreement; an engine without AMX linears (the native kernel
+    off) is refused in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    dflash = str(Path(sys.executable).with_name("dflash"))
+    base = [dflash, "bench", "--num-prompts", "1", "--max-new-tokens", "8", "--block-sizes", "4", "--threads", "1",
+            "--amx-inputs-ab"]
+    bad = subprocess.run(base + ["--target", "tiny-random", "--drafter", "random", "--dtype", "float32", "--no-native"],
+                         capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--amx-inputs-ab" in lines[0], bad.stderr
+    if not native.amx():
+        return
+    out = subprocess.run(base + ["--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["native_linears"]["amx_inputs"] == "bf16" and set(s["native_linears"]["formats"]) == {"q4_1xb", "q8_0xb"}
+    other = s["amx_inputs_fp32"]
+    assert s["greedy_outputs_identical"] and other["by_block_size"]["4"]["greedy_outputs_identical"]
+    ag = other["next_token_agreement"]
+    assert ag["positions"] == 8 and 0.5 <= ag["argmax_agreement"] <= 1 and 0 <= ag["mean_kl"] < 0.01
+
+
 def test_more_rows_than_max_rows_take_torch_linear():
     """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
     up to it, the kernel (row-invariant, close to F.linear)."""
