@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .config import PLACEMENTS, ServiceConfig
+from .config import AMX_INPUTS, PLACEMENTS, ServiceConfig
 
 
 from dflash_core.clitools import DRAFTER_WEIGHTS_HELP, CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--native-amx", choices=("on", "off"), default="on" if d["native_amx"].default else "off",
                     help="on CPUs with AMX-BF16: the native fp32 kernel's 4-bit / 8-bit linears on AMX tiles "
                          "(same output; off: its AVX-512 FMA form)")
-    ap.add_argument("--amx-inputs", choices=("fp32", "bf16"), default=d["amx_inputs"].default,
+    ap.add_argument("--amx-inputs", choices=AMX_INPUTS, default=d["amx_inputs"].default,
                     help="what those AMX linears take: bf16 (the default: each input rounded to bf16 first, "
                          "faster verify blocks and prefills; the target computes with those rounded inputs in "
                          "every mode, so speculation stays lossless) or fp32 (exact: the fp32 model)")

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from dflash_core.engine import (DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE,  # noqa: F401
                                 auto_block_size_schedule, check_draft_threshold, parse_block_size_schedule)
+from dflash_core.native import AMX_INPUTS
 
 PLACEMENTS = ("colocated", "disaggregated")
 
@@ -185,7 +186,7 @@ class ServiceConfig:
             raise ValueError(f"draft_lookup must be true or false, got {self.draft_lookup!r}")
         if not isinstance(self.native_amx, bool):
             raise ValueError(f"native_amx must be true or false, got {self.native_amx!r}")
-        if self.amx_inputs not in ("fp32", "bf16"):
+        if self.amx_inputs not in AMX_INPUTS:
             raise ValueError(f"amx_inputs must be fp32 or bf16, got {self.amx_inputs!r}")
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1

@@ -52,6 +52,17 @@ def amx_input_kind(request):
         yield request.param
 
 
+@contextlib.contextmanager
+def one_thread():
+    """Within: torch (and the native kernel, which reads torch's count) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def q8_0_weight(N, K, seed=0):
     """Weights as the GGUF converter hands them over: fp16 scale per 32, int8 codes."""
     g = torch.Generator().manual_seed(seed)
@@ -114,12 +125,8 @@ def test_kernel_matches_float64_and_is_row_invariant(make, linear_forms):
     full = lin(x)
     assert full.shape == (2, 7, N)
     assert torch.equal(lin(x.transpose(0, 1)).transpose(0, 1), full)   # non-contiguous input
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with one_thread():
         one = lin(x)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, full)     # thread count does not change a bit
 
 
@@ -179,12 +186,8 @@ def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
         assert amx_lin.native_format.endswith("x") and not fma_lin.native_format.endswith("x")
         x = torch.randn(40, 160, generator=g)
         y = amx_lin(x)
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
+        with one_thread():
             assert torch.equal(amx_lin(x), y)
-        finally:
-            torch.set_num_threads(threads)
         for rows in ((0, 1), (1, 3), (5, 12), (20, 28), (3, 19), (16, 33), (31, 40)):   # 1-8 rows: accumulators in registers
             assert torch.equal(amx_lin(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
         torch.testing.assert_close(y, fma_lin(x), rtol=1e-5, atol=1e-5)
@@ -211,12 +214,8 @@ def test_amx_bf16_inputs_are_the_exact_linear_of_the_rounded_inputs():
         torch.testing.assert_close(y.double(), xr.double() @ w.double().t(), rtol=2e-6, atol=1e-5)
         for rows in ((0, 1), (1, 3), (5, 12), (3, 19), (16, 33), (31, 40)):
             assert torch.equal(rounded(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
+        with one_thread():
             assert torch.equal(rounded(x), y)
-        finally:
-            torch.set_num_threads(threads)
     w = torch.zeros(16, 32)
     w[:, 0] = 127.0                   # the block's scale comes out as exactly 1
     w[:, 1] = 1.0                     # y[:, 0] = x[:, 1] (x[:, 0] = 0)
@@ -653,13 +652,9 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms, 
     alone = t(new[1:2], cache, torch.tensor([1]), torch.tensor([9]))[0]                # one row of three
     assert torch.equal(alone, steps[1:2])
     # the thread count changes no bit of a layer either
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with one_thread():
         cache = prefilled()
         assert torch.equal(t(new[1:2], cache, torch.tensor([1]), torch.tensor([9]))[0], alone)
-    finally:
-        torch.set_num_threads(threads)
 
     a = t.layers[1].self_attn
     fn = a._o_fn
@@ -761,12 +756,8 @@ def test_native_drafter_style_block_is_the_same_for_any_share_of_its_tokens():
     full = run()
     for lo, n in ((1, 18), (3, 5), (18, 1)):
         assert torch.equal(run((lo, n))[:, lo:lo + n], full[:, lo:lo + n]), (lo, n)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with one_thread():
         assert torch.equal(run(), full)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_a_whole_prefill_chunk_stays_native_in_the_avx512_build():

@@ -284,6 +284,13 @@ def set_amx(flag: bool) -> None:
 _AMX_INPUTS = "bf16"   # set_amx_inputs
 
 
+def check_amx_inputs(kind) -> str:
+    """kind if it is one of AMX_INPUTS, else ValueError naming them."""
+    if kind not in AMX_INPUTS:
+        raise ValueError(f"amx inputs must be one of {', '.join(AMX_INPUTS)}, got {kind!r}")
+    return kind
+
+
 def set_amx_inputs(kind: str) -> None:
     """What the AMX linears of models packed from now on take as input: "bf16" (the
     default: each input rounded to the nearest bf16 first, one part: a third of the tile
@@ -292,9 +299,7 @@ def set_amx_inputs(kind: str) -> None:
     same in every mode and batch) or "fp32" (each input split exactly into three bf16
     parts, so the product is the fp32 linear over the model's weights). ValueError else."""
     global _AMX_INPUTS
-    if kind not in AMX_INPUTS:
-        raise ValueError(f"amx inputs must be one of {', '.join(AMX_INPUTS)}, got {kind!r}")
-    _AMX_INPUTS = kind
+    _AMX_INPUTS = check_amx_inputs(kind)
 
 
 @contextlib.contextmanager
@@ -509,9 +514,7 @@ def to_amx(fmt: str, packed: torch.Tensor, N: int, inputs: str = "fp32"):
     """A q4_1 / q8_0 packing -> its AMX form (q4_1x / q8_0x, dflash_amx.c's records
     [N/16, K/32, 384 or 576] uint8): the same weights, tiled for AMX; inputs="bf16": the
     same records as q4_1xb / q8_0xb (each input rounded to bf16: set_amx_inputs)."""
-    if inputs not in AMX_INPUTS:
-        raise ValueError(f"amx inputs must be one of {', '.join(AMX_INPUTS)}, got {inputs!r}")
-    if inputs == "bf16" and fmt in AMX_FORMATS:
+    if check_amx_inputs(inputs) == "bf16" and fmt in AMX_FORMATS:
         return AMX_BF16_FORMATS[fmt], to_amx(fmt, packed, N)[1]
     if fmt == "q8_0":
         d, q = _untiled(packed, N, (4, 32))

@@ -145,6 +145,12 @@ static void round_rows(const float *x, long m0, long m1, long K, uint16_t *xs, f
     }
 }
 
+/* input rows [m0, m1) -> the bf16 parts the tiles read: three exact ones, or one rounded */
+static void prepare_rows(int parts, const float *x, long m0, long m1, long M, long K, uint16_t *xs, float *sx) {
+    if (parts == 1) round_rows(x, m0, m1, K, xs, sx);
+    else split_rows(x, m0, m1, M, K, xs, sx);
+}
+
 static inline __attribute__((always_inline)) void epilogue(const float *cbuf, int rows, long m0, const uint8_t *rec,
                                                            int q4, const float *sx, long B, long b, float *acc) {
     const __m512 dv = _mm512_loadu_ps((const float *)rec);
@@ -296,14 +302,12 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
     /* the input split: in this thread for a few rows (a barrier between the two phases
      * costs more than the split under a passive wait policy), else over the threads */
     if (M <= 64 || nthreads == 1) {
-        if (parts == 1) round_rows(x, 0, M, K, xs, sx);
-        else split_rows(x, 0, M, M, K, xs, sx);
+        prepare_rows(parts, x, 0, M, M, K, xs, sx);
     } else {
 #pragma omp parallel num_threads(nthreads)
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            if (parts == 1) round_rows(x, M * t / nt, M * (t + 1) / nt, K, xs, sx);
-            else split_rows(x, M * t / nt, M * (t + 1) / nt, M, K, xs, sx);
+            prepare_rows(parts, x, M * t / nt, M * (t + 1) / nt, M, K, xs, sx);
         }
     }
 #pragma omp parallel num_threads(nthreads)
