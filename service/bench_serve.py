@@ -34,6 +34,7 @@ import httpx
 
 from dflash_core.autoschedule import pick_schedule   # the one rule, shared with the measured schedule
 from dflash_core.engine import format_block_size_schedule
+from dflash_core.native import AMX_INPUTS
 from dflash_core.stats import on_off, percentile, rep_order
 
 from .local import free_port
@@ -207,8 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(t not in (None, "on", "off") for t in lookups):
         ap.error("--draft-lookups takes on and off")
     amxs = [t.strip() for t in a.amx_inputs.split(",")] if a.amx_inputs else [None]
-    if any(t not in (None, "bf16", "fp32") for t in amxs):
-        ap.error("--amx-inputs takes bf16 and fp32")
+    if any(t is not None and t not in AMX_INPUTS for t in amxs):
+        ap.error(f"--amx-inputs takes {' and '.join(AMX_INPUTS)}")
     envs: list[dict | None] = [None]
     if a.server_envs:
         envs = []
