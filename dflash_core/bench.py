@@ -21,6 +21,9 @@ machine noise hits both alike. Optional extras:
   --amx-inputs-ab every measurement above also with the AMX linears taking the other input
                   (bf16 where they take fp32, and back: --amx-inputs), back to back (the
                   verify cost alternating forward by forward)
+  --kv-cache-ab   every measurement above also with the target's KV cache in the other dtype
+                  (bf16 where it is fp32, and back: --kv-cache-dtype), back to back, and the
+                  next-token agreement of the two
   --layers-ab     every measurement above also with the native decoder layers off (the
                   torch ops around the same native linears), alternating likewise
   --kernel-source-ab FILE  every measurement above also with the native decoder layers
@@ -90,6 +93,9 @@ def _parser():
     ap.add_argument("--amx-inputs-ab", action="store_true",
                     help="also measure everything with the AMX linears taking the other input (bf16 where they "
                          "take fp32 and back, --amx-inputs): the same weights, back to back")
+    ap.add_argument("--kv-cache-ab", action="store_true",
+                    help="also measure everything with the target's KV cache in the other dtype (bfloat16 where "
+                         "it is float32 and back): back to back, and the next-token agreement of the two")
     ap.add_argument("--layers-ab", action="store_true",
                     help="also measure everything with the native decoder layers off (torch's ops around the same "
                          "native linears)")
@@ -263,10 +269,11 @@ def next_token_agreement(engine, prompts, responses, variant, reference_is_varia
     `variant` (q) -> {positions, argmax_agreement: the share of positions whose argmax
     agree, mean_kl: mean KL(p || q) in nats, KL(q || p) with reference_is_variant}. Runs
     in slot 0 of the engine's cache (an idle engine's: its length is reset after)."""
-    target, cache = engine.target, engine.cache
+    target, loaded = engine.target, engine.cache
     slot, agree, kl, n = torch.tensor([0]), 0, 0.0, 0
 
     def logits(seq, P):
+        cache = engine.cache   # (a variant may swap the cache: kv_cache_set)
         cache.set_len(0, 0)
         h, _ = target(seq, cache, slot, torch.tensor([0]), [])
         return target.logits(h[0, P - 1:-1]).float()
@@ -285,7 +292,7 @@ def next_token_agreement(engine, prompts, responses, variant, reference_is_varia
             kl += float((la.exp() * (la - lb)).sum())
             n += a.shape[0]
     finally:
-        cache.set_len(0, 0)
+        loaded.set_len(0, 0)
     return {"positions": n, "argmax_agreement": round(agree / max(n, 1), 5), "mean_kl": float(f"{kl / max(n, 1):.3e}")}
 
 
@@ -306,6 +313,26 @@ def amx_off(engine, swaps):
         finally:
             for m, nl in saved:
                 m._native_layers = nl
+
+
+@contextlib.contextmanager
+def kv_cache_set(engine, dtype: torch.dtype, keep: dict):
+    """Within: the engine's target KV cache is one of `dtype` (made once and kept in `keep`,
+    the same shape), then the one it had. Between requests only (an idle engine: no row
+    holds a slot). Yields 1."""
+    from .models.kv_cache import KVCache
+    if engine.num_running or engine.num_waiting:
+        raise RuntimeError("kv_cache_set swaps the cache of an idle engine only")
+    was = engine.cache
+    if dtype not in keep:
+        c = engine.target.config
+        keep[dtype] = KVCache(c.num_layers, was.max_slots, was.capacity, c.num_kv_heads, c.head_dim, dtype,
+                              engine.target.device)
+    engine.cache = engine.scheduler.cache = keep[dtype]
+    try:
+        yield 1
+    finally:
+        engine.cache = engine.scheduler.cache = was
 
 
 @contextlib.contextmanager
@@ -584,7 +611,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         raise CliError(f"dflash bench: {e}")
     engine, tok = build_engine(args.target, args.drafter, EngineConfig(
-        max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes)),
+        max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes),
+        kv_cache_dtype=args.kv_cache_dtype),
         device=args.device, dtype=dtype, drafter_weights=args.drafter_weights)
     if args.dataset == "bench":
         texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
@@ -604,7 +632,7 @@ def main(argv=None) -> int:
                "drafter_weights": resolve_drafter_weights(args.drafter_weights, args.device, dtype),
                "dtype": dtype_name(dtype), "dataset": args.dataset,
                "temperature": args.temperature, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-               "threads": torch.get_num_threads()}
+               "threads": torch.get_num_threads(), "kv_cache_dtype": dtype_name(engine.cache.k_all.dtype)}
     # each A/B mode: (summary key, label, context manager factory yielding the count swapped)
     off_modes = []
     if args.prepack_ab:
@@ -643,6 +671,14 @@ def main(argv=None) -> int:
                            + (native.reason() or "they need a CPU with AMX-BF16 and the native fp32 path") + ")")
         off_modes.append((f"amx_inputs_{other_inputs}", f"AMX linears taking {other_inputs}",
                           lambda: amx_off(engine, iswaps)))
+    kv_other = None
+    if args.kv_cache_ab:
+        kv_other = torch.float32 if engine.cache.k_all.dtype == torch.bfloat16 else torch.bfloat16
+        if kv_other == torch.float32 and engine.target.dtype != torch.float32:
+            raise CliError("dflash bench: --kv-cache-ab compares a float32 cache with a bfloat16 one: use --dtype float32")
+        kv_keep: dict = {}
+        off_modes.append((f"kv_cache_{dtype_name(kv_other)}", f"KV cache {dtype_name(kv_other)}",
+                          lambda: kv_cache_set(engine, kv_other, kv_keep)))
     if args.drafter_weights_ab:
         if engine.drafting is None or not hasattr(engine.drafting.backend, "drafter"):
             raise CliError("dflash bench: --drafter-weights-ab needs a drafter")
@@ -678,7 +714,7 @@ def main(argv=None) -> int:
             off_modes.append((f"{field}_{other}", f"{field.replace('_', ' ')} {other}",
                               lambda field=field, other=other: _switch_set(engine, field, other == "on")))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
-    plain_outputs: list[list[int]] = []   # --amx-inputs-ab: the responses next_token_agreement reads
+    plain_outputs: list[list[int]] = []   # --amx-inputs-ab / --kv-cache-ab: the responses next_token_agreement reads
     by_threshold: dict[str, dict] = {}
     for b in block_sizes:
         engine.config.block_size = b   # verified block size of this run (<= the engine's capacity)
@@ -687,7 +723,7 @@ def main(argv=None) -> int:
             if len(thresholds) > 1:
                 print(f"draft threshold {thr:g}", file=out)
             r = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out,
-                              plain_outputs if args.amx_inputs_ab and not plain_outputs else None)
+                              plain_outputs if (args.amx_inputs_ab or args.kv_cache_ab) and not plain_outputs else None)
             by_threshold.setdefault(f"{thr:g}", {})[str(b)] = r
             runs.setdefault(b, r)   # the first threshold's run stands for the block size
         engine.config.draft_threshold = thresholds[0]
@@ -705,6 +741,13 @@ def main(argv=None) -> int:
         print(f"next-token agreement of bf16 and fp32 inputs over {ag['positions']} response positions: "
               f"argmax {ag['argmax_agreement']:.4f}, mean KL(fp32 || bf16) {ag['mean_kl']:.2e}", file=out)
         summary[f"amx_inputs_{other_inputs}"]["next_token_agreement"] = ag
+    if args.kv_cache_ab:   # how far the two caches' models are apart, on the plain responses
+        fp32_loaded = engine.cache.k_all.dtype == torch.float32
+        ag = next_token_agreement(engine, prompts, plain_outputs, lambda: kv_cache_set(engine, kv_other, kv_keep),
+                                  reference_is_variant=not fp32_loaded)
+        print(f"next-token agreement of a bf16 and an fp32 KV cache over {ag['positions']} response positions: "
+              f"argmax {ag['argmax_agreement']:.4f}, mean KL(fp32 || bf16) {ag['mean_kl']:.2e}", file=out)
+        summary[f"kv_cache_{dtype_name(kv_other)}"]["next_token_agreement"] = ag
     first = runs[block_sizes[0]]
     summary.update(block_size=block_sizes[0], **first)
     if len(block_sizes) > 1:

@@ -49,7 +49,8 @@ def cmd_generate(argv) -> int:
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed,
                                 speculative=not args.no_draft)
         cfg = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len, block_size=1 if args.no_draft else args.block_size,
-                           draft_tree=args.draft_tree == "on", draft_lookup=args.draft_lookup == "on")
+                           draft_tree=args.draft_tree == "on", draft_lookup=args.draft_lookup == "on",
+                           kv_cache_dtype=args.kv_cache_dtype)
     except ValueError as e:
         raise CliError(f"dflash generate: {e}")
     if not args.prompt:

@@ -7,6 +7,11 @@ import argparse
 from .chat import encode_prompt  # noqa: F401  (the CLI commands encode prompts through it)
 
 
+KV_CACHE_HELP = ("what the target's KV cache stores: float32, bfloat16 (each K / V value rounded to the "
+                 "nearest bf16 as it is written: half the bytes a step reads from the cache, the same "
+                 "rounding in every mode), or auto (the model's dtype)")
+
+
 class CliError(Exception):
     """A user-facing error: printed as one line."""
 
@@ -114,6 +119,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "defau
                     help="on CPUs with AMX-BF16: what the native kernel's 4-bit / 8-bit AMX linears take, "
                          "bf16 (the default: each input rounded to bf16 first, faster verify blocks and "
                          "prefills, the same rounding in every mode) or fp32 (exact: the fp32 model)")
+    from .runtime import KV_CACHE_DTYPES
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_HELP)
 
 
 def apply_runtime_args(prog: str, args: argparse.Namespace):

@@ -40,6 +40,7 @@ import torch
 
 from . import lookup
 from . import runtime
+from .runtime import KV_CACHE_DTYPES
 from . import speculative as spec
 from . import tree
 from .models.decoder import Decoder
@@ -121,6 +122,27 @@ def check_draft_threshold(value) -> float:
     return float(value)
 
 
+def check_kv_cache_dtype(value) -> str:
+    """A KV-cache dtype name (EngineConfig.kv_cache_dtype), or a ValueError naming the choices."""
+    if value not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {value!r}")
+    return value
+
+
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The dtype a target's KV cache stores: "auto" -> the model's own dtype; "bfloat16" under
+    an fp32 or bf16 model; "float32" under an fp32 model only (a 16-bit model's K / V are
+    16-bit already), else ValueError."""
+    name = check_kv_cache_dtype(name)
+    if name == "auto":
+        return model_dtype
+    dtype = getattr(torch, name)
+    if dtype == torch.float32 and model_dtype != torch.float32:
+        raise ValueError(f"kv_cache_dtype float32 needs a float32 model (this one runs "
+                         f"{str(model_dtype).replace('torch.', '')})")
+    return dtype
+
+
 def auto_block_size_schedule(dtype) -> list[tuple[int, int]]:
     """The "auto" schedule for the dtype the engine runs in (a torch.dtype or its name)."""
     name = str(dtype).replace("torch.", "")
@@ -174,6 +196,11 @@ class EngineConfig:
     # tree.merged_nodes; sampling: off its chain of sampled drafts, tree.sampling_nodes);
     # only where trees run
     draft_lookup: bool = True
+    # what the target's KV cache stores (KV_CACHE_DTYPES): "float32", "bfloat16" (each K / V
+    # value rounded to the nearest bf16 as it is written: half the bytes a step reads from the
+    # cache, which at many rows and long contexts is most of what a decode step reads), or
+    # "auto" (resolve_kv_cache_dtype)
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -186,6 +213,7 @@ class EngineConfig:
             raise ValueError("max_prefill_tokens must be >= 1")
         self.draft_threshold = check_draft_threshold(self.draft_threshold)
         self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
+        self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
         self.capture_layers = tuple(int(i) for i in self.capture_layers)
         if any(i < 0 for i in self.capture_layers):
             raise ValueError("capture_layers must be >= 0")
@@ -211,7 +239,8 @@ class SpecEngine:
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
         self.vocab_size = target.config.vocab_size
         self.capacity = self.config.max_seq_len + max(self.drafter_block_size, self.config.block_size) + 1
-        self.cache = target.new_cache(self.config.max_slots, self.capacity)
+        self.cache = target.new_cache(self.config.max_slots, self.capacity,
+                                      resolve_kv_cache_dtype(self.config.kv_cache_dtype, target.dtype))
         self.scheduler = Scheduler(self.config, self.cache, self.drafter_block_size)
         self._ids: set[str] = set()
         self._aborted: list[RequestOutput] = []

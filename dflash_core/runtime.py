@@ -55,6 +55,10 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
+# what a target's KV cache may store (EngineConfig.kv_cache_dtype, --kv-cache-dtype): the
+# model's dtype ("auto"), fp32, or bf16 (each K / V value rounded to the nearest bf16)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16")
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("DFLASH_CACHE", Path.home() / ".cache" / "dflash-serve"))

@@ -329,7 +329,9 @@ def build_app(server: Server) -> FastAPI:
                 "block_size_schedule": format_block_size_schedule(server.engine.config.block_size_schedule),
                 "draft_tree": server.engine.draft_trees,   # requests verify draft trees (tree.py)
                 "draft_lookup": server.engine.draft_lookups,   # trees carry lookup branches (lookup.py)
-                "linears": linear_kind(server.engine.target)}
+                "linears": linear_kind(server.engine.target),
+                # what the target's KV cache stores (--kv-cache-dtype, resolved)
+                "kv_cache_dtype": str(server.engine.cache.k_all.dtype).replace("torch.", "")}
         if server.metrics.replica_id:   # under Ray Serve: which replica answered, on which node
             body["replica"], body["node"] = server.metrics.replica_id, server.node_id
         backend = server.engine.draft_backend

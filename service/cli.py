@@ -22,7 +22,8 @@ from pathlib import Path
 from .config import AMX_INPUTS, PLACEMENTS, ServiceConfig
 
 
-from dflash_core.clitools import DRAFTER_WEIGHTS_HELP, CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
+from dflash_core.clitools import DRAFTER_WEIGHTS_HELP, KV_CACHE_HELP, CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
+from dflash_core.runtime import KV_CACHE_DTYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="what those AMX linears take: bf16 (the default: each input rounded to bf16 first, "
                          "faster verify blocks and prefills; the target computes with those rounded inputs in "
                          "every mode, so speculation stays lossless) or fp32 (exact: the fp32 model)")
+    ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d["kv_cache_dtype"].default,
+                    help=KV_CACHE_HELP)
     ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)
     ap.add_argument("--request-timeout-s", type=float, default=d["request_timeout_s"].default)
     ap.add_argument("--max-tokens-limit", type=int, default=None)
@@ -90,7 +93,7 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
               threads=a.threads, omp_wait_policy=a.omp_wait_policy, draft_threshold=a.draft_threshold,
               draft_tree=a.draft_tree == "on", draft_lookup=a.draft_lookup == "on",
-              native_amx=a.native_amx == "on", amx_inputs=a.amx_inputs)
+              native_amx=a.native_amx == "on", amx_inputs=a.amx_inputs, kv_cache_dtype=a.kv_cache_dtype)
     if a.block_size_schedule is not None:   # ServiceConfig parses it ("auto", "none", pairs)
         kw["block_size_schedule"] = a.block_size_schedule
     return ServiceConfig(**kw)

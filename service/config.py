@@ -10,7 +10,8 @@ import os
 from dataclasses import dataclass
 
 from dflash_core.engine import (DEFAULT_BLOCK_SIZE_SCHEDULE, FP32_BLOCK_SIZE_SCHEDULE,  # noqa: F401
-                                auto_block_size_schedule, check_draft_threshold, parse_block_size_schedule)
+                                auto_block_size_schedule, check_draft_threshold, check_kv_cache_dtype,
+                                parse_block_size_schedule)
 from dflash_core.native import AMX_INPUTS
 
 PLACEMENTS = ("colocated", "disaggregated")
@@ -71,6 +72,10 @@ class ServiceConfig:
     # against it; default target: 99.7% of next tokens as the exact fp32 model's, KL 7e-5,
     # docs/BENCHMARKS.md) or "fp32" (exact: the same fp32 linear). No effect without AMX.
     amx_inputs: str = "bf16"
+    # what the target's KV cache stores (dflash_core.engine.resolve_kv_cache_dtype): "auto",
+    # "float32", or "bfloat16" (each K / V value rounded to the nearest bf16 as it is written,
+    # in every mode alike: half the bytes a step reads from the cache and half its memory)
+    kv_cache_dtype: str = "auto"
     # admission and limits
     max_queue: int = 64  # waiting requests beyond the running slots; more get 429
     retry_after_s: int = 1
@@ -188,6 +193,7 @@ class ServiceConfig:
             raise ValueError(f"native_amx must be true or false, got {self.native_amx!r}")
         if self.amx_inputs not in AMX_INPUTS:
             raise ValueError(f"amx_inputs must be fp32 or bf16, got {self.amx_inputs!r}")
+        self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
         if self.max_prompt_tokens is None:
             self.max_prompt_tokens = self.max_seq_len - 1
         if not 1 <= self.max_prompt_tokens < self.max_seq_len:

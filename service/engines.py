@@ -62,7 +62,7 @@ def engine_config(cfg: ServiceConfig) -> EngineConfig:
     return EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
                         block_size_schedule=cfg.resolved_block_size_schedule(),
                         max_prefill_tokens=cfg.max_prefill_tokens, draft_threshold=cfg.draft_threshold,
-                        draft_tree=cfg.draft_tree, draft_lookup=cfg.draft_lookup)
+                        draft_tree=cfg.draft_tree, draft_lookup=cfg.draft_lookup, kv_cache_dtype=cfg.kv_cache_dtype)
 
 
 def apply_native(cfg: ServiceConfig) -> None:

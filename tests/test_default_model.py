@@ -226,6 +226,20 @@ def test_bf16_amx_inputs_greedy_dflash_equals_plain_decoding_on_real_prompts():
         assert sum(r.stats.num_accepted_tokens for r in out) > 0
 
 
+def test_bf16_kv_cache_greedy_dflash_equals_plain_decoding_on_real_prompts():
+    """The default target and drafter with a bf16 KV cache (--kv-cache-dtype bfloat16):
+    greedy DFlash (trees, lookups) at block 6 equals the same engine's plain decoding token
+    for token on real chat prompts, three at once."""
+    engine, tok = build_engine("default", "default", EngineConfig(max_slots=3, max_seq_len=512, block_size=6,
+                                                                  kv_cache_dtype="bfloat16"))
+    assert engine.cache.k_all.dtype == torch.bfloat16
+    prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS]
+    plain = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=64, speculative=False))]
+    out = engine.generate(prompts, SamplingParams(max_new_tokens=64))
+    assert [r.token_ids for r in out] == plain
+    assert sum(r.stats.num_accepted_tokens for r in out) > 0
+
+
 def test_tree_verification_on_the_shipped_drafter_equals_plain_decoding(default, monkeypatch):
     """The default engine verifies trees (where the native layers run the target): on real
     prompts the shipped drafter's runners-up get accepted (paths off its argmax chain, their

@@ -146,6 +146,31 @@ def test_drafts_to_verify_reads_the_running_product_of_confidences():
             EngineConfig(draft_threshold=bad)
 
 
+def test_kv_cache_dtype_is_checked_resolved_and_builds_the_cache():
+    """EngineConfig.kv_cache_dtype: "auto" keeps the model's dtype, "bfloat16" stores the
+    target's K / V in bf16 under an fp32 or a bf16 model, "float32" needs an fp32 model;
+    anything else is refused naming the choices. The drafter's own cache is not touched."""
+    from dflash_core.engine import resolve_kv_cache_dtype
+    assert EngineConfig().kv_cache_dtype == "auto"
+    for bad in ("bf16", "fp32", None, torch.bfloat16, "half"):
+        with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16"):
+            EngineConfig(kv_cache_dtype=bad)
+    assert resolve_kv_cache_dtype("auto", torch.float32) == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
+    assert resolve_kv_cache_dtype("bfloat16", torch.float32) == torch.bfloat16
+    assert resolve_kv_cache_dtype("float32", torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="kv_cache_dtype float32 needs a float32 model"):
+        resolve_kv_cache_dtype("float32", torch.bfloat16)
+    target = tiny_random_target()
+    for kv, want in (("auto", torch.float32), ("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        e = SpecEngine(target, None, EngineConfig(max_slots=2, max_seq_len=64, kv_cache_dtype=kv))
+        assert e.cache.k_all.dtype == want and e.cache.v_all.dtype == want, kv
+        out = e.generate([[5, 6, 7]], SamplingParams(max_new_tokens=4, ignore_eos=True))
+        assert len(out[0].token_ids) == 4 and e.cache.num_free == 2   # it decodes, and frees the slot
+    with pytest.raises(ValueError, match="float32 needs a float32 model"):
+        SpecEngine(tiny_random_target().to(torch.bfloat16), None, EngineConfig(kv_cache_dtype="float32"))
+
+
 def _cycling_caps(monkeypatch, period: int):
     """drafts_to_verify replaced by a cycle 0, 1, .., period-1 over the rows of every call
     (it reads nothing of the target, like the real one): every cap occurs beside every

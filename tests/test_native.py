@@ -487,6 +487,34 @@ def test_bench_amx_inputs_ab_reports_both_kinds_and_refuses_without_amx_linears(
     assert ag["positions"] == 8 and 0.5 <= ag["argmax_agreement"] <= 1 and 0 <= ag["mean_kl"] < 0.01
 
 
+def test_bench_kv_cache_ab_runs_both_caches_and_reports_their_agreement():
+    """`dflash bench --kv-cache-ab`: every measurement again with the target's KV cache in the
+    other dtype (back to back), greedy DFlash equal to plain decoding with each, and the two
+    models' next-token agreement, read with the swapped cache (KL above 0: the bf16 cache's
+    rounding reaches the logits); the batched throughput too. A bf16 model has no fp32 cache
+    to compare: refused in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    dflash = str(Path(sys.executable).with_name("dflash"))
+    base = [dflash, "bench", "--target", "tiny-random", "--drafter", "random", "--num-prompts", "2",
+            "--max-new-tokens", "12", "--block-sizes", "4", "--threads", "1", "--kv-cache-ab"]
+    bad = subprocess.run(base + ["--dtype", "bfloat16"], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--kv-cache-ab" in lines[0] and "float32" in lines[0], bad.stderr
+    out = subprocess.run(base + ["--dtype", "float32", "--batch-sizes", "2", "--json"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["kv_cache_dtype"] == "float32"
+    other = s["kv_cache_bfloat16"]
+    assert s["greedy_outputs_identical"] and other["by_block_size"]["4"]["greedy_outputs_identical"]
+    assert other["batched_ar_tokens_per_s"]["2"] > 0 and s["batched_ar_tokens_per_s"]["2"] > 0
+    ag = other["next_token_agreement"]
+    assert ag["positions"] == 24 and 0.5 <= ag["argmax_agreement"] <= 1 and 0 < ag["mean_kl"] < 0.01
+
+
 def test_more_rows_than_max_rows_take_torch_linear():
     """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
     up to it, the kernel (row-invariant, close to F.linear)."""
@@ -731,6 +759,119 @@ def test_native_attention_is_row_invariant_across_runs_pairs_and_trees(heads, kv
         torch.testing.assert_close(t(new, cache, slots, torch.full((2,), 13))[0], steps, rtol=1e-4, atol=1e-4)
     finally:
         nl.enabled = True
+
+
+def test_bf16_kv_cache_stores_rounded_values_and_stays_row_invariant():
+    """A bf16 KV cache (EngineConfig.kv_cache_dtype) under the fp32 native layers: each K / V
+    value is stored as torch rounds it to bf16 (layer 0's inputs do not depend on attention,
+    so its entries are exactly the fp32 cache's, rounded), and every token reads the rounded
+    values: one at a time, in blocks, as a tree and with 1 or 7 threads give the same bits,
+    the torch layers over the same cache give them to summation order, and the model differs
+    from the fp32 cache's by that rounding only (close, not equal)."""
+    t = _variant_target("fp32", num_heads=6, num_kv_heads=2, head_dim=64, qk_norm=True, family="qwen3")
+    nl = t._native_layers
+    assert nl is not None
+    V = t.config.vocab_size
+    g = torch.Generator().manual_seed(11)
+    prompt = torch.randint(0, V, (2, 13), generator=g)
+    new = torch.randint(0, V, (2, 20), generator=g)
+    slots = torch.tensor([1, 0])
+
+    def prefilled(dtype=torch.bfloat16):
+        cache = t.new_cache(2, 40, dtype)
+        t(prompt, cache, slots, torch.tensor([0, 0]))
+        return cache
+
+    def one_at_a_time(cache):
+        return torch.cat([t(new[:, i:i + 1], cache, slots, torch.full((2,), 13 + i))[0] for i in range(20)], 1)
+
+    cache, ref = prefilled(), prefilled(torch.float32)
+    assert cache.k_all.dtype == torch.bfloat16 and cache.k_all.element_size() == 2
+    steps, ref_steps = one_at_a_time(cache), one_at_a_time(ref)
+    for kind in ("k", "v"):   # layer 0: the fp32 cache's values, rounded to the nearest bf16
+        want = getattr(ref, kind)[0][:, :, :33].bfloat16()
+        assert torch.equal(getattr(cache, kind)[0][:, :, :33], want), kind
+    assert not torch.equal(cache.k[2][:, :, :33].float(), ref.k[2][:, :, :33])   # (they really are rounded)
+    for T in (7, 20):
+        c = prefilled()
+        got = torch.cat([t(new[:, a:a + T], c, slots, torch.full((2,), 13 + a))[0] for a in range(0, 20, T)], 1)
+        assert torch.equal(got, steps), T
+    chain = torch.zeros(2, 20, 21, dtype=torch.int32)
+    for i in range(20):
+        chain[:, i, 0] = i + 1
+        chain[:, i, 1:i + 2] = torch.arange(i + 1, dtype=torch.int32)
+    c = prefilled()
+    assert torch.equal(t(new, c, slots, torch.full((2,), 13), tree=chain)[0], steps)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 7):
+            torch.set_num_threads(n)
+            c = prefilled()
+            assert torch.equal(t(new, c, slots, torch.full((2,), 13))[0], steps), n
+    finally:
+        torch.set_num_threads(threads)
+    # the torch layers over a bf16 cache read rounded values too: to summation order, which
+    # rounding can turn into one bf16 step (2^-8 relative) of a K / V value near a boundary
+    c = prefilled()
+    nl.enabled = False
+    try:
+        torch.testing.assert_close(t(new, c, slots, torch.full((2,), 13))[0], steps, rtol=1e-2, atol=2e-3)
+    finally:
+        nl.enabled = True
+    assert not torch.equal(steps, ref_steps)
+    torch.testing.assert_close(steps, ref_steps, rtol=0.05, atol=0.05)
+
+
+def test_a_kernel_build_without_bf16_caches_refuses_one(tmp_path):
+    """native.layer_build of a dflash_layer.c from before bf16 caches (no kv_bf16 field) would
+    read their 2-byte values as fp32: a forward over a bf16 cache refuses it with a
+    ValueError and writes nothing, and the same build still serves an fp32 cache."""
+    t = _variant_target()
+    x = torch.randint(0, t.config.vocab_size, (1, 5))
+    src = native.LAYER_SOURCE.read_text()
+    old = tmp_path / "dflash_layer.c"
+    old.write_text(src.replace("kv_bf16", "kv_half"))
+    fns = native.layer_build(old)
+    with native.use_layer_build(fns):
+        cache = t.new_cache(1, 8, torch.bfloat16)
+        with pytest.raises(ValueError, match="fp32 KV caches only"):
+            t(x, cache, torch.tensor([0]), torch.tensor([0]))
+        assert not cache.k_all.any() and not cache.v_all.any()
+        want = t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0]
+    assert torch.equal(t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0], want)
+
+
+def test_bf16_kv_cache_greedy_dflash_equals_autoregressive_bit_for_bit():
+    """The engine with a bf16 target cache (kv_cache_dtype="bfloat16"): greedy DFlash, chains
+    and trees at blocks 4 and 16, batched, equals the same engine's plain decoding token for
+    token; the fp32 cache's engine decodes other tokens somewhere (another model)."""
+    from dflash_core.drafter import DFlashDrafter, LocalDraftBackend
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.sampling import SamplingParams
+    target = _quantised_tiny_target()
+    prompts = [[5, 6, 7], [100, 200, 300, 400, 500, 600, 700], [9], list(range(1000, 1023)), [40, 41] * 9]
+
+    def engine(block_size, kv="bfloat16", trees=True):
+        cfg = EngineConfig(max_slots=6, max_seq_len=200, block_size=block_size, kv_cache_dtype=kv, draft_tree=trees)
+        backend = None
+        if block_size > 1:
+            d = DFlashDrafter.from_target(target.config, num_layers=1, block_size=block_size, mask_token_id=3,
+                                          num_features=2, seed=0).pack_weights()
+            backend = LocalDraftBackend(d, 6, 200 + block_size + 1)
+        return SpecEngine(target, backend, cfg)
+
+    p = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    plain = engine(1)
+    assert plain.cache.k_all.dtype == torch.bfloat16
+    ref = [o.token_ids for o in plain.generate(prompts, p)]
+    assert [plain.generate([q], p)[0].token_ids for q in prompts] == ref      # batch-invariant
+    for b in (4, 16):
+        for trees in (False, True):
+            out = engine(b, trees=trees).generate(prompts, p)
+            assert [o.token_ids for o in out] == ref, (b, trees)
+            assert sum(o.stats.num_draft_tokens for o in out) > 0
+    fp32 = [o.token_ids for o in engine(1, "float32").generate(prompts, p)]
+    assert fp32 != ref
 
 
 def test_native_drafter_style_block_is_the_same_for_any_share_of_its_tokens():

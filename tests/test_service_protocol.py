@@ -162,6 +162,18 @@ def test_config_from_dict_and_schedule():
         assert native.amx_inputs() == "fp32"
         apply_native(ServiceConfig(target="tiny-random"))
         assert native.amx_inputs() == "bf16"
+    # the target's KV cache dtype: auto by default, `--kv-cache-dtype bfloat16` reaches the engine,
+    # others refused
+    assert ServiceConfig(target="tiny-random").kv_cache_dtype == "auto"
+    assert engine_config(ServiceConfig(target="tiny-random")).kv_cache_dtype == "auto"
+    a = _parser().parse_args(["--target", "tiny-random", "--kv-cache-dtype", "bfloat16"])
+    assert engine_config(_from_args(a)).kv_cache_dtype == "bfloat16"
+    for bad in ("bf16", "fp16", None):
+        with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+            ServiceConfig(target="tiny-random", kv_cache_dtype=bad)
+    from dflash_core.clitools import CliError
+    with pytest.raises(CliError, match="--kv-cache-dtype"):
+        _parser().parse_args(["--target", "tiny-random", "--kv-cache-dtype", "bf16"])
     # the drafter's weights: `dflash serve --drafter-weights` reaches the config, default auto
     from service.cli import build_parser, config_from_args
     assert ServiceConfig(target="tiny-random").drafter_weights == "auto"

@@ -145,6 +145,8 @@ class CacheAttentionPlan:
             k, v = k_cache[self.slots, :, :L], v_cache[self.slots, :, :L]
         if self.index is not None:   # queries into their rows of the slot range
             q = q.new_zeros(self.span, H, T, D).index_copy_(0, self.index, q)
+        if k.dtype != q.dtype:   # a bf16 cache under an fp32 model: the rounded values, widened
+            k, v = k.to(q.dtype), v.to(q.dtype)
         N, Hkv = k.shape[0], k.shape[1]
         qg = q.reshape(N, Hkv, self.rep * T, D)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale                 # [N, Hkv, rep*T, L]
@@ -172,9 +174,13 @@ class Decoder(nn.Module):
     def dtype(self):
         return self.embed_tokens.weight.dtype
 
-    def new_cache(self, max_slots: int, capacity: int) -> KVCache:
+    def new_cache(self, max_slots: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
+        """A KV cache for this decoder; dtype: what it stores (None: the model's dtype; bf16
+        under an fp32 model: each K / V value rounded to the nearest bf16 as it is written and
+        read back widened, in the native layers and the torch path alike)."""
         c = self.config
-        return KVCache(c.num_layers, max_slots, capacity, c.num_kv_heads, c.head_dim, self.dtype, self.device)
+        return KVCache(c.num_layers, max_slots, capacity, c.num_kv_heads, c.head_dim, dtype or self.dtype,
+                       self.device)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)

@@ -213,7 +213,8 @@ def layer_build(source) -> tuple:
     lib = ctypes.CDLL(str(path))
     if _AMX:
         lib.dfl_amx_init()
-    return _layer_fns(lib)
+    # a third item: whether its layers read bf16 caches (revisions before kv_bf16 read fp32 only)
+    return _layer_fns(lib) + ("int dfl_layer(" not in text or "kv_bf16" in text,)
 
 
 @contextlib.contextmanager
@@ -627,7 +628,8 @@ class _LayerParams(ctypes.Structure):
                 ("q_norm", ctypes.c_void_p), ("k_norm", ctypes.c_void_p), ("qkv_fmt", ctypes.c_int),
                 ("o_fmt", ctypes.c_int), ("gu_fmt", ctypes.c_int), ("down_fmt", ctypes.c_int),
                 ("qkv_w", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("gu_w", ctypes.c_void_p),
-                ("down_w", ctypes.c_void_p), ("qkv_b", ctypes.c_void_p), ("o_b", ctypes.c_void_p)]
+                ("down_w", ctypes.c_void_p), ("qkv_b", ctypes.c_void_p), ("o_b", ctypes.c_void_p),
+                ("kv_bf16", ctypes.c_int)]
 
 
 def _native_parts(fn):
@@ -676,6 +678,10 @@ def write_context(kv: torch.Tensor, k_norm_weight: torch.Tensor | None, eps: flo
 
 
 TREE_MAX = 64   # block tokens of a tree verify (dflash_layer.c)
+# what a target's KV cache may hold for the native layers: fp32, or bf16 (each K / V value
+# rounded to the nearest bf16 as it is written, read back widened: half the bytes a step
+# reads from the cache; dflash_layer.c)
+KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 class NativeLayers:
@@ -699,6 +705,7 @@ class NativeLayers:
         self._ptrs = [ctypes.addressof(p) for p in params]
         self._built_fns = [f for _, _, f in owners]   # each layer's 4 linears (a tuple): what current() compares
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
+        self._kv_bf16 = 0     # what the structs' kv_bf16 says now (forward sets it from the cache)
         self._local = threading.local()   # each calling thread's scratch, kept between forwards (a fresh one page-faults)
 
     @classmethod
@@ -762,8 +769,15 @@ class NativeLayers:
         as in a full forward); x's other tokens are then not that layer's output.
         tree: int32 [R, T, T + 1] (a tree verify: token t reads the context and then the block
         tokens tree[r, t, 1 .. tree[r, t, 0]], in that order; dflash_layer.c), or None."""
-        layer_fn, work_fn = _LAYER
+        layer_fn, work_fn = _LAYER[:2]
         R, T, _ = x.shape
+        kv_bf16 = int(cache.k[0].dtype == torch.bfloat16)
+        if kv_bf16 and not (len(_LAYER) < 3 or _LAYER[2]):
+            raise ValueError("this build of the native layers (native.layer_build) reads fp32 KV caches only")
+        if kv_bf16 != self._kv_bf16:   # what the caches hold: every layer's struct says it
+            for p in self._params:
+                p.kv_bf16 = kv_bf16
+            self._kv_bf16 = kv_bf16
         slots = slots.to("cpu", torch.int64).contiguous()
         starts = starts.to("cpu", torch.int64).contiguous()
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
@@ -785,8 +799,9 @@ class NativeLayers:
         got = {}
         for i in range(last + 1):
             k, v = cache.k[i], cache.v[i]
-            if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
-                raise ValueError("the native layers need a contiguous fp32 KV cache")
+            if k.dtype not in KV_DTYPES or v.dtype != k.dtype or k.dtype != cache.k[0].dtype \
+                    or not (k.is_contiguous() and v.is_contiguous()):
+                raise ValueError("the native layers need a contiguous fp32 or bf16 KV cache")
             rc = layer_fn(self._ptrs[i], x.data_ptr(), R, T, slots.data_ptr(), starts.data_ptr(), cos.data_ptr(),
                           sin.data_ptr(), k.data_ptr(), v.data_ptr(), S, cap, work.data_ptr(), threads,
                           int(causal), *((lo, n) if i == last else (0, T)), tree_ptr)

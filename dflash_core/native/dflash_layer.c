@@ -19,7 +19,13 @@
  * the same layer is ~40 ops, each dispatched on its own; on a small model that dispatch
  * cost about as much as the matmuls.
  *
- * The cache is [S, Hkv, cap, D] fp32 per layer. D must be a multiple of 8. */
+ * The cache is [S, Hkv, cap, D] per layer, fp32, or bf16 where kv_bf16 is set: each K / V
+ * value is then stored rounded to the nearest bf16 (ties to even), and a token's attention
+ * reads its row's keys and values widened back to fp32 (exact) into a per-thread scratch
+ * first. Every token then reads the rounded K / V, its own block's included, in every mode
+ * and batch: the layer stays row-invariant, and the cache reads half the bytes (at many
+ * rows and long contexts a decode step is bound by reading the cache). D must be a
+ * multiple of 8. */
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -39,7 +45,30 @@ typedef struct {
     int qkv_fmt, o_fmt, gu_fmt, down_fmt;
     const void *qkv_w, *o_w, *gu_w, *down_w;
     const float *qkv_b, *o_b;           /* or NULL */
+    int kv_bf16;                        /* the caches hold bf16 (uint16) values, not fp32 */
 } dfl_layer_t;
+
+/* fp32 -> the nearest bf16 (ties to even; a NaN stays a quiet NaN), as torch rounds */
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } c = {f};
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);
+    return (uint16_t)((c.u + 0x7fffu + ((c.u >> 16) & 1)) >> 16);
+}
+
+/* n rows of D bf16 values -> fp32 (exact: the 16 bits become the high half) */
+static void widen_bf16(const uint16_t *src, long n, float *dst) {
+    long i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256i lo = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i))), 16);
+        const __m256i hi = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + i + 8))), 16);
+        _mm256_storeu_si256((__m256i *)(dst + i), lo);
+        _mm256_storeu_si256((__m256i *)(dst + i + 8), hi);
+    }
+    for (; i < n; i++) {
+        union { uint32_t u; float f; } c = {(uint32_t)src[i] << 16};
+        dst[i] = c.f;
+    }
+}
 
 static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -301,9 +330,11 @@ static void weighted_values(int nh, float *const *p, const float *vb, long n0, c
 /* floats of work dfl_layer needs for M rows, a cache of cap positions and nthreads */
 long dfl_layer_work(const dfl_layer_t *P, long M, long cap, int nthreads) {
     const long D = P->head_dim, nqkv = (P->heads + 2L * P->kv_heads) * D;
+    /* per thread: the scores of a run of tokens, and (bf16 caches) one kv head's keys and
+     * values of a row widened to fp32 */
     return M * (P->hidden + nqkv + P->heads * D + 3 * P->inter)
-        + (long)(nthreads < 1 ? 1 : nthreads) * ATT_TOKENS * (P->heads / (P->kv_heads > 0 ? P->kv_heads : 1))
-              * (cap + D);
+        + (long)(nthreads < 1 ? 1 : nthreads) * (ATT_TOKENS * (P->heads / (P->kv_heads > 0 ? P->kv_heads : 1))
+                                                   * (cap + D) + (P->kv_bf16 ? 2 * cap * D : 0));
 }
 
 /* returns 0; -1 unsupported shape; -3 a position outside the cache; else dfl_linear's code */
@@ -353,7 +384,13 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
         for (int g = 0; g < Hkv; g++) {
             const long off = ((slots[r] * Hkv + g) * cap + pos) * D;
             const float *k = row + (H + g) * D, *v = row + (H + Hkv + g) * D;
-            for (int d = 0; d < D; d++) { kc[off + d] = k[d]; vc[off + d] = v[d]; }
+            if (P->kv_bf16)
+                for (int d = 0; d < D; d++) {
+                    ((uint16_t *)kc)[off + d] = to_bf16(k[d]);
+                    ((uint16_t *)vc)[off + d] = to_bf16(v[d]);
+                }
+            else
+                for (int d = 0; d < D; d++) { kc[off + d] = k[d]; vc[off + d] = v[d]; }
         }
     }
     /* from here on only tokens out_lo .. out_lo + out_n - 1 of each row (all K/V are
@@ -377,7 +414,9 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
 #pragma omp parallel num_threads(nt)
     {
         const int tid = omp_get_thread_num(), n_t = omp_get_num_threads();
-        float *qb = scores + (long)tid * ATT_TOKENS * rep * (cap + D), *sc = qb + (long)ATT_TOKENS * rep * D;
+        float *qb = scores + (long)tid * (ATT_TOKENS * rep * (cap + D) + (P->kv_bf16 ? 2 * cap * D : 0)),
+              *sc = qb + (long)ATT_TOKENS * rep * D;
+        float *kw = sc + (long)ATT_TOKENS * rep * cap, *vw = kw + cap * D;   /* bf16 caches: widened K / V */
         float kg[TREE_MAX * 128], vg[TREE_MAX * 128];   /* a tree token's block keys / values */
         long nq[ATT_TOKENS * 128];
         for (long task = tasks * tid / n_t; task < tasks * (tid + 1) / n_t; task++) {
@@ -385,6 +424,16 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
             const long t0 = out_lo + out_n * run / runs, t1 = out_lo + out_n * (run + 1) / runs;
             const long base = (slots[r] * Hkv + g) * cap * D;
             const int Q = (int)((t1 - t0) * rep);
+            /* this row's keys and values of kv head g: the cache's, or (bf16) widened here,
+             * every position a token of the run reads (the context and the block) */
+            const float *kb = kc + base, *vb = vc + base;
+            if (P->kv_bf16) {
+                const long nread = starts[r] + T;
+                widen_bf16((const uint16_t *)kc + base, nread * D, kw);
+                widen_bf16((const uint16_t *)vc + base, nread * D, vw);
+                kb = kw;
+                vb = vw;
+            }
             /* the run's queries, token by token, and the cached keys each reads: all of the
              * context (tree: the context only, its block keys below) */
             for (long t = t0; t < t1; t++) {
@@ -395,7 +444,7 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
                     nq[qi] = starts[r] + (tree ? 0 : causal ? t + 1 : T);
                 }
             }
-            multi_scores(qb, Q, nq, kc + base, cap, D, P->scale, sc);
+            multi_scores(qb, Q, nq, kb, cap, D, P->scale, sc);
             for (long t = t0; t < t1; t++) {
                 const long m = r * T + t, o = r * out_n + (t - out_lo);
                 float *p[128], *out[128];
@@ -409,8 +458,8 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
                     const long na = tr[0];
                     for (long a = 0; a < na; a++)
                         for (int d = 0; d < D; d++) {
-                            kg[a * D + d] = kc[base + (n0 + tr[1 + a]) * D + d];
-                            vg[a * D + d] = vc[base + (n0 + tr[1 + a]) * D + d];
+                            kg[a * D + d] = kb[(n0 + tr[1 + a]) * D + d];
+                            vg[a * D + d] = vb[(n0 + tr[1 + a]) * D + d];
                         }
                     long nb[128];   /* each head reads all na gathered keys */
                     for (int i = 0; i < rep; i++) nb[i] = na;
@@ -421,9 +470,9 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
                 for (int i = 0; i < rep; i += PV_Q) {
                     const int nh = rep - i < PV_Q ? rep - i : PV_Q;
                     if (tree)
-                        weighted_values(nh, p + i, vc + base, n0, vg, n, D, out + i);
+                        weighted_values(nh, p + i, vb, n0, vg, n, D, out + i);
                     else
-                        weighted_values(nh, p + i, vc + base, n, NULL, n, D, out + i);
+                        weighted_values(nh, p + i, vb, n, NULL, n, D, out + i);
                 }
             }
         }

@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         engine, tokenizer = build_engine(
             target=cfg.target, drafter=None,
             config=EngineConfig(max_slots=cfg.max_slots, block_size=1, max_seq_len=max_seq_len,
-                                capture_layers=cfg.capture_layers),
+                                capture_layers=cfg.capture_layers, kv_cache_dtype=a.kv_cache_dtype),
             device=a.device, dtype=getattr(torch, cfg.dtype))
         summary = generate_shards(cfg, engine, tokenizer, prompts, progress=not a.no_progress)
     except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)

@@ -252,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         engine, tok = build_engine(target=a.target, drafter=a.drafter, device=a.device, dtype=dtype,
                                    drafter_weights=a.drafter_weights, config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
                                                        max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8,
-                                                       draft_tree=a.draft_tree, draft_lookup=a.draft_lookup))
+                                                       draft_tree=a.draft_tree, draft_lookup=a.draft_lookup,
+                                                       kv_cache_dtype=a.kv_cache_dtype))
         results, prompt_sets = {}, {}
         for ds in a.datasets:
             prompt_sets[ds] = load_eval_prompts(ds, tok, a.num_prompts, a.max_prompt_tokens)
