@@ -308,9 +308,9 @@ class SpecEngine:
         probabilities, greedy trees) the branch's length also reads the drafter's first choice."""
         out = {}
         firsts = None
-        if top is not None:
-            idx = torch.tensor(tree_rows, device=top[0].device)
-            firsts = list(zip(top[0][idx, 0, 0].tolist(), top[1][idx, 0, 0].tolist()))
+        if top is not None:   # (tensors [R, b-1, k], or those as nested lists)
+            tok, p = (t.tolist() if torch.is_tensor(t) else t for t in top)
+            firsts = [(tok[r][0][0], p[r][0][0]) for r in tree_rows]
         for j, r in enumerate(tree_rows):
             s = rows[r]
             if s.ngrams is None:
@@ -527,7 +527,9 @@ class SpecEngine:
         draft_threshold): rows without penalties (greedy: tree.plan; sampling:
         tree.sampling_nodes), when the block holds two drafts or more and the native layers
         serve the forward."""
-        if b < 3 or not self.draft_trees or not self.target.serves_tree(len(rows), b):
+        # (serving R x b tree tokens implies draft_trees' 1 x 3: one check of the native layers)
+        if b < 3 or not (self.speculative and self.config.draft_tree and self.config.draft_threshold <= 0) \
+                or not self.target.serves_tree(len(rows), b):
             return []
         return [r for r, s in enumerate(rows) if not s.params.penalized]
 
@@ -559,8 +561,9 @@ class SpecEngine:
             if tree_rows and top is not None:   # their nodes replace their chain drafts
                 greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
                 if greedy_rows:
-                    looks = self._lookups(rows, greedy_rows, b - 1, top) if self.config.draft_lookup else None
-                    parents = tree.plan(top, greedy_rows, draft_tokens, looks, lookup_nodes)
+                    top_lists = (top[0].tolist(), top[1].tolist())   # one host copy for the lookups and the plan
+                    looks = self._lookups(rows, greedy_rows, b - 1, top_lists) if self.config.draft_lookup else None
+                    parents = tree.plan(top_lists, greedy_rows, draft_tokens, looks, lookup_nodes)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:
                     looks = self._lookups(rows, samp_rows, b - 1) if self.config.draft_lookup else None
@@ -608,7 +611,8 @@ class SpecEngine:
             order = tree.committed_order(paths, R, b, dev)
             block = torch.cat([anchors[:, None].to(dev), draft_tokens], 1)
             draft_tokens = block.gather(1, order)[:, 1:]
-            hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
+            if any(s.params.logprobs is not None for s in rows):   # (the one later read of hidden)
+                hidden = hidden.gather(1, order[..., None].expand(-1, -1, hidden.shape[-1]))
             if feats is not None:
                 feats = feats.gather(1, order[..., None].expand(-1, -1, feats.shape[-1]))
         lps = {}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import kernels
+from . import kernels, native
 from .models.decoder import Decoder
 from .sampling import RowParams, apply_penalties, warp_probs_rows
 from .sequence import Sequence, TokenLogprob
@@ -158,12 +158,17 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     else:
         h = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)[:, 1:b]
     h = h.to(dev, target.dtype)
-    if ctx.draft_vocab is None:
-        logits = target.logits(h)                                                # [R, b-1, V]
-        tokens = argmax(logits)
-    else:
-        logits = ctx.head(h)                                                     # [R, b-1, N]
-        tokens = ctx.draft_vocab[argmax(logits)]
+    logits = target.logits(h) if ctx.draft_vocab is None else ctx.head(h)       # [R, b-1, V or N]
+    samp = _sampling_rows(rows)
+    if topk and not confidence and not samp:
+        # greedy rows: the top-k, its probabilities and the argmax (its first) in one native pass
+        got = native.topk_softmax(logits, min(topk, logits.shape[-1]))
+        if got is not None:
+            ti, tp = got[0].to(dev), got[1].to(dev)
+            if ctx.draft_vocab is not None:
+                ti = ctx.draft_vocab[ti]
+            return ti[..., 0].clone(), None, None, (ti, tp)
+    tokens = argmax(logits) if ctx.draft_vocab is None else ctx.draft_vocab[argmax(logits)]
     conf = top = None
     if confidence or topk:
         probs = torch.softmax(logits.float(), -1)
@@ -171,7 +176,6 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
         if topk:
             tp, ti = probs.topk(min(topk, probs.shape[-1]), dim=-1)              # [R, b-1, k]
             top = (ti if ctx.draft_vocab is None else ctx.draft_vocab[ti], tp)
-    samp = _sampling_rows(rows)
     if not samp:
         return tokens, None, conf, top
     V = target.config.vocab_size

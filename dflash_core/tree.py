@@ -161,18 +161,18 @@ def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tok
     lookup branch (the first nodes: `merged_nodes` adds them first) -> row -> parents of
     its nodes."""
     n = draft_tokens.shape[1]
-    idx = torch.tensor(tree_rows, device=draft_tokens.device)
-    top_tok, top_p = top[0][idx].tolist(), top[1][idx].tolist()
+    # (one host copy of the whole [R, b-1, k] pair, read as lists: fewer ops than indexing first)
+    top_tok, top_p = (t.tolist() if torch.is_tensor(t) else t for t in top)
     parents: dict[int, list[int]] = {}
-    for j, r in enumerate(tree_rows):
+    for r in tree_rows:
         look = lookups.get(r) if lookups else None
         if look:
-            parents[r], toks = merged_nodes(look, top_p[j], top_tok[j], n)
+            parents[r], toks = merged_nodes(look, top_p[r], top_tok[r], n)
             if lookup_nodes is not None:
                 lookup_nodes[r] = set(range(1, min(len(look), n) + 1))
         else:
-            nodes = best_first(top_p[j], n)
-            parents[r], toks = [p for p, _, _ in nodes], [top_tok[j][d][k] for _, d, k in nodes]
+            nodes = best_first(top_p[r], n)
+            parents[r], toks = [p for p, _, _ in nodes], [top_tok[r][d][k] for _, d, k in nodes]
         draft_tokens[r, :len(toks)] = torch.tensor(toks)
     return parents
 
@@ -190,10 +190,8 @@ def committed_order(paths: dict[int, list[int]], R: int, b: int, device) -> torc
     """[R, b] block indices in commit order: a tree row's path first (then filler), a chain
     row's block as it is. Gathering a step's tokens, hidden states and features with it
     puts every row's committed positions where a chain's would be."""
-    order = torch.arange(b, device=device).repeat(R, 1)
-    for r, path in paths.items():
-        order[r, :len(path)] = torch.tensor(path, device=device)
-    return order
+    rows = [paths[r] + list(range(len(paths[r]), b)) if r in paths else list(range(b)) for r in range(R)]
+    return torch.tensor(rows, dtype=torch.int64, device=device)
 
 
 # ---- sampling rows ----------------------------------------------------------------------

@@ -515,6 +515,31 @@ def test_bench_kv_cache_ab_runs_both_caches_and_reports_their_agreement():
     assert ag["positions"] == 24 and 0.5 <= ag["argmax_agreement"] <= 1 and 0 < ag["mean_kl"] < 0.01
 
 
+def test_topk_softmax_is_torchs_topk_of_the_softmax_in_one_pass():
+    """native.topk_softmax (the draft tree's candidates): each row's k largest logits,
+    descending, index 0 the first maximum (argmax's), equal values lower index first, a NaN
+    never picked, and their softmax probabilities as torch computes them (to rounding);
+    None where it does not serve (k outside [1, min(N, 16)], not fp32)."""
+    g = torch.Generator().manual_seed(3)
+    for shape in [(1, 5, 8192), (3, 7, 8192), (2, 3, 49152), (4, 16), (1, 1, 20), (2, 9)]:
+        x = torch.randn(*shape, generator=g) * 4
+        k = min(4, shape[-1])
+        ti, tp = native.topk_softmax(x, k)
+        assert ti.shape == tp.shape == shape[:-1] + (k,) and ti.dtype == torch.int64
+        want_p, want_i = torch.softmax(x, -1).topk(k, -1)
+        assert torch.equal(ti[..., 0], x.argmax(-1)), shape
+        assert torch.equal(x.gather(-1, ti), x.gather(-1, want_i)), shape    # the same values, in order
+        torch.testing.assert_close(tp, want_p, rtol=1e-5, atol=1e-7)
+    x = torch.zeros(2, 50)
+    x[:, [10, 3, 40, 7]] = 5.0          # a four-way tie: lower indices first
+    x[1, 3] = float("nan")              # a NaN is never picked
+    assert native.topk_softmax(x, 4)[0].tolist() == [[3, 7, 10, 40], [7, 10, 40, 0]]
+    assert native.topk_softmax(x[:1], 3)[0].tolist() == [[3, 7, 10]]
+    assert native.topk_softmax(torch.randn(2, 10), 17) is None and native.topk_softmax(torch.randn(2, 3), 4) is None
+    assert native.topk_softmax(torch.randn(2, 10, dtype=torch.bfloat16), 4) is None
+    assert native.topk_softmax(torch.randn(2, 10), 0) is None
+
+
 def test_more_rows_than_max_rows_take_torch_linear():
     """Past max_rows (long prefill chunks) the product is F.linear over the fp32 weights;
     up to it, the kernel (row-invariant, close to F.linear)."""

@@ -100,6 +100,7 @@ def row_limit() -> int:
 _LIB = None
 _LAYER = None   # (dfl_layer, dfl_layer_work) once the library is loaded
 _WRITE_CONTEXT = None   # dfl_write_context once the library is loaded
+_TOPK = None            # dfl_topk_softmax once the library is loaded
 _REASON: str | None = None
 _WIDTH = 0   # fp32 lanes per accumulator of the loaded build (8: AVX2, 16: AVX-512)
 _AMX = False   # whether the loaded build has the AMX linears and the process may use the tiles
@@ -257,9 +258,13 @@ def _load():
                          ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
                          ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long]
         wctx.restype = ctypes.c_int
-        global _LAYER, _WRITE_CONTEXT
+        topk = lib.dfl_topk_softmax
+        topk.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+        topk.restype = ctypes.c_int
+        global _LAYER, _WRITE_CONTEXT, _TOPK
         _LAYER = (layer, work)
         _WRITE_CONTEXT = wctx
+        _TOPK = topk
         _LIB = fn
     except (OSError, RuntimeError) as e:
         _REASON = f"could not build the native kernel: {e}"
@@ -675,6 +680,29 @@ def write_context(kv: torch.Tensor, k_norm_weight: torch.Tensor | None, eps: flo
     if rc != 0:
         raise ValueError("context slot or position out of the cache's range")
     return True
+
+
+def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """logits [..., N] fp32 on the CPU -> (indices int64 [..., k], probabilities fp32 [..., k]):
+    each row's k largest logits, descending (equal values: the lower index first, so index 0
+    is the row's first maximum, argmax's choice), and their softmax probabilities (the row's
+    sum of e^(x - max) in the kernel's own order: equal to torch.softmax's to rounding), in
+    one native call (dfl_topk_softmax) instead of a softmax, a top-k and an argmax over every
+    row. None where the native kernel does not serve it (off, not built, not fp32 on the
+    CPU, k outside [1, min(N, 16)]): the caller then takes torch's ops."""
+    if not _ENABLED or _load() is None or _TOPK is None:
+        return None
+    N = logits.shape[-1]
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not 1 <= k <= min(N, 16):
+        return None
+    x = logits.reshape(-1, N).contiguous()
+    R = x.shape[0]
+    idx = torch.empty(R, k, dtype=torch.int64)
+    p = torch.empty(R, k)
+    if R and _TOPK(x.data_ptr(), R, N, k, idx.data_ptr(), p.data_ptr()) != 0:
+        return None
+    lead = logits.shape[:-1]
+    return idx.view(*lead, k), p.view(*lead, k)
 
 
 TREE_MAX = 64   # block tokens of a tree verify (dflash_layer.c)

@@ -535,3 +535,53 @@ int dfl_write_context(const float *kv, long N, long stride, int kv_heads, int he
     }
     return 0;
 }
+
+/* Each of R rows of N logits -> its k largest, descending (equal values: the lower index
+ * first, as a first-maximum argmax), in idx [R, k], and their softmax probabilities
+ * e^(x - max) / sum_j e^(x_j - max) in p [R, k] (the sum over 8 lanes in a fixed order): what
+ * a draft tree picks its nodes from, one pass over the row for the k, one for the sum,
+ * instead of a softmax, a top-k and an argmax over the whole row. A NaN is never picked.
+ * Returns 0; -1 for k outside [1, min(N, 16)]. */
+int dfl_topk_softmax(const float *x, long R, long N, int k, int64_t *idx, float *p) {
+    if (k < 1 || k > 16 || k > N) return -1;
+    for (long r = 0; r < R; r++) {
+        const float *row = x + r * N;
+        float val[16];
+        long at[16];
+        int n = 0;   /* kept so far, val descending */
+        float floor = -INFINITY;   /* the k-th value once k are kept: a value must beat it */
+        long j = 0;
+        for (; j < N; j++) {
+            if (n == k) {   /* skip 8 at a time while none beats the k-th value */
+                const __m256 vf = _mm256_set1_ps(floor);
+                while (j + 8 <= N && !_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + j), vf, _CMP_GT_OQ)))
+                    j += 8;
+                if (j >= N) break;
+            }
+            const float v = row[j];
+            if (!(v > floor) && n == k) continue;
+            if (v != v) continue;   /* NaN */
+            int pos = n < k ? n : k - 1;   /* insert after every kept value >= v */
+            while (pos > 0 && val[pos - 1] < v) {
+                if (pos < k) { val[pos] = val[pos - 1]; at[pos] = at[pos - 1]; }
+                pos--;
+            }
+            if (pos < k) { val[pos] = v; at[pos] = j; }
+            if (n < k) n++;
+            if (n == k) floor = val[k - 1];
+        }
+        for (int i = n; i < k; i++) { val[i] = -INFINITY; at[i] = 0; }   /* (an all-NaN row) */
+        const float mx = val[0];
+        const __m256 vmx = _mm256_set1_ps(mx);
+        __m256 vs = _mm256_setzero_ps();
+        j = 0;
+        for (; j + 8 <= N; j += 8) vs = _mm256_add_ps(vs, exp8(_mm256_sub_ps(_mm256_loadu_ps(row + j), vmx)));
+        float s = hsum8(vs);
+        for (; j < N; j++) s += expf(row[j] - mx);
+        for (int i = 0; i < k; i++) {
+            idx[r * k + i] = at[i];
+            p[r * k + i] = expf(val[i] - mx) / s;
+        }
+    }
+    return 0;
+}
