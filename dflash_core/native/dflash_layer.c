@@ -127,24 +127,42 @@ static inline float dot(const float *a, const float *b, int D) {
     return hsum8(acc);
 }
 
-#if defined(__AVX512F__)
-/* The scores of two queries (qa, qa + D) against 4 keys (k0, k0 + D, ..): out[0 .. 3] and
- * out[stride .. stride + 3]. Both queries in one 16-lane vector (lanes 0-7: qa's 8-lane
- * chain, 8-15: the other's) against each key's 8 values broadcast to both halves: each
- * half is exactly dot()'s chain. The four sums per half are then reduced together in
- * hsum8's own order ((v_i + v_{i+4}), then lanes 0 + 2 and 1 + 3, then those two): the
- * same bits as dot(). */
-static inline __attribute__((always_inline)) void pair_scores4(const float *qa, const float *k0, int D, float scale,
-                                                               float *out, long stride) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+/* Queries are kept in pairs (the attention's per-thread buffer): query i's dims d .. d + 7
+ * sit at qp[(i / 2) * 2D + 2d + (i % 2) * 8], so one 16-float load holds the same 8 dims of
+ * both queries of a pair (QP_AT: where query i's first 8 dims are; its next 8 are 16 on). */
+#define QP_AT(qp, i, D) ((qp) + (long)((i) / 2) * 2 * (D) + ((i) % 2) * 8)
+
+/* dot() of a paired query (QP_AT) with a key: the same chain, the same bits */
+static inline float dot_qp(const float *q, const float *k, int D) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 2 * d), _mm256_loadu_ps(k + d), acc);
+    return hsum8(acc);
+}
+
+/* one paired query (QP_AT) against 4 keys k0 .. k0 + 3D -> si[0 .. 3]: dot()'s chain and hsum8 for each */
+static inline __attribute__((always_inline)) void single_scores4(const float *qi, const float *k0, int D, float scale,
+                                                                 float *si) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
     for (int d = 0; d < D; d += 8) {
-        const __m512 q = _mm512_insertf32x8(_mm512_castps256_ps512(_mm256_loadu_ps(qa + d)),
-                                            _mm256_loadu_ps(qa + D + d), 1);
-        a0 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + d)), a0);
-        a1 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + D + d)), a1);
-        a2 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 2 * D + d)), a2);
-        a3 = _mm512_fmadd_ps(q, _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 3 * D + d)), a3);
+        const __m256 vq = _mm256_loadu_ps(qi + 2 * d);
+        a0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + d), a0);
+        a1 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + D + d), a1);
+        a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 2 * D + d), a2);
+        a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 3 * D + d), a3);
     }
+    si[0] = hsum8(a0) * scale;
+    si[1] = hsum8(a1) * scale;
+    si[2] = hsum8(a2) * scale;
+    si[3] = hsum8(a3) * scale;
+}
+
+#if defined(__AVX512F__)
+/* The four accumulators of a pair of queries against 4 keys (a_k: lanes 0-7 the pair's
+ * first query's 8-lane chain against key k, 8-15 the second's) -> the 8 scores, out[0 .. 3]
+ * and out[stride .. stride + 3]. The four sums per half are reduced together in hsum8's own
+ * order ((v_i + v_{i+4}), then lanes 0 + 2 and 1 + 3, then those two): the same bits as dot(). */
+static inline __attribute__((always_inline)) void pair_reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3,
+                                                               float scale, float *out, long stride) {
     /* 128-bit lanes of a_k: [qa 0-3, qa 4-7, qb 0-3, qb 4-7]; s01 = [a0:qa, a0:qb, a1:qa, a1:qb] of v_i + v_{i+4} */
     const __m512 s01 = _mm512_add_ps(_mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(2, 0, 2, 0)),
                                      _mm512_shuffle_f32x4(a0, a1, _MM_SHUFFLE(3, 1, 3, 1)));
@@ -169,46 +187,64 @@ static inline __attribute__((always_inline)) void pair_scores4(const float *qa, 
     out[stride + 1] = r[12];
     out[stride + 3] = r[13];
 }
+
+/* The scores of NP (1 or 2) pairs of queries (pair p at qp + p * 2D, paired as QP_AT lays
+ * them) against 4 keys k0 .. k0 + 3D: one 16-float load per pair and 8 dims, each key's 8
+ * dims broadcast to both halves once for all the pairs, one FMA per (pair, key); pair p's
+ * scores at out + 2p * stride. Each half is exactly dot()'s chain, reduced as pair_reduce4. */
+static inline __attribute__((always_inline)) void pairs_scores4(const int NP, const float *qp, const float *k0, int D,
+                                                                float scale, float *out, long stride) {
+    __m512 a[2][4];
+    for (int p = 0; p < NP; p++)
+        for (int c = 0; c < 4; c++) a[p][c] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += 8) {
+        const __m512 kb0 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + d));
+        const __m512 kb1 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + D + d));
+        const __m512 kb2 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 2 * D + d));
+        const __m512 kb3 = _mm512_broadcast_f32x8(_mm256_loadu_ps(k0 + 3 * D + d));
+        for (int p = 0; p < NP; p++) {
+            const __m512 q = _mm512_loadu_ps(qp + (long)p * 2 * D + 2 * d);
+            a[p][0] = _mm512_fmadd_ps(q, kb0, a[p][0]);
+            a[p][1] = _mm512_fmadd_ps(q, kb1, a[p][1]);
+            a[p][2] = _mm512_fmadd_ps(q, kb2, a[p][2]);
+            a[p][3] = _mm512_fmadd_ps(q, kb3, a[p][3]);
+        }
+    }
+    for (int p = 0; p < NP; p++) pair_reduce4(a[p][0], a[p][1], a[p][2], a[p][3], scale, out + 2 * p * stride, stride);
+}
 #endif
 
-/* The scores of Q query vectors (qb: Q x D, one after the other) over keys 0 .. nq[i] - 1 of
- * kb (nq non-decreasing: the queries of consecutive tokens of one row): scores[i * stride + j].
- * Each block of 4 keys is read once for every query that reads all four (from L1 after the
- * first), instead of once per token; a query's last keys past a block of 4 are single dots.
+/* The scores of Q queries q0 .. q0 + Q - 1 of the paired buffer qp (QP_AT) over keys
+ * 0 .. nq[i] - 1 of kb (nq non-decreasing: the queries of consecutive tokens of one row):
+ * query q0 + i's at scores[i * stride + j]. Each block of 4 keys is read once for every
+ * query that reads all four (from L1 after the first), two pairs of queries at a time,
+ * instead of once per token; a query's last keys past a block of 4 are single dots.
  * Every (query, key) is the same 8-lane FMA chain over d in order and hsum8 as dot(),
- * whichever way it is reached (4 keys at a time, or two queries in one vector): the same bits. */
-static void multi_scores(const float *qb, int Q, const long *nq, const float *kb, long stride, int D, float scale,
-                         float *scores) {
+ * whichever way it is reached (4 keys at a time, in a pair, two pairs, or alone): the same bits. */
+static void multi_scores(const float *qp, int q0, int Q, const long *nq, const float *kb, long stride, int D,
+                         float scale, float *scores) {
     const long nmax = nq[Q - 1];
     int i0 = 0;   /* queries before i0 are done */
     long j0 = 0;
     for (; j0 + 4 <= nmax; j0 += 4) {
         for (; i0 < Q && nq[i0] < j0 + 4; i0++)
-            for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot(qb + (long)i0 * D, kb + j * D, D) * scale;
+            for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot_qp(QP_AT(qp, q0 + i0, D), kb + j * D, D) * scale;
         const float *k0 = kb + j0 * D;
         int i = i0;
 #if defined(__AVX512F__)
-        for (; i + 2 <= Q; i += 2) pair_scores4(qb + (long)i * D, k0, D, scale, scores + i * stride + j0, stride);
-#endif
-        for (; i < Q; i++) {
-            const float *qi = qb + (long)i * D;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-            for (int d = 0; d < D; d += 8) {
-                const __m256 vq = _mm256_loadu_ps(qi + d);
-                a0 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + d), a0);
-                a1 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + D + d), a1);
-                a2 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 2 * D + d), a2);
-                a3 = _mm256_fmadd_ps(vq, _mm256_loadu_ps(k0 + 3 * D + d), a3);
-            }
-            float *si = scores + i * stride + j0;
-            si[0] = hsum8(a0) * scale;
-            si[1] = hsum8(a1) * scale;
-            si[2] = hsum8(a2) * scale;
-            si[3] = hsum8(a3) * scale;
+        if ((q0 + i) % 2 && i + 1 < Q) {   /* a query whose pair partner is done: alone, then whole pairs */
+            single_scores4(QP_AT(qp, q0 + i, D), k0, D, scale, scores + i * stride + j0);
+            i++;
         }
+        for (; i + 4 <= Q; i += 4)
+            pairs_scores4(2, QP_AT(qp, q0 + i, D), k0, D, scale, scores + i * stride + j0, stride);
+        for (; i + 2 <= Q; i += 2)
+            pairs_scores4(1, QP_AT(qp, q0 + i, D), k0, D, scale, scores + i * stride + j0, stride);
+#endif
+        for (; i < Q; i++) single_scores4(QP_AT(qp, q0 + i, D), k0, D, scale, scores + i * stride + j0);
     }
     for (; i0 < Q; i0++)
-        for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot(qb + (long)i0 * D, kb + j * D, D) * scale;
+        for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot_qp(QP_AT(qp, q0 + i0, D), kb + j * D, D) * scale;
 }
 
 /* one head's n scores -> its softmax weights p_j = e^(s_j - max) / sum (in place) */
@@ -440,11 +476,13 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
                 const float *q = qkv + (r * T + t) * nqkv + g * rep * D;
                 for (int i = 0; i < rep; i++) {
                     const long qi = (t - t0) * rep + i;
-                    for (int d = 0; d < D; d++) qb[qi * D + d] = q[i * D + d];
+                    float *dst = (float *)QP_AT(qb, qi, D);   /* paired (multi_scores) */
+                    for (int d = 0; d < D; d += 8)
+                        for (int l = 0; l < 8; l++) dst[2 * d + l] = q[i * D + d + l];
                     nq[qi] = starts[r] + (tree ? 0 : causal ? t + 1 : T);
                 }
             }
-            multi_scores(qb, Q, nq, kb, cap, D, P->scale, sc);
+            multi_scores(qb, 0, Q, nq, kb, cap, D, P->scale, sc);
             for (long t = t0; t < t1; t++) {
                 const long m = r * T + t, o = r * out_n + (t - out_lo);
                 float *p[128], *out[128];
@@ -463,7 +501,7 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
                         }
                     long nb[128];   /* each head reads all na gathered keys */
                     for (int i = 0; i < rep; i++) nb[i] = na;
-                    multi_scores(qb + (t - t0) * rep * D, rep, nb, kg, cap, D, P->scale, p[0] + n0);
+                    multi_scores(qb, (int)((t - t0) * rep), rep, nb, kg, cap, D, P->scale, p[0] + n0);
                     n = n0 + na;
                 }
                 for (int i = 0; i < rep; i++) softmax_weights(p[i], n);
