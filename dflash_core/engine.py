@@ -461,17 +461,20 @@ class SpecEngine:
         """Target layers captured in a forward: the drafter's, then feature capture's."""
         return (self.drafting.target_layer_ids if self.speculative else []) + list(self.config.capture_layers)
 
-    def _keep_features(self, seq: Sequence, feats: torch.Tensor, positions: torch.Tensor, emitted) -> None:
-        """Route captured features [n, ...] of committed positions: the drafter's share to
-        the row's pending context, the capture share to this step's output."""
+    def _keep_features(self, seq: Sequence, feats: torch.Tensor | None, r: int, start: int, n: int, emitted) -> None:
+        """Route the captured features of row r's n committed positions start .. start + n - 1
+        (feats [R, T, ...]: a step's, or None): the drafter's share to the row's pending
+        context, kept as (feats, r, n) and range(start, start + n) (no tensor op per row and
+        step: a row decoding plainly under load commits one token a step), the capture share
+        to this step's output."""
         if feats is None:
             return
         F = self.target.config.hidden_size * len(self.drafting.target_layer_ids) if self.speculative else 0
         if F and seq.params.speculative:
-            seq.pending_feats.append(feats[:, :F])
-            seq.pending_pos.append(positions)
+            seq.pending_feats.append((feats, r, n))
+            seq.pending_pos.append(range(start, start + n))
         if self.config.capture_layers:
-            emitted[seq.request_id][2].append((positions, feats[:, F:]))
+            emitted[seq.request_id][2].append((torch.arange(start, start + n), feats[r, :n, F:]))
 
     def _prefill(self, work: list[tuple[Sequence, int, int]], emitted) -> list[tuple[Sequence, int, list | None]]:
         """Prefill the planned prompt chunks (one batched forward when every padded row
@@ -494,8 +497,7 @@ class SpecEngine:
                 self.cache.set_len(s.slot, st + n)
                 s.prefilled = st + n
                 s.step.prefill_tokens += n
-                self._keep_features(s, feats[r, :n] if feats is not None else None, torch.arange(st, st + n),
-                                    emitted)
+                self._keep_features(s, feats, r, st, n, emitted)
                 if s.prompt_lps is not None:
                     self._prompt_logprobs(s, hidden[r], st, n)
                 if not s.prefilling:   # the prompt is in the cache: its last position gives the anchor
@@ -641,8 +643,7 @@ class SpecEngine:
             if r in paths:   # the accepted nodes' K/V to the positions after the anchor
                 tree.commit_path(self.cache, s.slot, st, paths[r])
             self.cache.set_len(s.slot, st + 1 + n)
-            self._keep_features(s, feats[r, :n + 1] if feats is not None else None, torch.arange(st, st + n + 1),
-                                emitted)
+            self._keep_features(s, feats, r, st, n + 1, emitted)
             result.append((dt[:n] + [nxt], lps[r][:n + 1] if r in lps else None))
         return result
 

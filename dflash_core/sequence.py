@@ -128,8 +128,10 @@ class Sequence:
         self.slot = -1
         self.output: list[int] = []       # generated tokens emitted so far
         self.last = -1                    # the anchor: the last committed token (emitted, not in the target cache)
-        self.pending_feats: list[torch.Tensor] = []  # [n_i, K*hidden] chunks the drafter has not seen
-        self.pending_pos: list[torch.Tensor] = []
+        # committed positions whose target features the drafter has not seen: (a step's
+        # features [R, T, >= K*hidden], this row's index r, n) and range(start, start + n) each
+        self.pending_feats: list[tuple[torch.Tensor, int, int]] = []
+        self.pending_pos: list[range] = []
         self.stats = SpecStats()
         self.stop_ids = stop_ids
         self.finish_reason: str | None = None

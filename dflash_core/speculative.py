@@ -124,14 +124,16 @@ def take_pending_context(rows: list[Sequence], feature_dim: int, dtype, device):
     ctx_slots, ctx_pos, ctx_feats = [], [], []
     for s in rows:
         if s.pending_feats:
-            ctx_feats.extend(s.pending_feats)
-            ctx_pos.extend(s.pending_pos)
-            ctx_slots.extend(torch.full((len(p),), s.slot, dtype=torch.int64) for p in s.pending_pos)
+            ctx_feats.extend(f[r, :n, :feature_dim] for f, r, n in s.pending_feats)
+            for p in s.pending_pos:
+                ctx_pos.extend(p)
+                ctx_slots.extend([s.slot] * len(p))
             s.pending_feats, s.pending_pos = [], []
     if not ctx_feats:
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty, torch.zeros(0, feature_dim, dtype=dtype, device=device)
-    return torch.cat(ctx_slots), torch.cat(ctx_pos), torch.cat(ctx_feats)
+    return (torch.tensor(ctx_slots, dtype=torch.int64), torch.tensor(ctx_pos, dtype=torch.int64),
+            torch.cat(ctx_feats))
 
 
 def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch.Tensor, anchors: torch.Tensor,

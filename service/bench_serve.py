@@ -35,6 +35,7 @@ import httpx
 from dflash_core.autoschedule import pick_schedule   # the one rule, shared with the measured schedule
 from dflash_core.engine import format_block_size_schedule
 from dflash_core.native import AMX_INPUTS
+from dflash_core.runtime import KV_CACHE_DTYPES
 from dflash_core.stats import on_off, percentile, rep_order
 
 from .local import free_port
@@ -191,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amx-inputs", default=None,
                     help="comma list of --amx-inputs values (bf16,fp32): one server each (per schedule, draft tree "
                          "and lookup), in this run, speculation on and off at every level of each")
+    ap.add_argument("--kv-cache-dtypes", default=None,
+                    help="comma list of --kv-cache-dtype values (e.g. float32,bfloat16): one server each (per "
+                         "schedule, draft tree, lookup and amx inputs), in this run, speculation on and off at "
+                         "every level of each")
     ap.add_argument("--server-envs", default=None,
                     help="comma list of server environments, each KEY=VALUE (several joined by '+'), e.g. "
                          "DFLASH_NATIVE_AMX=1,DFLASH_NATIVE_AMX=0: one server each (per schedule and draft tree), "
@@ -210,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     amxs = [t.strip() for t in a.amx_inputs.split(",")] if a.amx_inputs else [None]
     if any(t is not None and t not in AMX_INPUTS for t in amxs):
         ap.error(f"--amx-inputs takes {' and '.join(AMX_INPUTS)}")
+    kvs = [t.strip() for t in a.kv_cache_dtypes.split(",")] if a.kv_cache_dtypes else [None]
+    if any(t is not None and t not in KV_CACHE_DTYPES for t in kvs):
+        ap.error(f"--kv-cache-dtypes takes {', '.join(KV_CACHE_DTYPES)}")
     envs: list[dict | None] = [None]
     if a.server_envs:
         envs = []
@@ -258,22 +266,26 @@ def main(argv: list[str] | None = None) -> int:
         levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {}, a.reps)
     else:
         for sched in ([s.strip() for s in a.schedules.split(",")] if a.schedules else [None]):
-            for tree, look, amx, env in [(t, lk, x, e) for t in trees for lk in lookups for x in amxs for e in envs]:
+            for tree, look, amx, kv, env in [(t, lk, x, k, e) for t in trees for lk in lookups for x in amxs
+                                             for k in kvs for e in envs]:
                 srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else [])
                                     + (["--draft-tree", tree] if tree else [])
                                     + (["--draft-lookup", look] if look else [])
-                                    + (["--amx-inputs", amx] if amx else []), env=env)
+                                    + (["--amx-inputs", amx] if amx else [])
+                                    + (["--kv-cache-dtype", kv] if kv else []), env=env)
                 try:
                     srv.wait_ready()
                     env_s = "+".join(f"{k}={v}" for k, v in env.items()) if env else None
                     health = httpx.get(srv.url + "/health").json()
-                    if sched or tree or look or amx or env:
+                    if sched or tree or look or amx or kv or env:
                         print(f"block size schedule {sched or 'default'}, draft tree {tree or 'default'}"
                               + (f", draft lookup {look}" if look else "") + (f", amx inputs {amx}" if amx else "")
+                              + (f", KV cache {health.get('kv_cache_dtype')}" if kv else "")
                               + (f", env {env_s}" if env_s else "") + f": {srv.url}, linears "
                               f"{health.get('linears')}", flush=True)
                     extra = ({"schedule": sched} if sched else {}) | ({"draft_tree": tree} if tree else {}) \
                         | ({"draft_lookup": look} if look else {}) | ({"amx_inputs": amx} if amx else {}) \
+                        | ({"kv_cache_dtype": health.get("kv_cache_dtype")} if kv else {}) \
                         | ({"env": env_s} if env_s else {}) | {"linears": health.get("linears")}
                     levels(srv.url, srv.model(), [True, False], extra, a.reps)
                 finally:
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                          else "")
               + (f"  lookup {r['draft_lookup']}" if "draft_lookup" in r else "")
               + (f"  amx inputs {r['amx_inputs']}" if "amx_inputs" in r else "")
+              + (f"  KV {r['kv_cache_dtype']}" if "kv_cache_dtype" in r else "")
               + (f"  {r['env']}" if "env" in r else ""))
     result = {"bench": "serve-sweep" if a.sweep else "serve", "target": a.target, "drafter": a.drafter,
               "max_tokens": a.max_tokens, "max_slots": a.max_slots, "loadavg_before": [round(x, 2) for x in load0],

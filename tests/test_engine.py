@@ -893,3 +893,29 @@ def test_the_engines_argmax_is_torchs_ties_and_nan_included():
     x[0, 3] = x[0, 6] = float("nan")
     x[1, 2] = x[1, 8] = 1.0
     assert spec.argmax(x).tolist() == [3, 2] == x.argmax(-1).tolist()
+
+
+def test_bench_ab_runs_a_git_revision_beside_this_checkout():
+    """`python -m dflash_core.bench_ab --baseline REV`: the package at REV imported beside
+    this one, both engines on the same prompts alternating, each engine's DFlash output its
+    own plain output; a revision git does not know is refused in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    repo = Path(__file__).resolve().parents[1]
+    if subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    base = [sys.executable, "-m", "dflash_core.bench_ab", "--target", "tiny-random", "--drafter", "random",
+            "--num-prompts", "2", "--max-new-tokens", "8", "--block-size", "4", "--threads", "1", "--dtype", "float32"]
+    bad = subprocess.run(base + ["--baseline", "no-such-rev"], capture_output=True, text=True, timeout=300, cwd=repo)
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--baseline no-such-rev" in lines[0], bad.stderr
+    out = subprocess.run(base + ["--baseline", "HEAD", "--json"], capture_output=True, text=True, timeout=600, cwd=repo)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["baseline_rev"] == "HEAD" and res["num_prompts"] == 2 and res["block_size"] == 4
+    for k in ("baseline", "working"):
+        assert res[k]["ar_tokens_per_s"] > 0 and res[k]["dflash_tokens_per_s"] > 0, k
+        assert res[k]["greedy_outputs_identical"] is True and res[k]["tau"] >= 1, k
+    assert isinstance(res["plain_outputs_equal"], bool) and res["speedup_over_baseline"] > 0

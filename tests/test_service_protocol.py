@@ -271,6 +271,8 @@ def test_serving_benchmark_on_off_reps_alternate_and_summarise_by_medians():
     (["--concurrency", ","], "need at least one value"),
     (["--draft-trees", "on,maybe"], "--draft-trees takes on and off"),
     (["--draft-lookups", "off,1"], "--draft-lookups takes on and off"),
+    (["--amx-inputs", "bf16,fp16"], "--amx-inputs takes fp32 and bf16"),
+    (["--kv-cache-dtypes", "float32,bf16"], "--kv-cache-dtypes takes auto, float32, bfloat16"),
     (["--server-envs", "DFLASH_NATIVE_AMX=1,AMX"], "--server-envs: 'AMX' is not KEY=VALUE"),
     (["--server-envs", "=1"], "--server-envs: '=1' is not KEY=VALUE"),
 ])

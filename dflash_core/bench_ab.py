@@ -1,0 +1,158 @@
+"""`python -m dflash_core.bench_ab --baseline REV`: this checkout's engine against the engine
+of an earlier git revision, side by side in one process.
+
+The package as it was at REV (`git archive`) is imported beside this one as
+`dflash_core_base` (its native kernel builds from its own sources into its own library),
+both engines are built on the same target and drafter, and the same prompts run through
+both, prompt by prompt, plain decoding and DFlash each, the order of the two engines
+alternating from prompt to prompt, so machine noise hits both alike. Prints a table and,
+last, one JSON line (`--json`: only the JSON): per engine ("baseline", "working") the tokens/s of each mode, the speedup, tau,
+whether each engine's DFlash output equals its plain output, and whether the two engines'
+plain outputs are the same.
+
+What it is for: an engine change that is not a switch (a restructured step, a kernel
+rewrite) measured against the code before it, as the benchmarks require, in one run.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .clitools import CliError, _Parser, _positive_int, add_runtime_args, apply_runtime_args, run_command
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BASE_NAME = "dflash_core_base"
+
+
+def _parser() -> _Parser:
+    ap = _Parser(prog="python -m dflash_core.bench_ab", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--baseline", required=True, help="the git revision whose engine is the baseline (e.g. HEAD~3)")
+    ap.add_argument("--num-prompts", type=_positive_int, default=20)
+    ap.add_argument("--dataset", choices=("sharegpt", "humaneval"), default="sharegpt")
+    ap.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
+    ap.add_argument("--max-new-tokens", type=_positive_int, default=128)
+    ap.add_argument("--block-size", type=_positive_int, default=6, help="verified block size of DFlash")
+    ap.add_argument("--json", action="store_true", help="print only the JSON line (the table to stderr)")
+    add_runtime_args(ap, drafter="default")
+    return ap
+
+
+def export_package(rev: str, dest: Path) -> Path:
+    """dflash_core as it was at git revision `rev`, written under dest as BASE_NAME -> its
+    folder. CliError when this is not a git checkout, the revision is unknown, or that
+    package imports itself by absolute name (it would load this checkout's modules)."""
+    repo = PACKAGE_DIR.parent
+    try:
+        top = subprocess.run(["git", "-C", str(repo), "rev-parse", "--show-toplevel"], capture_output=True, text=True,
+                             timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CliError(f"--baseline needs git: {e}") from None
+    if top.returncode != 0:
+        raise CliError(f"--baseline needs a git checkout of the repository ({repo} is not one)")
+    arch = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", rev, PACKAGE_DIR.name],
+                          capture_output=True, timeout=120)
+    if arch.returncode != 0:
+        msg = arch.stderr.decode(errors="replace").strip().splitlines()
+        raise CliError(f"--baseline {rev}: {msg[-1] if msg else 'git archive failed'}")
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True, timeout=120)
+    out = dest / BASE_NAME
+    (dest / PACKAGE_DIR.name).rename(out)
+    for f in out.rglob("*.py"):
+        text = f.read_text(errors="replace")
+        if f"from {PACKAGE_DIR.name}" in text or f"import {PACKAGE_DIR.name}" in text:
+            raise CliError(f"--baseline {rev}: its {f.relative_to(dest)} imports {PACKAGE_DIR.name} by name")
+    return out
+
+
+def _engine(pkg: str, args, dtype):
+    native = importlib.import_module(f"{pkg}.native")   # the process-wide kernel settings, as for this checkout
+    if args.no_native:
+        native.set_enabled(False)
+    if hasattr(native, "set_amx_inputs"):
+        native.set_amx_inputs(args.amx_inputs)
+    api = importlib.import_module(f"{pkg}.api")
+    eng = importlib.import_module(f"{pkg}.engine")
+    sampling = importlib.import_module(f"{pkg}.sampling")
+    engine, tok = api.build_engine(args.target, args.drafter, eng.EngineConfig(
+        max_slots=1, max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 8, block_size=args.block_size),
+        device=args.device, dtype=dtype)
+    return engine, tok, sampling
+
+
+def run(args) -> dict:
+    dtype = apply_runtime_args("python -m dflash_core.bench_ab", args)
+    if args.kv_cache_dtype != "auto":
+        raise CliError("python -m dflash_core.bench_ab: --kv-cache-dtype: it compares the engines' own defaults (auto)")
+    from .datasets import load_eval_prompts
+    out = sys.stderr if args.json else sys.stdout
+    tmp = Path(tempfile.mkdtemp(prefix="dflash-ab-"))
+    try:
+        export_package(args.baseline, tmp)
+        sys.path.insert(0, str(tmp))
+        try:
+            systems = {"baseline": _engine(BASE_NAME, args, dtype), "working": _engine(PACKAGE_DIR.name, args, dtype)}
+        finally:
+            sys.path.remove(str(tmp))
+        tok = systems["working"][1]
+        prompts = load_eval_prompts(args.dataset, tok, args.num_prompts + 1, args.max_prompt_tokens)
+        if len(prompts) < 2:
+            raise CliError(f"no {args.dataset} prompt fits --max-prompt-tokens {args.max_prompt_tokens}")
+        for engine, _, sampling in systems.values():   # warm-up (first calls allocate)
+            engine.generate([prompts[0]], sampling.SamplingParams(max_new_tokens=4))
+        names = list(systems)
+        n = {k: {"plain": 0, "dflash": 0} for k in names}
+        secs = {k: {"plain": 0.0, "dflash": 0.0} for k in names}
+        steps = {k: 0 for k in names}
+        outs = {k: {"plain": [], "dflash": []} for k in names}
+        print(f"{'prompt':>6} " + " ".join(f"{k + ' speedup':>17}" for k in names), file=out)
+        for i, ids in enumerate(prompts[1:]):
+            for k in (names if i % 2 == 0 else names[::-1]):
+                engine, _, sampling = systems[k]
+                for mode in ("plain", "dflash"):
+                    p = sampling.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                                speculative=mode == "dflash")
+                    t0 = time.perf_counter()
+                    [r] = engine.generate([ids], p)
+                    secs[k][mode] += time.perf_counter() - t0
+                    n[k][mode] += len(r.token_ids)
+                    outs[k][mode].append(list(r.token_ids))
+                    if mode == "dflash":
+                        steps[k] += len(r.stats.acceptance_lengths)
+            print(f"{i:>6} " + " ".join(
+                f"{n[k]['dflash'] / secs[k]['dflash'] / (n[k]['plain'] / secs[k]['plain']):>16.3f}x" for k in names),
+                file=out)
+        res = {"baseline_rev": args.baseline, "target": args.target, "drafter": args.drafter, "dataset": args.dataset,
+               "num_prompts": len(prompts) - 1, "max_new_tokens": args.max_new_tokens, "block_size": args.block_size}
+        for k in names:
+            plain, dflash = n[k]["plain"] / secs[k]["plain"], n[k]["dflash"] / secs[k]["dflash"]
+            res[k] = {"ar_tokens_per_s": round(plain, 2), "dflash_tokens_per_s": round(dflash, 2),
+                      "speedup": round(dflash / plain, 3), "tau": round(n[k]["dflash"] / max(steps[k], 1), 3),
+                      "greedy_outputs_identical": outs[k]["plain"] == outs[k]["dflash"]}
+            print(f"{k}: plain {plain:.2f} tok/s, DFlash {dflash:.2f} tok/s, {dflash / plain:.3f}x, "
+                  f"tau {res[k]['tau']}, DFlash output = plain output: {res[k]['greedy_outputs_identical']}", file=out)
+        res["plain_outputs_equal"] = outs["baseline"]["plain"] == outs["working"]["plain"]
+        res["dflash_over_baseline"] = round(res["working"]["dflash_tokens_per_s"] / res["baseline"]["dflash_tokens_per_s"], 3)
+        res["speedup_over_baseline"] = round(res["working"]["speedup"] / res["baseline"]["speedup"], 3)
+        print(f"the two engines' plain outputs equal: {res['plain_outputs_equal']}; DFlash tokens/s "
+              f"{res['dflash_over_baseline']}x the baseline's, speedup {res['speedup_over_baseline']}x its", file=out)
+        return res
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv=None) -> int:
+    def body(a):
+        res = run(_parser().parse_args(a))
+        print(json.dumps(res))
+        return 0
+    return run_command("python -m dflash_core.bench_ab", body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
