@@ -6,9 +6,9 @@ The package as it was at REV (`git archive`) is imported beside this one as
 both engines are built on the same target and drafter, and the same prompts run through
 both, prompt by prompt, plain decoding and DFlash each, the order of the two engines
 alternating from prompt to prompt, so machine noise hits both alike. Prints a table and,
-last, one JSON line (`--json`: only the JSON): per engine ("baseline", "working") the tokens/s of each mode, the speedup, tau,
-whether each engine's DFlash output equals its plain output, and whether the two engines'
-plain outputs are the same.
+last, one JSON line (`--json`: only the JSON): per engine ("baseline", "working") the
+tokens/s of each mode, the speedup, tau, whether its DFlash output equals its plain output;
+and whether the two engines' plain outputs are the same.
 
 What it is for: an engine change that is not a switch (a restructured step, a kernel
 rewrite) measured against the code before it, as the benchmarks require, in one run.
