@@ -732,6 +732,35 @@ def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms, 
         del nl.max_rows
 
 
+def _same_bits_every_way(t, new, slots, start, prefilled, steps):
+    """Asserts that the new tokens new [R, N] after `start` cached ones (prefilled() -> a
+    cache holding them) give `steps` (their outputs one token at a time) bit for bit: in
+    blocks of 7 and of N, as a tree whose every token lists all earlier ones (the gathered
+    path), and with 1 or 7 threads (other thread counts cut the tokens into other runs; 7:
+    runs that do not divide evenly)."""
+    R, N = new.shape
+
+    def blocks(T):
+        cache = prefilled()
+        return torch.cat([t(new[:, a:a + T], cache, slots, torch.full((R,), start + a))[0] for a in range(0, N, T)], 1)
+    for T in (7, N):
+        assert torch.equal(blocks(T), steps), T
+    chain = torch.zeros(R, N, N + 1, dtype=torch.int32)
+    for i in range(N):
+        chain[:, i, 0] = i + 1
+        chain[:, i, 1:i + 2] = torch.arange(i + 1, dtype=torch.int32)
+    cache = prefilled()
+    assert torch.equal(t(new, cache, slots, torch.full((R,), start), tree=chain)[0], steps)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 7):
+            torch.set_num_threads(n)
+            for T in (7, N):
+                assert torch.equal(blocks(T), steps), (n, T)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (4, 4, 64), (8, 2, 32), (4, 1, 40)])
 def test_native_attention_is_row_invariant_across_runs_pairs_and_trees(heads, kv_heads, head_dim):
     """The attention reads a kv head's keys once per run of up to 16 tokens of a row, two
@@ -757,27 +786,7 @@ def test_native_attention_is_row_invariant_across_runs_pairs_and_trees(heads, kv
 
     cache = prefilled()
     steps = torch.cat([t(new[:, i:i + 1], cache, slots, torch.full((2,), 13 + i))[0] for i in range(20)], 1)
-    for T in (7, 20):
-        cache = prefilled()
-        got = torch.cat([t(new[:, a:a + T], cache, slots, torch.full((2,), 13 + a))[0] for a in range(0, 20, T)], 1)
-        assert torch.equal(got, steps), T
-    chain = torch.zeros(2, 20, 21, dtype=torch.int32)
-    for i in range(20):
-        chain[:, i, 0] = i + 1
-        chain[:, i, 1:i + 2] = torch.arange(i + 1, dtype=torch.int32)
-    cache = prefilled()
-    assert torch.equal(t(new, cache, slots, torch.full((2,), 13), tree=chain)[0], steps)
-    threads = torch.get_num_threads()
-    try:   # other thread counts cut the tokens into other runs (7: runs that do not divide evenly)
-        for n in (1, 7):
-            torch.set_num_threads(n)
-            for T in (7, 20):
-                cache = prefilled()
-                got = torch.cat([t(new[:, a:a + T], cache, slots, torch.full((2,), 13 + a))[0]
-                                 for a in range(0, 20, T)], 1)
-                assert torch.equal(got, steps), (n, T)
-    finally:
-        torch.set_num_threads(threads)
+    _same_bits_every_way(t, new, slots, 13, prefilled, steps)
     nl.enabled = False
     try:
         cache = prefilled()
@@ -817,24 +826,7 @@ def test_bf16_kv_cache_stores_rounded_values_and_stays_row_invariant():
         want = getattr(ref, kind)[0][:, :, :33].bfloat16()
         assert torch.equal(getattr(cache, kind)[0][:, :, :33], want), kind
     assert not torch.equal(cache.k[2][:, :, :33].float(), ref.k[2][:, :, :33])   # (they really are rounded)
-    for T in (7, 20):
-        c = prefilled()
-        got = torch.cat([t(new[:, a:a + T], c, slots, torch.full((2,), 13 + a))[0] for a in range(0, 20, T)], 1)
-        assert torch.equal(got, steps), T
-    chain = torch.zeros(2, 20, 21, dtype=torch.int32)
-    for i in range(20):
-        chain[:, i, 0] = i + 1
-        chain[:, i, 1:i + 2] = torch.arange(i + 1, dtype=torch.int32)
-    c = prefilled()
-    assert torch.equal(t(new, c, slots, torch.full((2,), 13), tree=chain)[0], steps)
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 7):
-            torch.set_num_threads(n)
-            c = prefilled()
-            assert torch.equal(t(new, c, slots, torch.full((2,), 13))[0], steps), n
-    finally:
-        torch.set_num_threads(threads)
+    _same_bits_every_way(t, new, slots, 13, prefilled, steps)
     # the torch layers over a bf16 cache read rounded values too: to summation order, which
     # rounding can turn into one bf16 step (2^-8 relative) of a K / V value near a boundary
     c = prefilled()
