@@ -293,8 +293,12 @@ class SpecEngine:
         """Whether its speculative steps verify trees (EngineConfig.draft_tree, no
         draft_threshold, a drafter, and a target whose native layers run them; a step
         still falls back to chains where its rows x block exceed what those layers take)."""
-        return (self.speculative and self.config.draft_tree and self.config.draft_threshold <= 0
-                and self.target.serves_tree(1, 3))
+        return self._trees_asked and self.target.serves_tree(1, 3)
+
+    @property
+    def _trees_asked(self) -> bool:
+        """What draft_trees asks of the config: speculative, EngineConfig.draft_tree, no draft_threshold."""
+        return self.speculative and self.config.draft_tree and self.config.draft_threshold <= 0
 
     @property
     def draft_lookups(self) -> bool:
@@ -305,12 +309,12 @@ class SpecEngine:
     def _lookups(self, rows: list[Sequence], tree_rows: list[int], nodes: int, top=None) -> dict[int, list[int]]:
         """The lookup branch of each of these tree rows (lookup.propose) for trees of `nodes`
         nodes, where its context has one; with `top` (the drafter's top tokens and
-        probabilities, greedy trees) the branch's length also reads the drafter's first choice."""
+        probabilities [R, b-1, k] as nested lists, greedy trees) the branch's length also reads
+        the drafter's first choice."""
         out = {}
         firsts = None
-        if top is not None:   # (tensors [R, b-1, k], or those as nested lists)
-            tok, p = (t.tolist() if torch.is_tensor(t) else t for t in top)
-            firsts = [(tok[r][0][0], p[r][0][0]) for r in tree_rows]
+        if top is not None:
+            firsts = [(top[0][r][0][0], top[1][r][0][0]) for r in tree_rows]
         for j, r in enumerate(tree_rows):
             s = rows[r]
             if s.ngrams is None:
@@ -530,8 +534,7 @@ class SpecEngine:
         tree.sampling_nodes), when the block holds two drafts or more and the native layers
         serve the forward."""
         # (serving R x b tree tokens implies draft_trees' 1 x 3: one check of the native layers)
-        if b < 3 or not (self.speculative and self.config.draft_tree and self.config.draft_threshold <= 0) \
-                or not self.target.serves_tree(len(rows), b):
+        if b < 3 or not self._trees_asked or not self.target.serves_tree(len(rows), b):
             return []
         return [r for r, s in enumerate(rows) if not s.params.penalized]
 

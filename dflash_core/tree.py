@@ -150,19 +150,18 @@ def merged_nodes(lookup: list[int], top_p: list[list[float]], top_tok: list[list
     return parents, tokens
 
 
-def plan(top: tuple[torch.Tensor, torch.Tensor], tree_rows: list[int], draft_tokens: torch.Tensor,
+def plan(top: tuple[list, list], tree_rows: list[int], draft_tokens: torch.Tensor,
          lookups: dict[int, list[int]] | None = None, lookup_nodes: dict[int, set[int]] | None = None
          ) -> dict[int, list[int]]:
     """The greedy trees of a step: top = the drafter's (tokens, probs) [R, b-1, k] per
-    position (speculative.draft's `topk`), tree_rows the greedy rows that verify trees,
+    position (speculative.draft's `topk`, read to the host as nested lists), tree_rows the greedy rows that verify trees,
     lookups: row -> its lookup branch (lookup.py; `merged_nodes`), where it has one.
     Writes each tree row's node tokens into draft_tokens [R, b-1] (in place; other rows
     keep theirs), and into `lookup_nodes` (when given) each row's block indices of its
     lookup branch (the first nodes: `merged_nodes` adds them first) -> row -> parents of
     its nodes."""
     n = draft_tokens.shape[1]
-    # (one host copy of the whole [R, b-1, k] pair, read as lists: fewer ops than indexing first)
-    top_tok, top_p = (t.tolist() if torch.is_tensor(t) else t for t in top)
+    top_tok, top_p = top
     parents: dict[int, list[int]] = {}
     for r in tree_rows:
         look = lookups.get(r) if lookups else None

@@ -188,6 +188,19 @@ def test_shipped_drafter_runs_on_the_8bit_grid_and_the_output_does_not_move(defa
         assert b.stats.num_draft_tokens > 0 and c.stats.num_draft_tokens > 0
 
 
+def _dflash_equals_plain(engine, prompts, blocks, max_new_tokens):
+    """Greedy DFlash at each of `blocks` equals the engine's own plain decoding of `prompts`
+    token for token (asserted) -> (the plain token ids, {block: the DFlash outputs})."""
+    plain = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens,
+                                                                          speculative=False))]
+    outs = {}
+    for block in blocks:
+        engine.config.block_size = block
+        outs[block] = engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+        assert [r.token_ids for r in outs[block]] == plain, block
+    return plain, outs
+
+
 def test_bf16_greedy_dflash_equals_bf16_decoding_on_real_prompts():
     """The default target in bf16 (oneDNN, not the native kernels): greedy DFlash at blocks 4
     and 8 equals the same engine's bf16 decoding token for token on real chat prompts. On a
@@ -198,13 +211,10 @@ def test_bf16_greedy_dflash_equals_bf16_decoding_on_real_prompts():
                                dtype="bfloat16")
     assert engine.target.dtype == torch.bfloat16
     prompts = load_eval_prompts("sharegpt", tok, 3, 256)
-    plain = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=96, speculative=False))]
+    plain, outs = _dflash_equals_plain(engine, prompts, (4, 8), 96)
     assert all(len(t) > 0 for t in plain)
-    for block in (4, 8):
-        engine.config.block_size = block
-        out = engine.generate(prompts, SamplingParams(max_new_tokens=96))
-        assert [r.token_ids for r in out] == plain, block
-        assert sum(r.stats.num_draft_tokens for r in out) > 0
+    for block, out in outs.items():
+        assert sum(r.stats.num_draft_tokens for r in out) > 0, block
 
 
 def test_bf16_amx_inputs_greedy_dflash_equals_plain_decoding_on_real_prompts():
@@ -218,12 +228,9 @@ def test_bf16_amx_inputs_greedy_dflash_equals_plain_decoding_on_real_prompts():
         engine, tok = build_engine("default", "default", EngineConfig(max_slots=3, max_seq_len=512, block_size=4))
     assert engine.target.layers[0].mlp._gate_up_fn.native_format == "q4_1xb"
     prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS]
-    plain = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=64, speculative=False))]
-    for block in (4, 8):
-        engine.config.block_size = block
-        out = engine.generate(prompts, SamplingParams(max_new_tokens=64))
-        assert [r.token_ids for r in out] == plain, block
-        assert sum(r.stats.num_accepted_tokens for r in out) > 0
+    _, outs = _dflash_equals_plain(engine, prompts, (4, 8), 64)
+    for block, out in outs.items():
+        assert sum(r.stats.num_accepted_tokens for r in out) > 0, block
 
 
 def test_bf16_kv_cache_greedy_dflash_equals_plain_decoding_on_real_prompts():
@@ -234,10 +241,8 @@ def test_bf16_kv_cache_greedy_dflash_equals_plain_decoding_on_real_prompts():
                                                                   kv_cache_dtype="bfloat16"))
     assert engine.cache.k_all.dtype == torch.bfloat16
     prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS]
-    plain = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_new_tokens=64, speculative=False))]
-    out = engine.generate(prompts, SamplingParams(max_new_tokens=64))
-    assert [r.token_ids for r in out] == plain
-    assert sum(r.stats.num_accepted_tokens for r in out) > 0
+    _, outs = _dflash_equals_plain(engine, prompts, (6,), 64)
+    assert sum(r.stats.num_accepted_tokens for r in outs[6]) > 0
 
 
 def test_tree_verification_on_the_shipped_drafter_equals_plain_decoding(default, monkeypatch):

@@ -121,25 +121,20 @@ static void rope(float *v, const float *cs, const float *sn, int D) {
     }
 }
 
-static inline float dot(const float *a, const float *b, int D) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + d), _mm256_loadu_ps(b + d), acc);
-    return hsum8(acc);
-}
-
 /* Queries are kept in pairs (the attention's per-thread buffer): query i's dims d .. d + 7
  * sit at qp[(i / 2) * 2D + 2d + (i % 2) * 8], so one 16-float load holds the same 8 dims of
  * both queries of a pair (QP_AT: where query i's first 8 dims are; its next 8 are 16 on). */
 #define QP_AT(qp, i, D) ((qp) + (long)((i) / 2) * 2 * (D) + ((i) % 2) * 8)
 
-/* dot() of a paired query (QP_AT) with a key: the same chain, the same bits */
+/* A query's score against a key, the reference every path below reproduces bit for bit: one
+ * 8-lane FMA chain over d in order (q at QP_AT: its next 8 dims 16 on), then hsum8 */
 static inline float dot_qp(const float *q, const float *k, int D) {
     __m256 acc = _mm256_setzero_ps();
     for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + 2 * d), _mm256_loadu_ps(k + d), acc);
     return hsum8(acc);
 }
 
-/* one paired query (QP_AT) against 4 keys k0 .. k0 + 3D -> si[0 .. 3]: dot()'s chain and hsum8 for each */
+/* one paired query (QP_AT) against 4 keys k0 .. k0 + 3D -> si[0 .. 3]: dot_qp()'s chain and hsum8 for each */
 static inline __attribute__((always_inline)) void single_scores4(const float *qi, const float *k0, int D, float scale,
                                                                  float *si) {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
@@ -160,7 +155,7 @@ static inline __attribute__((always_inline)) void single_scores4(const float *qi
 /* The four accumulators of a pair of queries against 4 keys (a_k: lanes 0-7 the pair's
  * first query's 8-lane chain against key k, 8-15 the second's) -> the 8 scores, out[0 .. 3]
  * and out[stride .. stride + 3]. The four sums per half are reduced together in hsum8's own
- * order ((v_i + v_{i+4}), then lanes 0 + 2 and 1 + 3, then those two): the same bits as dot(). */
+ * order ((v_i + v_{i+4}), then lanes 0 + 2 and 1 + 3, then those two): the same bits as dot_qp(). */
 static inline __attribute__((always_inline)) void pair_reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3,
                                                                float scale, float *out, long stride) {
     /* 128-bit lanes of a_k: [qa 0-3, qa 4-7, qb 0-3, qb 4-7]; s01 = [a0:qa, a0:qb, a1:qa, a1:qb] of v_i + v_{i+4} */
@@ -191,7 +186,7 @@ static inline __attribute__((always_inline)) void pair_reduce4(__m512 a0, __m512
 /* The scores of NP (1 or 2) pairs of queries (pair p at qp + p * 2D, paired as QP_AT lays
  * them) against 4 keys k0 .. k0 + 3D: one 16-float load per pair and 8 dims, each key's 8
  * dims broadcast to both halves once for all the pairs, one FMA per (pair, key); pair p's
- * scores at out + 2p * stride. Each half is exactly dot()'s chain, reduced as pair_reduce4. */
+ * scores at out + 2p * stride. Each half is exactly dot_qp()'s chain, reduced as pair_reduce4. */
 static inline __attribute__((always_inline)) void pairs_scores4(const int NP, const float *qp, const float *k0, int D,
                                                                 float scale, float *out, long stride) {
     __m512 a[2][4];
@@ -219,7 +214,7 @@ static inline __attribute__((always_inline)) void pairs_scores4(const int NP, co
  * query q0 + i's at scores[i * stride + j]. Each block of 4 keys is read once for every
  * query that reads all four (from L1 after the first), two pairs of queries at a time,
  * instead of once per token; a query's last keys past a block of 4 are single dots.
- * Every (query, key) is the same 8-lane FMA chain over d in order and hsum8 as dot(),
+ * Every (query, key) is the same 8-lane FMA chain over d in order and hsum8 as dot_qp(),
  * whichever way it is reached (4 keys at a time, in a pair, two pairs, or alone): the same bits. */
 static void multi_scores(const float *qp, int q0, int Q, const long *nq, const float *kb, long stride, int D,
                          float scale, float *scores) {
