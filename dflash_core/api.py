@@ -132,8 +132,41 @@ def build_engine(target: str = "default", drafter="default", config: EngineConfi
         d = (load_drafter(drafter, model.config, target, config.block_size, device, dtype, drafter_weights)
              if config.block_size > 1 else None)
         backend = LocalDraftBackend(d, config.max_slots, config.max_seq_len + d.config.block_size + 1) if d else None
-    engine = SpecEngine(model, backend, config, eos_token_ids=resolved.eos_token_ids)
+    corpus = load_corpus(config.draft_corpus, drafter, target) if backend is not None else None
+    try:
+        engine = SpecEngine(model, backend, config, eos_token_ids=resolved.eos_token_ids, corpus=corpus)
+    except ValueError as e:
+        if corpus is None:
+            raise
+        raise ModelLoadError(f"draft corpus {config.draft_corpus}: {e}") from None
     return engine, tok
+
+
+def corpus_file(spec: str, drafter, target_spec: str = "default") -> Path | None:
+    """The corpus index file EngineConfig.draft_corpus names: "auto" -> the drafter
+    folder's corpus.npz where it has one, "none" -> None, else the path."""
+    from .corpus import FILE_NAME
+    if spec == "none":
+        return None
+    if spec == "auto":
+        folder = drafter_folder(drafter, target_spec) if isinstance(drafter, (str, Path)) else None
+        return folder / FILE_NAME if folder is not None and (folder / FILE_NAME).is_file() else None
+    return Path(spec)
+
+
+def load_corpus(spec: str, drafter, target_spec: str = "default"):
+    """-> the corpus.CorpusIndex `spec` names (corpus_file), or None. Raises
+    ModelLoadError (one line) for a file that is missing or not an index."""
+    path = corpus_file(spec, drafter, target_spec)
+    if path is None:
+        return None
+    from .corpus import CorpusIndex
+    if not path.is_file():
+        raise ModelLoadError(f"draft corpus {spec}: no such file")
+    try:
+        return CorpusIndex.load(path)
+    except ValueError as e:
+        raise ModelLoadError(f"draft corpus: {e}") from None
 
 
 def linear_kind(model) -> str:

@@ -125,6 +125,10 @@ def check_tree_tau(tree_tau) -> dict[int, float]:
     return out
 
 
+TREE_TAU_KEYS = ("tree_tau", "tree_lookup_tau", "tree_corpus_tau")   # the drafter's trees; with lookup
+# branches (lookup.py); with lookup and corpus branches (corpus.py)
+
+
 def load_acceptance(folder) -> dict | None:
     """The acceptance profile in a drafter folder ({per_position_acceptance, block_size,
     and how it was measured}), or None where the folder has none. A file that is there but
@@ -137,7 +141,7 @@ def load_acceptance(folder) -> dict | None:
         if not isinstance(prof, dict):
             raise ValueError("expected a JSON object")
         prof["per_position_acceptance"] = check_reach(prof.get("per_position_acceptance"))
-        for key in ("tree_tau", "tree_lookup_tau"):
+        for key in TREE_TAU_KEYS:
             if key in prof:
                 prof[key] = check_tree_tau(prof[key])
     except (ValueError, OSError) as e:
@@ -148,7 +152,7 @@ def load_acceptance(folder) -> dict | None:
 def save_acceptance(folder, reach, **measured) -> Path:
     """Write `acceptance.json` into a drafter folder: the profile plus `measured` (how)."""
     path = Path(folder) / ACCEPTANCE_FILE
-    for key in ("tree_tau", "tree_lookup_tau"):
+    for key in TREE_TAU_KEYS:
         if measured.get(key) is not None:
             measured[key] = {str(b): round(t, 4) for b, t in sorted(check_tree_tau(measured[key]).items())}
     path.write_text(json.dumps({"per_position_acceptance": [round(x, 4) for x in check_reach(list(reach))],
@@ -240,8 +244,12 @@ def probe_rows(max_slots: int) -> list[int]:
 
 def profile_tree_tau(engine, profile: dict) -> dict | None:
     """The tree tau an acceptance profile predicts this engine's greedy tree steps with: the
-    walk with lookup branches (`tree_lookup_tau`) where the engine verifies them and the
-    profile has it, else the drafter's trees alone (`tree_tau`), else None."""
+    walk with lookup and corpus branches (`tree_corpus_tau`) where the engine plans its
+    trees with a corpus index, with lookup branches (`tree_lookup_tau`) where it verifies
+    them, else the drafter's trees alone (`tree_tau`), each where the profile has it, else
+    None."""
+    if getattr(engine, "draft_corpus", False) and profile.get("tree_corpus_tau"):
+        return profile["tree_corpus_tau"]
     if engine.draft_lookups and profile.get("tree_lookup_tau"):
         return profile["tree_lookup_tau"]
     return profile.get("tree_tau")

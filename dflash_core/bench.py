@@ -50,6 +50,8 @@ import time
 
 import torch
 
+from . import clitools
+
 BENCH_PROMPTS = [
     "Explain how a hash table works and when it is a bad choice.",
     "Write a short story about a robot who learns to paint.",
@@ -113,6 +115,9 @@ def _parser():
                     help="tree rows also verify lookup branches (EngineConfig.draft_lookup, dflash_core/lookup.py)")
     ap.add_argument("--lookup-ab", action="store_true",
                     help="also measure everything with the other --draft-lookup")
+    ap.add_argument("--draft-corpus", default="auto", help=clitools.CORPUS_HELP)
+    ap.add_argument("--corpus-ab", action="store_true",
+                    help="also measure everything with the corpus index off (the run needs one: --draft-corpus)")
     ap.add_argument("--verify-ctx", default=None,
                     help="--verify-cost: comma-separated cached context lengths the forwards run on (default 128; "
                          "the first is the one the A/B comparisons use)")
@@ -208,6 +213,18 @@ def _switch_set(engine, field: str, on: bool):
         yield int(getattr(engine, _SWITCHES[field]))
     finally:
         setattr(engine.config, field, was)
+
+
+@contextlib.contextmanager
+def corpus_set(engine, index):
+    """Within: the engine plans its greedy trees with this corpus index (None: without
+    one); restored after. Yields 1 where the engine then plans with an index, else 0."""
+    was = engine.corpus
+    engine.corpus = index
+    try:
+        yield int(engine.draft_corpus)
+    finally:
+        engine.corpus = was
 
 
 def draft_lookup_set(engine, on: bool):
@@ -612,7 +629,7 @@ def main(argv=None) -> int:
         raise CliError(f"dflash bench: {e}")
     engine, tok = build_engine(args.target, args.drafter, EngineConfig(
         max_slots=max([1] + batch_sizes), max_seq_len=1024 + args.max_new_tokens, block_size=max(block_sizes),
-        kv_cache_dtype=args.kv_cache_dtype),
+        kv_cache_dtype=args.kv_cache_dtype, draft_corpus=args.draft_corpus),
         device=args.device, dtype=dtype, drafter_weights=args.drafter_weights)
     if args.dataset == "bench":
         texts = (BENCH_PROMPTS * (args.num_prompts // len(BENCH_PROMPTS) + 1))[:args.num_prompts]
@@ -713,6 +730,12 @@ def main(argv=None) -> int:
             other = "off" if value == "on" else "on"
             off_modes.append((f"{field}_{other}", f"{field.replace('_', ' ')} {other}",
                               lambda field=field, other=other: _switch_set(engine, field, other == "on")))
+    summary["draft_corpus"] = engine.draft_corpus
+    if args.corpus_ab:
+        if engine.corpus is None:
+            raise CliError("dflash bench: --corpus-ab compares planning with a corpus index and without: this run "
+                           "loads none (--draft-corpus)")
+        off_modes.append(("draft_corpus_off", "draft corpus off", lambda: corpus_set(engine, None)))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
     plain_outputs: list[list[int]] = []   # --amx-inputs-ab / --kv-cache-ab: the responses next_token_agreement reads
     by_threshold: dict[str, dict] = {}

@@ -1,4 +1,4 @@
-"""The core's command line: generate, bench, data, train, eval. The installed `dflash`
+"""The core's command line: generate, bench, data, train, eval, corpus. The installed `dflash`
 command (service/entry.py) adds `serve` on top; the core never imports the server.
 
 Bad input gives one clear line on stderr and exit code 2; load failures exit 1.
@@ -11,7 +11,7 @@ import sys
 import time
 
 from .chat import encode_prompt
-from .clitools import CliError, _Parser, _positive_int, add_runtime_args, apply_runtime_args
+from .clitools import CORPUS_HELP, TARGET_HELP, CliError, _Parser, _positive_int, add_runtime_args, apply_runtime_args
 
 
 def build_generate_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def build_generate_parser() -> argparse.ArgumentParser:
                     help="trees also verify what followed the last tokens where they occurred before in "
                          "the prompt or output (on; dflash_core/lookup.py); greedy output is the same, sampled output "
                          "follows the same distribution")
+    ap.add_argument("--draft-corpus", default="auto", help=CORPUS_HELP)
     ap.add_argument("--max-seq-len", type=_positive_int, default=2048)
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -50,7 +51,7 @@ def cmd_generate(argv) -> int:
                                 speculative=not args.no_draft)
         cfg = EngineConfig(max_slots=1, max_seq_len=args.max_seq_len, block_size=1 if args.no_draft else args.block_size,
                            draft_tree=args.draft_tree == "on", draft_lookup=args.draft_lookup == "on",
-                           kv_cache_dtype=args.kv_cache_dtype)
+                           kv_cache_dtype=args.kv_cache_dtype, draft_corpus=args.draft_corpus)
     except ValueError as e:
         raise CliError(f"dflash generate: {e}")
     if not args.prompt:
@@ -73,6 +74,7 @@ def cmd_generate(argv) -> int:
         "num_steps": res.stats.num_steps,
         "draft_tree": engine.draft_trees,
         "draft_lookup": engine.draft_lookups,
+        "draft_corpus": engine.draft_corpus,
         "accepted_per_position": res.stats.accepted_per_position,
         "tokens_per_s": round(len(res.token_ids) / dt, 3) if dt > 0 else None,
         "elapsed_s": round(dt, 3),
@@ -87,6 +89,57 @@ def cmd_generate(argv) -> int:
     return 0
 
 
+def build_corpus_parser() -> argparse.ArgumentParser:
+    from .corpus import FILE_NAME
+    ap = _Parser(prog="dflash corpus", description="Build a corpus index (dflash_core/corpus.py) from data "
+                                                   "folders of the target's own responses (dflash data).")
+    ap.add_argument("--data", required=True, help="comma-separated data folders (token shards) to index")
+    ap.add_argument("--out", required=True, help=f"the index file to write (a drafter folder's {FILE_NAME} is what "
+                                                 "--draft-corpus auto loads)")
+    ap.add_argument("--calibrate-on", default=None,
+                    help="comma-separated folders among --data whose left-out records measure the probabilities "
+                         "(default: all of them)")
+    ap.add_argument("--min-count", type=int, default=2, help="a context enters the index when seen this often")
+    ap.add_argument("--min-prob", type=float, default=0.25,
+                    help="drop contexts whose kind of guess was right less often than this (0 keeps all)")
+    ap.add_argument("--calibration-share", type=float, default=0.02,
+                    help="the share of conversations (by hashed id) left out of the index to measure it on")
+    ap.add_argument("--target", default="default", help=TARGET_HELP + " (its vocabulary size is recorded)")
+    ap.add_argument("--json", action="store_true", help="print the index's build record as one JSON object")
+    return ap
+
+
+def cmd_corpus(argv) -> int:
+    from pathlib import Path
+
+    from .corpus import build_from_folders
+    a = build_corpus_parser().parse_args(argv)
+    folders = [f for f in a.data.split(",") if f]
+    calib = [f for f in a.calibrate_on.split(",") if f] if a.calibrate_on else None
+    for f in folders:
+        if not Path(f).is_dir():
+            raise CliError(f"dflash corpus: --data: no folder {f}")
+    from .models.registry import resolve_model
+    vocab = resolve_model(a.target).config.vocab_size
+    t0 = time.perf_counter()
+    try:
+        index = build_from_folders(folders, vocab, calib, min_count=a.min_count, min_prob=a.min_prob,
+                                   calibration_share=a.calibration_share)
+    except ValueError as e:
+        raise CliError(f"dflash corpus: {e}") from None
+    index.meta["build_s"] = round(time.perf_counter() - t0, 1)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    index.save(a.out)
+    rec = index.meta | {"file": a.out, "file_mb": round(Path(a.out).stat().st_size / 1e6, 2)}
+    if a.json:
+        print(json.dumps(rec))
+    else:
+        print(f"{a.out}: {rec['entries']} contexts from {rec['records']} records ({rec['response_tokens']} response "
+              f"tokens), calibrated on {rec['calibration_records']} left-out records, {rec['file_mb']} MB, "
+              f"{rec['build_s']} s", file=sys.stderr)
+    return 0
+
+
 USAGE = """usage: dflash <command> [options]
 
 commands:
@@ -96,6 +149,7 @@ commands:
   data       generate drafter training data with the target
   train      train a drafter
   eval       measure a drafter's acceptance length and speedup
+  corpus     index the target's own responses for corpus branches
 
 `dflash <command> --help` for options."""
 
@@ -107,7 +161,7 @@ def _no_server(argv) -> int:
 
 def _unknown(cmd: str):
     def body(argv) -> int:
-        raise CliError(f"dflash: unknown command {cmd!r} (try: generate, bench, serve, data, train, eval)")
+        raise CliError(f"dflash: unknown command {cmd!r} (try: generate, bench, serve, data, train, eval, corpus)")
     return body
 
 
@@ -130,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_command("dflash bench", bench_main, rest)
         if cmd == "serve":
             return run_command("dflash serve", _no_server, rest)
+        if cmd == "corpus":
+            return run_command("dflash corpus", cmd_corpus, rest)
         if cmd in ("data", "train", "eval"):
             import importlib
             mod = {"data": "datagen", "train": "train", "eval": "evaluate"}[cmd]

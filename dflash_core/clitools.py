@@ -86,6 +86,9 @@ def resolve_dtype_arg(prog: str, name: str, device: str):
         raise CliError(f"{prog}: {e}") from None
 
 
+CORPUS_HELP = ("greedy draft trees with lookup branches are planned with a corpus index of the target's own "
+               "responses (dflash_core/corpus.py; EngineConfig.draft_corpus): auto (the drafter folder's corpus.npz "
+               "where it has one), none, or an index file (dflash corpus); greedy output is the same")
 TARGET_HELP = "default | HF folder | .gguf | hub id | tiny-random"
 DRAFTER_HELP = "default | drafter folder | random"
 DRAFTER_WEIGHTS_HELP = ("stored: as the drafter folder holds them; q8_0: rounded onto the native kernel's 8-bit "

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import corpus as corpus_mod
 from . import lookup
 from . import runtime
 from .runtime import KV_CACHE_DTYPES
@@ -201,6 +202,12 @@ class EngineConfig:
     # cache, which at many rows and long contexts is most of what a decode step reads), or
     # "auto" (resolve_kv_cache_dtype)
     kv_cache_dtype: str = "auto"
+    # corpus branches (corpus.py): greedy trees with lookup branches are planned best-first
+    # by path probability, with the guesses of an index of the target's own responses and
+    # calibrated lookup probabilities (tree.scored_nodes). "auto": the drafter folder's
+    # corpus.npz where it has one (api.build_engine), "none": off, or an index file's path.
+    # Read where the engine is built; SpecEngine takes the loaded index (`corpus`)
+    draft_corpus: str = "auto"
 
     def __post_init__(self):
         if self.max_slots < 1:
@@ -214,6 +221,8 @@ class EngineConfig:
         self.draft_threshold = check_draft_threshold(self.draft_threshold)
         self.block_size_schedule = parse_block_size_schedule(self.block_size_schedule)
         self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)
+        if not isinstance(self.draft_corpus, str) or not self.draft_corpus:
+            raise ValueError(f"draft_corpus must be auto, none or an index file, got {self.draft_corpus!r}")
         self.capture_layers = tuple(int(i) for i in self.capture_layers)
         if any(i < 0 for i in self.capture_layers):
             raise ValueError("capture_layers must be >= 0")
@@ -227,11 +236,17 @@ class EngineConfig:
 
 class SpecEngine:
     def __init__(self, target: Decoder, draft_backend=None, config: EngineConfig | None = None,
-                 eos_token_ids: tuple[int, ...] = ()):
+                 eos_token_ids: tuple[int, ...] = (), corpus=None):
         """target: the Decoder; draft_backend: a DraftBackend (LocalDraftBackend or remote,
-        whose `.config` is the DrafterConfig) or None (plain autoregressive decoding)."""
+        whose `.config` is the DrafterConfig) or None (plain autoregressive decoding);
+        corpus: a corpus.CorpusIndex of the target's own responses, or None (greedy trees
+        with lookup branches then score their nodes with it: `draft_corpus`)."""
         self.target = target
         self.config = config or EngineConfig()
+        if corpus is not None and corpus.vocab_size and corpus.vocab_size != target.config.vocab_size:
+            raise ValueError(f"the corpus index is for a vocabulary of {corpus.vocab_size} tokens, "
+                             f"the target has {target.config.vocab_size}")
+        self.corpus = corpus
         self.drafting = spec.DraftContext.of(draft_backend, target) if draft_backend is not None else None
         self.drafter_block_size = self.drafting.block_size if self.drafting else 1
         if self.config.capture_layers and max(self.config.capture_layers) >= target.config.num_layers:
@@ -305,6 +320,22 @@ class SpecEngine:
         """Whether its tree rows also verify lookup branches (EngineConfig.draft_lookup,
         where trees run: `draft_trees`)."""
         return self.config.draft_lookup and self.draft_trees
+
+    @property
+    def draft_corpus(self) -> bool:
+        """Whether its greedy tree rows are planned with the corpus index (where lookup
+        branches run: `draft_lookups`, and a corpus index is loaded)."""
+        return self.corpus is not None and self.draft_lookups
+
+    def _chains(self, rows: list[Sequence], tree_rows: list[int], nodes: int) -> dict[int, list]:
+        """Each greedy tree row's scored chains for tree.scored_nodes (corpus.row_chains)."""
+        out = {}
+        for r in tree_rows:
+            s = rows[r]
+            if s.ngrams is None:
+                s.ngrams = lookup.NgramIndex()
+            out[r] = corpus_mod.row_chains(self.corpus, s.ngrams, s.prompt + s.output, nodes)
+        return out
 
     def _lookups(self, rows: list[Sequence], tree_rows: list[int], nodes: int, top=None) -> dict[int, list[int]]:
         """The lookup branch of each of these tree rows (lookup.propose) for trees of `nodes`
@@ -567,8 +598,12 @@ class SpecEngine:
                 greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
                 if greedy_rows:
                     top_lists = (top[0].tolist(), top[1].tolist())   # one host copy for the lookups and the plan
-                    looks = self._lookups(rows, greedy_rows, b - 1, top_lists) if self.config.draft_lookup else None
-                    parents = tree.plan(top_lists, greedy_rows, draft_tokens, looks, lookup_nodes)
+                    if self.draft_corpus:
+                        parents = tree.plan(top_lists, greedy_rows, draft_tokens, None, lookup_nodes,
+                                            chains=self._chains(rows, greedy_rows, b - 1))
+                    else:
+                        looks = self._lookups(rows, greedy_rows, b - 1, top_lists) if self.config.draft_lookup else None
+                        parents = tree.plan(top_lists, greedy_rows, draft_tokens, looks, lookup_nodes)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:
                     looks = self._lookups(rows, samp_rows, b - 1) if self.config.draft_lookup else None

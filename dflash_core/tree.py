@@ -150,22 +150,69 @@ def merged_nodes(lookup: list[int], top_p: list[list[float]], top_tok: list[list
     return parents, tokens
 
 
+def scored_nodes(chains: list[tuple[list[int], list[float]]], top_p: list[list[float]], top_tok: list[list[int]],
+                 n: int) -> tuple[list[int], list[int], list[bool]]:
+    """One greedy row's tree of up to n nodes, best-first by path probability over every
+    source at once (corpus.py): the drafter's top tokens at each position (top_p / top_tok
+    [P][K], its probabilities) are children of every node at that depth; each chain
+    (tokens, probabilities: the chance of each token where the ones before it were right;
+    the context lookup's continuation, the corpus index's guesses) adds its next token as a
+    child of the nodes on it. A token that several sources propose as the same child gets
+    1 - prod(1 - p) of theirs. Depth <= P. -> (parents, tokens, on a chain: per node)."""
+    P = len(top_p)
+    parents: list[int] = []
+    tokens: list[int] = []
+    on_chain: list[bool] = []
+    heap: list = []
+    tie = 0
+
+    def offer(parent: int, depth: int, score: float, chains_on) -> None:
+        nonlocal tie
+        if depth >= P:
+            return
+        probs = dict(zip(top_tok[depth], top_p[depth]))
+        via: dict[int, list[int]] = {}
+        for c in chains_on:
+            toks, ps = chains[c]
+            if depth < len(toks):
+                t = toks[depth]
+                probs[t] = 1.0 - (1.0 - probs.get(t, 0.0)) * (1.0 - ps[depth])
+                via.setdefault(t, []).append(c)
+        for t, p in probs.items():
+            heapq.heappush(heap, (-score * p, tie, parent, depth, t, via.get(t, ())))
+            tie += 1
+
+    offer(0, 0, 1.0, range(len(chains)))
+    while heap and len(tokens) < n:
+        neg, _, parent, depth, t, via = heapq.heappop(heap)
+        parents.append(parent)
+        tokens.append(t)
+        on_chain.append(bool(via))
+        offer(len(tokens), depth + 1, -neg, via)
+    return parents, tokens, on_chain
+
+
 def plan(top: tuple[list, list], tree_rows: list[int], draft_tokens: torch.Tensor,
-         lookups: dict[int, list[int]] | None = None, lookup_nodes: dict[int, set[int]] | None = None
-         ) -> dict[int, list[int]]:
+         lookups: dict[int, list[int]] | None = None, lookup_nodes: dict[int, set[int]] | None = None,
+         chains: dict[int, list[tuple[list[int], list[float]]]] | None = None) -> dict[int, list[int]]:
     """The greedy trees of a step: top = the drafter's (tokens, probs) [R, b-1, k] per
     position (speculative.draft's `topk`, read to the host as nested lists), tree_rows the greedy rows that verify trees,
     lookups: row -> its lookup branch (lookup.py; `merged_nodes`), where it has one.
     Writes each tree row's node tokens into draft_tokens [R, b-1] (in place; other rows
     keep theirs), and into `lookup_nodes` (when given) each row's block indices of its
     lookup branch (the first nodes: `merged_nodes` adds them first) -> row -> parents of
-    its nodes."""
+    its nodes. With `chains` (row -> its scored chains, corpus.py) the trees are
+    `scored_nodes` instead, and `lookup_nodes` gets the nodes any chain proposed."""
     n = draft_tokens.shape[1]
     top_tok, top_p = top
     parents: dict[int, list[int]] = {}
     for r in tree_rows:
         look = lookups.get(r) if lookups else None
-        if look:
+        if chains is not None:
+            parents[r], toks, on = scored_nodes(chains.get(r, []), top_p[r], top_tok[r], n)
+            if lookup_nodes is not None and any(on):
+                lookup_nodes[r] = {i + 1 for i, o in enumerate(on) if o}
+        elif look:
             parents[r], toks = merged_nodes(look, top_p[r], top_tok[r], n)
             if lookup_nodes is not None:
                 lookup_nodes[r] = set(range(1, min(len(look), n) + 1))

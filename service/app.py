@@ -329,6 +329,7 @@ def build_app(server: Server) -> FastAPI:
                 "block_size_schedule": format_block_size_schedule(server.engine.config.block_size_schedule),
                 "draft_tree": server.engine.draft_trees,   # requests verify draft trees (tree.py)
                 "draft_lookup": server.engine.draft_lookups,   # trees carry lookup branches (lookup.py)
+                "draft_corpus": server.engine.draft_corpus,   # greedy trees planned with a corpus index (corpus.py)
                 "linears": linear_kind(server.engine.target),
                 # what the target's KV cache stores (--kv-cache-dtype, resolved)
                 "kv_cache_dtype": str(server.engine.cache.k_all.dtype).replace("torch.", "")}

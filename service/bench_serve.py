@@ -189,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draft-lookups", default=None,
                     help="comma list of --draft-lookup values (e.g. on,off): one server each (per schedule and draft "
                          "tree), in this run, speculation on and off at every level of each")
+    ap.add_argument("--draft-corpora", default=None,
+                    help="comma list of --draft-corpus values (e.g. auto,none): one server each (per schedule, draft "
+                         "tree and lookup), in this run, speculation on and off at every level of each")
     ap.add_argument("--amx-inputs", default=None,
                     help="comma list of --amx-inputs values (bf16,fp32): one server each (per schedule, draft tree "
                          "and lookup), in this run, speculation on and off at every level of each")
@@ -212,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     lookups = [t.strip() for t in a.draft_lookups.split(",")] if a.draft_lookups else [None]
     if any(t not in (None, "on", "off") for t in lookups):
         ap.error("--draft-lookups takes on and off")
+    corpora = [t.strip() for t in a.draft_corpora.split(",")] if a.draft_corpora else [None]
+    if any(t is not None and not t for t in corpora):
+        ap.error("--draft-corpora takes auto, none or index files")
     amxs = [t.strip() for t in a.amx_inputs.split(",")] if a.amx_inputs else [None]
     if any(t is not None and t not in AMX_INPUTS for t in amxs):
         ap.error(f"--amx-inputs takes {' and '.join(AMX_INPUTS)}")
@@ -266,25 +272,28 @@ def main(argv: list[str] | None = None) -> int:
         levels(a.url, a.model or httpx.get(a.url + "/v1/models").json()["data"][0]["id"], [True, False], {}, a.reps)
     else:
         for sched in ([s.strip() for s in a.schedules.split(",")] if a.schedules else [None]):
-            for tree, look, amx, kv, env in [(t, lk, x, k, e) for t in trees for lk in lookups for x in amxs
-                                             for k in kvs for e in envs]:
+            for tree, look, corp, amx, kv, env in [(t, lk, c, x, k, e) for t in trees for lk in lookups
+                                                   for c in corpora for x in amxs for k in kvs for e in envs]:
                 srv = ServerProcess(base + (["--block-size-schedule", sched] if sched else [])
                                     + (["--draft-tree", tree] if tree else [])
                                     + (["--draft-lookup", look] if look else [])
+                                    + (["--draft-corpus", corp] if corp else [])
                                     + (["--amx-inputs", amx] if amx else [])
                                     + (["--kv-cache-dtype", kv] if kv else []), env=env)
                 try:
                     srv.wait_ready()
                     env_s = "+".join(f"{k}={v}" for k, v in env.items()) if env else None
                     health = httpx.get(srv.url + "/health").json()
-                    if sched or tree or look or amx or kv or env:
+                    if sched or tree or look or corp or amx or kv or env:
                         print(f"block size schedule {sched or 'default'}, draft tree {tree or 'default'}"
-                              + (f", draft lookup {look}" if look else "") + (f", amx inputs {amx}" if amx else "")
+                              + (f", draft lookup {look}" if look else "")
+                              + (f", draft corpus {corp} ({health.get('draft_corpus')})" if corp else "") + (f", amx inputs {amx}" if amx else "")
                               + (f", KV cache {health.get('kv_cache_dtype')}" if kv else "")
                               + (f", env {env_s}" if env_s else "") + f": {srv.url}, linears "
                               f"{health.get('linears')}", flush=True)
                     extra = ({"schedule": sched} if sched else {}) | ({"draft_tree": tree} if tree else {}) \
                         | ({"draft_lookup": look} if look else {}) | ({"amx_inputs": amx} if amx else {}) \
+                        | ({"draft_corpus": corp, "corpus_used": health.get("draft_corpus")} if corp else {}) \
                         | ({"kv_cache_dtype": health.get("kv_cache_dtype")} if kv else {}) \
                         | ({"env": env_s} if env_s else {}) | {"linears": health.get("linears")}
                     levels(srv.url, srv.model(), [True, False], extra, a.reps)
@@ -302,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f"  {r['schedule']}" if "schedule" in r else "") + (f"  tree {r['draft_tree']}" if "draft_tree" in r
                                                                          else "")
               + (f"  lookup {r['draft_lookup']}" if "draft_lookup" in r else "")
+              + (f"  corpus {r['draft_corpus']}" if "draft_corpus" in r else "")
               + (f"  amx inputs {r['amx_inputs']}" if "amx_inputs" in r else "")
               + (f"  KV {r['kv_cache_dtype']}" if "kv_cache_dtype" in r else "")
               + (f"  {r['env']}" if "env" in r else ""))

@@ -22,7 +22,7 @@ from pathlib import Path
 from .config import AMX_INPUTS, PLACEMENTS, ServiceConfig
 
 
-from dflash_core.clitools import DRAFTER_WEIGHTS_HELP, KV_CACHE_HELP, CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
+from dflash_core.clitools import CORPUS_HELP, DRAFTER_WEIGHTS_HELP, KV_CACHE_HELP, CliError, _Parser  # noqa: E402  (one error type, one parser for every command)
 from dflash_core.runtime import KV_CACHE_DTYPES  # noqa: E402
 
 
@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="requests' trees also verify what followed their last tokens where those occurred "
                          "before in the prompt or output (dflash_core/lookup.py; greedy output unchanged, sampled "
                          "output in the same distribution)")
+    ap.add_argument("--draft-corpus", default=d["draft_corpus"].default, help=CORPUS_HELP)
     ap.add_argument("--native-amx", choices=("on", "off"), default="on" if d["native_amx"].default else "off",
                     help="on CPUs with AMX-BF16: the native fp32 kernel's 4-bit / 8-bit linears on AMX tiles "
                          "(same output; off: its AVX-512 FMA form)")
@@ -92,7 +93,7 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               max_tokens_limit=a.max_tokens_limit, served_model_name=a.served_model_name, num_cpus=a.num_cpus,
               num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
               threads=a.threads, omp_wait_policy=a.omp_wait_policy, draft_threshold=a.draft_threshold,
-              draft_tree=a.draft_tree == "on", draft_lookup=a.draft_lookup == "on",
+              draft_tree=a.draft_tree == "on", draft_lookup=a.draft_lookup == "on", draft_corpus=a.draft_corpus,
               native_amx=a.native_amx == "on", amx_inputs=a.amx_inputs, kv_cache_dtype=a.kv_cache_dtype)
     if a.block_size_schedule is not None:   # ServiceConfig parses it ("auto", "none", pairs)
         kw["block_size_schedule"] = a.block_size_schedule

@@ -61,6 +61,11 @@ class ServiceConfig:
     # (dflash_core/lookup.py); where trees run. Greedy output unchanged, sampled output
     # distributed as before
     draft_lookup: bool = True
+    # corpus branches (EngineConfig.draft_corpus): greedy trees with lookup branches are
+    # planned best-first by path probability, with an index of the target's own responses
+    # (dflash_core/corpus.py): "auto" (the drafter folder's corpus.npz where it has one),
+    # "none", or an index file (dflash corpus). Greedy output unchanged
+    draft_corpus: str = "auto"
     # where the CPU has AMX-BF16 (Intel Xeon Sapphire Rapids and later), the native fp32
     # kernel runs the 4-bit / 8-bit linears on AMX tiles (the same fp32 product, row-invariant;
     # measured 1.2-1.8x the served tokens/s of its AVX-512 FMA form on a 2-core Xeon); false
@@ -189,6 +194,8 @@ class ServiceConfig:
             raise ValueError(f"draft_tree must be true or false, got {self.draft_tree!r}")
         if not isinstance(self.draft_lookup, bool):
             raise ValueError(f"draft_lookup must be true or false, got {self.draft_lookup!r}")
+        if not isinstance(self.draft_corpus, str) or not self.draft_corpus:
+            raise ValueError(f"draft_corpus must be auto, none or a corpus index file, got {self.draft_corpus!r}")
         if not isinstance(self.native_amx, bool):
             raise ValueError(f"native_amx must be true or false, got {self.native_amx!r}")
         if self.amx_inputs not in AMX_INPUTS:

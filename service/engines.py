@@ -62,7 +62,8 @@ def engine_config(cfg: ServiceConfig) -> EngineConfig:
     return EngineConfig(max_slots=cfg.max_slots, max_seq_len=cfg.max_seq_len, block_size=cfg.block_size,
                         block_size_schedule=cfg.resolved_block_size_schedule(),
                         max_prefill_tokens=cfg.max_prefill_tokens, draft_threshold=cfg.draft_threshold,
-                        draft_tree=cfg.draft_tree, draft_lookup=cfg.draft_lookup, kv_cache_dtype=cfg.kv_cache_dtype)
+                        draft_tree=cfg.draft_tree, draft_lookup=cfg.draft_lookup, kv_cache_dtype=cfg.kv_cache_dtype,
+                        draft_corpus=cfg.draft_corpus)
 
 
 def apply_native(cfg: ServiceConfig) -> None:
@@ -149,6 +150,7 @@ def build_remote_target(cfg: ServiceConfig, drafter_config: dict, request_join, 
     remote = RemoteDraftBackend(dcfg, request_join, device=cfg.device,
                                 backend=backend or cfg.transport_backend, timeout_s=cfg.transport_timeout_s,
                                 step_timeout_s=cfg.drafter_step_timeout_s, context_drafter=context_drafter)
-    engine, tok = build_engine(target=cfg.target, drafter=None, config=engine_config(cfg), device=cfg.device,
+    # the drafter spec names the corpus index (draft_corpus auto) only: the backend drafts
+    engine, tok = build_engine(target=cfg.target, drafter=cfg.drafter, config=engine_config(cfg), device=cfg.device,
                                dtype=torch_dtype(cfg), draft_backend=remote)
     return engine, tok, remote

@@ -141,25 +141,28 @@ def test_lookup_needs_trees_and_the_bench_switch():
 
 
 @needs_kernel
-def test_walk_with_lookup_replays_the_engine_on_the_default_model():
-    """tree_walk_tau(lookup=True) replays the engine's greedy steps with lookup branches: on
-    the embedded default model its step lengths are the engine's, step for step, and its tau
-    is above the walk without them."""
+@pytest.mark.parametrize("draft_corpus", ["none", "auto"])
+def test_walk_with_lookup_replays_the_engine_on_the_default_model(draft_corpus):
+    """tree_walk_tau(lookup=True) replays the engine's greedy steps with lookup branches
+    (draft_corpus none), and with its corpus index too (auto: the default drafter's
+    corpus.npz, corpus=engine.corpus): on the embedded default model its step lengths are
+    the engine's, step for step, and its tau is above the walk without them."""
     from dflash_core.api import build_engine
     from dflash_core.chat import encode_prompt
     from dflash_core.engine import EngineConfig
     from dflash_core.sampling import SamplingParams
     from dflash_core.training.walk import tree_walk_tau
-    engine, tok = build_engine("default", "default", EngineConfig(max_slots=4, max_seq_len=512, block_size=4),
-                               dtype=torch.float32)
+    engine, tok = build_engine("default", "default", EngineConfig(max_slots=4, max_seq_len=512, block_size=4,
+                                                                  draft_corpus=draft_corpus), dtype=torch.float32)
     if not engine.target.serves_tree(1, 4):
         pytest.skip("trees run in the native fp32 layers")
+    assert engine.draft_corpus == (draft_corpus == "auto")
     prompts = [encode_prompt(tok, q, chat=True)
                for q in ("List the days of the week, one per line.", "Write a haiku about rain.",
                          "Repeat after me: the cat sat on the mat. The cat sat on the mat.")]
     out = engine.generate(prompts, SamplingParams(max_new_tokens=40, speculative=False, ignore_eos=True))
     recs = [{"prompt_ids": q, "response_ids": o.token_ids} for q, o in zip(prompts, out)]
-    w = tree_walk_tau(engine.target, engine.draft_backend.drafter, recs, [4], lookup=True)
+    w = tree_walk_tau(engine.target, engine.draft_backend.drafter, recs, [4], lookup=True, corpus=engine.corpus)
     base = tree_walk_tau(engine.target, engine.draft_backend.drafter, recs, [4])
     assert w["walks"] == base["walks"] and "lookup_walks" not in base   # the drafter's trees, as without
     spec = engine.generate(prompts, SamplingParams(max_new_tokens=40, ignore_eos=True))

@@ -503,6 +503,8 @@ def test_bad_inputs_get_openai_errors_and_server_keeps_serving(srv):
     fmt = getattr(eng.target.layers[0].self_attn._qkv_fn, "native_format", None)
     assert h.json()["linears"] == ("torch" if fmt is None else "amx" if fmt.endswith("x")
                                    else "amx-bf16" if fmt.endswith("xb") else "native")
+    # no corpus index ships for this target's drafter: greedy trees are planned without one
+    assert h.json()["draft_corpus"] is eng.draft_corpus is False and eng.corpus is None
     # what its KV cache stores: the model's dtype by default
     assert h.json()["kv_cache_dtype"] == str(eng.target.dtype).replace("torch.", "") == "float32"
 

@@ -174,6 +174,15 @@ def test_config_from_dict_and_schedule():
     from dflash_core.clitools import CliError
     with pytest.raises(CliError, match="--kv-cache-dtype"):
         _parser().parse_args(["--target", "tiny-random", "--kv-cache-dtype", "bf16"])
+    # corpus branches: auto by default, `--draft-corpus` reaches the engine config, an empty
+    # or non-string value refused
+    assert ServiceConfig(target="tiny-random").draft_corpus == "auto"
+    assert engine_config(ServiceConfig(target="tiny-random")).draft_corpus == "auto"
+    a = _parser().parse_args(["--target", "tiny-random", "--draft-corpus", "none"])
+    assert engine_config(_from_args(a)).draft_corpus == "none"
+    for bad in ("", None, 1):
+        with pytest.raises(ValueError, match="draft_corpus must be"):
+            ServiceConfig(target="tiny-random", draft_corpus=bad)
     # the drafter's weights: `dflash serve --drafter-weights` reaches the config, default auto
     from service.cli import build_parser, config_from_args
     assert ServiceConfig(target="tiny-random").drafter_weights == "auto"
@@ -271,6 +280,7 @@ def test_serving_benchmark_on_off_reps_alternate_and_summarise_by_medians():
     (["--concurrency", ","], "need at least one value"),
     (["--draft-trees", "on,maybe"], "--draft-trees takes on and off"),
     (["--draft-lookups", "off,1"], "--draft-lookups takes on and off"),
+    (["--draft-corpora", "auto,,none"], "--draft-corpora takes auto, none or index files"),
     (["--amx-inputs", "bf16,fp16"], "--amx-inputs takes fp32 and bf16"),
     (["--kv-cache-dtypes", "float32,bf16"], "--kv-cache-dtypes takes auto, float32, bfloat16"),
     (["--server-envs", "DFLASH_NATIVE_AMX=1,AMX"], "--server-envs: 'AMX' is not KEY=VALUE"),

@@ -261,10 +261,16 @@ def _load():
         topk = lib.dfl_topk_softmax
         topk.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
         topk.restype = ctypes.c_int
-        global _LAYER, _WRITE_CONTEXT, _TOPK
+        chain = lib.dfl_corpus_chain
+        chain.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                          ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
+                          ctypes.c_void_p, ctypes.c_void_p]
+        chain.restype = ctypes.c_long
+        global _LAYER, _WRITE_CONTEXT, _TOPK, _CORPUS_CHAIN
         _LAYER = (layer, work)
         _WRITE_CONTEXT = wctx
         _TOPK = topk
+        _CORPUS_CHAIN = chain
         _LIB = fn
     except (OSError, RuntimeError) as e:
         _REASON = f"could not build the native kernel: {e}"
@@ -703,6 +709,28 @@ def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
         return None
     lead = logits.shape[:-1]
     return idx.view(*lead, k), p.view(*lead, k)
+
+
+_CORPUS_CHAIN = None   # dfl_corpus_chain, once loaded
+
+
+def corpus_chain(keys, tokens, buckets, ctx: list[int], k: int, max_n: int, seed: int, mul: int
+                 ) -> tuple[list[int], list[int]] | None:
+    """A corpus index's chain of up to k guesses after ctx (dflash_core/corpus.py: keys
+    uint32 [E] ascending, tokens int64 [E], buckets uint8 [E], C-contiguous numpy arrays)
+    in one native call (dfl_corpus_chain) -> (tokens, buckets), or None where the native
+    kernel is not loaded (the caller then searches with numpy: the same guesses)."""
+    if not _ENABLED or _load() is None or _CORPUS_CHAIN is None or k < 1:
+        return None
+    tail = ctx[-max_n:]
+    c = (ctypes.c_int64 * max(len(tail), 1))(*tail)
+    out_t = (ctypes.c_int64 * k)()
+    out_b = (ctypes.c_uint8 * k)()
+    n = _CORPUS_CHAIN(keys.ctypes.data, len(keys), tokens.ctypes.data, buckets.ctypes.data, c, len(tail), max_n, k,
+                      seed, mul, out_t, out_b)
+    if n < 0:
+        return None
+    return list(out_t[:n]), list(out_b[:n])
 
 
 TREE_MAX = 64   # block tokens of a tree verify (dflash_layer.c)

@@ -569,6 +569,50 @@ int dfl_write_context(const float *kv, long N, long stride, int kv_heads, int he
     return 0;
 }
 
+/* A corpus index's chain of guesses (dflash_core/corpus.py CorpusIndex.chain): keys [E]
+ * ascending (32-bit context hashes), tokens / buckets [E] their entries; ctx: a row's last
+ * n_ctx tokens. Each guess is the entry of the longest context of at most max_n tokens
+ * ending the tail whose key the index holds (the key of n tokens: h = seed, then for each
+ * token t from the last back, h = (h ^ (t + 1)) * mul mod 2^64, keeping h >> 32), appended
+ * to the tail before the next. Returns the number of guesses (<= k) in out_tok /
+ * out_bucket; -1 for max_n outside [1, 8]. */
+long dfl_corpus_chain(const uint32_t *keys, long E, const int64_t *tokens, const uint8_t *buckets,
+                      const int64_t *ctx, long n_ctx, int max_n, int k, uint64_t seed, uint64_t mul,
+                      int64_t *out_tok, uint8_t *out_bucket) {
+    if (max_n < 1 || max_n > 8) return -1;
+    int64_t tail[8];
+    int n = n_ctx < max_n ? (int)n_ctx : max_n;
+    for (int i = 0; i < n; i++) tail[i] = ctx[n_ctx - n + i];
+    long got = 0;
+    while (got < k && n > 0 && E > 0) {
+        uint32_t key[8];
+        uint64_t h = seed;
+        for (int j = 0; j < n; j++) {
+            h = (h ^ (uint64_t)(tail[n - 1 - j] + 1)) * mul;
+            key[j] = (uint32_t)(h >> 32);
+        }
+        long hit = -1;
+        for (int j = n - 1; j >= 0 && hit < 0; j--) {   /* the longest context first */
+            long lo = 0, hi = E;
+            while (lo < hi) {
+                const long mid = lo + (hi - lo) / 2;
+                if (keys[mid] < key[j]) lo = mid + 1; else hi = mid;
+            }
+            if (lo < E && keys[lo] == key[j]) hit = lo;
+        }
+        if (hit < 0) break;
+        out_tok[got] = tokens[hit];
+        out_bucket[got] = buckets[hit];
+        got++;
+        if (n < max_n) tail[n++] = tokens[hit];
+        else {
+            for (int i = 0; i + 1 < n; i++) tail[i] = tail[i + 1];
+            tail[n - 1] = tokens[hit];
+        }
+    }
+    return got;
+}
+
 /* Each of R rows of N logits -> its k largest, descending (equal values: the lower index
  * first, as a first-maximum argmax), in idx [R, k], and their softmax probabilities
  * e^(x - max) / sum_j e^(x_j - max) in p [R, k] (the sum over 8 lanes in a fixed order): what

@@ -187,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --walk-data: also the greedy tau of tree verification at these verified block sizes "
                          "(comma-separated), replayed like the walk (training/walk.py tree_walk_tau); "
                          "--save-acceptance then records them as tree_tau (what the server's measured schedule "
-                         "predicts tree steps with), and with lookup branches (dflash_core/lookup.py) as "
-                         "tree_lookup_tau")
+                         "predicts tree steps with), with lookup branches (dflash_core/lookup.py) as "
+                         "tree_lookup_tau, and where a corpus index loads (--draft-corpus) with corpus branches "
+                         "too (dflash_core/corpus.py) as tree_corpus_tau")
     ap.add_argument("--draft-tree", action="store_true",
                     help="cells verify draft trees of block-size - 1 nodes (EngineConfig.draft_tree; where "
                          "the native fp32 layers run the target) instead of chains (default: chains, the "
@@ -196,6 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--draft-lookup", action="store_true",
                     help="with --draft-tree: trees also verify lookup branches (EngineConfig.draft_lookup, "
                          "dflash_core/lookup.py; default off here: the drafter's own acceptance)")
+    ap.add_argument("--draft-corpus", default="auto",
+                    help="with --draft-tree --draft-lookup: greedy trees are planned with this corpus index "
+                         "(EngineConfig.draft_corpus: auto = the drafter folder's corpus.npz where it has one, none, "
+                         "or an index file; dflash_core/corpus.py); also what --tree-blocks walks with")
     ap.add_argument("--batch", type=int, default=1,
                     help="requests decoded together (1: one after another, the speedup users see at batch 1)")
     ap.add_argument("--walk", action="store_true",
@@ -253,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                                    drafter_weights=a.drafter_weights, config=EngineConfig(max_slots=a.batch, block_size=a.block_size,
                                                        max_seq_len=a.max_prompt_tokens + a.max_new_tokens + 8,
                                                        draft_tree=a.draft_tree, draft_lookup=a.draft_lookup,
-                                                       kv_cache_dtype=a.kv_cache_dtype))
+                                                       kv_cache_dtype=a.kv_cache_dtype, draft_corpus=a.draft_corpus))
         results, prompt_sets = {}, {}
         for ds in a.datasets:
             prompt_sets[ds] = load_eval_prompts(ds, tok, a.num_prompts, a.max_prompt_tokens)
@@ -285,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
                 results[lkey] = {"temperature": 0.0, "num_prompts": len(walk_recs), "method": "tree walk, lookup branches",
                                  "tau_by_block_size": {b: round(t, 4) for b, t in tw["lookup_tau"].items()}}
                 print(json.dumps({lkey: results[lkey]}), file=sys.stderr)
+                if engine.corpus is not None:
+                    tc = tree_walk_tau(engine.target, engine.draft_backend.drafter, walk_recs, tree_blocks,
+                                       lookup=True, corpus=engine.corpus)
+                    ckey = f"tree_corpus_walk:{Path(a.walk_data).name}@T0"
+                    results[ckey] = {"temperature": 0.0, "num_prompts": len(walk_recs),
+                                     "method": "tree walk, lookup and corpus branches",
+                                     "tau_by_block_size": {b: round(t, 4) for b, t in tc["lookup_tau"].items()}}
+                    print(json.dumps({ckey: results[ckey]}), file=sys.stderr)
         curve = []
         if a.snapshots and walk_recs is not None:
             curve = walk_snapshot_curve(Path(a.snapshots), engine.target, walk_recs, a.block_size, a.device, dtype)
@@ -317,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
                 drafter_weights=summary["drafter_weights"], measured_by="dflash eval",
                 **({"tree_tau": results[f"tree_walk:{Path(a.walk_data).name}@T0"]["tau_by_block_size"],
                     "tree_lookup_tau": results[f"tree_lookup_walk:{Path(a.walk_data).name}@T0"]["tau_by_block_size"],
+                    **({"tree_corpus_tau": results[f"tree_corpus_walk:{Path(a.walk_data).name}@T0"]["tau_by_block_size"]}
+                       if f"tree_corpus_walk:{Path(a.walk_data).name}@T0" in results else {}),
                     "tree_tau_from": f"tree walk over {Path(a.walk_data).name}"} if tree_blocks else {})))
     except ValueError as e:   # a model or data that does not load (FileNotFoundError: run_command)
         print(f"dflash eval: {e}", file=sys.stderr)

@@ -129,7 +129,7 @@ def walk_tau(target, drafter, records: list[dict], block_size: int | None = None
 
 @torch.no_grad()
 def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], rows: int = 4,
-                  lookup: bool = False) -> dict:
+                  lookup: bool = False, corpus=None) -> dict:
     """Greedy tau of tree verification (dflash_core/tree.py) at each verified block size b
     (b - 1 nodes, picked best-first from the drafter's top TOPK per position, depth <= the
     drafter's block - 1), replayed from one prefill per record like walk_tau: a node is
@@ -138,7 +138,10 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
     {b: [the engine's step lengths, per record]}, "chain_tau": {b: the chain's tau at the
     same b, from the same pass (b <= the drafter's block)}}; with `lookup`, from the same
     pass also "lookup_tau" / "lookup_walks": the trees merged with the lookup branch as the
-    engine's EngineConfig.draft_lookup builds them (tree.merged_nodes)."""
+    engine's EngineConfig.draft_lookup builds them (tree.merged_nodes); with `lookup` and
+    a `corpus` (corpus.CorpusIndex) those trees are scored with it as the engine's
+    draft_corpus plans them (tree.scored_nodes)."""
+    from .. import corpus as cp
     from .. import lookup as lk
     from .. import tree
     B = drafter.config.block_size
@@ -166,9 +169,13 @@ def tree_walk_tau(target, drafter, records: list[dict], block_sizes: list[int], 
             def lookup_step(r: int, a: int, b: int, seq: list[int], s0: int, index) -> int:
                 top_tok = [[top_i[r][a][d][k] for k in range(tree.TOPK)] for d in range(len(tg[r][a]))]
                 # the engine's tree at anchor a: its context is the record up to the anchor
-                first = (top_i[r][a][0][0], top_p[r][a][0][0])   # the drafter's first choice, as the engine reads it
-                parents, toks = tree.merged_nodes(lk.propose(index, seq[:s0 + a + 1], b - 1, first),
-                                                  top_p[r][a], top_tok, b - 1)
+                if corpus is not None:
+                    parents, toks, _ = tree.scored_nodes(cp.row_chains(corpus, index, seq[:s0 + a + 1], b - 1),
+                                                         top_p[r][a], top_tok, b - 1)
+                else:
+                    first = (top_i[r][a][0][0], top_p[r][a][0][0])   # the drafter's first choice, as the engine reads it
+                    parents, toks = tree.merged_nodes(lk.propose(index, seq[:s0 + a + 1], b - 1, first),
+                                                      top_p[r][a], top_tok, b - 1)
                 children = tree._children(parents, toks)
                 depth, at = 0, 0
                 while depth < len(tg[r][a]) and tg[r][a][depth] != IGNORE and tg[r][a][depth] in children.get(at, {}):
