@@ -512,14 +512,13 @@ class SpecEngine:
             emitted[seq.request_id][2].append((torch.arange(start, start + n), feats[r, :n, F:]))
 
     def _prefill(self, work: list[tuple[Sequence, int, int]], emitted) -> list[tuple[Sequence, int, list | None]]:
-        """Prefill the planned prompt chunks (one batched forward when every padded row
-        fits in its slot, else row by row); rows whose prompt is complete sample their
-        first token (the anchor) -> (row, token, its logprob entry or None)."""
+        """Prefill the planned prompt chunks (batched forwards: `_prefill_batches`); rows
+        whose prompt is complete sample their first token (the anchor) -> (row, token, its
+        logprob entry or None)."""
         if not work:
             return []
-        T = max(n for _, _, n in work)
-        batches = [work] if all(st + T <= self.capacity for _, st, _ in work) else [[w] for w in work]
         done: list[tuple[Sequence, torch.Tensor]] = []
+        batches = self._prefill_batches(work, self.target.native_rows())
         for batch in batches:
             R, T = len(batch), max(n for _, _, n in batch)
             ids = torch.zeros(R, T, dtype=torch.int64)
@@ -545,6 +544,29 @@ class SpecEngine:
         lps = spec.token_logprobs(rows, lambda idx: logits[idx, None], first_t[:, None])
         first = first_t.tolist()
         return [(s, t, lps.get(r)) for r, (s, t) in enumerate(zip(rows, first))]
+
+    def _prefill_batches(self, work: list[tuple[Sequence, int, int]], limit: int | None) -> list[list]:
+        """The planned chunks (row, start, tokens) as forwards, in order: rows batched while
+        every padded row fits in its slot and, where the native layers run the target,
+        the padded forward (rows x longest chunk) stays within their `limit` rows; a chunk
+        longer than the limit goes in pieces, one forward after the other. A forward past
+        the limit would take the torch path, whose bits differ from a one-token step's, so
+        the prompt's cache (and the output after it) would depend on what else was
+        prefilled beside it."""
+        if limit:
+            work = [(s, st + a, min(limit, n - a)) for s, st, n in work for a in range(0, n, limit)]
+        batches: list[list] = []
+        cur: list = []
+        for w in work:
+            T = max([w[2]] + [n for _, _, n in cur])
+            if cur and (any(s is w[0] for s, _, _ in cur) or any(st + T > self.capacity for _, st, _ in cur + [w])
+                        or (limit and (len(cur) + 1) * T > limit)):
+                batches.append(cur)
+                cur = []
+            cur.append(w)
+        if cur:
+            batches.append(cur)
+        return batches
 
     PROMPT_LOGPROBS_CHUNK = 256   # prompt positions per LM-head pass (bounds the [P, vocab] logits)
 

@@ -1143,3 +1143,48 @@ def test_bench_drafter_weights_ab_runs_both_forms_and_restores_the_backend():
                          capture_output=True, text=True, timeout=300)
     lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
     assert bad.returncode == 2 and len(lines) == 1 and "--drafter-weights" in lines[0], bad.stderr
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+def test_prefills_past_the_native_row_limit_keep_one_tokens_bits():
+    """A batched prefill pads its rows to the longest chunk; where rows x that length would
+    pass the native layers' row limit (their bits stop there, the torch path computes
+    others), the engine prefills in smaller forwards and long chunks in pieces: every
+    prompt's logprobs and greedy output are bit for bit the ones it gets alone, whatever
+    was prefilled beside it. Checked with the limit set low (16 rows)."""
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.sampling import SamplingParams
+    target = _quantised_tiny_target()
+    nl = target._native_layers
+    assert nl is not None and target.native_rows() == native.row_limit()
+    prompts = [list(range(100, 113)), [7, 8, 9, 10, 11, 12, 13, 14, 15], [40, 41, 42], list(range(500, 540))]
+    p = SamplingParams(max_new_tokens=12, ignore_eos=True, logprobs=2)
+
+    def run(batched: bool):
+        eng = SpecEngine(target, None, EngineConfig(max_slots=4, max_seq_len=128, block_size=1))
+        if batched:
+            return [(o.token_ids, o.logprobs) for o in eng.generate(prompts, p)]
+        return [(o.token_ids, o.logprobs) for q in prompts for o in eng.generate([q], p)]
+    nl.max_rows = 16
+    try:
+        assert target.native_rows() == 16
+        eng = SpecEngine(target, None, EngineConfig(max_slots=4, max_seq_len=128, block_size=1))
+        work = [(object(), 0, 13), (object(), 0, 9), (object(), 0, 3), (object(), 0, 40)]
+        batches = eng._prefill_batches(work, 16)
+        assert all(len(b) * max(n for _, _, n in b) <= 16 for b in batches)
+        long_row = work[3][0]
+        assert [(st, n) for b in batches for s, st, n in b if s is long_row] == [(0, 16), (16, 16), (32, 8)]   # in order
+        assert sum(n for b in batches for _, _, n in b) == 65
+        alone = run(False)
+        together = run(True)
+        assert together == alone
+    finally:
+        nl.max_rows = None
+    # without the split, the same batched prefill leaves the native layers: other bits
+    # (the check that the case above is one the limit changes)
+    x = torch.zeros(4, 13, target.config.hidden_size)
+    nl.max_rows = 16
+    try:
+        assert not nl.serves(x) and nl.serves(x[:1])
+    finally:
+        nl.max_rows = None

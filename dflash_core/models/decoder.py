@@ -244,6 +244,15 @@ class Decoder(nn.Module):
         feats = torch.cat([want[l] for l in capture_layers], dim=-1) if capture_layers else None
         return (None if features_only else self.norm(x)), feats
 
+    def native_rows(self) -> int | None:
+        """The most rows (R x T) a forward of this model may have for the native layers to
+        run it (their bits are the same at any row count up to it; past it the torch path
+        computes other bits), or None where the native layers do not run it at all."""
+        nl = self._native_layers
+        if nl is None or self.device.type != "cpu" or self.dtype != torch.float32 or not nl.current():
+            return None
+        return nl.rows()
+
     def serves_tree(self, rows: int, tokens: int) -> bool:
         """Whether a tree verify of `rows` x `tokens` runs (the native fp32 layers serve it)."""
         from .. import native

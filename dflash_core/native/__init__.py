@@ -801,11 +801,14 @@ class NativeLayers:
             return None
         return cls(params, owners)
 
+    def rows(self) -> int:
+        """The most rows (R x T) a forward may have to run here."""
+        return self.max_rows if self.max_rows is not None else row_limit()
+
     def serves(self, x: torch.Tensor) -> bool:
         """Whether a forward of x [R, T, hidden] runs here: fp32 on the CPU, at most
-        max_rows rows, and current()."""
-        limit = self.max_rows if self.max_rows is not None else row_limit()
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] * x.shape[1] <= limit
+        rows() rows, and current()."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.shape[0] * x.shape[1] <= self.rows()
                 and self.current())
 
     def current(self) -> bool:
