@@ -135,26 +135,29 @@ class CorpusIndex:
     def chain(self, tokens: list[int], k: int) -> tuple[list[int], list[float]]:
         """Up to k guesses after tokens[-1], each read with the previous ones appended ->
         (tokens, probabilities: each the chance the guess is right where the ones before
-        it were). One native call where the kernel is loaded (native.corpus_chain), else
-        numpy's search: the same guesses."""
+        it were)."""
+        toks, buckets = self.guesses(tokens, k)
+        return toks, [self._bp[b][int(j > 0)] for j, b in enumerate(buckets)]
+
+    def guesses(self, tokens: list[int], k: int) -> tuple[list[int], list[int]]:
+        """`chain`'s guesses and their buckets: one native call where the kernel is loaded
+        (native.corpus_chain), else numpy's search (`find` per guess): the same guesses."""
         from . import native
         got = native.corpus_chain(self.keys, self.tokens, self.buckets, tokens, k, MAX_N, SEED, MUL) \
             if len(self.keys) else None
-        if got is not None:
-            return got[0], [self._bp[b][int(j > 0)] for j, b in enumerate(got[1])]
-        return self._chain_numpy(tokens, k)
+        return got if got is not None else self._guesses_numpy(tokens, k)
 
-    def _chain_numpy(self, tokens: list[int], k: int) -> tuple[list[int], list[float]]:
+    def _guesses_numpy(self, tokens: list[int], k: int) -> tuple[list[int], list[int]]:
         ctx = list(tokens[-MAX_N:])
-        out, probs = [], []
+        out, buckets = [], []
         for _ in range(k):
-            got = self.next_token(ctx, bool(out))
-            if got is None:
+            i = self.find(ctx)
+            if i is None:
                 break
-            out.append(got[0])
-            probs.append(got[1])
-            ctx = (ctx + [got[0]])[-MAX_N:]
-        return out, probs
+            out.append(int(self.tokens[i]))
+            buckets.append(int(self.buckets[i]))
+            ctx = (ctx + [out[-1]])[-MAX_N:]
+        return out, buckets
 
     def lookup_prob(self, matched: int, depth: int) -> float:
         """The calibrated chance that the context lookup's token at `depth` (0: the first
@@ -319,17 +322,14 @@ def _calibrate(index: CorpusIndex, calib: list[dict]):
                 if t != truth[j]:
                     break
                 right_l[m - 1, d] += 1
-            tail = ctx[-MAX_N:]
-            for j in range(len(truth)):
-                hit = index.find(tail)
-                if hit is None:
-                    break
-                b, guess = (int(index.buckets[hit]), int(j > 0)), int(index.tokens[hit])
+            # the chain up to its first wrong guess (each guess extends the tail as the
+            # target's token would where the ones before it were right)
+            for j, (guess, bucket) in enumerate(zip(*index.guesses(ctx, len(truth)))):
+                b = (bucket, int(j > 0))
                 seen_c[b] += 1
                 if guess != truth[j]:
                     break
                 right_c[b] += 1
-                tail = (tail + [guess])[-MAX_N:]
     return ((right_c + 1) / (seen_c + 2)).astype(np.float32), ((right_l + 1) / (seen_l + 2)).astype(np.float32), anchors
 
 

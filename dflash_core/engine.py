@@ -327,15 +327,17 @@ class SpecEngine:
         branches run: `draft_lookups`, and a corpus index is loaded)."""
         return self.corpus is not None and self.draft_lookups
 
+    @staticmethod
+    def _ngrams(s: Sequence) -> lookup.NgramIndex:
+        """The row's lookup index (made on first use; it indexes the row's tokens as they grow)."""
+        if s.ngrams is None:
+            s.ngrams = lookup.NgramIndex()
+        return s.ngrams
+
     def _chains(self, rows: list[Sequence], tree_rows: list[int], nodes: int) -> dict[int, list]:
         """Each greedy tree row's scored chains for tree.scored_nodes (corpus.row_chains)."""
-        out = {}
-        for r in tree_rows:
-            s = rows[r]
-            if s.ngrams is None:
-                s.ngrams = lookup.NgramIndex()
-            out[r] = corpus_mod.row_chains(self.corpus, s.ngrams, s.prompt + s.output, nodes)
-        return out
+        return {r: corpus_mod.row_chains(self.corpus, self._ngrams(rows[r]), rows[r].prompt + rows[r].output, nodes)
+                for r in tree_rows}
 
     def _lookups(self, rows: list[Sequence], tree_rows: list[int], nodes: int, top=None) -> dict[int, list[int]]:
         """The lookup branch of each of these tree rows (lookup.propose) for trees of `nodes`
@@ -348,9 +350,7 @@ class SpecEngine:
             firsts = [(top[0][r][0][0], top[1][r][0][0]) for r in tree_rows]
         for j, r in enumerate(tree_rows):
             s = rows[r]
-            if s.ngrams is None:
-                s.ngrams = lookup.NgramIndex()
-            branch = lookup.propose(s.ngrams, s.prompt + s.output, nodes, None if firsts is None else firsts[j])
+            branch = lookup.propose(self._ngrams(s), s.prompt + s.output, nodes, None if firsts is None else firsts[j])
             if branch:
                 out[r] = branch
         return out
@@ -620,7 +620,7 @@ class SpecEngine:
                 greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
                 if greedy_rows:
                     top_lists = (top[0].tolist(), top[1].tolist())   # one host copy for the lookups and the plan
-                    if self.draft_corpus:
+                    if self.corpus is not None and self.config.draft_lookup:   # (trees run: draft_corpus)
                         parents = tree.plan(top_lists, greedy_rows, draft_tokens, None, lookup_nodes,
                                             chains=self._chains(rows, greedy_rows, b - 1))
                     else:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from dflash_core import corpus, lookup, tree
+from test_lookup import step_lookup_counts
 from test_tree import _tiny_engine, needs_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,14 +203,7 @@ def test_corpus_branches_keep_greedy_output_and_get_accepted():
         assert accepted[True] > accepted[False], (b, accepted)
     eng = _tiny_engine(target, 6, True)
     eng.corpus = idx
-    for i, q in enumerate(prompts):
-        eng.add_request(str(i), q, p)
-    got = 0
-    while eng.has_unfinished_requests():
-        for o in eng.step():
-            assert 0 <= o.step.num_lookup_accepted_tokens <= o.step.num_accepted_tokens
-            got += o.step.num_lookup_accepted_tokens
-    assert got > 0
+    assert step_lookup_counts(eng, prompts, p)["lookup"] > 0
     # off where lookup branches are off, and without trees
     eng.config.draft_lookup = False
     assert not eng.draft_corpus
@@ -293,8 +287,9 @@ def test_the_schedule_predicts_with_the_corpus_tau_where_the_engine_plans_with_o
 
 
 def test_native_chain_is_the_numpy_search():
-    """CorpusIndex.chain's native call (native.corpus_chain) gives the numpy search's
-    guesses, on the shipped index over real contexts and on a small one with short tails."""
+    """CorpusIndex.guesses' native call (native.corpus_chain) gives the numpy search's
+    guesses and buckets, on the shipped index over real contexts and on a small one with
+    short tails; chain's probabilities are their buckets'."""
     from dflash_core import native
     from dflash_core.training.shards import read_shard
     if not native.available():
@@ -308,10 +303,12 @@ def test_native_chain_is_the_numpy_search():
             got = native.corpus_chain(shipped.keys, shipped.tokens, shipped.buckets, seq[:a], 7, corpus.MAX_N,
                                       corpus.SEED, corpus.MUL)
             assert got is not None
-            assert shipped.chain(seq[:a], 7) == shipped._chain_numpy(seq[:a], 7)
+            assert shipped.guesses(seq[:a], 7) == got == shipped._guesses_numpy(seq[:a], 7)
             guessed += len(got[0])
     assert guessed > 500
     small = _small_index()
     for ctx in ([], [3], [2], [1, 2], [0, 9, 3, 4, 5, 6], [50], [40, 41, 42, 3]):
-        assert small.chain(ctx, 6) == small._chain_numpy(ctx, 6), ctx
+        toks, buckets = small._guesses_numpy(ctx, 6)
+        assert small.guesses(ctx, 6) == (toks, buckets), ctx
+        assert small.chain(ctx, 6) == (toks, [float(small.bucket_probs[b, int(j > 0)]) for j, b in enumerate(buckets)])
     assert small.chain([1, 2], 0) == ([], [])

@@ -113,15 +113,22 @@ def test_lookup_branches_keep_greedy_output_and_get_accepted(monkeypatch):
     for on in (True, False):
         eng = _tiny_engine(target, 6, True)
         eng.config.draft_lookup = on
-        for i, q in enumerate(prompts):
-            eng.add_request(str(i), q, p)
-        got = {"lookup": 0, "accepted": 0}
-        while eng.has_unfinished_requests():
-            for o in eng.step():
-                assert 0 <= o.step.num_lookup_accepted_tokens <= o.step.num_accepted_tokens
-                got["lookup"] += o.step.num_lookup_accepted_tokens
-                got["accepted"] += o.step.num_accepted_tokens
+        got = step_lookup_counts(eng, prompts, p)
         assert (got["lookup"] > 0) is on, got
+
+
+def step_lookup_counts(eng, prompts, p) -> dict:
+    """Decode the prompts step by step -> the accepted drafts summed over steps, and those
+    that were lookup-branch nodes; every step's count of those is within its accepted."""
+    for i, q in enumerate(prompts):
+        eng.add_request(str(i), q, p)
+    got = {"lookup": 0, "accepted": 0}
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            assert 0 <= o.step.num_lookup_accepted_tokens <= o.step.num_accepted_tokens
+            got["lookup"] += o.step.num_lookup_accepted_tokens
+            got["accepted"] += o.step.num_accepted_tokens
+    return got
 
 
 def test_lookup_needs_trees_and_the_bench_switch():
