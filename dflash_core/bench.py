@@ -35,7 +35,8 @@ machine noise hits both alike. Optional extras:
                   other form (stored vs rounded onto the kernel's 8-bit grid), back to back
   --prefill-ab    whole prefills (128 / 256 / 512 tokens) with the native layers' row limit
                   of this build (`native.row_limit()`) against the AVX2 build's 192 rows
-                  (past it: torch's F.linear), alternating forward by forward
+                  (past it: torch's F.linear), and in the decode forms of the linears
+                  instead of their prefill forms, alternating forward by forward
 Prints a table and, last, one JSON line (`--json`: only the JSON, the table to stderr).
 """
 from __future__ import annotations
@@ -121,6 +122,9 @@ def _parser():
     ap.add_argument("--verify-ctx", default=None,
                     help="--verify-cost: comma-separated cached context lengths the forwards run on (default 128; "
                          "the first is the one the A/B comparisons use)")
+    ap.add_argument("--verify-tokens", default=None,
+                    help="--verify-cost: comma-separated token counts of the timed forwards (default 1,2,3,4,8,16; "
+                         "the first is what the others are relative to)")
     ap.add_argument("--verify-reps", type=_positive_int, default=7,
                     help="--verify-cost: forwards timed per token count (the first is dropped)")
     ap.add_argument("--repeats", type=_positive_int, default=1)
@@ -138,7 +142,7 @@ def _parser():
                          "see --drafter-weights), back to back")
     ap.add_argument("--prefill-ab", action="store_true",
                     help="whole prefills of 128/256/512 tokens with this build's native row limit vs the AVX2 "
-                         "build's 192 (past it: torch), alternating")
+                         "build's 192 (past it: torch), and in the linears' decode forms, alternating")
     add_runtime_args(ap, drafter="default")
     ap.add_argument("--json", action="store_true", help="print only the JSON summary on stdout")
     ap.add_argument("--peers", action="store_true",
@@ -424,12 +428,15 @@ def batched_ar_tps(engine, prompts: list[list[int]], rows: int, max_new_tokens: 
     return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
 
 
+VERIFY_TOKENS = (1, 2, 3, 4, 8, 16)   # --verify-cost's token counts by default
+
+
 @torch.inference_mode()   # as the engine's step: the prepacked linears run only without autograd
-def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int = 7, variants=None):
+def verify_cost(target, ctx_len: int = 128, sizes=VERIFY_TOKENS, reps: int = 7, variants=None):
     """Median wall time of one target forward of T tokens (+ LM head) on a ctx_len cache.
     variants: {name: () -> context manager}: each forward is timed once per variant in
     turn (the order alternating), -> {name: result} instead of one result."""
-    cache = target.new_cache(1, ctx_len + 32)
+    cache = target.new_cache(1, ctx_len + max(32, *sizes))
     slots = torch.tensor([0])
     V = target.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -455,32 +462,39 @@ def verify_cost(target, ctx_len: int = 128, sizes=(1, 2, 3, 4, 8, 16), reps: int
 
 @torch.inference_mode()
 def prefill_ab(target, sizes=(128, 256, 512), reps: int = 5) -> dict:
-    """Median ms of a whole prefill of T tokens (one forward, a fresh cache) with the native
-    layers' row limit at the build's row_limit() and at the AVX2 build's MAX_ROWS, the two
-    alternating forward by forward; and whether the last position's output is the same."""
+    """Median ms of a whole prefill of T tokens (one forward, a fresh cache) as the engine
+    runs it (Decoder.forward's prefill: the linears' prefill forms where they have one) with
+    the native layers' row limit at the build's row_limit() and at the AVX2 build's
+    MAX_ROWS, and at the build's limit with the decode forms (prefill=False), the three
+    alternating forward by forward; whether the last position's output is the same at the
+    two limits, and whether its argmax is the same in the two forms."""
     from . import native
     nl = target._native_layers
     if nl is None:
         return {"error": "the native decoder layers are not in use (dtype, CPU or DFLASH_NATIVE)"}
     limits = {"build": native.row_limit(), "avx2": native.MAX_ROWS}
+    variants = {"build": (limits["build"], True), "avx2": (limits["avx2"], True), "decode_forms": (limits["build"], False)}
     g = torch.Generator().manual_seed(0)
     res = {}
     try:
         for T in sizes:
             x = torch.randint(0, target.config.vocab_size, (1, T), generator=g)
-            ts, last = {k: [] for k in limits}, {}
+            ts, last = {k: [] for k in variants}, {}
             for rep in range(reps + 1):
-                for name in (list(limits) if rep % 2 == 0 else list(limits)[::-1]):
-                    nl.max_rows = limits[name]
+                for name in (list(variants) if rep % 2 == 0 else list(variants)[::-1]):
+                    nl.max_rows, prefill = variants[name]
                     cache = target.new_cache(1, T)
                     t0 = time.perf_counter()
-                    h, _ = target(x, cache, torch.tensor([0]), torch.tensor([0]))
+                    h, _ = target(x, cache, torch.tensor([0]), torch.tensor([0]), prefill=prefill)
                     ts[name].append(time.perf_counter() - t0)
                     last[name] = h[0, -1]
             ms = {name: statistics.median(v[1:]) * 1000 for name, v in ts.items()}
             res[T] = {f"{name}_ms": round(v, 1) for name, v in ms.items()}
             res[T]["speedup"] = round(ms["avx2"] / ms["build"], 3)
             res[T]["same_bits"] = bool(torch.equal(last["build"], last["avx2"]))
+            res[T]["forms_speedup"] = round(ms["decode_forms"] / ms["build"], 3)
+            res[T]["forms_same_argmax"] = bool(int(target.logits(last["build"]).argmax())
+                                               == int(target.logits(last["decode_forms"]).argmax()))
     finally:
         nl.max_rows = None
     return {"max_rows": limits, "by_tokens": res}
@@ -491,10 +505,10 @@ def _cost_line(vc: dict) -> str:
     return ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items())
 
 
-def _verify_ab(target, reps: int, variants, label: str, out, ctx_len: int = 128) -> dict:
+def _verify_ab(target, reps: int, variants, label: str, out, ctx_len: int = 128, sizes=VERIFY_TOKENS) -> dict:
     """verify_cost of each variant, forward by forward alternating; prints one line per
     variant (label.format(name)) -> {name: {"verify_ms", "verify_relative_to_1"}}."""
-    ab = verify_cost(target, ctx_len=ctx_len, reps=max(2, reps), variants=variants)
+    ab = verify_cost(target, ctx_len=ctx_len, sizes=sizes, reps=max(2, reps), variants=variants)
     for name, vc in ab.items():
         print(f"{label.format(name)}: verify forward cost (ctx {vc['ctx_len']}, alternating): " + _cost_line(vc),
               file=out)
@@ -509,7 +523,7 @@ def compile_cost(target, ctx_len: int = 128, sizes=(1, 4, 16), reps: int = 9) ->
     `torch.compile` (inductor, static shapes), timed alternately in one run; the first
     compiled call of each shape is reported as its compile time."""
     import torch._dynamo
-    cache = target.new_cache(1, ctx_len + 32)
+    cache = target.new_cache(1, ctx_len + max(32, *sizes))
     slots, start = torch.tensor([0]), torch.tensor([ctx_len])
     V = target.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -622,6 +636,11 @@ def main(argv=None) -> int:
     verify_ctx = int_list(args.verify_ctx or "128", "--verify-ctx", "dflash bench")
     if not verify_ctx:
         raise CliError("dflash bench: --verify-ctx needs at least one context length")
+    if args.verify_tokens is not None and not args.verify_cost:
+        raise CliError("dflash bench: --verify-tokens sets the forwards of --verify-cost; add --verify-cost")
+    vt = tuple(int_list(args.verify_tokens, "--verify-tokens", "dflash bench")) if args.verify_tokens else VERIFY_TOKENS
+    if not vt:
+        raise CliError("dflash bench: --verify-tokens needs at least one token count")
     try:
         base = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=0,
                               ignore_eos=args.ignore_eos)
@@ -790,7 +809,7 @@ def main(argv=None) -> int:
         seq_modes = [(None, "", contextlib.nullcontext)] + [m for m in off_modes if m[0] == "prepacked_off"]
         for key, label, ctx in seq_modes:
             with ctx():
-                vc = verify_cost(engine.target, ctx_len=verify_ctx[0], reps=max(2, args.verify_reps))
+                vc = verify_cost(engine.target, ctx_len=verify_ctx[0], sizes=vt, reps=max(2, args.verify_reps))
             print((label + ", " if label else "") + f"verify forward cost (ctx {vc['ctx_len']}): " + _cost_line(vc),
                   file=out)
             dest = summary[key] if key else summary
@@ -799,36 +818,36 @@ def main(argv=None) -> int:
         if args.native_ab:
             summary["native_ab"] = {"num_linears": len(nswaps), **_verify_ab(
                 engine.target, args.verify_reps, {"native": contextlib.nullcontext, "torch": lambda: _swapped(nswaps)},
-                "{} linears", out, verify_ctx[0])}
+                "{} linears", out, verify_ctx[0], vt)}
         if len(verify_ctx) > 1:   # how the cost of verified rows grows with the cached context
             summary["verify_ms_by_ctx"] = {str(verify_ctx[0]): summary["verify_ms"]}   # measured above
             for c in verify_ctx[1:]:
-                vc = verify_cost(engine.target, ctx_len=c, reps=max(2, args.verify_reps))
+                vc = verify_cost(engine.target, ctx_len=c, sizes=vt, reps=max(2, args.verify_reps))
                 print(f"verify forward cost (ctx {c}): " + _cost_line(vc), file=out)
                 summary["verify_ms_by_ctx"][str(c)] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
         if args.amx_ab:
             summary["amx_ab"] = {"num_linears": len(aswaps), **_verify_ab(
                 engine.target, args.verify_reps, {"AMX": contextlib.nullcontext, "FMA": lambda: amx_off(engine, aswaps)},
-                "{} linears", out, verify_ctx[0])}
+                "{} linears", out, verify_ctx[0], vt)}
         if args.amx_inputs_ab:
             summary["amx_inputs_ab"] = {"num_linears": len(iswaps), **_verify_ab(
                 engine.target, args.verify_reps, {f"{native.amx_inputs()} inputs": contextlib.nullcontext,
                                                   f"{other_inputs} inputs": lambda: amx_off(engine, iswaps)},
-                "{}", out, verify_ctx[0])}
+                "{}", out, verify_ctx[0], vt)}
         if args.layers_ab:
             summary["layers_ab"] = _verify_ab(
                 engine.target, args.verify_reps,
                 {"native layers": contextlib.nullcontext, "torch layers": lambda: layers_off(engine)}, "{}", out,
-                verify_ctx[0])
+                verify_ctx[0], vt)
         if args.kernel_source_ab:   # each token count at each cached context, the two builds alternating
             summary["kernel_source_ab"] = {str(c): _verify_ab(
                 engine.target, args.verify_reps,
                 {"layers as built": contextlib.nullcontext, "layers with the file": lambda: kernel_source_set(lfns)},
-                "{}", out, c) for c in verify_ctx}
+                "{}", out, c, vt) for c in verify_ctx}
         if args.mm_ab:
             swaps = small_mm_swaps(engine)   # the packed versions built once, swapped in per forward
             n_mm = len(swaps)
-            ab = verify_cost(engine.target, ctx_len=verify_ctx[0], reps=max(2, args.verify_reps),
+            ab = verify_cost(engine.target, ctx_len=verify_ctx[0], sizes=vt, reps=max(2, args.verify_reps),
                              variants={"mm": contextlib.nullcontext, "packed": lambda: _swapped(swaps)})
             for name, vc in ab.items():
                 print(f"{name}: verify forward cost (ctx {vc['ctx_len']}, {n_mm} small fp32 linears): " +
@@ -841,7 +860,8 @@ def main(argv=None) -> int:
             print(f"prefill A/B: {pa['error']}", file=out)
         for T, r in pa.get("by_tokens", {}).items():
             print(f"prefill of {T} tokens: native up to {pa['max_rows']['build']} rows {r['build_ms']} ms, "
-                  f"up to {pa['max_rows']['avx2']} rows {r['avx2_ms']} ms ({r['speedup']}x)", file=out)
+                  f"up to {pa['max_rows']['avx2']} rows {r['avx2_ms']} ms ({r['speedup']}x); decode forms "
+                  f"{r['decode_forms_ms']} ms ({r['forms_speedup']}x, same argmax: {r['forms_same_argmax']})", file=out)
         summary["prefill_ab"] = pa
     if args.int8:
         ic = int8_linear_cost(engine.target)

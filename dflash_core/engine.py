@@ -526,7 +526,7 @@ class SpecEngine:
                 ids[r, :n] = torch.tensor(s.prompt[st:st + n])
             slots = torch.tensor([s.slot for s, _, _ in batch])
             starts = torch.tensor([st for _, st, _ in batch], dtype=torch.int64)
-            hidden, feats = self.target(ids, self.cache, slots, starts, self._capture())
+            hidden, feats = self.target(ids, self.cache, slots, starts, self._capture(), prefill=True)
             for r, (s, st, n) in enumerate(batch):
                 self.cache.set_len(s.slot, st + n)
                 s.prefilled = st + n

@@ -919,3 +919,4 @@ def test_bench_ab_runs_a_git_revision_beside_this_checkout():
         assert res[k]["ar_tokens_per_s"] > 0 and res[k]["dflash_tokens_per_s"] > 0, k
         assert res[k]["greedy_outputs_identical"] is True and res[k]["tau"] >= 1, k
     assert isinstance(res["plain_outputs_equal"], bool) and res["speedup_over_baseline"] > 0
+    assert res["plain_outputs_equal"] == (res["plain_outputs_same"] == 2)

@@ -174,9 +174,10 @@ def test_amx_linear_takes_fp32_inputs_whole():
 
 
 def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
-    """Rows past 16 go to further tiles (and a remainder tile of another row count; up to 8
-    remainder rows keep their accumulators in registers): every row's bits stay those of
-    the row alone, at 1 or 2 threads; the AMX and FMA forms of
+    """Up to 16 rows share one tile (up to 8 keep their accumulators in registers); past 16
+    rows go in groups of 16 (the last one padded with zero rows), up to 8 groups per
+    expansion of the weights, so 150 rows take two expansions: every row's bits stay those
+    of the row alone, at 1 or 2 threads; the AMX and FMA forms of
     a weight agree to fp32 rounding (different summation orders of the same products)."""
     _need_amx()
     g = torch.Generator().manual_seed(3)
@@ -184,11 +185,12 @@ def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
         w = make(70, 160, seed=4)
         amx_lin, fma_lin = native.make_linear(w, amx_inputs="fp32"), native.make_linear(w, use_amx=False)
         assert amx_lin.native_format.endswith("x") and not fma_lin.native_format.endswith("x")
-        x = torch.randn(40, 160, generator=g)
+        x = torch.randn(150, 160, generator=g)
         y = amx_lin(x)
         with one_thread():
             assert torch.equal(amx_lin(x), y)
-        for rows in ((0, 1), (1, 3), (5, 12), (20, 28), (3, 19), (16, 33), (31, 40)):   # 1-8 rows: accumulators in registers
+        for rows in ((0, 1), (1, 3), (5, 12), (20, 28), (3, 19), (16, 33), (31, 40), (0, 128), (7, 136),
+                     (140, 150)):   # 1-8 rows: accumulators in registers
             assert torch.equal(amx_lin(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
         torch.testing.assert_close(y, fma_lin(x), rtol=1e-5, atol=1e-5)
         assert not torch.equal(y, fma_lin(x))   # two kernels, really: the orders differ somewhere
@@ -206,13 +208,13 @@ def test_amx_bf16_inputs_are_the_exact_linear_of_the_rounded_inputs():
         exact, rounded = native.make_linear(w, amx_inputs="fp32"), native.make_linear(w)
         assert (exact.native_format, rounded.native_format) == (fmt + "x", fmt + "xb")
         assert torch.equal(native.dequantize(rounded.native_format, rounded._keep, 70), w)
-        x = torch.randn(40, 160, generator=g) * 3
+        x = torch.randn(150, 160, generator=g) * 3
         xr = x.bfloat16().float()
         y = rounded(x)
         assert torch.equal(y, exact(xr))                      # W @ bf16(x), bit for bit
         assert not torch.equal(y, exact(x))
         torch.testing.assert_close(y.double(), xr.double() @ w.double().t(), rtol=2e-6, atol=1e-5)
-        for rows in ((0, 1), (1, 3), (5, 12), (3, 19), (16, 33), (31, 40)):
+        for rows in ((0, 1), (1, 3), (5, 12), (3, 19), (16, 33), (31, 40), (7, 136), (140, 150)):
             assert torch.equal(rounded(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
         with one_thread():
             assert torch.equal(rounded(x), y)
@@ -223,6 +225,108 @@ def test_amx_bf16_inputs_are_the_exact_linear_of_the_rounded_inputs():
     x[0, 1] = 1 + 2 ** -8 + 2 ** -10  # nearest bf16: 1 + 2^-7 (rounded up, not cut to 1)
     assert native.make_linear(w)(x)[0, 0] == 1 + 2 ** -7
     assert native.make_linear(w, amx_inputs="fp32")(x)[0, 0] == x[0, 1]
+
+
+def test_prefill_form_rounds_the_weights_to_bf16_too_and_stays_row_invariant():
+    """A bf16-input AMX linear's prefill form (prefill=True: q4_1xw / q8_0xw, the same
+    records) rounds each weight to the nearest bf16 as well and sums each row over the whole
+    of K in the tile: bf16(W) @ bf16(x) to fp32 rounding, a little off the decode form, the
+    same bits for a row at any row count (1-16 rows in one tile, up to 32 in one pass of the
+    weights, more reading them expanded once) and thread count; torch stands in for it past
+    the kernel's rows with the same rounded weights."""
+    _need_amx()
+    g = torch.Generator().manual_seed(8)
+    for make, fmt in ((q4_1_weight, "q4_1xb"), (q8_0_weight, "q8_0xb")):
+        w = make(70, 160, seed=2)
+        lin = native.make_linear(w, amx_inputs="bf16")
+        assert lin.native_format == fmt and native.PREFILL_FORMATS[fmt] in native.FORMATS
+        x = torch.randn(150, 160, generator=g) * 3
+        y = lin(x, prefill=True)
+        want = x.bfloat16().double() @ w.bfloat16().double().t()
+        torch.testing.assert_close(y.double(), want, rtol=1e-5, atol=1e-5)
+        decode = lin(x)
+        assert not torch.equal(y, decode)   # the weights' rounding is real
+        torch.testing.assert_close(y, decode, rtol=0.05, atol=0.05)
+        for rows in ((0, 1), (1, 3), (5, 12), (3, 19), (16, 33), (0, 32), (31, 40), (7, 136), (140, 150)):
+            assert torch.equal(lin(x[rows[0]:rows[1]], prefill=True), y[rows[0]:rows[1]]), rows
+        with one_thread():
+            assert torch.equal(lin(x, prefill=True), y)
+        lin.max_rows = 8   # past the kernel's rows: torch over the same rounded weights
+        try:
+            torch.testing.assert_close(lin(x[:20], prefill=True), y[:20], rtol=1e-5, atol=1e-5)
+        finally:
+            lin.max_rows = native.row_limit()
+    exact = native.make_linear(q8_0_weight(32, 64, seed=3), amx_inputs="fp32")   # the exact forms have none
+    xe = torch.randn(4, 64, generator=g)
+    assert exact.native_format not in native.PREFILL_FORMATS and torch.equal(exact(xe, prefill=True), exact(xe))
+
+
+def test_prefill_forwards_take_the_prefill_forms_whatever_their_rows():
+    """Decoder.forward(prefill=True) (the engine's prompt forwards): every linear of the
+    native layers in its prefill form. A prompt's hidden states and cached K/V are the same
+    bits alone in one forward, in chunks, and padded beside a longer prompt; they differ
+    from a decode forward's (prefill=False) by the weights' rounding only; and the engine's
+    first token (its logprobs) is read from a prefill forward."""
+    _need_amx()
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.sampling import SamplingParams
+    t = _variant_target("bf16")
+    assert t.layers[0].mlp._gate_up_fn.native_format in native.PREFILL_FORMATS
+    V = t.config.vocab_size
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randint(0, V, (1, 37), generator=g), torch.randint(0, V, (1, 52), generator=g)
+
+    def forward(chunks, prefill=True, beside=None):
+        cache = t.new_cache(2, 64)
+        outs = []
+        for lo, hi in chunks:
+            ids = a[:, lo:hi] if beside is None else torch.cat([
+                torch.cat([a[:, lo:hi], a.new_zeros(1, max(0, hi - max(lo, 37)))], 1)[:, :hi - lo], beside[:, lo:hi]])
+            h, _ = t(ids, cache, torch.tensor([0] if beside is None else [0, 1]),
+                     torch.tensor([lo] if beside is None else [lo, lo]), prefill=prefill)
+            outs.append(h[:1, :max(0, min(hi, 37) - lo)])
+        return torch.cat(outs, 1), cache.k[1][0, :, :37].clone(), cache.v[2][0, :, :37].clone()
+    whole = forward([(0, 37)])
+    for way in (forward([(0, 7), (7, 20), (20, 37)]), forward([(0, 52)], beside=b), forward([(0, 30), (30, 52)], beside=b)):
+        assert all(torch.equal(x, y) for x, y in zip(way, whole))
+    decode = forward([(0, 37)], prefill=False)
+    assert not torch.equal(decode[0], whole[0])
+    assert float((decode[0] - whole[0]).norm() / whole[0].norm()) < 0.05   # the same model, rounded a little (~1.7%)
+    eng = SpecEngine(t, None, EngineConfig(max_slots=2, max_seq_len=64, block_size=1))
+    [out] = eng.generate([a[0].tolist()], SamplingParams(max_new_tokens=1, logprobs=0))
+    with torch.no_grad():   # (the packed LM head, as the engine's)
+        lp = torch.log_softmax(t.logits(whole[0][0, -1]), -1)
+    assert out.token_ids == [int(lp.argmax())] and out.logprobs[0].logprob == float(lp.max())
+
+
+def test_target_features_compute_prompts_as_prefills_and_the_rest_as_decode_steps():
+    """training.features.target_features(prefill_lens=...) (what the held-out walk reads):
+    each row's prompt as the engine prefills it, the rest as its decode steps compute it,
+    batched rows of different prompt lengths and in chunks: the bits of those forwards run
+    row by row; without prefill_lens, every position in the decode forms."""
+    _need_amx()
+    from dflash_core.training.features import target_features
+    t = _variant_target("bf16")
+    V = t.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    rows = [(torch.randint(0, V, (9,), generator=g), torch.randint(0, V, (14,), generator=g)),
+            (torch.randint(0, V, (21,), generator=g), torch.randint(0, V, (6,), generator=g))]
+    C = max(len(p) + len(r) for p, r in rows)
+    tokens = torch.zeros(2, C, dtype=torch.int64)
+    for i, (p, r) in enumerate(rows):
+        tokens[i, :len(p) + len(r)] = torch.cat([p, r])
+    lens = [len(p) for p, _ in rows]
+    for chunk in (None, 5):
+        feats, outs = target_features(t, tokens, [0, 2], chunk=chunk, outputs=True, prefill_lens=lens)
+        for i, (p, r) in enumerate(rows):
+            cache = t.new_cache(1, C)
+            o1, f1 = t(p[None], cache, torch.tensor([0]), torch.tensor([0]), capture_layers=[0, 2], prefill=True)
+            o2, f2 = t(r[None], cache, torch.tensor([0]), torch.tensor([len(p)]), capture_layers=[0, 2])
+            n = len(p) + len(r)
+            assert torch.equal(feats[i, :n], torch.cat([f1, f2], 1)[0]) and torch.equal(outs[i, :n], torch.cat([o1, o2], 1)[0])
+    plain = target_features(t, tokens, [0, 2])
+    assert not torch.equal(plain[0, :9], feats[0, :9]) and torch.equal(
+        plain[0, :9], t(rows[0][0][None], t.new_cache(1, C), torch.tensor([0]), torch.tensor([0]), capture_layers=[0, 2])[1][0])
 
 
 def test_set_amx_inputs_picks_the_forms_packed_from_then_on():
@@ -420,7 +524,7 @@ def test_layer_build_swaps_in_another_layer_source_and_restores(tmp_path):
         assert torch.equal(t(x, t.new_cache(1, 8), torch.tensor([0]), torch.tensor([0]))[0], want)
     if native.amx():   # a dflash_amx.c replaces its namesake: the layers' linears run in it
         asrc = native.AMX_SOURCE.read_text()
-        anchor = "    if (fmt < 4 || fmt > 7 || K % 32) return -1;"
+        anchor = "    if (fmt < 4 || fmt > 9 || K % 32) return -1;"
         assert anchor in asrc
         broken_amx = tmp_path / "dflash_amx.c"
         broken_amx.write_text(asrc.replace(anchor, "    if (M > 0) return -1;\n" + anchor, 1))
@@ -949,13 +1053,15 @@ def test_a_whole_prefill_chunk_stays_native_in_the_avx512_build():
 
 def test_bench_prefill_ab_times_both_limits_and_restores_the_build_limit():
     """--prefill-ab: whole prefills at the build's row limit and at the AVX2 build's 192,
-    alternating; past 192 rows the two differ in bits only where the limits differ."""
+    and in the decode forms, alternating; past 192 rows the two limits differ in bits only
+    where the limits differ."""
     from dflash_core.bench import prefill_ab
     t = _variant_target()
     res = prefill_ab(t, sizes=(16, 200), reps=2)
     assert res["max_rows"] == {"build": native.row_limit(), "avx2": 192}
     assert set(res["by_tokens"]) == {16, 200}
-    assert all(r["build_ms"] > 0 and r["avx2_ms"] > 0 for r in res["by_tokens"].values())
+    assert all(r["build_ms"] > 0 and r["avx2_ms"] > 0 and r["decode_forms_ms"] > 0 for r in res["by_tokens"].values())
+    assert all(isinstance(r["forms_same_argmax"], bool) and r["forms_speedup"] > 0 for r in res["by_tokens"].values())
     assert res["by_tokens"][16]["same_bits"]
     assert res["by_tokens"][200]["same_bits"] == (native.row_limit() == 192)
     assert t._native_layers.max_rows is None

@@ -205,6 +205,7 @@ class Decoder(nn.Module):
         capture_layers: list[int] | tuple[int, ...] = (),
         features_only: bool = False,
         tree: torch.Tensor | None = None,
+        prefill: bool = False,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """-> hidden [R, T, hidden] (final norm applied), features [R, T, K*hidden] or None.
         features_only: stop after the last captured layer and return (None, features) (the
@@ -213,7 +214,11 @@ class Decoder(nn.Module):
         the cache and then the block tokens tree[r, t, 1 .. tree[r, t, 0]], root first, at
         RoPE position cache_lens[r] + tree[r, t, 0] - 1); its K/V still go to cache_lens[r] + t.
         Only where the native layers serve the forward (`serves_tree`): their attention
-        gathers those keys in order, so every token gets the bits of a one-token step."""
+        gathers those keys in order, so every token gets the bits of a one-token step.
+        prefill: a prompt's forward (the engine's prefills): where the native layers run it
+        and their linears take bf16 inputs, they take bf16-rounded weights too (native
+        PREFILL_FORMATS: no fp32 epilogue per 32-weight block, ~1/3 less time a prompt
+        token); every prompt token gets those numbers, whatever the forward's rows."""
         R, T = input_ids.shape
         dev = self.device
         slots, cache_lens = slots.to(dev), cache_lens.to(dev)
@@ -233,7 +238,7 @@ class Decoder(nn.Module):
             raise ValueError("a tree verify needs the native fp32 layers (Decoder.serves_tree)")
         if native_ok:   # every layer in one native call (dflash_core.native.NativeLayers)
             x = x.contiguous()
-            want.update(nl.forward(x, slots, cache_lens, cos, sin, cache, last, want, tree=tree))
+            want.update(nl.forward(x, slots, cache_lens, cos, sin, cache, last, want, tree=tree, prefill=prefill))
         else:
             plan = None if kernels.uses_triton(x) else CacheAttentionPlan(
                 slots, cache_lens, T, self.config.num_heads // self.config.num_kv_heads)

@@ -38,7 +38,15 @@ third of the tile products. That computes W @ bf16(x), not the fp32 linear: a di
 model by that rounding, still row-invariant, the same in every mode and batch (so greedy
 speculation equals the engine's own decoding with it), and torch's fallback past
 `max_rows` rounds its inputs the same way. That is the default (the commands' and the
-server's `--amx-inputs` too); "fp32" keeps the exact fp32 linear.
+server's `--amx-inputs` too); "fp32" keeps the exact fp32 linear. With bf16 inputs, a
+prompt's forward (the engine's prefills: `NativeLayers.forward(prefill=True)`, a linear's
+`prefill=True`) runs the *prefill forms* of the same records (q4_1xw / q8_0xw,
+PREFILL_FORMATS): each weight is rounded to bf16 too as the tiles are filled, so the tile
+sums a row over the whole of K with no fp32 step per 32 weights and one pass of the weights
+serves up to 32 rows (more: the weights expanded once per column pair): a prompt token
+costs ~2/3 of what it does in the decode forms. Every prompt token gets those numbers,
+whatever the forward's rows or chunks (row-invariant), and every decode step and verify
+block the decode forms, so the output still does not depend on batching or speculation.
 
 It is compiled at first use with the machine's C compiler (`cc`, ~1 s) into
 $DFLASH_CACHE/native/ and loaded with ctypes. `available()` says whether it could be
@@ -66,11 +74,15 @@ from ..runtime import cache_root
 SOURCE = Path(__file__).with_name("dflash_linear.c")
 LAYER_SOURCE = Path(__file__).with_name("dflash_layer.c")   # whole decoder layers (see NativeLayers)
 AMX_SOURCE = Path(__file__).with_name("dflash_amx.c")       # Q4_1 / Q8_0 linears on AMX tiles
-FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2, "bf16": 3, "q4_1x": 4, "q8_0x": 5, "q4_1xb": 6, "q8_0xb": 7}
+FORMATS = {"f32": 0, "q8_0": 1, "q4_1": 2, "bf16": 3, "q4_1x": 4, "q8_0x": 5, "q4_1xb": 6, "q8_0xb": 7,
+           "q4_1xw": 8, "q8_0xw": 9}
 # the AMX forms of the quantised formats (same weights, tiled for dflash_amx.c)
 AMX_FORMATS = {"q4_1": "q4_1x", "q8_0": "q8_0x"}
 # the same records read with each input rounded to bf16 first (set_amx_inputs("bf16"))
 AMX_BF16_FORMATS = {"q4_1": "q4_1xb", "q8_0": "q8_0xb"}
+# what the bf16-input forms take in a prefill forward (NativeLayers.forward's prefill, a
+# linear's prefill=True): the same records with each weight rounded to bf16 too (dflash_amx.c)
+PREFILL_FORMATS = {"q4_1xb": "q4_1xw", "q8_0xb": "q8_0xw"}
 AMX_KINDS = frozenset(AMX_FORMATS.values()) | frozenset(AMX_BF16_FORMATS.values())
 # what the AMX linears take as input: "fp32" (exact: the same fp32 linear) or "bf16"
 AMX_INPUTS = ("fp32", "bf16")
@@ -602,17 +614,30 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
     fallback_input = ((lambda x: x.bfloat16().to(x.dtype) if x.dtype == torch.float32 else x)
                       if fmt in AMX_BF16_FORMATS.values() else (lambda x: x))
 
-    def linear(x: torch.Tensor) -> torch.Tensor:
+    prefill_code = FORMATS.get(PREFILL_FORMATS.get(fmt), code)
+    prefill_weight = None   # torch's stand-in for the prefill form: the bf16-rounded weights, made when first asked
+
+    def fallback(x: torch.Tensor, prefill: bool) -> torch.Tensor:
+        nonlocal prefill_weight
+        if prefill and prefill_code != code:
+            if prefill_weight is None:
+                prefill_weight = weight.detach().bfloat16().float()
+            return torch.nn.functional.linear(fallback_input(x), prefill_weight, bias)
+        return torch.nn.functional.linear(fallback_input(x), weight, bias)
+
+    def linear(x: torch.Tensor, prefill: bool = False) -> torch.Tensor:
+        """prefill: the bf16-input AMX forms run their prefill form (PREFILL_FORMATS: the
+        weights rounded to bf16 too), as the native layers do in a prompt's forward."""
         lead = x.shape[:-1]
         x2 = x.reshape(-1, K)
         M = x2.shape[0]
         if M > linear.max_rows or x2.dtype != torch.float32 or x2.device.type != "cpu" or x2.requires_grad:
-            return torch.nn.functional.linear(fallback_input(x), weight, bias)
+            return fallback(x, prefill)
         if not x2.is_contiguous():
             x2 = x2.contiguous()
         y = torch.empty(M, N)
-        if M and fn(code, x2.data_ptr(), M, K, N, wp, y.data_ptr(), threads()) != 0:
-            return torch.nn.functional.linear(fallback_input(x), weight, bias)   # (out of memory for a work buffer)
+        if M and fn(prefill_code if prefill else code, x2.data_ptr(), M, K, N, wp, y.data_ptr(), threads()) != 0:
+            return fallback(x, prefill)   # (out of memory for a work buffer)
         if b is not None:
             y += b
         return y.view(*lead, N)
@@ -640,7 +665,7 @@ class _LayerParams(ctypes.Structure):
                 ("o_fmt", ctypes.c_int), ("gu_fmt", ctypes.c_int), ("down_fmt", ctypes.c_int),
                 ("qkv_w", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("gu_w", ctypes.c_void_p),
                 ("down_w", ctypes.c_void_p), ("qkv_b", ctypes.c_void_p), ("o_b", ctypes.c_void_p),
-                ("kv_bf16", ctypes.c_int)]
+                ("kv_bf16", ctypes.c_int), ("bf16_weights", ctypes.c_int)]
 
 
 def _native_parts(fn):
@@ -762,6 +787,7 @@ class NativeLayers:
         self._built_fns = [f for _, _, f in owners]   # each layer's 4 linears (a tuple): what current() compares
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
         self._kv_bf16 = 0     # what the structs' kv_bf16 says now (forward sets it from the cache)
+        self._bf16_weights = 0   # what their bf16_weights says now (forward sets it: prefill)
         self._local = threading.local()   # each calling thread's scratch, kept between forwards (a fresh one page-faults)
 
     @classmethod
@@ -818,7 +844,8 @@ class NativeLayers:
             == self._built_fns
 
     def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None, tree=None) -> dict:
+                sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None, tree=None,
+                prefill: bool = False) -> dict:
         """x [R, T, hidden] fp32 (updated in place through layer `last`), slots / starts [R]
         int64, cos / sin [R, T, D]; layer i's K/V go to cache.k[i] / cache.v[i]
         [S, Hkv, cap, D] at positions starts .. starts + T - 1 -> {layer id in capture: a
@@ -827,7 +854,9 @@ class NativeLayers:
         out=(lo, n): layer `last` computes tokens lo .. lo+n-1 of each row only (their bits
         as in a full forward); x's other tokens are then not that layer's output.
         tree: int32 [R, T, T + 1] (a tree verify: token t reads the context and then the block
-        tokens tree[r, t, 1 .. tree[r, t, 0]], in that order; dflash_layer.c), or None."""
+        tokens tree[r, t, 1 .. tree[r, t, 0]], in that order; dflash_layer.c), or None.
+        prefill: the linears in the bf16-input AMX forms take their bf16-weight forms
+        (q4_1xw / q8_0xw: PREFILL_FORMATS), as the engine's prompt forwards do."""
         layer_fn, work_fn = _LAYER[:2]
         R, T, _ = x.shape
         kv_bf16 = int(cache.k[0].dtype == torch.bfloat16)
@@ -837,6 +866,10 @@ class NativeLayers:
             for p in self._params:
                 p.kv_bf16 = kv_bf16
             self._kv_bf16 = kv_bf16
+        if int(prefill) != self._bf16_weights:
+            for p in self._params:
+                p.bf16_weights = int(prefill)
+            self._bf16_weights = int(prefill)
         slots = slots.to("cpu", torch.int64).contiguous()
         starts = starts.to("cpu", torch.int64).contiguous()
         cos, sin = cos.float().contiguous(), sin.float().contiguous()

@@ -7,6 +7,8 @@
  *   fmt 6  Q4_1X, fmt 7  Q8_0X with bf16 inputs: the same records, each input rounded to
  *          the nearest bf16 first (one part below instead of three): y = W @ bf16(x), the
  *          same bits as fmt 4 / 5 given bf16(x), a third of the tile products
+ *   fmt 8  Q4_1X, fmt 9  Q8_0X with bf16 inputs and bf16 weights (prefill forwards):
+ *          y = bf16(W) @ bf16(x), summed over the whole of K in the tile (below, linear_amxw)
  *
  * For a 32-weight block b of a row n: sum_k w[n,k] x[k] = d * sum_k q[n,k] x[k]
  * (+ m * sum_k x[k]). The codes q are small integers, exact in bf16; x is split exactly
@@ -265,6 +267,64 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
     }
 }
 
+/* More than 16 input rows: row groups of 16 (the tiles configured for 16; the rows past M
+ * of the last group are zero padding, xs holding Mp rows per part, parts ps = Mp * K apart)
+ * g0 .. g0 + G - 1 against column tiles [j0, j1), each block's codes expanded to B tiles
+ * once for all G groups (amx_rows expands them again for every 16 rows). Every real row
+ * gets the tile products and the fp32 epilogue of amx_rows, in the same order: the same
+ * bits. acc: G x 2 x 16 x 16 floats. */
+#define AMX_GROUPS 8   /* row groups sharing one expansion of the weights (acc: 16 KB) */
+static void amx_groups(int q4, int parts, const uint16_t *xs, const float *sx, long g0, int G, long M, long Mp,
+                       long K, long N, const uint8_t *w, float *y, long j0, long j1, float *acc) {
+    const long B = K / 32, RB = q4 ? 384 : 576, CO = q4 ? 128 : 64, ps = Mp * K;
+    uint16_t bbuf[2][512] __attribute__((aligned(64)));
+    float cbuf[2][256] __attribute__((aligned(64)));
+    for (long j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        memset(acc, 0, sizeof(float) * G * 2 * 256);
+        const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
+        for (long b = 0; b < B; b++) {
+            const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
+            for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+            expand(q4, rec0 + CO, bbuf[0]);
+            tile_load(3, bbuf[0], 64);
+            if (two) {
+                for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+                expand(q4, rec1 + CO, bbuf[1]);
+                tile_load(4, bbuf[1], 64);
+            }
+            for (int g = 0; g < G; g++) {
+                const long m0 = (g0 + g) * 16;
+                const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
+                const uint16_t *a = xs + m0 * K + b * 32;
+                _tile_zero(0);
+                if (two) _tile_zero(1);
+                for (int p = 0; p < parts; p++) {
+                    tile_load(2, a + p * ps, K * 2);
+                    _tile_dpbf16ps(0, 2, 3);
+                    if (two) _tile_dpbf16ps(1, 2, 4);
+                }
+                _tile_stored(0, cbuf[0], 64);
+                if (two) _tile_stored(1, cbuf[1], 64);
+                __asm__ __volatile__("" ::: "memory");
+                float *ag = acc + (long)g * 512;
+                epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, ag);
+                if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, ag + 256);
+            }
+        }
+        for (int g = 0; g < G; g++) {
+            const long m0 = (g0 + g) * 16;
+            const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
+            for (int t = 0; t < 1 + two; t++) {
+                const long n = (j + t) * 16;
+                const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                for (int i = 0; i < rows; i++)
+                    _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(acc + g * 512 + t * 256 + i * 16));
+            }
+        }
+    }
+}
+
 #define AMX_ROWS_REG(R)                                                                                  \
     static void amx_rows_reg##R(int q4, int parts, const uint16_t *xs, const float *sx, long m0, long M, long K, \
                                 long N, const uint8_t *w, float *y, long j0, long j1) {                    \
@@ -278,18 +338,213 @@ AMX_ROWS_REG(5)
 AMX_ROWS_REG(6)
 AMX_ROWS_REG(7)
 AMX_ROWS_REG(8)
+
 typedef void (*amx_rows_fn)(int, int, const uint16_t *, const float *, long, long, long, long, const uint8_t *, float *,
                             long, long);
 static const amx_rows_fn AMX_ROWS_BY_COUNT[9] = {NULL, amx_rows_reg1, amx_rows_reg2, amx_rows_reg3, amx_rows_reg4,
                                                  amx_rows_reg5, amx_rows_reg6, amx_rows_reg7, amx_rows_reg8};
 
+/* ---- fmt 8 / 9: the same records with bf16 weights (prefill forwards) ----------------
+ * Each weight rounded to the nearest bf16 as its B tile is expanded, w' = bf16(d * q + m)
+ * (Q4_1X) or bf16(d * q) (Q8_0X), and each input rounded to bf16 (as fmt 6 / 7): with the
+ * scales in the tile, a column tile's products sum over the whole of K in the C tile
+ * (TDPBF16PS, fp32) with no fp32 epilogue per 32-weight block, one store per 16 rows x 16
+ * columns at the end, and a tile of weights serves up to 32 rows. A row's C depends on
+ * that input row and the weights only, by the same tile products in the same order
+ * whatever M, the group it sits in or the thread: row-invariant. A different rounding of
+ * the model than fmt 6 / 7 (the weights too), which the engine's prefills use. */
+
+/* a record -> a B tile of its bf16-rounded weights (lane p of tile row r: column p / 2) */
+static inline __attribute__((always_inline)) void expand_w(int q4, const uint8_t *rec, uint16_t *out) {
+    const __m512 dv = _mm512_loadu_ps((const float *)rec);
+    const __m512i lo_i = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);
+    const __m512i hi_i = _mm512_set_epi32(15, 15, 14, 14, 13, 13, 12, 12, 11, 11, 10, 10, 9, 9, 8, 8);
+    const __m512 dlo = _mm512_permutexvar_ps(lo_i, dv), dhi = _mm512_permutexvar_ps(hi_i, dv);
+    if (q4) {
+        const __m512 mv = _mm512_loadu_ps((const float *)rec + 16);
+        const __m512 mlo = _mm512_permutexvar_ps(lo_i, mv), mhi = _mm512_permutexvar_ps(hi_i, mv);
+        const uint8_t *codes = rec + 128;
+        const __m512i low = _mm512_set1_epi32(0x0F);
+        for (int i = 0; i < 8; i++) {   /* codes[i]: tile row 2i in the low nibbles, 2i + 1 in the high */
+            const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * i)));
+            const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * i + 16)));
+            const __m512 a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(a, low)), dlo, mlo);
+            const __m512 b0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), dhi, mhi);
+            const __m512 a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)), dlo, mlo);
+            const __m512 b1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), dhi, mhi);
+            _mm512_store_si512((__m512i *)(out + 64 * i), (__m512i)_mm512_cvtne2ps_pbh(b0, a0));
+            _mm512_store_si512((__m512i *)(out + 64 * i + 32), (__m512i)_mm512_cvtne2ps_pbh(b1, a1));
+        }
+    } else {
+        const uint8_t *codes = rec + 64;
+        for (int r = 0; r < 16; r++) {
+            const __m512 a = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * r)))), dlo);
+            const __m512 b = _mm512_mul_ps(
+                _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(codes + 32 * r + 16)))), dhi);
+            _mm512_store_si512((__m512i *)(out + 32 * r), (__m512i)_mm512_cvtne2ps_pbh(b, a));
+        }
+    }
+}
+
+/* tiles 0, 1: C of two column tiles for rows0 rows, 2: their A; 3, 4: B; 5, 6: C of the
+ * next rows1 rows, 7: their A */
+static void configure_w(int rows0, int rows1) {
+    tilecfg_t c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        c.rows[t] = (uint8_t)(t == 3 || t == 4 ? 16 : t >= 5 ? rows1 : rows0);
+        c.colsb[t] = 64;
+    }
+    _tile_loadconfig(&c);
+}
+
+/* C tile t (0, 1, 5 or 6: rows x 16 fp32) -> y rows m0.., columns n.. (masked past N) */
+static inline __attribute__((always_inline)) void store_c(int t, int rows, long m0, long n, long N, float *y,
+                                                          float *cbuf) {
+    switch (t) {
+        case 0: _tile_stored(0, cbuf, 64); break;
+        case 1: _tile_stored(1, cbuf, 64); break;
+        case 5: _tile_stored(5, cbuf, 64); break;
+        default: _tile_stored(6, cbuf, 64); break;
+    }
+    __asm__ __volatile__("" ::: "memory");
+    const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+    for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(cbuf + 16 * i));
+}
+
+/* row groups of 16 (xs holding Mp rows, the rows past M zero) against column tiles
+ * [j0, j1): up to two groups read each block's tiles as they are expanded; more read each
+ * column pair's weights expanded once into `strip` (its B tiles for every block, 2 KB a
+ * block), two groups at a time. Every row: the same tile products in the same order. */
+static void amxw_cols(int q4, const uint16_t *xs, long M, long Mp, long K, long N, const uint8_t *w, float *y,
+                      long j0, long j1, uint16_t *strip) {
+    const long B = K / 32, RB = q4 ? 384 : 576, G = Mp / 16;
+    float cbuf[256] __attribute__((aligned(64)));
+    for (long j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
+        if (G <= 2) {   /* one pass of the groups: each block's tiles expanded and used at once (in L1) */
+            const uint16_t *x0 = xs, *x1 = xs + 16 * K;
+            const int more = G == 2;
+            _tile_zero(0);
+            if (two) _tile_zero(1);
+            if (more) {
+                _tile_zero(5);
+                if (two) _tile_zero(6);
+            }
+            for (long b = 0; b < B; b++) {
+                const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
+                for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+                expand_w(q4, rec0, strip);
+                tile_load(3, strip, 64);
+                if (two) {
+                    for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
+                    expand_w(q4, rec1, strip + 512);
+                    tile_load(4, strip + 512, 64);
+                }
+                tile_load(2, x0 + b * 32, K * 2);
+                _tile_dpbf16ps(0, 2, 3);
+                if (two) _tile_dpbf16ps(1, 2, 4);
+                if (more) {
+                    tile_load(7, x1 + b * 32, K * 2);
+                    _tile_dpbf16ps(5, 7, 3);
+                    if (two) _tile_dpbf16ps(6, 7, 4);
+                }
+            }
+            const int rows0 = M < 16 ? (int)M : 16;
+            store_c(0, rows0, 0, j * 16, N, y, cbuf);
+            if (two) store_c(1, rows0, 0, (j + 1) * 16, N, y, cbuf);
+            if (more) {
+                store_c(5, (int)(M - 16), 16, j * 16, N, y, cbuf);
+                if (two) store_c(6, (int)(M - 16), 16, (j + 1) * 16, N, y, cbuf);
+            }
+            continue;
+        }
+        for (long b = 0; b < B; b++) {
+            expand_w(q4, r0 + b * RB, strip + 1024 * b);
+            if (two) expand_w(q4, r1 + b * RB, strip + 1024 * b + 512);
+        }
+        for (long g = 0; g < G; g += 2) {
+            const int more = g + 1 < G;
+            const uint16_t *x0 = xs + g * 16 * K, *x1 = x0 + 16 * K;
+            _tile_zero(0);
+            if (two) _tile_zero(1);
+            if (more) {
+                _tile_zero(5);
+                if (two) _tile_zero(6);
+            }
+            for (long b = 0; b < B; b++) {
+                tile_load(3, strip + 1024 * b, 64);
+                if (two) tile_load(4, strip + 1024 * b + 512, 64);
+                tile_load(2, x0 + b * 32, K * 2);
+                _tile_dpbf16ps(0, 2, 3);
+                if (two) _tile_dpbf16ps(1, 2, 4);
+                if (more) {
+                    tile_load(7, x1 + b * 32, K * 2);
+                    _tile_dpbf16ps(5, 7, 3);
+                    if (two) _tile_dpbf16ps(6, 7, 4);
+                }
+            }
+            const long m0 = g * 16, m1 = m0 + 16;
+            const int rows0 = M - m0 < 16 ? (int)(M - m0) : 16;
+            store_c(0, rows0, m0, j * 16, N, y, cbuf);
+            if (two) store_c(1, rows0, m0, (j + 1) * 16, N, y, cbuf);
+            if (more) {
+                const int rows1 = M - m1 < 16 ? (int)(M - m1) : 16;
+                store_c(5, rows1, m1, j * 16, N, y, cbuf);
+                if (two) store_c(6, rows1, m1, (j + 1) * 16, N, y, cbuf);
+            }
+        }
+    }
+}
+
+static int linear_amxw(int q4, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
+    const long J = (N + 15) / 16, Mp = (M + 15) / 16 * 16;
+    uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * Mp * K) + 63) / 64 * 64);
+    if (!xs) return -2;
+    if (nthreads < 1) nthreads = 1;
+    const long pairs = (J + 1) / 2;
+    if (nthreads > pairs) nthreads = (int)pairs;
+    if (M <= 64 || nthreads == 1) {
+        round_rows(x, 0, M, K, xs, NULL);
+    } else {
+#pragma omp parallel num_threads(nthreads)
+        {
+            const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+            round_rows(x, M * t / nt, M * (t + 1) / nt, K, xs, NULL);
+        }
+    }
+    if (Mp > M) memset(xs + M * K, 0, sizeof(uint16_t) * (Mp - M) * K);
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
+        uint16_t *strip = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * 1024 * (K / 32));
+        if (!strip) failed = 1;
+        else if (j0 < j1) {
+            configure_w(16, 16);
+            amxw_cols(q4, xs, M, Mp, K, N, (const uint8_t *)w, y, j0, j1, strip);
+        }
+        free(strip);
+    }
+    free(xs);
+    return failed ? -2 : 0;
+}
+
 /* returns 0; -1 unsupported shape or format; -2 out of memory */
 int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
-    if (fmt < 4 || fmt > 7 || K % 32) return -1;
+    if (fmt < 4 || fmt > 9 || K % 32) return -1;
     if (M <= 0 || N <= 0) return 0;
+    if (fmt >= 8) return linear_amxw(fmt == 8, x, M, K, N, w, y, nthreads);
     const int q4 = fmt == 4 || fmt == 6, parts = fmt >= 6 ? 1 : 3;
     const long B = K / 32, J = (N + 15) / 16;
-    uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * parts * M * K) + 63) / 64 * 64);
+    /* more than 16 rows: row groups of 16 (amx_groups), the parts padded to Mp rows */
+    const int grouped = M > 16;
+    const long Mp = grouped ? (M + 15) / 16 * 16 : M;
+    uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * parts * Mp * K) + 63) / 64 * 64);
     float *sx = q4 ? (float *)malloc(sizeof(float) * M * B) : NULL;
     if (!xs || (q4 && !sx)) {
         free(xs);
@@ -302,33 +557,34 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
     /* the input split: in this thread for a few rows (a barrier between the two phases
      * costs more than the split under a passive wait policy), else over the threads */
     if (M <= 64 || nthreads == 1) {
-        prepare_rows(parts, x, 0, M, M, K, xs, sx);
+        prepare_rows(parts, x, 0, M, Mp, K, xs, sx);
     } else {
 #pragma omp parallel num_threads(nthreads)
         {
             const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-            prepare_rows(parts, x, M * t / nt, M * (t + 1) / nt, M, K, xs, sx);
+            prepare_rows(parts, x, M * t / nt, M * (t + 1) / nt, Mp, K, xs, sx);
         }
     }
+    for (int p = 0; p < parts && Mp > M; p++) memset(xs + p * Mp * K + M * K, 0, sizeof(uint16_t) * (Mp - M) * K);
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         /* column tiles in pairs, split evenly over threads */
         const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
         float acc[2 * 16 * 16] __attribute__((aligned(64)));
-        if (j0 < j1) {
-            const long full = M / 16, rem = M % 16;
-            if (full) {
-                configure(16);
-                for (long g = 0; g < full; g++) amx_rows(q4, parts, xs, sx, g * 16, 16, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
-            }
-            if (rem) {
-                configure((int)rem);
-                if (rem <= 8)
-                    AMX_ROWS_BY_COUNT[rem](q4, parts, xs, sx, full * 16, M, K, N, (const uint8_t *)w, y, j0, j1);
-                else
-                    amx_rows(q4, parts, xs, sx, full * 16, (int)rem, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
-            }
+        if (j0 < j1 && grouped) {
+            float gacc[AMX_GROUPS * 2 * 256] __attribute__((aligned(64)));
+            const long G = Mp / 16;
+            configure(16);
+            for (long g = 0; g < G; g += AMX_GROUPS)
+                amx_groups(q4, parts, xs, sx, g, (int)(G - g < AMX_GROUPS ? G - g : AMX_GROUPS), M, Mp, K, N,
+                           (const uint8_t *)w, y, j0, j1, gacc);
+        } else if (j0 < j1) {   /* up to 16 rows: one tile (up to 8: accumulators in registers) */
+            configure((int)M);
+            if (M <= 8)
+                AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, y, j0, j1);
+            else
+                amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
         }
     }
     free(xs);

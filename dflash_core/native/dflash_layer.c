@@ -46,7 +46,14 @@ typedef struct {
     const void *qkv_w, *o_w, *gu_w, *down_w;
     const float *qkv_b, *o_b;           /* or NULL */
     int kv_bf16;                        /* the caches hold bf16 (uint16) values, not fp32 */
+    int bf16_weights;                   /* a prefill forward: the bf16-input AMX forms (fmt 6 / 7) take
+                                         * their bf16-weight forms (8 / 9, dflash_amx.c) */
 } dfl_layer_t;
+
+/* the format a linear of this layer runs in now (bf16_weights: fmt 6 / 7 -> 8 / 9) */
+static inline int lin_fmt(const dfl_layer_t *P, int fmt) {
+    return P->bf16_weights && (fmt == 6 || fmt == 7) ? fmt + 2 : fmt;
+}
 
 /* fp32 -> the nearest bf16 (ties to even; a NaN stays a quiet NaN), as torch rounds */
 static inline uint16_t to_bf16(float f) {
@@ -399,7 +406,7 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
     const int par = M >= 4 && nthreads > 1;
 #pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
     for (long m = 0; m < M; m++) rms_norm(x + m * Hd, P->in_norm, Hd, P->eps, h + m * Hd);
-    if ((rc = dfl_linear(P->qkv_fmt, h, M, Hd, nqkv, P->qkv_w, qkv, nthreads))) return rc;
+    if ((rc = dfl_linear(lin_fmt(P, P->qkv_fmt), h, M, Hd, nqkv, P->qkv_w, qkv, nthreads))) return rc;
 #pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
     for (long m = 0; m < M; m++) {
         float *row = qkv + m * nqkv;
@@ -510,14 +517,14 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
             }
         }
     }
-    if ((rc = dfl_linear(P->o_fmt, att, Mo, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;
+    if ((rc = dfl_linear(lin_fmt(P, P->o_fmt), att, Mo, (long)H * D, Hd, P->o_w, h, nthreads))) return rc;
 #pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
     for (long o = 0; o < Mo; o++) {
         float *xr = x + XROW(o) * Hd;
         for (long i = 0; i < Hd; i++) xr[i] += P->o_b ? h[o * Hd + i] + P->o_b[i] : h[o * Hd + i];
         rms_norm(xr, P->post_norm, Hd, P->eps, h + o * Hd);
     }
-    if ((rc = dfl_linear(P->gu_fmt, h, Mo, Hd, 2 * I, P->gu_w, gu, nthreads))) return rc;
+    if ((rc = dfl_linear(lin_fmt(P, P->gu_fmt), h, Mo, Hd, 2 * I, P->gu_w, gu, nthreads))) return rc;
 #pragma omp parallel for num_threads(nthreads) if (par) schedule(static)
     for (long m = 0; m < Mo; m++) {
         const float *g = gu + m * 2 * I, *u = g + I;
@@ -531,7 +538,7 @@ int dfl_layer(const dfl_layer_t *P, float *x, long R, long T, const int64_t *slo
         }
         for (; i < I; i++) a[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
     }
-    if ((rc = dfl_linear(P->down_fmt, act, Mo, I, Hd, P->down_w, h, nthreads))) return rc;
+    if ((rc = dfl_linear(lin_fmt(P, P->down_fmt), act, Mo, I, Hd, P->down_w, h, nthreads))) return rc;
     for (long o = 0; o < Mo; o++) {
         float *xr = x + XROW(o) * Hd;
         for (long i = 0; i < Hd; i++) xr[i] += h[o * Hd + i];

@@ -303,7 +303,7 @@ static void tiles_range(int fmt, const float *x, long M, long K, long N, const v
 int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads);
 
 int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
-    if (fmt >= 4 && fmt <= 7) return dfl_linear_amx(fmt, x, M, K, N, w, y, nthreads);   /* dflash_amx.c */
+    if (fmt >= 4 && fmt <= 9) return dfl_linear_amx(fmt, x, M, K, N, w, y, nthreads);   /* dflash_amx.c */
     if (K % 8 || K > DFL_MAX_K || ((fmt == 1 || fmt == 2) && K % 32) || fmt < 0 || fmt > 3) return -1;
     if (M <= 0 || N <= 0) return 0;
     const long tiles = (N + 3) / 4;

@@ -113,7 +113,7 @@ class FeatureCache:
 
 @torch.no_grad()
 def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: int | None = None,
-                    outputs: bool = False):
+                    outputs: bool = False, prefill_lens: list[int] | None = None):
     """Captured features [R, C, K*hidden] of right-padded token rows [R, C] (each row from
     position 0, in a fresh cache); only the layers up to the last captured one run.
     outputs: run every layer and return (features, the final-norm outputs [R, C, hidden]:
@@ -121,12 +121,42 @@ def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: i
     chunk: forward at most this many positions at a time (through the cache). With
     R * chunk <= the native kernel's row_limit() every linear takes the row-invariant native
     path, as the engine's verify forwards do, so the features equal theirs bit for bit
-    (a whole prefill of more rows takes MKL's sgemm, which rounds differently)."""
+    (a whole prefill of more rows takes MKL's sgemm, which rounds differently).
+    prefill_lens: row r's first prefill_lens[r] positions (its prompt) are computed as the
+    engine prefills a prompt (Decoder.forward's prefill) and the rest as its decode steps
+    compute them (so the features are the engine's where it runs the native layers)."""
     R, C = tokens.shape
-    cache = target.new_cache(R, C)
+    cache = target.new_cache(R, C if prefill_lens is None else C + max(prefill_lens) - min(prefill_lens))
     tokens = tokens.to(target.device)
     step = C if not chunk else max(1, int(chunk))
     parts, outs = [], []
+    if prefill_lens is not None:   # the prompts (past a row's own: overwritten below), then the rest
+        P = max(prefill_lens)
+        lens = torch.tensor(prefill_lens, dtype=torch.int64)
+        for lo in range(0, P, step):
+            o, f = target(tokens[:, lo:min(P, lo + step)], cache, torch.arange(R),
+                          torch.full((R,), lo, dtype=torch.int64), capture_layers=layer_ids,
+                          features_only=not outputs, prefill=True)
+            parts.append(f)
+            outs.append(o)
+        rest = C - min(prefill_lens)
+        idx = (lens[:, None] + torch.arange(rest)[None, :]).clamp(max=C - 1)   # [R, rest] (past C: padding)
+        later = tokens.gather(1, idx.to(tokens.device))
+        lparts, louts = [], []
+        for lo in range(0, rest, step):
+            o, f = target(later[:, lo:lo + step], cache, torch.arange(R), lens + lo, capture_layers=layer_ids,
+                          features_only=not outputs)
+            lparts.append(f)
+            louts.append(o)
+
+        def merged(first: list, then: list) -> torch.Tensor:
+            a, b = torch.cat(first, dim=1), torch.cat(then, dim=1)   # [R, P, .], [R, rest, .]
+            out = torch.cat([a, a.new_zeros(R, C - P, a.shape[-1])], dim=1)
+            for r, n in enumerate(prefill_lens):
+                out[r, n:] = b[r, :C - n]
+            return out
+        feats = merged(parts, lparts)
+        return feats if not outputs else (feats, merged(outs, louts))
     for lo in range(0, C, step):
         o, f = target(tokens[:, lo:lo + step], cache, torch.arange(R), torch.full((R,), lo, dtype=torch.int64),
                       capture_layers=layer_ids, features_only=not outputs)

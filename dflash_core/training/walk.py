@@ -95,7 +95,8 @@ def _drafter_logits(target, drafter, records: list[dict], rows: int):
         if target.device.type == "cpu":   # the native kernel's row-invariant range (features.py)
             from .. import native
             chunk_rows = max(1, native.row_limit() // R)
-        feats = target_features(target, tokens, drafter.config.target_layer_ids, chunk=chunk_rows).to(dev)
+        feats = target_features(target, tokens, drafter.config.target_layer_ids, chunk=chunk_rows,
+                                prefill_lens=starts).to(dev)   # the prompts as the engine prefills them
         dtype = drafter.fc.weight.dtype
         h = drafter.forward_blocks(target.embed(bb.block_ids.to(target.device)).to(dev, dtype),
                                    bb.block_pos, feats.to(dtype), bb.ctx_pos, bb.attn_mask)
