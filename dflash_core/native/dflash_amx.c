@@ -414,6 +414,44 @@ static inline __attribute__((always_inline)) void store_c(int t, int rows, long 
     for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(cbuf + 16 * i));
 }
 
+/* the C tiles of a pass: 0 (and 1: two column tiles) for rows0 rows, 5 (and 6) for the
+ * next rows when `more` */
+static inline __attribute__((always_inline)) void zero_c(int two, int more) {
+    _tile_zero(0);
+    if (two) _tile_zero(1);
+    if (more) {
+        _tile_zero(5);
+        if (two) _tile_zero(6);
+    }
+}
+
+/* block b's products: the B tiles (3, 4) loaded, the A tiles of x0's rows (2) and x1's (7) */
+static inline __attribute__((always_inline)) void products_w(int two, int more, const uint16_t *x0,
+                                                             const uint16_t *x1, long b, long K) {
+    tile_load(2, x0 + b * 32, K * 2);
+    _tile_dpbf16ps(0, 2, 3);
+    if (two) _tile_dpbf16ps(1, 2, 4);
+    if (more) {
+        tile_load(7, x1 + b * 32, K * 2);
+        _tile_dpbf16ps(5, 7, 3);
+        if (two) _tile_dpbf16ps(6, 7, 4);
+    }
+}
+
+/* a pass's C tiles -> y: rows m0 .. (and the 16 after, when `more`), column tiles j (, j + 1) */
+static inline __attribute__((always_inline)) void store_pass(int two, int more, long m0, long M, long j, long N,
+                                                             float *y, float *cbuf) {
+    const int rows0 = M - m0 < 16 ? (int)(M - m0) : 16;
+    store_c(0, rows0, m0, j * 16, N, y, cbuf);
+    if (two) store_c(1, rows0, m0, (j + 1) * 16, N, y, cbuf);
+    if (more) {
+        const long m1 = m0 + 16;
+        const int rows1 = M - m1 < 16 ? (int)(M - m1) : 16;
+        store_c(5, rows1, m1, j * 16, N, y, cbuf);
+        if (two) store_c(6, rows1, m1, (j + 1) * 16, N, y, cbuf);
+    }
+}
+
 /* row groups of 16 (xs holding Mp rows, the rows past M zero) against column tiles
  * [j0, j1): up to two groups read each block's tiles as they are expanded; more read each
  * column pair's weights expanded once into `strip` (its B tiles for every block, 2 KB a
@@ -426,14 +464,8 @@ static void amxw_cols(int q4, const uint16_t *xs, long M, long Mp, long K, long 
         const int two = j + 1 < j1;
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         if (G <= 2) {   /* one pass of the groups: each block's tiles expanded and used at once (in L1) */
-            const uint16_t *x0 = xs, *x1 = xs + 16 * K;
             const int more = G == 2;
-            _tile_zero(0);
-            if (two) _tile_zero(1);
-            if (more) {
-                _tile_zero(5);
-                if (two) _tile_zero(6);
-            }
+            zero_c(two, more);
             for (long b = 0; b < B; b++) {
                 const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
                 for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
@@ -444,22 +476,9 @@ static void amxw_cols(int q4, const uint16_t *xs, long M, long Mp, long K, long 
                     expand_w(q4, rec1, strip + 512);
                     tile_load(4, strip + 512, 64);
                 }
-                tile_load(2, x0 + b * 32, K * 2);
-                _tile_dpbf16ps(0, 2, 3);
-                if (two) _tile_dpbf16ps(1, 2, 4);
-                if (more) {
-                    tile_load(7, x1 + b * 32, K * 2);
-                    _tile_dpbf16ps(5, 7, 3);
-                    if (two) _tile_dpbf16ps(6, 7, 4);
-                }
+                products_w(two, more, xs, xs + 16 * K, b, K);
             }
-            const int rows0 = M < 16 ? (int)M : 16;
-            store_c(0, rows0, 0, j * 16, N, y, cbuf);
-            if (two) store_c(1, rows0, 0, (j + 1) * 16, N, y, cbuf);
-            if (more) {
-                store_c(5, (int)(M - 16), 16, j * 16, N, y, cbuf);
-                if (two) store_c(6, (int)(M - 16), 16, (j + 1) * 16, N, y, cbuf);
-            }
+            store_pass(two, more, 0, M, j, N, y, cbuf);
             continue;
         }
         for (long b = 0; b < B; b++) {
@@ -468,34 +487,14 @@ static void amxw_cols(int q4, const uint16_t *xs, long M, long Mp, long K, long 
         }
         for (long g = 0; g < G; g += 2) {
             const int more = g + 1 < G;
-            const uint16_t *x0 = xs + g * 16 * K, *x1 = x0 + 16 * K;
-            _tile_zero(0);
-            if (two) _tile_zero(1);
-            if (more) {
-                _tile_zero(5);
-                if (two) _tile_zero(6);
-            }
+            const uint16_t *x0 = xs + g * 16 * K;
+            zero_c(two, more);
             for (long b = 0; b < B; b++) {
                 tile_load(3, strip + 1024 * b, 64);
                 if (two) tile_load(4, strip + 1024 * b + 512, 64);
-                tile_load(2, x0 + b * 32, K * 2);
-                _tile_dpbf16ps(0, 2, 3);
-                if (two) _tile_dpbf16ps(1, 2, 4);
-                if (more) {
-                    tile_load(7, x1 + b * 32, K * 2);
-                    _tile_dpbf16ps(5, 7, 3);
-                    if (two) _tile_dpbf16ps(6, 7, 4);
-                }
+                products_w(two, more, x0, x0 + 16 * K, b, K);
             }
-            const long m0 = g * 16, m1 = m0 + 16;
-            const int rows0 = M - m0 < 16 ? (int)(M - m0) : 16;
-            store_c(0, rows0, m0, j * 16, N, y, cbuf);
-            if (two) store_c(1, rows0, m0, (j + 1) * 16, N, y, cbuf);
-            if (more) {
-                const int rows1 = M - m1 < 16 ? (int)(M - m1) : 16;
-                store_c(5, rows1, m1, j * 16, N, y, cbuf);
-                if (two) store_c(6, rows1, m1, (j + 1) * 16, N, y, cbuf);
-            }
+            store_pass(two, more, g * 16, M, j, N, y, cbuf);
         }
     }
 }
