@@ -130,7 +130,7 @@ def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: i
     tokens = tokens.to(target.device)
     step = C if not chunk else max(1, int(chunk))
     parts, outs = [], []
-    if prefill_lens is not None:   # the prompts (past a row's own: overwritten below), then the rest
+    if prefill_lens is not None and max(prefill_lens) > 0:   # the prompts (past a row's own: overwritten below), then the rest
         P = max(prefill_lens)
         lens = torch.tensor(prefill_lens, dtype=torch.int64)
         for lo in range(0, P, step):
