@@ -786,8 +786,9 @@ class NativeLayers:
         self._ptrs = [ctypes.addressof(p) for p in params]
         self._built_fns = [f for _, _, f in owners]   # each layer's 4 linears (a tuple): what current() compares
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
-        self._kv_bf16 = 0     # what the structs' kv_bf16 says now (forward sets it from the cache)
-        self._bf16_weights = 0   # what their bf16_weights says now (forward sets it: prefill)
+        # what every layer's struct says now of the flags forward sets: kv_bf16 (from the cache),
+        # bf16_weights (prefill)
+        self._flags = {"kv_bf16": 0, "bf16_weights": 0}
         self._local = threading.local()   # each calling thread's scratch, kept between forwards (a fresh one page-faults)
 
     @classmethod
@@ -843,6 +844,13 @@ class NativeLayers:
         return self.enabled and _ENABLED and [_ATTN_FNS(a) + _MLP_FNS(m) for a, m, _ in self._owners] \
             == self._built_fns
 
+    def _set_flag(self, name: str, value: int) -> None:
+        """Every layer's struct field `name` = value (written only when it changes)."""
+        if self._flags[name] != value:
+            for p in self._params:
+                setattr(p, name, value)
+            self._flags[name] = value
+
     def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None, tree=None,
                 prefill: bool = False) -> dict:
@@ -862,14 +870,8 @@ class NativeLayers:
         kv_bf16 = int(cache.k[0].dtype == torch.bfloat16)
         if kv_bf16 and not (len(_LAYER) < 3 or _LAYER[2]):
             raise ValueError("this build of the native layers (native.layer_build) reads fp32 KV caches only")
-        if kv_bf16 != self._kv_bf16:   # what the caches hold: every layer's struct says it
-            for p in self._params:
-                p.kv_bf16 = kv_bf16
-            self._kv_bf16 = kv_bf16
-        if int(prefill) != self._bf16_weights:
-            for p in self._params:
-                p.bf16_weights = int(prefill)
-            self._bf16_weights = int(prefill)
+        self._set_flag("kv_bf16", kv_bf16)   # what the caches hold
+        self._set_flag("bf16_weights", int(prefill))
         slots = slots.to("cpu", torch.int64).contiguous()
         starts = starts.to("cpu", torch.int64).contiguous()
         cos, sin = cos.float().contiguous(), sin.float().contiguous()

@@ -165,25 +165,28 @@ static inline __attribute__((always_inline)) void epilogue(const float *cbuf, in
     }
 }
 
-/* One 32-weight block b of one or two column tiles (records rec0, rec1): their codes
- * expanded to B tiles, times the input rows' `parts` bf16 parts (three, or one for bf16
- * inputs; a: rows at block b, parts ps apart), C tiles -> cbuf[0] / cbuf[1] (rows x 16
- * fp32, row stride 64 bytes) */
-static inline __attribute__((always_inline)) void block_products(int q4, int parts, const uint8_t *rec0,
-                                                                 const uint8_t *rec1, int two, const uint16_t *a,
-                                                                 long ps, long K,
-                                                                 uint16_t bbuf[2][512], float cbuf[2][256]) {
+/* One 32-weight block of one or two column tiles (records rec0, rec1): their codes
+ * expanded to B tiles 3 (and 4) */
+static inline __attribute__((always_inline)) void load_b(int q4, const uint8_t *rec0, const uint8_t *rec1, int two,
+                                                         uint16_t bbuf[2][512]) {
     const long RB = q4 ? 384 : 576, CO = q4 ? 128 : 64;
     for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
     expand(q4, rec0 + CO, bbuf[0]);
     tile_load(3, bbuf[0], 64);
-    _tile_zero(0);
     if (two) {
         for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
         expand(q4, rec1 + CO, bbuf[1]);
         tile_load(4, bbuf[1], 64);
-        _tile_zero(1);
     }
+}
+
+/* The loaded B tiles (load_b) times the input rows' `parts` bf16 parts (three, or one for
+ * bf16 inputs; a: the rows at the block, parts ps apart), C tiles -> cbuf[0] / cbuf[1]
+ * (rows x 16 fp32, row stride 64 bytes) */
+static inline __attribute__((always_inline)) void c_products(int parts, int two, const uint16_t *a, long ps, long K,
+                                                             float cbuf[2][256]) {
+    _tile_zero(0);
+    if (two) _tile_zero(1);
     for (int p = 0; p < parts; p++) {   /* the input's bf16 parts */
         tile_load(2, a + p * ps, K * 2);
         _tile_dpbf16ps(0, 2, 3);
@@ -194,8 +197,16 @@ static inline __attribute__((always_inline)) void block_products(int q4, int par
     __asm__ __volatile__("" ::: "memory");   /* the tile stores fill cbuf before it is read */
 }
 
-/* input rows [m0, m0 + rows) (rows <= 16, the tiles configured for it) against column
- * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles */
+/* rows x 16 fp32 (row stride 16) -> y rows m0.., columns n .. n + 15 (masked past N) */
+static inline __attribute__((always_inline)) void store_rows(const float *src, int rows, long m0, long n, long N,
+                                                             float *y) {
+    const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+    for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(src + 16 * i));
+}
+
+/* input rows [m0, m0 + rows) (9 <= rows <= 16, the tiles configured for it) against column
+ * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles. (amx_groups with one group
+ * of these rows gives the same bits but measured 3-6% slower verify forwards at 12-16 rows.) */
 static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
                      const uint8_t *w, float *y, long j0, long j1, float *acc) {
     const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
@@ -203,21 +214,16 @@ static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, lon
     float cbuf[2][256] __attribute__((aligned(64)));
     for (long j = j0; j < j1; j += 2) {
         const int two = j + 1 < j1;
-        float *acc0 = acc, *acc1 = acc + 16 * 16;
         memset(acc, 0, sizeof(float) * 2 * 16 * 16);
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         for (long b = 0; b < B; b++) {
             const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            block_products(q4, parts, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
-            epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc0);
-            if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc1);
+            load_b(q4, rec0, rec1, two, bbuf);
+            c_products(parts, two, xs + m0 * K + b * 32, ps, K, cbuf);
+            epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc);
+            if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc + 256);
         }
-        for (int t = 0; t < 1 + two; t++) {
-            const long n = (j + t) * 16;
-            const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-            for (int i = 0; i < rows; i++)
-                _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(acc + t * 256 + i * 16));
-        }
+        for (int t = 0; t < 1 + two; t++) store_rows(acc + t * 256, rows, m0, (j + t) * 16, N, y);
     }
 }
 
@@ -243,7 +249,8 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         for (long b = 0; b < B; b++) {
             const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            block_products(q4, parts, rec0, rec1, two, xs + m0 * K + b * 32, ps, K, bbuf, cbuf);
+            load_b(q4, rec0, rec1, two, bbuf);
+            c_products(parts, two, xs + m0 * K + b * 32, ps, K, cbuf);
             const __m512 d0 = _mm512_loadu_ps((const float *)rec0);
             const __m512 n0 = q4 ? _mm512_loadu_ps((const float *)rec0 + 16) : _mm512_setzero_ps();
             for (int i = 0; i < R; i++) {
@@ -270,13 +277,13 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
 /* More than 16 input rows: row groups of 16 (the tiles configured for 16; the rows past M
  * of the last group are zero padding, xs holding Mp rows per part, parts ps = Mp * K apart)
  * g0 .. g0 + G - 1 against column tiles [j0, j1), each block's codes expanded to B tiles
- * once for all G groups (amx_rows expands them again for every 16 rows). Every real row
- * gets the tile products and the fp32 epilogue of amx_rows, in the same order: the same
+ * once for all G groups (amx_rows would expand them again for every 16 rows). Every real
+ * row gets the tile products and the fp32 epilogue of amx_rows, in the same order: the same
  * bits. acc: G x 2 x 16 x 16 floats. */
 #define AMX_GROUPS 8   /* row groups sharing one expansion of the weights (acc: 16 KB) */
 static void amx_groups(int q4, int parts, const uint16_t *xs, const float *sx, long g0, int G, long M, long Mp,
                        long K, long N, const uint8_t *w, float *y, long j0, long j1, float *acc) {
-    const long B = K / 32, RB = q4 ? 384 : 576, CO = q4 ? 128 : 64, ps = Mp * K;
+    const long B = K / 32, RB = q4 ? 384 : 576, ps = Mp * K;
     uint16_t bbuf[2][512] __attribute__((aligned(64)));
     float cbuf[2][256] __attribute__((aligned(64)));
     for (long j = j0; j < j1; j += 2) {
@@ -285,29 +292,12 @@ static void amx_groups(int q4, int parts, const uint16_t *xs, const float *sx, l
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         for (long b = 0; b < B; b++) {
             const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
-            expand(q4, rec0 + CO, bbuf[0]);
-            tile_load(3, bbuf[0], 64);
-            if (two) {
-                for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
-                expand(q4, rec1 + CO, bbuf[1]);
-                tile_load(4, bbuf[1], 64);
-            }
+            load_b(q4, rec0, rec1, two, bbuf);
             for (int g = 0; g < G; g++) {
                 const long m0 = (g0 + g) * 16;
                 const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
-                const uint16_t *a = xs + m0 * K + b * 32;
-                _tile_zero(0);
-                if (two) _tile_zero(1);
-                for (int p = 0; p < parts; p++) {
-                    tile_load(2, a + p * ps, K * 2);
-                    _tile_dpbf16ps(0, 2, 3);
-                    if (two) _tile_dpbf16ps(1, 2, 4);
-                }
-                _tile_stored(0, cbuf[0], 64);
-                if (two) _tile_stored(1, cbuf[1], 64);
-                __asm__ __volatile__("" ::: "memory");
                 float *ag = acc + (long)g * 512;
+                c_products(parts, two, xs + m0 * K + b * 32, ps, K, cbuf);
                 epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, ag);
                 if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, ag + 256);
             }
@@ -315,12 +305,7 @@ static void amx_groups(int q4, int parts, const uint16_t *xs, const float *sx, l
         for (int g = 0; g < G; g++) {
             const long m0 = (g0 + g) * 16;
             const int rows = M - m0 < 16 ? (int)(M - m0) : 16;
-            for (int t = 0; t < 1 + two; t++) {
-                const long n = (j + t) * 16;
-                const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-                for (int i = 0; i < rows; i++)
-                    _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(acc + g * 512 + t * 256 + i * 16));
-            }
+            for (int t = 0; t < 1 + two; t++) store_rows(acc + g * 512 + t * 256, rows, m0, (j + t) * 16, N, y);
         }
     }
 }
@@ -410,8 +395,7 @@ static inline __attribute__((always_inline)) void store_c(int t, int rows, long 
         default: _tile_stored(6, cbuf, 64); break;
     }
     __asm__ __volatile__("" ::: "memory");
-    const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-    for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(cbuf + 16 * i));
+    store_rows(cbuf, rows, m0, n, N, y);
 }
 
 /* the C tiles of a pass: 0 (and 1: two column tiles) for rows0 rows, 5 (and 6) for the
@@ -570,15 +554,15 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         /* column tiles in pairs, split evenly over threads */
         const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
-        float acc[2 * 16 * 16] __attribute__((aligned(64)));
         if (j0 < j1 && grouped) {
-            float gacc[AMX_GROUPS * 2 * 256] __attribute__((aligned(64)));
+            float acc[AMX_GROUPS * 2 * 256] __attribute__((aligned(64)));
             const long G = Mp / 16;
             configure(16);
             for (long g = 0; g < G; g += AMX_GROUPS)
                 amx_groups(q4, parts, xs, sx, g, (int)(G - g < AMX_GROUPS ? G - g : AMX_GROUPS), M, Mp, K, N,
-                           (const uint8_t *)w, y, j0, j1, gacc);
+                           (const uint8_t *)w, y, j0, j1, acc);
         } else if (j0 < j1) {   /* up to 16 rows: one tile (up to 8: accumulators in registers) */
+            float acc[2 * 16 * 16] __attribute__((aligned(64)));
             configure((int)M);
             if (M <= 8)
                 AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, y, j0, j1);

@@ -126,43 +126,38 @@ def target_features(target, tokens: torch.Tensor, layer_ids: list[int], chunk: i
     engine prefills a prompt (Decoder.forward's prefill) and the rest as its decode steps
     compute them (so the features are the engine's where it runs the native layers)."""
     R, C = tokens.shape
-    cache = target.new_cache(R, C if prefill_lens is None else C + max(prefill_lens) - min(prefill_lens))
+    split = prefill_lens is not None and max(prefill_lens) > 0
+    cache = target.new_cache(R, C + max(prefill_lens) - min(prefill_lens) if split else C)
     tokens = tokens.to(target.device)
     step = C if not chunk else max(1, int(chunk))
-    parts, outs = [], []
-    if prefill_lens is not None and max(prefill_lens) > 0:   # the prompts (past a row's own: overwritten below), then the rest
-        P = max(prefill_lens)
-        lens = torch.tensor(prefill_lens, dtype=torch.int64)
-        for lo in range(0, P, step):
-            o, f = target(tokens[:, lo:min(P, lo + step)], cache, torch.arange(R),
-                          torch.full((R,), lo, dtype=torch.int64), capture_layers=layer_ids,
-                          features_only=not outputs, prefill=True)
-            parts.append(f)
-            outs.append(o)
-        rest = C - min(prefill_lens)
-        idx = (lens[:, None] + torch.arange(rest)[None, :]).clamp(max=C - 1)   # [R, rest] (past C: padding)
-        later = tokens.gather(1, idx.to(tokens.device))
-        lparts, louts = [], []
-        for lo in range(0, rest, step):
-            o, f = target(later[:, lo:lo + step], cache, torch.arange(R), lens + lo, capture_layers=layer_ids,
-                          features_only=not outputs)
-            lparts.append(f)
-            louts.append(o)
 
-        def merged(first: list, then: list) -> torch.Tensor:
-            a, b = torch.cat(first, dim=1), torch.cat(then, dim=1)   # [R, P, .], [R, rest, .]
-            out = torch.cat([a, a.new_zeros(R, C - P, a.shape[-1])], dim=1)
-            for r, n in enumerate(prefill_lens):
-                out[r, n:] = b[r, :C - n]
-            return out
-        feats = merged(parts, lparts)
-        return feats if not outputs else (feats, merged(outs, louts))
-    for lo in range(0, C, step):
-        o, f = target(tokens[:, lo:lo + step], cache, torch.arange(R), torch.full((R,), lo, dtype=torch.int64),
-                      capture_layers=layer_ids, features_only=not outputs)
-        parts.append(f)
-        outs.append(o)
-    feats = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-    if not outputs:
-        return feats
-    return feats, (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))
+    def forwards(ids: torch.Tensor, starts: torch.Tensor, n: int, prefill: bool):
+        """Positions 0 .. n-1 of ids [R, >= n] at starts[r] + position, `step` at a time ->
+        (features, final-norm outputs or None), each [R, n, .]."""
+        fs, os_ = [], []
+        for lo in range(0, n, step):
+            o, f = target(ids[:, lo:min(n, lo + step)], cache, torch.arange(R), starts + lo, capture_layers=layer_ids,
+                          features_only=not outputs, prefill=prefill)
+            fs.append(f)
+            os_.append(o)
+        cat = (lambda xs: xs[0] if len(xs) == 1 else torch.cat(xs, dim=1))
+        return cat(fs), (cat(os_) if outputs else None)
+
+    zero = torch.zeros(R, dtype=torch.int64)
+    if not split:
+        feats, outs = forwards(tokens, zero, C, False)
+        return feats if not outputs else (feats, outs)
+    # the prompts (positions past a row's own are overwritten by the second pass), then the rest
+    P, lens = max(prefill_lens), torch.tensor(prefill_lens, dtype=torch.int64)
+    first = forwards(tokens, zero, P, True)
+    rest = C - min(prefill_lens)
+    idx = (lens[:, None] + torch.arange(rest)[None, :]).clamp(max=C - 1)   # [R, rest] (past C: padding)
+    then = forwards(tokens.gather(1, idx.to(tokens.device)), lens, rest, False)
+
+    def merged(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:   # [R, P, .], [R, rest, .] -> [R, C, .]
+        out = torch.cat([a, a.new_zeros(R, C - P, a.shape[-1])], dim=1)
+        for r, n in enumerate(prefill_lens):
+            out[r, n:] = b[r, :C - n]
+        return out
+    feats = merged(first[0], then[0])
+    return feats if not outputs else (feats, merged(first[1], then[1]))
