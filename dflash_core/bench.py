@@ -21,6 +21,10 @@ machine noise hits both alike. Optional extras:
   --amx-inputs-ab every measurement above also with the AMX linears taking the other input
                   (bf16 where they take fp32, and back: --amx-inputs), back to back (the
                   verify cost alternating forward by forward)
+  --amx-attention-ab  every measurement above also with the native layers' attention in fp32
+                  (native.set_amx_attention(False)) where it runs on AMX tiles, back to back
+                  (the verify cost alternating forward by forward), and the next-token
+                  agreement of the two
   --kv-cache-ab   every measurement above also with the target's KV cache in the other dtype
                   (bf16 where it is fp32, and back: --kv-cache-dtype), back to back, and the
                   next-token agreement of the two
@@ -96,6 +100,9 @@ def _parser():
     ap.add_argument("--amx-inputs-ab", action="store_true",
                     help="also measure everything with the AMX linears taking the other input (bf16 where they "
                          "take fp32 and back, --amx-inputs): the same weights, back to back")
+    ap.add_argument("--amx-attention-ab", action="store_true",
+                    help="also measure everything with the native layers' attention in fp32 where it runs on AMX "
+                         "tiles (bf16 products): back to back, and the next-token agreement of the two")
     ap.add_argument("--kv-cache-ab", action="store_true",
                     help="also measure everything with the target's KV cache in the other dtype (bfloat16 where "
                          "it is float32 and back): back to back, and the next-token agreement of the two")
@@ -354,6 +361,18 @@ def kv_cache_set(engine, dtype: torch.dtype, keep: dict):
         yield 1
     finally:
         engine.cache = engine.scheduler.cache = was
+
+
+@contextlib.contextmanager
+def amx_attention_off():
+    """Within: the native layers' attention in fp32 (native.set_amx_attention(False)) -> yields 1."""
+    from . import native
+    was = native.amx_attention_on()
+    native.set_amx_attention(False)
+    try:
+        yield 1
+    finally:
+        native.set_amx_attention(was)
 
 
 @contextlib.contextmanager
@@ -707,6 +726,12 @@ def main(argv=None) -> int:
                            + (native.reason() or "they need a CPU with AMX-BF16 and the native fp32 path") + ")")
         off_modes.append((f"amx_inputs_{other_inputs}", f"AMX linears taking {other_inputs}",
                           lambda: amx_off(engine, iswaps)))
+    if args.amx_attention_ab:
+        nl = engine.target._native_layers
+        if nl is None or not nl.amx_att or not native.amx_attention_on():
+            raise CliError("dflash bench: --amx-attention-ab: this engine's attention is not on AMX tiles (it needs "
+                           "the native layers with every linear in the bf16-input AMX forms, on a CPU with AMX)")
+        off_modes.append(("amx_attention_off", "fp32 attention", amx_attention_off))
     kv_other = None
     if args.kv_cache_ab:
         kv_other = torch.float32 if engine.cache.k_all.dtype == torch.bfloat16 else torch.bfloat16
@@ -765,7 +790,8 @@ def main(argv=None) -> int:
             if len(thresholds) > 1:
                 print(f"draft threshold {thr:g}", file=out)
             r = _ar_vs_dflash(engine, prompts, base, args.repeats, args.temperature, out,
-                              plain_outputs if (args.amx_inputs_ab or args.kv_cache_ab) and not plain_outputs else None)
+                              plain_outputs if (args.amx_inputs_ab or args.kv_cache_ab or args.amx_attention_ab)
+                              and not plain_outputs else None)
             by_threshold.setdefault(f"{thr:g}", {})[str(b)] = r
             runs.setdefault(b, r)   # the first threshold's run stands for the block size
         engine.config.draft_threshold = thresholds[0]
@@ -783,6 +809,11 @@ def main(argv=None) -> int:
         print(f"next-token agreement of bf16 and fp32 inputs over {ag['positions']} response positions: "
               f"argmax {ag['argmax_agreement']:.4f}, mean KL(fp32 || bf16) {ag['mean_kl']:.2e}", file=out)
         summary[f"amx_inputs_{other_inputs}"]["next_token_agreement"] = ag
+    if args.amx_attention_ab:   # how far the two attentions' models are apart, on the plain responses
+        ag = next_token_agreement(engine, prompts, plain_outputs, amx_attention_off, reference_is_variant=True)
+        print(f"next-token agreement of AMX and fp32 attention over {ag['positions']} response positions: "
+              f"argmax {ag['argmax_agreement']:.4f}, mean KL(fp32 || AMX) {ag['mean_kl']:.2e}", file=out)
+        summary["amx_attention_off"]["next_token_agreement"] = ag
     if args.kv_cache_ab:   # how far the two caches' models are apart, on the plain responses
         fp32_loaded = engine.cache.k_all.dtype == torch.float32
         ag = next_token_agreement(engine, prompts, plain_outputs, lambda: kv_cache_set(engine, kv_other, kv_keep),
@@ -834,6 +865,11 @@ def main(argv=None) -> int:
                 engine.target, args.verify_reps, {f"{native.amx_inputs()} inputs": contextlib.nullcontext,
                                                   f"{other_inputs} inputs": lambda: amx_off(engine, iswaps)},
                 "{}", out, verify_ctx[0], vt)}
+        if args.amx_attention_ab:
+            summary["amx_attention_ab"] = _verify_ab(
+                engine.target, args.verify_reps,
+                {"AMX attention": contextlib.nullcontext, "fp32 attention": amx_attention_off}, "{}", out,
+                verify_ctx[0], vt)
         if args.layers_ab:
             summary["layers_ab"] = _verify_ab(
                 engine.target, args.verify_reps,

@@ -252,8 +252,16 @@ class DFlashDrafter(nn.Module):
         """[.., K*hidden] -> [.., hidden]: hidden_norm(fc(concat of target layer outputs))."""
         x = features.to(self.fc.weight.dtype)
         if self._fc_fn is not None and not torch.is_grad_enabled():
-            return self.hidden_norm(self._fc_fn(x))
+            return self._norm(self.hidden_norm, self._fc_fn(x))
         return self.hidden_norm(self.fc(x))
+
+    @staticmethod
+    def _norm(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """Inference: `norm`(x) in one native call where it serves (native.rms_norm: the
+        drafter's numbers only, in another summation order than torch's; drafts may move,
+        never the output), else the module."""
+        y = native.rms_norm(x, norm.weight, norm.eps)
+        return norm(x) if y is None else y
 
     @torch.no_grad()
     def append_context(self, cache: KVCache, slots: torch.Tensor, positions: torch.Tensor,
@@ -357,7 +365,7 @@ class DFlashDrafter(nn.Module):
                 q, k, v = a.project_qkv(h, cos, sin)          # one packed matmul once pack() ran
                 o = kernels.block_attention(q, cache.k[i], cache.v[i], slots, ctx_lens, k, v, False, a.scale)
                 x = layer.finish(x, o)
-        return self.norm(x if positions is None else x[:, positions[0]:positions[0] + positions[1]].contiguous())
+        return self._norm(self.norm, x if positions is None else x[:, positions[0]:positions[0] + positions[1]])
 
     def forward_blocks(self, block_emb: torch.Tensor, block_pos: torch.Tensor, ctx_features: torch.Tensor,
                        ctx_pos: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:

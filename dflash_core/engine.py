@@ -130,13 +130,15 @@ def check_kv_cache_dtype(value) -> str:
     return value
 
 
-def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The dtype a target's KV cache stores: "auto" -> the model's own dtype; "bfloat16" under
-    an fp32 or bf16 model; "float32" under an fp32 model only (a 16-bit model's K / V are
+def resolve_kv_cache_dtype(name: str, model_dtype: torch.dtype, rounds_kv: bool = False) -> torch.dtype:
+    """The dtype a target's KV cache stores: "auto" -> the model's own dtype, or bf16 where
+    `rounds_kv` (the model's attention reads every K / V value rounded to bf16 anyway:
+    Decoder.attention_rounds_kv; the same numbers from half the bytes); "bfloat16" under an
+    fp32 or bf16 model; "float32" under an fp32 model only (a 16-bit model's K / V are
     16-bit already), else ValueError."""
     name = check_kv_cache_dtype(name)
     if name == "auto":
-        return model_dtype
+        return torch.bfloat16 if rounds_kv else model_dtype
     dtype = getattr(torch, name)
     if dtype == torch.float32 and model_dtype != torch.float32:
         raise ValueError(f"kv_cache_dtype float32 needs a float32 model (this one runs "
@@ -255,7 +257,8 @@ class SpecEngine:
         self.vocab_size = target.config.vocab_size
         self.capacity = self.config.max_seq_len + max(self.drafter_block_size, self.config.block_size) + 1
         self.cache = target.new_cache(self.config.max_slots, self.capacity,
-                                      resolve_kv_cache_dtype(self.config.kv_cache_dtype, target.dtype))
+                                      resolve_kv_cache_dtype(self.config.kv_cache_dtype, target.dtype,
+                                                             target.attention_rounds_kv()))
         self.scheduler = Scheduler(self.config, self.cache, self.drafter_block_size)
         self._ids: set[str] = set()
         self._aborted: list[RequestOutput] = []

@@ -156,6 +156,8 @@ def test_kv_cache_dtype_is_checked_resolved_and_builds_the_cache():
         with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, float32, bfloat16"):
             EngineConfig(kv_cache_dtype=bad)
     assert resolve_kv_cache_dtype("auto", torch.float32) == torch.float32
+    assert resolve_kv_cache_dtype("auto", torch.float32, rounds_kv=True) == torch.bfloat16   # AMX attention
+    assert resolve_kv_cache_dtype("float32", torch.float32, rounds_kv=True) == torch.float32
     assert resolve_kv_cache_dtype("auto", torch.bfloat16) == torch.bfloat16
     assert resolve_kv_cache_dtype("bfloat16", torch.float32) == torch.bfloat16
     assert resolve_kv_cache_dtype("float32", torch.float32) == torch.float32

@@ -782,6 +782,39 @@ def test_native_layers_match_the_torch_layers(cfg):
     assert not torch.equal(runs[True][2], runs[False][2])   # (really another summation order)
 
 
+def test_native_stack_call_equals_layer_by_layer():
+    """The whole stack in one native call (dfl_layers) leaves the same bits as one call per
+    layer (what a build without it, e.g. an earlier revision's for --kernel-source-ab, runs):
+    hidden states, captured features (a copy after each captured layer, the last one too)
+    and the cache's K/V, for a prefill and then a tree-less 4-token block on two rows, and
+    for a drafter-style forward computing only some tokens of its last layer."""
+    t = _variant_target(qk_norm=True, family="qwen3")
+    nl = t._native_layers
+    layer, work, reads_bf16, stack = native._LAYER
+    assert stack is not None
+    V = t.config.vocab_size
+    g = torch.Generator().manual_seed(5)
+    prompt = torch.randint(0, V, (2, 10), generator=g)
+    block = torch.randint(0, V, (2, 4), generator=g)
+    last = len(t.layers) - 1
+    runs = {}
+    for fns in ((layer, work, reads_bf16, stack), (layer, work, reads_bf16, None)):
+        with native.use_layer_build(fns):
+            cache = t.new_cache(3, 40)
+            slots = torch.tensor([2, 0])
+            h0, f0 = t(prompt, cache, slots, torch.tensor([0, 0]), [0, last])
+            h1, f1 = t(block, cache, slots, torch.tensor([10, 6]), [1, 0])
+            x = t.embed_tokens(block).contiguous()
+            cos, sin = t.rotary(torch.tensor([[10, 11, 12, 13], [6, 7, 8, 9]]), x.dtype)
+            got = nl.forward(x, slots, torch.tensor([10, 6]), cos, sin, cache, last, {0, last}, causal=False,
+                             out=(1, 2))
+            runs[stack is not None and fns[3] is not None] = (h0, f0, h1, f1, x[:, 1:3], got[0], got[last],
+                                                              cache.k[last][[2, 0], :, :14], cache.v[0][[2, 0], :, :14])
+    for a, b in zip(runs[True], runs[False]):
+        assert torch.equal(a, b)
+    assert not torch.equal(runs[True][5], runs[True][6])   # (a copy per captured layer, not one tensor)
+
+
 def test_native_layers_are_row_invariant_and_step_like_the_engine(linear_forms, amx_input_kind):
     """A token's numbers are the same bits whether it comes alone, in a verify block of
     any size or beside other rows; swapping a linear (benchmarks) sends forwards back to
@@ -1110,9 +1143,11 @@ def test_native_drafter_block_matches_the_torch_drafter():
 
 def test_native_context_write_matches_the_reference_kernel():
     """A drafter layer's context K/V written in one native call (k_norm, RoPE, the store)
-    equal the reference kernel's to rounding, the values bit for bit; the lengths are the
-    same; a slot or position outside the cache is refused before anything is written; a
-    bf16 drafter keeps the torch path."""
+    equal the reference kernel's (given the same projected K/V) to rounding, the values bit
+    for bit; the lengths are the same; the projected K/V themselves agree to rounding (the
+    native path's hidden_norm sums in another order than torch's); a slot or position
+    outside the cache is refused before anything is written; a bf16 drafter keeps the
+    torch path."""
     from dflash_core import native
     from dflash_core.drafter import DFlashDrafter
     from dflash_core.models.config import ModelConfig
@@ -1125,14 +1160,19 @@ def test_native_context_write_matches_the_reference_kernel():
     slots = torch.tensor([0, 0, 0, 2, 2, 1, 1, 1, 1])
     pos = torch.tensor([0, 1, 2, 0, 1, 5, 6, 7, 40])      # 40: past the RoPE tables built so far? grown
     d.rotary._build(16)
-    caches = {}
+    caches, kvs = {}, {}
     for on in (True, False):
         native.set_enabled(on)
         try:
             caches[on] = d.new_cache(3, 48)
-            d.append_context(caches[on], slots, pos, feats)
+            kvs[on] = d.context_kv(feats)
+            if on:
+                d.append_context(caches[on], slots, pos, feats)
+            else:   # the reference kernel on the native path's K/V
+                d.write_context(caches[on], slots, pos, kvs[True])
         finally:
             native.set_enabled(True)
+    torch.testing.assert_close(kvs[True], kvs[False], rtol=1e-5, atol=1e-5)
     a, b = caches[True], caches[False]
     assert a.lens.tolist() == b.lens.tolist() == [3, 41, 2]
     for i in range(2):
@@ -1294,3 +1334,73 @@ def test_prefills_past_the_native_row_limit_keep_one_tokens_bits():
         assert not nl.serves(x) and nl.serves(x[:1])
     finally:
         nl.max_rows = None
+
+
+def test_native_rms_norm_matches_torch_and_is_row_invariant():
+    """native.rms_norm (the drafter's norms) equals the RMSNorm module to rounding, gives a
+    row the same bits alone or among others, and declines what it does not serve."""
+    from dflash_core.models.layers import RMSNorm
+    g = torch.Generator().manual_seed(3)
+    m = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        m.weight.copy_(1 + 0.2 * torch.randn(64, generator=g))
+    x = torch.randn(2, 5, 64, generator=g) * 3
+    with torch.no_grad():
+        y = native.rms_norm(x, m.weight, m.eps)
+        assert y is not None and y.shape == x.shape
+        torch.testing.assert_close(y, m(x), rtol=1e-6, atol=1e-6)
+        assert torch.equal(native.rms_norm(x[1, 2:3], m.weight, m.eps), y[1, 2:3])   # one row alone
+        assert torch.equal(native.rms_norm(x[:, 1:4], m.weight, m.eps), y[:, 1:4])    # a non-contiguous view
+        assert native.rms_norm(x.double(), m.weight, m.eps) is None                   # fp32 only
+        assert native.rms_norm(x[..., :60], m.weight[:60], m.eps) is None             # n % 8
+    assert native.rms_norm(x, m.weight, m.eps) is None                                # not under grad
+
+
+def test_amx_attention_is_row_invariant_and_reads_bf16_caches_alike():
+    """The native layers' attention on AMX tiles (models in the bf16-input AMX forms with
+    head_dim % 32 == 0; native.set_amx_attention): a token's numbers are the same bits in
+    one-token steps, a causal block, beside another row and in a tree verify (reading its
+    ancestors only); over a bf16 cache the same bits as over an fp32 one (each K / V rounded
+    to bf16 either way); close to the fp32 attention, not equal to it; an engine's "auto"
+    KV cache is then bf16, and fp32 with the AMX attention off."""
+    _need_amx()
+    from dflash_core import tree as tree_mod
+    from dflash_core.engine import EngineConfig, SpecEngine
+    from dflash_core.models.kv_cache import KVCache
+    t = _variant_target("bf16", head_dim=32, num_heads=6, num_kv_heads=2, qk_norm=True, family="qwen3")
+    nl = t._native_layers
+    assert nl.amx_att and native.amx_attention_on() and t.attention_rounds_kv()
+    c = t.config
+    V = c.vocab_size
+    g = torch.Generator().manual_seed(9)
+    prompts = torch.randint(0, V, (2, 45), generator=g)    # 45: key blocks of 16 and chunks of 32 straddled
+    new = torch.randint(0, V, (2, 5), generator=g)
+
+    def prefilled(dtype=torch.float32):
+        cache = KVCache(c.num_layers, 2, 64, c.num_kv_heads, c.head_dim, dtype, t.device)
+        t(prompts, cache, torch.tensor([0, 1]), torch.tensor([0, 0]))
+        return cache
+    with torch.no_grad():
+        cache = prefilled()
+        steps = torch.cat([t(new[:1, i:i + 1], cache, torch.tensor([0]), torch.tensor([45 + i]))[0]
+                           for i in range(5)], 1)
+        block = t(new[:1], prefilled(), torch.tensor([0]), torch.tensor([45]))[0]
+        beside = t(new, prefilled(), torch.tensor([0, 1]), torch.tensor([45, 45]))[0]
+        assert torch.equal(block, steps) and torch.equal(beside[:1], steps)
+        # a tree: nodes 1, 2 children of the anchor, 3 of 1, 4 of 2; node 4 reads [0, 2, 4]
+        lay = tree_mod.layout([[0, 0, 1, 2]], 5)
+        tr = t(new[:1], prefilled(), torch.tensor([0]), torch.tensor([45]), tree=lay)[0]
+        path = t(new[:1, [0, 2, 4]], prefilled(), torch.tensor([0]), torch.tensor([45]))[0]
+        assert torch.equal(tr[:, [0, 2, 4]], path) and torch.equal(tr[:, :2], steps[:, :2])
+        # a bf16 cache: the same bits
+        assert torch.equal(t(new[:1], prefilled(torch.bfloat16), torch.tensor([0]), torch.tensor([45]))[0], block)
+        native.set_amx_attention(False)
+        try:
+            assert not t.attention_rounds_kv()
+            fp32 = t(new[:1], prefilled(), torch.tensor([0]), torch.tensor([45]))[0]
+            assert SpecEngine(t, None, EngineConfig(max_slots=1, max_seq_len=32)).cache.k_all.dtype == torch.float32
+        finally:
+            native.set_amx_attention(True)
+    assert not torch.equal(fp32, block)
+    assert float((fp32 - block).norm() / fp32.norm()) < 0.05
+    assert SpecEngine(t, None, EngineConfig(max_slots=1, max_seq_len=32)).cache.k_all.dtype == torch.bfloat16

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
+from .. import kernels, native
 from .config import ModelConfig
 from .kv_cache import KVCache
 from .layers import AttentionProj, GatedMLP, RMSNorm, RotaryTable
@@ -257,6 +257,14 @@ class Decoder(nn.Module):
         if nl is None or self.device.type != "cpu" or self.dtype != torch.float32 or not nl.current():
             return None
         return nl.rows()
+
+    def attention_rounds_kv(self) -> bool:
+        """Whether every forward's attention reads the K / V values rounded to bf16 (the
+        native layers' attention on AMX tiles: native.NativeLayers.amx_att), so that a bf16
+        KV cache holds the same numbers as an fp32 one (kv_cache_dtype "auto" takes it)."""
+        nl = self._native_layers
+        return nl is not None and self.device.type == "cpu" and self.dtype == torch.float32 and nl.current() \
+            and nl.amx_att and native.amx_attention_on()
 
     def serves_tree(self, rows: int, tokens: int) -> bool:
         """Whether a tree verify of `rows` x `tokens` runs (the native fp32 layers serve it)."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import kernels
+from .. import kernels, native
 
 
 # fp32 on CPU: below this many rows `F.linear` (MKL) is already at its one-row cost and
@@ -131,7 +131,24 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)
 
 
-class GatedMLP(nn.Module):
+class _WatchLinears:
+    """Tells native.linears_changed() of every assignment to the prepacked-linear
+    attributes (pack(), a benchmark's swap, a test's stand-in), so that
+    native.NativeLayers.current() compares its layers' linears only when they may differ."""
+    _WATCHED = frozenset({"_qkv_fn", "_o_fn", "_gate_up_fn", "_down_fn"})
+
+    def __setattr__(self, name, value):
+        if name in self._WATCHED:
+            native.linears_changed()
+        super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name in self._WATCHED:
+            native.linears_changed()
+        super().__delattr__(name)
+
+
+class GatedMLP(_WatchLinears, nn.Module):
     def __init__(self, hidden: int, inter: int):
         super().__init__()
         self.gate_proj = nn.Linear(hidden, inter, bias=False)
@@ -218,7 +235,7 @@ class RotaryTable(nn.Module):
         return self.cos[positions].to(dtype), self.sin[positions].to(dtype)
 
 
-class AttentionProj(nn.Module):
+class AttentionProj(_WatchLinears, nn.Module):
     """q/k/v/o projections (+ optional Qwen3 q_norm/k_norm) of one attention layer."""
 
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool,

@@ -110,7 +110,8 @@ def row_limit() -> int:
     return MAX_ROWS_AVX512 if vector_width() == 16 else MAX_ROWS
 
 _LIB = None
-_LAYER = None   # (dfl_layer, dfl_layer_work) once the library is loaded
+_RMS_NORM = None   # dfl_rms_norm once the library is loaded
+_LAYER = None   # (dfl_layer, dfl_layer_work, reads bf16 caches, dfl_layers or None) once the library is loaded
 _WRITE_CONTEXT = None   # dfl_write_context once the library is loaded
 _TOPK = None            # dfl_topk_softmax once the library is loaded
 _REASON: str | None = None
@@ -196,7 +197,8 @@ def _compile(cc: str, flags: list[str], src: bytes, sources) -> Path:
 
 
 def _layer_fns(lib):
-    """(dfl_layer, dfl_layer_work) of a loaded build, typed."""
+    """(dfl_layer, dfl_layer_work, dfl_layers or None) of a loaded build, typed (dfl_layers,
+    a whole stack in one call, is missing from earlier revisions of dflash_layer.c)."""
     layer = lib.dfl_layer
     layer.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
         + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long, ctypes.c_void_p]
@@ -204,7 +206,13 @@ def _layer_fns(lib):
     work = lib.dfl_layer_work
     work.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int]
     work.restype = ctypes.c_long
-    return layer, work
+    stack = getattr(lib, "dfl_layers", None)
+    if stack is not None:
+        stack.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p] + [ctypes.c_long] * 2 \
+            + [ctypes.c_void_p] * 6 + [ctypes.c_long] * 2 \
+            + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long] + [ctypes.c_void_p] * 3
+        stack.restype = ctypes.c_int
+    return layer, work, stack
 
 
 def layer_build(source) -> tuple:
@@ -226,8 +234,9 @@ def layer_build(source) -> tuple:
     lib = ctypes.CDLL(str(path))
     if _AMX:
         lib.dfl_amx_init()
+    layer, work, stack = _layer_fns(lib)
     # a third item: whether its layers read bf16 caches (revisions before kv_bf16 read fp32 only)
-    return _layer_fns(lib) + ("int dfl_layer(" not in text or "kv_bf16" in text,)
+    return layer, work, "int dfl_layer(" not in text or "kv_bf16" in text, stack
 
 
 @contextlib.contextmanager
@@ -264,7 +273,7 @@ def _load():
         fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         fn.restype = ctypes.c_int
-        layer, work = _layer_fns(lib)
+        layer, work, stack = _layer_fns(lib)
         wctx = lib.dfl_write_context
         wctx.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p,
                          ctypes.c_float, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p,
@@ -278,8 +287,13 @@ def _load():
                           ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_uint64, ctypes.c_uint64,
                           ctypes.c_void_p, ctypes.c_void_p]
         chain.restype = ctypes.c_long
-        global _LAYER, _WRITE_CONTEXT, _TOPK, _CORPUS_CHAIN
-        _LAYER = (layer, work)
+        norm = lib.dfl_rms_norm
+        norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float,
+                         ctypes.c_void_p]
+        norm.restype = ctypes.c_int
+        global _LAYER, _WRITE_CONTEXT, _TOPK, _CORPUS_CHAIN, _RMS_NORM
+        _RMS_NORM = norm
+        _LAYER = (layer, work, True, stack)
         _WRITE_CONTEXT = wctx
         _TOPK = topk
         _CORPUS_CHAIN = chain
@@ -340,6 +354,24 @@ def amx_inputs_set(kind: str):
 def amx_inputs() -> str:
     """What AMX linears packed now take as input (set_amx_inputs)."""
     return _AMX_INPUTS
+
+
+_AMX_ATT_ON = True   # set_amx_attention
+
+
+def set_amx_attention(flag: bool) -> None:
+    """Whether the native layers of models in the bf16-input AMX forms run their attention
+    on AMX tiles too (the default; NativeLayers.amx_att): each query, key, probability and
+    value rounded to bf16, the products summed in fp32, row-invariant like the fp32
+    attention it replaces. Off: the fp32 attention (the model as before it). Read at every
+    forward (an A/B in one process)."""
+    global _AMX_ATT_ON
+    _AMX_ATT_ON = bool(flag)
+
+
+def amx_attention_on() -> bool:
+    """set_amx_attention's setting."""
+    return _AMX_ATT_ON
 
 
 def amx_built() -> bool:
@@ -652,6 +684,16 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
 
 # ---- whole decoder layers -----------------------------------------------------------------
 
+_LINEARS_VERSION = 0   # linears_changed()
+
+
+def linears_changed() -> None:
+    """A layer's prepacked linears were assigned (models.layers): NativeLayers.current()
+    compares them again at its next call."""
+    global _LINEARS_VERSION
+    _LINEARS_VERSION += 1
+
+
 _ATTN_FNS = operator.attrgetter("_qkv_fn", "_o_fn")
 _MLP_FNS = operator.attrgetter("_gate_up_fn", "_down_fn")
 
@@ -665,7 +707,7 @@ class _LayerParams(ctypes.Structure):
                 ("o_fmt", ctypes.c_int), ("gu_fmt", ctypes.c_int), ("down_fmt", ctypes.c_int),
                 ("qkv_w", ctypes.c_void_p), ("o_w", ctypes.c_void_p), ("gu_w", ctypes.c_void_p),
                 ("down_w", ctypes.c_void_p), ("qkv_b", ctypes.c_void_p), ("o_b", ctypes.c_void_p),
-                ("kv_bf16", ctypes.c_int), ("bf16_weights", ctypes.c_int)]
+                ("kv_bf16", ctypes.c_int), ("bf16_weights", ctypes.c_int), ("amx_att", ctypes.c_int)]
 
 
 def _native_parts(fn):
@@ -711,6 +753,25 @@ def write_context(kv: torch.Tensor, k_norm_weight: torch.Tensor | None, eps: flo
     if rc != 0:
         raise ValueError("context slot or position out of the cache's range")
     return True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """x [..., n] * rsqrt(mean(x^2) + eps) * weight in one native call (fp32 on the CPU, no
+    grad, n a multiple of 8; the decoder layers' own norm, row by row: a row's bits do not
+    depend on the others), or None where the kernel does not serve it (the caller then takes
+    torch's ops, which sum the squares in another order). For the drafter's norms: a few
+    rows, where torch's five ops cost ~10x the arithmetic."""
+    n = x.shape[-1]
+    if not _ENABLED or _load() is None or _RMS_NORM is None or torch.is_grad_enabled() or n % 8 \
+            or x.dtype != torch.float32 or x.device.type != "cpu" or weight.dtype != torch.float32 \
+            or weight.device.type != "cpu" or tuple(weight.shape) != (n,):
+        return None
+    xc = x.contiguous()
+    w = weight.detach().contiguous()
+    y = torch.empty_like(xc)
+    if _RMS_NORM(xc.data_ptr(), w.data_ptr(), xc.numel() // n, n, eps, y.data_ptr()) != 0:
+        return None
+    return y
 
 
 def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -784,11 +845,21 @@ class NativeLayers:
     def __init__(self, params, owners):
         self._params, self._owners = params, owners   # (the structs must outlive their addresses)
         self._ptrs = [ctypes.addressof(p) for p in params]
+        self._stack_arrays = {}   # _stack_ptrs
+        self._checked_version, self._current = None, False   # current()'s last comparison
+        # attention on AMX tiles (dflash_layer.c attn_amx: bf16 q, k, p, v, fp32 sums) for models
+        # whose linears all take bf16 inputs on AMX already (the default forms on AMX CPUs);
+        # models in exact forms (fp32 inputs, the FMA formats, f32 / bf16 weights) keep the
+        # fp32 attention. set_amx_attention(False) turns it off for every model (benchmarks).
+        bf16_forms = {FORMATS[f] for f in AMX_BF16_FORMATS.values()}
+        self.amx_att = amx_built() and all(FORMATS[fn.native_format] in bf16_forms
+                                           for _, _, fns in owners for fn in fns) \
+            and all(p.head_dim % 32 == 0 and p.head_dim <= 128 for p in params)   # (attn_amx's tiles)
         self._built_fns = [f for _, _, f in owners]   # each layer's 4 linears (a tuple): what current() compares
         self.enabled = True   # settable: benchmarks compare with the torch path in one process
         # what every layer's struct says now of the flags forward sets: kv_bf16 (from the cache),
         # bf16_weights (prefill)
-        self._flags = {"kv_bf16": 0, "bf16_weights": 0}
+        self._flags = {"kv_bf16": 0, "bf16_weights": 0, "amx_att": 0}
         self._local = threading.local()   # each calling thread's scratch, kept between forwards (a fresh one page-faults)
 
     @classmethod
@@ -840,9 +911,15 @@ class NativeLayers:
 
     def current(self) -> bool:
         """On, and every layer still has the linears this was built from."""
-        # (one attrgetter per module and one list compare: every forward and tree check asks)
-        return self.enabled and _ENABLED and [_ATTN_FNS(a) + _MLP_FNS(m) for a, m, _ in self._owners] \
-            == self._built_fns
+        if not (self.enabled and _ENABLED):
+            return False
+        # every forward and tree check asks: the layers' linears are compared (one attrgetter
+        # per module, ~20 us for 30 layers) only after some layer's linears were reassigned
+        version = _LINEARS_VERSION
+        if self._checked_version != version:
+            self._current = [_ATTN_FNS(a) + _MLP_FNS(m) for a, m, _ in self._owners] == self._built_fns
+            self._checked_version = version
+        return self._current
 
     def _set_flag(self, name: str, value: int) -> None:
         """Every layer's struct field `name` = value (written only when it changes)."""
@@ -865,13 +942,14 @@ class NativeLayers:
         tokens tree[r, t, 1 .. tree[r, t, 0]], in that order; dflash_layer.c), or None.
         prefill: the linears in the bf16-input AMX forms take their bf16-weight forms
         (q4_1xw / q8_0xw: PREFILL_FORMATS), as the engine's prompt forwards do."""
-        layer_fn, work_fn = _LAYER[:2]
+        layer_fn, work_fn, reads_bf16, stack_fn = _LAYER
         R, T, _ = x.shape
         kv_bf16 = int(cache.k[0].dtype == torch.bfloat16)
-        if kv_bf16 and not (len(_LAYER) < 3 or _LAYER[2]):
+        if kv_bf16 and not reads_bf16:
             raise ValueError("this build of the native layers (native.layer_build) reads fp32 KV caches only")
         self._set_flag("kv_bf16", kv_bf16)   # what the caches hold
         self._set_flag("bf16_weights", int(prefill))
+        self._set_flag("amx_att", int(self.amx_att and _AMX_ATT_ON))
         slots = slots.to("cpu", torch.int64).contiguous()
         starts = starts.to("cpu", torch.int64).contiguous()
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
@@ -890,17 +968,36 @@ class NativeLayers:
                 raise ValueError(f"tree of shape {tuple(tree.shape)} for {R} rows of {T} tokens (at most {TREE_MAX})")
             tree = tree.to("cpu", torch.int32).contiguous()
             tree_ptr = tree.data_ptr()
-        got = {}
-        for i in range(last + 1):
-            k, v = cache.k[i], cache.v[i]
-            if k.dtype not in KV_DTYPES or v.dtype != k.dtype or k.dtype != cache.k[0].dtype \
-                    or not (k.is_contiguous() and v.is_contiguous()):
-                raise ValueError("the native layers need a contiguous fp32 or bf16 KV cache")
+        ks, vs = cache.k[:last + 1], cache.v[:last + 1]
+        kind = ks[0].dtype
+        if kind not in KV_DTYPES or any(t.dtype != kind or not t.is_contiguous() for t in ks + vs):
+            raise ValueError("the native layers need a contiguous fp32 or bf16 KV cache")
+        got = {i: torch.empty_like(x) for i in capture if i <= last}
+        if stack_fn is not None:   # the whole stack in one call: no return here between layers
+            L = last + 1
+            ptrs = ctypes.c_void_p * L
+            failed = ctypes.c_int(-1)
+            rc = stack_fn(self._stack_ptrs(L), L, x.data_ptr(), R, T, slots.data_ptr(), starts.data_ptr(),
+                          cos.data_ptr(), sin.data_ptr(), ptrs(*[t.data_ptr() for t in ks]),
+                          ptrs(*[t.data_ptr() for t in vs]), S, cap, work.data_ptr(), threads, int(causal), lo, n,
+                          tree_ptr, ptrs(*[got[i].data_ptr() if i in got else None for i in range(L)]),
+                          ctypes.byref(failed))
+            if rc != 0:
+                raise RuntimeError(f"native decoder layer {failed.value} failed (code {rc})")
+            return got
+        for i in range(last + 1):   # a build without dfl_layers (an earlier revision's, benchmarks)
             rc = layer_fn(self._ptrs[i], x.data_ptr(), R, T, slots.data_ptr(), starts.data_ptr(), cos.data_ptr(),
-                          sin.data_ptr(), k.data_ptr(), v.data_ptr(), S, cap, work.data_ptr(), threads,
+                          sin.data_ptr(), ks[i].data_ptr(), vs[i].data_ptr(), S, cap, work.data_ptr(), threads,
                           int(causal), *((lo, n) if i == last else (0, T)), tree_ptr)
             if rc != 0:
                 raise RuntimeError(f"native decoder layer {i} failed (code {rc})")
-            if i in capture:
-                got[i] = x.clone()
+            if i in got:
+                got[i].copy_(x)
         return got
+
+    def _stack_ptrs(self, n: int):
+        """The first n layers' struct addresses as a C array (kept: built once per n)."""
+        arr = self._stack_arrays.get(n)
+        if arr is None:
+            arr = self._stack_arrays[n] = (ctypes.c_void_p * n)(*self._ptrs[:n])
+        return arr
