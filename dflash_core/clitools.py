@@ -9,7 +9,8 @@ from .chat import encode_prompt  # noqa: F401  (the CLI commands encode prompts 
 
 KV_CACHE_HELP = ("what the target's KV cache stores: float32, bfloat16 (each K / V value rounded to the "
                  "nearest bf16 as it is written: half the bytes a step reads from the cache, the same "
-                 "rounding in every mode), or auto (the model's dtype)")
+                 "rounding in every mode), or auto (the model's dtype; bf16 where the attention reads "
+                 "K / V rounded to bf16 anyway: AMX attention, --amx-inputs bf16)")
 
 
 class CliError(Exception):
@@ -121,7 +122,8 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "defau
     ap.add_argument("--amx-inputs", choices=("fp32", "bf16"), default="bf16",
                     help="on CPUs with AMX-BF16: what the native kernel's 4-bit / 8-bit AMX linears take, "
                          "bf16 (the default: each input rounded to bf16 first, faster verify blocks and "
-                         "prefills, the same rounding in every mode) or fp32 (exact: the fp32 model)")
+                         "prefills, and the attention on AMX tiles too, with bf16 q, k, p, v; the same rounding "
+                         "in every mode) or fp32 (exact: the fp32 model)")
     from .runtime import KV_CACHE_DTYPES
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_HELP)
 

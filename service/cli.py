@@ -65,8 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "(same output; off: its AVX-512 FMA form)")
     ap.add_argument("--amx-inputs", choices=AMX_INPUTS, default=d["amx_inputs"].default,
                     help="what those AMX linears take: bf16 (the default: each input rounded to bf16 first, "
-                         "faster verify blocks and prefills; the target computes with those rounded inputs in "
-                         "every mode, so speculation stays lossless) or fp32 (exact: the fp32 model)")
+                         "faster verify blocks and prefills, and the attention on AMX tiles too, with bf16 q, k, "
+                         "p, v; the target computes with those roundings in every mode, so speculation stays "
+                         "lossless) or fp32 (exact: the fp32 model)")
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d["kv_cache_dtype"].default,
                     help=KV_CACHE_HELP)
     ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)

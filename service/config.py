@@ -75,9 +75,13 @@ class ServiceConfig:
     # of the tile products, so verify blocks and prefills cost less; the target then computes
     # W @ bf16(x) at its quantised linears, in every mode alike, so speculation stays lossless
     # against it; default target: 99.7% of next tokens as the exact fp32 model's, KL 7e-5,
-    # docs/BENCHMARKS.md) or "fp32" (exact: the same fp32 linear). No effect without AMX.
+    # docs/BENCHMARKS.md); with it the attention runs on AMX tiles too (bf16 q, k, p, v, fp32
+    # sums: 99.3% of next tokens as the fp32 attention's, KL 1.7e-4), and an "auto" KV cache
+    # stores bf16 (the same numbers at half the bytes); or "fp32" (exact: the same fp32
+    # linear and attention). No effect without AMX.
     amx_inputs: str = "bf16"
-    # what the target's KV cache stores (dflash_core.engine.resolve_kv_cache_dtype): "auto",
+    # what the target's KV cache stores (dflash_core.engine.resolve_kv_cache_dtype): "auto"
+    # (the model's dtype, bf16 where the attention reads K / V rounded to bf16 anyway),
     # "float32", or "bfloat16" (each K / V value rounded to the nearest bf16 as it is written,
     # in every mode alike: half the bytes a step reads from the cache and half its memory)
     kv_cache_dtype: str = "auto"

@@ -147,7 +147,8 @@ def test_drafts_to_verify_reads_the_running_product_of_confidences():
 
 
 def test_kv_cache_dtype_is_checked_resolved_and_builds_the_cache():
-    """EngineConfig.kv_cache_dtype: "auto" keeps the model's dtype, "bfloat16" stores the
+    """EngineConfig.kv_cache_dtype: "auto" keeps the model's dtype (bf16 where the attention
+    reads K / V rounded to bf16 anyway: Decoder.attention_rounds_kv), "bfloat16" stores the
     target's K / V in bf16 under an fp32 or a bf16 model, "float32" needs an fp32 model;
     anything else is refused naming the choices. The drafter's own cache is not touched."""
     from dflash_core.engine import resolve_kv_cache_dtype
