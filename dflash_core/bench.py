@@ -22,8 +22,9 @@ machine noise hits both alike. Optional extras:
                   (bf16 where they take fp32, and back: --amx-inputs), back to back (the
                   verify cost alternating forward by forward)
   --amx-attention-ab  every measurement above also with the native layers' attention in fp32
-                  (native.set_amx_attention(False)) where it runs on AMX tiles, back to back
-                  (the verify cost alternating forward by forward), and the next-token
+                  where it runs on AMX tiles (and an fp32 KV cache where "auto" made it bf16:
+                  the engine as --amx-attention off builds it), back to back (the verify cost
+                  alternating forward by forward at each --verify-ctx), and the next-token
                   agreement of the two
   --kv-cache-ab   every measurement above also with the target's KV cache in the other dtype
                   (bf16 where it is fp32, and back: --kv-cache-dtype), back to back, and the
@@ -324,11 +325,26 @@ def next_token_agreement(engine, prompts, responses, variant, reference_is_varia
     return {"positions": n, "argmax_agreement": round(agree / max(n, 1), 5), "mean_kl": float(f"{kl / max(n, 1):.3e}")}
 
 
+def _auto_cache(engine, keep: dict):
+    """A context: where the engine's KV cache is "auto", the cache "auto" gives the target
+    as it runs now (bf16 where its attention rounds K / V to bf16: the AMX attention, else
+    the model's dtype) in place of the one built with the engine (made once, kept in
+    `keep`), else nothing."""
+    from .engine import resolve_kv_cache_dtype
+    t = engine.target
+    if engine.config.kv_cache_dtype == "auto":
+        want = resolve_kv_cache_dtype("auto", t.dtype, t.attention_rounds_kv())
+        if want != engine.cache.k_all.dtype:
+            return kv_cache_set(engine, want, keep)
+    return contextlib.nullcontext()
+
+
 @contextlib.contextmanager
-def amx_off(engine, swaps):
+def amx_off(engine, swaps, keep: dict | None = None):
     """Within: the swaps' FMA forms in place of the AMX ones (or any other forms of the
     same weights: amx_inputs_swaps), and the target's and the local drafter's native
-    layers rebuilt over them; restored after."""
+    layers rebuilt over them, with the "auto" KV cache those layers take (_auto_cache: an
+    fp32 one where the AMX attention no longer runs); restored after."""
     from . import native
     models = [m for m in (engine.target, _local_drafter(engine)) if m is not None]
     with _swapped(swaps) as n:
@@ -337,7 +353,8 @@ def amx_off(engine, swaps):
             if nl is not None:
                 m._native_layers = native.NativeLayers.of(m.layers)
         try:
-            yield n
+            with _auto_cache(engine, {} if keep is None else keep):
+                yield n
         finally:
             for m, nl in saved:
                 m._native_layers = nl
@@ -364,13 +381,16 @@ def kv_cache_set(engine, dtype: torch.dtype, keep: dict):
 
 
 @contextlib.contextmanager
-def amx_attention_off():
-    """Within: the native layers' attention in fp32 (native.set_amx_attention(False)) -> yields 1."""
+def amx_attention_off(engine=None, keep: dict | None = None):
+    """Within: the native layers' attention in fp32 (native.set_amx_attention(False)) and,
+    with an engine, the "auto" KV cache that gives (_auto_cache: fp32 where it was bf16 for
+    the AMX attention): the engine as `--amx-attention off` builds it. Yields 1."""
     from . import native
     was = native.amx_attention_on()
     native.set_amx_attention(False)
     try:
-        yield 1
+        with (_auto_cache(engine, {} if keep is None else keep) if engine is not None else contextlib.nullcontext()):
+            yield 1
     finally:
         native.set_amx_attention(was)
 
@@ -451,16 +471,25 @@ VERIFY_TOKENS = (1, 2, 3, 4, 8, 16)   # --verify-cost's token counts by default
 
 
 @torch.inference_mode()   # as the engine's step: the prepacked linears run only without autograd
-def verify_cost(target, ctx_len: int = 128, sizes=VERIFY_TOKENS, reps: int = 7, variants=None):
+def verify_cost(target, ctx_len: int = 128, sizes=VERIFY_TOKENS, reps: int = 7, variants=None, cache_dtypes=None):
     """Median wall time of one target forward of T tokens (+ LM head) on a ctx_len cache.
     variants: {name: () -> context manager}: each forward is timed once per variant in
-    turn (the order alternating), -> {name: result} instead of one result."""
-    cache = target.new_cache(1, ctx_len + max(32, *sizes))
+    turn (the order alternating), -> {name: result} instead of one result. cache_dtypes:
+    {name: dtype} of a variant's own cache (the same context, written within the variant);
+    the others share one cache of the model's dtype."""
+    names = list(variants or {None: contextlib.nullcontext})
     slots = torch.tensor([0])
     V = target.config.vocab_size
     g = torch.Generator().manual_seed(0)
-    target(torch.randint(0, V, (1, ctx_len), generator=g), cache, slots, torch.tensor([0]))
-    names = list(variants or {None: contextlib.nullcontext})
+    context = torch.randint(0, V, (1, ctx_len), generator=g)
+    caches = {}
+    for name in names:
+        dtype = (cache_dtypes or {}).get(name, target.dtype)
+        if dtype not in caches:
+            caches[dtype] = target.new_cache(1, ctx_len + max(32, *sizes), dtype)
+            with (variants[name]() if variants else contextlib.nullcontext()):
+                target(context, caches[dtype], slots, torch.tensor([0]))
+    cache_of = {name: caches[(cache_dtypes or {}).get(name, target.dtype)] for name in names}
     out = {name: {} for name in names}
     for T in sizes:
         x = torch.randint(0, V, (1, T), generator=g)
@@ -469,7 +498,7 @@ def verify_cost(target, ctx_len: int = 128, sizes=VERIFY_TOKENS, reps: int = 7, 
             for name in (names if rep % 2 == 0 else names[::-1]):
                 with (variants[name]() if variants else contextlib.nullcontext()):
                     t0 = time.perf_counter()
-                    h, _ = target(x, cache, slots, torch.tensor([ctx_len]))
+                    h, _ = target(x, cache_of[name], slots, torch.tensor([ctx_len]))
                     target.logits(h)
                     ts[name].append(time.perf_counter() - t0)
         for name in names:
@@ -524,10 +553,12 @@ def _cost_line(vc: dict) -> str:
     return ", ".join(f"{T} tok {ms:.1f} ms ({vc['relative_to_1'][T]:.2f}x)" for T, ms in vc["ms"].items())
 
 
-def _verify_ab(target, reps: int, variants, label: str, out, ctx_len: int = 128, sizes=VERIFY_TOKENS) -> dict:
+def _verify_ab(target, reps: int, variants, label: str, out, ctx_len: int = 128, sizes=VERIFY_TOKENS,
+               cache_dtypes=None) -> dict:
     """verify_cost of each variant, forward by forward alternating; prints one line per
     variant (label.format(name)) -> {name: {"verify_ms", "verify_relative_to_1"}}."""
-    ab = verify_cost(target, ctx_len=ctx_len, sizes=sizes, reps=max(2, reps), variants=variants)
+    ab = verify_cost(target, ctx_len=ctx_len, sizes=sizes, reps=max(2, reps), variants=variants,
+                     cache_dtypes=cache_dtypes)
     for name, vc in ab.items():
         print(f"{label.format(name)}: verify forward cost (ctx {vc['ctx_len']}, alternating): " + _cost_line(vc),
               file=out)
@@ -710,6 +741,7 @@ def main(argv=None) -> int:
                        + (native.reason() or "they take fp32 on a CPU") + ")")
     if args.native_ab:
         off_modes.append(("native_off", "native linears off", lambda: _swapped(nswaps)))
+    amx_keep: dict = {}   # amx_off's fp32 KV cache where the engine's "auto" one is bf16 (made once)
     aswaps = amx_swaps(engine) if args.amx_ab else []
     if args.amx_ab and not aswaps:
         raise CliError("dflash bench: --amx-ab: this engine has no AMX linears ("
@@ -717,7 +749,7 @@ def main(argv=None) -> int:
                           "they need a CPU with AMX-BF16 and the native fp32 path; DFLASH_NATIVE_AMX=0 turns them off")
                        + ")")
     if args.amx_ab:
-        off_modes.append(("amx_off", "AMX linears off", lambda: amx_off(engine, aswaps)))
+        off_modes.append(("amx_off", "AMX linears off", lambda: amx_off(engine, aswaps, amx_keep)))
     if args.amx_inputs_ab:
         other_inputs = "fp32" if native.amx_inputs() == "bf16" else "bf16"
         iswaps = amx_inputs_swaps(engine, other_inputs)
@@ -725,13 +757,17 @@ def main(argv=None) -> int:
             raise CliError("dflash bench: --amx-inputs-ab: this engine has no AMX linears ("
                            + (native.reason() or "they need a CPU with AMX-BF16 and the native fp32 path") + ")")
         off_modes.append((f"amx_inputs_{other_inputs}", f"AMX linears taking {other_inputs}",
-                          lambda: amx_off(engine, iswaps)))
+                          lambda: amx_off(engine, iswaps, amx_keep)))
     if args.amx_attention_ab:
         nl = engine.target._native_layers
         if nl is None or not nl.amx_att or not native.amx_attention_on():
             raise CliError("dflash bench: --amx-attention-ab: this engine's attention is not on AMX tiles (it needs "
                            "the native layers with every linear in the bf16-input AMX forms, on a CPU with AMX)")
-        off_modes.append(("amx_attention_off", "fp32 attention", amx_attention_off))
+        att_keep: dict = {}
+        att_cache = engine.cache.k_all.dtype
+        att_off_cache = engine.target.dtype if engine.config.kv_cache_dtype == "auto" else att_cache
+        off_modes.append(("amx_attention_off", f"fp32 attention, {dtype_name(att_off_cache)} KV cache",
+                          lambda: amx_attention_off(engine, att_keep)))
     kv_other = None
     if args.kv_cache_ab:
         kv_other = torch.float32 if engine.cache.k_all.dtype == torch.bfloat16 else torch.bfloat16
@@ -804,13 +840,14 @@ def main(argv=None) -> int:
                         "by_block_size": {str(b): r for b, r in runs_off[key].items()}}
     if args.amx_inputs_ab:   # how far the two input kinds' models are apart, on the plain responses
         fp32_loaded = native.amx_inputs() == "fp32"
-        ag = next_token_agreement(engine, prompts, plain_outputs, lambda: amx_off(engine, iswaps),
+        ag = next_token_agreement(engine, prompts, plain_outputs, lambda: amx_off(engine, iswaps, amx_keep),
                                   reference_is_variant=not fp32_loaded)
         print(f"next-token agreement of bf16 and fp32 inputs over {ag['positions']} response positions: "
               f"argmax {ag['argmax_agreement']:.4f}, mean KL(fp32 || bf16) {ag['mean_kl']:.2e}", file=out)
         summary[f"amx_inputs_{other_inputs}"]["next_token_agreement"] = ag
     if args.amx_attention_ab:   # how far the two attentions' models are apart, on the plain responses
-        ag = next_token_agreement(engine, prompts, plain_outputs, amx_attention_off, reference_is_variant=True)
+        ag = next_token_agreement(engine, prompts, plain_outputs, lambda: amx_attention_off(engine, att_keep),
+                                  reference_is_variant=True)
         print(f"next-token agreement of AMX and fp32 attention over {ag['positions']} response positions: "
               f"argmax {ag['argmax_agreement']:.4f}, mean KL(fp32 || AMX) {ag['mean_kl']:.2e}", file=out)
         summary["amx_attention_off"]["next_token_agreement"] = ag
@@ -858,18 +895,19 @@ def main(argv=None) -> int:
                 summary["verify_ms_by_ctx"][str(c)] = {str(k): round(v, 2) for k, v in vc["ms"].items()}
         if args.amx_ab:
             summary["amx_ab"] = {"num_linears": len(aswaps), **_verify_ab(
-                engine.target, args.verify_reps, {"AMX": contextlib.nullcontext, "FMA": lambda: amx_off(engine, aswaps)},
+                engine.target, args.verify_reps, {"AMX": contextlib.nullcontext, "FMA": lambda: amx_off(engine, aswaps, amx_keep)},
                 "{} linears", out, verify_ctx[0], vt)}
         if args.amx_inputs_ab:
             summary["amx_inputs_ab"] = {"num_linears": len(iswaps), **_verify_ab(
                 engine.target, args.verify_reps, {f"{native.amx_inputs()} inputs": contextlib.nullcontext,
-                                                  f"{other_inputs} inputs": lambda: amx_off(engine, iswaps)},
+                                                  f"{other_inputs} inputs": lambda: amx_off(engine, iswaps, amx_keep)},
                 "{}", out, verify_ctx[0], vt)}
-        if args.amx_attention_ab:
-            summary["amx_attention_ab"] = _verify_ab(
-                engine.target, args.verify_reps,
-                {"AMX attention": contextlib.nullcontext, "fp32 attention": amx_attention_off}, "{}", out,
-                verify_ctx[0], vt)
+        if args.amx_attention_ab:   # each token count at each cached context, the two alternating
+            on_name = f"AMX attention, {dtype_name(att_cache)} KV cache"
+            off_name = f"fp32 attention, {dtype_name(att_off_cache)} KV cache"
+            summary["amx_attention_ab"] = {str(c): _verify_ab(
+                engine.target, args.verify_reps, {on_name: contextlib.nullcontext, off_name: amx_attention_off},
+                "{}", out, c, vt, cache_dtypes={on_name: att_cache, off_name: att_off_cache}) for c in verify_ctx}
         if args.layers_ab:
             summary["layers_ab"] = _verify_ab(
                 engine.target, args.verify_reps,

@@ -124,6 +124,9 @@ def add_runtime_args(ap: argparse.ArgumentParser, *, target: str | None = "defau
                          "bf16 (the default: each input rounded to bf16 first, faster verify blocks and "
                          "prefills, and the attention on AMX tiles too, with bf16 q, k, p, v; the same rounding "
                          "in every mode) or fp32 (exact: the fp32 model)")
+    ap.add_argument("--amx-attention", choices=("on", "off"), default="on",
+                    help="with --amx-inputs bf16 on AMX: the native layers' attention on AMX tiles too (bf16 q, k, "
+                         "p, v, fp32 sums; the default) or in fp32 (off)")
     from .runtime import KV_CACHE_DTYPES
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto", help=KV_CACHE_HELP)
 
@@ -138,6 +141,9 @@ def apply_runtime_args(prog: str, args: argparse.Namespace):
     if getattr(args, "amx_inputs", None) is not None:
         from . import native
         native.set_amx_inputs(args.amx_inputs)
+    if getattr(args, "amx_attention", None) is not None:
+        from . import native
+        native.set_amx_attention(args.amx_attention == "on")
     if args.threads < 0:
         raise CliError(f"{prog}: --threads must be >= 0, got {args.threads}")
     if args.threads > 0:

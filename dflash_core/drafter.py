@@ -225,6 +225,11 @@ class DFlashDrafter(nn.Module):
             layer.self_attn.pack()
             layer.mlp.pack()
         self._native_layers = native.NativeLayers.of(self.layers) if self.fc.weight.dtype == torch.float32 else None
+        if self._native_layers is not None:
+            # the fp32 attention: the held-out walk (training/walk.py) replays the engine's drafts
+            # through the training path's fp32 attention, and bf16 q / k / p / v would flip more of
+            # its near-tie argmaxes (the drafter's attention is one layer over a few rows: little to gain)
+            self._native_layers.amx_att = False
         self._fc_fn = prepack_linear(self.fc.weight)
         for a in (layer.self_attn for layer in self.layers):   # the context's [k_proj; v_proj]
             a._ctx_kv_fn = prepack_linear(a._qkv_w[a.heads * a.head_dim:]) if a._qkv_b is None else None

@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "faster verify blocks and prefills, and the attention on AMX tiles too, with bf16 q, k, "
                          "p, v; the target computes with those roundings in every mode, so speculation stays "
                          "lossless) or fp32 (exact: the fp32 model)")
+    ap.add_argument("--amx-attention", choices=("on", "off"), default="on" if d["amx_attention"].default else "off",
+                    help="with --amx-inputs bf16 on AMX: the attention on AMX tiles too (bf16 q, k, p, v, fp32 sums; "
+                         "the default) or in fp32 (off)")
     ap.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=d["kv_cache_dtype"].default,
                     help=KV_CACHE_HELP)
     ap.add_argument("--max-queue", type=int, default=d["max_queue"].default)
@@ -95,7 +98,8 @@ def config_from_args(a: argparse.Namespace) -> ServiceConfig:
               num_gpus=a.num_gpus, shutdown_grace_s=a.shutdown_grace_s, log_level=a.log_level,
               threads=a.threads, omp_wait_policy=a.omp_wait_policy, draft_threshold=a.draft_threshold,
               draft_tree=a.draft_tree == "on", draft_lookup=a.draft_lookup == "on", draft_corpus=a.draft_corpus,
-              native_amx=a.native_amx == "on", amx_inputs=a.amx_inputs, kv_cache_dtype=a.kv_cache_dtype)
+              native_amx=a.native_amx == "on", amx_inputs=a.amx_inputs, amx_attention=a.amx_attention == "on",
+              kv_cache_dtype=a.kv_cache_dtype)
     if a.block_size_schedule is not None:   # ServiceConfig parses it ("auto", "none", pairs)
         kw["block_size_schedule"] = a.block_size_schedule
     return ServiceConfig(**kw)

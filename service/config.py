@@ -80,6 +80,9 @@ class ServiceConfig:
     # stores bf16 (the same numbers at half the bytes); or "fp32" (exact: the same fp32
     # linear and attention). No effect without AMX.
     amx_inputs: str = "bf16"
+    # with bf16 inputs on AMX: the attention on AMX tiles too (true, the default) or in fp32
+    # (false: the model as before it; docs/BENCHMARKS.md "AMX attention")
+    amx_attention: bool = True
     # what the target's KV cache stores (dflash_core.engine.resolve_kv_cache_dtype): "auto"
     # (the model's dtype, bf16 where the attention reads K / V rounded to bf16 anyway),
     # "float32", or "bfloat16" (each K / V value rounded to the nearest bf16 as it is written,
@@ -202,6 +205,8 @@ class ServiceConfig:
             raise ValueError(f"draft_corpus must be auto, none or a corpus index file, got {self.draft_corpus!r}")
         if not isinstance(self.native_amx, bool):
             raise ValueError(f"native_amx must be true or false, got {self.native_amx!r}")
+        if not isinstance(self.amx_attention, bool):
+            raise ValueError(f"amx_attention must be true or false, got {self.amx_attention!r}")
         if self.amx_inputs not in AMX_INPUTS:
             raise ValueError(f"amx_inputs must be fp32 or bf16, got {self.amx_inputs!r}")
         self.kv_cache_dtype = check_kv_cache_dtype(self.kv_cache_dtype)

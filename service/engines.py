@@ -71,6 +71,7 @@ def apply_native(cfg: ServiceConfig) -> None:
     from dflash_core import native
     native.set_amx(cfg.native_amx)
     native.set_amx_inputs(cfg.amx_inputs)
+    native.set_amx_attention(cfg.amx_attention)
 
 
 def _loads_on_fresh_thread(builder):

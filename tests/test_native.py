@@ -591,6 +591,37 @@ def test_bench_amx_inputs_ab_reports_both_kinds_and_refuses_without_amx_linears(
     assert ag["positions"] == 8 and 0.5 <= ag["argmax_agreement"] <= 1 and 0 <= ag["mean_kl"] < 0.01
 
 
+def test_bench_amx_attention_ab_runs_the_engine_both_ways_and_refuses_without_it():
+    """`dflash bench --amx-attention-ab` on the default target: every measurement with the
+    attention on AMX tiles over the "auto" (bf16) KV cache and with `--amx-attention off`'s
+    engine (fp32 attention, fp32 cache), greedy DFlash equal to plain decoding in each, the
+    two models' next-token agreement, and the verify cost of both at each context; an
+    engine whose attention is not on AMX tiles (--amx-attention off) is refused in one line."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    _need_amx()
+    dflash = str(Path(sys.executable).with_name("dflash"))
+    base = [dflash, "bench", "--num-prompts", "1", "--max-new-tokens", "8", "--block-sizes", "4", "--threads", "1",
+            "--amx-attention-ab"]
+    bad = subprocess.run(base + ["--amx-attention", "off"], capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--amx-attention-ab" in lines[0], bad.stderr
+    out = subprocess.run(base + ["--verify-cost", "--verify-reps", "2", "--verify-tokens", "1,2", "--verify-ctx",
+                                 "16,40", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    assert s["kv_cache_dtype"] == "bfloat16"
+    other = s["amx_attention_off"]
+    assert s["greedy_outputs_identical"] and other["by_block_size"]["4"]["greedy_outputs_identical"]
+    ag = other["next_token_agreement"]
+    assert ag["positions"] == 8 and 0.5 <= ag["argmax_agreement"] <= 1 and 0 <= ag["mean_kl"] < 0.01
+    assert set(s["amx_attention_ab"]) == {"16", "40"}
+    assert set(s["amx_attention_ab"]["40"]) == {"AMX attention, bfloat16 KV cache", "fp32 attention, float32 KV cache"}
+    assert all(v["verify_ms"]["2"] > 0 for v in s["amx_attention_ab"]["40"].values())
+
+
 def test_bench_kv_cache_ab_runs_both_caches_and_reports_their_agreement():
     """`dflash bench --kv-cache-ab`: every measurement again with the target's KV cache in the
     other dtype (back to back), greedy DFlash equal to plain decoding with each, and the two
