@@ -23,7 +23,7 @@ import torch
 
 from dflash_core.api import build_engine, drafter_folder, load_drafter
 from dflash_core.autoschedule import (ACCEPTANCE_FILE, ScheduleTuner, format_rows, load_acceptance,
-                                      measured_schedule, profile_tree_tau)
+                                      measured_beyond, measured_schedule, profile_tree_tau)
 from dflash_core.drafter import DFlashDrafter, DrafterConfig
 from dflash_core.engine import EngineConfig, format_block_size_schedule
 from dflash_core.models.registry import resolve_model
@@ -118,7 +118,8 @@ def measure_schedule(engine, cfg: ServiceConfig) -> dict | None:
     pairs, rows = measured_schedule(engine, profile["per_position_acceptance"], tree_tau=profile_tree_tau(engine, profile))
     engine.set_block_size_schedule(pairs)
     # from here on the traffic's own acceptance re-picks it among the timed cells
-    engine.schedule_tuner = ScheduleTuner(rows, profile["per_position_acceptance"])
+    engine.schedule_tuner = ScheduleTuner(rows, profile["per_position_acceptance"],
+                                          beyond=measured_beyond(rows, engine.config.max_slots))
     log.info("block size schedule %s, measured in %.1f s on this machine with %s's acceptance profile: %s",
              format_block_size_schedule(pairs), time.perf_counter() - t0, folder.name, format_rows(rows))
     return {"schedule": pairs, "rows": rows, "profile": str(folder / ACCEPTANCE_FILE)}

@@ -321,3 +321,25 @@ def test_tree_tau_profiles_and_which_one_an_engine_reads(target, tmp_path, monke
     by_b = {r["block_size"]: r for r in rows}
     assert by_b[4]["tau"] == 2.05 and by_b[4]["tree_tau"] == 2.05
     assert by_b[3]["tau"] == pytest.approx(1.5) and "tree_tau" not in by_b[3]
+
+
+def test_tuner_never_carries_speculation_past_the_rows_the_probe_timed():
+    """Where the start-up probe stopped below the engine's slots (plain decoding won at its
+    largest row count: measured_beyond), a tuner that later finds speculation paying there
+    keeps larger batches plain; without `beyond` (or where the probe timed every slot count)
+    the last pick covers every larger batch."""
+    rows = [{"concurrency": R, "block_size": b, "step_ms": ms}
+            for R, cells in ((1, ((1, 10.0), (4, 12.0))), (2, ((1, 11.0), (4, 16.0)))) for b, ms in cells]
+    reach = [0.3, 0.1, 0.03]                       # tau(4) 1.43: b4 pays at 1 row, not at 2
+    assert auto.pick_schedule([{**r, "tokens_per_s": r["concurrency"] * (1.43 if r["block_size"] == 4 else 1.0)
+                                / r["step_ms"]} for r in rows], auto.PREDICTED_MIN_GAIN) == [(1, 4), (INF_RUNNING, 1)]
+    assert auto.measured_beyond(rows, 8) == (2, 1) and auto.measured_beyond(rows, 2) is None
+    capped = auto.ScheduleTuner(rows, reach, prior_steps=4, half_life_steps=None, beyond=(2, 1))
+    free = auto.ScheduleTuner(rows, reach, prior_steps=4, half_life_steps=None)
+    assert capped.pick() == free.pick() == [(1, 4), (INF_RUNNING, 1)]
+    for t in (capped, free):
+        for _ in range(200):
+            t.observe(3, 3)                        # traffic that accepts every draft
+    assert free.pick() == [(INF_RUNNING, 4)]
+    assert capped.pick() == [(2, 4), (INF_RUNNING, 1)]
+    assert capped.repick([(1, 4), (INF_RUNNING, 1)]) == [(2, 4), (INF_RUNNING, 1)]
