@@ -477,6 +477,23 @@ static inline long key_index(const long *nc, const long *na, const int32_t *cons
     return -1;
 }
 
+/* where a block of keys lies past the context every query shares (own: a tree's), the
+ * queries from i0 on that read the same keys there (one tree token's) -> the end of that
+ * run; else all the queries */
+static inline int run_end(int own, const int32_t *const *tr, int i0, int Qn) {
+    if (!own) return Qn;
+    int i1 = i0 + 1;
+    while (i1 < Qn && tr[i1] == tr[i0]) i1++;
+    return i1;
+}
+
+/* the cache rows of keys j0 .. j0 + n - 1 for the run of queries from i0 -> idx (-1: none):
+ * by index up to nmax where the keys are shared, else query i0's own (key_index) */
+static inline void run_keys(int own, const long *nc, const long *na, const int32_t *const *tr, int i0, long j0,
+                            int n, long nmax, long *idx) {
+    for (int j = 0; j < n; j++) idx[j] = own ? key_index(nc, na, tr, i0, j0 + j) : (j0 + j < nmax ? j0 + j : -1);
+}
+
 /* Qn (<= 16) queries: query i's vector q[i] (D floats), its keys: nc[i] context keys (rows of
  * kb / vb: fp32, or bf16 where bf16) then na[i] ancestors (tree: tr[i][1 ..] block indices
  * after the context; the same pointer for the queries of one token); its scores in
@@ -508,11 +525,8 @@ static void attn_amx(int Qn, const float *const *q, const long *nc, const long *
     for (long j0 = 0; j0 < nmax; j0 += 16) {
         const int own = tree && j0 + 16 > shared;
         for (int i0 = 0; i0 < Qn;) {
-            int i1 = Qn;
-            if (own)
-                for (i1 = i0 + 1; i1 < Qn && tr[i1] == tr[i0]; i1++) {}
-            for (int j = 0; j < 16; j++)
-                idx[j] = own ? key_index(nc, na, tr, i0, j0 + j) : (j0 + j < nmax ? j0 + j : -1);
+            const int i1 = run_end(own, tr, i0, Qn);
+            run_keys(own, nc, na, tr, i0, j0, 16, nmax, idx);
             _tile_zero(0);
             for (int h = 0; h < D / 32; h++) {
                 keys_tile(kb, bf16, D, idx, h, bt);
@@ -542,9 +556,7 @@ static void attn_amx(int Qn, const float *const *q, const long *nc, const long *
         for (long j0 = 0; j0 < nmax; j0 += 32) {
             const int own = tree && j0 + 32 > shared;
             for (int i0 = 0; i0 < Qn;) {
-                int i1 = Qn;
-                if (own)
-                    for (i1 = i0 + 1; i1 < Qn && tr[i1] == tr[i0]; i1++) {}
+                const int i1 = run_end(own, tr, i0, Qn);
                 /* A: the probabilities of queries i0 .. i1 - 1 at these keys (0 past a query's
                  * end), the other rows 0 */
                 for (int i = 0; i < Qn; i++) {
@@ -555,8 +567,7 @@ static void attn_amx(int Qn, const float *const *q, const long *nc, const long *
                         (__mmask16)(n >= 32 ? 0xFFFF : n > 16 ? (1u << (n - 16)) - 1 : 0), pr + 16);
                     _mm512_store_si512((__m512i *)(pa + 32 * i), (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
                 }
-                for (int j = 0; j < 32; j++)
-                    idx[j] = own ? key_index(nc, na, tr, i0, j0 + j) : (j0 + j < nmax ? j0 + j : -1);
+                run_keys(own, nc, na, tr, i0, j0, 32, nmax, idx);
                 att_tile_load(4, pa, 64);
                 for (int db = 0; db < nd; db++) {
                     values_tile(vb, bf16, D, idx, d0 + 16 * db, bt);
