@@ -482,14 +482,14 @@ def verify_cost(target, ctx_len: int = 128, sizes=VERIFY_TOKENS, reps: int = 7, 
     V = target.config.vocab_size
     g = torch.Generator().manual_seed(0)
     context = torch.randint(0, V, (1, ctx_len), generator=g)
-    caches = {}
+    caches, cache_of = {}, {}
     for name in names:
         dtype = (cache_dtypes or {}).get(name, target.dtype)
         if dtype not in caches:
             caches[dtype] = target.new_cache(1, ctx_len + max(32, *sizes), dtype)
             with (variants[name]() if variants else contextlib.nullcontext()):
                 target(context, caches[dtype], slots, torch.tensor([0]))
-    cache_of = {name: caches[(cache_dtypes or {}).get(name, target.dtype)] for name in names}
+        cache_of[name] = caches[dtype]
     out = {name: {} for name in names}
     for T in sizes:
         x = torch.randint(0, V, (1, T), generator=g)
@@ -676,7 +676,7 @@ def main(argv=None) -> int:
     from .api import build_engine
     from .chat import encode_prompt
     from .clitools import CliError
-    from .engine import EngineConfig
+    from .engine import EngineConfig, resolve_kv_cache_dtype
     from .sampling import SamplingParams
 
     if args.mm_ab and not args.verify_cost:
@@ -759,13 +759,13 @@ def main(argv=None) -> int:
         off_modes.append((f"amx_inputs_{other_inputs}", f"AMX linears taking {other_inputs}",
                           lambda: amx_off(engine, iswaps, amx_keep)))
     if args.amx_attention_ab:
-        nl = engine.target._native_layers
-        if nl is None or not nl.amx_att or not native.amx_attention_on():
+        if not engine.target.attention_rounds_kv():
             raise CliError("dflash bench: --amx-attention-ab: this engine's attention is not on AMX tiles (it needs "
                            "the native layers with every linear in the bf16-input AMX forms, on a CPU with AMX)")
         att_keep: dict = {}
         att_cache = engine.cache.k_all.dtype
-        att_off_cache = engine.target.dtype if engine.config.kv_cache_dtype == "auto" else att_cache
+        # the cache --amx-attention off builds (what _auto_cache swaps in)
+        att_off_cache = resolve_kv_cache_dtype(engine.config.kv_cache_dtype, engine.target.dtype)
         off_modes.append(("amx_attention_off", f"fp32 attention, {dtype_name(att_off_cache)} KV cache",
                           lambda: amx_attention_off(engine, att_keep)))
     kv_other = None
