@@ -267,3 +267,60 @@ def test_tree_verification_on_the_shipped_drafter_equals_plain_decoding(default,
             engine.config.block_size = 16
         assert [o.token_ids for o in out] == [p.token_ids for p in plain], b
     assert sum(x[1:] != list(range(1, len(x))) for x in moved) >= 3      # runners-up accepted
+
+
+def test_draft_step_in_one_native_call_equals_the_steps_own_calls(monkeypatch):
+    """native.NativeDraft runs a greedy draft step (the committed tokens' context into the
+    drafter's cache, the block's layers, the final norm, the head over the drafting
+    vocabulary and its top k) in one call: at every step of two rows batched and of one
+    alone, the drafts, top-k tokens and probabilities equal bit for bit what the step's own
+    calls give from the same state, and so does the drafter's cache after it; the output
+    equals plain decoding (the default engine as `make serve` builds it)."""
+    from dflash_core import native
+    from dflash_core import speculative as spec
+    if not native.available():
+        pytest.skip("the one-call draft step is the native kernel's")
+    engine, tok = build_engine("default", "default", EngineConfig(max_slots=2, max_seq_len=512, block_size=6))
+    orig, runs, compared = spec.draft, [], []
+    run = native.NativeDraft.run
+
+    def counted(self, *a, **k):
+        got = run(self, *a, **k)
+        runs.append(got is not None)
+        return got
+
+    def both(ctx, target, rows, *a, **k):
+        cache = ctx.backend.cache
+        state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
+        pending = [(s.pending_feats, s.pending_pos) for s in rows]
+        native.set_draft_call(False)
+        try:
+            ref = orig(ctx, target, rows, *a, **k)
+        finally:
+            native.set_draft_call(True)
+        ref_state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
+        for t, saved in zip((cache.k_all, cache.v_all, cache.lens), state):
+            t.copy_(saved)
+        for s, (f, p) in zip(rows, pending):
+            s.pending_feats, s.pending_pos = f, p
+        n = len(runs)
+        got = orig(ctx, target, rows, *a, **k)
+        if k.get("topk") and len(runs) == n + 1 and runs[-1]:   # this step ran as one call
+            assert torch.equal(got[0], ref[0])
+            assert torch.equal(got[3][0], ref[3][0]) and torch.equal(got[3][1], ref[3][1])
+            for t, want in zip((cache.k_all, cache.v_all, cache.lens), ref_state):
+                assert torch.equal(t, want)
+            compared.append(len(rows))
+        return got
+
+    monkeypatch.setattr(native.NativeDraft, "run", counted)
+    monkeypatch.setattr(spec, "draft", both)
+    prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS[:2]]
+    p = SamplingParams(max_new_tokens=40)
+    batched = engine.generate(prompts, [p, p])
+    alone = engine.generate(prompts[:1], p)
+    assert 2 in compared and 1 in compared and len(compared) >= 10
+    monkeypatch.setattr(spec, "draft", orig)
+    plain = engine.generate(prompts, SamplingParams(max_new_tokens=40, speculative=False))
+    assert [r.token_ids for r in batched] == [r.token_ids for r in plain]
+    assert alone[0].token_ids == plain[0].token_ids

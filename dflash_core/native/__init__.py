@@ -114,6 +114,8 @@ _RMS_NORM = None   # dfl_rms_norm once the library is loaded
 _LAYER = None   # (dfl_layer, dfl_layer_work, reads bf16 caches, dfl_layers or None) once the library is loaded
 _WRITE_CONTEXT = None   # dfl_write_context once the library is loaded
 _TOPK = None            # dfl_topk_softmax once the library is loaded
+_DRAFT = None           # (dfl_draft, dfl_draft_work) once the library is loaded (None: a build without them)
+_DRAFT_ON = True        # set_draft_call
 _REASON: str | None = None
 _WIDTH = 0   # fp32 lanes per accumulator of the loaded build (8: AVX2, 16: AVX-512)
 _AMX = False   # whether the loaded build has the AMX linears and the process may use the tiles
@@ -297,6 +299,17 @@ def _load():
         _WRITE_CONTEXT = wctx
         _TOPK = topk
         _CORPUS_CHAIN = chain
+        global _DRAFT
+        if hasattr(lib, "dfl_draft"):
+            draft, dwork = lib.dfl_draft, lib.dfl_draft_work
+            draft.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 \
+                + [ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] \
+                + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] \
+                + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+            draft.restype = ctypes.c_int
+            dwork.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int]
+            dwork.restype = ctypes.c_long
+            _DRAFT = (draft, dwork)
         _LIB = fn
     except (OSError, RuntimeError) as e:
         _REASON = f"could not build the native kernel: {e}"
@@ -824,6 +837,133 @@ TREE_MAX = 64   # block tokens of a tree verify (dflash_layer.c)
 # rounded to the nearest bf16 as it is written, read back widened: half the bytes a step
 # reads from the cache; dflash_layer.c)
 KV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def set_draft_call(flag: bool) -> None:
+    """Whether a greedy draft step runs as one native call where it can (NativeDraft; on by
+    default); off: the step's ~15 calls (the same kernels, the same bits). For benchmarks
+    and tests."""
+    global _DRAFT_ON
+    _DRAFT_ON = bool(flag)
+
+
+def draft_call_on() -> bool:
+    return _DRAFT_ON
+
+
+class _DrafterParams(ctypes.Structure):
+    """dfl_drafter_t of dflash_layer.c, field for field."""
+    _fields_ = [("n_layers", ctypes.c_int), ("layers", ctypes.c_void_p), ("feat", ctypes.c_long),
+                ("fc_fmt", ctypes.c_int), ("fc_w", ctypes.c_void_p), ("hidden_norm", ctypes.c_void_p),
+                ("final_norm", ctypes.c_void_p), ("hn_eps", ctypes.c_float), ("fn_eps", ctypes.c_float),
+                ("ctx_fmt", ctypes.c_void_p), ("ctx_w", ctypes.c_void_p), ("embed", ctypes.c_void_p),
+                ("vocab", ctypes.c_long), ("mask_id", ctypes.c_long), ("head_fmt", ctypes.c_int),
+                ("head_w", ctypes.c_void_p), ("head_n", ctypes.c_long)]
+
+
+class NativeDraft:
+    """A greedy DFlash draft step in one native call (dfl_draft): the committed tokens'
+    context (fc, hidden_norm, each layer's k / v rows, k_norm and RoPE into the cache), the
+    block's layers, the final norm, the drafting vocabulary's head and each drafted
+    position's top k with their probabilities. What the drafter's own path runs as ~15 calls
+    and ~60 small torch ops (~0.4 ms a step on 2 cores) around the same kernels, in the same
+    order: the same bits. Built where every piece is native (`of`), else None."""
+
+    def __init__(self, drafter, layers: "NativeLayers", params, keep, embed: torch.Tensor, head_fn):
+        self.drafter, self.layers, self._params, self._keep = drafter, layers, params, keep
+        self.embed, self.head_fn = embed, head_fn
+        self._fns = [drafter._fc_fn] + [layer.self_attn._ctx_kv_fn for layer in drafter.layers]
+        self._local = threading.local()
+
+    @classmethod
+    def of(cls, drafter, embed: torch.Tensor, head_fn) -> "NativeDraft | None":
+        """drafter: a packed fp32 DFlashDrafter (its `_native_layers`, `_fc_fn`, each layer's
+        `_ctx_kv_fn`); embed: the target's input embedding [vocab, hidden]; head_fn: the native
+        linear of the drafting vocabulary's head rows."""
+        nl = getattr(drafter, "_native_layers", None)
+        if _DRAFT is None or not _ENABLED or nl is None or embed is None:
+            return None
+        attns = [layer.self_attn for layer in drafter.layers]
+        parts = [_native_parts(f) for f in [drafter._fc_fn, head_fn] + [getattr(a, "_ctx_kv_fn", None) for a in attns]]
+        if any(p is None for p in parts) or embed.dtype != torch.float32 or embed.device.type != "cpu" \
+                or not embed.is_contiguous() or embed.dim() != 2:
+            return None
+        shapes = {(a.kv_heads, a.head_dim) for a in attns}
+        hidden = drafter.config.hidden_size
+        if len(shapes) != 1 or embed.shape[1] != hidden or drafter.fc.weight.shape[0] != hidden:
+            return None
+        try:
+            hn = _f32_ptr(drafter.hidden_norm.weight.data)
+            fn = _f32_ptr(drafter.norm.weight.data)
+        except ValueError:
+            return None
+        L = len(attns)
+        ctx_fmt = (ctypes.c_int * L)(*[p[0] for p in parts[2:]])
+        ctx_w = (ctypes.c_void_p * L)(*[p[1].data_ptr() for p in parts[2:]])
+        layer_ptrs = nl._stack_ptrs(L)
+        params = _DrafterParams(
+            n_layers=L, layers=ctypes.cast(layer_ptrs, ctypes.c_void_p), feat=drafter.fc.weight.shape[1],
+            fc_fmt=parts[0][0], fc_w=parts[0][1].data_ptr(), hidden_norm=hn, final_norm=fn,
+            hn_eps=drafter.hidden_norm.eps, fn_eps=drafter.norm.eps, ctx_fmt=ctypes.cast(ctx_fmt, ctypes.c_void_p),
+            ctx_w=ctypes.cast(ctx_w, ctypes.c_void_p), embed=embed.data_ptr(), vocab=embed.shape[0],
+            mask_id=drafter.config.mask_token_id, head_fmt=parts[1][0], head_w=parts[1][1].data_ptr(),
+            head_n=head_fn.out_features)
+        keep = (ctx_fmt, ctx_w, layer_ptrs, [p[1] for p in parts], embed)   # what the struct points into
+        return cls(drafter, nl, params, keep, embed, head_fn)
+
+    def current(self, embed: torch.Tensor, head_fn) -> bool:
+        """On, and still what it was built from: the same embedding and head, the drafter's
+        linears unchanged (its layers' by NativeLayers.current, its fc and context rows)."""
+        d = self.drafter
+        return (_ENABLED and _DRAFT_ON and embed is self.embed and head_fn is self.head_fn
+                and d._native_layers is self.layers and self.layers.current()
+                and [d._fc_fn] + [getattr(layer.self_attn, "_ctx_kv_fn", None) for layer in d.layers] == self._fns)
+
+    def run(self, cache, ctx_slots: torch.Tensor, ctx_pos: torch.Tensor, feats: torch.Tensor, slots: torch.Tensor,
+            anchors: torch.Tensor, starts: torch.Tensor, B: int, positions: tuple[int, int], k: int):
+        """One draft step (the class docstring) over R rows -> (indices into the drafting
+        vocabulary int64 [R, n, k], probabilities fp32 [R, n, k]), or None (nothing written:
+        a shape or an index the call does not take; the caller then runs the drafter's own path)."""
+        draft, dwork = _DRAFT
+        rot = self.drafter.rotary
+        N, R = feats.shape[0], slots.shape[0]
+        lo, n = int(positions[0]), int(positions[1])
+        nl = self.layers
+        if cache.k[0].dtype != torch.float32 or R * B > nl.rows() or N > row_limit() \
+                or feats.dtype != torch.float32 or feats.device.type != "cpu":
+            return None
+        feats = feats.contiguous()
+        ctx_slots = ctx_slots.to("cpu", torch.int64).contiguous()
+        ctx_pos = ctx_pos.to("cpu", torch.int64).contiguous()
+        slots = slots.to("cpu", torch.int64).contiguous()
+        anchors = anchors.to("cpu", torch.int64).contiguous()
+        starts = starts.to("cpu", torch.int64).contiguous()
+        need = max(int(starts.max()) + B, int(ctx_pos.max()) + 1 if N else 0)
+        if need > rot.cos.shape[0]:
+            rot.reserve(torch.tensor([need - 1]))
+        nl._set_flag("kv_bf16", 0)
+        nl._set_flag("bf16_weights", 0)
+        nl._set_flag("amx_att", int(nl.amx_att and _AMX_ATT_ON))
+        threads = torch.get_num_threads()
+        S, _, cap, _ = cache.k[0].shape
+        size = dwork(ctypes.addressof(self._params), N, R, B, n, cap, threads)
+        work = getattr(self._local, "work", None)
+        if work is None or work.numel() < size:
+            work = self._local.work = torch.empty(size)
+        L = self._params.n_layers
+        ptrs = ctypes.c_void_p * L
+        idx = torch.empty(R, n, k, dtype=torch.int64)
+        p = torch.empty(R, n, k)
+        rc = draft(ctypes.addressof(self._params), feats.data_ptr(), N, ctx_slots.data_ptr(), ctx_pos.data_ptr(),
+                   rot.cos.data_ptr(), rot.sin.data_ptr(), rot.cos.shape[0], ptrs(*[t.data_ptr() for t in cache.k[:L]]),
+                   ptrs(*[t.data_ptr() for t in cache.v[:L]]), S, cap, cache.lens.data_ptr(), R, B, slots.data_ptr(),
+                   anchors.data_ptr(), starts.data_ptr(), lo, n, k, idx.data_ptr(), p.data_ptr(), work.data_ptr(),
+                   threads)
+        if rc == -5:
+            return None
+        if rc != 0:
+            raise RuntimeError(f"native draft step failed (code {rc})")
+        return idx, p
 
 
 class NativeLayers:

@@ -34,6 +34,10 @@
 #include <omp.h>
 
 int dfl_linear(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads);
+int dfl_write_context(const float *kv, long N, long stride, int kv_heads, int head_dim, const float *k_norm,
+                      float eps, const float *cos_t, const float *sin_t, long P, const int64_t *slots,
+                      const int64_t *pos, float *k_cache, float *v_cache, long S, long cap);
+int dfl_topk_softmax(const float *x, long R, long N, int k, int64_t *idx, float *p);
 
 #define TREE_MAX 64   /* block tokens of a tree verify (dfl_layer's `tree`) */
 
@@ -830,6 +834,121 @@ int dfl_layers(const dfl_layer_t *const *P, int n, float *x, long R, long T, con
         if (keep && keep[i]) memcpy(keep[i], x, sizeof(float) * R * T * P[i]->hidden);
     }
     return 0;
+}
+
+/* A DFlash drafter's step in one call (dfl_draft): its layers (their structs, as
+ * dfl_layers runs them) and what the step reads besides them. */
+typedef struct {
+    int n_layers;
+    const dfl_layer_t *const *layers;
+    long feat;                          /* context feature width: K target layers x hidden */
+    int fc_fmt;                         /* fc: feat -> hidden, a dfl_linear format */
+    const void *fc_w;
+    const float *hidden_norm, *final_norm;   /* [hidden] */
+    float hn_eps, fn_eps;
+    const int *ctx_fmt;                 /* per layer: its [k_proj; v_proj] rows, hidden -> 2 Hkv D */
+    const void *const *ctx_w;
+    const float *embed;                 /* the target's input embedding [vocab, hidden], fp32 */
+    long vocab, mask_id;
+    int head_fmt;                       /* the drafting vocabulary's head: hidden -> head_n */
+    const void *head_w;
+    long head_n;
+} dfl_drafter_t;
+
+/* floats of work dfl_draft needs for N context tokens, R rows of B block tokens (n of each
+ * drafted), a cache of cap positions and nthreads */
+long dfl_draft_work(const dfl_drafter_t *Dr, long N, long R, long B, long n, long cap, int nthreads) {
+    const dfl_layer_t *P = Dr->layers[0];
+    const long Hd = P->hidden, D = P->head_dim, kvw = 2L * P->kv_heads * D;
+    return 2 * N * Hd + N * kvw + R * B * (Hd + 2 * D) + R * n * (Hd + Dr->head_n)
+        + dfl_layer_work(P, R * B, cap, nthreads);
+}
+
+/* One draft step of a DFlash drafter, what the engine otherwise runs as ~15 calls:
+ *   1. the context: N committed tokens' target features feats [N, feat] ->
+ *      hidden_norm(fc(feats)) -> each layer's k / v projections -> k_norm, RoPE, into the
+ *      layer's cache at (ctx_slots[i], ctx_pos[i]) (dfl_write_context); lens[slot] grows to
+ *      cover them;
+ *   2. the block of each row r: [anchors[r], mask x (B - 1)] embedded (rows of the target's
+ *      table), at RoPE positions bpos[r] .. bpos[r] + B - 1, its K/V past the row's context
+ *      in the cache (position lens[slots[r]]), every block token reading all of it
+ *      (dfl_layers, not causal); block tokens lo .. lo + n - 1 of the last layer only;
+ *   3. final_norm, the head over the drafting vocabulary, and each drafted position's k
+ *      largest logits with their softmax probabilities (dfl_topk_softmax): top_idx / top_p
+ *      [R, n, k] (indices into the drafting vocabulary).
+ * The same kernels in the same order as those calls, so the same bits. cos_t / sin_t: the
+ * RoPE tables [P, D]. Returns 0; -5 (nothing written) for shapes it does not take, an index
+ * out of range, or a row whose context and block would not fit its cache; else the failing
+ * kernel's code. */
+int dfl_draft(const dfl_drafter_t *Dr, const float *feats, long N, const int64_t *ctx_slots,
+              const int64_t *ctx_pos, const float *cos_t, const float *sin_t, long P, float *const *kc,
+              float *const *vc, long S, long cap, int64_t *lens, long R, long B, const int64_t *slots,
+              const int64_t *anchors, const int64_t *bpos, long lo, long n, int k, int64_t *top_idx,
+              float *top_p, float *work, int nthreads) {
+    if (Dr->n_layers < 1 || R < 1 || B < 1 || lo < 0 || n < 1 || lo + n > B || k < 1 || k > 16 || k > Dr->head_n)
+        return -5;
+    const dfl_layer_t *L0 = Dr->layers[0];
+    const long Hd = L0->hidden;
+    const int Hkv = L0->kv_heads, D = L0->head_dim;
+    const long kvw = 2L * Hkv * D;
+    if (Hd % 8 || D % 8 || D > 128) return -5;
+    for (int i = 1; i < Dr->n_layers; i++)
+        if (Dr->layers[i]->hidden != Hd || Dr->layers[i]->kv_heads != Hkv || Dr->layers[i]->head_dim != D) return -5;
+    /* every index first: nothing is written unless all of it fits */
+    for (long i = 0; i < N; i++)
+        if (ctx_slots[i] < 0 || ctx_slots[i] >= S || ctx_pos[i] < 0 || ctx_pos[i] >= cap || ctx_pos[i] >= P)
+            return -5;
+    int64_t *start = (int64_t *)malloc(sizeof(int64_t) * R);
+    if (!start) return -5;
+    for (long r = 0; r < R; r++) {
+        if (slots[r] < 0 || slots[r] >= S || anchors[r] < 0 || anchors[r] >= Dr->vocab || bpos[r] < 0
+            || bpos[r] + B > P) {
+            free(start);
+            return -5;
+        }
+        int64_t len = lens[slots[r]];
+        for (long i = 0; i < N; i++)
+            if (ctx_slots[i] == slots[r] && ctx_pos[i] + 1 > len) len = ctx_pos[i] + 1;
+        if (len + B > cap) {
+            free(start);
+            return -5;
+        }
+        start[r] = len;
+    }
+    float *a = work, *b = a + N * Hd, *kv = b + N * Hd, *x = kv + N * kvw, *cs = x + R * B * Hd,
+          *sn = cs + R * B * D, *h = sn + R * B * D, *logits = h + R * n * Hd, *lw = logits + R * n * Dr->head_n;
+    int rc = 0;
+    if (N > 0) {   /* 1. the context */
+        if ((rc = dfl_linear(Dr->fc_fmt, feats, N, Dr->feat, Hd, Dr->fc_w, a, nthreads))) goto done;
+        for (long i = 0; i < N; i++) rms_norm(a + i * Hd, Dr->hidden_norm, Hd, Dr->hn_eps, b + i * Hd);
+        for (int l = 0; l < Dr->n_layers; l++) {
+            const dfl_layer_t *Pl = Dr->layers[l];
+            if ((rc = dfl_linear(Dr->ctx_fmt[l], b, N, Hd, kvw, Dr->ctx_w[l], kv, nthreads))) goto done;
+            if ((rc = dfl_write_context(kv, N, kvw, Hkv, D, Pl->k_norm, Pl->eps, cos_t, sin_t, P, ctx_slots, ctx_pos,
+                                        kc[l], vc[l], S, cap))) goto done;
+        }
+        for (long i = 0; i < N; i++)
+            if (ctx_pos[i] + 1 > lens[ctx_slots[i]]) lens[ctx_slots[i]] = ctx_pos[i] + 1;
+    }
+    /* 2. the blocks */
+    for (long r = 0; r < R; r++)
+        for (long t = 0; t < B; t++) {
+            const long m = r * B + t, tok = t ? Dr->mask_id : anchors[r], pos = bpos[r] + t;
+            memcpy(x + m * Hd, Dr->embed + tok * Hd, sizeof(float) * Hd);
+            memcpy(cs + m * D, cos_t + pos * D, sizeof(float) * D);
+            memcpy(sn + m * D, sin_t + pos * D, sizeof(float) * D);
+        }
+    int failed = -1;
+    if ((rc = dfl_layers(Dr->layers, Dr->n_layers, x, R, B, slots, start, cs, sn, kc, vc, S, cap, lw, nthreads, 0,
+                         lo, n, NULL, NULL, &failed))) goto done;
+    /* 3. the drafted positions' norm, head and top k */
+    for (long o = 0; o < R * n; o++)
+        rms_norm(x + (o / n * B + lo + o % n) * Hd, Dr->final_norm, Hd, Dr->fn_eps, h + o * Hd);
+    if ((rc = dfl_linear(Dr->head_fmt, h, R * n, Hd, Dr->head_n, Dr->head_w, logits, nthreads))) goto done;
+    rc = dfl_topk_softmax(logits, R * n, Dr->head_n, k, top_idx, top_p);
+done:
+    free(start);
+    return rc;
 }
 
 /* y[m] = rms_norm(x[m]) * w for M rows of n values (n % 8 == 0): the layers' own norm,
