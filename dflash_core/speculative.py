@@ -153,21 +153,29 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     F = target.config.hidden_size * len(ctx.target_layer_ids)
     ctx_slots, ctx_pos, ctx_feats = take_pending_context(rows, F, target.dtype, dev)
     samp = _sampling_rows(rows)
-    if topk and not confidence and not samp:   # greedy rows: the whole step in one native call where it runs
-        got = _one_call(ctx, target, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, b, topk)
-        if got is not None:
-            return got
-    ids = torch.full((R, B), ctx.mask_token_id, dtype=torch.int64)
-    ids[:, 0] = anchors
-    block_emb = target.embed(ids.to(dev))                                        # [R, B, hidden]
-    block_pos = start[:, None] + torch.arange(B)[None]                           # [R, B]
-    if getattr(ctx.backend, "takes_positions", False):   # only the drafted positions computed
-        h = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos, positions=(1, b - 1))
+    greedy_top = bool(topk) and not confidence and not samp
+    # the whole step in one native call where it runs: greedy rows' top k (what topk_softmax
+    # below takes), else the head's logits
+    k = min(topk, ctx.draft_head_fn.out_features) if greedy_top and ctx.draft_head_fn is not None else 0
+    k = k if k <= 16 else 0
+    got = _one_call(ctx, target, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, b, k)
+    if got is not None and k:
+        ti, tp = ctx.draft_vocab[got[0].to(dev)], got[1].to(dev)
+        return ti[..., 0].clone(), None, None, (ti, tp)
+    if got is not None:
+        logits = got.to(dev)                                                     # [R, b-1, N]
     else:
-        h = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)[:, 1:b]
-    h = h.to(dev, target.dtype)
-    logits = target.logits(h) if ctx.draft_vocab is None else ctx.head(h)       # [R, b-1, V or N]
-    if topk and not confidence and not samp:
+        ids = torch.full((R, B), ctx.mask_token_id, dtype=torch.int64)
+        ids[:, 0] = anchors
+        block_emb = target.embed(ids.to(dev))                                    # [R, B, hidden]
+        block_pos = start[:, None] + torch.arange(B)[None]                       # [R, B]
+        if getattr(ctx.backend, "takes_positions", False):   # only the drafted positions computed
+            h = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos, positions=(1, b - 1))
+        else:
+            h = ctx.backend.draft(ctx_slots, ctx_pos, ctx_feats, slots, block_emb, block_pos)[:, 1:b]
+        h = h.to(dev, target.dtype)
+        logits = target.logits(h) if ctx.draft_vocab is None else ctx.head(h)   # [R, b-1, V or N]
+    if greedy_top:
         # greedy rows: the top-k, its probabilities and the argmax (its first) in one native pass
         got = native.topk_softmax(logits, min(topk, logits.shape[-1]))
         if got is not None:
@@ -199,12 +207,14 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
 
 
 def _one_call(ctx: DraftContext, target: Decoder, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, b: int,
-              topk: int):
-    """`draft`'s greedy top-k step as one native call (native.NativeDraft: the same kernels
-    in the same order as the path below it in `draft`, so the same drafts, ~0.4 ms a step
-    less on 2 cores), or None where it does not run: a backend that is not this process's
-    drafter, no drafting vocabulary, a drafter or target not all native fp32 on the CPU, or
-    shapes the call does not take (nothing is written then; `draft` goes on as before)."""
+              k: int):
+    """`draft`'s drafter step as one native call (native.NativeDraft: the same kernels in
+    the same order as `draft`'s own path, so the same numbers, ~0.4 ms a step less on 2
+    cores) -> with k > 0 (the top k's indices into the drafting vocabulary [R, b-1, k],
+    their probabilities [R, b-1, k]), with k = 0 the head's logits [R, b-1, N]; or None
+    where it does not run: a backend that is not this process's drafter, no drafting
+    vocabulary, a drafter or target not all native fp32 on the CPU, or shapes the call
+    does not take (nothing is written then; `draft` goes on its own path)."""
     backend, head_fn = ctx.backend, ctx.draft_head_fn
     drafter, cache = getattr(backend, "drafter", None), getattr(backend, "cache", None)
     if head_fn is None or drafter is None or cache is None or not native.draft_call_on() \
@@ -218,14 +228,7 @@ def _one_call(ctx: DraftContext, target: Decoder, ctx_slots, ctx_pos, ctx_feats,
     nd = built[1]
     if nd is None or not nd.current(embed, head_fn):
         return None
-    got = nd.run(cache, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, ctx.block_size, (1, b - 1),
-                 min(topk, head_fn.out_features))
-    if got is None:
-        return None
-    ti, tp = got
-    dev = target.device
-    ti = ctx.draft_vocab[ti.to(dev)]
-    return ti[..., 0].clone(), None, None, (ti, tp.to(dev))
+    return nd.run(cache, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, ctx.block_size, (1, b - 1), k)
 
 
 def drafts_to_verify(conf: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -270,12 +270,14 @@ def test_tree_verification_on_the_shipped_drafter_equals_plain_decoding(default,
 
 
 def test_draft_step_in_one_native_call_equals_the_steps_own_calls(monkeypatch):
-    """native.NativeDraft runs a greedy draft step (the committed tokens' context into the
+    """native.NativeDraft runs a draft step (the committed tokens' context into the
     drafter's cache, the block's layers, the final norm, the head over the drafting
-    vocabulary and its top k) in one call: at every step of two rows batched and of one
-    alone, the drafts, top-k tokens and probabilities equal bit for bit what the step's own
-    calls give from the same state, and so does the drafter's cache after it; the output
-    equals plain decoding (the default engine as `make serve` builds it)."""
+    vocabulary, and for greedy rows its top k) in one call: at every step of a greedy and a
+    sampling row batched, and of a greedy row alone, the drafts, top-k tokens and
+    probabilities (greedy) or the drafter's warped distribution q (sampling) equal bit for
+    bit what the step's own calls give from the same state, and so does the drafter's cache
+    after it; the greedy outputs equal plain decoding (the default engine as `make serve`
+    builds it)."""
     from dflash_core import native
     from dflash_core import speculative as spec
     if not native.available():
@@ -286,13 +288,14 @@ def test_draft_step_in_one_native_call_equals_the_steps_own_calls(monkeypatch):
 
     def counted(self, *a, **k):
         got = run(self, *a, **k)
-        runs.append(got is not None)
+        runs.append((got is not None, a[-1]))   # (ran, k: 0 = the head's logits)
         return got
 
     def both(ctx, target, rows, *a, **k):
         cache = ctx.backend.cache
         state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
         pending = [(s.pending_feats, s.pending_pos) for s in rows]
+        gens = [None if s.gen is None else s.gen.get_state() for s in rows]
         native.set_draft_call(False)
         try:
             ref = orig(ctx, target, rows, *a, **k)
@@ -301,26 +304,29 @@ def test_draft_step_in_one_native_call_equals_the_steps_own_calls(monkeypatch):
         ref_state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
         for t, saved in zip((cache.k_all, cache.v_all, cache.lens), state):
             t.copy_(saved)
-        for s, (f, p) in zip(rows, pending):
+        for s, (f, p), g in zip(rows, pending, gens):
             s.pending_feats, s.pending_pos = f, p
+            if g is not None:
+                s.gen.set_state(g)
         n = len(runs)
         got = orig(ctx, target, rows, *a, **k)
-        if k.get("topk") and len(runs) == n + 1 and runs[-1]:   # this step ran as one call
+        if len(runs) == n + 1 and runs[-1][0]:   # this step ran as one call
             assert torch.equal(got[0], ref[0])
-            assert torch.equal(got[3][0], ref[3][0]) and torch.equal(got[3][1], ref[3][1])
+            for x, y in ((got[1], ref[1]), (got[2], ref[2])):
+                assert (x is None and y is None) or torch.equal(x, y)
+            assert (got[3] is None and ref[3] is None) or all(torch.equal(x, y) for x, y in zip(got[3], ref[3]))
             for t, want in zip((cache.k_all, cache.v_all, cache.lens), ref_state):
                 assert torch.equal(t, want)
-            compared.append(len(rows))
+            compared.append((len(rows), runs[-1][1], got[1] is not None))
         return got
 
     monkeypatch.setattr(native.NativeDraft, "run", counted)
     monkeypatch.setattr(spec, "draft", both)
     prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS[:2]]
-    p = SamplingParams(max_new_tokens=40)
-    batched = engine.generate(prompts, [p, p])
-    alone = engine.generate(prompts[:1], p)
-    assert 2 in compared and 1 in compared and len(compared) >= 10
+    greedy = SamplingParams(max_new_tokens=40)
+    batched = engine.generate(prompts, [greedy, SamplingParams(max_new_tokens=40, temperature=0.8, seed=7)])
+    alone = engine.generate(prompts[:1], greedy)
+    assert {(2, 0, True), (1, 4, False)} <= set(compared) and len(compared) >= 10   # logits with q; greedy top 4
     monkeypatch.setattr(spec, "draft", orig)
-    plain = engine.generate(prompts, SamplingParams(max_new_tokens=40, speculative=False))
-    assert [r.token_ids for r in batched] == [r.token_ids for r in plain]
-    assert alone[0].token_ids == plain[0].token_ids
+    plain = engine.generate(prompts[:1], SamplingParams(max_new_tokens=40, speculative=False))
+    assert batched[0].token_ids == plain[0].token_ids == alone[0].token_ids

@@ -305,7 +305,7 @@ def _load():
             draft.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long] + [ctypes.c_void_p] * 4 \
                 + [ctypes.c_long] + [ctypes.c_void_p] * 2 + [ctypes.c_long] * 2 + [ctypes.c_void_p] \
                 + [ctypes.c_long] * 2 + [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_int] \
-                + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+                + [ctypes.c_void_p] * 4 + [ctypes.c_int]
             draft.restype = ctypes.c_int
             dwork.argtypes = [ctypes.c_void_p] + [ctypes.c_long] * 5 + [ctypes.c_int]
             dwork.restype = ctypes.c_long
@@ -840,7 +840,7 @@ KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def set_draft_call(flag: bool) -> None:
-    """Whether a greedy draft step runs as one native call where it can (NativeDraft; on by
+    """Whether a draft step runs as one native call where it can (NativeDraft; on by
     default); off: the step's ~15 calls (the same kernels, the same bits). For benchmarks
     and tests."""
     global _DRAFT_ON
@@ -862,10 +862,10 @@ class _DrafterParams(ctypes.Structure):
 
 
 class NativeDraft:
-    """A greedy DFlash draft step in one native call (dfl_draft): the committed tokens'
-    context (fc, hidden_norm, each layer's k / v rows, k_norm and RoPE into the cache), the
-    block's layers, the final norm, the drafting vocabulary's head and each drafted
-    position's top k with their probabilities. What the drafter's own path runs as ~15 calls
+    """A DFlash draft step in one native call (dfl_draft): the committed tokens' context
+    (fc, hidden_norm, each layer's k / v rows, k_norm and RoPE into the cache), the block's
+    layers, the final norm, the drafting vocabulary's head, and each drafted position's top
+    k with their probabilities (greedy rows) or the head's logits (the rest). What the drafter's own path runs as ~15 calls
     and ~60 small torch ops (~0.4 ms a step on 2 cores) around the same kernels, in the same
     order: the same bits. Built where every piece is native (`of`), else None."""
 
@@ -921,9 +921,11 @@ class NativeDraft:
 
     def run(self, cache, ctx_slots: torch.Tensor, ctx_pos: torch.Tensor, feats: torch.Tensor, slots: torch.Tensor,
             anchors: torch.Tensor, starts: torch.Tensor, B: int, positions: tuple[int, int], k: int):
-        """One draft step (the class docstring) over R rows -> (indices into the drafting
-        vocabulary int64 [R, n, k], probabilities fp32 [R, n, k]), or None (nothing written:
-        a shape or an index the call does not take; the caller then runs the drafter's own path)."""
+        """One draft step (the class docstring) over R rows -> with k > 0 (indices into the
+        drafting vocabulary int64 [R, n, k], probabilities fp32 [R, n, k]); with k = 0 the
+        head's logits fp32 [R, n, head_n] (sampling rows, confidences: the caller takes it
+        from there); or None (nothing written: a shape or an index the call does not take;
+        the caller then runs the drafter's own path)."""
         draft, dwork = _DRAFT
         rot = self.drafter.rotary
         N, R = feats.shape[0], slots.shape[0]
@@ -954,16 +956,17 @@ class NativeDraft:
         ptrs = ctypes.c_void_p * L
         idx = torch.empty(R, n, k, dtype=torch.int64)
         p = torch.empty(R, n, k)
+        logits = None if k else torch.empty(R, n, self.head_fn.out_features)
         rc = draft(ctypes.addressof(self._params), feats.data_ptr(), N, ctx_slots.data_ptr(), ctx_pos.data_ptr(),
                    rot.cos.data_ptr(), rot.sin.data_ptr(), rot.cos.shape[0], ptrs(*[t.data_ptr() for t in cache.k[:L]]),
                    ptrs(*[t.data_ptr() for t in cache.v[:L]]), S, cap, cache.lens.data_ptr(), R, B, slots.data_ptr(),
-                   anchors.data_ptr(), starts.data_ptr(), lo, n, k, idx.data_ptr(), p.data_ptr(), work.data_ptr(),
-                   threads)
+                   anchors.data_ptr(), starts.data_ptr(), lo, n, k, idx.data_ptr(), p.data_ptr(),
+                   None if logits is None else logits.data_ptr(), work.data_ptr(), threads)
         if rc == -5:
             return None
         if rc != 0:
             raise RuntimeError(f"native draft step failed (code {rc})")
-        return idx, p
+        return (idx, p) if k else logits
 
 
 class NativeLayers:

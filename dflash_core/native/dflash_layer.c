@@ -873,8 +873,9 @@ long dfl_draft_work(const dfl_drafter_t *Dr, long N, long R, long B, long n, lon
  *      table), at RoPE positions bpos[r] .. bpos[r] + B - 1, its K/V past the row's context
  *      in the cache (position lens[slots[r]]), every block token reading all of it
  *      (dfl_layers, not causal); block tokens lo .. lo + n - 1 of the last layer only;
- *   3. final_norm, the head over the drafting vocabulary, and each drafted position's k
- *      largest logits with their softmax probabilities (dfl_topk_softmax): top_idx / top_p
+ *   3. final_norm, the head over the drafting vocabulary (its logits [R, n, head_n] to
+ *      logits_out where that is not NULL), and with k > 0 each drafted position's k largest
+ *      logits with their softmax probabilities (dfl_topk_softmax): top_idx / top_p
  *      [R, n, k] (indices into the drafting vocabulary).
  * The same kernels in the same order as those calls, so the same bits. cos_t / sin_t: the
  * RoPE tables [P, D]. Returns 0; -5 (nothing written) for shapes it does not take, an index
@@ -884,8 +885,9 @@ int dfl_draft(const dfl_drafter_t *Dr, const float *feats, long N, const int64_t
               const int64_t *ctx_pos, const float *cos_t, const float *sin_t, long P, float *const *kc,
               float *const *vc, long S, long cap, int64_t *lens, long R, long B, const int64_t *slots,
               const int64_t *anchors, const int64_t *bpos, long lo, long n, int k, int64_t *top_idx,
-              float *top_p, float *work, int nthreads) {
-    if (Dr->n_layers < 1 || R < 1 || B < 1 || lo < 0 || n < 1 || lo + n > B || k < 1 || k > 16 || k > Dr->head_n)
+              float *top_p, float *logits_out, float *work, int nthreads) {
+    if (Dr->n_layers < 1 || R < 1 || B < 1 || lo < 0 || n < 1 || lo + n > B || k < 0 || k > 16 || k > Dr->head_n
+        || (k == 0 && !logits_out))
         return -5;
     const dfl_layer_t *L0 = Dr->layers[0];
     const long Hd = L0->hidden;
@@ -944,8 +946,9 @@ int dfl_draft(const dfl_drafter_t *Dr, const float *feats, long N, const int64_t
     /* 3. the drafted positions' norm, head and top k */
     for (long o = 0; o < R * n; o++)
         rms_norm(x + (o / n * B + lo + o % n) * Hd, Dr->final_norm, Hd, Dr->fn_eps, h + o * Hd);
+    if (logits_out) logits = logits_out;
     if ((rc = dfl_linear(Dr->head_fmt, h, R * n, Hd, Dr->head_n, Dr->head_w, logits, nthreads))) goto done;
-    rc = dfl_topk_softmax(logits, R * n, Dr->head_n, k, top_idx, top_p);
+    if (k) rc = dfl_topk_softmax(logits, R * n, Dr->head_n, k, top_idx, top_p);
 done:
     free(start);
     return rc;
