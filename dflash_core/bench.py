@@ -38,6 +38,8 @@ machine noise hits both alike. Optional extras:
                   trees (dflash_core/lookup.py) the other way (off where they are on), back to back
   --drafter-weights-ab  every measurement above also with the drafter's weights in the
                   other form (stored vs rounded onto the kernel's 8-bit grid), back to back
+  --draft-call-ab every measurement above also with the draft step run as its own calls
+                  instead of one native call (native.set_draft_call: the same drafts), back to back
   --prefill-ab    whole prefills (128 / 256 / 512 tokens) with the native layers' row limit
                   of this build (`native.row_limit()`) against the AVX2 build's 192 rows
                   (past it: torch's F.linear), and in the decode forms of the linears
@@ -125,6 +127,9 @@ def _parser():
     ap.add_argument("--lookup-ab", action="store_true",
                     help="also measure everything with the other --draft-lookup")
     ap.add_argument("--draft-corpus", default="auto", help=clitools.CORPUS_HELP)
+    ap.add_argument("--draft-call-ab", action="store_true",
+                    help="also measure everything with the draft step as its own calls instead of one native call "
+                         "(the same drafts; the engine must run the one call)")
     ap.add_argument("--corpus-ab", action="store_true",
                     help="also measure everything with the corpus index off (the run needs one: --draft-corpus)")
     ap.add_argument("--verify-ctx", default=None,
@@ -225,6 +230,19 @@ def _switch_set(engine, field: str, on: bool):
         yield int(getattr(engine, _SWITCHES[field]))
     finally:
         setattr(engine.config, field, was)
+
+
+@contextlib.contextmanager
+def draft_call_off():
+    """Within: draft steps run as their own calls, not one native call (native.NativeDraft);
+    restored after. Yields 1."""
+    from . import native
+    was = native.draft_call_on()
+    native.set_draft_call(False)
+    try:
+        yield 1
+    finally:
+        native.set_draft_call(was)
 
 
 @contextlib.contextmanager
@@ -816,6 +834,13 @@ def main(argv=None) -> int:
             raise CliError("dflash bench: --corpus-ab compares planning with a corpus index and without: this run "
                            "loads none (--draft-corpus)")
         off_modes.append(("draft_corpus_off", "draft corpus off", lambda: corpus_set(engine, None)))
+    if args.draft_call_ab:
+        nd = engine.drafting.native_draft if engine.drafting is not None else None
+        if nd is None or nd[1] is None:   # (the warm-up above drafted a step)
+            raise CliError("dflash bench: --draft-call-ab: this engine's draft step does not run as one native call "
+                           "(it needs this process's fp32 drafter with every linear native, a drafting vocabulary and "
+                           "the native kernel: " + (native.reason() or "on") + ")")
+        off_modes.append(("draft_call_off", "draft step as its own calls", draft_call_off))
     runs, runs_off, n_off = {}, {key: {} for key, _, _ in off_modes}, {}
     plain_outputs: list[list[int]] = []   # --amx-inputs-ab / --kv-cache-ab: the responses next_token_agreement reads
     by_threshold: dict[str, dict] = {}

@@ -1323,6 +1323,32 @@ def test_bench_drafter_weights_ab_runs_both_forms_and_restores_the_backend():
 
 
 @pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
+def test_bench_draft_call_ab_runs_both_ways_and_refuses_without_the_call():
+    """--draft-call-ab: the same prompts decoded with the draft step as one native call and
+    as its own calls, back to back: the same drafts, so the same tau, and greedy output
+    equal to the autoregressive one both ways; the switch is back on after. Without the
+    call (the native kernel off) the option is refused in one line."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    dflash = str(Path(sys.executable).with_name("dflash"))
+    out = subprocess.run([dflash, "bench", "--num-prompts", "2", "--max-new-tokens", "16", "--block-sizes", "4",
+                          "--draft-call-ab", "--threads", "1", "--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    s = json.loads(out.stdout.strip().splitlines()[-1])
+    off = s["draft_call_off"]["by_block_size"]["4"]
+    assert s["greedy_outputs_identical"] and off["greedy_outputs_identical"]
+    assert s["acceptance_length"] == off["acceptance_length"] > 1
+    assert s["dflash_tokens_per_s"] > 0 and off["dflash_tokens_per_s"] > 0
+    bad = subprocess.run([dflash, "bench", "--num-prompts", "1", "--max-new-tokens", "4", "--draft-call-ab"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "DFLASH_NATIVE": "0"})
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--draft-call-ab" in lines[0], bad.stderr
+
+
+@pytest.mark.skipif(not native.available(), reason="the native kernel is not built here")
 def test_prefills_past_the_native_row_limit_keep_one_tokens_bits():
     """A batched prefill pads its rows to the longest chunk; where rows x that length would
     pass the native layers' row limit (their bits stop there, the torch path computes
