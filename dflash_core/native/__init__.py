@@ -931,8 +931,10 @@ class NativeDraft:
         N, R = feats.shape[0], slots.shape[0]
         lo, n = int(positions[0]), int(positions[1])
         nl = self.layers
-        if cache.k[0].dtype != torch.float32 or R * B > nl.rows() or N > row_limit() \
-                or feats.dtype != torch.float32 or feats.device.type != "cpu":
+        # the rows each linear takes natively (its max_rows, settable by benchmarks): past them the
+        # step's own calls run torch's product, other bits
+        if cache.k[0].dtype != torch.float32 or R * B > nl.rows() or N > min(f.max_rows for f in self._fns) \
+                or R * n > self.head_fn.max_rows or feats.dtype != torch.float32 or feats.device.type != "cpu":
             return None
         feats = feats.contiguous()
         ctx_slots = ctx_slots.to("cpu", torch.int64).contiguous()
