@@ -221,9 +221,9 @@ def _one_call(ctx: DraftContext, target: Decoder, ctx_slots, ctx_pos, ctx_feats,
             or type(target.embed_tokens) is not torch.nn.Embedding:
         return None
     embed = target.embed_tokens.weight
-    key = (embed, head_fn, drafter._native_layers, native.enabled())
+    key = (drafter, embed, head_fn, drafter._native_layers, native.enabled())
     built = ctx.native_draft   # rebuilt when what it was built from changed (benchmarks swap parts)
-    if built is None or len(built[0]) != len(key) or any(a is not b for a, b in zip(built[0], key)):
+    if built is None or len(built[0]) != len(key) or any(x is not y for x, y in zip(built[0], key)):
         built = ctx.native_draft = (key, native.NativeDraft.of(drafter, embed, head_fn))
     nd = built[1]
     if nd is None or not nd.current(embed, head_fn):

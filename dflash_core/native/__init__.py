@@ -892,6 +892,14 @@ class NativeDraft:
         hidden = drafter.config.hidden_size
         if len(shapes) != 1 or embed.shape[1] != hidden or drafter.fc.weight.shape[0] != hidden:
             return None
+        # the shapes dfl_draft sizes its buffers by: fc [hidden, feat], each context linear
+        # [2 Hkv D, hidden], the head [head_n, hidden]
+        (kv_heads, head_dim), = shapes
+        want = [(hidden, drafter.fc.weight.shape[1]), (head_fn.out_features, hidden)] \
+            + [(2 * kv_heads * head_dim, hidden)] * len(attns)
+        fns = [drafter._fc_fn, head_fn] + [a._ctx_kv_fn for a in attns]
+        if any(not hasattr(f, "native") or tuple(f.native[0].shape) != w for f, w in zip(fns, want)):
+            return None
         try:
             hn = _f32_ptr(drafter.hidden_norm.weight.data)
             fn = _f32_ptr(drafter.norm.weight.data)
