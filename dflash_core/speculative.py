@@ -157,7 +157,7 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     # the whole step in one native call where it runs: greedy rows' top k (what topk_softmax
     # below takes), else the head's logits
     k = min(topk, ctx.draft_head_fn.out_features) if greedy_top and ctx.draft_head_fn is not None else 0
-    k = k if k <= 16 else 0
+    k = k if k <= native.TOPK_MAX else 0
     got = _one_call(ctx, target, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, b, k)
     if got is not None and k:
         ti, tp = ctx.draft_vocab[got[0].to(dev)], got[1].to(dev)

@@ -787,6 +787,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
     return y
 
 
+TOPK_MAX = 16   # the most k dfl_topk_softmax (and dfl_draft's top k) takes
+
+
 def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
     """logits [..., N] fp32 on the CPU -> (indices int64 [..., k], probabilities fp32 [..., k]):
     each row's k largest logits, descending (equal values: the lower index first, so index 0
@@ -794,11 +797,11 @@ def topk_softmax(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     sum of e^(x - max) in the kernel's own order: equal to torch.softmax's to rounding), in
     one native call (dfl_topk_softmax) instead of a softmax, a top-k and an argmax over every
     row. None where the native kernel does not serve it (off, not built, not fp32 on the
-    CPU, k outside [1, min(N, 16)]): the caller then takes torch's ops."""
+    CPU, k outside [1, min(N, TOPK_MAX)]): the caller then takes torch's ops."""
     if not _ENABLED or _load() is None or _TOPK is None:
         return None
     N = logits.shape[-1]
-    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not 1 <= k <= min(N, 16):
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or not 1 <= k <= min(N, TOPK_MAX):
         return None
     x = logits.reshape(-1, N).contiguous()
     R = x.shape[0]
@@ -839,6 +842,15 @@ TREE_MAX = 64   # block tokens of a tree verify (dflash_layer.c)
 KV_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _scratch(local: threading.local, size: int) -> torch.Tensor:
+    """This thread's work buffer of at least `size` floats, kept between calls (a fresh one
+    page-faults on every forward)."""
+    work = getattr(local, "work", None)
+    if work is None or work.numel() < size:
+        work = local.work = torch.empty(size)
+    return work
+
+
 def set_draft_call(flag: bool) -> None:
     """Whether a draft step runs as one native call where it can (NativeDraft; on by
     default); off: the step's ~15 calls (the same kernels, the same bits). For benchmarks
@@ -869,10 +881,10 @@ class NativeDraft:
     and ~60 small torch ops (~0.4 ms a step on 2 cores) around the same kernels, in the same
     order: the same bits. Built where every piece is native (`of`), else None."""
 
-    def __init__(self, drafter, layers: "NativeLayers", params, keep, embed: torch.Tensor, head_fn):
+    def __init__(self, drafter, layers: "NativeLayers", params, keep, embed: torch.Tensor, head_fn, fns):
         self.drafter, self.layers, self._params, self._keep = drafter, layers, params, keep
         self.embed, self.head_fn = embed, head_fn
-        self._fns = [drafter._fc_fn] + [layer.self_attn._ctx_kv_fn for layer in drafter.layers]
+        self._fns = fns   # the drafter's fc and each layer's context linear, as built
         self._local = threading.local()
 
     @classmethod
@@ -884,7 +896,8 @@ class NativeDraft:
         if _DRAFT is None or not _ENABLED or nl is None or embed is None:
             return None
         attns = [layer.self_attn for layer in drafter.layers]
-        parts = [_native_parts(f) for f in [drafter._fc_fn, head_fn] + [getattr(a, "_ctx_kv_fn", None) for a in attns]]
+        fns = [drafter._fc_fn, head_fn] + [getattr(a, "_ctx_kv_fn", None) for a in attns]
+        parts = [_native_parts(f) for f in fns]
         if any(p is None for p in parts) or embed.dtype != torch.float32 or embed.device.type != "cpu" \
                 or not embed.is_contiguous() or embed.dim() != 2:
             return None
@@ -897,7 +910,6 @@ class NativeDraft:
         (kv_heads, head_dim), = shapes
         want = [(hidden, drafter.fc.weight.shape[1]), (head_fn.out_features, hidden)] \
             + [(2 * kv_heads * head_dim, hidden)] * len(attns)
-        fns = [drafter._fc_fn, head_fn] + [a._ctx_kv_fn for a in attns]
         if any(not hasattr(f, "native") or tuple(f.native[0].shape) != w for f, w in zip(fns, want)):
             return None
         try:
@@ -917,7 +929,7 @@ class NativeDraft:
             mask_id=drafter.config.mask_token_id, head_fmt=parts[1][0], head_w=parts[1][1].data_ptr(),
             head_n=head_fn.out_features)
         keep = (ctx_fmt, ctx_w, layer_ptrs, [p[1] for p in parts], embed)   # what the struct points into
-        return cls(drafter, nl, params, keep, embed, head_fn)
+        return cls(drafter, nl, params, keep, embed, head_fn, [fns[0]] + fns[2:])
 
     def current(self, embed: torch.Tensor, head_fn) -> bool:
         """On, and still what it was built from: the same embedding and head, the drafter's
@@ -953,15 +965,10 @@ class NativeDraft:
         need = max(int(starts.max()) + B, int(ctx_pos.max()) + 1 if N else 0)
         if need > rot.cos.shape[0]:
             rot.reserve(torch.tensor([need - 1]))
-        nl._set_flag("kv_bf16", 0)
-        nl._set_flag("bf16_weights", 0)
-        nl._set_flag("amx_att", int(nl.amx_att and _AMX_ATT_ON))
+        nl._set_flags(0, False)
         threads = torch.get_num_threads()
         S, _, cap, _ = cache.k[0].shape
-        size = dwork(ctypes.addressof(self._params), N, R, B, n, cap, threads)
-        work = getattr(self._local, "work", None)
-        if work is None or work.numel() < size:
-            work = self._local.work = torch.empty(size)
+        work = _scratch(self._local, dwork(ctypes.addressof(self._params), N, R, B, n, cap, threads))
         L = self._params.n_layers
         ptrs = ctypes.c_void_p * L
         idx = torch.empty(R, n, k, dtype=torch.int64)
@@ -1081,6 +1088,13 @@ class NativeLayers:
                 setattr(p, name, value)
             self._flags[name] = value
 
+    def _set_flags(self, kv_bf16: int, prefill: bool) -> None:
+        """The structs' per-forward flags: what the caches hold, the prefill forms, and the
+        AMX attention where it is built for these layers and on."""
+        self._set_flag("kv_bf16", kv_bf16)
+        self._set_flag("bf16_weights", int(prefill))
+        self._set_flag("amx_att", int(self.amx_att and _AMX_ATT_ON))
+
     def forward(self, x: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, cache, last: int, capture, causal: bool = True, out=None, tree=None,
                 prefill: bool = False) -> dict:
@@ -1100,18 +1114,13 @@ class NativeLayers:
         kv_bf16 = int(cache.k[0].dtype == torch.bfloat16)
         if kv_bf16 and not reads_bf16:
             raise ValueError("this build of the native layers (native.layer_build) reads fp32 KV caches only")
-        self._set_flag("kv_bf16", kv_bf16)   # what the caches hold
-        self._set_flag("bf16_weights", int(prefill))
-        self._set_flag("amx_att", int(self.amx_att and _AMX_ATT_ON))
+        self._set_flags(kv_bf16, prefill)
         slots = slots.to("cpu", torch.int64).contiguous()
         starts = starts.to("cpu", torch.int64).contiguous()
         cos, sin = cos.float().contiguous(), sin.float().contiguous()
         threads = torch.get_num_threads()
         S, _, cap, _ = cache.k[0].shape
-        need = work_fn(self._ptrs[0], R * T, cap, threads)
-        work = getattr(self._local, "work", None)
-        if work is None or work.numel() < need:
-            work = self._local.work = torch.empty(need)
+        work = _scratch(self._local, work_fn(self._ptrs[0], R * T, cap, threads))
         lo, n = (0, T) if out is None else (int(out[0]), int(out[1]))
         if not (0 <= lo and n >= 1 and lo + n <= T):
             raise ValueError(f"out={out} is not a range of the {T} tokens")

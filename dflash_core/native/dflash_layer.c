@@ -38,6 +38,7 @@ int dfl_write_context(const float *kv, long N, long stride, int kv_heads, int he
                       float eps, const float *cos_t, const float *sin_t, long P, const int64_t *slots,
                       const int64_t *pos, float *k_cache, float *v_cache, long S, long cap);
 int dfl_topk_softmax(const float *x, long R, long N, int k, int64_t *idx, float *p);
+int dfl_rms_norm(const float *x, const float *w, long M, long n, float eps, float *y);
 
 #define TREE_MAX 64   /* block tokens of a tree verify (dfl_layer's `tree`) */
 
@@ -922,7 +923,7 @@ int dfl_draft(const dfl_drafter_t *Dr, const float *feats, long N, const int64_t
     int rc = 0;
     if (N > 0) {   /* 1. the context */
         if ((rc = dfl_linear(Dr->fc_fmt, feats, N, Dr->feat, Hd, Dr->fc_w, a, nthreads))) goto done;
-        for (long i = 0; i < N; i++) rms_norm(a + i * Hd, Dr->hidden_norm, Hd, Dr->hn_eps, b + i * Hd);
+        dfl_rms_norm(a, Dr->hidden_norm, N, Hd, Dr->hn_eps, b);   /* (Hd % 8 == 0: checked above) */
         for (int l = 0; l < Dr->n_layers; l++) {
             const dfl_layer_t *Pl = Dr->layers[l];
             if ((rc = dfl_linear(Dr->ctx_fmt[l], b, N, Hd, kvw, Dr->ctx_w[l], kv, nthreads))) goto done;
