@@ -598,6 +598,10 @@ class SpecEngine:
         """One draft + verify + accept over `rows` with verified block size b; returns the
         tokens each row commits (accepted drafts + the target's own next token), with
         their logprob entries for rows that ask (else None)."""
+        tree_rows = self._tree_rows(rows, b) if b > 1 else []
+        if self.greedy_tree_steps and len(tree_rows) == len(rows) \
+                and all(s.params.greedy and s.params.logprobs is None for s in rows):
+            return self._decode_greedy_trees(rows, b, emitted)
         R, dev = len(rows), self.target.device
         starts = [s.num_committed - 1 for s in rows]                  # anchor positions
         slots = torch.tensor([s.slot for s in rows])
@@ -610,7 +614,6 @@ class SpecEngine:
         layout = None
         if b > 1:
             thr = self.config.draft_threshold
-            tree_rows = self._tree_rows(rows, b)
             draft_tokens, draft_probs, conf, top = spec.draft(
                 self.drafting, self.target, rows, slots, anchors, start, b, confidence=thr > 0,
                 topk=tree.TOPK if tree_rows else 0)
@@ -692,22 +695,74 @@ class SpecEngine:
         for r, s in enumerate(rows):
             n, nxt, dt = packed[r][0], packed[r][1], packed[r][2:]
             k = b - 1 if num_drafts is None else num_drafts[r]   # drafts this row verified
-            s.stats.record(k, n)
-            if self.schedule_tuner is not None:
-                if r in parents and r not in chain_lens:   # a greedy tree's accepted depth, not a chain's prefix
-                    self.schedule_tuner.observe_tree(b, n)
-                else:
-                    self.schedule_tuner.observe(k, n)
-            s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = k + 1, k, n
-            if r in lookup_nodes:   # accepted nodes of the lookup branch (shared ones included)
-                s.step.num_lookup_accepted_tokens = sum(1 for i in paths[r][1:] if i in lookup_nodes[r])
-            # committed grows by n+1; the cache keeps anchor + accepted drafts
-            st = starts[r]
-            if r in paths:   # the accepted nodes' K/V to the positions after the anchor
-                tree.commit_path(self.cache, s.slot, st, paths[r])
-            self.cache.set_len(s.slot, st + 1 + n)
-            self._keep_features(s, feats, r, st, n + 1, emitted)
+            self._settle(s, starts[r], k, n, paths.get(r), r in parents and r not in chain_lens,
+                         lookup_nodes.get(r), feats, r, emitted)
             result.append((dt[:n] + [nxt], lps[r][:n + 1] if r in lps else None))
+        return result
+
+    def _settle(self, s: Sequence, st: int, k: int, n: int, path: list[int] | None, greedy_tree: bool,
+                mine: set[int] | None, feats, r: int, emitted) -> None:
+        """A decoded row's bookkeeping: its anchor at position st verified k drafts and kept n;
+        path: a tree row's accepted block indices (from the anchor, 0), else None; greedy_tree:
+        its acceptance is a greedy tree's depth (for the schedule tuner), not a chain's prefix;
+        mine: the block indices of its lookup branch, else None; feats[r, :n + 1]: the
+        features of its committed positions, in order."""
+        s.stats.record(k, n)
+        if self.schedule_tuner is not None:
+            if greedy_tree:
+                self.schedule_tuner.observe_tree(k + 1, n)
+            else:
+                self.schedule_tuner.observe(k, n)
+        s.step.block_size, s.step.num_draft_tokens, s.step.num_accepted_tokens = k + 1, k, n
+        if mine is not None:   # accepted nodes of the lookup branch (shared ones included)
+            s.step.num_lookup_accepted_tokens = sum(1 for i in path[1:] if i in mine)
+        # committed grows by n+1; the cache keeps anchor + accepted drafts
+        if path is not None:   # the accepted nodes' K/V to the positions after the anchor
+            tree.commit_path(self.cache, s.slot, st, path)
+        self.cache.set_len(s.slot, st + 1 + n)
+        self._keep_features(s, feats, r, st, n + 1, emitted)
+
+    # steps whose rows all verify greedy trees run _decode_greedy_trees (False: the general
+    # _decode, the same tokens; benchmarks and tests compare the two)
+    greedy_tree_steps = True
+
+    def _decode_greedy_trees(self, rows: list[Sequence], b: int, emitted) -> list[tuple[list[int], None]]:
+        """`_decode` for a step whose rows all verify greedy trees and ask no logprobs (greedy
+        decoding at one row, and greedy batches): the same drafts, trees, verify forward and
+        walk, with the drafter's top tokens, the trees and the target's choices kept as host
+        lists from the draft on. ~10 torch ops a step instead of ~40: after a forward has
+        streamed the weights through the caches, each op costs several times its warm cost
+        (the final RMSNorm of one token: ~100 us instead of ~16)."""
+        R, n = len(rows), b - 1
+        starts = [s.num_committed - 1 for s in rows]
+        anchors = [s.last for s in rows]
+        slots, start = torch.tensor([s.slot for s in rows]), torch.tensor(starts)
+        top_tok, top_p = spec.draft_top(self.drafting, self.target, rows, slots, torch.tensor(anchors), start, b,
+                                        tree.TOPK)
+        chains = looks = None
+        if self.corpus is not None and self.config.draft_lookup:   # (trees run: draft_corpus)
+            chains = self._chains(rows, range(R), n)
+        elif self.config.draft_lookup:
+            looks = self._lookups(rows, range(R), n, (top_tok, top_p))
+        planned = [tree.plan_row(top_p[r], top_tok[r], n, looks.get(r) if looks else None,
+                                 None if chains is None else chains.get(r, [])) for r in range(R)]
+        # a tree of fewer nodes keeps the drafter's first choices after them (tree.plan's padding)
+        toks = [t + [top_tok[r][j][0] for j in range(len(t), n)] for r, (_, t, _) in enumerate(planned)]
+        block = torch.tensor([[a] + t for a, t in zip(anchors, toks)])
+        hidden, feats = self.target(block, self.cache, slots, start, self._capture(),   # spec.verify's forward
+                                    tree=tree.layout([par for par, _, _ in planned], b))
+        targets = spec.argmax(self.target.logits(hidden)).tolist()
+        result = []
+        for r, s in enumerate(rows):
+            par, _, mine = planned[r]
+            path, nxt = tree.greedy_walk(par, toks[r], targets[r])
+            m = len(path) - 1
+            if feats is not None and path[1:] != list(range(1, m + 1)):   # its features in commit order
+                fr, f = 0, feats[r:r + 1, path]
+            else:
+                fr, f = r, feats
+            self._settle(s, starts[r], n, m, path, True, mine, f, fr, emitted)
+            result.append(([toks[r][i - 1] for i in path[1:]] + [nxt], None))
         return result
 
     # ---- offline convenience ---------------------------------------------------------

@@ -49,6 +49,7 @@ class DraftContext:
     draft_head: torch.Tensor | None = None     # [N, hidden] LM-head rows of draft_vocab
     draft_head_fn: object = None               # prepacked linear of draft_head (CPU), or None
     native_draft: tuple | None = None          # (what it was built from, native.NativeDraft or None): _one_call
+    draft_vocab_list: list[int] | None = None  # draft_vocab as a host list (draft_top maps indices with it)
 
     @classmethod
     def of(cls, backend, target: Decoder) -> "DraftContext":
@@ -60,6 +61,7 @@ class DraftContext:
             if ids[-1] >= target.config.vocab_size or ids[0] < 0:
                 raise ValueError("draft_vocab has ids outside the target vocabulary")
             ctx.draft_vocab = torch.tensor(ids, dtype=torch.int64, device=target.device)
+            ctx.draft_vocab_list = ids
             w = target.embed_tokens.weight if target.lm_head is None else target.lm_head.weight
             ctx.draft_head = w.detach()[ctx.draft_vocab].contiguous()
             from .models.layers import prepack_linear
@@ -138,7 +140,7 @@ def take_pending_context(rows: list[Sequence], feature_dim: int, dtype, device):
 
 
 def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch.Tensor, anchors: torch.Tensor,
-          start: torch.Tensor, b: int, confidence: bool = False, topk: int = 0
+          start: torch.Tensor, b: int, confidence: bool = False, topk: int = 0, context=None
           ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, tuple | None]:
     """One drafter forward over the rows, block [anchor, MASK x (B-1)] at positions
     start .. start+B-1 -> draft tokens [R, b-1] on the target's device (argmax, or
@@ -148,16 +150,17 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     probability of its softmax for greedy rows, q(draft) for sampling rows: what
     `drafts_to_verify` reads), else None; with `topk`, the drafter's top-k tokens and
     their probabilities at each drafted position, (tokens [R, b-1, k], probs [R, b-1, k])
-    in descending order (what a tree verify picks its nodes from: tree.py), else None."""
+    in descending order (what a tree verify picks its nodes from: tree.py), else None.
+    context: the rows' pending context as take_pending_context returned it, where the
+    caller has taken it already (draft_top), else None (taken here)."""
     B, R, dev = ctx.block_size, len(rows), target.device
     F = target.config.hidden_size * len(ctx.target_layer_ids)
-    ctx_slots, ctx_pos, ctx_feats = take_pending_context(rows, F, target.dtype, dev)
+    ctx_slots, ctx_pos, ctx_feats = context or take_pending_context(rows, F, target.dtype, dev)
     samp = _sampling_rows(rows)
     greedy_top = bool(topk) and not confidence and not samp
     # the whole step in one native call where it runs: greedy rows' top k (what topk_softmax
     # below takes), else the head's logits
-    k = min(topk, ctx.draft_head_fn.out_features) if greedy_top and ctx.draft_head_fn is not None else 0
-    k = k if k <= native.TOPK_MAX else 0
+    k = _call_k(ctx, topk) if greedy_top else 0
     got = _one_call(ctx, target, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, b, k)
     if got is not None and k:
         ti, tp = ctx.draft_vocab[got[0].to(dev)], got[1].to(dev)
@@ -204,6 +207,31 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     if conf is not None:
         conf[idx] = q.gather(2, tokens[idx][..., None]).squeeze(-1).float()
     return tokens, q, conf, top
+
+
+def draft_top(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch.Tensor, anchors: torch.Tensor,
+              start: torch.Tensor, b: int, topk: int) -> tuple[list, list]:
+    """`draft`'s top k for rows that are all greedy (no penalties), read to the host: (the
+    drafter's top-k target token ids, their probabilities) at each drafted position, nested
+    lists [R][b-1][k], descending: what the engine's greedy tree steps plan their trees
+    with. The same numbers as `draft(..., topk=topk)`'s `top`; where the one native call
+    runs, its indices are mapped to token ids on the host instead of by tensor ops."""
+    F = target.config.hidden_size * len(ctx.target_layer_ids)
+    context = take_pending_context(rows, F, target.dtype, target.device)
+    k = _call_k(ctx, topk)
+    got = _one_call(ctx, target, *context, slots, anchors, start, b, k) if k else None
+    if got is not None:
+        vocab = ctx.draft_vocab_list
+        return [[[vocab[i] for i in pos] for pos in row] for row in got[0].tolist()], got[1].tolist()
+    _, _, _, (ti, tp) = draft(ctx, target, rows, slots, anchors, start, b, topk=topk, context=context)
+    return ti.tolist(), tp.tolist()
+
+
+def _call_k(ctx: DraftContext, topk: int) -> int:
+    """The top k the one native draft call returns for greedy rows asking `topk` (at most
+    the drafting vocabulary, TOPK_MAX), or 0 where it would not take them (no drafting head)."""
+    k = min(topk, ctx.draft_head_fn.out_features) if topk and ctx.draft_head_fn is not None else 0
+    return k if k <= native.TOPK_MAX else 0
 
 
 def _one_call(ctx: DraftContext, target: Decoder, ctx_slots, ctx_pos, ctx_feats, slots, anchors, start, b: int,

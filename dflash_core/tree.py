@@ -192,33 +192,44 @@ def scored_nodes(chains: list[tuple[list[int], list[float]]], top_p: list[list[f
     return parents, tokens, on_chain
 
 
+def plan_row(top_p: list[list[float]], top_tok: list[list[int]], n: int, look: list[int] | None = None,
+             chains: list[tuple[list[int], list[float]]] | None = None
+             ) -> tuple[list[int], list[int], set[int] | None]:
+    """One greedy row's tree of up to n nodes from the drafter's top tokens (top_p / top_tok
+    [P][K]): `scored_nodes` with its scored chains (corpus.py) where `chains` is given, else
+    `merged_nodes` with its lookup branch where it has one, else `best_first` -> (parents,
+    tokens, the block indices of its nodes that a lookup branch or chain proposed, or None
+    where there are none)."""
+    if chains is not None:
+        parents, toks, on = scored_nodes(chains, top_p, top_tok, n)
+        return parents, toks, ({i + 1 for i, o in enumerate(on) if o} if any(on) else None)
+    if look:
+        parents, toks = merged_nodes(look, top_p, top_tok, n)
+        return parents, toks, set(range(1, min(len(look), n) + 1))
+    nodes = best_first(top_p, n)
+    return [p for p, _, _ in nodes], [top_tok[d][k] for _, d, k in nodes], None
+
+
 def plan(top: tuple[list, list], tree_rows: list[int], draft_tokens: torch.Tensor,
          lookups: dict[int, list[int]] | None = None, lookup_nodes: dict[int, set[int]] | None = None,
          chains: dict[int, list[tuple[list[int], list[float]]]] | None = None) -> dict[int, list[int]]:
-    """The greedy trees of a step: top = the drafter's (tokens, probs) [R, b-1, k] per
-    position (speculative.draft's `topk`, read to the host as nested lists), tree_rows the greedy rows that verify trees,
-    lookups: row -> its lookup branch (lookup.py; `merged_nodes`), where it has one.
-    Writes each tree row's node tokens into draft_tokens [R, b-1] (in place; other rows
-    keep theirs), and into `lookup_nodes` (when given) each row's block indices of its
-    lookup branch (the first nodes: `merged_nodes` adds them first) -> row -> parents of
-    its nodes. With `chains` (row -> its scored chains, corpus.py) the trees are
-    `scored_nodes` instead, and `lookup_nodes` gets the nodes any chain proposed."""
+    """The greedy trees of a step (`plan_row` per row): top = the drafter's (tokens, probs)
+    [R, b-1, k] per position (speculative.draft's `topk`, read to the host as nested lists),
+    tree_rows the greedy rows that verify trees, lookups: row -> its lookup branch (lookup.py;
+    `merged_nodes`), where it has one. Writes each tree row's node tokens into draft_tokens
+    [R, b-1] (in place; other rows keep theirs), and into `lookup_nodes` (when given) each
+    row's block indices of its lookup branch (the first nodes: `merged_nodes` adds them
+    first) -> row -> parents of its nodes. With `chains` (row -> its scored chains,
+    corpus.py) the trees are `scored_nodes` instead, and `lookup_nodes` gets the nodes any
+    chain proposed."""
     n = draft_tokens.shape[1]
     top_tok, top_p = top
     parents: dict[int, list[int]] = {}
     for r in tree_rows:
-        look = lookups.get(r) if lookups else None
-        if chains is not None:
-            parents[r], toks, on = scored_nodes(chains.get(r, []), top_p[r], top_tok[r], n)
-            if lookup_nodes is not None and any(on):
-                lookup_nodes[r] = {i + 1 for i, o in enumerate(on) if o}
-        elif look:
-            parents[r], toks = merged_nodes(look, top_p[r], top_tok[r], n)
-            if lookup_nodes is not None:
-                lookup_nodes[r] = set(range(1, min(len(look), n) + 1))
-        else:
-            nodes = best_first(top_p[r], n)
-            parents[r], toks = [p for p, _, _ in nodes], [top_tok[r][d][k] for _, d, k in nodes]
+        parents[r], toks, mine = plan_row(top_p[r], top_tok[r], n, lookups.get(r) if lookups else None,
+                                          None if chains is None else chains.get(r, []))
+        if lookup_nodes is not None and mine is not None:
+            lookup_nodes[r] = mine
         draft_tokens[r, :len(toks)] = torch.tensor(toks)
     return parents
 

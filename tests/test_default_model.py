@@ -269,6 +269,48 @@ def test_tree_verification_on_the_shipped_drafter_equals_plain_decoding(default,
     assert sum(x[1:] != list(range(1, len(x))) for x in moved) >= 3      # runners-up accepted
 
 
+def test_greedy_tree_steps_equal_the_general_step(default):
+    """Steps whose rows all verify greedy trees run SpecEngine._decode_greedy_trees (host
+    lists from the draft on): on real prompts, three batched and one alone, every step emits
+    the same tokens with the same drafts verified, kept and kept off the lookup branches as
+    the general step (`greedy_tree_steps = False`), and a row asking for logprobs still takes
+    the general step."""
+    engine, tok, _ = default
+    if not engine.target.serves_tree(3, 6):
+        pytest.skip("greedy trees run in the native fp32 layers")
+    prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS]
+
+    def steps(batch):
+        for i, ids in enumerate(batch):
+            engine.add_request(f"r{i}", ids, SamplingParams(max_new_tokens=40))
+        out = []
+        while engine.num_running or engine.num_waiting:
+            out += [(o.request_id, o.new_token_ids, o.step.num_draft_tokens, o.step.num_accepted_tokens,
+                     o.step.num_lookup_accepted_tokens) for o in engine.step()]
+        return out
+
+    engine.config.block_size = 6
+    runs = {}
+    try:
+        for fast in (True, False):
+            engine.greedy_tree_steps = fast
+            runs[fast] = [steps(prompts), steps(prompts[:1])]
+    finally:
+        engine.config.block_size, engine.greedy_tree_steps = 16, True
+    assert runs[True] == runs[False]
+    assert sum(x[3] for run in runs[True] for x in run) > 20 and any(x[4] for run in runs[True] for x in run)
+    called = []
+    fast = engine._decode_greedy_trees
+    engine._decode_greedy_trees = lambda *a: (called.append(1), fast(*a))[1]
+    try:
+        with_lps = engine.generate(prompts[:1], SamplingParams(max_new_tokens=24, logprobs=1))
+        assert not called and len(with_lps[0].logprobs) == len(with_lps[0].token_ids)
+        assert engine.generate(prompts[:1], SamplingParams(max_new_tokens=24))[0].token_ids == with_lps[0].token_ids
+        assert called
+    finally:
+        del engine._decode_greedy_trees
+
+
 def test_draft_step_in_one_native_call_equals_the_steps_own_calls(monkeypatch):
     """native.NativeDraft runs a draft step (the committed tokens' context into the
     drafter's cache, the block's layers, the final norm, the head over the drafting
@@ -283,7 +325,7 @@ def test_draft_step_in_one_native_call_equals_the_steps_own_calls(monkeypatch):
     if not native.available():
         pytest.skip("the one-call draft step is the native kernel's")
     engine, tok = build_engine("default", "default", EngineConfig(max_slots=2, max_seq_len=512, block_size=6))
-    orig, runs, compared = spec.draft, [], []
+    orig, orig_top, runs, compared = spec.draft, spec.draft_top, [], []
     run = native.NativeDraft.run
 
     def counted(self, *a, **k):
@@ -291,42 +333,56 @@ def test_draft_step_in_one_native_call_equals_the_steps_own_calls(monkeypatch):
         runs.append((got is not None, a[-1]))   # (ran, k: 0 = the head's logits)
         return got
 
-    def both(ctx, target, rows, *a, **k):
-        cache = ctx.backend.cache
-        state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
-        pending = [(s.pending_feats, s.pending_pos) for s in rows]
-        gens = [None if s.gen is None else s.gen.get_state() for s in rows]
-        native.set_draft_call(False)
-        try:
-            ref = orig(ctx, target, rows, *a, **k)
-        finally:
-            native.set_draft_call(True)
-        ref_state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
-        for t, saved in zip((cache.k_all, cache.v_all, cache.lens), state):
-            t.copy_(saved)
-        for s, (f, p), g in zip(rows, pending, gens):
-            s.pending_feats, s.pending_pos = f, p
-            if g is not None:
-                s.gen.set_state(g)
-        n = len(runs)
-        got = orig(ctx, target, rows, *a, **k)
-        if len(runs) == n + 1 and runs[-1][0]:   # this step ran as one call
-            assert torch.equal(got[0], ref[0])
-            for x, y in ((got[1], ref[1]), (got[2], ref[2])):
-                assert (x is None and y is None) or torch.equal(x, y)
-            assert (got[3] is None and ref[3] is None) or all(torch.equal(x, y) for x, y in zip(got[3], ref[3]))
-            for t, want in zip((cache.k_all, cache.v_all, cache.lens), ref_state):
-                assert torch.equal(t, want)
-            compared.append((len(rows), runs[-1][1], got[1] is not None))
-        return got
+    def both(fn):   # spec.draft (general steps) and spec.draft_top (greedy tree steps)
+        def wrapped(ctx, target, rows, *a, **k):
+            if not native.draft_call_on():   # the reference run's own draft (draft_top's fallback)
+                return fn(ctx, target, rows, *a, **k)
+            cache = ctx.backend.cache
+            state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
+            pending = [(s.pending_feats, s.pending_pos) for s in rows]
+            gens = [None if s.gen is None else s.gen.get_state() for s in rows]
+            native.set_draft_call(False)
+            try:
+                ref = fn(ctx, target, rows, *a, **k)
+            finally:
+                native.set_draft_call(True)
+            ref_state = (cache.k_all.clone(), cache.v_all.clone(), cache.lens.clone())
+            for t, saved in zip((cache.k_all, cache.v_all, cache.lens), state):
+                t.copy_(saved)
+            for s, (f, p), g in zip(rows, pending, gens):
+                s.pending_feats, s.pending_pos = f, p
+                if g is not None:
+                    s.gen.set_state(g)
+            n = len(runs)
+            got = fn(ctx, target, rows, *a, **k)
+            if len(runs) == n + 1 and runs[-1][0]:   # this step ran as one call
+                if fn is orig_top:   # (top-k token ids, probabilities) as host lists
+                    assert got == ref and len(got[0][0][0]) == runs[-1][1]
+                else:
+                    assert torch.equal(got[0], ref[0])
+                    for x, y in ((got[1], ref[1]), (got[2], ref[2])):
+                        assert (x is None and y is None) or torch.equal(x, y)
+                    assert (got[3] is None and ref[3] is None) or all(torch.equal(x, y) for x, y in zip(got[3], ref[3]))
+                for t, want in zip((cache.k_all, cache.v_all, cache.lens), ref_state):
+                    assert torch.equal(t, want)
+                compared.append((len(rows), runs[-1][1], fn is orig and got[1] is not None))
+            return got
+        return wrapped
 
     monkeypatch.setattr(native.NativeDraft, "run", counted)
-    monkeypatch.setattr(spec, "draft", both)
+    monkeypatch.setattr(spec, "draft", both(orig))
+    monkeypatch.setattr(spec, "draft_top", both(orig_top))
     prompts = [encode_prompt(tok, q, chat=True) for q in QUESTIONS[:2]]
     greedy = SamplingParams(max_new_tokens=40)
     batched = engine.generate(prompts, [greedy, SamplingParams(max_new_tokens=40, temperature=0.8, seed=7)])
     alone = engine.generate(prompts[:1], greedy)
     assert {(2, 0, True), (1, 4, False)} <= set(compared) and len(compared) >= 10   # logits with q; greedy top 4
+    engine.greedy_tree_steps = False   # the greedy row alone in the general step: draft's own top 4
+    n = len(compared)
+    assert engine.generate(prompts[:1], greedy)[0].token_ids == alone[0].token_ids
+    assert all(c == (1, 4, False) for c in compared[n:]) and len(compared) - n >= 2
     monkeypatch.setattr(spec, "draft", orig)
+    monkeypatch.setattr(spec, "draft_top", orig_top)
+    engine.greedy_tree_steps = True
     plain = engine.generate(prompts[:1], SamplingParams(max_new_tokens=40, speculative=False))
     assert batched[0].token_ids == plain[0].token_ids == alone[0].token_ids

@@ -221,11 +221,13 @@ def _run_steps(eng, prompts, params):
 
 
 @needs_kernel
-def test_off_chain_paths_commit_the_right_kv_and_features(monkeypatch):
+@pytest.mark.parametrize("fast", [True, False])
+def test_off_chain_paths_commit_the_right_kv_and_features(monkeypatch, fast):
     """An oracle drafter puts the target's next token at rank 0 or 1 of each position (a
     real drafter's runner-up), so the tree walk accepts nodes off the argmax chain and
     commit_path moves their K/V: the output still equals plain decoding token for token,
-    and the features committed for the drafter and for capture are the plain run's."""
+    and the features committed for the drafter and for capture are the plain run's. Both
+    in the engine's greedy tree steps (fast) and in its general step."""
     from test_native import _quantised_tiny_target
     from dflash_core import speculative as spec
     from dflash_core.sampling import SamplingParams
@@ -237,8 +239,8 @@ def test_off_chain_paths_commit_the_right_kv_and_features(monkeypatch):
     truth = {tuple(q): plain[i][0] for i, q in enumerate(prompts)}
     real = spec.draft
 
-    def oracle(ctx, tgt, rows, slots, anchors, start, b, confidence=False, topk=0):
-        tokens, q, conf, top = real(ctx, tgt, rows, slots, anchors, start, b, confidence, topk)
+    def oracle(ctx, tgt, rows, slots, anchors, start, b, confidence=False, topk=0, context=None):
+        tokens, q, conf, top = real(ctx, tgt, rows, slots, anchors, start, b, confidence, topk, context)
         if top is None:
             return tokens, q, conf, top
         tt, tp = top[0].clone(), torch.full_like(top[1], 0.02)
@@ -256,6 +258,7 @@ def test_off_chain_paths_commit_the_right_kv_and_features(monkeypatch):
     commit = tree.commit_path
     monkeypatch.setattr(tree, "commit_path", lambda c, sl, st, path: (moved.append(path), commit(c, sl, st, path)))
     eng = _tiny_engine(target, 6, True, capture=(0, 1))
+    eng.greedy_tree_steps = fast
     out = _run_steps(eng, prompts, p)
     off_chain = [x for x in moved if x[1:] != list(range(1, len(x)))]
     assert len(off_chain) > 10 and max(len(x) for x in moved) >= 3

@@ -247,7 +247,14 @@ class Decoder(nn.Module):
                 if i in want:
                     want[i] = x
         feats = torch.cat([want[l] for l in capture_layers], dim=-1) if capture_layers else None
-        return (None if features_only else self.norm(x)), feats
+        if features_only:
+            return None, feats
+        # after the native layers, their own final norm (row by row, in one call: torch's five
+        # ops cost ~100 us for one token once the forward has streamed the weights through the
+        # caches); every forward the native layers run takes it, so a token's bits still do
+        # not depend on its forward's rows
+        h = native.rms_norm(x, self.norm.weight, self.norm.eps) if native_ok else None
+        return (self.norm(x) if h is None else h), feats
 
     def native_rows(self) -> int | None:
         """The most rows (R x T) a forward of this model may have for the native layers to
@@ -268,10 +275,9 @@ class Decoder(nn.Module):
 
     def serves_tree(self, rows: int, tokens: int) -> bool:
         """Whether a tree verify of `rows` x `tokens` runs (the native fp32 layers serve it)."""
-        from .. import native
-        nl = self._native_layers
+        nl = self._native_layers   # (nl.serves of an fp32 CPU forward of rows x tokens, without making one)
         return (nl is not None and tokens <= native.TREE_MAX and self.device.type == "cpu"
-                and self.dtype == torch.float32 and nl.serves(torch.empty(rows, tokens, 0)))
+                and self.dtype == torch.float32 and rows * tokens <= nl.rows() and nl.current())
 
     def pack_weights(self) -> "Decoder":
         """Pack q/k/v and gate/up weights per layer for inference (fewer, larger matmuls).
