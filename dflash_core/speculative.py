@@ -136,7 +136,7 @@ def take_pending_context(rows: list[Sequence], feature_dim: int, dtype, device):
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty, torch.zeros(0, feature_dim, dtype=dtype, device=device)
     return (torch.tensor(ctx_slots, dtype=torch.int64), torch.tensor(ctx_pos, dtype=torch.int64),
-            torch.cat(ctx_feats))
+            ctx_feats[0] if len(ctx_feats) == 1 else torch.cat(ctx_feats))
 
 
 def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch.Tensor, anchors: torch.Tensor,

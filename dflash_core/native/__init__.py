@@ -962,12 +962,13 @@ class NativeDraft:
         slots = slots.to("cpu", torch.int64).contiguous()
         anchors = anchors.to("cpu", torch.int64).contiguous()
         starts = starts.to("cpu", torch.int64).contiguous()
-        need = max(int(starts.max()) + B, int(ctx_pos.max()) + 1 if N else 0)
-        if need > rot.cos.shape[0]:
-            rot.reserve(torch.tensor([need - 1]))
+        S, _, cap, _ = cache.k[0].shape
+        # RoPE rows for every position of the cache (the call declines a context or block
+        # past it), so no step's positions need a look first
+        if rot.cos.shape[0] < cap:
+            rot.reserve(torch.tensor([cap - 1]))
         nl._set_flags(0, False)
         threads = torch.get_num_threads()
-        S, _, cap, _ = cache.k[0].shape
         work = _scratch(self._local, dwork(ctypes.addressof(self._params), N, R, B, n, cap, threads))
         L = self._params.n_layers
         ptrs = ctypes.c_void_p * L
