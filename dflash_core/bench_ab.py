@@ -38,6 +38,8 @@ def _parser() -> _Parser:
     ap.add_argument("--max-prompt-tokens", type=_positive_int, default=512)
     ap.add_argument("--max-new-tokens", type=_positive_int, default=128)
     ap.add_argument("--block-size", type=_positive_int, default=6, help="verified block size of DFlash")
+    ap.add_argument("--temperature", type=float, default=0.0,
+                    help="sampling temperature of every run (> 0: prompt i is sampled with seed i in both engines)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line (the table to stderr)")
     add_runtime_args(ap, drafter="default")
     return ap
@@ -87,6 +89,8 @@ def _engine(pkg: str, args, dtype):
 
 def run(args) -> dict:
     dtype = apply_runtime_args("python -m dflash_core.bench_ab", args)
+    if not args.temperature >= 0:
+        raise CliError(f"python -m dflash_core.bench_ab: --temperature must be >= 0, got {args.temperature}")
     if args.kv_cache_dtype != "auto":
         raise CliError("python -m dflash_core.bench_ab: --kv-cache-dtype: it compares the engines' own defaults (auto)")
     from .datasets import load_eval_prompts
@@ -115,8 +119,9 @@ def run(args) -> dict:
             for k in (names if i % 2 == 0 else names[::-1]):
                 engine, _, sampling = systems[k]
                 for mode in ("plain", "dflash"):
-                    p = sampling.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=0.0,
-                                                speculative=mode == "dflash")
+                    p = sampling.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                                speculative=mode == "dflash",
+                                                **({"seed": i} if args.temperature > 0 else {}))
                     t0 = time.perf_counter()
                     [r] = engine.generate([ids], p)
                     secs[k][mode] += time.perf_counter() - t0
@@ -128,21 +133,26 @@ def run(args) -> dict:
                 f"{n[k]['dflash'] / secs[k]['dflash'] / (n[k]['plain'] / secs[k]['plain']):>16.3f}x" for k in names),
                 file=out)
         res = {"baseline_rev": args.baseline, "target": args.target, "drafter": args.drafter, "dataset": args.dataset,
-               "num_prompts": len(prompts) - 1, "max_new_tokens": args.max_new_tokens, "block_size": args.block_size}
+               "num_prompts": len(prompts) - 1, "max_new_tokens": args.max_new_tokens, "block_size": args.block_size,
+               "temperature": args.temperature}
+        greedy = args.temperature == 0   # (sampled DFlash draws other uniforms than plain decoding: not comparable)
         for k in names:
             plain, dflash = n[k]["plain"] / secs[k]["plain"], n[k]["dflash"] / secs[k]["dflash"]
             res[k] = {"ar_tokens_per_s": round(plain, 2), "dflash_tokens_per_s": round(dflash, 2),
                       "speedup": round(dflash / plain, 3), "tau": round(n[k]["dflash"] / max(steps[k], 1), 3),
-                      "greedy_outputs_identical": outs[k]["plain"] == outs[k]["dflash"]}
+                      "greedy_outputs_identical": outs[k]["plain"] == outs[k]["dflash"] if greedy else None}
             print(f"{k}: plain {plain:.2f} tok/s, DFlash {dflash:.2f} tok/s, {dflash / plain:.3f}x, "
-                  f"tau {res[k]['tau']}, DFlash output = plain output: {res[k]['greedy_outputs_identical']}", file=out)
+                  f"tau {res[k]['tau']}" + (f", DFlash output = plain output: {res[k]['greedy_outputs_identical']}"
+                                            if greedy else ""), file=out)
         res["plain_outputs_equal"] = outs["baseline"]["plain"] == outs["working"]["plain"]
         # prompts whose plain outputs are the same in both engines (a change of the model's numerics moves some)
         res["plain_outputs_same"] = sum(a == b for a, b in zip(outs["baseline"]["plain"], outs["working"]["plain"]))
+        # and the same for DFlash (sampling: whether the change keeps every draw)
+        res["dflash_outputs_same"] = sum(a == b for a, b in zip(outs["baseline"]["dflash"], outs["working"]["dflash"]))
         res["dflash_over_baseline"] = round(res["working"]["dflash_tokens_per_s"] / res["baseline"]["dflash_tokens_per_s"], 3)
         res["speedup_over_baseline"] = round(res["working"]["speedup"] / res["baseline"]["speedup"], 3)
         print(f"the two engines' plain outputs equal: {res['plain_outputs_equal']} ({res['plain_outputs_same']} of "
-              f"{res['num_prompts']} prompts); DFlash tokens/s "
+              f"{res['num_prompts']} prompts; DFlash outputs: {res['dflash_outputs_same']}); DFlash tokens/s "
               f"{res['dflash_over_baseline']}x the baseline's, speedup {res['speedup_over_baseline']}x its", file=out)
         return res
     finally:

@@ -186,9 +186,18 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
             if ctx.draft_vocab is not None:
                 ti = ctx.draft_vocab[ti]
             return ti[..., 0].clone(), None, None, (ti, tp)
-    tokens = argmax(logits) if ctx.draft_vocab is None else ctx.draft_vocab[argmax(logits)]
+    if len(samp) < R:   # greedy rows' drafts (sampling rows draw theirs below)
+        tokens = argmax(logits) if ctx.draft_vocab is None else ctx.draft_vocab[argmax(logits)]
+    else:
+        tokens = torch.empty(R, b - 1, dtype=torch.int64, device=dev)
     conf = top = None
-    if confidence or topk:
+    # the top k without confidences: one native pass, as the one-call step's greedy rows
+    # get theirs (what a mixed batch's greedy trees and the sampling trees' extra children read)
+    got = native.topk_softmax(logits, min(topk, logits.shape[-1])) if topk and not confidence else None
+    if got is not None:
+        ti, tp = got[0].to(dev), got[1].to(dev)
+        top = (ti if ctx.draft_vocab is None else ctx.draft_vocab[ti], tp)
+    elif confidence or topk:
         probs = torch.softmax(logits.float(), -1)
         conf = probs.amax(-1) if confidence else None                            # [R, b-1]
         if topk:
@@ -200,10 +209,14 @@ def draft(ctx: DraftContext, target: Decoder, rows: list[Sequence], slots: torch
     idx = torch.tensor(samp, device=dev)
     srows = [rows[r] for r in samp]
     q = warp_probs_rows(logits[idx], RowParams.of([s.params for s in srows], dev))   # [Rs, b-1, V or N]
-    if ctx.draft_vocab is not None:   # q is 0 outside the drafting vocabulary
-        q = torch.zeros(len(samp), b - 1, V, device=dev).index_copy_(2, ctx.draft_vocab, q)
     u = uniforms(srows, b - 1, dev)                                              # [Rs, b-1]
-    tokens[idx] = kernels.sample_from_probs(q.reshape(-1, V), u.reshape(-1)).view(len(samp), b - 1)
+    # drawn over the drafting vocabulary: q's zeros outside it add nothing to the running
+    # sums the draw searches, so the same token as a draw over the whole vocabulary
+    drawn = kernels.sample_from_probs(q.reshape(-1, q.shape[-1]), u.reshape(-1)).view(len(samp), b - 1)
+    if ctx.draft_vocab is not None:   # q is 0 outside the drafting vocabulary
+        drawn = ctx.draft_vocab[drawn]
+        q = torch.zeros(len(samp), b - 1, V, device=dev).index_copy_(2, ctx.draft_vocab, q)
+    tokens[idx] = drawn
     if conf is not None:
         conf[idx] = q.gather(2, tokens[idx][..., None]).squeeze(-1).float()
     return tokens, q, conf, top

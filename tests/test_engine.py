@@ -923,3 +923,16 @@ def test_bench_ab_runs_a_git_revision_beside_this_checkout():
         assert res[k]["greedy_outputs_identical"] is True and res[k]["tau"] >= 1, k
     assert isinstance(res["plain_outputs_equal"], bool) and res["speedup_over_baseline"] > 0
     assert res["plain_outputs_equal"] == (res["plain_outputs_same"] == 2)
+    assert res["temperature"] == 0.0 and 0 <= res["dflash_outputs_same"] <= 2
+    # sampled runs (prompt i with seed i in both engines): no greedy comparison; a bad temperature in one line
+    bad = subprocess.run(base + ["--baseline", "HEAD", "--temperature", "-1"], capture_output=True, text=True,
+                         timeout=300, cwd=repo)
+    lines = [ln for ln in bad.stderr.strip().splitlines() if ln.strip()]
+    assert bad.returncode == 2 and len(lines) == 1 and "--temperature must be >= 0" in lines[0], bad.stderr
+    out = subprocess.run(base + ["--baseline", "HEAD", "--json", "--temperature", "0.8"], capture_output=True,
+                         text=True, timeout=600, cwd=repo)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["temperature"] == 0.8 and 0 <= res["dflash_outputs_same"] <= 2
+    for k in ("baseline", "working"):
+        assert res[k]["greedy_outputs_identical"] is None and res[k]["dflash_tokens_per_s"] > 0, k
