@@ -342,6 +342,15 @@ class SpecEngine:
         return {r: corpus_mod.row_chains(self.corpus, self._ngrams(rows[r]), rows[r].prompt + rows[r].output, nodes)
                 for r in tree_rows}
 
+    def _greedy_sources(self, rows: list[Sequence], tree_rows, nodes: int, top) -> tuple[dict | None, dict | None]:
+        """What these greedy tree rows' trees are planned with besides the drafter's top tokens
+        (`top`: nested lists [R, b-1, k]), as (lookups, chains) for tree.plan / tree.plan_row:
+        the corpus index's scored chains where one is loaded and lookups run (draft_corpus;
+        trees run here), else each row's lookup branch where lookups run, else neither."""
+        if self.corpus is not None and self.config.draft_lookup:
+            return None, self._chains(rows, tree_rows, nodes)
+        return (self._lookups(rows, tree_rows, nodes, top) if self.config.draft_lookup else None), None
+
     def _lookups(self, rows: list[Sequence], tree_rows: list[int], nodes: int, top=None) -> dict[int, list[int]]:
         """The lookup branch of each of these tree rows (lookup.propose) for trees of `nodes`
         nodes, where its context has one; with `top` (the drafter's top tokens and
@@ -626,12 +635,8 @@ class SpecEngine:
                 greedy_rows = [r for r in tree_rows if rows[r].params.greedy]
                 if greedy_rows:
                     top_lists = (top[0].tolist(), top[1].tolist())   # one host copy for the lookups and the plan
-                    if self.corpus is not None and self.config.draft_lookup:   # (trees run: draft_corpus)
-                        parents = tree.plan(top_lists, greedy_rows, draft_tokens, None, lookup_nodes,
-                                            chains=self._chains(rows, greedy_rows, b - 1))
-                    else:
-                        looks = self._lookups(rows, greedy_rows, b - 1, top_lists) if self.config.draft_lookup else None
-                        parents = tree.plan(top_lists, greedy_rows, draft_tokens, looks, lookup_nodes)
+                    looks, chains = self._greedy_sources(rows, greedy_rows, b - 1, top_lists)
+                    parents = tree.plan(top_lists, greedy_rows, draft_tokens, looks, lookup_nodes, chains=chains)
                 samp_rows = [r for r in tree_rows if not rows[r].params.greedy]
                 if samp_rows:
                     looks = self._lookups(rows, samp_rows, b - 1) if self.config.draft_lookup else None
@@ -739,11 +744,7 @@ class SpecEngine:
         slots, start = torch.tensor([s.slot for s in rows]), torch.tensor(starts)
         top_tok, top_p = spec.draft_top(self.drafting, self.target, rows, slots, torch.tensor(anchors), start, b,
                                         tree.TOPK)
-        chains = looks = None
-        if self.corpus is not None and self.config.draft_lookup:   # (trees run: draft_corpus)
-            chains = self._chains(rows, range(R), n)
-        elif self.config.draft_lookup:
-            looks = self._lookups(rows, range(R), n, (top_tok, top_p))
+        looks, chains = self._greedy_sources(rows, range(R), n, (top_tok, top_p))
         planned = [tree.plan_row(top_p[r], top_tok[r], n, looks.get(r) if looks else None,
                                  None if chains is None else chains.get(r, [])) for r in range(R)]
         # a tree of fewer nodes keeps the drafter's first choices after them (tree.plan's padding)
