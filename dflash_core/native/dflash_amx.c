@@ -49,7 +49,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#define DFL_AMX_PF 8   /* records ahead that are prefetched (every line of one) */
+/* records ahead that are prefetched (every line of one). 8 left the weight stream short of
+ * memory's pace: forwards of 1 and of 6 tokens ran 4-5% faster at 24-32, the LM head 6%
+ * (docs/BENCHMARKS.md, "Prefetch distance") */
+#define DFL_AMX_PF 32
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -69,13 +72,14 @@ typedef struct {
     uint8_t rows[16];
 } tilecfg_t;
 
-/* tiles 0, 1: C of two column tiles; 2: A (rows input rows x 32 k); 3, 4: B (16 k pairs) */
+/* tiles 0, 1: C of two column tiles; 2: A (rows input rows x 32 k); 3, 4: B (16 k pairs);
+ * 5, 6: C of the next block's two column tiles (amx_rows_reg) */
 static void configure(int rows) {
     tilecfg_t c;
     memset(&c, 0, sizeof c);
     c.palette = 1;
-    for (int t = 0; t < 5; t++) {
-        c.rows[t] = t >= 3 ? 16 : (uint8_t)rows;
+    for (int t = 0; t < 7; t++) {
+        c.rows[t] = t == 3 || t == 4 ? 16 : (uint8_t)rows;
         c.colsb[t] = 64;
     }
     _tile_loadconfig(&c);
@@ -166,18 +170,24 @@ static inline __attribute__((always_inline)) void epilogue(const float *cbuf, in
 }
 
 /* One 32-weight block of one or two column tiles (records rec0, rec1): their codes
- * expanded to B tiles 3 (and 4) */
-static inline __attribute__((always_inline)) void load_b(int q4, const uint8_t *rec0, const uint8_t *rec1, int two,
-                                                         uint16_t bbuf[2][512]) {
+ * expanded to bbuf[0] (and bbuf[1]), the records DFL_AMX_PF ahead prefetched */
+static inline __attribute__((always_inline)) void expand_b(int q4, const uint8_t *rec0, const uint8_t *rec1, int two,
+                                                           uint16_t bbuf[2][512]) {
     const long RB = q4 ? 384 : 576, CO = q4 ? 128 : 64;
     for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec0 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
     expand(q4, rec0 + CO, bbuf[0]);
-    tile_load(3, bbuf[0], 64);
     if (two) {
         for (long l = 0; l < RB; l += 64) _mm_prefetch((const char *)(rec1 + DFL_AMX_PF * RB + l), _MM_HINT_T0);
         expand(q4, rec1 + CO, bbuf[1]);
-        tile_load(4, bbuf[1], 64);
     }
+}
+
+/* the same, then loaded to B tiles 3 (and 4) */
+static inline __attribute__((always_inline)) void load_b(int q4, const uint8_t *rec0, const uint8_t *rec1, int two,
+                                                         uint16_t bbuf[2][512]) {
+    expand_b(q4, rec0, rec1, two, bbuf);
+    tile_load(3, bbuf[0], 64);
+    if (two) tile_load(4, bbuf[1], 64);
 }
 
 /* The loaded B tiles (load_b) times the input rows' `parts` bf16 parts (three, or one for
@@ -227,18 +237,45 @@ static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, lon
     }
 }
 
+/* One block's tile products for amx_rows_reg into C tiles C0 (and C1): the input rows'
+ * parts (A, tile 2) times B tiles 3 (and 4), as c_products computes them */
+#define REG_PRODUCTS(C0, C1)                                     \
+    do {                                                         \
+        _tile_zero(C0);                                          \
+        if (two) _tile_zero(C1);                                 \
+        for (int p = 0; p < parts; p++) {                        \
+            tile_load(2, xa + p * ps + b * 32, K * 2);           \
+            _tile_dpbf16ps(C0, 2, 3);                            \
+            if (two) _tile_dpbf16ps(C1, 2, 4);                   \
+        }                                                        \
+    } while (0)
+#define REG_STORE(C0, C1)                                        \
+    do {                                                         \
+        _tile_stored(C0, cbuf[0], 64);                           \
+        if (two) _tile_stored(C1, cbuf[1], 64);                  \
+        __asm__ __volatile__("" ::: "memory");                   \
+    } while (0)
+
 /* amx_rows for R <= 8 input rows with each row's two accumulators in registers across the
  * blocks (R a constant at each call below, so the loops unroll): the same tile products and
  * the same fp32 epilogue per row and block in the same order as amx_rows, so the same bits,
  * without loading and storing the accumulators for every block (at 6 rows the epilogue
- * was ~40% of what a linear's cost grows by from one row). */
+ * was ~40% of what a linear's cost grows by from one row).
+ *
+ * Software-pipelined: block b's products run in C tiles 0 / 1 or 5 / 6 (by b's parity)
+ * while the next block's codes are expanded (into the other half of bb) and block b - 1's
+ * epilogue reads its C tiles, so neither waits for the tile products to finish; the
+ * epilogues still run block after block. Forwards of 1 and of 6 tokens ran 5-12% faster
+ * than when each block's products were stored and summed before the next block's codes
+ * were expanded (docs/BENCHMARKS.md, "Prefetch distance and pipelined AMX blocks"). */
 static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts, const uint16_t *xs, const float *sx, long m0,
                                                                const int R, long M, long K, long N, const uint8_t *w,
                                                                float *y, long j0, long j1) {
     const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
-    uint16_t bbuf[2][512] __attribute__((aligned(64)));
+    uint16_t bb[2][2][512] __attribute__((aligned(64)));
     float cbuf[2][256] __attribute__((aligned(64)));
     const float *sxr = sx ? sx + m0 * B : NULL;
+    const uint16_t *xa = xs + m0 * K;
     for (long j = j0; j < j1; j += 2) {
         const int two = j + 1 < j1;
         __m512 c0[8], c1[8];
@@ -247,22 +284,32 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
             c1[i] = _mm512_setzero_ps();
         }
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
-        for (long b = 0; b < B; b++) {
-            const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            load_b(q4, rec0, rec1, two, bbuf);
-            c_products(parts, two, xs + m0 * K + b * 32, ps, K, cbuf);
+        expand_b(q4, r0, r1, two, bb[0]);
+        for (long b = 0; b <= B; b++) {
+            if (b < B) {
+                tile_load(3, bb[b & 1][0], 64);
+                if (two) tile_load(4, bb[b & 1][1], 64);
+                if (b & 1) REG_PRODUCTS(5, 6);
+                else REG_PRODUCTS(0, 1);
+                if (b + 1 < B) expand_b(q4, r0 + (b + 1) * RB, r1 + (b + 1) * RB, two, bb[(b + 1) & 1]);
+            }
+            if (b == 0) continue;
+            const long pb = b - 1;   /* the previous block's epilogue */
+            if (pb & 1) REG_STORE(5, 6);
+            else REG_STORE(0, 1);
+            const uint8_t *rec0 = r0 + pb * RB, *rec1 = r1 + pb * RB;
             const __m512 d0 = _mm512_loadu_ps((const float *)rec0);
             const __m512 n0 = q4 ? _mm512_loadu_ps((const float *)rec0 + 16) : _mm512_setzero_ps();
             for (int i = 0; i < R; i++) {
                 c0[i] = _mm512_fmadd_ps(_mm512_load_ps(cbuf[0] + 16 * i), d0, c0[i]);
-                if (q4) c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(sxr[i * B + b]), n0, c0[i]);
+                if (q4) c0[i] = _mm512_fmadd_ps(_mm512_set1_ps(sxr[i * B + pb]), n0, c0[i]);
             }
             if (two) {
                 const __m512 d1 = _mm512_loadu_ps((const float *)rec1);
                 const __m512 n1 = q4 ? _mm512_loadu_ps((const float *)rec1 + 16) : _mm512_setzero_ps();
                 for (int i = 0; i < R; i++) {
                     c1[i] = _mm512_fmadd_ps(_mm512_load_ps(cbuf[1] + 16 * i), d1, c1[i]);
-                    if (q4) c1[i] = _mm512_fmadd_ps(_mm512_set1_ps(sxr[i * B + b]), n1, c1[i]);
+                    if (q4) c1[i] = _mm512_fmadd_ps(_mm512_set1_ps(sxr[i * B + pb]), n1, c1[i]);
                 }
             }
         }
@@ -273,6 +320,8 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
         }
     }
 }
+#undef REG_PRODUCTS
+#undef REG_STORE
 
 /* More than 16 input rows: row groups of 16 (the tiles configured for 16; the rows past M
  * of the last group are zero padding, xs holding Mp rows per part, parts ps = Mp * K apart)
