@@ -663,7 +663,7 @@ class SpecEngine:
             greedy_t = [r for r in parents if r not in chain_lens]
             if greedy_t:
                 ti = torch.tensor(greedy_t, device=dev)
-                walked = tree.walk_rows(spec.argmax(self.target.logits(hidden[ti])), draft_tokens,
+                walked = tree.walk_rows(self.target.greedy(hidden[ti]), draft_tokens,
                                         {r: parents[r] for r in greedy_t})
                 for r, (path, nxt) in walked.items():
                     paths[r] = path
@@ -752,7 +752,7 @@ class SpecEngine:
         block = torch.tensor([[a] + t for a, t in zip(anchors, toks)])
         hidden, feats = self.target(block, self.cache, slots, start, self._capture(),   # spec.verify's forward
                                     tree=tree.layout([par for par, _, _ in planned], b))
-        targets = spec.argmax(self.target.logits(hidden)).tolist()
+        targets = self.target.greedy(hidden).tolist()
         result = []
         for r, s in enumerate(rows):
             par, _, mine = planned[r]

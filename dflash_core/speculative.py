@@ -321,7 +321,7 @@ def greedy_targets(target: Decoder, hidden: torch.Tensor, draft_tokens: torch.Te
     while lo < b and rows.numel():
         hi = min(b, lo + chunk)
         chunk *= 2
-        out[rows, lo:hi] = argmax(target.logits(hidden[rows, lo:hi]))         # [r, hi-lo]
+        out[rows, lo:hi] = target.greedy(hidden[rows, lo:hi])                 # [r, hi-lo]
         if hi >= b:
             break
         ok = (draft_tokens[rows, :hi] == out[rows, :hi]).all(dim=1)   # all drafts so far matched

@@ -818,8 +818,8 @@ def test_greedy_targets_match_the_full_head_where_acceptance_reads(target, monke
         if k < b - 1:
             drafts[r, k] = (drafts[r, k] + 1) % target.config.vocab_size
     calls = []
-    real = target.logits
-    monkeypatch.setattr(target, "logits", lambda h: calls.append(h.shape[:-1].numel()) or real(h))
+    real = target.greedy   # (the head's greedy pick: from the logits, or the native head's argmax)
+    monkeypatch.setattr(target, "greedy", lambda h: calls.append(h.shape[:-1].numel()) or real(h))
     got = speculative.greedy_targets(target, hidden, drafts)
     for r in range(R):
         upto = min(r % b, b - 1) + 1                               # positions greedy_accept reads

@@ -192,6 +192,19 @@ class Decoder(nn.Module):
         w = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, w).float()
 
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., hidden] (final-normed) -> each position's greedy token [...] (int64):
+        `logits(hidden).max(-1).indices` (the first of equal logits, a NaN above any number).
+        Where the native LM head takes the rows (`linear.argmax`: a few rows, the AMX forms)
+        it picks them from the same logits without writing them out (a verify block's 6 rows:
+        1.2 MB of logits and a max over them saved)."""
+        if self._head_fn is not None and not torch.is_grad_enabled():
+            pick = getattr(self._head_fn, "argmax", None)
+            idx = pick(hidden) if pick is not None else None
+            if idx is not None:
+                return idx
+        return self.logits(hidden).max(dim=-1).indices
+
     _head_fn = None  # prepacked LM head (CPU) after pack_weights()
     _native_layers = None  # dflash_core.native.NativeLayers after pack_weights() where every linear is native
 

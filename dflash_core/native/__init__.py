@@ -84,6 +84,10 @@ AMX_BF16_FORMATS = {"q4_1": "q4_1xb", "q8_0": "q8_0xb"}
 # linear's prefill=True): the same records with each weight rounded to bf16 too (dflash_amx.c)
 PREFILL_FORMATS = {"q4_1xb": "q4_1xw", "q8_0xb": "q8_0xw"}
 AMX_KINDS = frozenset(AMX_FORMATS.values()) | frozenset(AMX_BF16_FORMATS.values())
+# the forms whose greedy choice the kernel takes without the outputs (dfl_argmax_amx), and
+# the most rows it takes at once
+ARGMAX_CODES = frozenset({4, 5, 6, 7})
+ARGMAX_ROWS = 8
 # what the AMX linears take as input: "fp32" (exact: the same fp32 linear) or "bf16"
 AMX_INPUTS = ("fp32", "bf16")
 MAX_K = 16384
@@ -103,6 +107,9 @@ MAX_ROWS = 192
 # docs/BENCHMARKS.md), so there a whole prefill chunk (the engine's default
 # max_prefill_tokens is 512) stays in it.
 MAX_ROWS_AVX512 = 1024
+
+
+_ARGMAX = None   # dfl_argmax_amx of the loaded build (None: not in it)
 
 
 def row_limit() -> int:
@@ -293,7 +300,13 @@ def _load():
         norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_float,
                          ctypes.c_void_p]
         norm.restype = ctypes.c_int
-        global _LAYER, _WRITE_CONTEXT, _TOPK, _CORPUS_CHAIN, _RMS_NORM
+        global _LAYER, _WRITE_CONTEXT, _TOPK, _CORPUS_CHAIN, _RMS_NORM, _ARGMAX
+        amax = getattr(lib, "dfl_argmax_amx", None)
+        if amax is not None:
+            amax.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+                             ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            amax.restype = ctypes.c_int
+        _ARGMAX = amax
         _RMS_NORM = norm
         _LAYER = (layer, work, True, stack)
         _WRITE_CONTEXT = wctx
@@ -687,6 +700,30 @@ def make_linear(weight: torch.Tensor, bias: torch.Tensor | None = None, formats=
             y += b
         return y.view(*lead, N)
 
+    argmax_fn = _ARGMAX if code in ARGMAX_CODES and b is None else None   # (a bias: the outputs)
+
+    def argmax(x: torch.Tensor) -> torch.Tensor | None:
+        """The index of each row's largest output [...] (int64), as `linear(x).max(-1).indices`
+        gives it (the first of equal values; a NaN above any number), without writing the
+        outputs (`dfl_argmax_amx`: the same products, so the same values); None where the
+        kernel does not take it (more than ARGMAX_ROWS rows, another format, a bias): the
+        caller then computes the outputs."""
+        if argmax_fn is None:
+            return None
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
+        if not 1 <= M <= ARGMAX_ROWS or M > linear.max_rows or x2.dtype != torch.float32 \
+                or x2.device.type != "cpu" or x2.requires_grad:
+            return None
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        idx = torch.empty(M, dtype=torch.int64)
+        if argmax_fn(code, x2.data_ptr(), M, K, N, wp, idx.data_ptr(), threads()) != 0:
+            return None
+        return idx.view(lead)
+
+    linear.argmax = argmax
     linear.max_rows = max_rows if max_rows is not None else row_limit()   # settable (benchmarks)
     linear.native_format = fmt
     linear.out_features = N

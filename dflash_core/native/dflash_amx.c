@@ -40,6 +40,7 @@
  * Needs AMX-TILE, AMX-BF16, AVX512-BF16/BW and the kernel's permission for tile data
  * (dfl_amx_init asks for it; 0: not usable, the caller keeps the FMA formats). */
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -237,6 +238,58 @@ static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, lon
     }
 }
 
+/* Greedy choices without the logits (dfl_argmax_amx): per row and lane, the best column
+ * seen so far among that lane's columns (visited in ascending order), by torch's argmax
+ * rule: the larger value, a NaN above any number, the first of equal values (or NaNs). */
+typedef struct {
+    float v[8][16] __attribute__((aligned(64)));
+    int32_t i[8][16] __attribute__((aligned(64)));   /* -1: no column yet */
+} argmax_state;
+
+static void argmax_init(argmax_state *am) {
+    for (int r = 0; r < 8; r++)
+        for (int l = 0; l < 16; l++) {
+            am->v[r][l] = -INFINITY;
+            am->i[r][l] = -1;
+        }
+}
+
+/* row r's values at columns n .. n + 15 (the lanes in mask) */
+static inline __attribute__((always_inline)) void argmax_update(argmax_state *am, int r, __m512 v, long n,
+                                                                __mmask16 mask) {
+    const __m512 cur = _mm512_load_ps(am->v[r]);
+    const __m512i ci = _mm512_load_si512((const __m512i *)am->i[r]);
+    const __mmask16 gt = _mm512_cmp_ps_mask(v, cur, _CMP_GT_OQ);
+    const __mmask16 vnan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), cnan = _mm512_cmp_ps_mask(cur, cur, _CMP_UNORD_Q);
+    const __mmask16 unset = _mm512_cmplt_epi32_mask(ci, _mm512_setzero_si512());
+    const __mmask16 take = mask & (gt | (vnan & ~cnan) | unset);
+    const __m512i cols = _mm512_add_epi32(_mm512_set1_epi32((int)n),
+                                          _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm512_store_ps(am->v[r], _mm512_mask_mov_ps(cur, take, v));
+    _mm512_store_si512((__m512i *)am->i[r], _mm512_mask_mov_epi32(ci, take, cols));
+}
+
+/* candidate (v, i) before (bv, bi) by the rule above; i < 0: no candidate */
+static inline int argmax_better(float v, long i, float bv, long bi) {
+    if (i < 0) return 0;
+    if (bi < 0) return 1;
+    const int an = v != v, bn = bv != bv;
+    if (an != bn) return an;
+    if (!an && v != bv) return v > bv;
+    return i < bi;
+}
+
+/* row r's best over its 16 lanes */
+static void argmax_reduce(const argmax_state *am, int r, float *bv, long *bi) {
+    *bv = -INFINITY;
+    *bi = -1;
+    for (int l = 0; l < 16; l++)
+        if (argmax_better(am->v[r][l], am->i[r][l], *bv, *bi)) {
+            *bv = am->v[r][l];
+            *bi = am->i[r][l];
+        }
+}
+
 /* One block's tile products for amx_rows_reg into C tiles C0 (and C1): the input rows'
  * parts (A, tile 2) times B tiles 3 (and 4), as c_products computes them */
 #define REG_PRODUCTS(C0, C1)                                     \
@@ -270,7 +323,7 @@ static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, lon
  * were expanded (docs/BENCHMARKS.md, "Prefetch distance and pipelined AMX blocks"). */
 static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts, const uint16_t *xs, const float *sx, long m0,
                                                                const int R, long M, long K, long N, const uint8_t *w,
-                                                               float *y, long j0, long j1) {
+                                                               float *y, long j0, long j1, argmax_state *am) {
     const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
     uint16_t bb[2][2][512] __attribute__((aligned(64)));
     float cbuf[2][256] __attribute__((aligned(64)));
@@ -316,7 +369,10 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
         for (int t = 0; t < 1 + two; t++) {
             const long n = (j + t) * 16;
             const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
-            for (int i = 0; i < R; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, t ? c1[i] : c0[i]);
+            if (am)
+                for (int i = 0; i < R; i++) argmax_update(am, i, t ? c1[i] : c0[i], n, mask);
+            else
+                for (int i = 0; i < R; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, t ? c1[i] : c0[i]);
         }
     }
 }
@@ -361,8 +417,8 @@ static void amx_groups(int q4, int parts, const uint16_t *xs, const float *sx, l
 
 #define AMX_ROWS_REG(R)                                                                                  \
     static void amx_rows_reg##R(int q4, int parts, const uint16_t *xs, const float *sx, long m0, long M, long K, \
-                                long N, const uint8_t *w, float *y, long j0, long j1) {                    \
-        amx_rows_reg(q4, parts, xs, sx, m0, R, M, K, N, w, y, j0, j1);                                     \
+                                long N, const uint8_t *w, float *y, long j0, long j1, argmax_state *am) {  \
+        amx_rows_reg(q4, parts, xs, sx, m0, R, M, K, N, w, y, j0, j1, am);                                 \
     }
 AMX_ROWS_REG(1)
 AMX_ROWS_REG(2)
@@ -374,7 +430,7 @@ AMX_ROWS_REG(7)
 AMX_ROWS_REG(8)
 
 typedef void (*amx_rows_fn)(int, int, const uint16_t *, const float *, long, long, long, long, const uint8_t *, float *,
-                            long, long);
+                            long, long, argmax_state *);
 static const amx_rows_fn AMX_ROWS_BY_COUNT[9] = {NULL, amx_rows_reg1, amx_rows_reg2, amx_rows_reg3, amx_rows_reg4,
                                                  amx_rows_reg5, amx_rows_reg6, amx_rows_reg7, amx_rows_reg8};
 
@@ -614,7 +670,7 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
             float acc[2 * 16 * 16] __attribute__((aligned(64)));
             configure((int)M);
             if (M <= 8)
-                AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, y, j0, j1);
+                AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, y, j0, j1, NULL);
             else
                 amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
         }
@@ -623,10 +679,68 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
     free(sx);
     return 0;
 }
+
+/* idx[m] = argmax over n of y[m, n] for y = x W^T as dfl_linear_amx computes it (the same
+ * products and epilogue, so the same values), by torch's rule (the first of equal values; a
+ * NaN above any number, the first NaN), without writing y: an LM head's greedy choices.
+ * fmt 4-7 and 1 <= M <= 8 rows (amx_rows_reg's); returns 0, -1 (not taken: the caller
+ * computes the logits) or -2 (out of memory). */
+int dfl_argmax_amx(int fmt, const float *x, long M, long K, long N, const void *w, int64_t *idx, int nthreads) {
+    if (fmt < 4 || fmt > 7 || K % 32 || M < 1 || M > 8 || N < 1) return -1;
+    const int q4 = fmt == 4 || fmt == 6, parts = fmt >= 6 ? 1 : 3;
+    const long B = K / 32, J = (N + 15) / 16;
+    if (nthreads < 1) nthreads = 1;
+    const long pairs = (J + 1) / 2;
+    if (nthreads > pairs) nthreads = (int)pairs;
+    uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * parts * M * K) + 63) / 64 * 64);
+    float *sx = q4 ? (float *)malloc(sizeof(float) * M * B) : NULL;
+    float *best_v = (float *)malloc(sizeof(float) * nthreads * 8);
+    long *best_i = (long *)malloc(sizeof(long) * nthreads * 8);
+    if (!xs || (q4 && !sx) || !best_v || !best_i) {
+        free(xs);
+        free(sx);
+        free(best_v);
+        free(best_i);
+        return -2;
+    }
+    prepare_rows(parts, x, 0, M, M, K, xs, sx);
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
+        argmax_state am;
+        argmax_init(&am);
+        if (j0 < j1) {
+            configure((int)M);
+            AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, NULL, j0, j1, &am);
+        }
+        for (long m = 0; m < M; m++) argmax_reduce(&am, (int)m, best_v + t * 8 + m, best_i + t * 8 + m);
+    }
+    /* the threads' column ranges ascend with the thread: combined by the same rule */
+    for (long m = 0; m < M; m++) {
+        float bv = -INFINITY;
+        long bi = -1;
+        for (int t = 0; t < nthreads; t++)
+            if (argmax_better(best_v[t * 8 + m], best_i[t * 8 + m], bv, bi)) {
+                bv = best_v[t * 8 + m];
+                bi = best_i[t * 8 + m];
+            }
+        idx[m] = bi;
+    }
+    free(xs);
+    free(sx);
+    free(best_v);
+    free(best_i);
+    return 0;
+}
 #else
 int dfl_amx_init(void) { return 0; }
 int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *w, float *y, int nthreads) {
     (void)fmt; (void)x; (void)M; (void)K; (void)N; (void)w; (void)y; (void)nthreads;
+    return -1;
+}
+int dfl_argmax_amx(int fmt, const float *x, long M, long K, long N, const void *w, int64_t *idx, int nthreads) {
+    (void)fmt; (void)x; (void)M; (void)K; (void)N; (void)w; (void)idx; (void)nthreads;
     return -1;
 }
 #endif
