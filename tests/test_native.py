@@ -229,7 +229,7 @@ def test_amx_bf16_inputs_are_the_exact_linear_of_the_rounded_inputs():
 
 def test_amx_argmax_is_the_outputs_argmax_by_torchs_rule(amx_input_kind):
     """`linear.argmax` (dfl_argmax_amx: an LM head's greedy choice without writing the logits)
-    gives `linear(x).max(-1).indices` for 1-8 rows, at 1 and 2 threads, partial column tiles
+    gives `linear(x).max(-1).indices` for 1-16 rows, at 1 and 2 threads, partial column tiles
     included: the first of equal outputs (columns with the same weights), and a NaN above any
     number (the first NaN); more rows, or a bias, are left to the caller (None)."""
     _need_amx()
@@ -238,35 +238,35 @@ def test_amx_argmax_is_the_outputs_argmax_by_torchs_rule(amx_input_kind):
         for N in (1, 49, 70, 1000):
             w = make(N, 160, seed=N)
             lin = native.make_linear(w)
-            x = torch.randn(9, 160, generator=g)
-            for M in range(1, 9):
+            x = torch.randn(17, 160, generator=g)
+            for M in list(range(1, 9)) + [9, 12, 16]:   # up to 8 rows in registers, then one tile
                 want = lin(x[:M]).max(-1).indices
                 got = lin.argmax(x[:M])
                 assert got.dtype == torch.int64 and got.shape == (M,)
                 assert torch.equal(got, want), (make.__name__, N, M)
                 with one_thread():
                     assert torch.equal(lin.argmax(x[:M]), want)
-            assert lin.argmax(x) is None   # 9 rows: the outputs' own max
+            assert lin.argmax(x) is None   # 17 rows: the outputs' own max
             assert torch.equal(lin.argmax(x[:3].view(1, 3, 160)), lin(x[:3]).max(-1).indices.view(1, 3))
             if N < 70:
                 continue
             # ties: each row's winning column copied to earlier and later columns of its lane
             # (16 apart), of other lanes and of the other thread's half
-            y = lin(x[:4])
+            y = lin(x[:12])
             w2 = w.clone()
             for c in y.max(-1).indices.tolist():
                 for d in (-32, 16, -37, 23, N // 2):
                     w2[(c + d) % N] = w[c]
             tied = native.make_linear(w2)
-            want = tied(x[:4]).max(-1).indices
-            assert torch.equal(tied.argmax(x[:4]), want)
+            for M in (4, 12):
+                assert torch.equal(tied.argmax(x[:M]), tied(x[:M]).max(-1).indices)
             # NaN: an infinite input times a zero code (0 x inf): in columns 10 and 63 at least
             w3 = w.clone()
             for c in (10, 63):   # the code 0: Q4_1's block minimum, Q8_0's zero (still on the grid)
                 w3[c, 5] = w[c, :32].min() if make is q4_1_weight else 0.0
             nan_lin = native.make_linear(w3)
             assert nan_lin.native_format == lin.native_format
-            xi = x[:2].clone()
+            xi = x[:10].clone()
             xi[:, 5] = float("inf")
             out = nan_lin(xi)
             assert out[:, 10].isnan().all() and out[:, 63].isnan().all()

@@ -195,7 +195,7 @@ class Decoder(nn.Module):
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., hidden] (final-normed) -> each position's greedy token [...] (int64):
         `logits(hidden).max(-1).indices` (the first of equal logits, a NaN above any number).
-        Where the native LM head takes the rows (`linear.argmax`: a few rows, the AMX forms)
+        Where the native LM head takes the rows (`linear.argmax`: up to 16, the AMX forms)
         it picks them from the same logits without writing them out (a verify block's 6 rows:
         1.2 MB of logits and a max over them saved)."""
         if self._head_fn is not None and not torch.is_grad_enabled():

@@ -87,7 +87,7 @@ AMX_KINDS = frozenset(AMX_FORMATS.values()) | frozenset(AMX_BF16_FORMATS.values(
 # the forms whose greedy choice the kernel takes without the outputs (dfl_argmax_amx), and
 # the most rows it takes at once
 ARGMAX_CODES = frozenset({4, 5, 6, 7})
-ARGMAX_ROWS = 8
+ARGMAX_ROWS = 16
 # what the AMX linears take as input: "fp32" (exact: the same fp32 linear) or "bf16"
 AMX_INPUTS = ("fp32", "bf16")
 MAX_K = 16384

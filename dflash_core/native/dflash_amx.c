@@ -215,39 +215,16 @@ static inline __attribute__((always_inline)) void store_rows(const float *src, i
     for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(src + 16 * i));
 }
 
-/* input rows [m0, m0 + rows) (9 <= rows <= 16, the tiles configured for it) against column
- * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles. (amx_groups with one group
- * of these rows gives the same bits but measured 3-6% slower verify forwards at 12-16 rows.) */
-static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
-                     const uint8_t *w, float *y, long j0, long j1, float *acc) {
-    const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
-    uint16_t bbuf[2][512] __attribute__((aligned(64)));
-    float cbuf[2][256] __attribute__((aligned(64)));
-    for (long j = j0; j < j1; j += 2) {
-        const int two = j + 1 < j1;
-        memset(acc, 0, sizeof(float) * 2 * 16 * 16);
-        const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
-        for (long b = 0; b < B; b++) {
-            const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            load_b(q4, rec0, rec1, two, bbuf);
-            c_products(parts, two, xs + m0 * K + b * 32, ps, K, cbuf);
-            epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc);
-            if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc + 256);
-        }
-        for (int t = 0; t < 1 + two; t++) store_rows(acc + t * 256, rows, m0, (j + t) * 16, N, y);
-    }
-}
-
 /* Greedy choices without the logits (dfl_argmax_amx): per row and lane, the best column
  * seen so far among that lane's columns (visited in ascending order), by torch's argmax
  * rule: the larger value, a NaN above any number, the first of equal values (or NaNs). */
 typedef struct {
-    float v[8][16] __attribute__((aligned(64)));
-    int32_t i[8][16] __attribute__((aligned(64)));   /* -1: no column yet */
+    float v[16][16] __attribute__((aligned(64)));
+    int32_t i[16][16] __attribute__((aligned(64)));   /* -1: no column yet */
 } argmax_state;
 
 static void argmax_init(argmax_state *am) {
-    for (int r = 0; r < 8; r++)
+    for (int r = 0; r < 16; r++)
         for (int l = 0; l < 16; l++) {
             am->v[r][l] = -INFINITY;
             am->i[r][l] = -1;
@@ -288,6 +265,36 @@ static void argmax_reduce(const argmax_state *am, int r, float *bv, long *bi) {
             *bv = am->v[r][l];
             *bi = am->i[r][l];
         }
+}
+
+/* input rows [m0, m0 + rows) (9 <= rows <= 16, the tiles configured for it) against column
+ * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles. (amx_groups with one group
+ * of these rows gives the same bits but measured 3-6% slower verify forwards at 12-16 rows.) */
+static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
+                     const uint8_t *w, float *y, long j0, long j1, float *acc, argmax_state *am) {
+    const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
+    uint16_t bbuf[2][512] __attribute__((aligned(64)));
+    float cbuf[2][256] __attribute__((aligned(64)));
+    for (long j = j0; j < j1; j += 2) {
+        const int two = j + 1 < j1;
+        memset(acc, 0, sizeof(float) * 2 * 16 * 16);
+        const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
+        for (long b = 0; b < B; b++) {
+            const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
+            load_b(q4, rec0, rec1, two, bbuf);
+            c_products(parts, two, xs + m0 * K + b * 32, ps, K, cbuf);
+            epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc);
+            if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc + 256);
+        }
+        for (int t = 0; t < 1 + two; t++) {
+            const long n = (j + t) * 16;
+            if (am) {
+                const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                for (int i = 0; i < rows; i++) argmax_update(am, i, _mm512_load_ps(acc + t * 256 + 16 * i), n, mask);
+            } else
+                store_rows(acc + t * 256, rows, m0, n, N, y);
+        }
+    }
 }
 
 /* One block's tile products for amx_rows_reg into C tiles C0 (and C1): the input rows'
@@ -672,7 +679,7 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
             if (M <= 8)
                 AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, y, j0, j1, NULL);
             else
-                amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, (const uint8_t *)w, y, j0, j1, acc);
+                amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, (const uint8_t *)w, y, j0, j1, acc, NULL);
         }
     }
     free(xs);
@@ -683,10 +690,10 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
 /* idx[m] = argmax over n of y[m, n] for y = x W^T as dfl_linear_amx computes it (the same
  * products and epilogue, so the same values), by torch's rule (the first of equal values; a
  * NaN above any number, the first NaN), without writing y: an LM head's greedy choices.
- * fmt 4-7 and 1 <= M <= 8 rows (amx_rows_reg's); returns 0, -1 (not taken: the caller
+ * fmt 4-7 and 1 <= M <= 16 rows (one tile); returns 0, -1 (not taken: the caller
  * computes the logits) or -2 (out of memory). */
 int dfl_argmax_amx(int fmt, const float *x, long M, long K, long N, const void *w, int64_t *idx, int nthreads) {
-    if (fmt < 4 || fmt > 7 || K % 32 || M < 1 || M > 8 || N < 1) return -1;
+    if (fmt < 4 || fmt > 7 || K % 32 || M < 1 || M > 16 || N < 1) return -1;
     const int q4 = fmt == 4 || fmt == 6, parts = fmt >= 6 ? 1 : 3;
     const long B = K / 32, J = (N + 15) / 16;
     if (nthreads < 1) nthreads = 1;
@@ -694,8 +701,8 @@ int dfl_argmax_amx(int fmt, const float *x, long M, long K, long N, const void *
     if (nthreads > pairs) nthreads = (int)pairs;
     uint16_t *xs = (uint16_t *)aligned_alloc(64, ((sizeof(uint16_t) * parts * M * K) + 63) / 64 * 64);
     float *sx = q4 ? (float *)malloc(sizeof(float) * M * B) : NULL;
-    float *best_v = (float *)malloc(sizeof(float) * nthreads * 8);
-    long *best_i = (long *)malloc(sizeof(long) * nthreads * 8);
+    float *best_v = (float *)malloc(sizeof(float) * nthreads * 16);
+    long *best_i = (long *)malloc(sizeof(long) * nthreads * 16);
     if (!xs || (q4 && !sx) || !best_v || !best_i) {
         free(xs);
         free(sx);
@@ -712,18 +719,23 @@ int dfl_argmax_amx(int fmt, const float *x, long M, long K, long N, const void *
         argmax_init(&am);
         if (j0 < j1) {
             configure((int)M);
-            AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, NULL, j0, j1, &am);
+            if (M <= 8)
+                AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, NULL, j0, j1, &am);
+            else {
+                float acc[2 * 16 * 16] __attribute__((aligned(64)));
+                amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, (const uint8_t *)w, NULL, j0, j1, acc, &am);
+            }
         }
-        for (long m = 0; m < M; m++) argmax_reduce(&am, (int)m, best_v + t * 8 + m, best_i + t * 8 + m);
+        for (long m = 0; m < M; m++) argmax_reduce(&am, (int)m, best_v + t * 16 + m, best_i + t * 16 + m);
     }
     /* the threads' column ranges ascend with the thread: combined by the same rule */
     for (long m = 0; m < M; m++) {
         float bv = -INFINITY;
         long bi = -1;
         for (int t = 0; t < nthreads; t++)
-            if (argmax_better(best_v[t * 8 + m], best_i[t * 8 + m], bv, bi)) {
-                bv = best_v[t * 8 + m];
-                bi = best_i[t * 8 + m];
+            if (argmax_better(best_v[t * 16 + m], best_i[t * 16 + m], bv, bi)) {
+                bv = best_v[t * 16 + m];
+                bi = best_i[t * 16 + m];
             }
         idx[m] = bi;
     }
