@@ -78,8 +78,9 @@ class DraftContext:
 def argmax(x: torch.Tensor) -> torch.Tensor:
     """x.argmax(-1): the same index (the first maximum; a NaN counts as the maximum), by
     the max reduction, which on CPU is ~2-3x faster over a vocabulary-sized last dimension
-    (49152 fp32 logits, one thread: ~30 vs ~70 us per row). Every greedy choice of the
-    engine goes through it, plain decoding and verification alike."""
+    (49152 fp32 logits, one thread: ~30 vs ~70 us per row). The drafter's greedy drafts and
+    penalized greedy rows go through it; the target's other greedy choices go through
+    `Decoder.greedy` (the same rule, from the native head without the logits where it can)."""
     return x.max(dim=-1).indices
 
 
