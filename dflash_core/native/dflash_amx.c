@@ -208,10 +208,22 @@ static inline __attribute__((always_inline)) void c_products(int parts, int two,
     __asm__ __volatile__("" ::: "memory");   /* the tile stores fill cbuf before it is read */
 }
 
+/* thread t of nt's column tiles [*j0, *j1) of J: pairs of tiles split evenly over the threads */
+static inline void thread_cols(long J, int t, int nt, long *j0, long *j1) {
+    const long pairs = (J + 1) / 2, e = 2 * (pairs * (t + 1) / nt);
+    *j0 = 2 * (pairs * t / nt);
+    *j1 = e < J ? e : J;
+}
+
+/* the lanes of column tile n .. n + 15 that are columns of an N-column output */
+static inline __mmask16 col_mask(long n, long N) {
+    return N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+}
+
 /* rows x 16 fp32 (row stride 16) -> y rows m0.., columns n .. n + 15 (masked past N) */
 static inline __attribute__((always_inline)) void store_rows(const float *src, int rows, long m0, long n, long N,
                                                              float *y) {
-    const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+    const __mmask16 mask = col_mask(n, N);
     for (int i = 0; i < rows; i++) _mm512_mask_storeu_ps(y + (m0 + i) * N + n, mask, _mm512_load_ps(src + 16 * i));
 }
 
@@ -289,7 +301,7 @@ static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, lon
         for (int t = 0; t < 1 + two; t++) {
             const long n = (j + t) * 16;
             if (am) {
-                const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+                const __mmask16 mask = col_mask(n, N);
                 for (int i = 0; i < rows; i++) argmax_update(am, i, _mm512_load_ps(acc + t * 256 + 16 * i), n, mask);
             } else
                 store_rows(acc + t * 256, rows, m0, n, N, y);
@@ -375,7 +387,7 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
         }
         for (int t = 0; t < 1 + two; t++) {
             const long n = (j + t) * 16;
-            const __mmask16 mask = N - n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - n)) - 1);
+            const __mmask16 mask = col_mask(n, N);
             if (am)
                 for (int i = 0; i < R; i++) argmax_update(am, i, t ? c1[i] : c0[i], n, mask);
             else
@@ -440,6 +452,20 @@ typedef void (*amx_rows_fn)(int, int, const uint16_t *, const float *, long, lon
                             long, long, argmax_state *);
 static const amx_rows_fn AMX_ROWS_BY_COUNT[9] = {NULL, amx_rows_reg1, amx_rows_reg2, amx_rows_reg3, amx_rows_reg4,
                                                  amx_rows_reg5, amx_rows_reg6, amx_rows_reg7, amx_rows_reg8};
+
+/* 1 <= M <= 16 input rows in one tile against column tiles [j0, j1): up to 8 with their
+ * accumulators in registers (amx_rows_reg), else amx_rows; outputs to y, or (am) each row's
+ * best column so far instead */
+static void one_tile(int q4, int parts, const uint16_t *xs, const float *sx, long M, long K, long N, const uint8_t *w,
+                     float *y, long j0, long j1, argmax_state *am) {
+    configure((int)M);
+    if (M <= 8) {
+        AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, w, y, j0, j1, am);
+    } else {
+        float acc[2 * 16 * 16] __attribute__((aligned(64)));
+        amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, w, y, j0, j1, acc, am);
+    }
+}
 
 /* ---- fmt 8 / 9: the same records with bf16 weights (prefill forwards) ----------------
  * Each weight rounded to the nearest bf16 as its B tile is expanded, w' = bf16(d * q + m)
@@ -616,7 +642,8 @@ static int linear_amxw(int q4, const float *x, long M, long K, long N, const voi
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
+        long j0, j1;
+        thread_cols(J, t, nt, &j0, &j1);
         uint16_t *strip = (uint16_t *)aligned_alloc(64, sizeof(uint16_t) * 1024 * (K / 32));
         if (!strip) failed = 1;
         else if (j0 < j1) {
@@ -665,7 +692,8 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
         /* column tiles in pairs, split evenly over threads */
-        const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
+        long j0, j1;
+        thread_cols(J, t, nt, &j0, &j1);
         if (j0 < j1 && grouped) {
             float acc[AMX_GROUPS * 2 * 256] __attribute__((aligned(64)));
             const long G = Mp / 16;
@@ -673,14 +701,8 @@ int dfl_linear_amx(int fmt, const float *x, long M, long K, long N, const void *
             for (long g = 0; g < G; g += AMX_GROUPS)
                 amx_groups(q4, parts, xs, sx, g, (int)(G - g < AMX_GROUPS ? G - g : AMX_GROUPS), M, Mp, K, N,
                            (const uint8_t *)w, y, j0, j1, acc);
-        } else if (j0 < j1) {   /* up to 16 rows: one tile (up to 8: accumulators in registers) */
-            float acc[2 * 16 * 16] __attribute__((aligned(64)));
-            configure((int)M);
-            if (M <= 8)
-                AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, y, j0, j1, NULL);
-            else
-                amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, (const uint8_t *)w, y, j0, j1, acc, NULL);
-        }
+        } else if (j0 < j1)
+            one_tile(q4, parts, xs, sx, M, K, N, (const uint8_t *)w, y, j0, j1, NULL);
     }
     free(xs);
     free(sx);
@@ -714,18 +736,11 @@ int dfl_argmax_amx(int fmt, const float *x, long M, long K, long N, const void *
 #pragma omp parallel num_threads(nthreads)
     {
         const int t = omp_get_thread_num(), nt = omp_get_num_threads();
-        const long j0 = 2 * (pairs * t / nt), j1t = 2 * (pairs * (t + 1) / nt), j1 = j1t < J ? j1t : J;
+        long j0, j1;
+        thread_cols(J, t, nt, &j0, &j1);
         argmax_state am;
         argmax_init(&am);
-        if (j0 < j1) {
-            configure((int)M);
-            if (M <= 8)
-                AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, (const uint8_t *)w, NULL, j0, j1, &am);
-            else {
-                float acc[2 * 16 * 16] __attribute__((aligned(64)));
-                amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, (const uint8_t *)w, NULL, j0, j1, acc, &am);
-            }
-        }
+        if (j0 < j1) one_tile(q4, parts, xs, sx, M, K, N, (const uint8_t *)w, NULL, j0, j1, &am);
         for (long m = 0; m < M; m++) argmax_reduce(&am, (int)m, best_v + t * 16 + m, best_i + t * 16 + m);
     }
     /* the threads' column ranges ascend with the thread: combined by the same rule */
