@@ -174,11 +174,12 @@ def test_amx_linear_takes_fp32_inputs_whole():
 
 
 def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
-    """Up to 16 rows share one tile (up to 8 keep their accumulators in registers); past 16
-    rows go in groups of 16 (the last one padded with zero rows), up to 8 groups per
-    expansion of the weights, so 150 rows take two expansions: every row's bits stay those
-    of the row alone, at 1 or 2 threads; the AMX and FMA forms of
-    a weight agree to fp32 rounding (different summation orders of the same products)."""
+    """Up to 16 rows share one tile (accumulators in registers: column tiles in pairs up to 8
+    rows, one at a time for 9-16); past 16 rows go in groups of 16 (the last one padded with
+    zero rows), up to 8 groups per expansion of the weights, so 150 rows take two
+    expansions: every row's bits stay those of the row alone, at 1 or 2 threads; the AMX and
+    FMA forms of a weight agree to fp32 rounding (different summation orders of the same
+    products)."""
     _need_amx()
     g = torch.Generator().manual_seed(3)
     for make in (q4_1_weight, q8_0_weight):
@@ -190,7 +191,7 @@ def test_amx_linear_is_row_invariant_across_tiles_threads_and_forms():
         with one_thread():
             assert torch.equal(amx_lin(x), y)
         for rows in ((0, 1), (1, 3), (5, 12), (20, 28), (3, 19), (16, 33), (31, 40), (0, 128), (7, 136),
-                     (140, 150)):   # 1-8 rows: accumulators in registers
+                     (140, 150)):   # 1-8 rows: column tiles in pairs; 9-16: one at a time
             assert torch.equal(amx_lin(x[rows[0]:rows[1]]), y[rows[0]:rows[1]]), rows
         torch.testing.assert_close(y, fma_lin(x), rtol=1e-5, atol=1e-5)
         assert not torch.equal(y, fma_lin(x))   # two kernels, really: the orders differ somewhere
@@ -239,7 +240,7 @@ def test_amx_argmax_is_the_outputs_argmax_by_torchs_rule(amx_input_kind):
             w = make(N, 160, seed=N)
             lin = native.make_linear(w)
             x = torch.randn(17, 160, generator=g)
-            for M in list(range(1, 9)) + [9, 12, 16]:   # up to 8 rows in registers, then one tile
+            for M in list(range(1, 9)) + [9, 12, 16]:   # column tiles in pairs up to 8 rows, then one at a time
                 want = lin(x[:M]).max(-1).indices
                 got = lin.argmax(x[:M])
                 assert got.dtype == torch.int64 and got.shape == (M,)

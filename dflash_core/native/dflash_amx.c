@@ -279,36 +279,6 @@ static void argmax_reduce(const argmax_state *am, int r, float *bv, long *bi) {
         }
 }
 
-/* input rows [m0, m0 + rows) (9 <= rows <= 16, the tiles configured for it) against column
- * tiles [j0, j1): acc [2][16 rows][16] per pair of column tiles. (amx_groups with one group
- * of these rows gives the same bits but measured 3-6% slower verify forwards at 12-16 rows.) */
-static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, long m0, int rows, long M, long K, long N,
-                     const uint8_t *w, float *y, long j0, long j1, float *acc, argmax_state *am) {
-    const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
-    uint16_t bbuf[2][512] __attribute__((aligned(64)));
-    float cbuf[2][256] __attribute__((aligned(64)));
-    for (long j = j0; j < j1; j += 2) {
-        const int two = j + 1 < j1;
-        memset(acc, 0, sizeof(float) * 2 * 16 * 16);
-        const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
-        for (long b = 0; b < B; b++) {
-            const uint8_t *rec0 = r0 + b * RB, *rec1 = r1 + b * RB;
-            load_b(q4, rec0, rec1, two, bbuf);
-            c_products(parts, two, xs + m0 * K + b * 32, ps, K, cbuf);
-            epilogue(cbuf[0], rows, 0, rec0, q4, sx + m0 * B, B, b, acc);
-            if (two) epilogue(cbuf[1], rows, 0, rec1, q4, sx + m0 * B, B, b, acc + 256);
-        }
-        for (int t = 0; t < 1 + two; t++) {
-            const long n = (j + t) * 16;
-            if (am) {
-                const __mmask16 mask = col_mask(n, N);
-                for (int i = 0; i < rows; i++) argmax_update(am, i, _mm512_load_ps(acc + t * 256 + 16 * i), n, mask);
-            } else
-                store_rows(acc + t * 256, rows, m0, n, N, y);
-        }
-    }
-}
-
 /* One block's tile products for amx_rows_reg into C tiles C0 (and C1): the input rows'
  * parts (A, tile 2) times B tiles 3 (and 4), as c_products computes them */
 #define REG_PRODUCTS(C0, C1)                                     \
@@ -328,11 +298,16 @@ static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, lon
         __asm__ __volatile__("" ::: "memory");                   \
     } while (0)
 
-/* amx_rows for R <= 8 input rows with each row's two accumulators in registers across the
- * blocks (R a constant at each call below, so the loops unroll): the same tile products and
- * the same fp32 epilogue per row and block in the same order as amx_rows, so the same bits,
- * without loading and storing the accumulators for every block (at 6 rows the epilogue
- * was ~40% of what a linear's cost grows by from one row).
+/* Input rows [m0, m0 + R) (R <= 16, the tiles configured for R rows) against column tiles
+ * [j0, j1), each row's accumulators in registers across the blocks (R a constant at each
+ * call below, so the loops unroll). Per 32-weight block b and column tile: C = the tile
+ * products of the rows' parts with the block's codes, then per row acc = fma(C, d, acc) and
+ * (Q4_1) acc = fma(sum_k x, m, acc), block after block: the same bits for a row whatever R
+ * (amx_groups keeps this order too). Up to 8 rows take column tiles in pairs (two
+ * accumulators a row, one A tile load for both); 9-16 rows one column tile at a time (16
+ * accumulators fit the registers, 32 would not): earlier, 9-16 rows kept pairs with their
+ * accumulators in memory, loaded and stored every block, and all 120 layer linears of the
+ * default target ran ~10% slower at 9-16 rows (docs/BENCHMARKS.md).
  *
  * Software-pipelined: block b's products run in C tiles 0 / 1 or 5 / 6 (by b's parity)
  * while the next block's codes are expanded (into the other half of bb) and block b - 1's
@@ -342,18 +317,18 @@ static void amx_rows(int q4, int parts, const uint16_t *xs, const float *sx, lon
  * were expanded (docs/BENCHMARKS.md, "Prefetch distance and pipelined AMX blocks"). */
 static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts, const uint16_t *xs, const float *sx, long m0,
                                                                const int R, long M, long K, long N, const uint8_t *w,
-                                                               float *y, long j0, long j1, argmax_state *am) {
+                                                               float *y, long j0, long j1, argmax_state *am, const int pair) {
     const long B = K / 32, RB = q4 ? 384 : 576, ps = M * K;
     uint16_t bb[2][2][512] __attribute__((aligned(64)));
     float cbuf[2][256] __attribute__((aligned(64)));
     const float *sxr = sx ? sx + m0 * B : NULL;
     const uint16_t *xa = xs + m0 * K;
-    for (long j = j0; j < j1; j += 2) {
-        const int two = j + 1 < j1;
-        __m512 c0[8], c1[8];
+    for (long j = j0; j < j1; j += 1 + pair) {
+        const int two = pair && j + 1 < j1;
+        __m512 c0[16], c1[16];
         for (int i = 0; i < R; i++) {
             c0[i] = _mm512_setzero_ps();
-            c1[i] = _mm512_setzero_ps();
+            if (pair) c1[i] = _mm512_setzero_ps();
         }
         const uint8_t *r0 = w + j * B * RB, *r1 = r0 + B * RB;
         expand_b(q4, r0, r1, two, bb[0]);
@@ -401,8 +376,8 @@ static inline __attribute__((always_inline)) void amx_rows_reg(int q4, int parts
 /* More than 16 input rows: row groups of 16 (the tiles configured for 16; the rows past M
  * of the last group are zero padding, xs holding Mp rows per part, parts ps = Mp * K apart)
  * g0 .. g0 + G - 1 against column tiles [j0, j1), each block's codes expanded to B tiles
- * once for all G groups (amx_rows would expand them again for every 16 rows). Every real
- * row gets the tile products and the fp32 epilogue of amx_rows, in the same order: the same
+ * once for all G groups (amx_rows_reg would expand them again for every 16 rows). Every real
+ * row gets the tile products and the fp32 epilogue of amx_rows_reg, in the same order: the same
  * bits. acc: G x 2 x 16 x 16 floats. */
 #define AMX_GROUPS 8   /* row groups sharing one expansion of the weights (acc: 16 KB) */
 static void amx_groups(int q4, int parts, const uint16_t *xs, const float *sx, long g0, int G, long M, long Mp,
@@ -437,7 +412,7 @@ static void amx_groups(int q4, int parts, const uint16_t *xs, const float *sx, l
 #define AMX_ROWS_REG(R)                                                                                  \
     static void amx_rows_reg##R(int q4, int parts, const uint16_t *xs, const float *sx, long m0, long M, long K, \
                                 long N, const uint8_t *w, float *y, long j0, long j1, argmax_state *am) {  \
-        amx_rows_reg(q4, parts, xs, sx, m0, R, M, K, N, w, y, j0, j1, am);                                 \
+        amx_rows_reg(q4, parts, xs, sx, m0, R, M, K, N, w, y, j0, j1, am, R <= 8);                       \
     }
 AMX_ROWS_REG(1)
 AMX_ROWS_REG(2)
@@ -447,24 +422,28 @@ AMX_ROWS_REG(5)
 AMX_ROWS_REG(6)
 AMX_ROWS_REG(7)
 AMX_ROWS_REG(8)
+AMX_ROWS_REG(9)
+AMX_ROWS_REG(10)
+AMX_ROWS_REG(11)
+AMX_ROWS_REG(12)
+AMX_ROWS_REG(13)
+AMX_ROWS_REG(14)
+AMX_ROWS_REG(15)
+AMX_ROWS_REG(16)
 
 typedef void (*amx_rows_fn)(int, int, const uint16_t *, const float *, long, long, long, long, const uint8_t *, float *,
                             long, long, argmax_state *);
-static const amx_rows_fn AMX_ROWS_BY_COUNT[9] = {NULL, amx_rows_reg1, amx_rows_reg2, amx_rows_reg3, amx_rows_reg4,
-                                                 amx_rows_reg5, amx_rows_reg6, amx_rows_reg7, amx_rows_reg8};
+static const amx_rows_fn AMX_ROWS_BY_COUNT[17] = {NULL, amx_rows_reg1, amx_rows_reg2, amx_rows_reg3, amx_rows_reg4,
+                                                 amx_rows_reg5, amx_rows_reg6, amx_rows_reg7, amx_rows_reg8,
+                                                 amx_rows_reg9, amx_rows_reg10, amx_rows_reg11, amx_rows_reg12,
+                                                 amx_rows_reg13, amx_rows_reg14, amx_rows_reg15, amx_rows_reg16};
 
-/* 1 <= M <= 16 input rows in one tile against column tiles [j0, j1): up to 8 with their
- * accumulators in registers (amx_rows_reg), else amx_rows; outputs to y, or (am) each row's
- * best column so far instead */
+/* 1 <= M <= 16 input rows in one tile against column tiles [j0, j1) (amx_rows_reg); outputs
+ * to y, or (am) each row's best column so far instead */
 static void one_tile(int q4, int parts, const uint16_t *xs, const float *sx, long M, long K, long N, const uint8_t *w,
                      float *y, long j0, long j1, argmax_state *am) {
     configure((int)M);
-    if (M <= 8) {
-        AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, w, y, j0, j1, am);
-    } else {
-        float acc[2 * 16 * 16] __attribute__((aligned(64)));
-        amx_rows(q4, parts, xs, sx, 0, (int)M, M, K, N, w, y, j0, j1, acc, am);
-    }
+    AMX_ROWS_BY_COUNT[M](q4, parts, xs, sx, 0, M, K, N, w, y, j0, j1, am);
 }
 
 /* ---- fmt 8 / 9: the same records with bf16 weights (prefill forwards) ----------------
