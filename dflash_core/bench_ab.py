@@ -40,6 +40,8 @@ def _parser() -> _Parser:
     ap.add_argument("--block-size", type=_positive_int, default=6, help="verified block size of DFlash")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sampling temperature of every run (> 0: prompt i is sampled with seed i in both engines)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="top_p of every sampled run (with --temperature > 0)")
+    ap.add_argument("--top-k", type=int, default=0, help="top_k of every sampled run (with --temperature > 0)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line (the table to stderr)")
     add_runtime_args(ap, drafter="default")
     return ap
@@ -91,6 +93,11 @@ def run(args) -> dict:
     dtype = apply_runtime_args("python -m dflash_core.bench_ab", args)
     if not args.temperature >= 0:
         raise CliError(f"python -m dflash_core.bench_ab: --temperature must be >= 0, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0 or args.top_k < 0:
+        raise CliError("python -m dflash_core.bench_ab: --top-p must be in (0, 1] and --top-k >= 0, got "
+                       f"{args.top_p} and {args.top_k}")
+    if (args.top_p < 1.0 or args.top_k) and args.temperature == 0:
+        raise CliError("python -m dflash_core.bench_ab: --top-p / --top-k need --temperature > 0 (greedy ignores them)")
     if args.kv_cache_dtype != "auto":
         raise CliError("python -m dflash_core.bench_ab: --kv-cache-dtype: it compares the engines' own defaults (auto)")
     from .datasets import load_eval_prompts
@@ -121,7 +128,8 @@ def run(args) -> dict:
                 for mode in ("plain", "dflash"):
                     p = sampling.SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                                 speculative=mode == "dflash",
-                                                **({"seed": i} if args.temperature > 0 else {}))
+                                                **({"seed": i, "top_p": args.top_p, "top_k": args.top_k}
+                                                   if args.temperature > 0 else {}))
                     t0 = time.perf_counter()
                     [r] = engine.generate([ids], p)
                     secs[k][mode] += time.perf_counter() - t0
@@ -134,7 +142,7 @@ def run(args) -> dict:
                 file=out)
         res = {"baseline_rev": args.baseline, "target": args.target, "drafter": args.drafter, "dataset": args.dataset,
                "num_prompts": len(prompts) - 1, "max_new_tokens": args.max_new_tokens, "block_size": args.block_size,
-               "temperature": args.temperature}
+               "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
         greedy = args.temperature == 0   # (sampled DFlash draws other uniforms than plain decoding: not comparable)
         for k in names:
             plain, dflash = n[k]["plain"] / secs[k]["plain"], n[k]["dflash"] / secs[k]["dflash"]

@@ -45,7 +45,7 @@ from .runtime import KV_CACHE_DTYPES
 from . import speculative as spec
 from . import tree
 from .models.decoder import Decoder
-from .sampling import RowParams, SamplingParams, warp_probs_rows
+from .sampling import SamplingParams, WarpedRows
 from .scheduler import Scheduler, StepPlan
 from .sequence import GenerationResult, RequestOutput, Sequence, SpecStats, StepStats
 
@@ -671,13 +671,12 @@ class SpecEngine:
             samp_t = list(chain_lens)
             if samp_t:   # the chain's rejection rule along the sampled drafts, extra children for residual draws
                 si = torch.tensor(samp_t, device=dev)
-                probs = warp_probs_rows(self.target.logits(hidden[si]),
-                                        RowParams.of([rows[r].params for r in samp_t], dev))       # [Rs, b, V]
+                logits = self.target.logits(hidden[si])                                        # [Rs, b, V]
                 u = spec.uniforms([rows[r] for r in samp_t], 2 * b, dev)
                 toks = draft_tokens[si].tolist()
-                for j, r in enumerate(samp_t):
-                    path, nxt = tree.sampling_walk(parents[r], toks[j], chain_lens[r], probs[j],
-                                                   draft_probs[q_of[r]], u[j])
+                for j, r in enumerate(samp_t):   # p warped only at the nodes the walk visits
+                    path, nxt = tree.sampling_walk(parents[r], toks[j], chain_lens[r],
+                                                   WarpedRows(logits[j], rows[r].params), draft_probs[q_of[r]], u[j])
                     paths[r] = path
                     accept_len[r], next_tok[r] = len(path) - 1, nxt
             # from here on a tree row looks like a chain row: its path where a chain's block is

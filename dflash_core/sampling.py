@@ -139,6 +139,8 @@ class RowParams:
     top_p: torch.Tensor         # [R] float32
     any_top_k: bool
     any_top_p: bool
+    host_top_k: tuple = ()      # the rows' top_k and top_p on the host
+    host_top_p: tuple = ()
 
     @classmethod
     def of(cls, params, device) -> "RowParams":
@@ -147,13 +149,23 @@ class RowParams:
         return cls(torch.tensor([max(float(x[0]), 1e-5) for x in t], dtype=torch.float32, device=device),
                    torch.tensor([int(x[1]) for x in t], dtype=torch.int64, device=device),
                    torch.tensor([float(x[2]) for x in t], dtype=torch.float32, device=device),
-                   any(x[1] > 0 for x in t), any(x[2] < 1.0 for x in t))
+                   any(x[1] > 0 for x in t), any(x[2] < 1.0 for x in t),
+                   tuple(int(x[1]) for x in t), tuple(float(x[2]) for x in t))
 
 
 def warp_probs_rows(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
     """logits [R, V] or [R, n, V], row r warped with its own temperature, top_k and top_p
-    (`warp_probs`' rule) -> [.., V] distributions, on the logits' device with no host
-    round trip: one call for all sampling rows of a step."""
+    (`warp_probs`' rule) -> [.., V] distributions, on the logits' device: one call for all
+    sampling rows of a step. Every output row depends on its own logits row only, so a
+    row gets the same bits whatever else is warped beside it.
+
+    top_k keeps the tokens whose value is at least the k-th largest (ties at the edge all
+    kept). top_p orders the tokens by probability, the lower token id first among equal
+    ones, keeps a token while the mass strictly before it (the running sum in that order)
+    is below top_p, and divides the kept probabilities by the running sum at the last kept
+    token. Off the GPU the order is found among the largest candidates first
+    (`_top_p_row`), not by sorting all V (a sort of the default target's 49152 took ~2.7
+    ms a row on 2 cores; docs/BENCHMARKS.md)."""
     x = logits.float()
     squeeze = x.dim() == 2
     if squeeze:
@@ -162,17 +174,78 @@ def warp_probs_rows(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
     x = x / rp.temperature.view(R, 1, 1)
     if rp.any_top_k:
         k = rp.top_k.view(R, 1, 1)
-        kth = x.sort(dim=-1, descending=True).values.gather(-1, (k.clamp(1, V) - 1).expand(R, n, 1))
+        kmax = min(max(rp.host_top_k), V)
+        # the k-th largest value of each row (a value, so ties do not matter)
+        kth = x.topk(kmax, dim=-1).values.gather(-1, (k.clamp(1, kmax) - 1).expand(R, n, 1))
         x = x.masked_fill((k > 0) & (k < V) & (x < kth), float("-inf"))
     probs = torch.softmax(x, dim=-1)
     if rp.any_top_p:
-        top_p = rp.top_p.view(R, 1, 1)
-        sorted_p, idx = probs.sort(dim=-1, descending=True)
-        # drop a token when the mass strictly before it already reaches top_p
-        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
-        kept = torch.zeros_like(probs).scatter_(-1, idx, sorted_p.masked_fill(drop, 0.0))
-        probs = torch.where(top_p < 1.0, kept / kept.sum(-1, keepdim=True), probs)
+        if probs.device.type == "cpu":
+            for r, tp in enumerate(rp.host_top_p):
+                if tp < 1.0:
+                    for i in range(n):
+                        probs[r, i] = _top_p_row(probs[r, i], tp)
+        else:
+            probs = torch.where(rp.top_p.view(R, 1, 1) < 1.0, _top_p_sorted(probs, rp.top_p.view(R, 1, 1)), probs)
     return probs[:, 0] if squeeze else probs
+
+
+# Candidates `_top_p_row` orders first: the 64 most likely tokens (and any tied with the
+# 64th), then 8x as many until the cut falls among them.
+TOP_P_FIRST = 64
+
+
+def _top_p_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The top_p rule over whole rows: [.., V] probabilities, top_p broadcasting to [.., 1]."""
+    sp, idx = probs.sort(dim=-1, descending=True, stable=True)   # equal ones: the lower id first
+    cs = sp.cumsum(-1)
+    drop = (cs - sp) >= top_p                                      # the mass strictly before reaches top_p
+    last = (~drop).sum(-1, keepdim=True).clamp_min(1) - 1           # the first token is always kept
+    return torch.zeros_like(probs).scatter_(-1, idx, sp.masked_fill(drop, 0.0) / cs.gather(-1, last))
+
+
+def _top_p_row(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """`_top_p_sorted` of one row [V] with the same bits, from the most likely candidates:
+    the running sums of the first tokens in the order are the same numbers whether the rest
+    of the row is sorted behind them or not, so only the candidates up to the first dropped
+    token are ordered (tens of tokens for a chat model's distribution, not all V)."""
+    V = p.shape[-1]
+    k = min(TOP_P_FIRST, V)
+    while k < V:
+        ids = (p >= p.topk(k).values[-1]).nonzero().squeeze(1)     # ascending ids: ties kept in id order
+        sp, order = p[ids].sort(descending=True, stable=True)
+        cs = sp.cumsum(0)
+        if ids.numel() == V:
+            break
+        if float(cs[-1] - sp[-1]) >= top_p:                        # the last candidate is dropped: so is the rest
+            keep = int(((cs - sp) < top_p).sum())
+            out = torch.zeros_like(p)
+            out[ids[order[:keep]]] = sp[:keep] / cs[keep - 1]
+            return out
+        k *= 8
+    return _top_p_sorted(p, torch.tensor(top_p, dtype=p.dtype, device=p.device))
+
+
+class WarpedRows:
+    """One row's warped distributions at its block positions, each computed on first use:
+    rows[i] is warp_probs_rows(logits[None, i:i+1], RowParams.of([params]))[0, 0] (the same
+    bits as row i of the whole block warped at once: softmax, top_k and top_p are row by
+    row). A sampling tree's walk reads p only at the nodes it visits (about tau of them,
+    against the block's b), and warping one row of the default target's 49152-token head
+    costs ~45 us on 2 cores (docs/BENCHMARKS.md)."""
+
+    def __init__(self, logits: torch.Tensor, params: "SamplingParams | tuple"):
+        self.logits = logits                                   # [n, V]
+        self.params = RowParams.of([params], logits.device)
+        self.rows: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.logits.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if i not in self.rows:
+            self.rows[i] = warp_probs_rows(self.logits[None, i:i + 1], self.params)[0, 0]
+        return self.rows[i]
 
 
 def apply_penalties(logits: torch.Tensor, rows, drafts: torch.Tensor | None = None) -> torch.Tensor:

@@ -329,8 +329,9 @@ def sampling_plan(top: tuple[torch.Tensor, torch.Tensor], samp_rows: list[int], 
 
 def sampling_walk(parents: list[int], tokens: list[int], chain_len: int, p: torch.Tensor, q: torch.Tensor,
                   u: torch.Tensor) -> tuple[list[int], int]:
-    """One sampling row: p [b, V] the target's warped distribution after each block token,
-    q [b-1, V] the drafter's at positions 1..b-1 (what the drafts were drawn from), u [2b]
+    """One sampling row: p [b, V] the target's warped distribution after each block token
+    (or rows computed on first use, sampling.WarpedRows: p[i] is read only at the nodes the
+    walk visits), q [b-1, V] the drafter's at positions 1..b-1 (what the drafts were drawn from), u [2b]
     uniforms; nodes 1..chain_len are the sampled chain -> (path, the token emitted after it)."""
     children = _children(parents, tokens)
     path = [0]
