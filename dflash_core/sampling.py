@@ -161,11 +161,11 @@ def warp_probs_rows(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
 
     top_k keeps the tokens whose value is at least the k-th largest (ties at the edge all
     kept). top_p orders the tokens by probability, the lower token id first among equal
-    ones, keeps a token while the mass strictly before it (the running sum in that order)
-    is below top_p, and divides the kept probabilities by the running sum at the last kept
-    token. Off the GPU the order is found among the largest candidates first
-    (`_top_p_row`), not by sorting all V (a sort of the default target's 49152 took ~2.7
-    ms a row on 2 cores; docs/BENCHMARKS.md)."""
+    ones, keeps a token while the mass strictly before it (the running sum in that order up
+    to the token before) is below top_p, and divides the kept probabilities by the running
+    sum at the last kept token. Off the GPU only the likeliest tokens are ordered
+    (`_top_p_row`), not all V (a sort of the default target's 49152 took ~2.7 ms a row on
+    2 cores; docs/BENCHMARKS.md)."""
     x = logits.float()
     squeeze = x.dim() == 2
     if squeeze:
@@ -190,39 +190,42 @@ def warp_probs_rows(logits: torch.Tensor, rp: RowParams) -> torch.Tensor:
     return probs[:, 0] if squeeze else probs
 
 
-# Candidates `_top_p_row` orders first: the 64 most likely tokens (and any tied with the
-# 64th), then 8x as many until the cut falls among them.
-TOP_P_FIRST = 64
+# `_top_p_row`'s first candidates: the tokens of at least this probability (at most 1024 of
+# them), then a floor 32x lower each time until their mass reaches top_p.
+TOP_P_FLOOR = 2.0 ** -10
 
 
 def _top_p_sorted(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """The top_p rule over whole rows: [.., V] probabilities, top_p broadcasting to [.., 1]."""
     sp, idx = probs.sort(dim=-1, descending=True, stable=True)   # equal ones: the lower id first
     cs = sp.cumsum(-1)
-    drop = (cs - sp) >= top_p                                      # the mass strictly before reaches top_p
-    last = (~drop).sum(-1, keepdim=True).clamp_min(1) - 1           # the first token is always kept
+    before = torch.cat([torch.zeros_like(cs[..., :1]), cs[..., :-1]], -1)   # the mass strictly before
+    drop = before >= top_p                                        # never the first token
+    last = (~drop).sum(-1, keepdim=True) - 1
     return torch.zeros_like(probs).scatter_(-1, idx, sp.masked_fill(drop, 0.0) / cs.gather(-1, last))
 
 
 def _top_p_row(p: torch.Tensor, top_p: float) -> torch.Tensor:
-    """`_top_p_sorted` of one row [V] with the same bits, from the most likely candidates:
+    """`_top_p_sorted` of one row [V] with the same bits, from the likeliest tokens only:
     the running sums of the first tokens in the order are the same numbers whether the rest
-    of the row is sorted behind them or not, so only the candidates up to the first dropped
-    token are ordered (tens of tokens for a chat model's distribution, not all V)."""
+    of the row is sorted behind them or not, and once the candidates' mass reaches top_p
+    every token after them is dropped. A chat model's nucleus is tens of tokens: a pass
+    over the row picks the candidates, and only they are sorted."""
     V = p.shape[-1]
-    k = min(TOP_P_FIRST, V)
-    while k < V:
-        ids = (p >= p.topk(k).values[-1]).nonzero().squeeze(1)     # ascending ids: ties kept in id order
-        sp, order = p[ids].sort(descending=True, stable=True)
-        cs = sp.cumsum(0)
+    floor = TOP_P_FLOOR
+    while floor > 2.0 ** -40:
+        ids = (p >= floor).nonzero().squeeze(1)                    # ascending ids: ties in id order
         if ids.numel() == V:
             break
-        if float(cs[-1] - sp[-1]) >= top_p:                        # the last candidate is dropped: so is the rest
-            keep = int(((cs - sp) < top_p).sum())
-            out = torch.zeros_like(p)
-            out[ids[order[:keep]]] = sp[:keep] / cs[keep - 1]
-            return out
-        k *= 8
+        if ids.numel():
+            sp, order = p[ids].sort(descending=True, stable=True)
+            cs = sp.cumsum(0)
+            if float(cs[-1]) >= top_p:
+                keep = 1 + int((cs[:-1] < top_p).sum())           # the mass before token j is cs[j - 1]
+                out = torch.zeros_like(p)
+                out[ids[order[:keep]]] = sp[:keep] / cs[keep - 1]
+                return out
+        floor /= 32
     return _top_p_sorted(p, torch.tensor(top_p, dtype=p.dtype, device=p.device))
 
 
