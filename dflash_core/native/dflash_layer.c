@@ -499,6 +499,12 @@ static inline void run_keys(int own, const long *nc, const long *na, const int32
     for (int j = 0; j < n; j++) idx[j] = own ? key_index(nc, na, tr, i0, j0 + j) : (j0 + j < nmax ? j0 + j : -1);
 }
 
+/* context keys (and values) read this many positions ahead are prefetched: the attention
+ * of one decode token waited on the cache's rows (a forward on 2048 cached tokens 8.45 ->
+ * 7.47 ms at 1 token, 10.63 -> 9.52 ms at 6, 1-2% faster on 256; 32-128 read alike;
+ * docs/BENCHMARKS.md) */
+#define ATT_PF 64
+
 /* Qn (<= 16) queries: query i's vector q[i] (D floats), its keys: nc[i] context keys (rows of
  * kb / vb: fp32, or bf16 where bf16) then na[i] ancestors (tree: tr[i][1 ..] block indices
  * after the context; the same pointer for the queries of one token); its scores in
@@ -529,6 +535,10 @@ static void attn_amx(int Qn, const float *const *q, const long *nc, const long *
     const __m512 vs = _mm512_set1_ps(scale);
     for (long j0 = 0; j0 < nmax; j0 += 16) {
         const int own = tree && j0 + 16 > shared;
+        if (j0 + ATT_PF + 16 <= shared) {   /* the context keys ATT_PF ahead (prefetched) */
+            const char *kp = (const char *)kb + (j0 + ATT_PF) * D * (bf16 ? 2 : 4);
+            for (long l = 0; l < 16 * D * (bf16 ? 2 : 4); l += 64) _mm_prefetch(kp + l, _MM_HINT_T0);
+        }
         for (int i0 = 0; i0 < Qn;) {
             const int i1 = run_end(own, tr, i0, Qn);
             run_keys(own, nc, na, tr, i0, j0, 16, nmax, idx);
@@ -560,6 +570,10 @@ static void attn_amx(int Qn, const float *const *q, const long *nc, const long *
         _tile_zero(3);
         for (long j0 = 0; j0 < nmax; j0 += 32) {
             const int own = tree && j0 + 32 > shared;
+            if (d0 == 0 && j0 + ATT_PF + 32 <= shared) {   /* the context values ATT_PF ahead */
+                const char *vp = (const char *)vb + (j0 + ATT_PF) * D * (bf16 ? 2 : 4);
+                for (long l = 0; l < 32 * D * (bf16 ? 2 : 4); l += 64) _mm_prefetch(vp + l, _MM_HINT_T0);
+            }
             for (int i0 = 0; i0 < Qn;) {
                 const int i1 = run_end(own, tr, i0, Qn);
                 /* A: the probabilities of queries i0 .. i1 - 1 at these keys (0 past a query's
