@@ -40,6 +40,10 @@ def _parser() -> _Parser:
     ap.add_argument("--block-size", type=_positive_int, default=6, help="verified block size of DFlash")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="sampling temperature of every run (> 0: prompt i is sampled with seed i in both engines)")
+    ap.add_argument("--context-tokens", type=int, default=0,
+                    help="long prompts: each of this many tokens, holdout prompts joined (the last one's final "
+                         f"{LONG_TAIL} tokens end it), and tokens/s of decoding only (each prompt's prefill, timed "
+                         "by a one-token request, taken off); 0: the dataset's prompts, whole requests timed")
     ap.add_argument("--top-p", type=float, default=1.0, help="top_p of every sampled run (with --temperature > 0)")
     ap.add_argument("--top-k", type=int, default=0, help="top_k of every sampled run (with --temperature > 0)")
     ap.add_argument("--json", action="store_true", help="print only the JSON line (the table to stderr)")
@@ -74,6 +78,26 @@ def export_package(rev: str, dest: Path) -> Path:
     return out
 
 
+# a long prompt's last tokens: the end of one holdout prompt (its chat template's turn end
+# and the assistant's header), so the model answers that prompt after the others
+LONG_TAIL = 300
+
+
+def long_prompts(pool: list[list[int]], n: int, tokens: int) -> list[list[int]]:
+    """n prompts of `tokens` tokens from pool (token ids): pool prompts joined in turn, cut
+    to make room for the last LONG_TAIL tokens (or all) of the next pool prompt, which end it."""
+    out, i = [], 0
+    while len(out) < n:
+        ids: list[int] = []
+        while len(ids) < tokens:
+            ids += pool[i % len(pool)]
+            i += 1
+        tail = pool[i % len(pool)][-LONG_TAIL:]
+        i += 1
+        out.append(ids[:tokens - len(tail)] + tail)
+    return out
+
+
 def _engine(pkg: str, args, dtype):
     native = importlib.import_module(f"{pkg}.native")   # the process-wide kernel settings, as for this checkout
     if args.no_native:
@@ -84,7 +108,8 @@ def _engine(pkg: str, args, dtype):
     eng = importlib.import_module(f"{pkg}.engine")
     sampling = importlib.import_module(f"{pkg}.sampling")
     engine, tok = api.build_engine(args.target, args.drafter, eng.EngineConfig(
-        max_slots=1, max_seq_len=args.max_prompt_tokens + args.max_new_tokens + 8, block_size=args.block_size),
+        max_slots=1, max_seq_len=max(args.max_prompt_tokens, args.context_tokens) + args.max_new_tokens + 8,
+        block_size=args.block_size),
         device=args.device, dtype=dtype)
     return engine, tok, sampling
 
@@ -98,6 +123,9 @@ def run(args) -> dict:
                        f"{args.top_p} and {args.top_k}")
     if (args.top_p < 1.0 or args.top_k) and args.temperature == 0:
         raise CliError("python -m dflash_core.bench_ab: --top-p / --top-k need --temperature > 0 (greedy ignores them)")
+    if args.context_tokens and args.context_tokens < 2 * LONG_TAIL:
+        raise CliError(f"python -m dflash_core.bench_ab: --context-tokens must be 0 or at least {2 * LONG_TAIL}, "
+                       f"got {args.context_tokens}")
     if args.kv_cache_dtype != "auto":
         raise CliError("python -m dflash_core.bench_ab: --kv-cache-dtype: it compares the engines' own defaults (auto)")
     from .datasets import load_eval_prompts
@@ -114,6 +142,8 @@ def run(args) -> dict:
         prompts = load_eval_prompts(args.dataset, tok, args.num_prompts + 1, args.max_prompt_tokens)
         if len(prompts) < 2:
             raise CliError(f"no {args.dataset} prompt fits --max-prompt-tokens {args.max_prompt_tokens}")
+        if args.context_tokens:
+            prompts = long_prompts(prompts, args.num_prompts + 1, args.context_tokens)
         for engine, _, sampling in systems.values():   # warm-up (first calls allocate)
             engine.generate([prompts[0]], sampling.SamplingParams(max_new_tokens=4))
         names = list(systems)
@@ -130,10 +160,15 @@ def run(args) -> dict:
                                                 speculative=mode == "dflash",
                                                 **({"seed": i, "top_p": args.top_p, "top_k": args.top_k}
                                                    if args.temperature > 0 else {}))
+                    prefill = 0.0
+                    if args.context_tokens:   # decoding only: the prompt's prefill (and first token) timed apart
+                        t0 = time.perf_counter()
+                        engine.generate([ids], sampling.SamplingParams(max_new_tokens=1))
+                        prefill = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     [r] = engine.generate([ids], p)
-                    secs[k][mode] += time.perf_counter() - t0
-                    n[k][mode] += len(r.token_ids)
+                    secs[k][mode] += time.perf_counter() - t0 - prefill
+                    n[k][mode] += len(r.token_ids) - (1 if args.context_tokens else 0)
                     outs[k][mode].append(list(r.token_ids))
                     if mode == "dflash":
                         steps[k] += len(r.stats.acceptance_lengths)
@@ -142,7 +177,8 @@ def run(args) -> dict:
                 file=out)
         res = {"baseline_rev": args.baseline, "target": args.target, "drafter": args.drafter, "dataset": args.dataset,
                "num_prompts": len(prompts) - 1, "max_new_tokens": args.max_new_tokens, "block_size": args.block_size,
-               "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+               "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+               "context_tokens": args.context_tokens or None}
         greedy = args.temperature == 0   # (sampled DFlash draws other uniforms than plain decoding: not comparable)
         for k in names:
             plain, dflash = n[k]["plain"] / secs[k]["plain"], n[k]["dflash"] / secs[k]["dflash"]
