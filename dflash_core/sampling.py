@@ -234,8 +234,8 @@ class WarpedRows:
     rows[i] is warp_probs_rows(logits[None, i:i+1], RowParams.of([params]))[0, 0] (the same
     bits as row i of the whole block warped at once: softmax, top_k and top_p are row by
     row). A sampling tree's walk reads p only at the nodes it visits (about tau of them,
-    against the block's b), and warping one row of the default target's 49152-token head
-    costs ~45 us on 2 cores (docs/BENCHMARKS.md)."""
+    against the block's b); one row of the default target's 49152 tokens costs ~45 us on 2
+    cores at a temperature alone, ~190 us with top_p (docs/BENCHMARKS.md)."""
 
     def __init__(self, logits: torch.Tensor, params: "SamplingParams | tuple"):
         self.logits = logits                                   # [n, V]
