@@ -965,3 +965,79 @@ def test_long_prompts_join_holdout_prompts_and_end_with_one():
     assert got[1] == pool[5] + pool[0] + pool[1] + pool[2][:160] + pool[4][-300:]
     short = long_prompts([list(range(600)), list(range(5000, 5030))], 1, 1000)[0]
     assert short == (list(range(600)) + list(range(5000, 5030)) + list(range(600)))[:970] + list(range(5000, 5030))
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.8, 0, 1.0), (1.3, 50, 1.0), (0.7, 0, 0.9), (0.6, 7, 0.5)])
+def test_warped_rows_are_the_block_warps_rows_computed_on_first_use(temperature, top_k, top_p):
+    """A sampling tree's walk takes p as sampling.WarpedRows: each row warped when first
+    read, bit for bit row i of warp_probs_rows over the whole block (ties included), and
+    rows never read never warped."""
+    from dflash_core import sampling
+    from dflash_core.sampling import RowParams, WarpedRows, warp_probs_rows
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 49152, generator=g) * 4
+    logits[2, :100] = logits[2, 100]            # ties at the top-k / top-p edge
+    p = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    whole = warp_probs_rows(logits[None], RowParams.of([p], "cpu"))[0]
+    calls = []
+    real = sampling.warp_probs_rows
+
+    def counted(x, rp):
+        calls.append(x.shape)
+        return real(x, rp)
+    lazy = WarpedRows(logits, p)
+    assert len(lazy) == 6
+    sampling.warp_probs_rows, saved = counted, sampling.warp_probs_rows
+    try:
+        for i in (0, 2, 5, 2):
+            assert torch.equal(lazy[i], whole[i]), i
+    finally:
+        sampling.warp_probs_rows = saved
+    assert calls == [(1, 1, 49152)] * 3          # rows 0, 2 and 5 once each; 1, 3, 4 never
+
+
+def _top_p_reference(p: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The top_p rule spelled out on the host: tokens by probability, the lower id first
+    among equal ones; a token is kept while the mass before it is below top_p."""
+    order = sorted(range(p.numel()), key=lambda i: (-float(p[i]), i))
+    kept, mass = [], 0.0
+    for i in order:
+        if mass >= top_p:
+            break
+        kept.append(i)
+        mass += float(p[i])
+    out = torch.zeros(p.numel(), dtype=torch.float64)
+    out[kept] = p.double()[kept] / p.double()[kept].sum()
+    return out
+
+
+def test_top_p_keeps_the_most_likely_tokens_lower_ids_first_among_equal_ones():
+    """warp_probs_rows' top_p on the CPU (candidates first, `_top_p_row`): the kept tokens
+    are the host rule's, ties at the cut broken by the lower id, with the same bits as the
+    rule over the whole sorted row (`_top_p_sorted`, what runs on a GPU), also where the
+    candidates have to grow to the whole vocabulary; each row's bits do not depend on the
+    rows warped beside it."""
+    from dflash_core.sampling import RowParams, _top_p_row, _top_p_sorted, warp_probs_rows
+    g = torch.Generator().manual_seed(11)
+    V = 3000
+    for scale in (0.05, 1.0, 4.0):
+        x = torch.randn(V, generator=g) * scale
+        x[10:40] = x[5]                                  # a tie group around the cut
+        p = torch.softmax(x, -1)
+        for top_p in (0.05, 0.3, 0.8, 0.97):
+            got = _top_p_row(p, top_p)
+            assert torch.equal(got, _top_p_sorted(p[None], torch.tensor([[top_p]]))[0]), (scale, top_p)
+            ref = _top_p_reference(p, top_p)
+            assert torch.equal(got > 0, ref > 0), (scale, top_p)      # the same tokens kept
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-9)
+    p = torch.zeros(V)
+    p[[7, 3, 9]] = 0.25                                    # equal mass: the lower ids go first
+    p[100] = 0.25
+    assert (_top_p_row(p, 0.3) > 0).nonzero().flatten().tolist() == [3, 7]
+    rows = [(0.8, 0, 0.9), (1.0, 0, 1.0), (0.6, 40, 0.7), (1.2, 5, 0.5)]
+    logits = torch.randn(4, 3, V, generator=g) * 3
+    whole = warp_probs_rows(logits, RowParams.of(rows, "cpu"))
+    for r, prm in enumerate(rows):
+        for i in range(3):
+            alone = warp_probs_rows(logits[r:r + 1, i:i + 1], RowParams.of([prm], "cpu"))[0, 0]
+            assert torch.equal(alone, whole[r, i]), (r, i)
