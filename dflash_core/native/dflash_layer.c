@@ -224,6 +224,12 @@ static inline __attribute__((always_inline)) void pairs_scores4(const int NP, co
 }
 #endif
 
+/* keys (and values) read this many positions ahead are prefetched: a decode step's
+ * attention waited on the cache's rows (AMX attention, a forward on 2048 cached tokens 8.45
+ * -> 7.47 ms at 1 token, 10.63 -> 9.52 ms at 6; the fp32 path 10.29 -> 9.55 and 17.75 ->
+ * 15.13 ms; 1-2% on 256; 32-128 read alike; docs/BENCHMARKS.md) */
+#define ATT_PF 64
+
 /* The scores of Q queries q0 .. q0 + Q - 1 of the paired buffer qp (QP_AT) over keys
  * 0 .. nq[i] - 1 of kb (nq non-decreasing: the queries of consecutive tokens of one row):
  * query q0 + i's at scores[i * stride + j]. Each block of 4 keys is read once for every
@@ -240,6 +246,8 @@ static void multi_scores(const float *qp, int q0, int Q, const long *nq, const f
         for (; i0 < Q && nq[i0] < j0 + 4; i0++)
             for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot_qp(QP_AT(qp, q0 + i0, D), kb + j * D, D) * scale;
         const float *k0 = kb + j0 * D;
+        if (j0 + ATT_PF + 4 <= nmax)   /* the keys ATT_PF ahead */
+            for (long l = 0; l < 4 * D * 4; l += 64) _mm_prefetch((const char *)(kb + (j0 + ATT_PF) * D) + l, _MM_HINT_T0);
         int i = i0;
 #if defined(__AVX512F__)
         if ((q0 + i) % 2 && i + 1 < Q) {   /* a query whose pair partner is done: alone, then whole pairs */
@@ -327,6 +335,8 @@ static inline __attribute__((always_inline)) void pv_seg(int nh, float *const *p
                                                          int D, int c0, pv_vec acc[PV_Q][PV_C]) {
     for (long j = 0; j < n; j++) {
         const float *v = vb + j * D + c0;
+        if (c0 == 0 && (j & 3) == 0 && j + ATT_PF + 4 <= n)   /* the values ATT_PF ahead, 4 rows at a time */
+            for (long l = 0; l < 4 * D * 4; l += 64) _mm_prefetch((const char *)(vb + (j + ATT_PF) * D) + l, _MM_HINT_T0);
         pv_vec vv[PV_C];
         for (int k = 0; k < PV_C; k++) vv[k] = pv_load(v + k * PV_W);
         for (int i = 0; i < PV_Q; i++)
@@ -498,12 +508,6 @@ static inline void run_keys(int own, const long *nc, const long *na, const int32
                             int n, long nmax, long *idx) {
     for (int j = 0; j < n; j++) idx[j] = own ? key_index(nc, na, tr, i0, j0 + j) : (j0 + j < nmax ? j0 + j : -1);
 }
-
-/* context keys (and values) read this many positions ahead are prefetched: the attention
- * of one decode token waited on the cache's rows (a forward on 2048 cached tokens 8.45 ->
- * 7.47 ms at 1 token, 10.63 -> 9.52 ms at 6, 1-2% faster on 256; 32-128 read alike;
- * docs/BENCHMARKS.md) */
-#define ATT_PF 64
 
 /* Qn (<= 16) queries: query i's vector q[i] (D floats), its keys: nc[i] context keys (rows of
  * kb / vb: fp32, or bf16 where bf16) then na[i] ancestors (tree: tr[i][1 ..] block indices
