@@ -132,15 +132,21 @@ def warp_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: floa
 
 @dataclass
 class RowParams:
-    """Per-row warp parameters as tensors on the model's device, and whether any row uses
-    top_k / top_p (known on the host, so warping never asks the device)."""
+    """Per-row warp parameters as tensors on the model's device, and top_k / top_p on the
+    host too (so warping never asks the device which rows use them)."""
     temperature: torch.Tensor   # [R] float32, > 0
     top_k: torch.Tensor         # [R] int64, 0 = off
     top_p: torch.Tensor         # [R] float32
-    any_top_k: bool
-    any_top_p: bool
-    host_top_k: tuple = ()      # the rows' top_k and top_p on the host
-    host_top_p: tuple = ()
+    host_top_k: tuple           # the same top_k and top_p, host values
+    host_top_p: tuple
+
+    @property
+    def any_top_k(self) -> bool:
+        return any(k > 0 for k in self.host_top_k)
+
+    @property
+    def any_top_p(self) -> bool:
+        return any(p < 1.0 for p in self.host_top_p)
 
     @classmethod
     def of(cls, params, device) -> "RowParams":
@@ -149,7 +155,6 @@ class RowParams:
         return cls(torch.tensor([max(float(x[0]), 1e-5) for x in t], dtype=torch.float32, device=device),
                    torch.tensor([int(x[1]) for x in t], dtype=torch.int64, device=device),
                    torch.tensor([float(x[2]) for x in t], dtype=torch.float32, device=device),
-                   any(x[1] > 0 for x in t), any(x[2] < 1.0 for x in t),
                    tuple(int(x[1]) for x in t), tuple(float(x[2]) for x in t))
 
 

@@ -230,6 +230,12 @@ static inline __attribute__((always_inline)) void pairs_scores4(const int NP, co
  * 15.13 ms; 1-2% on 256; 32-128 read alike; docs/BENCHMARKS.md) */
 #define ATT_PF 64
 
+/* rows [row, row + n) of row_bytes each from base, prefetched (every cache line) */
+static inline __attribute__((always_inline)) void prefetch_rows(const void *base, long row, long n, long row_bytes) {
+    const char *p = (const char *)base + row * row_bytes;
+    for (long l = 0; l < n * row_bytes; l += 64) _mm_prefetch(p + l, _MM_HINT_T0);
+}
+
 /* The scores of Q queries q0 .. q0 + Q - 1 of the paired buffer qp (QP_AT) over keys
  * 0 .. nq[i] - 1 of kb (nq non-decreasing: the queries of consecutive tokens of one row):
  * query q0 + i's at scores[i * stride + j]. Each block of 4 keys is read once for every
@@ -246,8 +252,7 @@ static void multi_scores(const float *qp, int q0, int Q, const long *nq, const f
         for (; i0 < Q && nq[i0] < j0 + 4; i0++)
             for (long j = j0; j < nq[i0]; j++) scores[i0 * stride + j] = dot_qp(QP_AT(qp, q0 + i0, D), kb + j * D, D) * scale;
         const float *k0 = kb + j0 * D;
-        if (j0 + ATT_PF + 4 <= nmax)   /* the keys ATT_PF ahead */
-            for (long l = 0; l < 4 * D * 4; l += 64) _mm_prefetch((const char *)(kb + (j0 + ATT_PF) * D) + l, _MM_HINT_T0);
+        if (j0 + ATT_PF + 4 <= nmax) prefetch_rows(kb, j0 + ATT_PF, 4, D * 4);   /* the keys ATT_PF ahead */
         int i = i0;
 #if defined(__AVX512F__)
         if ((q0 + i) % 2 && i + 1 < Q) {   /* a query whose pair partner is done: alone, then whole pairs */
@@ -336,7 +341,7 @@ static inline __attribute__((always_inline)) void pv_seg(int nh, float *const *p
     for (long j = 0; j < n; j++) {
         const float *v = vb + j * D + c0;
         if (c0 == 0 && (j & 3) == 0 && j + ATT_PF + 4 <= n)   /* the values ATT_PF ahead, 4 rows at a time */
-            for (long l = 0; l < 4 * D * 4; l += 64) _mm_prefetch((const char *)(vb + (j + ATT_PF) * D) + l, _MM_HINT_T0);
+            prefetch_rows(vb, j + ATT_PF, 4, D * 4);
         pv_vec vv[PV_C];
         for (int k = 0; k < PV_C; k++) vv[k] = pv_load(v + k * PV_W);
         for (int i = 0; i < PV_Q; i++)
@@ -539,10 +544,8 @@ static void attn_amx(int Qn, const float *const *q, const long *nc, const long *
     const __m512 vs = _mm512_set1_ps(scale);
     for (long j0 = 0; j0 < nmax; j0 += 16) {
         const int own = tree && j0 + 16 > shared;
-        if (j0 + ATT_PF + 16 <= shared) {   /* the context keys ATT_PF ahead (prefetched) */
-            const char *kp = (const char *)kb + (j0 + ATT_PF) * D * (bf16 ? 2 : 4);
-            for (long l = 0; l < 16 * D * (bf16 ? 2 : 4); l += 64) _mm_prefetch(kp + l, _MM_HINT_T0);
-        }
+        if (j0 + ATT_PF + 16 <= shared)   /* the context keys ATT_PF ahead */
+            prefetch_rows(kb, j0 + ATT_PF, 16, D * (bf16 ? 2 : 4));
         for (int i0 = 0; i0 < Qn;) {
             const int i1 = run_end(own, tr, i0, Qn);
             run_keys(own, nc, na, tr, i0, j0, 16, nmax, idx);
@@ -574,10 +577,8 @@ static void attn_amx(int Qn, const float *const *q, const long *nc, const long *
         _tile_zero(3);
         for (long j0 = 0; j0 < nmax; j0 += 32) {
             const int own = tree && j0 + 32 > shared;
-            if (d0 == 0 && j0 + ATT_PF + 32 <= shared) {   /* the context values ATT_PF ahead */
-                const char *vp = (const char *)vb + (j0 + ATT_PF) * D * (bf16 ? 2 : 4);
-                for (long l = 0; l < 32 * D * (bf16 ? 2 : 4); l += 64) _mm_prefetch(vp + l, _MM_HINT_T0);
-            }
+            if (d0 == 0 && j0 + ATT_PF + 32 <= shared)   /* the context values ATT_PF ahead */
+                prefetch_rows(vb, j0 + ATT_PF, 32, D * (bf16 ? 2 : 4));
             for (int i0 = 0; i0 < Qn;) {
                 const int i1 = run_end(own, tr, i0, Qn);
                 /* A: the probabilities of queries i0 .. i1 - 1 at these keys (0 past a query's
